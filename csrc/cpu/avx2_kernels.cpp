@@ -1,0 +1,302 @@
+// AVX2 kernels (x86-64). Compiled for AVX2 with a target pragma — placed *after* every include so
+// that no inline function from a shared header (STL, float16.h) gets an AVX2 body the linker could
+// pick for the portable code — and used only when cpuid reports AVX2 (isa.cpp). FMA is deliberately
+// not enabled: fp32 results must stay bit-exact with the reference, so nothing may be contracted.
+//
+// The integer trick. AVX2 has no int8 x int8 dot product; vpmaddubsw multiplies *unsigned* bytes by
+// signed bytes and adds adjacent pairs into saturating int16. We feed it
+//     U = w + 8   (the nibble XOR 8: 0..15, unsigned)        S = a   (int8, the A panel)
+// so sum_k U*a = sum_k w*a + 8 * sum_k a, and the driver-supplied row sum of A removes the 8*sum_k a.
+// No saturation: a pair is at most 2 * 15 * 128 = 3840 < 32767. Partial sums then stay in int16 for
+// FLUSH chunks (|chunk| <= 2 pairs * 2 * 15 * |a|max: 480 for A4, 7680 for A8, so 64 and 4 chunks fit
+// under 32767) before vpmaddwd widens them to int32. The alternative, the sign trick
+// (|a| and sign(w, a)), costs two vpsignb per product and buys nothing when w has 4 bits.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "../common/quant_math.h"
+#include "kernels.h"
+#include "kernels_internal.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+
+namespace pqk {
+namespace cpu {
+namespace {
+
+// ---- float loads ----------------------------------------------------------------------------------
+// 8 elements of type t at x[k] as fp32 (exact: bf16 is the high half of an fp32, fp16 widens exactly)
+inline __m256 load8_f32(const void* x, int64_t k, FloatType t) {
+  if (t == FloatType::kBFloat16) {
+    __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)x + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  if (t == FloatType::kFloat16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + k)));
+  return _mm256_loadu_ps((const float*)x + k);
+}
+
+// quantize_value on 8 lanes: x / scale, NaN -> 0, clamp, round half to even, -> int32.
+// Clamping before rounding equals rounding before clamping because qmin/qmax are integers.
+inline __m256i quantize8(__m256 x, __m256 scale, __m256 qmin, __m256 qmax) {
+  __m256 v = _mm256_div_ps(x, scale);
+  v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN lanes -> +0
+  v = _mm256_min_ps(_mm256_max_ps(v, qmin), qmax);
+  v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(v);
+}
+
+// Four int32x8 (values already in int8 range) -> 32 int8 in order. packs work per 128-bit lane and
+// leave the dwords as (i0lo, i1lo, i2lo, i3lo | i0hi, i1hi, i2hi, i3hi); the permute restores order.
+inline __m256i narrow32(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+  __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// 64 int8 in natural order (y0 = k 0..31, y1 = k 32..63) -> the 32 even-k bytes and the 32 odd-k bytes.
+inline void deinterleave64(__m256i y0, __m256i y1, __m256i* even, __m256i* odd) {
+  const __m256i m = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                     0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  // per lane: 8 evens then 8 odds; the 64-bit permute gathers (evens lane0, evens lane1, odds, odds)
+  __m256i s0 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(y0, m), _MM_SHUFFLE(3, 1, 2, 0));
+  __m256i s1 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(y1, m), _MM_SHUFFLE(3, 1, 2, 0));
+  *even = _mm256_permute2x128_si256(s0, s1, 0x20);
+  *odd = _mm256_permute2x128_si256(s0, s1, 0x31);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ---- row functions (see kernels_internal.h for the contracts) -----------------------------------------
+void quantize_row(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int8_t* q) {
+  const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps((float)qmin), hi = _mm256_set1_ps((float)qmax);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i i0 = quantize8(load8_f32(x, k, t), s, lo, hi);
+    __m256i i1 = quantize8(load8_f32(x, k + 8, t), s, lo, hi);
+    __m256i i2 = quantize8(load8_f32(x, k + 16, t), s, lo, hi);
+    __m256i i3 = quantize8(load8_f32(x, k + 24, t), s, lo, hi);
+    _mm256_storeu_si256((__m256i*)(q + k), narrow32(i0, i1, i2, i3));
+  }
+  for (; k < K; ++k) q[k] = quantize_value(load_as_f32(x, k, t), scale, qmin, qmax);
+}
+
+float row_amax(const void* x, FloatType t, int64_t K) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  __m256 m = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 a = _mm256_and_ps(load8_f32(x, k, t), absmask);
+    a = _mm256_and_ps(a, _mm256_cmp_ps(a, inf, _CMP_LT_OQ));  // Inf and NaN lanes -> 0
+    m = _mm256_max_ps(m, a);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  float amax = 0.0f;
+  for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+  for (; k < K; ++k) {
+    float v = __builtin_fabsf(load_as_f32(x, k, t));
+    if (v <= 3.4028234663852886e38f && v > amax) amax = v;
+  }
+  return amax;
+}
+
+void split_row(const int8_t* q, int64_t K, int8_t* dst) {
+  int64_t c = 0;
+  for (; c + kChunk <= K; c += kChunk) {
+    __m256i e, o;
+    deinterleave64(_mm256_loadu_si256((const __m256i*)(q + c)), _mm256_loadu_si256((const __m256i*)(q + c + 32)), &e, &o);
+    _mm256_storeu_si256((__m256i*)(dst + c), e);
+    _mm256_storeu_si256((__m256i*)(dst + c + 32), o);
+  }
+  if (c < K) {  // last partial chunk: scalar, zero padded
+    for (int64_t j = 0; j < kChunk / 2; ++j) {
+      const int64_t ke = c + 2 * j, ko = ke + 1;
+      dst[c + j] = ke < K ? q[ke] : 0;
+      dst[c + kChunk / 2 + j] = ko < K ? q[ko] : 0;
+    }
+  }
+}
+
+void pack_row(const int8_t* q, int64_t K, uint8_t* p) {
+  const __m256i lo_mask = _mm256_set1_epi8(0x0F), hi_mask = _mm256_set1_epi8((char)0xF0);
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m256i e, o;
+    deinterleave64(_mm256_loadu_si256((const __m256i*)(q + k)), _mm256_loadu_si256((const __m256i*)(q + k + 32)), &e, &o);
+    __m256i b = _mm256_or_si256(_mm256_and_si256(e, lo_mask), _mm256_and_si256(_mm256_slli_epi16(o, 4), hi_mask));
+    _mm256_storeu_si256((__m256i*)(p + k / 2), b);
+  }
+  for (; k + 1 < K; k += 2) p[k / 2] = pack_nibbles(q[k], q[k + 1]);
+}
+
+int32_t row_sum(const int8_t* q, int64_t n) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  __m256i acc = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i pairs = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i*)(q + i)));  // |pair| <= 256
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones16));
+  }
+  int32_t s = hsum_epi32(acc);
+  for (; i < n; ++i) s += q[i];
+  return s;
+}
+
+// ---- tiles ----------------------------------------------------------------------------------------
+// acc[MR][NR] = A[0:MR] . W[0:NR], W packed int4 read in its storage order (one 32-byte load = 64 k).
+template <int MR, int NR, int FLUSH>
+void tile_w4_t(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride,
+               int64_t K, int32_t* acc) {
+  const int64_t row_bytes = K / 2, n_full = row_bytes / 32, tail = row_bytes % 32;
+  const __m256i mask0f = _mm256_set1_epi8(0x0F), x88 = _mm256_set1_epi8((char)0x88);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc32[MR][NR], acc16[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc32[i][j] = acc16[i][j] = _mm256_setzero_si256();
+
+  // one 64-k chunk: U = nibble ^ 8 (low = even k, high = odd k), S = the panel's even / odd halves
+  auto chunk = [&](const uint8_t* const* wrow, int64_t c) __attribute__((always_inline)) {
+    __m256i wlo[NR], whi[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      __m256i b = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)wrow[j]), x88);
+      wlo[j] = _mm256_and_si256(b, mask0f);
+      whi[j] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask0f);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i ae = _mm256_loadu_si256((const __m256i*)(a + i * kp + c * kChunk));
+      const __m256i ao = _mm256_loadu_si256((const __m256i*)(a + i * kp + c * kChunk + 32));
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j)
+        acc16[i][j] = _mm256_add_epi16(acc16[i][j], _mm256_add_epi16(_mm256_maddubs_epi16(wlo[j], ae),
+                                                                       _mm256_maddubs_epi16(whi[j], ao)));
+    }
+  };
+  auto flush = [&]() __attribute__((always_inline)) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc16[i][j], ones16));
+        acc16[i][j] = _mm256_setzero_si256();
+      }
+  };
+
+  const uint8_t* wrow[NR];
+  int since_flush = 0;
+  for (int64_t c = 0; c < n_full; ++c) {
+    for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + c * 32;
+    chunk(wrow, c);
+    if (++since_flush == FLUSH) { flush(); since_flush = 0; }
+  }
+  if (tail) {
+    // The last W bytes of a row may end anywhere: copy them into zeroed 32-byte buffers (a zero byte is
+    // w = 0, and the panel pads A with 0, so the padding contributes nothing).
+    alignas(32) uint8_t wtail[NR][32];
+    memset(wtail, 0, sizeof(wtail));
+    for (int j = 0; j < NR; ++j) {
+      memcpy(wtail[j], w + j * w_stride + n_full * 32, (size_t)tail);
+      wrow[j] = wtail[j];
+    }
+    chunk(wrow, n_full);
+  }
+  flush();
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i * NR + j] = hsum_epi32(acc32[i][j]) - 8 * a_rowsum[i];
+}
+
+// W8: sign-extend both operands to int16 and use vpmaddwd (exact: |a*w| <= 2^14, pair <= 2^15).
+template <int MR, int NR>
+void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int32_t* acc) {
+  __m256i acc32[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc32[i][j] = _mm256_setzero_si256();
+  auto step = [&](const int8_t* const* wrow, int64_t k) __attribute__((always_inline)) {
+    __m256i w16[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) w16[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wrow[j]));
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      __m256i a16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(a + i * kp + k)));
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(a16, w16[j]));
+    }
+  };
+  const int8_t* wrow[NR];
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + k;
+    step(wrow, k);
+  }
+  if (k < K) {  // tail: zero-padded copies of W (A is zero padded in the panel)
+    alignas(16) int8_t wtail[NR][16];
+    memset(wtail, 0, sizeof(wtail));
+    for (int j = 0; j < NR; ++j) {
+      memcpy(wtail[j], w + j * w_stride + k, (size_t)(K - k));
+      wrow[j] = wtail[j];
+    }
+    step(wrow, k);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i * NR + j] = hsum_epi32(acc32[i][j]);
+}
+
+constexpr int kMR = 4, kNR = 2;
+
+// Runtime (mr, nr) -> the instantiation; acc is written with row stride nr.
+template <int FLUSH>
+void tile_w4_dispatch(const int8_t* a, int64_t kp, const int32_t* rs, const uint8_t* w, int64_t ws, int64_t K,
+                      int mr, int nr, int32_t* acc) {
+#define PQK_W4(MR_, NR_) \
+  if (mr == MR_ && nr == NR_) return tile_w4_t<MR_, NR_, FLUSH>(a, kp, rs, w, ws, K, acc);
+  PQK_W4(4, 2) PQK_W4(3, 2) PQK_W4(2, 2) PQK_W4(1, 2) PQK_W4(4, 1) PQK_W4(3, 1) PQK_W4(2, 1) PQK_W4(1, 1)
+#undef PQK_W4
+}
+
+void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
+             int64_t K, int mr, int nr, int32_t* acc) {
+  if (a_bits == 4) tile_w4_dispatch<64>(a, kp, rs, w, ws, K, mr, nr, acc);
+  else tile_w4_dispatch<4>(a, kp, rs, w, ws, K, mr, nr, acc);
+}
+
+void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K, int mr, int nr, int32_t* acc) {
+#define PQK_W8(MR_, NR_) \
+  if (mr == MR_ && nr == NR_) return tile_w8_t<MR_, NR_>(a, kp, w, ws, K, acc);
+  PQK_W8(4, 2) PQK_W8(3, 2) PQK_W8(2, 2) PQK_W8(1, 2) PQK_W8(4, 1) PQK_W8(3, 1) PQK_W8(2, 1) PQK_W8(1, 1)
+#undef PQK_W8
+}
+
+const IsaKernels kAvx2 = {
+    "avx2", kMR, kNR, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
+};
+
+}  // namespace
+
+const IsaKernels* avx2_kernels() { return &kAvx2; }
+
+}  // namespace cpu
+}  // namespace pqk
+
+#pragma GCC pop_options
+
+#else  // not x86-64
+
+#include "kernels_internal.h"
+namespace pqk {
+namespace cpu {
+const IsaKernels* avx2_kernels() { return nullptr; }
+}  // namespace cpu
+}  // namespace pqk
+
+#endif

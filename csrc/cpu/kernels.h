@@ -1,0 +1,75 @@
+// CPU kernels of prefixquant_kernels: the interface between the torch binding (csrc/cpu/torch_ops.cpp)
+// and the kernel files. Nothing here includes a torch header: the same files build into the Python
+// extension and into the sanitizer harness (csrc/cpu/tests/sanitize_harness.cpp).
+//
+// All tensors are dense row-major; the binding has checked shapes, dtypes and scales before any call.
+#pragma once
+
+#include <stdint.h>
+
+#include <functional>
+
+#include "float16.h"
+
+namespace pqk {
+namespace cpu {
+
+// ---- instruction sets -------------------------------------------------------------------------------
+// Each kernel family has a portable C++ version and SIMD versions; `Isa` picks one. kAuto = the best the
+// running CPU supports (checked with cpuid at run time, so one binary runs on any x86-64 or aarch64).
+enum class Isa : int { kAuto = -1, kScalar = 0, kAvx2 = 1 };
+Isa best_isa();                 // highest supported by this CPU and this build
+bool isa_supported(Isa isa);    // kScalar is always supported
+const char* isa_name(Isa isa);
+
+// ---- threading ---------------------------------------------------------------------------------------
+// Provided by the host program: at::parallel_for in the extension (honours torch.set_num_threads),
+// a plain loop in the sanitizer harness. body(begin, end) is called on disjoint sub-ranges.
+void parallel_for(int64_t begin, int64_t end, int64_t grain,
+                  const std::function<void(int64_t, int64_t)>& body);
+
+// ---- format ------------------------------------------------------------------------------------------
+// q: int8 [n] with n even, values in [-8, 7] -> out: uint8 [n / 2] (element 2i low nibble of byte i)
+void pack_int4(const int8_t* q, int64_t n, uint8_t* out);
+// p: uint8 [n_bytes] -> out: int8 [2 * n_bytes]
+void unpack_int4(const uint8_t* p, int64_t n_bytes, int8_t* out);
+
+// ---- activation quantization -------------------------------------------------------------------------
+// x: float32/bf16/fp16 [M, K] (K even when bits == 4), scale: fp32 > 0, finite.
+// out: bits == 4 -> uint8 [M, K/2] packed; bits == 8 -> int8 [M, K].
+void quantize_static(const void* x, FloatType xt, int64_t M, int64_t K, float scale, int bits,
+                     void* out, Isa isa);
+// Same, with a per-row scale = max|x_row| (finite values) / qmax written to scales_out: fp32 [M].
+void quantize_per_token(const void* x, FloatType xt, int64_t M, int64_t K, int bits, void* out,
+                        float* scales_out, Isa isa);
+
+// ---- GEMM with fused quantize and dequant ------------------------------------------------------------
+// y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k]  (+ bias[n]),  exact int32 accumulation.
+// A arrives in one of three forms; a float A is quantized while the kernel packs it (static scale:
+// an elementwise map, no pass over the data beforehand) or per token (the dynamic baseline).
+enum class ASource : int {
+  kPacked4 = 0,  // uint8 [M, K/2], already quantized, a_scale given
+  kInt8 = 1,     // int8  [M, K],   already quantized, a_scale given
+  kFloat = 2,    // float [M, K] of type a_float_type, quantized to a_bits inside the GEMM
+};
+
+struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;            // problem size; K even when either operand is 4-bit
+  ASource a_source = ASource::kPacked4;
+  const void* a = nullptr;                // see ASource
+  FloatType a_float_type = FloatType::kFloat32;
+  int a_bits = 4;                         // 4 or 8 (for kFloat: the bits to quantize to)
+  const float* a_scale = nullptr;         // fp32 [M] if a_scale_per_row, else fp32 [1]; nullptr with
+  bool a_scale_per_row = false;           //   kFloat means dynamic per-token quantization
+  const void* w = nullptr;                // w_bits 4: uint8 [N, K/2];  w_bits 8: int8 [N, K]
+  int w_bits = 4;
+  const float* w_scale = nullptr;         // fp32 [N], per output channel
+  const float* bias = nullptr;            // fp32 [N] or nullptr
+  void* out = nullptr;                    // [M, N] of out_type
+  FloatType out_type = FloatType::kFloat32;
+  float* a_scale_out = nullptr;           // optional fp32 [M]: the per-row scales actually used
+};
+void gemm(const GemmArgs& args, Isa isa);
+
+}  // namespace cpu
+}  // namespace pqk

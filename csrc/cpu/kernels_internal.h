@@ -1,0 +1,56 @@
+// What the drivers (gemm.cpp, quantize.cpp) need from an instruction-set implementation
+// (scalar_kernels.cpp, avx2_kernels.cpp): a table of row and tile functions over one data layout.
+//
+// The A panel. The GEMM driver turns a block of A rows (packed int4, int8 or float) into an int8
+// panel [rows, kp] that the tile functions read, plus each row's sum and scale:
+//   - kp = K rounded up to kChunk (64), tail zero-padded, so tiles never test for the end of A;
+//   - with a 4-bit W the K order inside each 64-chunk is "nibble split": the 32 even k first, then the
+//     32 odd k. That is the order in which one 32-byte load of packed W yields its low nibbles (even k)
+//     and high nibbles (odd k), so W is used straight from its storage format with no reshuffle;
+//   - with an 8-bit W the order is natural.
+// Building the panel is where a float A is quantized (the fused static path): each element is read
+// once, mapped by quantize_value, and written to the panel that the tiles consume from cache.
+#pragma once
+
+#include <stdint.h>
+
+#include "float16.h"
+
+namespace pqk {
+namespace cpu {
+
+constexpr int64_t kChunk = 64;  // K granularity of the A panel (64 int4 = 32 packed bytes = one ymm)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct IsaKernels {
+  const char* name;
+  int mr_max, nr_max;  // largest tile of the tile functions (rows of A x rows of W)
+
+  // x: float [K] of type t -> q: int8 [K] natural order, q = quantize_value(x, scale, qmin, qmax)
+  void (*quantize_row)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int8_t* q);
+  // max |x| over the finite elements of x: float [K] (0 if none)
+  float (*row_amax)(const void* x, FloatType t, int64_t K);
+  // q: int8 [K] natural order -> dst: int8 [round_up(K, 64)] nibble-split order, zero padded
+  void (*split_row)(const int8_t* q, int64_t K, int8_t* dst);
+  // q: int8 [K] natural order, K even -> p: uint8 [K/2] packed int4
+  void (*pack_row)(const int8_t* q, int64_t K, uint8_t* p);
+  // sum of q: int8 [n]
+  int32_t (*row_sum)(const int8_t* q, int64_t n);
+
+  // acc: int32 [mr, nr] (row stride nr) = A[0:mr] . W[0:nr] over K, exact.
+  //   a: int8 panel rows (stride kp, nibble-split order), a_rowsum: int32 [mr] (sum of each A row),
+  //   w: uint8 [nr, K/2] packed int4 rows (stride w_stride bytes), a_bits: 4 or 8 (bounds |A|)
+  void (*tile_w4)(const int8_t* a, int64_t kp, const int32_t* a_rowsum, int a_bits, const uint8_t* w,
+                  int64_t w_stride, int64_t K, int mr, int nr, int32_t* acc);
+  //   a: int8 panel rows (stride kp, natural order), w: int8 [nr, K] rows (stride w_stride)
+  void (*tile_w8)(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int mr,
+                  int nr, int32_t* acc);
+};
+
+const IsaKernels& scalar_kernels();
+const IsaKernels* avx2_kernels();  // nullptr when not built for x86-64
+const IsaKernels& kernels_for(Isa isa);  // isa must be supported (kAuto resolved)
+
+}  // namespace cpu
+}  // namespace pqk

@@ -1,0 +1,186 @@
+// The CPU implementations of the pqk:: ops (schemas and fakes live in prefixquant_kernels/ops/schemas.py).
+// Python has validated every argument with messages that name it (prefixquant_kernels/ops/checks.py);
+// the TORCH_CHECKs here are the last line against direct torch.ops.pqk calls: an error, never a crash.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace pqk {
+namespace cpu {
+
+// The threading hook of kernels.h: torch's pool, so torch.set_num_threads governs the kernels too.
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(begin, end, grain, body);
+}
+
+namespace {
+
+FloatType float_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FloatType::kFloat32;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    case at::kHalf: return FloatType::kFloat16;
+    default: TORCH_CHECK(false, "pqk: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+FloatType float_type(at::ScalarType s) {
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
+              "pqk: out_dtype must be float32, bfloat16 or float16, got ", s);
+  return s == at::kFloat ? FloatType::kFloat32 : s == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat16;
+}
+
+Isa to_isa(int64_t isa) {
+  TORCH_CHECK(isa >= -1 && isa <= 1, "pqk: cpu_isa must be -1 (auto), 0 (scalar) or 1 (avx2), got ", isa);
+  Isa r = static_cast<Isa>(isa);
+  TORCH_CHECK(r == Isa::kAuto || isa_supported(r), "pqk: cpu_isa ", isa_name(r), " is not supported on this CPU");
+  return r;
+}
+
+void check_cpu_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "pqk: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "pqk: ", name, " must be a contiguous 2-D tensor, got shape ",
+              t.sizes());
+}
+
+float scalar_scale(const at::Tensor& s) {
+  TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat, "pqk: scale must be a 1-element float32 tensor");
+  float v = s.item<float>();
+  TORCH_CHECK(std::isfinite(v) && v > 0.0f, "pqk: scale must be finite and > 0, got ", v);
+  return v;
+}
+
+at::Tensor pack_int4_cpu(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() >= 1 && q.size(-1) % 2 == 0,
+              "pqk: q must be a contiguous int8 tensor with an even last dim");
+  auto sizes = q.sizes().vec();
+  sizes.back() /= 2;
+  at::Tensor out = at::empty(sizes, q.options().dtype(at::kByte));
+  pack_int4(q.data_ptr<int8_t>(), q.numel(), out.data_ptr<uint8_t>());
+  return out;
+}
+
+at::Tensor unpack_int4_cpu(const at::Tensor& p) {
+  TORCH_CHECK(p.scalar_type() == at::kByte && p.is_contiguous() && p.dim() >= 1,
+              "pqk: packed must be a contiguous uint8 tensor");
+  auto sizes = p.sizes().vec();
+  sizes.back() *= 2;
+  at::Tensor out = at::empty(sizes, p.options().dtype(at::kChar));
+  unpack_int4(p.data_ptr<uint8_t>(), p.numel(), out.data_ptr<int8_t>());
+  return out;
+}
+
+at::Tensor quantize_out(const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "pqk: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 8 || x.size(1) % 2 == 0, "pqk: x's last dim must be even for bits=4, got ", x.size(1));
+  return bits == 4 ? at::empty({x.size(0), x.size(1) / 2}, x.options().dtype(at::kByte))
+                   : at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+}
+
+at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t bits, int64_t cpu_isa) {
+  check_cpu_2d(x, "x");
+  at::Tensor out = quantize_out(x, bits);
+  quantize_static(x.data_ptr(), float_type(x, "x"), x.size(0), x.size(1), scalar_scale(scale), (int)bits,
+                  out.data_ptr(), to_isa(cpu_isa));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x, int64_t bits, int64_t cpu_isa) {
+  check_cpu_2d(x, "x");
+  at::Tensor out = quantize_out(x, bits);
+  at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  quantize_per_token(x.data_ptr(), float_type(x, "x"), x.size(0), x.size(1), (int)bits, out.data_ptr(),
+                     scales.data_ptr<float>(), to_isa(cpu_isa));
+  return {out, scales};
+}
+
+// Shared by both GEMM entry points: W, its scales and the bias.
+void set_weight(GemmArgs& g, const at::Tensor& w, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias) {
+  check_cpu_2d(w, "w");
+  TORCH_CHECK(w.scalar_type() == at::kByte || w.scalar_type() == at::kChar, "pqk: w must be uint8 or int8");
+  g.w_bits = w.scalar_type() == at::kByte ? 4 : 8;
+  g.N = w.size(0);
+  TORCH_CHECK(w.size(1) * (g.w_bits == 4 ? 2 : 1) == g.K, "pqk: w's K (", w.size(1), " stored) does not match A's K ", g.K);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == g.N,
+              "pqk: w_scale must be a contiguous float32 tensor of ", g.N, " elements");
+  g.w = w.data_ptr();
+  g.w_scale = w_scale.data_ptr<float>();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == g.N,
+                "pqk: bias must be a contiguous float32 tensor of ", g.N, " elements");
+    g.bias = bias->data_ptr<float>();
+  }
+}
+
+at::Tensor int4_matmul_cpu(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
+                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                           int64_t cpu_isa) {
+  check_cpu_2d(a, "a");
+  TORCH_CHECK(a.scalar_type() == at::kByte || a.scalar_type() == at::kChar, "pqk: a must be uint8 or int8");
+  GemmArgs g;
+  g.a_source = a.scalar_type() == at::kByte ? ASource::kPacked4 : ASource::kInt8;
+  g.a_bits = a.scalar_type() == at::kByte ? 4 : 8;
+  g.M = a.size(0);
+  g.K = a.size(1) * (g.a_bits == 4 ? 2 : 1);
+  g.a = a.data_ptr();
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.is_contiguous() &&
+                  (a_scale.numel() == 1 || (a_scale.dim() == 1 && a_scale.numel() == g.M)),
+              "pqk: a_scale must be a float32 scalar or [M] tensor");
+  g.a_scale_per_row = a_scale.numel() != 1;  // [M] (a [1] tensor and a scalar mean the same)
+  g.a_scale = a_scale.data_ptr<float>();
+  set_weight(g, w, w_scale, bias);
+  at::Tensor out = at::empty({g.M, g.N}, a.options().dtype(out_dtype));
+  g.out = out.data_ptr();
+  g.out_type = float_type(out_dtype);
+  gemm(g, to_isa(cpu_isa));
+  return out;
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                            const c10::optional<at::Tensor>& a_scale, int64_t a_bits,
+                            const c10::optional<at::Tensor>& bias, int64_t cpu_isa) {
+  check_cpu_2d(x, "x");
+  TORCH_CHECK(a_bits == 4 || a_bits == 8, "pqk: a_bits must be 4 or 8, got ", a_bits);
+  GemmArgs g;
+  g.a_source = ASource::kFloat;
+  g.a_float_type = float_type(x, "x");
+  g.a_bits = (int)a_bits;
+  g.M = x.size(0);
+  g.K = x.size(1);
+  g.a = x.data_ptr();
+  float static_scale = 0.0f;
+  if (a_scale.has_value()) {
+    static_scale = scalar_scale(*a_scale);
+    g.a_scale = &static_scale;
+  }
+  set_weight(g, w, w_scale, bias);
+  at::Tensor out = at::empty({g.M, g.N}, x.options());
+  g.out = out.data_ptr();
+  g.out_type = g.a_float_type;
+  gemm(g, to_isa(cpu_isa));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pqk, CPU, m) {
+  m.impl("pack_int4", &pack_int4_cpu);
+  m.impl("unpack_int4", &unpack_int4_cpu);
+  m.impl("quantize_static", &quantize_static_cpu);
+  m.impl("quantize_per_token", &quantize_per_token_cpu);
+  m.impl("int4_matmul", &int4_matmul_cpu);
+  m.impl("quant_linear", &quant_linear_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pqk
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "prefixquant_kernels C++ CPU kernels (ops are registered as torch.ops.pqk.*)";
+  m.def("best_cpu_isa", [] { return pqk::cpu::isa_name(pqk::cpu::best_isa()); });
+  m.def("cpu_isa_supported", [](int isa) { return pqk::cpu::isa_supported(static_cast<pqk::cpu::Isa>(isa)); });
+}

@@ -1,0 +1,15 @@
+"""The op layer: every public op validates its arguments, picks a backend (backend.py) and calls either
+the PyTorch reference or a torch.ops.pqk kernel (schemas and fakes in library.py)."""
+from .backend import available_backends
+from .linear import int4_matmul, quant_linear
+from .quantize import pack_int4, quantize_per_token, quantize_static, unpack_int4
+
+__all__ = [
+    "available_backends",
+    "int4_matmul",
+    "pack_int4",
+    "quant_linear",
+    "quantize_per_token",
+    "quantize_static",
+    "unpack_int4",
+]

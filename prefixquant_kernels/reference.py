@@ -1,0 +1,66 @@
+"""Reference implementations of the ops, in plain PyTorch: the truth every backend is tested against.
+
+Inputs are assumed validated (the op layer, prefixquant_kernels/ops, checks them). 2-D in, 2-D out.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import format as fmt
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x float [M, K], scale float32 0-dim -> uint8 [M, K/2] (bits 4) or int8 [M, K] (bits 8)."""
+    q = fmt.quantize(x, scale, bits)
+    return fmt.pack_int4(q) if bits == 4 else q
+
+
+def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float [M, K] -> (quantized as in quantize_static, scales float32 [M])."""
+    s = fmt.per_token_scale(x, bits)
+    q = fmt.quantize(x, s.unsqueeze(-1), bits)
+    return (fmt.pack_int4(q) if bits == 4 else q), s
+
+
+def int_matmul_exact(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K] -> int32 [M, N], exact.
+
+    float64 represents every partial sum exactly (|sum| <= K * 2^14 < 2^53), so a float64 matmul is an
+    exact integer matmul here — and far faster than torch's integer matmul on CPUs without VNNI.
+    """
+    return (a_q.double() @ w_q.double().T).to(torch.int32)
+
+
+def _as_int8(t: torch.Tensor) -> torch.Tensor:
+    return fmt.unpack_int4(t) if t.dtype == torch.uint8 else t
+
+
+def dequant_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = acc * (a_scale * w_scale) [+ bias] in float32, then cast. a_scale: 0-dim/[1] or [M]."""
+    a_s = a_scale.reshape(-1, 1) if a_scale.numel() != 1 else a_scale.reshape(1, 1)
+    y = acc.float() * (a_s * w_scale.reshape(1, -1))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def int4_matmul(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """a: uint8 [M, K/2] (int4) or int8 [M, K]; w: uint8 [N, K/2] or int8 [N, K] -> out_dtype [M, N]."""
+    acc = int_matmul_exact(_as_int8(a), _as_int8(w))
+    return dequant_epilogue(acc, a_scale, w_scale, bias, out_dtype)
+
+
+def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None,
+                 a_bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x float [M, K] -> x.dtype [M, N]: quantize x (static if a_scale is given, else per token), then
+    int4_matmul. The reference is unfused; the kernels must give the same bits."""
+    if a_scale is None:
+        s = fmt.per_token_scale(x, a_bits)
+        a_q = fmt.quantize(x, s.unsqueeze(-1), a_bits)
+    else:
+        s = a_scale
+        a_q = fmt.quantize(x, a_scale, a_bits)
+    acc = int_matmul_exact(a_q, _as_int8(w))
+    return dequant_epilogue(acc, s, w_scale, bias, x.dtype)
