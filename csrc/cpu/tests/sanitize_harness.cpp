@@ -1,0 +1,150 @@
+// A torch-free driver of the CPU kernels, built with -fsanitize=address,undefined by
+// tests/cpu/test_sanitizers.py. It runs every kernel family on every instruction set this CPU has over
+// odd shapes, with threads, and checks each result against a naive loop written here from
+// csrc/common/quant_math.h (so a wrong answer fails too, not only a bad memory access).
+//
+// Usage: sanitize_harness [seed]   -> prints "N passed, M failed" and exits non-zero on any failure.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "../../common/quant_math.h"
+#include "../kernels.h"
+
+namespace pqk {
+namespace cpu {
+// Two threads over disjoint halves, like at::parallel_for with two workers.
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+  if (end <= begin) return;
+  const int64_t mid = begin + (end - begin) / 2;
+  if (end - begin < 2 * (grain > 0 ? grain : 1)) { body(begin, end); return; }
+  std::thread t([&] { body(begin, mid); });
+  body(mid, end);
+  t.join();
+}
+}  // namespace cpu
+}  // namespace pqk
+
+using namespace pqk;
+using namespace pqk::cpu;
+
+static int g_pass = 0, g_fail = 0;
+static std::mt19937 rng;
+
+static void check(bool ok, const char* what, int64_t M, int64_t N, int64_t K, const char* isa) {
+  if (ok) { ++g_pass; return; }
+  ++g_fail;
+  fprintf(stderr, "FAIL %s isa=%s M=%lld N=%lld K=%lld\n", what, isa, (long long)M, (long long)N, (long long)K);
+}
+
+static int8_t rand_q(int bits) {
+  std::uniform_int_distribution<int> d(qmin_for_bits(bits), qmax_for_bits(bits));
+  return (int8_t)d(rng);
+}
+
+static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, ASource src, Isa isa) {
+  // exact operands
+  std::vector<int8_t> aq(M * K), wq(N * K);
+  for (auto& v : aq) v = rand_q(a_bits);
+  for (auto& v : wq) v = rand_q(w_bits);
+  std::vector<uint8_t> ap(M * K / 2), wp(N * K / 2);
+  for (int64_t i = 0; i < M * K / 2; ++i) ap[i] = pack_nibbles(aq[2 * i], aq[2 * i + 1]);
+  for (int64_t i = 0; i < N * K / 2; ++i) wp[i] = pack_nibbles(wq[2 * i], wq[2 * i + 1]);
+  std::vector<float> af(M * K);  // float A whose static quantization (scale 0.5) gives back aq exactly
+  for (int64_t i = 0; i < M * K; ++i) af[i] = 0.5f * aq[i];
+  std::vector<float> ws(N), bias(N);
+  for (int64_t n = 0; n < N; ++n) { ws[n] = 1.0f; bias[n] = (float)(n % 7) - 3.0f; }
+  const float a_scale = src == ASource::kFloat ? 0.5f : 1.0f;
+
+  GemmArgs g;
+  g.M = M; g.N = N; g.K = K;
+  g.a_source = src;
+  g.a = src == ASource::kPacked4 ? (const void*)ap.data() : src == ASource::kInt8 ? (const void*)aq.data() : (const void*)af.data();
+  g.a_bits = a_bits;
+  g.a_scale = &a_scale;
+  g.w = w_bits == 4 ? (const void*)wp.data() : (const void*)wq.data();
+  g.w_bits = w_bits;
+  g.w_scale = ws.data();
+  g.bias = bias.data();
+  std::vector<float> out(M * N, -12345.0f);  // poisoned
+  g.out = out.data();
+  g.out_type = FloatType::kFloat32;
+  gemm(g, isa);
+
+  bool ok = true;
+  for (int64_t m = 0; m < M && ok; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += (int64_t)aq[m * K + k] * wq[n * K + k];
+      float want = dequant_value((int32_t)acc, a_scale, ws[n]) + bias[n];
+      if (out[m * N + n] != want) { ok = false; break; }
+    }
+  char what[64];
+  snprintf(what, sizeof what, "gemm W%dA%d src=%d", w_bits, a_bits, (int)src);
+  check(ok, what, M, N, K, isa_name(isa));
+}
+
+static void test_quantize(int64_t M, int64_t K, int bits, Isa isa) {
+  std::vector<float> x(M * K);
+  std::normal_distribution<float> d(0.0f, 3.0f);
+  for (auto& v : x) v = d(rng);
+  if (M * K > 3) { x[0] = __builtin_nanf(""); x[1] = __builtin_inff(); x[2] = -__builtin_inff(); x[3] = 2.5f; }
+  const float scale = 0.5f;
+  const int64_t out_bytes = bits == 4 ? M * K / 2 : M * K;
+  std::vector<uint8_t> out(out_bytes, 0xA5), out_tok(out_bytes, 0xA5);
+  std::vector<float> scales(M, -1.0f);
+  quantize_static(x.data(), FloatType::kFloat32, M, K, scale, bits, out.data(), isa);
+  quantize_per_token(x.data(), FloatType::kFloat32, M, K, bits, out_tok.data(), scales.data(), isa);
+  const int lo = qmin_for_bits(bits), hi = qmax_for_bits(bits);
+  bool ok = true, ok_tok = true;
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = __builtin_fabsf(x[m * K + k]);
+      if (v <= 3.4e38f && v > amax) amax = v;
+    }
+    const float s = per_token_scale_from_amax(amax, hi);
+    ok_tok = ok_tok && scales[m] == s;
+    for (int64_t k = 0; k < K; ++k) {
+      int8_t want = quantize_value(x[m * K + k], scale, lo, hi);
+      int8_t want_tok = quantize_value(x[m * K + k], s, lo, hi);
+      int8_t got, got_tok;
+      if (bits == 4) {
+        uint8_t b = out[(m * K + k) / 2], bt = out_tok[(m * K + k) / 2];
+        got = k % 2 ? high_nibble(b) : low_nibble(b);
+        got_tok = k % 2 ? high_nibble(bt) : low_nibble(bt);
+      } else {
+        got = (int8_t)out[m * K + k];
+        got_tok = (int8_t)out_tok[m * K + k];
+      }
+      ok = ok && got == want;
+      ok_tok = ok_tok && got_tok == want_tok;
+    }
+  }
+  check(ok, bits == 4 ? "quantize_static 4" : "quantize_static 8", M, 0, K, isa_name(isa));
+  check(ok_tok, bits == 4 ? "quantize_per_token 4" : "quantize_per_token 8", M, 0, K, isa_name(isa));
+}
+
+int main(int argc, char** argv) {
+  rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
+  const Isa isas[] = {Isa::kScalar, Isa::kAvx2};
+  const int64_t shapes[][3] = {{1, 1, 2}, {1, 13, 64}, {3, 5, 66}, {5, 3, 130}, {17, 9, 200}, {70, 7, 126}, {4, 33, 4096 + 2}};
+  for (Isa isa : isas) {
+    if (!isa_supported(isa)) { printf("skip isa %s (not supported here)\n", isa_name(isa)); continue; }
+    for (auto& s : shapes) {
+      for (int w_bits : {4, 8})
+        for (int a_bits : {4, 8}) {
+          test_gemm(s[0], s[1], s[2], a_bits, w_bits, ASource::kFloat, isa);
+          test_gemm(s[0], s[1], s[2], a_bits, w_bits, a_bits == 4 ? ASource::kPacked4 : ASource::kInt8, isa);
+        }
+      test_quantize(s[0], s[2], 4, isa);
+      test_quantize(s[0], s[2] + 1, 8, isa);
+    }
+  }
+  printf("%d passed, %d failed\n", g_pass, g_fail);
+  return g_fail ? 1 : 0;
+}

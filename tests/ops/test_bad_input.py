@@ -1,0 +1,90 @@
+"""Every public op rejects bad arguments before any kernel runs, with an error that names the argument;
+and nothing the caller passed is modified."""
+import math
+
+import pytest
+import torch
+
+import prefixquant_kernels as pqk
+
+from ..conftest import BACKENDS
+
+W4 = torch.zeros(4, 32, dtype=torch.uint8)  # N=4, K=64
+WS = torch.ones(4)
+A4 = torch.zeros(3, 32, dtype=torch.uint8)
+X = torch.randn(3, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda b: pqk.pack_int4(torch.zeros(3, dtype=torch.int8), backend=b), ValueError, "q's last dim must be even"),
+    (lambda b: pqk.pack_int4(torch.full((2,), 8, dtype=torch.int8), backend=b), ValueError, r"q must hold int4 values"),
+    (lambda b: pqk.pack_int4(torch.zeros(2), backend=b), TypeError, "q must have dtype"),
+    (lambda b: pqk.unpack_int4(torch.zeros(2, dtype=torch.int8), backend=b), TypeError, "packed must have dtype"),
+    (lambda b: pqk.quantize_static(X, 0.0, backend=b), ValueError, "scale must be finite and > 0"),
+    (lambda b: pqk.quantize_static(X, -1.0, backend=b), ValueError, "scale must be finite and > 0"),
+    (lambda b: pqk.quantize_static(X, math.nan, backend=b), ValueError, "scale must be finite and > 0"),
+    (lambda b: pqk.quantize_static(X, torch.tensor(math.inf), backend=b), ValueError, "scale must be finite"),
+    (lambda b: pqk.quantize_static(X, torch.ones(3), backend=b), ValueError, "scale must be a scalar"),
+    (lambda b: pqk.quantize_static(X, "0.1", backend=b), TypeError, "scale must be a number"),
+    (lambda b: pqk.quantize_static(X, 0.1, bits=3, backend=b), ValueError, "bits must be one of"),
+    (lambda b: pqk.quantize_static(torch.randn(2, 5), 0.1, backend=b), ValueError, "x's last dim must be even"),
+    (lambda b: pqk.quantize_static(torch.randn(2, 0), 0.1, backend=b), ValueError, "last dim .K. must be > 0"),
+    (lambda b: pqk.quantize_static(torch.ones(2, 4, dtype=torch.int32), 0.1, backend=b), TypeError, "x must have dtype"),
+    (lambda b: pqk.quantize_per_token(X, bits=2, backend=b), ValueError, "bits must be one of"),
+    (lambda b: pqk.quantize_per_token(torch.randn(4, 3), backend=b), ValueError, "x's last dim must be even"),
+    (lambda b: pqk.int4_matmul(A4, W4, 1.0, torch.ones(5), backend=b), ValueError, r"w_scale must have shape \(4,\)"),
+    (lambda b: pqk.int4_matmul(A4, W4, 1.0, torch.zeros(4), backend=b), ValueError, "w_scale must be finite and > 0"),
+    (lambda b: pqk.int4_matmul(A4, W4, torch.ones(2), WS, backend=b), ValueError, r"a_scale must be a scalar or have one scale per row \(3\)"),
+    (lambda b: pqk.int4_matmul(A4, W4, torch.tensor([1.0, math.nan, 1.0]), WS, backend=b), ValueError, "a_scale must be finite"),
+    (lambda b: pqk.int4_matmul(A4, torch.zeros(4, 16, dtype=torch.uint8), 1.0, WS, backend=b), ValueError, "w's in_features K must be 64"),
+    (lambda b: pqk.int4_matmul(A4, W4.float(), 1.0, WS, backend=b), TypeError, "w must have dtype"),
+    (lambda b: pqk.int4_matmul(A4, W4[None], 1.0, WS, backend=b), ValueError, "w must be 2-D"),
+    (lambda b: pqk.int4_matmul(A4.float(), W4, 1.0, WS, backend=b), TypeError, "a_packed must have dtype"),
+    (lambda b: pqk.int4_matmul(A4, W4, 1.0, WS, bias=torch.ones(3), backend=b), ValueError, r"bias must have shape \(4,\)"),
+    (lambda b: pqk.int4_matmul(A4, W4, 1.0, WS, out_dtype=torch.int32, backend=b), TypeError, "out_dtype must be one of"),
+    (lambda b: pqk.quant_linear(X, W4, WS, 0.1, a_bits=5, backend=b), ValueError, "a_bits must be one of"),
+    (lambda b: pqk.quant_linear(torch.randn(3, 62), W4, WS, 0.1, backend=b), ValueError, "w's in_features K must be 62"),
+    (lambda b: pqk.quant_linear(X, W4, WS, -0.1, backend=b), ValueError, "a_scale must be finite and > 0"),
+    (lambda b: pqk.quant_linear(X, W4, WS, 0.1, backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input_raises_clear_error(backend, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(backend)
+
+
+def test_messages_name_the_op():
+    with pytest.raises(ValueError, match=r"^pqk\.int4_matmul: w_scale"):
+        pqk.int4_matmul(A4, W4, 1.0, torch.ones(5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_m_works(backend):
+    y = pqk.int4_matmul(torch.zeros(0, 32, dtype=torch.uint8), W4, 1.0, WS, backend=backend)
+    assert y.shape == (0, 4)
+    y = pqk.quant_linear(torch.zeros(0, 64), W4, WS, None, backend=backend)
+    assert y.shape == (0, 4)
+    q, s = pqk.quantize_per_token(torch.zeros(0, 64), backend=backend)
+    assert q.shape == (0, 32) and s.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_not_modified(backend):
+    x = torch.randn(5, 64).bfloat16()
+    ws = torch.rand(4) + 0.1
+    b = torch.randn(4)
+    w = torch.randint(0, 256, (4, 32), dtype=torch.uint8)
+    saved = [t.clone() for t in (x, ws, b, w)]
+    pqk.quant_linear(x, w, ws, None, 4, b, backend=backend)
+    pqk.quant_linear(x, w, ws, 0.2, 8, b, backend=backend)
+    pqk.quantize_per_token(x, backend=backend)
+    for t, s in zip((x, ws, b, w), saved):
+        assert torch.equal(t, s)
+
+
+def test_direct_torch_ops_call_with_bad_shape_is_an_error_not_a_crash():
+    pytest.importorskip("prefixquant_kernels._C")
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.pqk.int4_matmul(A4, torch.zeros(4, 8, dtype=torch.uint8), torch.tensor(1.0), WS, None, torch.float16)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.pqk.quantize_static(X, torch.tensor(0.0), 4)
