@@ -1,0 +1,35 @@
+"""Command line: ``python -m prefixquant_kernels <command>`` (also installed as ``prefixquant-kernels``).
+
+Commands:
+  demo      quantize a Llama-3-8B-shaped layer with and without PrefixQuant's prefix; print error and speed
+  info      what was built and which backends run here
+"""
+from __future__ import annotations
+
+import sys
+
+
+def _info(argv) -> int:
+    import torch
+
+    from . import _extension, available_backends
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"C++ CPU kernels: {'built, best ISA ' + _extension._C.best_cpu_isa() if _extension.cpu_available() else 'not built: ' + str(_extension.IMPORT_ERROR)}")
+    print(f"backends: {', '.join(available_backends())}")
+    return 0
+
+
+COMMANDS = {"demo": lambda argv: __import__("prefixquant_kernels.demo", fromlist=["main"]).main(argv), "info": _info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
