@@ -252,7 +252,7 @@ void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, i
     for (int j = 0; j < NR; ++j) acc[i * NR + j] = hsum_epi32(acc32[i][j]);
 }
 
-constexpr int kMR = 4, kNR = 2;
+constexpr int kMR = 4, kNR = 2, kNRDecode = 4;
 
 // Runtime (mr, nr) -> the instantiation; acc is written with row stride nr.
 template <int FLUSH>
@@ -261,7 +261,9 @@ void tile_w4_dispatch(const int8_t* a, int64_t kp, const int32_t* rs, const uint
 #define PQK_W4(MR_, NR_) \
   if (mr == MR_ && nr == NR_) return tile_w4_t<MR_, NR_, FLUSH>(a, kp, rs, w, ws, K, acc);
   PQK_W4(4, 2) PQK_W4(3, 2) PQK_W4(2, 2) PQK_W4(1, 2) PQK_W4(4, 1) PQK_W4(3, 1) PQK_W4(2, 1) PQK_W4(1, 1)
+  PQK_W4(1, 4) PQK_W4(1, 3)
 #undef PQK_W4
+  scalar_kernels().tile_w4(a, kp, rs, FLUSH == 64 ? 4 : 8, w, ws, K, mr, nr, acc);  // a shape not instantiated
 }
 
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
@@ -275,10 +277,11 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
   if (mr == MR_ && nr == NR_) return tile_w8_t<MR_, NR_>(a, kp, w, ws, K, acc);
   PQK_W8(4, 2) PQK_W8(3, 2) PQK_W8(2, 2) PQK_W8(1, 2) PQK_W8(4, 1) PQK_W8(3, 1) PQK_W8(2, 1) PQK_W8(1, 1)
 #undef PQK_W8
+  scalar_kernels().tile_w8(a, kp, w, ws, K, mr, nr, acc);  // a shape not instantiated
 }
 
 const IsaKernels kAvx2 = {
-    "avx2", kMR, kNR, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
+    "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
 };
 
 }  // namespace

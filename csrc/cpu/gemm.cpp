@@ -24,7 +24,8 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kPanelBytes = 256 * 1024;  // A panel per M-block: half of a 512 KB - 1 MB L2
+constexpr int64_t kPanelBytes = 256 * 1024;   // A panel per M-block: a quarter of a 1 MB L2
+constexpr int64_t kWBlockBytes = 128 * 1024;  // W tiles revisited by every A tile (docs/PERF.md, step 2)
 
 int64_t float_size(FloatType t) { return t == FloatType::kFloat32 ? 4 : 2; }
 
@@ -80,11 +81,14 @@ void gemm(const GemmArgs& g, Isa isa) {
   const int64_t M = g.M, N = g.N, K = g.K;
   if (M == 0 || N == 0) return;
   const int64_t kp = round_up(std::max<int64_t>(K, 1), kChunk);
-  const int mr = ker.mr_max, nr = ker.nr_max;
-  // rows per M-block: as many as fit kPanelBytes, a multiple of mr, at least mr
-  const int64_t mb_max = std::min<int64_t>(M, std::max<int64_t>(mr, kPanelBytes / kp / mr * mr));
+  const int mr = ker.mr_max;
   const bool w4 = g.w_bits == 4;
   const int64_t w_stride = w4 ? K / 2 : K;  // bytes per W row
+  // rows per M-block: as many as fit kPanelBytes, a multiple of mr, at least mr
+  const int64_t mb_max = std::min<int64_t>(M, std::max<int64_t>(mr, kPanelBytes / kp / mr * mr));
+  // Decode (one A row): wider W tiles, so each A load serves more W rows; W streams from memory once.
+  const bool decode = mb_max == 1;
+  const int nr = decode && w4 ? ker.nr_decode : ker.nr_max;
 
   std::vector<int8_t> panel((size_t)(mb_max * kp));
   std::vector<int32_t> rowsum((size_t)mb_max);
@@ -92,6 +96,8 @@ void gemm(const GemmArgs& g, Isa isa) {
   const int64_t n_tiles = (N + nr - 1) / nr;
   // W tiles per task: enough work to amortize scheduling, ~64 KB of W
   const int64_t tile_grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, nr * w_stride));
+  // W tiles per L2 block (see the loop below)
+  const int64_t tiles_per_block = std::max<int64_t>(1, kWBlockBytes / std::max<int64_t>(1, nr * w_stride));
 
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
     const int64_t mb = std::min(mb_max, M - m0);
@@ -106,24 +112,29 @@ void gemm(const GemmArgs& g, Isa isa) {
     });
     parallel_for(0, n_tiles, tile_grain, [&](int64_t tb, int64_t te) {
       int32_t acc[16 * 16];
-      for (int64_t t = tb; t < te; ++t) {
-        const int64_t n0 = t * nr;
-        const int nn = (int)std::min<int64_t>(nr, N - n0);
+      // A block of this task's W tiles stays in L2 while every A tile (in L1) passes over it: W is read
+      // from L2 in its packed 4-bit form (half a byte per k), the cheapest operand to stream.
+      for (int64_t b0 = tb; b0 < te; b0 += tiles_per_block) {
+        const int64_t b1 = std::min(te, b0 + tiles_per_block);
         for (int64_t i0 = 0; i0 < mb; i0 += mr) {
           const int mm = (int)std::min<int64_t>(mr, mb - i0);
           const int8_t* a = panel.data() + i0 * kp;
-          if (w4) {
-            ker.tile_w4(a, kp, rowsum.data() + i0, g.a_bits, (const uint8_t*)g.w + n0 * w_stride, w_stride, K, mm,
-                        nn, acc);
-          } else {
-            ker.tile_w8(a, kp, (const int8_t*)g.w + n0 * w_stride, w_stride, K, mm, nn, acc);
-          }
-          for (int i = 0; i < mm; ++i) {
-            const int64_t row = m0 + i0 + i;
-            for (int j = 0; j < nn; ++j) {
-              float y = dequant_value(acc[i * nn + j], rscale[i0 + i], g.w_scale[n0 + j]);
-              if (g.bias) y += g.bias[n0 + j];
-              store_from_f32(g.out, row * N + n0 + j, y, g.out_type);
+          for (int64_t t = b0; t < b1; ++t) {
+            const int64_t n0 = t * nr;
+            const int nn = (int)std::min<int64_t>(nr, N - n0);
+            const void* w_tile = (const char*)g.w + n0 * w_stride;
+            if (w4) {
+              ker.tile_w4(a, kp, rowsum.data() + i0, g.a_bits, (const uint8_t*)w_tile, w_stride, K, mm, nn, acc);
+            } else {
+              ker.tile_w8(a, kp, (const int8_t*)w_tile, w_stride, K, mm, nn, acc);
+            }
+            for (int i = 0; i < mm; ++i) {
+              const int64_t row = m0 + i0 + i;
+              for (int j = 0; j < nn; ++j) {
+                float y = dequant_value(acc[i * nn + j], rscale[i0 + i], g.w_scale[n0 + j]);
+                if (g.bias) y += g.bias[n0 + j];
+                store_from_f32(g.out, row * N + n0 + j, y, g.out_type);
+              }
             }
           }
         }

@@ -26,6 +26,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct IsaKernels {
   const char* name;
   int mr_max, nr_max;  // largest tile of the tile functions (rows of A x rows of W)
+  int nr_decode;       // W rows per tile_w4 call when A has a single row (decode: W streams once)
 
   // x: float [K] of type t -> q: int8 [K] natural order, q = quantize_value(x, scale, qmin, qmax)
   void (*quantize_row)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int8_t* q);

@@ -77,7 +77,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int
 }
 
 const IsaKernels kScalar = {
-    "scalar", 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
+    "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
 };
 
 }  // namespace
