@@ -6,11 +6,15 @@
     a, s = pqk.quantize_per_token(x, bits=4)     # the dynamic baseline
     y = pqk.int4_matmul(a, w, a_scale, w_scale, bias=None, out_dtype=torch.float16)
     lin = pqk.nn.QuantLinear.from_float(linear, w_bits=4, a_bits=4, act_scale=0.05)
+    kv = pqk.kv_quantize(k, k_scale, bits=4)     # KV cache: static per-head 4-bit, [B, H, T, D] -> [B, H, T, D//2]
+    k_all = pqk.kv_dequant_concat(prefix_k, kv, k_scale, bits=4)   # [16-bit prefix | dequantized body]
+    cache = pqk.PrefixQuantCache(n_layers, mode="prefixquant", ...)  # a transformers v5 Cache
 
 Data flow of the source tree: format.py (the bit format) -> csrc/ (kernels) + reference.py -> ops/ (the
-dispatching op layer, torch.library custom ops) -> nn/ (modules).
+dispatching op layer, torch.library custom ops) -> nn/ (modules); kv_format.py -> triton/ -> ops/kv.py -> cache/
+(the quantized KV cache).
 """
-from . import format, nn, ops, reference  # noqa: F401  (format shadows the builtin only as an attribute)
+from . import format, kv_format, nn, ops, reference  # noqa: F401  (format shadows the builtin only as an attribute)
 from .ops import (
     available_backends,
     int4_matmul,
@@ -20,6 +24,16 @@ from .ops import (
     quantize_static,
     unpack_int4,
 )
+from .ops.kv import kv_dequant_concat, kv_quantize, kv_quantize_groupwise
+
+
+def __getattr__(name):
+    # PrefixQuantCache subclasses transformers' Cache: imported on first use, so transformers stays optional
+    if name == "PrefixQuantCache":
+        from .cache import PrefixQuantCache
+        return PrefixQuantCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -27,9 +41,14 @@ __all__ = [
     "available_backends",
     "format",
     "int4_matmul",
+    "kv_dequant_concat",
+    "kv_format",
+    "kv_quantize",
+    "kv_quantize_groupwise",
     "nn",
     "ops",
     "pack_int4",
+    "PrefixQuantCache",
     "quant_linear",
     "quantize_per_token",
     "quantize_static",

@@ -1,0 +1,438 @@
+"""PrefixQuantCache: a transformers v5 ``Cache`` holding each layer's K/V as
+``[16-bit prefix | quantized body | 16-bit tokens]`` (layout and formats: prefixquant_kernels/kv_format.py).
+
+Tested with transformers 5.23 (``Cache(layers=...)``, ``CacheLayerMixin``: ``lazy_initialization``,
+``update(key, value, *args, **kwargs)``, ``get_mask_sizes``, ``get_seq_length``, ``get_max_length``).
+
+Modes (one layer class each; ``update`` appends the new tokens and returns the whole history, built by
+``kv_dequant_concat`` in one kernel):
+
+* ``"prefixquant"``: every token after the prefix in 4 bits with static per-head scales (given per layer).
+* ``"kivi"``: 2-bit; keys per-channel in groups of ``group_size`` tokens, quantized a block of
+  ``residual_length`` tokens at a time (the block waits in 16 bits until it fills); values per-token in groups
+  of ``group_size`` channels, with a sliding 16-bit window of the ``residual_length`` most recent tokens.
+* ``"logquant"``: 2-bit like KIVI, but the 16-bit tokens are LogQuant's: a recent list L and a sparse list S
+  (window W): when |L| > 2W, ``S = (S + L[:W])[::2]`` (the first time ``S = L[:W]``) and ``L = L[W:]``; the
+  tokens that leave S + L are quantized (values at once; keys once ``group_size`` of them have left, waiting
+  in 16 bits until then). At most 3W (+ group_size - 1 pending keys) 16-bit tokens.
+* ``"fp16"``: no quantization (the comparison): the prefix and the tokens, in the model's dtype.
+
+The prefix (PrefixQuant's outlier tokens; ``[1 or B, H_kv, P, D]`` per layer, any mode) counts in the
+sequence length: pass ``input_ids`` that start with the P prefix tokens, generate() then feeds only the rest.
+A batch-1 prefix serves every sequence of the batch (read with batch stride 0: never copied).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..ops import kv as kv_ops
+
+MODES = ("prefixquant", "kivi", "logquant", "fp16")
+_OP = "PrefixQuantCache"
+
+
+def _fail(msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"pqk.{_OP}: {msg}")
+
+
+class _Rows:
+    """A [B, H, n, X] tensor grown along dim 2 in a buffer of doubling capacity: an append copies only the new
+    rows (amortized), never the history. ``view`` is the filled part."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+        self.n = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        need = self.n + x.shape[2]
+        if self.buf is None or need > self.buf.shape[2]:
+            cap = max(need, 2 * (0 if self.buf is None else self.buf.shape[2]), 16)
+            new = x.new_empty(*x.shape[:2], cap, *x.shape[3:])
+            if self.n:
+                new[:, :, :self.n] = self.buf[:, :, :self.n]
+            self.buf = new
+        self.buf[:, :, self.n:need] = x
+        self.n = need
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.buf is None else self.buf[:, :, :self.n]
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The given rows (a copy), e.g. the tokens about to be quantized."""
+        return self.buf.index_select(2, rows.to(self.buf.device))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the given rows, in that order (compaction after tokens leave)."""
+        kept = self.take(rows)
+        self.buf[:, :, :kept.shape[2]] = kept
+        self.n = kept.shape[2]
+
+    def nbytes(self) -> int:
+        v = self.view()
+        return 0 if v is None else v.numel() * v.element_size()
+
+
+def _concat_16bit(prefix: torch.Tensor | None, tail: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """[prefix | tail] with no quantized body (the dequant-concat kernel with Nq = 0)."""
+    b, h, _, d = tail.shape
+    empty = torch.empty(b, h, 0, d // 2, dtype=torch.uint8, device=tail.device)
+    return kv_ops.kv_dequant_concat(prefix, empty, torch.ones(h, device=tail.device), 4, dtype, tail=tail,
+                                    backend=backend)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class _PrefixedLayer(CacheLayerMixin):
+    """What every mode shares: the 16-bit prefix, the token count, the mask sizes, the memory report."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, prefix_keys: torch.Tensor | None, prefix_values: torch.Tensor | None, backend: str):
+        super().__init__()
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        self.prefix_len = 0 if prefix_keys is None else prefix_keys.shape[2]
+        self.backend = backend
+        self.n_tokens = 0  # tokens after the prefix
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.batch = b
+        for name, pre in (("prefix_keys", self.prefix_keys), ("prefix_values", self.prefix_values)):
+            if pre is not None and (pre.shape[0] not in (1, b) or pre.shape[1] != h or pre.shape[3] != d
+                                    or pre.device != key_states.device):
+                _fail(f"{name} must have shape (1 or {b}, {h}, P, {d}) on {key_states.device} to match the "
+                      f"model's key states {tuple(key_states.shape)}, got {tuple(pre.shape)} on {pre.device}")
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.append(key_states, value_states)
+        self.n_tokens += key_states.shape[2]
+        return self.keys_values(key_states.dtype)
+
+    def get_seq_length(self) -> int:
+        return self.prefix_len + self.n_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this layer holds, by part (prefix counted once, however large the batch)."""
+        return {"prefix": _nbytes(self.prefix_keys) + _nbytes(self.prefix_values), **self.body_bytes()}
+
+    # per mode
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def keys_values(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def body_bytes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+
+
+class Fp16Layer(_PrefixedLayer):
+    """[prefix | tokens], nothing quantized: the memory and accuracy baseline."""
+
+    def __init__(self, prefix_keys=None, prefix_values=None, backend="auto"):
+        super().__init__(prefix_keys, prefix_values, backend)
+        self.k, self.v = _Rows(), _Rows()
+
+    def append(self, key_states, value_states):
+        self.k.append(key_states)
+        self.v.append(value_states)
+
+    def keys_values(self, dtype):
+        return (_concat_16bit(self.prefix_keys, self.k.view(), dtype, self.backend),
+                _concat_16bit(self.prefix_values, self.v.view(), dtype, self.backend))
+
+    def body_bytes(self):
+        return {"fp16": self.k.nbytes() + self.v.nbytes()}
+
+
+class StaticQuantLayer(_PrefixedLayer):
+    """PrefixQuant: [prefix | 4-bit body], static per-head scales for K and V."""
+
+    def __init__(self, key_scale: torch.Tensor, value_scale: torch.Tensor, prefix_keys=None, prefix_values=None,
+                 bits: int = 4, backend="auto"):
+        super().__init__(prefix_keys, prefix_values, backend)
+        self.key_scale, self.value_scale, self.bits = key_scale, value_scale, bits
+        self.k, self.v = _Rows(), _Rows()
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        h = key_states.shape[1]
+        for name, s in (("key_scales", self.key_scale), ("value_scales", self.value_scale)):
+            if s.numel() != h or s.device != key_states.device:
+                _fail(f"each of {name} must have shape ({h},) (one scale per KV head) on {key_states.device}, "
+                      f"got {tuple(s.shape)} on {s.device}")
+
+    def append(self, key_states, value_states):
+        self.k.append(kv_ops.kv_quantize(key_states, self.key_scale, self.bits, backend=self.backend))
+        self.v.append(kv_ops.kv_quantize(value_states, self.value_scale, self.bits, backend=self.backend))
+
+    def keys_values(self, dtype):
+        return tuple(kv_ops.kv_dequant_concat(pre, rows.view(), scale, self.bits, dtype, backend=self.backend)
+                     for pre, rows, scale in ((self.prefix_keys, self.k, self.key_scale),
+                                              (self.prefix_values, self.v, self.value_scale)))
+
+    def body_bytes(self):
+        return {"body": self.k.nbytes() + self.v.nbytes(),
+                "scales": _nbytes(self.key_scale) + _nbytes(self.value_scale)}
+
+
+class _GroupwiseStore:
+    """One of K or V in 2 bits: a packed body with fp16 group scales/zeros, plus 16-bit rows; each row of either
+    part knows its position (counted after the prefix), so bodies can be filled in any order (LogQuant)."""
+
+    def __init__(self, bits: int, group_size: int, axis: str, backend: str, in_order: bool):
+        self.bits, self.group_size, self.axis, self.backend = bits, group_size, axis, backend
+        self.in_order = in_order        # the body is filled in position order (KIVI), not scattered (LogQuant)
+        self.packed, self.scale, self.zero = _Rows(), _Rows(), _Rows()
+        self.body_pos = _Rows()         # int32 [1, 1, Nq, 1]: position of each body row (if not in_order)
+        self.fp = _Rows()               # 16-bit rows
+        self.fp_pos: list[int] = []     # position of each 16-bit row
+
+    def add_fp(self, x: torch.Tensor, positions: list[int]) -> None:
+        self.fp.append(x)
+        self.fp_pos.extend(positions)
+
+    def quantize_fp_rows(self, rows: list[int]) -> None:
+        """Move the given 16-bit rows (indices into fp, in this order) to the body; keep the others in order."""
+        if not rows:
+            return
+        dev = self.fp.buf.device
+        x = self.fp.take(torch.tensor(rows, device=dev))
+        p, s, z = kv_ops.kv_quantize_groupwise(x, self.bits, self.group_size, self.axis, backend=self.backend)
+        self.packed.append(p)
+        self.scale.append(s)
+        self.zero.append(z)
+        if not self.in_order:  # an in-order body needs no positions
+            pos = torch.tensor([self.fp_pos[r] for r in rows], dtype=torch.int32, device=dev)
+            self.body_pos.append(pos.reshape(1, 1, -1, 1))
+        gone = set(rows)
+        stay = [r for r in range(len(self.fp_pos)) if r not in gone]
+        self.fp.keep(torch.tensor(stay, dtype=torch.long, device=dev))
+        self.fp_pos = [self.fp_pos[r] for r in stay]
+
+    def assemble(self, prefix: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        tail = self.fp.view()
+        if self.packed.n == 0:
+            return _concat_16bit(prefix, tail, dtype, self.backend)
+        nq = self.packed.n
+        kw = {}
+        if not self.in_order:  # LogQuant: body and 16-bit rows scattered to their positions
+            body_pos = self.body_pos.view().reshape(nq)
+            kw = {"body_pos": body_pos,
+                  "tail_pos": torch.tensor(self.fp_pos, dtype=torch.int32, device=body_pos.device)}
+        return kv_ops.kv_dequant_concat(prefix, self.packed.view(), self.scale.view(), self.bits, dtype,
+                                        zero=self.zero.view(), group_size=self.group_size, axis=self.axis,
+                                        tail=tail if tail is not None and tail.shape[2] else None,
+                                        backend=self.backend, **kw)
+
+    def nbytes(self) -> dict[str, int]:
+        return {"body": self.packed.nbytes(), "scales": self.scale.nbytes() + self.zero.nbytes(),
+                "fp16": self.fp.nbytes(), "positions": self.body_pos.nbytes()}
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
+
+
+class KiviLayer(_PrefixedLayer):
+    """KIVI: keys per-channel, quantized R tokens at a time; values per-token with a sliding 16-bit window of R."""
+
+    def __init__(self, group_size: int = 32, residual_length: int = 128, prefix_keys=None, prefix_values=None,
+                 bits: int = 2, backend="auto"):
+        super().__init__(prefix_keys, prefix_values, backend)
+        self.residual_length = residual_length
+        self.k = _GroupwiseStore(bits, group_size, "channel", backend, in_order=True)
+        self.v = _GroupwiseStore(bits, group_size, "token", backend, in_order=True)
+
+    def append(self, key_states, value_states):
+        pos = list(range(self.n_tokens, self.n_tokens + key_states.shape[2]))
+        r = self.residual_length
+        self.k.add_fp(key_states, pos)
+        full = len(self.k.fp_pos) // r * r      # keys: whole blocks of R leave the residual
+        self.k.quantize_fp_rows(list(range(full)))
+        self.v.add_fp(value_states, pos)
+        over = max(len(self.v.fp_pos) - r, 0)   # values: the oldest beyond the window of R
+        self.v.quantize_fp_rows(list(range(over)))
+
+    def keys_values(self, dtype):
+        return self.k.assemble(self.prefix_keys, dtype), self.v.assemble(self.prefix_values, dtype)
+
+    def body_bytes(self):
+        return _add(self.k.nbytes(), self.v.nbytes())
+
+
+def logquant_select(sparse: list[int], recent: list[int], window: int) -> tuple[list[int], list[int], list[int]]:
+    """LogQuant's selection, applied until |recent| <= 2W -> (sparse, recent, positions that left)."""
+    left = []
+    while len(recent) > 2 * window:
+        if not sparse:
+            sparse, recent = recent[:window], recent[window:]
+            continue
+        merged = sparse + recent[:window]
+        sparse, recent = merged[::2], recent[window:]
+        left.extend(merged[1::2])
+    return sparse, recent, left
+
+
+class LogQuantLayer(_PrefixedLayer):
+    """LogQuant: the 16-bit tokens at log-spaced positions (sparse list S + recent list L, window W); the others
+    in 2 bits (keys per-channel once group_size of them have left, values per-token at once)."""
+
+    def __init__(self, window: int = 32, group_size: int = 32, prefix_keys=None, prefix_values=None,
+                 bits: int = 2, backend="auto"):
+        super().__init__(prefix_keys, prefix_values, backend)
+        self.window = window
+        self.sparse: list[int] = []
+        self.recent: list[int] = []
+        self.k = _GroupwiseStore(bits, group_size, "channel", backend, in_order=False)
+        self.v = _GroupwiseStore(bits, group_size, "token", backend, in_order=False)
+        self._pending_keys: list[int] = []   # positions that left S + L, keys not yet a full group
+
+    def append(self, key_states, value_states):
+        pos = list(range(self.n_tokens, self.n_tokens + key_states.shape[2]))
+        self.k.add_fp(key_states, pos)
+        self.v.add_fp(value_states, pos)
+        self.sparse, self.recent, left = logquant_select(self.sparse, self.recent + pos, self.window)
+        if left:
+            v_row = {p: i for i, p in enumerate(self.v.fp_pos)}
+            self.v.quantize_fp_rows([v_row[p] for p in left])
+            self._pending_keys.extend(left)
+            g = self.k.group_size
+            ready = len(self._pending_keys) // g * g
+            if ready:
+                k_row = {p: i for i, p in enumerate(self.k.fp_pos)}
+                self.k.quantize_fp_rows([k_row[p] for p in self._pending_keys[:ready]])
+                self._pending_keys = self._pending_keys[ready:]
+
+    def keys_values(self, dtype):
+        return self.k.assemble(self.prefix_keys, dtype), self.v.assemble(self.prefix_values, dtype)
+
+    def fp16_positions(self) -> list[int]:
+        """The positions (after the prefix) held in 16 bits for both K and V: S + L."""
+        return self.sparse + self.recent
+
+    def body_bytes(self):
+        return _add(self.k.nbytes(), self.v.nbytes())
+
+
+def _per_layer(x, n: int, name: str) -> list:
+    if x is None:
+        return [None] * n
+    if not isinstance(x, Sequence) or isinstance(x, torch.Tensor) or len(x) != n:
+        _fail(f"{name} must be a list with one entry per layer ({n}), got {type(x).__name__}"
+              + (f" of length {len(x)}" if isinstance(x, Sequence) else ""), TypeError)
+    return list(x)
+
+
+def _check_prefix(pk, pv, i: int) -> None:
+    if (pk is None) != (pv is None):
+        _fail(f"prefix_keys[{i}] and prefix_values[{i}] must both be given or both be None")
+    if pk is None:
+        return
+    for name, t in ((f"prefix_keys[{i}]", pk), (f"prefix_values[{i}]", pv)):
+        kv_ops.checks.tensor(t, name, _OP, kv_ops.FLOAT_DTYPES, dim=4)
+    if pk.shape != pv.shape:
+        _fail(f"prefix_keys[{i}] and prefix_values[{i}] must have the same shape, got {tuple(pk.shape)} and "
+              f"{tuple(pv.shape)}")
+
+
+def _head_scales(scale, name: str) -> torch.Tensor:
+    """A float [H_kv] tensor, finite and > 0 -> float32 (H_kv is checked against the model at the first update)."""
+    kv_ops.checks.tensor(scale, name, _OP, kv_ops.FLOAT_DTYPES, dim=1)
+    return kv_ops.checks.channel_vector(scale, name, _OP, scale.numel(), scale.device, positive=True)
+
+
+def _check_positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        _fail(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+class PrefixQuantCache(Cache):
+    """A transformers v5 Cache of [16-bit prefix | quantized body | 16-bit tokens] per layer (see module doc).
+
+    Args:
+        num_layers: the model's number of decoder layers.
+        mode: "prefixquant" | "kivi" | "logquant" | "fp16".
+        key_scales, value_scales: "prefixquant" only: one float [H_kv] tensor per layer (static per-head scales).
+        prefix_keys, prefix_values: optional, one [1 or B, H_kv, P, D] tensor per layer (any mode).
+        group_size: kivi/logquant: G (keys: G tokens per channel group; values: G channels per token group).
+        residual_length: kivi: R, a multiple of G.   window: logquant: W.
+        backend: "auto" | "reference" | "triton", as in the KV ops.
+
+        cache = PrefixQuantCache(cfg.num_hidden_layers, "prefixquant", key_scales=ks, value_scales=vs,
+                                 prefix_keys=pk, prefix_values=pv)
+        model.generate(prefix_ids_then_prompt, past_key_values=cache, max_new_tokens=32)
+    """
+
+    def __init__(self, num_layers: int, mode: str = "prefixquant", *, key_scales=None, value_scales=None,
+                 prefix_keys=None, prefix_values=None, group_size: int = 32, residual_length: int = 128,
+                 window: int = 32, backend: str = "auto"):
+        _check_positive_int(num_layers, "num_layers")
+        if mode not in MODES:
+            _fail(f"mode must be one of {MODES}, got {mode!r}")
+        if backend not in kv_ops.KV_BACKENDS:
+            _fail(f"backend must be one of {kv_ops.KV_BACKENDS}, got {backend!r}")
+        pks = _per_layer(prefix_keys, num_layers, "prefix_keys")
+        pvs = _per_layer(prefix_values, num_layers, "prefix_values")
+        for i, (pk, pv) in enumerate(zip(pks, pvs)):
+            _check_prefix(pk, pv, i)
+        self.mode = mode
+        if mode == "prefixquant":
+            if key_scales is None or value_scales is None:
+                _fail("mode='prefixquant' needs key_scales and value_scales (one [H_kv] tensor per layer)")
+            ks = _per_layer(key_scales, num_layers, "key_scales")
+            vs = _per_layer(value_scales, num_layers, "value_scales")
+            layers = [StaticQuantLayer(_head_scales(ks[i], f"key_scales[{i}]"), _head_scales(vs[i], f"value_scales[{i}]"),
+                                       pks[i], pvs[i], backend=backend) for i in range(num_layers)]
+        else:
+            if key_scales is not None or value_scales is not None:
+                _fail(f"key_scales/value_scales are for mode='prefixquant', not {mode!r}")
+            g = kv_ops._group_size(group_size, "group_size", _OP)
+            if mode == "kivi":
+                _check_positive_int(residual_length, "residual_length")
+                if residual_length % g:
+                    _fail(f"residual_length must be a multiple of group_size ({g}), got {residual_length}")
+                layers = [KiviLayer(g, residual_length, pks[i], pvs[i], backend=backend) for i in range(num_layers)]
+            elif mode == "logquant":
+                _check_positive_int(window, "window")
+                layers = [LogQuantLayer(window, g, pks[i], pvs[i], backend=backend) for i in range(num_layers)]
+            else:
+                layers = [Fp16Layer(pks[i], pvs[i], backend=backend) for i in range(num_layers)]
+        super().__init__(layers=layers)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors held, by part, summed over layers (a shared prefix counted once per layer)."""
+        total: dict[str, int] = {}
+        for layer in self.layers:
+            total = _add(total, layer.memory_bytes())
+        total["total"] = sum(total.values())
+        return total
+
+    def bytes_per_token_per_layer(self) -> float:
+        """Total bytes held / (layers * batch * tokens after the prefix): the cost of one more token."""
+        layer = self.layers[0]
+        n = layer.n_tokens
+        if n == 0:
+            return 0.0
+        m = self.memory_bytes()
+        b = layer.batch
+        return (m["total"] - m.get("prefix", 0)) / (len(self.layers) * n * b)

@@ -1,0 +1,161 @@
+"""The KV-cache quantization formats in plain PyTorch: the definition every KV kernel matches.
+
+A cache tensor (keys or values) of one layer is ``[B, H, N, D]`` (batch, KV heads, tokens, head dim) and is
+held in three parts, in this order along the tokens::
+
+    [ 16-bit prefix (P tokens) | quantized body (Nq tokens) | 16-bit tokens (Nt tokens) ]
+
+The prefix (PrefixQuant's outlier tokens) is never quantized; the 16-bit tokens are KIVI's recent window or
+LogQuant's log-selected tokens. ``dequant_concat`` puts all three into one ``[B, H, P + Nq + Nt, D]`` tensor.
+
+**Static symmetric, per KV head (PrefixQuant; bits 4 or 8).** The convention of ``format.py`` with one
+calibrated float32 scale per head::
+
+    q[b, h, t, d] = clamp(round_half_to_even(x[b, h, t, d] / scale[h]), -2^(b-1), 2^(b-1)-1)   (fp32)
+    x_hat = q * scale[h]                                                                      (fp32)
+
+NaN -> 0, +-Inf saturate. bits=4: packed along D with ``format.pack_int4`` (element 2i in the low nibble
+of byte i) -> uint8 ``[B, H, T, D//2]``; bits=8: int8 ``[B, H, T, D]``.
+
+**Group-wise asymmetric (KIVI / LogQuant; bits 2 or 4).** Over each group of G values, in float32::
+
+    v    = clamp(nan_to_num(x, nan=0), -65504, 65504)       # the fp16 range: scale and zero are stored in fp16
+    zero = fp16(min(v))                                       # rounded to nearest even
+    scale = fp16((max(v) - min(v)) / (2^b - 1))               # fp32 division, then rounded to fp16
+    q = clamp(round_half_to_even((v - zero) / scale), 0, 2^b - 1)  if scale > 0  else 0
+    x_hat = q * scale + zero                                  # fp32 multiply, then fp32 add (no fused FMA)
+
+The quantizer divides by the *stored* fp16 scale and subtracts the stored fp16 zero, so dequantization
+inverts exactly what was rounded. Groups (``axis``):
+
+* ``"token"`` (values, per-token): G consecutive channels of one token; scale/zero ``[B, H, T, D//G]``.
+* ``"channel"`` (keys, per-channel): G consecutive tokens of one channel; scale/zero ``[B, H, T//G, D]``.
+
+Packing (unsigned, any b dividing 8): ``8 // b`` values per byte along D, element ``(8//b)*i + j`` at bits
+``b*j .. b*j + b-1`` of byte i. For b=2: element 4i+j at bits 2j..2j+1 -> uint8 ``[B, H, T, D//4]``; for
+b=4 the nibble order is that of ``format.pack_int4``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import format as fmt
+
+__all__ = [
+    "FP16_MAX",
+    "GROUP_AXES",
+    "pack_bits",
+    "unpack_bits",
+    "quantize_static",
+    "dequantize_static",
+    "quantize_groupwise",
+    "dequantize_groupwise",
+    "body_positions",
+    "dequant_concat",
+]
+
+FP16_MAX = 65504.0
+GROUP_AXES = ("token", "channel")
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., K] with values in [0, 2^bits) (K a multiple of 8 // bits) -> uint8 [..., K * bits // 8]."""
+    per = 8 // bits
+    q = q.reshape(*q.shape[:-1], q.shape[-1] // per, per).to(torch.uint8)
+    out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+    for j in range(per):
+        out |= q[..., j] << (bits * j)
+    return out
+
+
+def unpack_bits(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., K * bits // 8] -> uint8 [..., K] (inverse of pack_bits)."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    q = torch.stack([(p >> (bits * j)) & mask for j in range(per)], dim=-1)
+    return q.flatten(-2)
+
+
+def _per_head(scale: torch.Tensor) -> torch.Tensor:
+    return scale.float().reshape(1, -1, 1, 1)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x float [B, H, T, D], scale float32 [H] -> uint8 [B, H, T, D//2] (bits 4) or int8 [B, H, T, D] (bits 8)."""
+    q = fmt.quantize(x, _per_head(scale), bits)
+    return fmt.pack_int4(q) if bits == 4 else q
+
+
+def dequantize_static(packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of quantize_static up to rounding -> float32 [B, H, T, D]."""
+    q = fmt.unpack_int4(packed) if bits == 4 else packed
+    return q.float() * _per_head(scale)
+
+
+def _grouped(v: torch.Tensor, group_size: int, axis: str) -> torch.Tensor:
+    """[B, H, T, D] -> [B, H, T, D//G, G] (axis token) or [B, H, T//G, G, D] (axis channel)."""
+    b, h, t, d = v.shape
+    if axis == "token":
+        return v.reshape(b, h, t, d // group_size, group_size)
+    return v.reshape(b, h, t // group_size, group_size, d)
+
+
+def _red_dim(axis: str) -> int:
+    return -1 if axis == "token" else -2
+
+
+def quantize_groupwise(x: torch.Tensor, bits: int, group_size: int, axis: str):
+    """x float [B, H, T, D] -> (packed uint8 [B, H, T, D*bits//8], scale fp16, zero fp16) (shapes: module doc)."""
+    v = torch.nan_to_num(x.float(), nan=0.0).clamp(-FP16_MAX, FP16_MAX)
+    g = _grouped(v, group_size, axis)
+    red = _red_dim(axis)
+    mn, mx = g.amin(dim=red, keepdim=True), g.amax(dim=red, keepdim=True)
+    zero16 = mn.to(torch.float16)
+    scale16 = ((mx - mn) / ((1 << bits) - 1)).to(torch.float16)
+    s, z = scale16.float(), zero16.float()
+    q = torch.round((g - z) / s).clamp_(0, (1 << bits) - 1)
+    q = torch.where(s > 0, q, torch.zeros((), dtype=q.dtype, device=q.device)).to(torch.uint8)
+    return pack_bits(q.reshape(x.shape), bits), scale16.squeeze(red), zero16.squeeze(red)
+
+
+def dequantize_groupwise(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                         group_size: int, axis: str) -> torch.Tensor:
+    """Inverse of quantize_groupwise up to rounding -> float32 [B, H, T, D]."""
+    q = unpack_bits(packed, bits).float()
+    g = _grouped(q, group_size, axis)
+    red = _red_dim(axis)
+    y = g * scale.float().unsqueeze(red)
+    y = y + zero.float().unsqueeze(red)
+    return y.reshape(q.shape)
+
+
+def body_positions(n_body: int, tail_pos: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Where the body rows go when the tail's rows go to ``tail_pos``: the complement of tail_pos in
+    [0, n_body + len(tail_pos)), increasing (int64 [n_body]). No tail_pos: the body comes first."""
+    if tail_pos is None:
+        return torch.arange(n_body, device=device)
+    n = n_body + tail_pos.numel()
+    free = torch.ones(n, dtype=torch.bool, device=tail_pos.device)
+    free[tail_pos.long()] = False
+    return free.nonzero().flatten()
+
+
+def dequant_concat(prefix: torch.Tensor | None, body: torch.Tensor, tail: torch.Tensor | None,
+                   body_pos: torch.Tensor | None, tail_pos: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """[prefix | body and tail rows at their positions] -> out_dtype [B, H, P + Nq + Nt, D].
+
+    prefix: [1 or B, H, P, D] or None; body: dequantized float32 [B, H, Nq, D]; tail: 16-bit [B, H, Nt, D] or
+    None; body_pos / tail_pos: row positions after the prefix (None: body then tail, in order).
+    """
+    b, h, nq, d = body.shape
+    p = 0 if prefix is None else prefix.shape[2]
+    nt = 0 if tail is None else tail.shape[2]
+    out = torch.empty(b, h, p + nq + nt, d, dtype=out_dtype, device=body.device)
+    if p:
+        out[:, :, :p] = prefix.expand(b, h, p, d).to(out_dtype)
+    bp = torch.arange(nq, device=body.device) if body_pos is None else body_pos.long()
+    out[:, :, p + bp] = body.to(out_dtype)
+    if nt:
+        tp = nq + torch.arange(nt, device=body.device) if tail_pos is None else tail_pos.long()
+        out[:, :, p + tp] = tail.to(out_dtype)
+    return out

@@ -1,0 +1,244 @@
+"""Public KV-cache ops: kv_quantize (static per-head, PrefixQuant), kv_quantize_groupwise (KIVI / LogQuant)
+and kv_dequant_concat. Validation -> backend choice -> reference (kv_format.py) or Triton kernel.
+
+backend (KV ops only; the C++ CPU kernels have no KV ops):
+  "auto"       Triton for CUDA tensors when triton imports; on CPU tensors Triton only when the environment has
+               TRITON_INTERPRET=1 (the interpreter), else the reference
+  "reference"  plain PyTorch (prefixquant_kernels/kv_format.py): the definition of the results
+  "triton"     the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import kv_format as kvf
+from ..format import FLOAT_DTYPES
+from . import checks
+
+KV_BACKENDS = ("auto", "reference", "triton")
+STATIC_BITS = (4, 8)
+GROUPWISE_BITS = (2, 4)
+_ALL_BITS = (2, 4, 8)
+
+
+# ---- backend ---------------------------------------------------------------------------------------------------
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_kv(backend, device: torch.device, op: str) -> str:
+    """-> "reference" or "triton"."""
+    if backend not in KV_BACKENDS:
+        checks.fail(op, f"backend must be one of {KV_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    runs = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted()))
+    if backend == "auto":
+        return "triton" if runs else "reference"
+    if not triton_available():
+        checks.fail(op, "backend='triton' needs the triton package", RuntimeError)
+    if not runs:
+        checks.fail(op, f"backend='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; "
+                        f"got tensors on {device}", RuntimeError)
+    return "triton"
+
+
+def _kernels():
+    from .. import triton as pqk_triton  # imported lazily: triton is optional for the reference path
+    return pqk_triton
+
+
+# ---- KV-specific checks ----------------------------------------------------------------------------------------
+
+def _kv_tensor(t, name: str, op: str, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    return checks.tensor(t, name, op, dtypes, dim=4)
+
+
+def _head_scale(scale, h: int, op: str, device: torch.device) -> torch.Tensor:
+    """float [H], finite and > 0 -> float32 contiguous [H]."""
+    if isinstance(scale, torch.Tensor) and scale.dim() != 1:
+        checks.fail(op, f"scale must have shape ({h},) (one static scale per KV head), got {tuple(scale.shape)}")
+    return checks.channel_vector(scale, "scale", op, h, device, positive=True)
+
+
+def _group_size(g, name: str, op: str) -> int:
+    if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g & (g - 1):
+        checks.fail(op, f"{name} must be a power of 2 > 0, got {g!r}")
+    return g
+
+
+def _axis(axis, op: str) -> str:
+    if axis not in kvf.GROUP_AXES:
+        checks.fail(op, f"axis must be one of {kvf.GROUP_AXES} (values per-token, keys per-channel), got {axis!r}")
+    return axis
+
+
+def _bits(bits, op: str, allowed) -> int:
+    checks.bits(bits, "bits", op, _ALL_BITS)
+    if bits not in allowed:
+        other = ("static per-head scales: use kv_quantize" if bits in STATIC_BITS
+                 else "group-wise asymmetric: use kv_quantize_groupwise")
+        checks.fail(op, f"bits must be one of {allowed} here, got {bits} ({bits}-bit is {other})")
+    return bits
+
+
+def _divides(n: int, by: int, what: str, op: str, shape) -> None:
+    if n % by:
+        checks.fail(op, f"{what} must be a multiple of {by}, got {n} (shape {tuple(shape)})")
+
+
+# ---- ops -------------------------------------------------------------------------------------------------------
+
+def kv_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 4, *, backend: str = "auto") -> torch.Tensor:
+    """Static symmetric per-KV-head quantization (PrefixQuant's KV cache).
+
+    Args:
+        x: float32/bfloat16/float16 [B, H, T, D] (D even for bits=4); any strides.
+        scale: float [H], one calibrated scale per KV head, finite and > 0.
+        bits: 4 -> uint8 [B, H, T, D//2] (element 2i in the low nibble); 8 -> int8 [B, H, T, D].
+    q = clamp(round_half_to_even(x / scale[h])) in fp32, NaN -> 0, Inf saturates (prefixquant_kernels.format).
+    """
+    op = "kv_quantize"
+    _kv_tensor(x, "x", op)
+    _bits(bits, op, STATIC_BITS)
+    checks.nonempty_last_dim(x, "x", op)
+    if bits == 4:
+        checks.even_last_dim(x, "x", op)
+    s = _head_scale(scale, x.shape[1], op, x.device)
+    if resolve_kv(backend, x.device, op) == "reference":
+        return kvf.quantize_static(x, s, bits)
+    return _kernels().kv_quantize_static(x, s, bits)
+
+
+def kv_quantize_groupwise(x: torch.Tensor, bits: int = 2, group_size: int = 32, axis: str = "token", *,
+                          backend: str = "auto"):
+    """Group-wise asymmetric quantization (KIVI / LogQuant); the format is defined in kv_format.
+
+    Args:
+        x: float32/bfloat16/float16 [B, H, T, D]; any strides.
+        bits: 2 (or 4).
+        group_size: G, a power of 2. axis "token": groups of G channels of one token (D % G == 0; values);
+            axis "channel": groups of G tokens of one channel (T % G == 0; keys).
+    Returns (packed uint8 [B, H, T, D*bits//8], scale fp16, zero fp16), scale/zero [B, H, T, D//G] (token)
+    or [B, H, T//G, D] (channel).
+    """
+    op = "kv_quantize_groupwise"
+    _kv_tensor(x, "x", op)
+    _bits(bits, op, GROUPWISE_BITS)
+    _group_size(group_size, "group_size", op)
+    _axis(axis, op)
+    checks.nonempty_last_dim(x, "x", op)
+    _divides(x.shape[3], 8 // bits, "x's head dim D", op, x.shape)
+    if axis == "token":
+        _divides(x.shape[3], group_size, "x's head dim D (axis='token')", op, x.shape)
+    else:
+        _divides(x.shape[2], group_size, "x's token count T (axis='channel')", op, x.shape)
+    if resolve_kv(backend, x.device, op) == "reference":
+        return kvf.quantize_groupwise(x, bits, group_size, axis)
+    return _kernels().kv_quantize_groupwise(x, bits, group_size, axis)
+
+
+def _positions(body_pos, tail_pos, nq: int, nt: int, op: str, device: torch.device):
+    """Validate the row positions (both or neither; together a permutation of range(nq + nt)) -> int32."""
+    if body_pos is None and tail_pos is None:
+        return None, None
+    if body_pos is None or tail_pos is None:
+        checks.fail(op, "body_pos and tail_pos must be given together (or neither)")
+    out = []
+    for name, pos, n in (("body_pos", body_pos, nq), ("tail_pos", tail_pos, nt)):
+        checks.tensor(pos, name, op, (torch.int32, torch.int64), dim=1)
+        if pos.numel() != n:
+            checks.fail(op, f"{name} must have shape ({n},), got {tuple(pos.shape)}")
+        checks.same_device(op, torch.empty(0, device=device), **{name: pos})
+        out.append(pos.to(torch.int32).contiguous())
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        allpos = torch.cat(out).long().sort().values
+        if not torch.equal(allpos, torch.arange(nq + nt)):
+            checks.fail(op, f"body_pos and tail_pos together must be a permutation of range({nq + nt})")
+    return out[0], out[1]
+
+
+def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: torch.Tensor, bits: int = 4,
+                      out_dtype: torch.dtype = torch.float16, *, zero: torch.Tensor | None = None,
+                      group_size: int | None = None, axis: str | None = None, tail: torch.Tensor | None = None,
+                      body_pos: torch.Tensor | None = None, tail_pos: torch.Tensor | None = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """One attention-ready tensor from the three parts of a cache: [prefix | dequantized body | tail].
+
+    Args:
+        prefix: float [1 or B, H, P, D] (the 16-bit outlier-token prefix; batch 1 is shared, not copied) or None.
+        packed: the body, as returned by kv_quantize (static: uint8 [B, H, Nq, D//2] / int8 [B, H, Nq, D]) or
+            kv_quantize_groupwise (uint8 [B, H, Nq, D*bits//8]).
+        scale: static: float [H]; group-wise: the fp16 group scales kv_quantize_groupwise returned.
+        bits: 4 or 8 (static), 2 or 4 (group-wise, when zero is given).
+        zero: the fp16 group zero points (group-wise) or None (static symmetric).
+        group_size, axis: the grouping (group-wise only), as given to kv_quantize_groupwise.
+        tail: float [B, H, Nt, D] 16-bit tokens (KIVI's recent window, LogQuant's selected tokens) or None.
+        body_pos, tail_pos: int [Nq], [Nt]: output rows (counted after the prefix) of each body / tail row,
+            together a permutation of range(Nq + Nt); None: the body, then the tail.
+    Returns out_dtype [B, H, P + Nq + Nt, D]. Body values are q * scale (+ zero) in fp32, cast once.
+    """
+    op = "kv_dequant_concat"
+    groupwise = zero is not None
+    checks.tensor(packed, "packed", op, (torch.uint8, torch.int8), dim=4)
+    checks.bits(bits, "bits", op, _ALL_BITS)
+    _bits(bits, op, GROUPWISE_BITS if groupwise else STATIC_BITS)
+    want_q = torch.int8 if bits == 8 else torch.uint8
+    if packed.dtype != want_q:
+        checks.fail(op, f"packed must be {str(want_q).replace('torch.', '')} for bits={bits}, got "
+                        f"{str(packed.dtype).replace('torch.', '')}", TypeError)
+    out_dtype = checks.out_dtype(out_dtype, op)
+    b, h, nq, nbytes = packed.shape
+    d = nbytes * 8 // bits
+    dev = packed.device
+    if d == 0:
+        checks.fail(op, f"packed's last dim must be > 0, got shape {tuple(packed.shape)}")
+    if groupwise:
+        _group_size(group_size, "group_size", op)
+        _axis(axis, op)
+        sz_shape = (b, h, nq // group_size, d) if axis == "channel" else (b, h, nq, d // group_size)
+        for name, t in (("scale", scale), ("zero", zero)):
+            checks.tensor(t, name, op, (torch.float16,), dim=4)
+            if tuple(t.shape) != sz_shape or (axis == "channel" and nq % group_size) or (
+                    axis == "token" and d % group_size):
+                checks.fail(op, f"{name} must have shape {sz_shape} (axis={axis!r}, group_size={group_size}, "
+                                f"packed {tuple(packed.shape)}), got {tuple(t.shape)}")
+            checks.same_device(op, packed, **{name: t})
+        s = scale
+    else:
+        if group_size is not None or axis is not None:
+            checks.fail(op, "group_size and axis are for group-wise bodies (pass zero=) only")
+        s = _head_scale(scale, h, op, dev)
+    p = 0
+    if prefix is not None:
+        _kv_tensor(prefix, "prefix", op)
+        checks.same_device(op, packed, prefix=prefix)
+        if prefix.shape[0] not in (1, b) or prefix.shape[1] != h or prefix.shape[3] != d:
+            checks.fail(op, f"prefix must have shape (1 or {b}, {h}, P, {d}) to match packed "
+                            f"{tuple(packed.shape)} ({bits}-bit: D = {d}), got {tuple(prefix.shape)}")
+        p = prefix.shape[2]
+    nt = 0
+    if tail is not None:
+        _kv_tensor(tail, "tail", op)
+        checks.same_device(op, packed, tail=tail)
+        if (tail.shape[0], tail.shape[1], tail.shape[3]) != (b, h, d):
+            checks.fail(op, f"tail must have shape ({b}, {h}, Nt, {d}) to match packed {tuple(packed.shape)}, "
+                            f"got {tuple(tail.shape)}")
+        nt = tail.shape[2]
+    bpos, tpos = _positions(body_pos, tail_pos, nq, nt, op, dev)
+    if resolve_kv(backend, dev, op) == "triton":
+        return _kernels().kv_dequant_concat(prefix if p else None, packed, s, zero, bits, group_size or 1, axis,
+                                            tail if nt else None, bpos, tpos, out_dtype)
+    if groupwise:
+        body = kvf.dequantize_groupwise(packed, scale, zero, bits, group_size, axis)
+    else:
+        body = kvf.dequantize_static(packed, s, bits)
+    return kvf.dequant_concat(prefix if p else None, body, tail if nt else None, bpos, tpos, out_dtype)
