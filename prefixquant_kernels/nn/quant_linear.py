@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from .. import format as fmt
-from ..ops import checks, quant_linear
+from ..ops import checks
+from ..ops.linear import quant_linear_prevalidated
 from ..ops.backend import BACKENDS
 
 
@@ -46,6 +47,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._validate_buffers())
+
+    def _validate_buffers(self) -> None:
+        """The scales forward() trusts: checked when built (from_float) and after load_state_dict."""
+        op = "QuantLinear"
+        checks.channel_vector(self.w_scale, "w_scale", op, self.out_features, self.w_scale.device, positive=True)
+        if self.act_scale is not None:
+            checks.static_scale(self.act_scale, "act_scale", op, self.act_scale.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, act_scale=None, *,
@@ -76,8 +85,13 @@ class QuantLinear(nn.Module):
         return self.act_scale is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.weight, self.w_scale, self.act_scale, self.a_bits, self.bias,
-                            backend=self.backend)
+        op = "QuantLinear"
+        checks.float_tensor(x, "x", op)
+        if x.shape[-1] != self.in_features:
+            checks.fail(op, f"x's last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}")
+        checks.same_device(op, self.weight.device, x=x)
+        return quant_linear_prevalidated(x, self.weight, self.w_scale, self.act_scale, self.a_bits, self.bias,
+                                         self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 [N, K] weight this module computes with (for references and error analysis)."""

@@ -46,20 +46,26 @@ def nonempty_last_dim(t: torch.Tensor, name: str, op: str) -> None:
         fail(op, f"{name}'s last dim (K) must be > 0, got shape {tuple(t.shape)}")
 
 
-def same_device(op: str, ref: torch.Tensor, **named) -> None:
+def same_device(op: str, device: torch.device, **named) -> None:
     for name, t in named.items():
-        if t is not None and t.device != ref.device:
-            fail(op, f"{name} must be on {ref.device} like the input, got {t.device}")
+        if t is not None and t.device != device:
+            fail(op, f"{name} must be on {device} like the input, got {t.device}")
 
 
 def _positive_finite(values: torch.Tensor, name: str, op: str) -> None:
     # Value checks read the data: skipped for device tensors (no host sync) and while torch.compile traces
-    # (the values are unknown then; modules validate their scales when they are built).
-    if values.numel() and values.device.type == "cpu" and not torch.compiler.is_compiling():
-        v = values.detach()
-        if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-            bad = v[~(torch.isfinite(v) & (v > 0))].flatten()[:4].tolist()
-            fail(op, f"{name} must be finite and > 0, got {bad}")
+    # (the values are unknown then; modules validate their scales when they are built or loaded).
+    if not values.numel() or values.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if values.numel() == 1:  # one .item() is far cheaper than the vector path below
+        v = float(values)
+        if not (math.isfinite(v) and v > 0):
+            fail(op, f"{name} must be finite and > 0, got {[v]}")
+        return
+    v = values.detach()
+    ok = (v > 0) & (v < math.inf)  # False for NaN, Inf, <= 0
+    if not bool(ok.all()):
+        fail(op, f"{name} must be finite and > 0, got {v[~ok].flatten()[:4].tolist()}")
 
 
 def static_scale(scale, name: str, op: str, device: torch.device) -> torch.Tensor:
@@ -76,7 +82,7 @@ def static_scale(scale, name: str, op: str, device: torch.device) -> torch.Tenso
         fail(op, f"{name} must be a scalar (static per-tensor scale), got shape {tuple(scale.shape)}")
     if not scale.is_floating_point():
         fail(op, f"{name} must be a floating-point tensor, got {scale.dtype}", TypeError)
-    same_device(op, torch.empty(0, device=device), **{name: scale})
+    same_device(op, device, **{name: scale})
     s = scale.detach().reshape(()).to(torch.float32)
     _positive_finite(s, name, op)
     return s
@@ -91,7 +97,7 @@ def row_scales(scale, name: str, op: str, rows: int, device: torch.device) -> to
         fail(op, f"{name} must be a floating-point tensor, got {scale.dtype}", TypeError)
     if scale.numel() != rows:
         fail(op, f"{name} must be a scalar or have one scale per row ({rows}), got shape {tuple(scale.shape)}")
-    same_device(op, torch.empty(0, device=device), **{name: scale})
+    same_device(op, device, **{name: scale})
     s = scale.detach().reshape(rows).to(torch.float32).contiguous()
     _positive_finite(s, name, op)
     return s
@@ -102,7 +108,7 @@ def channel_vector(v, name: str, op: str, n: int, device: torch.device, positive
     tensor(v, name, op, FLOAT_DTYPES)
     if v.numel() != n or v.dim() != 1:
         fail(op, f"{name} must have shape ({n},), got {tuple(v.shape)}")
-    same_device(op, torch.empty(0, device=device), **{name: v})
+    same_device(op, device, **{name: v})
     out = v.detach().to(torch.float32).contiguous()
     if positive:
         _positive_finite(out, name, op)

@@ -21,7 +21,7 @@ def _weight(op: str, w, w_scale, bias, k: int, device: torch.device):
     if _k_of(w) != k:
         checks.fail(op, f"w's in_features K must be {k} to match the activations, got w of shape {tuple(w.shape)} "
                         f"({w.dtype}: K = {_k_of(w)})")
-    checks.same_device(op, torch.empty(0, device=device), w=w)
+    checks.same_device(op, device, w=w)
     n = w.shape[0]
     ws = checks.channel_vector(w_scale, "w_scale", op, n, device, positive=True)
     b = None if bias is None else checks.channel_vector(bias, "bias", op, n, device, positive=False)
@@ -78,10 +78,18 @@ def quant_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     dev = x.device
     a_s = None if a_scale is None else checks.static_scale(a_scale, "a_scale", op, dev)
     w, w_s, b = _weight(op, w_packed, w_scale, bias, x.shape[-1], dev)
-    be = resolve(backend, dev, op)
+    return quant_linear_prevalidated(x, w, w_s, a_s, a_bits, b, backend)
+
+
+def quant_linear_prevalidated(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None,
+                              a_bits: int, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """quant_linear after validation: w contiguous, w_scale/bias float32 [N], a_scale float32 0-dim or None,
+    all checked. For callers that own validated buffers (QuantLinear), so a decode step does not re-read
+    every scale; x is still checked by the caller."""
+    be = resolve(backend, x.device, "quant_linear")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if be.kind == "reference":
-        y = reference.quant_linear(x2, w, w_s, a_s, a_bits, b)
+        y = reference.quant_linear(x2, w, w_scale, a_scale, a_bits, bias)
     else:
-        y = torch.ops.pqk.quant_linear(x2, w, w_s, a_s, a_bits, b, be.cpu_isa)
+        y = torch.ops.pqk.quant_linear(x2, w, w_scale, a_scale, a_bits, bias, be.cpu_isa)
     return y.reshape(*x.shape[:-1], w.shape[0])

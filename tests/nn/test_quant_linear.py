@@ -77,7 +77,7 @@ def test_state_dict_roundtrip(gen):
     (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.0), ValueError, "act_scale must be finite"),
     (lambda: QuantLinear.from_float(torch.nn.Conv1d(4, 4, 1), 4, 4, 0.1), TypeError, "must be a torch.nn.Linear"),
     (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1, backend="tpu"), ValueError, "backend must be"),
-    (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1)(torch.randn(2, 62)), ValueError, "K must be 62"),
+    (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1)(torch.randn(2, 62)), ValueError, "last dim must be in_features=64"),
     (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1)(torch.ones(2, 64, dtype=torch.long)), TypeError, "x must have dtype"),
 ])
 def test_bad_input(call, exc, match):
@@ -90,3 +90,15 @@ def test_from_float_does_not_touch_the_linear(gen):
     w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
     QuantLinear.from_float(lin, 4, 4, act_scale=0.1)
     assert torch.equal(lin.weight, w) and torch.equal(lin.bias, b)
+
+
+def test_load_state_dict_with_bad_scale_is_rejected():
+    mod = QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, act_scale=0.1)
+    sd = mod.state_dict()
+    sd["w_scale"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+        QuantLinear(64, 4, w_bits=4, a_bits=4).load_state_dict(sd)
+    sd = mod.state_dict()
+    sd["act_scale"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="act_scale must be finite and > 0"):
+        QuantLinear(64, 4, w_bits=4, a_bits=4).load_state_dict(sd)
