@@ -12,6 +12,8 @@ namespace cpu {
 
 enum class FloatType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+inline int64_t float_type_size(FloatType t) { return t == FloatType::kFloat32 ? 4 : 2; }
+
 inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 

@@ -27,7 +27,6 @@ namespace {
 constexpr int64_t kPanelBytes = 256 * 1024;   // A panel per M-block: a quarter of a 1 MB L2
 constexpr int64_t kWBlockBytes = 128 * 1024;  // W tiles revisited by every A tile (docs/PERF.md, step 2)
 
-int64_t float_size(FloatType t) { return t == FloatType::kFloat32 ? 4 : 2; }
 
 // Row m of A -> panel row (kp int8, order per W's bits, zero padded); returns the row's scale.
 float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kp, int8_t* dst,
@@ -58,7 +57,7 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
       q = (const int8_t*)g.a + m * K;
       break;
     case ASource::kFloat: {
-      const void* x = (const char*)g.a + m * K * float_size(g.a_float_type);
+      const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
       const int qmax = qmax_for_bits(g.a_bits);
       scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
       ker.quantize_row(x, g.a_float_type, K, scale, qmin_for_bits(g.a_bits), qmax, tmp);

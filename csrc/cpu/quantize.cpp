@@ -11,13 +11,8 @@ namespace pqk {
 namespace cpu {
 
 namespace {
-int64_t elem_size(FloatType t) { return t == FloatType::kFloat32 ? 4 : 2; }
 constexpr int64_t kPackGrain = 1 << 16;  // bytes per task for the memory-bound (un)packing loops
 
-// q (natural int8 row) -> out row in the requested format
-void emit_row(const IsaKernels& ker, const int8_t* q, int64_t K, int bits, void* out, int64_t m) {
-  if (bits == 4) ker.pack_row(q, K, (uint8_t*)out + m * (K / 2));
-}
 }  // namespace
 
 void pack_int4(const int8_t* q, int64_t n, uint8_t* out) {
@@ -34,36 +29,34 @@ void unpack_int4(const uint8_t* p, int64_t n_bytes, int8_t* out) {
   });
 }
 
-void quantize_static(const void* x, FloatType xt, int64_t M, int64_t K, float scale, int bits, void* out,
-                     Isa isa) {
+namespace {
+// Row-parallel quantization; scales_out == nullptr: the static `scale`, else per row (written there).
+void quantize_rows(const void* x, FloatType xt, int64_t M, int64_t K, float scale, int bits, void* out,
+                   float* scales_out, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);
   const int qmin = qmin_for_bits(bits), qmax = qmax_for_bits(bits);
   parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
     std::vector<int8_t> q(bits == 4 ? K : 0);
     for (int64_t m = b; m < e; ++m) {
-      const void* xr = (const char*)x + m * K * elem_size(xt);
+      const void* xr = (const char*)x + m * K * float_type_size(xt);
+      float s = scale;
+      if (scales_out) scales_out[m] = s = per_token_scale_from_amax(ker.row_amax(xr, xt, K), qmax);
       int8_t* qr = bits == 4 ? q.data() : (int8_t*)out + m * K;
-      ker.quantize_row(xr, xt, K, scale, qmin, qmax, qr);
-      emit_row(ker, qr, K, bits, out, m);
+      ker.quantize_row(xr, xt, K, s, qmin, qmax, qr);
+      if (bits == 4) ker.pack_row(qr, K, (uint8_t*)out + m * (K / 2));
     }
   });
+}
+}  // namespace
+
+void quantize_static(const void* x, FloatType xt, int64_t M, int64_t K, float scale, int bits, void* out,
+                     Isa isa) {
+  quantize_rows(x, xt, M, K, scale, bits, out, nullptr, isa);
 }
 
 void quantize_per_token(const void* x, FloatType xt, int64_t M, int64_t K, int bits, void* out,
                         float* scales_out, Isa isa) {
-  const IsaKernels& ker = kernels_for(isa);
-  const int qmin = qmin_for_bits(bits), qmax = qmax_for_bits(bits);
-  parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
-    std::vector<int8_t> q(bits == 4 ? K : 0);
-    for (int64_t m = b; m < e; ++m) {
-      const void* xr = (const char*)x + m * K * elem_size(xt);
-      const float scale = per_token_scale_from_amax(ker.row_amax(xr, xt, K), qmax);
-      scales_out[m] = scale;
-      int8_t* qr = bits == 4 ? q.data() : (int8_t*)out + m * K;
-      ker.quantize_row(xr, xt, K, scale, qmin, qmax, qr);
-      emit_row(ker, qr, K, bits, out, m);
-    }
-  });
+  quantize_rows(x, xt, M, K, 0.0f, bits, out, scales_out, isa);
 }
 
 }  // namespace cpu

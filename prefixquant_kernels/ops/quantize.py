@@ -42,6 +42,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def _check_activation(x, bits: int, op: str) -> None:
+    checks.float_tensor(x, "x", op)
+    checks.bits(bits, "bits", op)
+    checks.nonempty_last_dim(x, "x", op)
+    if bits == 4:
+        checks.even_last_dim(x, "x", op)
+
+
 def quantize_static(x: torch.Tensor, scale, bits: int = 4, *, backend: str = "auto") -> torch.Tensor:
     """Quantize with one static per-tensor scale: an elementwise map, no reduction over the data.
 
@@ -52,11 +60,7 @@ def quantize_static(x: torch.Tensor, scale, bits: int = 4, *, backend: str = "au
     NaN maps to 0, +-Inf saturate to the int range (see prefixquant_kernels.format).
     """
     op = "quantize_static"
-    checks.float_tensor(x, "x", op)
-    checks.bits(bits, "bits", op)
-    checks.nonempty_last_dim(x, "x", op)
-    if bits == 4:
-        checks.even_last_dim(x, "x", op)
+    _check_activation(x, bits, op)
     s = checks.static_scale(scale, "scale", op, x.device)
     be = resolve(backend, x.device, op)
     x2 = _rows(x)
@@ -74,11 +78,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 4, *, backend: str = "auto")
     dims; scale = max |x_row| over finite values / qmax (1 for an all-zero row).
     """
     op = "quantize_per_token"
-    checks.float_tensor(x, "x", op)
-    checks.bits(bits, "bits", op)
-    checks.nonempty_last_dim(x, "x", op)
-    if bits == 4:
-        checks.even_last_dim(x, "x", op)
+    _check_activation(x, bits, op)
     be = resolve(backend, x.device, op)
     x2 = _rows(x)
     if be.kind == "reference":
