@@ -88,3 +88,21 @@ def test_direct_torch_ops_call_with_bad_shape_is_an_error_not_a_crash():
         torch.ops.pqk.int4_matmul(A4, torch.zeros(4, 8, dtype=torch.uint8), torch.tensor(1.0), WS, None, torch.float16)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         torch.ops.pqk.quantize_static(X, torch.tensor(0.0), 4)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: pqk.int4_matmul(A4, W4.to("meta"), 1.0, WS), "w must be on cpu"),
+    (lambda: pqk.int4_matmul(A4, W4, 1.0, WS.to("meta")), "w_scale must be on cpu"),
+    (lambda: pqk.int4_matmul(A4, W4, torch.ones(3, device="meta"), WS), "a_scale must be on cpu"),
+    (lambda: pqk.quant_linear(X, W4, WS, 0.1, bias=torch.ones(4, device="meta")), "bias must be on cpu"),
+    (lambda: pqk.quantize_static(X, torch.tensor(0.1, device="meta")), "scale must be on cpu"),
+    (lambda: pqk.nn.QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1)(X.to("meta")), "x must be on cpu"),
+])
+def test_wrong_device_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cpu_backend_rejects_other_devices():
+    with pytest.raises(ValueError, match="runs on CPU tensors"):
+        pqk.quantize_static(X.to("meta"), 0.1, backend="cpu")
