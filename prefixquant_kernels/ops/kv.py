@@ -157,7 +157,7 @@ def _positions(body_pos, tail_pos, nq: int, nt: int, op: str, device: torch.devi
         checks.tensor(pos, name, op, (torch.int32, torch.int64), dim=1)
         if pos.numel() != n:
             checks.fail(op, f"{name} must have shape ({n},), got {tuple(pos.shape)}")
-        checks.same_device(op, torch.empty(0, device=device), **{name: pos})
+        checks.same_device(op, device, **{name: pos})
         out.append(pos.to(torch.int32).contiguous())
     if device.type == "cpu" and not torch.compiler.is_compiling():
         allpos = torch.cat(out).long().sort().values
@@ -211,7 +211,7 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
                     axis == "token" and d % group_size):
                 checks.fail(op, f"{name} must have shape {sz_shape} (axis={axis!r}, group_size={group_size}, "
                                 f"packed {tuple(packed.shape)}), got {tuple(t.shape)}")
-            checks.same_device(op, packed, **{name: t})
+            checks.same_device(op, packed.device, **{name: t})
         s = scale
     else:
         if group_size is not None or axis is not None:
@@ -220,7 +220,7 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
     p = 0
     if prefix is not None:
         _kv_tensor(prefix, "prefix", op)
-        checks.same_device(op, packed, prefix=prefix)
+        checks.same_device(op, packed.device, prefix=prefix)
         if prefix.shape[0] not in (1, b) or prefix.shape[1] != h or prefix.shape[3] != d:
             checks.fail(op, f"prefix must have shape (1 or {b}, {h}, P, {d}) to match packed "
                             f"{tuple(packed.shape)} ({bits}-bit: D = {d}), got {tuple(prefix.shape)}")
@@ -228,7 +228,7 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
     nt = 0
     if tail is not None:
         _kv_tensor(tail, "tail", op)
-        checks.same_device(op, packed, tail=tail)
+        checks.same_device(op, packed.device, tail=tail)
         if (tail.shape[0], tail.shape[1], tail.shape[3]) != (b, h, d):
             checks.fail(op, f"tail must have shape ({b}, {h}, Nt, {d}) to match packed {tuple(packed.shape)}, "
                             f"got {tuple(tail.shape)}")
