@@ -24,7 +24,7 @@ from .ops import (
     quantize_static,
     unpack_int4,
 )
-from .ops.kv import kv_dequant_concat, kv_quantize, kv_quantize_groupwise
+from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quantize_groupwise
 
 
 def __getattr__(name):
@@ -41,6 +41,7 @@ __all__ = [
     "available_backends",
     "format",
     "int4_matmul",
+    "kv_decode_attention",
     "kv_dequant_concat",
     "kv_format",
     "kv_quantize",

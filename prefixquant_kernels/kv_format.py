@@ -159,3 +159,17 @@ def dequant_concat(prefix: torch.Tensor | None, body: torch.Tensor, tail: torch.
         tp = nq + torch.arange(nt, device=body.device) if tail_pos is None else tail_pos.long()
         out[:, :, p + tp] = tail.to(out_dtype)
     return out
+
+
+def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, k_packed: torch.Tensor,
+                     v_packed: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int,
+                     sm_scale: float) -> torch.Tensor:
+    """Reference decode attention: dequantize the body, put the prefix in front, attend in fp32 (GQA by
+    repeating each KV head for its H_q / H_kv query heads). q [B, H_q, D] -> q.dtype [B, H_q, D]."""
+    B, Hq, D = q.shape
+    k = torch.cat([prefix_k.float().expand(B, -1, -1, -1), dequantize_static(k_packed, k_scale, bits).float()], 2)
+    v = torch.cat([prefix_v.float().expand(B, -1, -1, -1), dequantize_static(v_packed, v_scale, bits).float()], 2)
+    g = Hq // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    p = torch.softmax(torch.einsum("bhd,bhnd->bhn", q.float() * sm_scale, k), dim=-1)
+    return torch.einsum("bhn,bhnd->bhd", p, v).to(q.dtype)

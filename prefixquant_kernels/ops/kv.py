@@ -242,3 +242,56 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
     else:
         body = kvf.dequantize_static(packed, s, bits)
     return kvf.dequant_concat(prefix if p else None, body, tail if nt else None, bpos, tpos, out_dtype)
+
+
+def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                        k_packed: torch.Tensor, v_packed: torch.Tensor, k_scale: torch.Tensor,
+                        v_scale: torch.Tensor, bits: int = 4, sm_scale: float | None = None, *,
+                        backend: str = "auto") -> torch.Tensor:
+    """Attention of one new token over a PrefixQuant cache ``[16-bit prefix | static-quantized body]``.
+
+    The Triton kernel reads the packed body and dequantizes it in registers (never materializing a 16-bit
+    copy), splits the sequence across programs and reads each KV head once for its G = H_q / H_kv query heads.
+
+    Args:
+        q: float [B, H_q, D], the new token's queries (after RoPE); H_q a multiple of H_kv.
+        prefix_k, prefix_v: float [B or 1, H_kv, P, D] (P may be 0), or None for no prefix.
+        k_packed, v_packed: as kv_quantize returned them: uint8 [B, H_kv, T, D//2] (bits 4) or int8 [..., D].
+        k_scale, v_scale: float [H_kv] static per-head scales.
+        sm_scale: softmax scale, default 1/sqrt(D).
+    Returns q.dtype [B, H_q, D] = softmax(q K^T * sm_scale) V over the P + T positions.
+    """
+    op = "kv_decode_attention"
+    checks.tensor(q, "q", op, FLOAT_DTYPES, dim=3)
+    _bits(bits, op, STATIC_BITS)
+    qt = (torch.uint8,) if bits == 4 else (torch.int8,)
+    _kv_tensor(k_packed, "k_packed", op, qt)
+    _kv_tensor(v_packed, "v_packed", op, qt)
+    B, Hq, D = q.shape
+    Bk, Hkv, T, Dp = k_packed.shape
+    if v_packed.shape != k_packed.shape:
+        checks.fail(op, f"v_packed must have k_packed's shape {tuple(k_packed.shape)}, got {tuple(v_packed.shape)}")
+    if Bk != B or Dp * (2 if bits == 4 else 1) != D:
+        checks.fail(op, f"k_packed must be [{B}, H_kv, T, {D // 2 if bits == 4 else D}] for q of shape {tuple(q.shape)}, "
+                        f"got {tuple(k_packed.shape)}")
+    if Hq % Hkv:
+        checks.fail(op, f"q's head count {Hq} must be a multiple of the KV head count {Hkv}")
+    dev = q.device
+    checks.same_device(op, dev, k_packed=k_packed, v_packed=v_packed, prefix_k=prefix_k, prefix_v=prefix_v)
+    ks = _head_scale(k_scale, Hkv, op, dev)
+    vs = _head_scale(v_scale, Hkv, op, dev)
+    if (prefix_k is None) != (prefix_v is None):
+        checks.fail(op, "prefix_k and prefix_v must be given together (or neither)")
+    if prefix_k is None:
+        prefix_k = prefix_v = q.new_empty(1, Hkv, 0, D)
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _kv_tensor(t, name, op)
+        if t.shape[0] not in (1, B) or t.shape[1] != Hkv or t.shape[3] != D or t.shape != prefix_k.shape:
+            checks.fail(op, f"{name} must be [1 or {B}, {Hkv}, P, {D}] (and match prefix_k), got {tuple(t.shape)}")
+    if prefix_k.shape[2] + T == 0:
+        checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
+    scale = float(sm_scale) if sm_scale is not None else D ** -0.5
+    if resolve_kv(backend, dev, op) == "reference":
+        return kvf.decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale)
+    from ..triton.decode_attention import decode_attention
+    return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale)
