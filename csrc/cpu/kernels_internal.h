@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "float16.h"
+#include "kernels.h"
 
 namespace pqk {
 namespace cpu {
