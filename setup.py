@@ -9,6 +9,10 @@ The CPU kernels (csrc/cpu) always build. The kernel files include no torch heade
 torch_ops.cpp does, so editing a kernel recompiles one small file (ninja tracks it).
 If no C++ compiler works, the package still installs and runs on its PyTorch reference path
 (set PQK_NO_EXTENSION=1 to skip the build on purpose).
+
+PQK_FORCE_CUDA=1 also builds the CUDA kernels (csrc/cuda) with nvcc into prefixquant_kernels/libpqk_cuda.so
+(sm_80/86/89/90, static cudart, warnings as errors; no GPU and no CUDA build of torch needed). Without it nothing
+CUDA is built and the build is exactly the CPU one.
 """
 import glob
 import os
@@ -49,7 +53,33 @@ def extensions_and_cmdclass():
             "not built. Install torch first and use: pip install --no-build-isolation -e .\n"
         )
         return [], {}
-    return [cpu_extension()], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    base = BuildExtension.with_options(use_ninja=True)
+    if os.environ.get("PQK_FORCE_CUDA") != "1":
+        return [cpu_extension()], {"build_ext": base}
+    return [cpu_extension()], {"build_ext": cuda_build_ext(base)}
+
+
+def cuda_build_ext(base):
+    """build_ext that also runs prefixquant_kernels/cuda_build.py (loaded by path: the package is not importable
+    while it is being built) and puts libpqk_cuda.so next to the package's modules."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pqk_cuda_build", os.path.join(ROOT, "prefixquant_kernels",
+                                                                                  "cuda_build.py"))
+    cuda_build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = cuda_build  # its dataclass looks its module up there
+    spec.loader.exec_module(cuda_build)
+
+    class BuildExtWithCuda(base):
+        def run(self):
+            super().run()
+            if cuda_build.nvcc_path() is None:
+                raise RuntimeError("PQK_FORCE_CUDA=1 but nvcc was not found (PATH or CUDA_HOME)")
+            out = os.path.join(ROOT if self.inplace else self.build_lib, "prefixquant_kernels")
+            built = cuda_build.build_library(cuda_build.ARCHS)
+            self.copy_file(built.lib, os.path.join(out, cuda_build.LIB_NAME))
+
+    return BuildExtWithCuda
 
 
 ext_modules, cmdclass = extensions_and_cmdclass()

@@ -3,6 +3,7 @@
 Commands:
   demo      quantize a Llama-3-8B-shaped layer with and without PrefixQuant's prefix; print error and speed
   info      what was built and which backends run here
+  selftest  CUDA kernels: host harnesses, nvcc build/spill check, and on a GPU the kernels vs the reference
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def _info(argv) -> int:
     return 0
 
 
-COMMANDS = {"demo": lambda argv: __import__("prefixquant_kernels.demo", fromlist=["main"]).main(argv), "info": _info}
+COMMANDS = {"demo": lambda argv: __import__("prefixquant_kernels.demo", fromlist=["main"]).main(argv), "info": _info,
+            "selftest": lambda argv: __import__("prefixquant_kernels.selftest", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,189 @@
+// INT4 x INT4 tensor-core GEMM with the dequant (or a requantize) fused into the epilogue.
+//
+//   out[m, n] = epilogue( sum_k A[m, k] * W[n, k] )        A uint8 [M, K/2], W uint8 [N, K/2] (packed int4)
+//
+// Read top to bottom: PTX MMA wrappers -> the kernel in named steps (load_stage, mma_stage, epilogue) -> the
+// dispatch over tile configs and epilogues -> the extern "C" launcher. Index math lives in gemm_math.cuh (PQK_HD)
+// and is executed on the host by tests/host_harness.cpp.
+//
+// What runs where:
+//   sm_80, sm_86, sm_89: mma.sync.m16n8k64.s4 (IMMA with S4 operands), int32 accumulators.
+//   sm_90: Hopper has no INT4 MMA; each s4 fragment register is unpacked to two s8 registers in place and fed
+//          to two mma.sync.m16n8k32.s8 (IMMA S8): same tiles, same shared memory, same exact int32 sums.
+//          (wgmma would be faster on Hopper; not written.)
+// Why hand-written rather than CUTLASS: the packed format already is the s4 register format, the epilogue needs
+// per-thread access to (gate, up) column pairs for SiLU-mul requant, and the host harness can execute every index
+// computation of this file; a CUTLASS EVT would be verified only as a black box on a GPU.
+#include "cuda_common.cuh"
+#include "gemm_math.cuh"
+
+namespace pqk {
+namespace cuda {
+namespace {
+
+// c += a * b over one 16x8x64 int4 tile. a: 4 regs, b: 2 regs, c: 4 int32 (layouts in gemm_math.cuh).
+__device__ __forceinline__ void mma_k64(const uint32_t (&a)[4], const uint32_t (&b)[2], int32_t (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Hopper: two k32 s8 MMAs on unpacked nibbles (gemm_math.cuh: sm90_operands explains why K may be permuted).
+  uint32_t a8[2][4], b8[2][2];
+  sm90_operands(a, b, a8, b8);
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a8[s][0]), "r"(a8[s][1]), "r"(a8[s][2]), "r"(a8[s][3]), "r"(b8[s][0]), "r"(b8[s][1]));
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Step 1: issue the async copies of K tile kt (A rows m0.., W rows n0..) into one stage (plan: gemm_math.cuh).
+// An invalid chunk still needs a legal address for the instruction: the matrix base (src-size 0: nothing is read).
+template <class Cfg>
+__device__ __forceinline__ void load_stage(uint8_t* stage, const uint8_t* a, const uint8_t* w, int m0, int n0, int kt,
+                                           int prob_m, int prob_n, int k_bytes) {
+  load_stage_plan<Cfg>(threadIdx.x, m0, n0, kt, prob_m, prob_n, k_bytes,
+                       [&](bool is_w, int sh_off, long gl_off, bool ok) {
+                         cp_async16(stage + sh_off, (is_w ? w : a) + gl_off, ok);
+                       });
+}
+
+// Step 2: one k64 step of the warp tile from one stage: fragments via 32-bit shared loads (conflict-free thanks to
+// the swizzle), then MT x NT MMAs. (ldmatrix.x4 would load an A fragment in one instruction; with 32-byte rows a
+// plain LDS.32 per register costs the same bank wavefronts, and its address is the harness-checked a_frag_smem.)
+template <class Cfg>
+__device__ __forceinline__ void mma_stage(const uint8_t* stage, int wr0, int wc0, int lane,
+                                          int32_t (&acc)[Cfg::MT][Cfg::NT][4]) {
+  uint32_t af[Cfg::MT][4], bf[Cfg::NT][2];
+  load_fragments<Cfg>(stage, wr0, wc0, lane, af, bf);
+#pragma unroll
+  for (int i = 0; i < Cfg::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::NT; ++j) mma_k64(af[i], bf[j], acc[i][j]);
+}
+
+template <int EPI>
+struct OutType { using T = uint8_t; };
+template <> struct OutType<kEpiF16> { using T = __half; };
+template <> struct OutType<kEpiBF16> { using T = __nv_bfloat16; };
+template <> struct OutType<kEpiF32> { using T = float; };
+
+// Step 3: the epilogue straight from the accumulator registers (no shared-memory staging).
+template <class Cfg, int EPI>
+__device__ __forceinline__ void epilogue(const int32_t (&acc)[Cfg::MT][Cfg::NT][4], void* out, const EpilogueParams& ep,
+                                         int row0, int col0, int lane, int prob_m, int prob_n) {
+  for_each_acc_pair<Cfg>(row0, col0, lane, [&](int i, int j, int h, int row, int col) {
+    const int32_t acc0 = acc[i][j][2 * h], acc1 = acc[i][j][2 * h + 1];
+    const bool ok = row < prob_m && col < prob_n;  // col even; requant needs prob_n even, so then col + 1 < prob_n
+    if constexpr (EPI == kEpiSiluMulRequant) {
+      // Every lane shuffles (out-of-range ones with q = 0): a full-mask shuffle must not diverge.
+      const int8_t q = ok ? epi_silu_mul_q(acc0, acc1, row, col, ep) : (int8_t)0;
+      const int8_t partner = (int8_t)__shfl_xor_sync(0xffffffffu, (int)q, 1);
+      if (ok && (lane & 1) == 0) static_cast<uint8_t*>(out)[(long)row * (prob_n / 4) + col / 4] = pack_nibbles(q, partner);
+    } else if constexpr (EPI == kEpiRequant) {
+      if (ok) static_cast<uint8_t*>(out)[(long)row * (prob_n / 2) + col / 2] = epi_requant_pair(acc0, acc1, row, col, ep);
+    } else {
+      typename OutType<EPI>::T* o = static_cast<typename OutType<EPI>::T*>(out);
+      if (ok) store_float(o, (long)row * prob_n + col, epi_dequant(acc0, row, col, ep));
+      if (ok && col + 1 < prob_n) store_float(o, (long)row * prob_n + col + 1, epi_dequant(acc1, row, col + 1, ep));
+    }
+  });
+}
+
+template <class Cfg, int EPI>
+__global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
+    const uint8_t* __restrict__ a,  // uint8 [prob_m, prob_k / 2]: packed int4 activations, row-major
+    const uint8_t* __restrict__ w,  // uint8 [prob_n, prob_k / 2]: packed int4 weights, one row per output channel
+    void* __restrict__ out,         // EPI 0/1/2: fp16/bf16/fp32 [prob_m, prob_n]; 3: uint8 [prob_m, prob_n / 2];
+                                    //   4: uint8 [prob_m, prob_n / 4]
+    EpilogueParams ep,              // scales (fp32 device pointers), bias, requant scale
+    int prob_m, int prob_n, int prob_k) {  // prob_k % 32 == 0
+  __shared__ __align__(16) uint8_t smem[Cfg::STAGES * Cfg::kStageBytes];
+  const int k_bytes = prob_k / 2;
+  const int k_tiles = (prob_k + kBK - 1) / kBK;  // the last one may be half zero-filled (K % 64 == 32)
+  const int m0 = blockIdx.y * Cfg::BM, n0 = blockIdx.x * Cfg::BN;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wr0 = warp_row0<Cfg>(warp), wc0 = warp_col0<Cfg>(warp);
+
+  int32_t acc[Cfg::MT][Cfg::NT][4];
+#pragma unroll
+  for (int i = 0; i < Cfg::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+
+  // Prologue: STAGES-1 tiles in flight. A group is committed even when empty so wait_group counts stay uniform.
+#pragma unroll
+  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+    if (s < k_tiles) load_stage<Cfg>(smem + s * Cfg::kStageBytes, a, w, m0, n0, s, prob_m, prob_n, k_bytes);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Cfg::STAGES - 2>();  // tile kt has landed (for this thread) ...
+    __syncthreads();                   // ... for all threads; and everyone finished reading tile kt-1's stage
+    const int pf = kt + Cfg::STAGES - 1;  // refill the stage tile kt-1 used
+    if (pf < k_tiles)
+      load_stage<Cfg>(smem + (pf % Cfg::STAGES) * Cfg::kStageBytes, a, w, m0, n0, pf, prob_m, prob_n, k_bytes);
+    cp_async_commit();
+    mma_stage<Cfg>(smem + (kt % Cfg::STAGES) * Cfg::kStageBytes, wr0, wc0, lane, acc);
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+
+  epilogue<Cfg, EPI>(acc, out, ep, m0 + wr0, n0 + wc0, lane, prob_m, prob_n);
+}
+
+template <class Cfg, int EPI>
+int launch(const uint8_t* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k,
+           cudaStream_t stream) {
+  dim3 grid((n + Cfg::BN - 1) / Cfg::BN, (m + Cfg::BM - 1) / Cfg::BM);
+  int4_gemm_kernel<Cfg, EPI><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k);
+  return launch_status();
+}
+
+template <class Cfg>
+int dispatch_epilogue(int epi, const uint8_t* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n,
+                      int k, cudaStream_t s) {
+  switch (epi) {
+    case kEpiF16: return launch<Cfg, kEpiF16>(a, w, out, ep, m, n, k, s);
+    case kEpiBF16: return launch<Cfg, kEpiBF16>(a, w, out, ep, m, n, k, s);
+    case kEpiF32: return launch<Cfg, kEpiF32>(a, w, out, ep, m, n, k, s);
+    case kEpiRequant: return launch<Cfg, kEpiRequant>(a, w, out, ep, m, n, k, s);
+    case kEpiSiluMulRequant: return launch<Cfg, kEpiSiluMulRequant>(a, w, out, ep, m, n, k, s);
+    default: return PQK_ERR_ARG;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace pqk
+
+extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_scale,
+                             int a_scale_per_token, const float* w_scale, const float* bias, float out_scale, int m,
+                             int n, int k, int epilogue, int config, pqk_stream_t stream) {
+  using namespace pqk::cuda;
+  if (m <= 0 || n <= 0 || k <= 0) return PQK_ERR_SHAPE;
+  if (k % 32 != 0) return PQK_ERR_K_ALIGN;
+  if (!aligned(a, 16) || !aligned(w, 16)) return PQK_ERR_PTR_ALIGN;
+  if (epilogue < kEpiF16 || epilogue > kEpiSiluMulRequant || config < -1 || config > 2) return PQK_ERR_ARG;
+  if ((epilogue == kEpiRequant && n % 2 != 0) || (epilogue == kEpiSiluMulRequant && n % 4 != 0)) return PQK_ERR_N_ALIGN;
+  if (epilogue >= kEpiRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
+  if (a_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
+  EpilogueParams ep{a_scale, a_scale_per_token ? 1 : 0, w_scale, bias, out_scale};
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
+  if (config == 0) return dispatch_epilogue<DecodeConfig>(epilogue, a, w, out, ep, m, n, k, s);
+  if (config == 1) return dispatch_epilogue<MidConfig>(epilogue, a, w, out, ep, m, n, k, s);
+  return dispatch_epilogue<PrefillConfig>(epilogue, a, w, out, ep, m, n, k, s);
+}
+
+extern "C" const char* pqk_int4_gemm_path(int sm) {
+  if (sm == 80 || sm == 86 || sm == 89) return "imma.s4";
+  if (sm == 90) return "imma.s8-unpacked";
+  return "none";
+}

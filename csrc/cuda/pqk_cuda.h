@@ -1,0 +1,67 @@
+// C interface of the CUDA kernels (libpqk_cuda.so): raw device pointers, a stream, an int status.
+//
+// Every launcher validates its arguments before launching and returns:
+//   0                       success (the launch was queued; cudaGetLastError() was clean)
+//   > 0                     a cudaError_t from the launch (pqk_cuda_error_string gives its text)
+//   < 0                     a PqkStatus below: bad arguments, nothing was launched
+// No launcher synchronizes. The torch binding (torch_ops_cuda.cpp) turns a non-zero status into an exception
+// that names the op.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct CUstream_st* pqk_stream_t;  // == cudaStream_t; nullptr = the legacy default stream
+
+enum PqkStatus {
+  PQK_OK = 0,
+  PQK_ERR_SHAPE = -1,       // a size is <= 0 or exceeds int32 indexing
+  PQK_ERR_K_ALIGN = -2,     // GEMM: K must be a multiple of 32 (the caller pads with zeros or raises)
+  PQK_ERR_PTR_ALIGN = -3,   // a pointer is not 16-byte aligned (GEMM operands) / 4-byte (quantize inputs)
+  PQK_ERR_N_ALIGN = -4,     // requant epilogues: N must be even (requant) / a multiple of 4 (silu-mul)
+  PQK_ERR_ARG = -5,         // an enum/flag argument is out of range, or a scale is not finite and > 0
+  PQK_ERR_HADAMARD_SIZE = -6,  // Hadamard: n is not m * 2^k for a supported m, or exceeds the shared-memory limit
+};
+
+const char* pqk_cuda_error_string(int status);
+
+// y = epilogue(A x W^T). a: uint8 [M, K/2] packed int4; w: uint8 [N, K/2]; K % 32 == 0.
+// epilogue: 0 fp16 out [M, N], 1 bf16 [M, N], 2 fp32 [M, N], 3 requant -> uint8 [M, N/2],
+// 4 silu-mul requant (W rows interleaved gate0, up0, gate1, up1, ...) -> uint8 [M, N/4].
+// a_scale: fp32 [1] (a_scale_per_token = 0) or [M] (= 1); w_scale fp32 [N]; bias fp32 [N] or null;
+// out_scale: the next layer's static scale (epilogues 3, 4). config: -1 auto by M, 0 decode, 1 mid, 2 prefill.
+int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_scale, int a_scale_per_token,
+                  const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,
+                  int config, pqk_stream_t stream);
+
+// Static quantize: x fp16 (x_dtype 0) / bf16 (1) / fp32 (2) [rows, cols] -> bits 4: uint8 [rows, cols/2],
+// bits 8: int8 [rows, cols]. scale: fp32 [1] on the device.
+int pqk_quantize_static(const void* x, int x_dtype, void* out, const float* scale, int bits, int rows, int cols,
+                        pqk_stream_t stream);
+
+// Dynamic per-token quantize (the baseline): as above plus scales_out fp32 [rows].
+int pqk_quantize_per_token(const void* x, int x_dtype, void* out, float* scales_out, int bits, int rows, int cols,
+                           pqk_stream_t stream);
+
+// Fused RMSNorm + static quantize: y = x * (1 / sqrt(mean(x^2) + eps)) * weight (fp32), q = quantize(y, scale).
+// x fp16/bf16 [rows, cols]; weight same dtype [cols]; q uint8 [rows, cols/2] (bits 4) or int8 [rows, cols];
+// normed_out: same dtype as x [rows, cols] or null.
+int pqk_rmsnorm_quantize(const void* x, int x_dtype, const void* weight, float eps, const float* scale, int bits,
+                         void* q_out, void* normed_out, int rows, int cols, pqk_stream_t stream);
+
+// Online Walsh-Hadamard transform of each row: y = (H_m (x) H_{2^p}) x / sqrt(n), n = cols = m * 2^p.
+// x, y fp16/bf16 [rows, cols] (may alias); had_m: fp32 [m, m] with +-1 entries (the caller's H_m; null if m == 1).
+// m must be 1 or one of 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172 (else PQK_ERR_HADAMARD_SIZE).
+int pqk_hadamard(const void* x, void* y, int x_dtype, const float* had_m, int m, int rows, int cols,
+                 pqk_stream_t stream);
+
+// Which instruction the GEMM uses on a device of this compute capability (major*10+minor), for reports:
+// "imma.s4" (sm_80/86/89), "imma.s8-unpacked" (sm_90), "none" (not compiled for it).
+const char* pqk_int4_gemm_path(int sm);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,48 @@
+"""Compile-and-inspect tests, no GPU needed: every .cu builds for sm_80/86/89/90 with warnings as errors and links
+with the static cudart; the GEMM's SASS uses IMMA with S4 operands on 80/86/89 (S8 on 90); no kernel spills or
+touches local memory."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from prefixquant_kernels import cuda_build
+
+INT4_ARCHS = (80, 86, 89)
+
+
+def test_library_links_static_cudart(cuda_lib):
+    # -Werror all-warnings and ptxas -Werror are in NVCC_FLAGS: reaching here means the build was warning-free.
+    with open(cuda_lib.lib, "rb") as f:
+        blob = f.read()
+    assert b"pqk_int4_gemm" in blob and b"pqk_rmsnorm_quantize" in blob
+    assert b"libcudart.so" not in blob, "cudart must be linked statically"
+
+
+def test_every_kernel_for_every_arch(cuda_lib):
+    usage = cuda_build.ptxas_usage(cuda_lib.ptxas_log)
+    for arch in cuda_build.ARCHS:
+        names = [n for sm, n in usage if sm == arch]
+        assert sum("int4_gemm_kernel" in n for n in names) == 15, names  # 3 tile configs x 5 epilogues
+        assert any("row_quantize_kernel" in n for n in names) and any("quantize_static_kernel" in n for n in names)
+
+
+def test_no_spills_no_stack(cuda_lib):
+    usage = cuda_build.ptxas_usage(cuda_lib.ptxas_log)
+    assert usage
+    bad = {k: v for k, v in usage.items() if v.get("spill_stores", 1) or v.get("spill_loads", 1) or v.get("stack", 1)}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("arch", cuda_build.ARCHS)
+def test_sass(cuda_lib, arch):
+    funcs = cuda_build.sass_by_function(cuda_build.sass(cuda_lib.lib, arch))
+    gemms = {n: s for n, s in funcs.items() if "int4_gemm_kernel" in n}
+    assert len(gemms) == 15
+    want = "IMMA.16864.S4.S4" if arch in INT4_ARCHS else "IMMA.16832.S8.S8"
+    for name, text in gemms.items():
+        assert want in text, f"sm_{arch} {name}: no {want}"
+        assert "HMMA" not in text  # the integer tensor-core path, not an fp16 one
+    for name, text in funcs.items():
+        assert not re.search(r"\b(LDL|STL)\b", text), f"sm_{arch} {name}: local memory access"
