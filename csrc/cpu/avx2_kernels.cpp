@@ -150,6 +150,43 @@ int32_t row_sum(const int8_t* q, int64_t n) {
   return s;
 }
 
+// fp32 x8 -> bf16 x8, round to nearest-even (inputs are finite here: q * scale)
+inline __m128i f32_to_bf16_8(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                   _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  r = _mm256_srli_epi32(r, 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+inline void store8(void* out, int64_t k, __m256 v, FloatType t) {
+  if (t == FloatType::kFloat32) _mm256_storeu_ps((float*)out + k, v);
+  else if (t == FloatType::kFloat16)
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  else _mm_storeu_si128((__m128i*)((uint16_t*)out + k), f32_to_bf16_8(v));
+}
+
+void dequant_row4(const uint8_t* p, int64_t K, float scale, void* out, FloatType t) {
+  const __m128i m0f = _mm_set1_epi8(0x0F), x8 = _mm_set1_epi8(8);
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m128i b = _mm_loadu_si128((const __m128i*)(p + k / 2));
+    // nibble -> signed byte: (n ^ 8) - 8; unpack lo/hi back into natural element order
+    __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(b, m0f), x8), x8);
+    __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m0f), x8), x8);
+    __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);
+    store8(out, k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0)), s), t);
+    store8(out, k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8))), s), t);
+    store8(out, k + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1)), s), t);
+    store8(out, k + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e1, 8))), s), t);
+  }
+  for (; k + 1 < K; k += 2) {
+    store_from_f32(out, k, (float)low_nibble(p[k / 2]) * scale, t);
+    store_from_f32(out, k + 1, (float)high_nibble(p[k / 2]) * scale, t);
+  }
+}
+
 // ---- tiles ----------------------------------------------------------------------------------------
 // acc[MR][NR] = A[0:MR] . W[0:NR], W packed int4 read in its storage order (one 32-byte load = 64 k).
 template <int MR, int NR, int FLUSH>
@@ -281,7 +318,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
 }
 
 const IsaKernels kAvx2 = {
-    "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
+    "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4, tile_w4, tile_w8,
 };
 
 }  // namespace

@@ -43,6 +43,13 @@ void quantize_static(const void* x, FloatType xt, int64_t M, int64_t K, float sc
 void quantize_per_token(const void* x, FloatType xt, int64_t M, int64_t K, int bits, void* out,
                         float* scales_out, Isa isa);
 
+// ---- KV cache ----------------------------------------------------------------------------------------
+// out [B, H, P + T, D] (type ot) = [prefix (type pt; batch 1 or B, read with batch stride 0 when 1) |
+//                                   body (int4 packed [B, H, T, D/2] or int8 [B, H, T, D]) * scale[h]]
+void kv_dequant_concat_static(const void* prefix, FloatType pt, int64_t prefix_batch, int64_t P,
+                              const void* body, int bits, const float* scale, int64_t B, int64_t H, int64_t T,
+                              int64_t D, void* out, FloatType ot, Isa isa);
+
 // ---- GEMM with fused quantize and dequant ------------------------------------------------------------
 // y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k]  (+ bias[n]),  exact int32 accumulation.
 // A arrives in one of three forms; a float A is quantized while the kernel packs it (static scale:

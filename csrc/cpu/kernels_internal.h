@@ -39,6 +39,8 @@ struct IsaKernels {
   void (*pack_row)(const int8_t* q, int64_t K, uint8_t* p);
   // sum of q: int8 [n]
   int32_t (*row_sum)(const int8_t* q, int64_t n);
+  // p: uint8 [K/2] packed int4 -> out: [K] of type t, out[k] = float(q[k]) * scale rounded once (KV cache)
+  void (*dequant_row4)(const uint8_t* p, int64_t K, float scale, void* out, FloatType t);
 
   // acc: int32 [mr, nr] (row stride nr) = A[0:mr] . W[0:nr] over K, exact.
   //   a: int8 panel rows (stride kp, nibble-split order), a_rowsum: int32 [mr] (sum of each A row),

@@ -44,6 +44,13 @@ int32_t row_sum(const int8_t* q, int64_t n) {
   return s;
 }
 
+void dequant_row4(const uint8_t* p, int64_t K, float scale, void* out, FloatType t) {
+  for (int64_t i = 0; i < K / 2; ++i) {
+    store_from_f32(out, 2 * i, (float)low_nibble(p[i]) * scale, t);
+    store_from_f32(out, 2 * i + 1, (float)high_nibble(p[i]) * scale, t);
+  }
+}
+
 // Signed products directly (no offset trick): byte j of a 32-byte W chunk holds k = 2j (low nibble)
 // and 2j+1 (high nibble), which the nibble-split panel stores at j and 32 + j.
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* /*a_rowsum*/, int /*a_bits*/,
@@ -77,7 +84,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int
 }
 
 const IsaKernels kScalar = {
-    "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, tile_w4, tile_w8,
+    "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4, tile_w4, tile_w8,
 };
 
 }  // namespace

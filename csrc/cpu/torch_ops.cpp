@@ -165,9 +165,35 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   return out;
 }
 
+at::Tensor kv_dequant_static_cpu(const c10::optional<at::Tensor>& prefix, const at::Tensor& body,
+                                 const at::Tensor& scale, int64_t bits, at::ScalarType out_dtype, int64_t cpu_isa) {
+  TORCH_CHECK(body.device().is_cpu() && body.dim() == 4 && body.is_contiguous(), "pqk: body must be a contiguous 4-D CPU tensor");
+  TORCH_CHECK((bits == 4 && body.scalar_type() == at::kByte) || (bits == 8 && body.scalar_type() == at::kChar),
+              "pqk: body must be uint8 for bits=4 or int8 for bits=8");
+  const int64_t B = body.size(0), H = body.size(1), T = body.size(2), D = body.size(3) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == H,
+              "pqk: scale must be a contiguous float32 tensor of ", H, " elements");
+  int64_t P = 0, pb = 1;
+  const void* pp = nullptr;
+  FloatType pt = FloatType::kFloat32;
+  if (prefix.has_value()) {
+    TORCH_CHECK(prefix->dim() == 4 && prefix->is_contiguous() && (prefix->size(0) == 1 || prefix->size(0) == B) &&
+                    prefix->size(1) == H && prefix->size(3) == D, "pqk: prefix must be a contiguous [1 or B, H, P, D] tensor");
+    P = prefix->size(2);
+    pb = prefix->size(0);
+    pp = prefix->data_ptr();
+    pt = float_type(*prefix, "prefix");
+  }
+  at::Tensor out = at::empty({B, H, P + T, D}, body.options().dtype(out_dtype));
+  kv_dequant_concat_static(pp, pt, pb, P, body.data_ptr(), (int)bits, scale.data_ptr<float>(), B, H, T, D,
+                           out.data_ptr(), float_type(out_dtype), to_isa(cpu_isa));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pqk, CPU, m) {
+  m.impl("kv_dequant_static", &kv_dequant_static_cpu);
   m.impl("pack_int4", &pack_int4_cpu);
   m.impl("unpack_int4", &unpack_int4_cpu);
   m.impl("quantize_static", &quantize_static_cpu);

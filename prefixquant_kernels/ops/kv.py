@@ -6,6 +6,8 @@ backend (KV ops only; the C++ CPU kernels have no KV ops):
                TRITON_INTERPRET=1 (the interpreter), else the reference
   "reference"  plain PyTorch (prefixquant_kernels/kv_format.py): the definition of the results
   "triton"     the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+  "cpu"        the C++ kernel for what the CPU cache reads every step: static dequant-concat with no 16-bit
+               tail (PrefixQuant's layout); "auto" picks it for such calls on CPU tensors outside the interpreter
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 
 from .. import kv_format as kvf
 from ..format import FLOAT_DTYPES
+from .. import _extension
 from . import checks
 
-KV_BACKENDS = ("auto", "reference", "triton")
+KV_BACKENDS = ("auto", "reference", "triton", "cpu")
 STATIC_BITS = (4, 8)
 GROUPWISE_BITS = (2, 4)
 _ALL_BITS = (2, 4, 8)
@@ -34,12 +37,19 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_kv(backend, device: torch.device, op: str) -> str:
-    """-> "reference" or "triton"."""
+def resolve_kv(backend, device: torch.device, op: str, cpu_kernel: bool = False) -> str:
+    """-> "reference", "triton" or (cpu_kernel ops only) "cpu"."""
     if backend not in KV_BACKENDS:
         checks.fail(op, f"backend must be one of {KV_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
+    if backend == "cpu":
+        if not cpu_kernel:
+            checks.fail(op, "backend='cpu' has a C++ kernel for kv_dequant_concat only; use 'reference' or 'triton'")
+        if device.type != "cpu":
+            checks.fail(op, f"backend='cpu' runs on CPU tensors, got tensors on {device}")
+        _extension.require_cpu_extension(f"pqk.{op}")
+        return "cpu"
     runs = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted()))
     if backend == "auto":
         return "triton" if runs else "reference"
@@ -234,7 +244,14 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
                             f"got {tuple(tail.shape)}")
         nt = tail.shape[2]
     bpos, tpos = _positions(body_pos, tail_pos, nq, nt, op, dev)
-    if resolve_kv(backend, dev, op) == "triton":
+    be = resolve_kv(backend, dev, op, cpu_kernel=True)
+    cpu_ok = not groupwise and nt == 0 and bpos is None and dev.type == "cpu" and _extension.cpu_available()
+    if be == "cpu" and not cpu_ok:
+        checks.fail(op, "backend='cpu' covers static bodies without a tail or positions only", NotImplementedError)
+    if be == "cpu" or (backend == "auto" and be == "reference" and cpu_ok):
+        pre = prefix.contiguous() if p else None
+        return torch.ops.pqk.kv_dequant_static(pre, packed.contiguous(), s, bits, out_dtype)
+    if be == "triton":
         return _kernels().kv_dequant_concat(prefix if p else None, packed, s, zero, bits, group_size or 1, axis,
                                             tail if nt else None, bpos, tpos, out_dtype)
     if groupwise:

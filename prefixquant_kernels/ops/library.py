@@ -26,6 +26,11 @@ LIB.define(
     "int cpu_isa=-1) -> Tensor"
 )
 
+LIB.define(
+    "kv_dequant_static(Tensor? prefix, Tensor body, Tensor scale, int bits, ScalarType out_dtype, int cpu_isa=-1) "
+    "-> Tensor"
+)
+
 
 def _quantized_shape(x: torch.Tensor, bits: int) -> tuple[list[int], torch.dtype]:
     if bits == 4:
@@ -63,6 +68,13 @@ def _int4_matmul_fake(a, w, a_scale, w_scale, bias, out_dtype, cpu_isa=-1):
 @torch.library.register_fake("pqk::quant_linear")
 def _quant_linear_fake(x, w, w_scale, a_scale, a_bits, bias, cpu_isa=-1):
     return x.new_empty([x.shape[0], w.shape[0]], dtype=x.dtype)
+
+
+@torch.library.register_fake("pqk::kv_dequant_static")
+def _kv_dequant_static_fake(prefix, body, scale, bits, out_dtype, cpu_isa=-1):
+    b, h, t, db = body.shape
+    p = 0 if prefix is None else prefix.shape[2]
+    return body.new_empty([b, h, p + t, db * (2 if bits == 4 else 1)], dtype=out_dtype)
 
 
 from .. import _extension  # noqa: E402,F401  (registers the CPU kernels; must follow the schemas)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = os.path.join(ROOT, "csrc", "cpu")
-KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "isa.cpp", "scalar_kernels.cpp", "avx2_kernels.cpp"]
+KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "kv_cache.cpp", "isa.cpp", "scalar_kernels.cpp", "avx2_kernels.cpp"]
 
 
 def build_harness(out_dir: str, sanitize: bool = True, cxx: str | None = None, extra=()) -> str:

@@ -31,7 +31,7 @@ def _dc(**kw):
     (lambda b: pqk.kv_quantize(X[0], S, backend=b), ValueError, "x must be 4-D"),
     (lambda b: pqk.kv_quantize(X.int(), S, backend=b), TypeError, "x must have dtype"),
     (lambda b: pqk.kv_quantize(torch.randn(1, 2, 3, 5), S, backend=b), ValueError, "x's last dim must be even"),
-    (lambda b: pqk.kv_quantize(X, S, backend="cpu"), ValueError, "backend must be one of"),
+    (lambda b: pqk.kv_quantize(X, S, backend="gpu"), ValueError, "backend must be one of"),
     (lambda b: pqk.kv_quantize_groupwise(X, 8, backend=b), ValueError, "use kv_quantize"),
     (lambda b: pqk.kv_quantize_groupwise(X, 2, 24, backend=b), ValueError, "group_size must be a power of 2"),
     (lambda b: pqk.kv_quantize_groupwise(X, 2, 32, "head", backend=b), ValueError, "axis must be one of"),
