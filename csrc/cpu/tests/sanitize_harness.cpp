@@ -129,6 +129,32 @@ static void test_quantize(int64_t M, int64_t K, int bits, Isa isa) {
   check(ok_tok, bits == 4 ? "quantize_per_token 4" : "quantize_per_token 8", M, 0, K, isa_name(isa));
 }
 
+static void test_kv_dequant(int64_t B, int64_t H, int64_t P, int64_t T, int64_t D, int64_t prefix_batch, Isa isa) {
+  std::vector<uint8_t> body(B * H * T * D / 2);
+  for (auto& v : body) v = (uint8_t)(rng() & 0xFF);
+  std::vector<float> scale(H), prefix(prefix_batch * H * P * D);
+  for (int64_t h = 0; h < H; ++h) scale[h] = 0.25f + 0.5f * (float)h;
+  for (auto& v : prefix) v = (float)(rng() % 1000) - 500.0f;
+  std::vector<float> out(B * H * (P + T) * D, -7.0f);
+  kv_dequant_concat_static(prefix.data(), FloatType::kFloat32, prefix_batch, P, body.data(), 4, scale.data(), B, H, T,
+                           D, out.data(), FloatType::kFloat32, isa);
+  bool ok = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t n = 0; n < P + T; ++n)
+        for (int64_t d = 0; d < D; ++d) {
+          float want;
+          if (n < P) {
+            want = prefix[(((prefix_batch == 1 ? 0 : b) * H + h) * P + n) * D + d];
+          } else {
+            uint8_t byte = body[((b * H + h) * T + (n - P)) * (D / 2) + d / 2];
+            want = (float)(d % 2 ? high_nibble(byte) : low_nibble(byte)) * scale[h];
+          }
+          ok = ok && out[((b * H + h) * (P + T) + n) * D + d] == want;
+        }
+  check(ok, "kv_dequant_concat_static", B * H, P + T, D, isa_name(isa));
+}
+
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
   const Isa isas[] = {Isa::kScalar, Isa::kAvx2};
@@ -144,6 +170,9 @@ int main(int argc, char** argv) {
       test_quantize(s[0], s[2], 4, isa);
       test_quantize(s[0], s[2] + 1, 8, isa);
     }
+    test_kv_dequant(2, 3, 3, 37, 64, 1, isa);
+    test_kv_dequant(1, 2, 0, 5, 128, 1, isa);
+    test_kv_dequant(2, 2, 4, 9, 34, 2, isa);
   }
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
