@@ -42,13 +42,15 @@ def timeit(fn, repeats: int, warmup: int = 1) -> dict:
 
 
 def timeit_interleaved(fns: dict, repeats: int) -> dict:
-    """Time several functions in alternation (a, b, a, b, ...) so that drift on a shared machine hits
-    all of them alike; returns {name: timeit-style dict}."""
+    """Time several functions in alternation, reversing the order every other round (a b c, c b a, ...) so
+    that drift on a shared machine and the cost of following a given function hit all of them alike (a fixed
+    order measurably favoured whichever ran second); returns {name: timeit-style dict}."""
     for fn in fns.values():
         fn()
     ts = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    items = list(fns.items())
+    for r in range(repeats):
+        for name, fn in (items if r % 2 == 0 else items[::-1]):
             t0 = time.perf_counter()
             fn()
             ts[name].append(time.perf_counter() - t0)
