@@ -27,11 +27,19 @@ from .ops import (
 from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quantize_groupwise
 
 
+_CALIBRATION_EXPORTS = ("QuantConfig", "quantize_model", "find_prefix_tokens", "evaluate_perplexity",
+                        "save_quantized", "load_quantized")
+
+
 def __getattr__(name):
     # PrefixQuantCache subclasses transformers' Cache: imported on first use, so transformers stays optional
     if name == "PrefixQuantCache":
         from .cache import PrefixQuantCache
         return PrefixQuantCache
+    # the model pipeline (calibration/) needs transformers too: imported on first use
+    if name in _CALIBRATION_EXPORTS:
+        from . import calibration
+        return getattr(calibration, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -39,6 +47,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "available_backends",
+    "evaluate_perplexity",
+    "find_prefix_tokens",
     "format",
     "int4_matmul",
     "kv_decode_attention",
@@ -46,13 +56,17 @@ __all__ = [
     "kv_format",
     "kv_quantize",
     "kv_quantize_groupwise",
+    "load_quantized",
     "nn",
     "ops",
     "pack_int4",
     "PrefixQuantCache",
+    "QuantConfig",
+    "quantize_model",
     "quant_linear",
     "quantize_per_token",
     "quantize_static",
     "reference",
+    "save_quantized",
     "unpack_int4",
 ]

@@ -1,0 +1,24 @@
+"""Calibration: from a float Hugging Face model to a quantized one (the PrefixQuant pipeline).
+
+config.py (QuantConfig) -> prefix.py (prefix discovery, prefix K/V) -> scales.py (activation / KV scales) ->
+weights.py (RTN clip search, GPTQ) -> pipeline.py (quantize_model) -> evaluate.py (evaluate_perplexity) ->
+checkpoint.py (save_quantized / load_quantized). Needs transformers (the config alone does not).
+"""
+from .config import QuantConfig  # noqa: F401
+
+
+def __getattr__(name):
+    # the pipeline imports transformers: loaded on first use
+    if name == "quantize_model":
+        from .pipeline import quantize_model
+        return quantize_model
+    if name == "find_prefix_tokens":
+        from .prefix import find_prefix_tokens
+        return find_prefix_tokens
+    if name == "evaluate_perplexity":
+        from .evaluate import evaluate_perplexity
+        return evaluate_perplexity
+    if name in ("save_quantized", "load_quantized"):
+        from . import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""save_quantized / load_quantized: a quantized model as a directory of
+
+    config.json          the transformers model config
+    pqk_config.json      format + version, the QuantConfig, the prefix state's layout, every QuantLinear's shape
+    model.safetensors    every tensor: packed int4 / int8 weights, fp32 scales, biases, norms, embeddings,
+                         the 16-bit prefix K/V and the per-head KV scales (tied tensors stored once)
+    tokenizer files      when a tokenizer is given to save_quantized
+
+load_quantized rebuilds the model from config.json (no float weights needed), puts empty QuantLinears and the
+prefix state in place, then loads every tensor strictly: a checkpoint of another shape or config is an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..models.patch import float_linears, get_spec, swap
+from ..models.state import PrefixQuantState
+from ..nn import QuantLinear
+from .config import QuantConfig
+from .rotation import wrap_down_proj
+
+FORMAT = "prefixquant-kernels"
+FORMAT_VERSION = 1
+_META = "pqk_config.json"
+_WEIGHTS = "model.safetensors"
+
+
+def _fail(op: str, msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"pqk.{op}: {msg}")
+
+
+def save_quantized(model, path: str, tokenizer=None) -> None:
+    """Write a model quantized by quantize_model to the directory ``path`` (created if needed)."""
+    from safetensors.torch import save_model
+
+    state = getattr(model, "pqk_state", None)
+    if state is None:
+        _fail("save_quantized", "the model is not quantized (no pqk_state): run pqk.quantize_model first")
+    modules = {name: {"in_features": m.in_features, "out_features": m.out_features, "w_bits": m.w_bits,
+                      "a_bits": m.a_bits, "bias": m.bias is not None, "static": m.is_static}
+               for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_type": model.config.model_type,
+            "quant_config": state.cfg.to_dict(), "state": state.layout(), "modules": modules}
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    with open(os.path.join(path, _META), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    save_model(model, os.path.join(path, _WEIGHTS), metadata={"format": FORMAT})
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(path)
+
+
+def _read_meta(path: str) -> dict:
+    f = os.path.join(path, _META)
+    if not os.path.exists(f):
+        _fail("load_quantized", f"{path!r} has no {_META}: not a checkpoint written by pqk.save_quantized",
+              FileNotFoundError)
+    with open(f) as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        _fail("load_quantized", f"{f} is format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                                f"this package reads {FORMAT!r} version {FORMAT_VERSION}")
+    return meta
+
+
+def load_quantized(path: str, *, device: str | torch.device = "cpu"):
+    """Rebuild the quantized model saved at ``path`` (module doc) -> the model, in eval mode."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = _read_meta(path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != meta["model_type"]:
+        _fail("load_quantized", f"config.json is model_type {config.model_type!r} but {_META} says "
+                                f"{meta['model_type']!r}: files from different checkpoints")
+    get_spec(config.model_type)
+    cfg = QuantConfig.from_dict(meta["quant_config"])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if cfg.rotate:
+        wrap_down_proj(model)       # the structure; the rotations are loaded with the other tensors
+    linears = float_linears(model)
+    if set(linears) != set(meta["modules"]):
+        _fail("load_quantized", f"the checkpoint's quantized modules do not match a {config.model_type} with "
+                                f"{config.num_hidden_layers} layers (checkpoint from another config?)")
+    replacements = {}
+    for name, m in meta["modules"].items():
+        lin = linears[name]
+        if (lin.in_features, lin.out_features, lin.bias is not None) != (m["in_features"], m["out_features"],
+                                                                          m["bias"]):
+            _fail("load_quantized", f"{name}: checkpoint has [{m['out_features']}, {m['in_features']}] "
+                                    f"bias={m['bias']}, the config builds [{lin.out_features}, {lin.in_features}] "
+                                    f"bias={lin.bias is not None}")
+        replacements[name] = QuantLinear(m["in_features"], m["out_features"], w_bits=m["w_bits"],
+                                         a_bits=m["a_bits"], bias=m["bias"], static=m["static"])
+    lay = meta["state"]
+    state = PrefixQuantState(cfg, lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["prefix_len"],
+                             lay["bos_id"], lay.get("info"))
+    swap(model, replacements, state)
+    try:
+        load_model(model, os.path.join(path, _WEIGHTS), strict=True, device=str(device))
+    except RuntimeError as e:
+        _fail("load_quantized", f"tensors in {_WEIGHTS} do not match the model its config builds: {e}")
+    return model.to(device).eval()

@@ -1,0 +1,56 @@
+"""evaluate_perplexity: the same protocol for the float model and every quantized mode.
+
+The text's tokens (no special tokens) are cut into non-overlapping windows of seq_len; each window is scored on
+its last seq_len - 1 tokens, each predicted from the window tokens before it and a start that differs by mode:
+``[BOS]`` (float model, no-prefix modes) or the 16-bit prefix in the KV cache (prefix modes, which end with BOS).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _fail(msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"pqk.evaluate_perplexity: {msg}")
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_windows: int | None = None,
+                        progress: bool = False) -> float:
+    """exp(mean NLL) over the windows (module doc). A quantized model runs with its PrefixQuantCache."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        _fail(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if not isinstance(text, str) or not text.strip():
+        _fail("text is empty")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    n_win = len(ids) // seq_len
+    if max_windows is not None:
+        n_win = min(n_win, max_windows)
+    if n_win == 0:
+        _fail(f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    state = getattr(model, "pqk_state", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    with_prefix = state is not None and state.prefix_len > 0
+    start = [] if with_prefix or bos is None else [int(bos)]
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    try:
+        windows = range(n_win)
+        if progress:
+            from tqdm.auto import tqdm
+            windows = tqdm(windows, desc="perplexity")
+        for w in windows:
+            win = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], dtype=torch.long, device=dev)
+            inp = torch.cat([torch.tensor(start, dtype=torch.long, device=dev), win]).unsqueeze(0)
+            cache = state.make_cache(1) if state is not None else None
+            logits = model(inp, past_key_values=cache, use_cache=cache is not None).logits[0]
+            pred = logits[len(start):-1].float()
+            nll += float(F.cross_entropy(pred, win[1:], reduction="sum"))
+            n += seq_len - 1
+    finally:
+        model.train(was_training)
+    return math.exp(nll / n)

@@ -1,0 +1,173 @@
+"""quantize_model: a float Hugging Face Llama / Qwen2 / Qwen3 -> the same model running on the package's kernels.
+
+Steps (training-free PrefixQuant; the config decides which apply):
+1. prefix: the given tokens, or find them (prefix.py) on the calibration text; optionally rotate (rotation.py);
+   the prefix's 16-bit K/V (one float forward).
+2. record (scales.collect): one float forward per calibration sample, the prefix in front and excluded.
+3. weights (weights.py): per-channel RTN with a clip search, or GPTQ on the recorded Hessians.
+4. static activation scales (clip search on the layer output) and per-head KV scales (scales.py).
+5. swap (models.patch): every q/k/v/o/gate/up/down -> QuantLinear, ``model.pqk_state`` for the KV cache.
+
+Nothing in the model changes before step 5 but the optional rotation (undone on error), and step 5 only
+assigns prebuilt modules: an error anywhere leaves the model as it was.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.patch import decoder_layers, float_linears, get_spec, resolve, swap
+from ..models.state import PrefixQuantState
+from ..nn import QuantLinear
+from . import prefix as pfx
+from . import rotation as rot
+from . import scales as sc
+from . import weights as wq
+from .config import QuantConfig
+
+
+def _fail(msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"pqk.quantize_model: {msg}")
+
+
+def _kv_geometry(model) -> tuple[int, int]:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_key_value_heads, head_dim
+
+
+def _quant_linear(linear: nn.Linear, w: torch.Tensor, w_scale: torch.Tensor, cfg: QuantConfig,
+                  act_scale: float | None) -> QuantLinear:
+    tmp = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    tmp.weight = nn.Parameter(w, requires_grad=False)
+    if linear.bias is not None:
+        tmp.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    return QuantLinear.from_float(tmp, cfg.w_bits, cfg.a_bits, act_scale, w_scale=w_scale)
+
+
+@torch.no_grad()
+def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None, *, progress: bool = True):
+    """Quantize ``model`` in place (see module doc) and return it; ``model.pqk_state.info`` reports the prefix
+    tokens, the outlier count o and the seconds each step took.
+
+    model: a transformers *ForCausalLM of model_type llama / qwen2 / qwen3 (CPU). tokenizer: has ``encode``,
+    ``bos_token_id`` (Qwen: ``eos_token_id`` suffices), ``decode``. calib_texts: str or list of str (keep it
+    disjoint from any evaluation text).
+    """
+    cfg = QuantConfig() if cfg is None else cfg
+    if not isinstance(cfg, QuantConfig):
+        _fail(f"cfg must be a pqk.QuantConfig, got {type(cfg).__name__}", TypeError)
+    spec = get_spec(model)
+    if getattr(model, "pqk_state", None) is not None:
+        _fail("the model is already quantized (it has a pqk_state)")
+    float_linears(model)
+    info: dict = {"config": cfg.name, "model_type": spec.model_type}
+    t_all = time.perf_counter()
+    was_training = model.training
+    saved = None
+    model.eval()
+    try:
+        samples = pfx.tokenize_calibration(tokenizer, calib_texts, cfg.calib_samples, cfg.calib_seq_len)
+        end = pfx.prefix_end_token(model, tokenizer) if cfg.prefix else getattr(tokenizer, "bos_token_id", None)
+        n_layers = len(decoder_layers(model))
+        kv_mode = cfg.resolved_kv_mode
+        bar = tqdm(total=3 + n_layers, desc=f"pqk {cfg.name}", disable=not progress)
+
+        # 1. prefix
+        t = time.perf_counter()
+        prefix_ids: list[int] = []
+        if cfg.prefix:
+            if cfg.prefix_tokens is not None:
+                prefix_ids = list(cfg.prefix_tokens)
+                info["prefix_source"] = "given"
+            else:
+                starts = torch.cat([torch.full((samples.shape[0], 1), end, dtype=torch.long), samples], 1)
+                token_max = pfx.record_down_proj_max(model, starts)
+                prefix_ids, found = pfx.select_prefix_tokens(starts, token_max, cfg.eta, end, cfg.max_prefix_len)
+                info.update(prefix_source="found", o=found["o"], layer_mean_outliers=found["layer_mean_outliers"],
+                            outlier_token_counts=found["outlier_token_counts"])
+            vocab = model.get_input_embeddings().num_embeddings
+            if any(t_ >= vocab for t_ in prefix_ids):
+                _fail(f"prefix_tokens {prefix_ids} contain ids >= the vocabulary size {vocab}")
+            info["prefix_ids"] = prefix_ids
+            info["prefix_tokens"] = [pfx._decode(tokenizer, t_) for t_ in prefix_ids]
+        info["prefix_seconds"] = time.perf_counter() - t
+        if cfg.rotate:  # after discovery (outlier tokens are found on the model as given), before anything else
+            t = time.perf_counter()
+            saved = rot.backup(model)
+            rot.rotate_model(model, cfg.seed)
+            info["rotate_seconds"] = time.perf_counter() - t
+        if prefix_ids:
+            pk, pv = pfx.prefix_kv(model, prefix_ids)
+        linears = float_linears(model)
+        bar.update(1)
+
+        # 2. record
+        t = time.perf_counter()
+        if prefix_ids:
+            lead = torch.tensor(prefix_ids, dtype=torch.long)
+        else:
+            lead = torch.tensor([] if end is None else [end], dtype=torch.long)
+        inputs = torch.cat([lead.expand(samples.shape[0], -1), samples], 1)
+        skip = len(prefix_ids)
+        use_gptq = cfg.resolved_weight_method == "gptq"
+        rows = max(1, -(-cfg.max_calib_rows // samples.shape[0]))
+        stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=(kv_mode == "static"), seed=cfg.seed)
+        info["record_seconds"] = time.perf_counter() - t
+        bar.update(1)
+
+        # 3 + 4. weights, activation and KV scales, layer by layer: replacements built, not yet swapped
+        t = time.perf_counter()
+        replacements: dict[str, QuantLinear] = {}
+        act_scales: dict[str, float] = {}
+        k_scales, v_scales = [], []
+        for i, st in enumerate(stats):
+            for p, (part, names) in sc.POINTS.items():
+                full = [resolve(model, f"model.layers.{i}.{part}.{n}") for n in names]
+                mods = [linears[n] for n in full]
+                w = torch.cat([m.weight.detach().float() for m in mods], 0)
+                if use_gptq:
+                    wq_, ws = wq.gptq(w, st.hessian[p], cfg.w_bits, block=cfg.gptq_block, damp=cfg.gptq_damp)
+                else:
+                    wq_, ws = wq.rtn(w, cfg.w_bits)
+                a_s = None
+                if cfg.act_quant == "static":
+                    a_s = sc.search_act_scale(st.rows[p], wq_, cfg.a_bits, st.amax[p], cfg.act_clip_search)
+                    act_scales[f"{i}.{p}"] = a_s
+                off = 0
+                for n, m in zip(full, mods):
+                    rows_n = slice(off, off + m.out_features)
+                    replacements[n] = _quant_linear(m, wq_[rows_n], ws[rows_n], cfg, a_s)
+                    off += m.out_features
+            if kv_mode == "static":
+                ks, vs = sc.search_kv_scales(st.q, st.k, st.v, cfg.kv_bits)
+                k_scales.append(ks)
+                v_scales.append(vs)
+            stats[i] = None  # free the recorded rows of this layer
+            bar.update(1)
+        info["quantize_seconds"] = time.perf_counter() - t
+
+        h_kv, head_dim = _kv_geometry(model)
+        state = PrefixQuantState(cfg, n_layers, h_kv, head_dim, len(prefix_ids), end if cfg.prefix else None, info)
+        if prefix_ids:
+            state.prefix_ids.copy_(torch.tensor(prefix_ids))
+            state.set_prefix([k.to(torch.float16) for k in pk], [v.to(torch.float16) for v in pv])
+        if kv_mode == "static":
+            state.set_kv_scales(k_scales, v_scales)
+        state.act_scales = act_scales
+        info["seconds"] = time.perf_counter() - t_all
+        state.to(next(model.parameters()).device)
+    except BaseException:
+        if saved is not None:
+            rot.undo(model, saved)     # the rotation was the only change: undone, the model is as it was
+        raise
+    finally:
+        model.train(was_training)
+    # 5. swap: only assignments from here on
+    swap(model, replacements, state)
+    bar.update(1)
+    bar.close()
+    return model

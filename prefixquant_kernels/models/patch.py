@@ -1,0 +1,177 @@
+"""Module swap for Hugging Face causal LMs, keyed by ``config.model_type`` (llama, qwen2, qwen3).
+
+What is swapped: every decoder layer's q/k/v/o and gate/up/down ``nn.Linear`` -> ``pqk.nn.QuantLinear`` (the
+linear inside a RotatedLinear when the model was rotated)
+(Qwen2's qkv bias is carried by QuantLinear; Qwen3's q_norm/k_norm stay in float, after the quantized GEMM).
+Attention itself is not replaced: every supported attention calls ``past_key_values.update(k, v, layer_idx)``
+after RoPE (and q/k norm), so the K/V path goes through ``pqk.PrefixQuantCache`` once the model runs with one.
+The patched ``forward`` / ``generate`` supply that cache (built by ``model.pqk_state``) when none is given:
+
+* ``model(ids)``: ids are the tokens *after* the prefix (the prefix is in the cache; positions start at P).
+* ``model.generate(ids)``: ids as a user writes them; the prefix is put in front (the user's leading BOS is
+  dropped when the prefix ends with it, so it is not doubled) and the returned sequences are ``ids + new tokens``.
+
+All or nothing: ``swap`` checks every target and builds nothing in the model until all replacements exist.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .rotated_linear import RotatedLinear
+
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One supported architecture: where its linears are and what is special about it."""
+    model_type: str
+    qkv_bias: bool = False      # Qwen2: q/k/v carry a bias
+    qk_norm: bool = False       # Qwen3: RMSNorm on q and k per head, before RoPE
+    bos_fallback_eos: bool = False  # Qwen tokenizers have no BOS: the prefix ends with EOS instead
+
+    def linear_names(self, num_layers: int) -> list[str]:
+        return [f"model.layers.{i}.{part}.{name}" for i in range(num_layers)
+                for part, names in (("self_attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)) for name in names]
+
+
+REGISTRY: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama"),
+    "qwen2": ArchSpec("qwen2", qkv_bias=True, bos_fallback_eos=True),
+    "qwen3": ArchSpec("qwen3", qk_norm=True, bos_fallback_eos=True),
+}
+
+
+def _fail(msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"pqk.quantize_model: {msg}")
+
+
+def get_spec(model_or_type) -> ArchSpec:
+    """The ArchSpec of a model (or a model_type string); ValueError for an unsupported architecture."""
+    mt = model_or_type if isinstance(model_or_type, str) else getattr(getattr(model_or_type, "config", None),
+                                                                      "model_type", None)
+    if mt not in REGISTRY:
+        _fail(f"unsupported architecture model_type={mt!r}; supported: {sorted(REGISTRY)}")
+    return REGISTRY[mt]
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        _fail(f"{type(model).__name__} has no model.layers: expected a *ForCausalLM of {sorted(REGISTRY)}")
+    return layers
+
+
+def float_linears(model) -> dict[str, nn.Linear]:
+    """name -> nn.Linear for every linear to quantize; ValueError if one is missing or already quantized."""
+    spec = get_spec(model)
+    n = len(decoder_layers(model))
+    out = {}
+    for name in spec.linear_names(n):
+        name = resolve(model, name)
+        mod = model.get_submodule(name)
+        if not isinstance(mod, nn.Linear):
+            _fail(f"{name} is a {type(mod).__name__}, not an nn.Linear (is the model already quantized?)")
+        out[name] = mod
+    return out
+
+
+def resolve(model, name: str) -> str:
+    """The name of the linear behind ``name``: ``name + ".linear"`` when it is wrapped by a RotatedLinear."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        _fail(f"{model.config.model_type}: expected a module {name!r}, not found")
+    return f"{name}.linear" if isinstance(mod, RotatedLinear) else name
+
+
+def unwrap(mod: nn.Module) -> nn.Module:
+    return mod.linear if isinstance(mod, RotatedLinear) else mod
+
+
+def swap(model, replacements: dict[str, nn.Module], state: nn.Module | None = None) -> None:
+    """Put every replacement in place (and ``state`` as ``model.pqk_state``), then patch forward/generate.
+    Every target is resolved before the first setattr, so a bad name leaves the model as it was."""
+    targets = []
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            _fail(f"cannot swap {name!r}: no module {parent_name!r}")
+        if not isinstance(getattr(parent, child, None), nn.Module) or not isinstance(new, nn.Module):
+            _fail(f"cannot swap {name!r}: not a module")
+        targets.append((parent, child, new))
+    for parent, child, new in targets:   # from here on nothing can fail
+        setattr(parent, child, new)
+    if state is not None:
+        model.pqk_state = state
+    patch_instance(model)
+
+
+# ---- forward / generate: supply the PrefixQuantCache ------------------------------------------------------------
+
+def _forward_with_cache(orig):
+    @functools.wraps(orig)
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        state = getattr(self, "pqk_state", None)
+        if state is not None and past_key_values is None and use_cache is not False:
+            ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            past_key_values = state.make_cache(ref.shape[0])
+            use_cache = True
+            if attention_mask is not None:
+                attention_mask = state.extend_mask(attention_mask)
+        return orig(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                    use_cache=use_cache, **kwargs)
+    forward._pqk_patched = True
+    return forward
+
+
+def _generate_with_prefix(orig):
+    @functools.wraps(orig)
+    def generate(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        state = getattr(self, "pqk_state", None)
+        if state is None or past_key_values is not None or input_ids is None:
+            return orig(self, input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        ids, mask = state.with_prefix(input_ids, attention_mask)
+        if mask is None:
+            mask = torch.ones_like(ids)
+        out = orig(self, ids, attention_mask=mask, past_key_values=state.make_cache(ids.shape[0]), **kwargs)
+        seqs = out if isinstance(out, torch.Tensor) else out.sequences
+        full = torch.cat([input_ids.to(seqs.device), seqs[:, ids.shape[1]:]], 1)
+        if isinstance(out, torch.Tensor):
+            return full
+        out.sequences = full
+        return out
+    generate._pqk_patched = True
+    return generate
+
+
+def _unbound(fn):
+    """A bound method's function, so wrappers can be installed on an instance or on a class alike."""
+    return getattr(fn, "__func__", fn)
+
+
+def patch_instance(model) -> None:
+    """Patch one model's forward/generate (idempotent). Other instances of its class are not affected."""
+    import types
+    for attr, wrap in (("forward", _forward_with_cache), ("generate", _generate_with_prefix)):
+        cur = _unbound(getattr(model, attr))
+        if not getattr(cur, "_pqk_patched", False):
+            object.__setattr__(model, attr, types.MethodType(wrap(cur), model))
+
+
+def patch_class(cls) -> type:
+    """Patch a *ForCausalLM class (idempotent): its instances use their ``pqk_state`` when they have one and
+    behave as before when they have none."""
+    for attr, wrap in (("forward", _forward_with_cache), ("generate", _generate_with_prefix)):
+        cur = getattr(cls, attr)
+        if not getattr(cur, "_pqk_patched", False):
+            setattr(cls, attr, wrap(cur))
+    return cls

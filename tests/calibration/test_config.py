@@ -1,0 +1,36 @@
+"""QuantConfig validation and its JSON round trip."""
+import pytest
+
+import prefixquant_kernels as pqk
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(w_bits=3), r"w_bits must be one of \(4, 8\)"),
+    (dict(a_bits=16), r"a_bits must be one of \(4, 8\)"),
+    (dict(w_bits=True), "w_bits must be one of"),
+    (dict(kv_bits=3), "kv_bits must be one of"),
+    (dict(kv_bits=2), r"kv_bits=2 is not supported by kv_mode='static'"),
+    (dict(kv_bits=8, kv_mode="kivi"), r"kv_bits=8 is not supported by kv_mode='kivi'"),
+    (dict(act_quant="per_tensor"), "act_quant must be one of"),
+    (dict(weight_method="awq"), "weight_method must be one of"),
+    (dict(eta=0.5), "eta must be a number > 1"),
+    (dict(calib_samples=0), "calib_samples must be a positive int"),
+    (dict(prefix=False, prefix_tokens=[1]), "prefix_tokens given but prefix=False"),
+    (dict(prefix_tokens=[]), "prefix_tokens must be a non-empty list"),
+    (dict(prefix_tokens=[-1]), "prefix_tokens must be a non-empty list"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=r"^pqk\.QuantConfig: .*" + match):
+        pqk.QuantConfig(**kw)
+
+
+def test_resolved_modes_and_round_trip():
+    cfg = pqk.QuantConfig(w_bits=4, a_bits=8, kv_bits=4, act_quant="dynamic", prefix=False)
+    assert cfg.resolved_kv_mode == "dynamic" and cfg.resolved_weight_method == "gptq"
+    assert pqk.QuantConfig(kv_bits=16).resolved_kv_mode == "fp16"
+    assert pqk.QuantConfig(w_bits=8).resolved_weight_method == "rtn"
+    assert pqk.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        pqk.QuantConfig.from_dict({**cfg.to_dict(), "group_size": 128})
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        pqk.QuantConfig.from_dict({**cfg.to_dict(), "version": 99})
