@@ -1,6 +1,12 @@
 """Shared test helpers: backends to sweep, random int-range tensors, heap poisoning."""
 from __future__ import annotations
 
+import os
+
+# Triton kernels run on CPU tensors under the interpreter. triton.jit decides interpreted vs compiled when a
+# kernel module is *imported*, so this must be set before any test (or collected module) imports one.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import zlib
 
 import pytest
