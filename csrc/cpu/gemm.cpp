@@ -3,13 +3,14 @@
 //
 //   for each block of MB rows of A (serial):
 //     build the int8 panel of those rows              (parallel over rows; fused quantize for float A)
-//     for each tile of nr W rows (parallel over N):   W tile stays in L1 while ...
-//       for each tile of mr panel rows:               ... the panel (<= kPanelBytes, in L2) streams by
-//         int32 tile -> y = acc * (a_scale * w_scale) + bias -> out dtype
+//     for each block of W tiles (parallel over N):    packed W block (<= kWBlockBytes) stays in L2 while ...
+//       for each tile of mr panel rows:               ... each A tile (in L1) passes over it
+//         for each tile of nr W rows in the block:
+//           int32 tile -> y = acc * (a_scale * w_scale) + bias -> out dtype
 //
 // Why this order: W is the big operand (N*K/2 bytes, e.g. 8 MB at 4096x4096) and is read from memory
-// once per M-block; A's panel is small enough for L2 and is re-read from there for every W tile. At
-// decode (M <= 16) there is one M-block and W is streamed exactly once, which is the whole cost.
+// once per M-block; inside a block the operand re-read from L2 is packed W (half a byte per k) rather
+// than the int8 panel (docs/PERF.md, step 2). At decode there is one M-block and W streams exactly once.
 #include <string.h>
 
 #include <algorithm>
