@@ -3,14 +3,10 @@
 // pick for the portable code — and used only when cpuid reports AVX2 (isa.cpp). FMA is deliberately
 // not enabled: fp32 results must stay bit-exact with the reference, so nothing may be contracted.
 //
-// The integer trick. AVX2 has no int8 x int8 dot product; vpmaddubsw multiplies *unsigned* bytes by
-// signed bytes and adds adjacent pairs into saturating int16. We feed it
-//     U = w + 8   (the nibble XOR 8: 0..15, unsigned)        S = a   (int8, the A panel)
-// so sum_k U*a = sum_k w*a + 8 * sum_k a, and the driver-supplied row sum of A removes the 8*sum_k a.
-// No saturation: a pair is at most 2 * 15 * 128 = 3840 < 32767. Partial sums then stay in int16 for
-// FLUSH chunks (|chunk| <= 2 pairs * 2 * 15 * |a|max: 480 for A4, 7680 for A8, so 64 and 4 chunks fit
-// under 32767) before vpmaddwd widens them to int32. The alternative, the sign trick
-// (|a| and sign(w, a)), costs two vpsignb per product and buys nothing when w has 4 bits.
+// The W4 tile is x86_tile_w4.h with MaddubsAcc (vpmaddubsw into int16; the integer trick and the
+// saturation bounds are explained there). The alternative, the sign trick (|a| and sign(w, a)), costs two
+// vpsignb per product and buys nothing when w has 4 bits. CPUs with VNNI run the same tile with one
+// vpdpbusd per 32 bytes (vnni_kernels.cpp).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
@@ -66,12 +62,9 @@ inline void deinterleave64(__m256i y0, __m256i y1, __m256i* even, __m256i* odd) 
   *odd = _mm256_permute2x128_si256(s0, s1, 0x31);
 }
 
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
+
+// ---- the W4 tile: MaddubsAcc (vpmaddubsw into int16, widened every FLUSH chunks) -------------------
+#include "x86_tile_w4.h"
 
 // ---- row functions (see kernels_internal.h for the contracts) -----------------------------------------
 void quantize_row(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int8_t* q) {
@@ -187,72 +180,6 @@ void dequant_row4(const uint8_t* p, int64_t K, float scale, void* out, FloatType
   }
 }
 
-// ---- tiles ----------------------------------------------------------------------------------------
-// acc[MR][NR] = A[0:MR] . W[0:NR], W packed int4 read in its storage order (one 32-byte load = 64 k).
-template <int MR, int NR, int FLUSH>
-void tile_w4_t(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride,
-               int64_t K, int32_t* acc) {
-  const int64_t row_bytes = K / 2, n_full = row_bytes / 32, tail = row_bytes % 32;
-  const __m256i mask0f = _mm256_set1_epi8(0x0F), x88 = _mm256_set1_epi8((char)0x88);
-  const __m256i ones16 = _mm256_set1_epi16(1);
-  __m256i acc32[MR][NR], acc16[MR][NR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc32[i][j] = acc16[i][j] = _mm256_setzero_si256();
-
-  // one 64-k chunk: U = nibble ^ 8 (low = even k, high = odd k), S = the panel's even / odd halves
-  auto chunk = [&](const uint8_t* const* wrow, int64_t c) __attribute__((always_inline)) {
-    __m256i wlo[NR], whi[NR];
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      __m256i b = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)wrow[j]), x88);
-      wlo[j] = _mm256_and_si256(b, mask0f);
-      whi[j] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask0f);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256i ae = _mm256_loadu_si256((const __m256i*)(a + i * kp + c * kChunk));
-      const __m256i ao = _mm256_loadu_si256((const __m256i*)(a + i * kp + c * kChunk + 32));
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j)
-        acc16[i][j] = _mm256_add_epi16(acc16[i][j], _mm256_add_epi16(_mm256_maddubs_epi16(wlo[j], ae),
-                                                                       _mm256_maddubs_epi16(whi[j], ao)));
-    }
-  };
-  auto flush = [&]() __attribute__((always_inline)) {
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) {
-        acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc16[i][j], ones16));
-        acc16[i][j] = _mm256_setzero_si256();
-      }
-  };
-
-  const uint8_t* wrow[NR];
-  int since_flush = 0;
-  for (int64_t c = 0; c < n_full; ++c) {
-    for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + c * 32;
-    chunk(wrow, c);
-    if (++since_flush == FLUSH) { flush(); since_flush = 0; }
-  }
-  if (tail) {
-    // The last W bytes of a row may end anywhere: copy them into zeroed 32-byte buffers (a zero byte is
-    // w = 0, and the panel pads A with 0, so the padding contributes nothing).
-    alignas(32) uint8_t wtail[NR][32];
-    memset(wtail, 0, sizeof(wtail));
-    for (int j = 0; j < NR; ++j) {
-      memcpy(wtail[j], w + j * w_stride + n_full * 32, (size_t)tail);
-      wrow[j] = wtail[j];
-    }
-    chunk(wrow, n_full);
-  }
-  flush();
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i * NR + j] = hsum_epi32(acc32[i][j]) - 8 * a_rowsum[i];
-}
-
 // W8: sign-extend both operands to int16 and use vpmaddwd (exact: |a*w| <= 2^14, pair <= 2^15).
 template <int MR, int NR>
 void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int32_t* acc) {
@@ -291,22 +218,11 @@ void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, i
 
 constexpr int kMR = 4, kNR = 2, kNRDecode = 4;
 
-// Runtime (mr, nr) -> the instantiation; acc is written with row stride nr.
-template <int FLUSH>
-void tile_w4_dispatch(const int8_t* a, int64_t kp, const int32_t* rs, const uint8_t* w, int64_t ws, int64_t K,
-                      int mr, int nr, int32_t* acc) {
-#define PQK_W4(MR_, NR_) \
-  if (mr == MR_ && nr == NR_) return tile_w4_t<MR_, NR_, FLUSH>(a, kp, rs, w, ws, K, acc);
-  PQK_W4(4, 2) PQK_W4(3, 2) PQK_W4(2, 2) PQK_W4(1, 2) PQK_W4(4, 1) PQK_W4(3, 1) PQK_W4(2, 1) PQK_W4(1, 1)
-  PQK_W4(1, 4) PQK_W4(1, 3)
-#undef PQK_W4
-  scalar_kernels().tile_w4(a, kp, rs, FLUSH == 64 ? 4 : 8, w, ws, K, mr, nr, acc);  // a shape not instantiated
-}
-
+// FLUSH: A4 bounds a chunk's partial sum by 480, A8 by 7680 (MaddubsAcc in x86_tile_w4.h)
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
              int64_t K, int mr, int nr, int32_t* acc) {
-  if (a_bits == 4) tile_w4_dispatch<64>(a, kp, rs, w, ws, K, mr, nr, acc);
-  else tile_w4_dispatch<4>(a, kp, rs, w, ws, K, mr, nr, acc);
+  if (a_bits == 4) tile_w4_dispatch<MaddubsAcc<64>>(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
+  else tile_w4_dispatch<MaddubsAcc<4>>(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
 }
 
 void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K, int mr, int nr, int32_t* acc) {

@@ -54,6 +54,8 @@ struct IsaKernels {
 
 const IsaKernels& scalar_kernels();
 const IsaKernels* avx2_kernels();  // nullptr when not built for x86-64
+const IsaKernels* avxvnni_kernels();     // the AVX2 table with a vpdpbusd W4 tile (VEX); nullptr off x86-64
+const IsaKernels* avx512vnni_kernels();  // the same with the EVEX encoding (AVX512-VNNI + VL)
 const IsaKernels& kernels_for(Isa isa);  // isa must be supported (kAuto resolved)
 
 }  // namespace cpu

@@ -7,6 +7,8 @@ backend:
   "cpu"         the C++ kernels, best instruction set of this CPU (AVX2 or portable)
   "cpu:scalar"  the C++ kernels forced to the portable code path
   "cpu:avx2"    the C++ kernels forced to the AVX2 code path
+  "cpu:avxvnni", "cpu:avx512vnni"
+                the AVX2 kernels with the W4 tile on vpdpbusd (VEX / EVEX encoding), on CPUs that have it
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from .. import _extension
 from .checks import fail
 
-CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1}
+CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3}
 BACKENDS = ("auto", "reference", *CPU_ISAS)
 
 
@@ -52,6 +54,5 @@ def available_backends() -> list[str]:
     out = ["reference"]
     if _extension.cpu_available():
         out.append("cpu:scalar")
-        if _extension._C.cpu_isa_supported(1):
-            out.append("cpu:avx2")
+        out += [name for name, isa in CPU_ISAS.items() if isa > 0 and _extension._C.cpu_isa_supported(isa)]
     return out

@@ -1,6 +1,7 @@
 """The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer: csrc/cpu/tests/sanitize_harness.cpp
 is compiled with the kernel sources (no torch) and run; it checks results too, against naive loops."""
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = os.path.join(ROOT, "csrc", "cpu")
-KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "kv_cache.cpp", "isa.cpp", "scalar_kernels.cpp", "avx2_kernels.cpp"]
+KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "kv_cache.cpp", "isa.cpp", "scalar_kernels.cpp", "avx2_kernels.cpp",
+                  "vnni_kernels.cpp"]
 
 
 def build_harness(out_dir: str, sanitize: bool = True, cxx: str | None = None, extra=()) -> str:
@@ -28,12 +30,29 @@ def build_harness(out_dir: str, sanitize: bool = True, cxx: str | None = None, e
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sanitizer runtime checked on Linux only")
 def test_kernels_under_asan_ubsan(tmp_path):
-    exe = build_harness(str(tmp_path))
+    # PQK_VNNI_EMULATE: the VNNI tables run with an exact AVX2 emulation of vpdpbusd (vnni_kernels.cpp), so
+    # their tile logic is checked here although this machine has no VNNI.
+    exe = build_harness(str(tmp_path), extra=("-DPQK_VNNI_EMULATE",))
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     for seed in ("1", "2"):
         r = subprocess.run([exe, seed], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert " 0 failed" in r.stdout and "ERROR" not in r.stderr
+        if platform.machine() in ("x86_64", "AMD64") and "skip isa avx2" not in r.stdout:
+            assert "skip isa" not in r.stdout, r.stdout  # every table ran: scalar, avx2, both VNNI copies
+
+
+def test_extension_contains_vnni_tiles():
+    """The extension's VNNI copies really use vpdpbusd in both encodings (the emulation above cannot show it)."""
+    from prefixquant_kernels import _extension
+    objdump = shutil.which("objdump")
+    if objdump is None or not _extension.cpu_available() or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs objdump, the built extension and x86-64")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", _extension._C.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    dp = [ln for ln in text.splitlines() if "vpdpbusd" in ln]
+    assert any("{vex}" in ln for ln in dp), "no VEX vpdpbusd (avxvnni tile)"
+    assert any("{vex}" not in ln for ln in dp), "no EVEX vpdpbusd (avx512vnni tile)"
 
 
 @pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),

@@ -5,12 +5,12 @@ import torch
 
 import prefixquant_kernels as pqk
 from prefixquant_kernels import _extension
-from prefixquant_kernels.ops.backend import available_backends
+from prefixquant_kernels.ops.backend import CPU_ISAS, available_backends
 
 from .conftest import rand_kv
 
 pytestmark = pytest.mark.skipif(not _extension.cpu_available(), reason="C++ extension not built")
-ISAS = [{"cpu:scalar": 0, "cpu:avx2": 1}[b] for b in available_backends() if b.startswith("cpu:")]
+ISAS = [CPU_ISAS[b] for b in available_backends() if b.startswith("cpu:")]
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -157,7 +157,7 @@ static void test_kv_dequant(int64_t B, int64_t H, int64_t P, int64_t T, int64_t 
 
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
-  const Isa isas[] = {Isa::kScalar, Isa::kAvx2};
+  const Isa isas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni};
   const int64_t shapes[][3] = {{1, 1, 2}, {1, 13, 64}, {3, 5, 66}, {5, 3, 130}, {17, 9, 200}, {70, 7, 126}, {4, 33, 4096 + 2}};
   for (Isa isa : isas) {
     if (!isa_supported(isa)) { printf("skip isa %s (not supported here)\n", isa_name(isa)); continue; }

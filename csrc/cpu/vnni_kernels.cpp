@@ -1,0 +1,136 @@
+// VNNI kernels (x86-64): the AVX2 table with the W4 tile's multiply-accumulate done by vpdpbusd
+// (x86_tile_w4.h, DpbusdAcc: 2 instructions per 64 k instead of vpmaddubsw's 3 plus the int16 flush).
+// Two copies of the tile, each compiled for its own encoding and picked by cpuid (isa.cpp):
+//   "avxvnni"     VEX vpdpbusd ymm (AVX-VNNI: Alder Lake and later client cores, Zen 5)
+//   "avx512vnni"  EVEX vpdpbusd ymm (AVX512-VNNI + AVX512-VL: Ice Lake / Sapphire Rapids servers, Zen 4/5);
+//                 ymm, not zmm, so the tile and the A panel layout stay those of AVX2, and EVEX gives the
+//                 compiler 32 vector registers
+// Every other row function (quantize, split, pack, dequant) and the W8 tile are the AVX2 ones: they are
+// load/store or vpmaddwd bound, where VNNI changes nothing.
+//
+// Testing without VNNI hardware (this project's machines have none). With PQK_VNNI_EMULATE defined (the
+// sanitizer harness builds so; never the extension), both copies are compiled for plain AVX2 and Dp::dot
+// is an exact emulation of vpdpbusd, so the tile logic of both tables runs — bit for bit against the
+// reference — on any AVX2 CPU. What the emulation cannot test is the instruction itself; its semantics
+// (u8 x s8, four products summed into the int32 lane, no saturation) are the ones emulated below.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "kernels_internal.h"
+
+namespace pqk {
+namespace cpu {
+const IsaKernels* avx2_kernels();
+}  // namespace cpu
+}  // namespace pqk
+
+// ---- AVX-VNNI (VEX) -----------------------------------------------------------------------------------
+#pragma GCC push_options
+#ifdef PQK_VNNI_EMULATE
+#pragma GCC target("avx2,f16c")
+#else
+#pragma GCC target("avx2,f16c,avxvnni")
+#endif
+namespace pqk {
+namespace cpu {
+namespace avxvnni {
+
+#ifdef PQK_VNNI_EMULATE
+// vpdpbusd, exactly: per dword lane, acc + u0*s0 + u1*s1 + u2*s2 + u3*s3 (u unsigned, s signed bytes).
+// Even and odd bytes are widened to int16 (u zero-, s sign-extended; a product is at most 255 * 128 in
+// magnitude, so it fits) and vpmaddwd sums each pair of products into int32: no saturation anywhere.
+struct Dp {
+  static __m256i dot(__m256i acc, __m256i u, __m256i s) {
+    const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+    __m256i ue = _mm256_and_si256(u, lo8), uo = _mm256_srli_epi16(u, 8);
+    __m256i se = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8), so = _mm256_srai_epi16(s, 8);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(ue, se), _mm256_madd_epi16(uo, so)));
+  }
+};
+#else
+struct Dp {
+  static __m256i dot(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+};
+#endif
+
+#include "x86_tile_w4.h"
+
+void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
+             int64_t K, int mr, int nr, int32_t* acc) {
+  tile_w4_dispatch<DpbusdAcc<Dp>>(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
+}
+
+}  // namespace avxvnni
+}  // namespace cpu
+}  // namespace pqk
+#pragma GCC pop_options
+
+// ---- AVX512-VNNI (EVEX, on ymm) -----------------------------------------------------------------------
+#pragma GCC push_options
+#ifdef PQK_VNNI_EMULATE
+#pragma GCC target("avx2,f16c")
+#else
+#pragma GCC target("avx2,f16c,avx512f,avx512vnni,avx512vl")
+#endif
+namespace pqk {
+namespace cpu {
+namespace avx512vnni {
+
+#ifdef PQK_VNNI_EMULATE
+using Dp = avxvnni::Dp;  // the emulation is encoding-independent
+#else
+struct Dp {
+  static __m256i dot(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+};
+#endif
+
+#include "x86_tile_w4.h"
+
+void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
+             int64_t K, int mr, int nr, int32_t* acc) {
+  tile_w4_dispatch<DpbusdAcc<Dp>>(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
+}
+
+}  // namespace avx512vnni
+}  // namespace cpu
+}  // namespace pqk
+#pragma GCC pop_options
+
+namespace pqk {
+namespace cpu {
+
+// The AVX2 table with the VNNI tile (built on first use: avx2_kernels() lives in another file).
+static IsaKernels with_tile(const char* name, decltype(IsaKernels::tile_w4) tile) {
+  IsaKernels k = *avx2_kernels();
+  k.name = name;
+  k.tile_w4 = tile;
+  return k;
+}
+
+const IsaKernels* avxvnni_kernels() {
+  static const IsaKernels k = with_tile("avxvnni", avxvnni::tile_w4);
+  return &k;
+}
+
+const IsaKernels* avx512vnni_kernels() {
+  static const IsaKernels k = with_tile("avx512vnni", avx512vnni::tile_w4);
+  return &k;
+}
+
+}  // namespace cpu
+}  // namespace pqk
+
+#else  // not x86-64
+
+#include "kernels_internal.h"
+namespace pqk {
+namespace cpu {
+const IsaKernels* avxvnni_kernels() { return nullptr; }
+const IsaKernels* avx512vnni_kernels() { return nullptr; }
+}  // namespace cpu
+}  // namespace pqk
+
+#endif
