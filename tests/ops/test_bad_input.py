@@ -106,3 +106,12 @@ def test_wrong_device_is_named(call, match):
 def test_cpu_backend_rejects_other_devices():
     with pytest.raises(ValueError, match="runs on CPU tensors"):
         pqk.quantize_static(X.to("meta"), 0.1, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni"])
+def test_unsupported_isa_is_a_clear_error(backend):
+    """Forcing an instruction set this CPU lacks raises (naming it) instead of executing illegal instructions."""
+    if backend in pqk.available_backends() or not pqk._extension.cpu_available():
+        pytest.skip(f"{backend} runs here (or no extension)")
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' is not supported by this CPU"):
+        pqk.quantize_static(X, 0.1, backend=backend)
