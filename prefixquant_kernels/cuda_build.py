@@ -168,6 +168,7 @@ def build_harness(name: str, root: str | None = None, out_dir: str | None = None
     src = os.path.join(root, "csrc", "cuda", "tests", f"{name}.cpp")
     flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra"] + (["-Werror"] if werror else [])
     hdrs = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cuh")) + glob.glob(os.path.join(root, "csrc", "cuda",
+                  "*.h")) + glob.glob(os.path.join(root, "csrc", "cuda",
                   "tests", "*.h")) + glob.glob(os.path.join(root, "csrc", "common", "*.h")))
     d = out_dir or os.path.join(cache_dir(), "harness-" + _digest([src, *hdrs], " ".join(flags) + cxx))
     exe = os.path.join(d, name)

@@ -52,9 +52,12 @@ int pqk_quantize_per_token(const void* x, int x_dtype, void* out, float* scales_
 int pqk_rmsnorm_quantize(const void* x, int x_dtype, const void* weight, float eps, const float* scale, int bits,
                          void* q_out, void* normed_out, int rows, int cols, pqk_stream_t stream);
 
-// Online Walsh-Hadamard transform of each row: y = (H_m (x) H_{2^p}) x / sqrt(n), n = cols = m * 2^p.
-// x, y fp16/bf16 [rows, cols] (may alias); had_m: fp32 [m, m] with +-1 entries (the caller's H_m; null if m == 1).
-// m must be 1 or one of 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172 (else PQK_ERR_HADAMARD_SIZE).
+// Online Walsh-Hadamard transform of each row: y = (H_m (x) H_{2^p}) x / sqrt(n), n = cols = m * 2^p, element
+// a * 2^p + b of a row = entry (a, b) (the 2^p factor is the fast index; prefixquant_kernels/hadamard.py).
+// x, y fp16 (x_dtype 0) / bf16 (1) / fp32 (2) [rows, cols] (may alias); had_m: fp32 [m, m] with +-1 entries
+// (hadamard.hadamard_matrix(m); its transpose gives the inverse transform; null if m == 1).
+// m must be 1 or one of 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172 and cols / m a power of two, else
+// PQK_ERR_HADAMARD_SIZE; also when 4 * cols bytes exceed the device's shared memory per block (hadamard.cu).
 int pqk_hadamard(const void* x, void* y, int x_dtype, const float* had_m, int m, int rows, int cols,
                  pqk_stream_t stream);
 
