@@ -20,6 +20,24 @@ Modes (one layer class each; ``update`` appends the new tokens and returns the w
 The prefix (PrefixQuant's outlier tokens; ``[1 or B, H_kv, P, D]`` per layer, any mode) counts in the
 sequence length: pass ``input_ids`` that start with the P prefix tokens, generate() then feeds only the rest.
 A batch-1 prefix serves every sequence of the batch (read with batch stride 0: never copied).
+
+Beyond greedy / sampling (the methods generate() and assisted generation call):
+
+* ``reorder_cache(beam_idx)`` (beam search), ``batch_select_indices(indices)``, ``batch_repeat_interleave(r)``:
+  select batch rows of every tensor that has a batch dim (packed bodies, their group scales/zeros, the 16-bit
+  rows). Every quantizer here works per batch row, so the result is bit-exact with a cache fed the selected
+  sequences from the start. A batch-1 prefix is left alone (never copied); a per-sequence prefix is selected too.
+  generate(num_beams=N) runs B*N sequences: give a batch-1 prefix, or one already repeat_interleaved by N.
+* ``crop(-k)`` removes the k newest tokens (transformers >= 5 semantics; ``crop(0)`` is a no-op; k may reach
+  into the prefix, which is then cut as a view). "fp16" and "prefixquant" store every token on its own, so a
+  cropped cache is bit-exact with one built from the shorter sequence. "kivi" and "logquant" cannot un-quantize:
+  after a crop the cache returns, for every remaining position, exactly the values it returned before the crop
+  (a 2-bit token stays 2-bit, a 16-bit one stays 16-bit). The one change of representation: a key group (G
+  tokens quantized together per channel) that loses some of its tokens is dissolved, and its remaining tokens
+  move to the 16-bit rows as their dequantized values (bit-exact), waiting to be re-quantized in a new group.
+  So the state can differ from a freshly built cache of the shorter sequence (which would hold some of those
+  tokens in 16 bits): ``is_croppable`` is False for these two modes, True for the others.
+* ``reset()`` drops every token after the prefix (the prefix and scales stay).
 """
 from __future__ import annotations
 
@@ -70,9 +88,29 @@ class _Rows:
         self.buf[:, :, :kept.shape[2]] = kept
         self.n = kept.shape[2]
 
+    def truncate(self, n: int) -> None:
+        """Keep the first n rows (no copy: the capacity stays for later appends)."""
+        self.n = min(self.n, n)
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        """Batch rows idx (int64 [B']), repeats allowed. index_select over the whole buffer, spare capacity
+        included (at most 2x the filled part): one copy, and the next append still finds room, where selecting
+        only the filled part would make that append reallocate and copy the history a second time."""
+        if self.buf is not None:
+            self.buf = self.buf.index_select(0, idx.to(self.buf.device))
+
+    def replace(self, x: torch.Tensor) -> None:
+        """Hold exactly x (a rebuild, for the rare crop that reorders rows)."""
+        self.buf, self.n = None, 0
+        self.append(x)
+
     def nbytes(self) -> int:
         v = self.view()
         return 0 if v is None else v.numel() * v.element_size()
+
+
+def _index(rows, device) -> torch.Tensor:
+    return torch.as_tensor(rows, dtype=torch.long, device=device)
 
 
 def _concat_16bit(prefix: torch.Tensor | None, tail: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
@@ -92,7 +130,7 @@ class _PrefixedLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True    # crop(-k) restores exactly the state before the last k tokens (not kivi/logquant)
 
     def __init__(self, prefix_keys: torch.Tensor | None, prefix_values: torch.Tensor | None, backend: str):
         super().__init__()
@@ -100,6 +138,7 @@ class _PrefixedLayer(CacheLayerMixin):
         self.prefix_len = 0 if prefix_keys is None else prefix_keys.shape[2]
         self.backend = backend
         self.n_tokens = 0  # tokens after the prefix
+        self.init_stores()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -108,8 +147,11 @@ class _PrefixedLayer(CacheLayerMixin):
         for name, pre in (("prefix_keys", self.prefix_keys), ("prefix_values", self.prefix_values)):
             if pre is not None and (pre.shape[0] not in (1, b) or pre.shape[1] != h or pre.shape[3] != d
                                     or pre.device != key_states.device):
+                beams = (f" (beam search runs batch * num_beams sequences: give a batch-1 prefix, or "
+                         f"repeat_interleave it by num_beams)" if pre.shape[0] > 1 and b % pre.shape[0] == 0 else "")
                 _fail(f"{name} must have shape (1 or {b}, {h}, P, {d}) on {key_states.device} to match the "
-                      f"model's key states {tuple(key_states.shape)}, got {tuple(pre.shape)} on {pre.device}")
+                      f"model's key states {tuple(key_states.shape)}, got {tuple(pre.shape)} on {pre.device}"
+                      + beams)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -132,7 +174,68 @@ class _PrefixedLayer(CacheLayerMixin):
         """Bytes of the tensors this layer holds, by part (prefix counted once, however large the batch)."""
         return {"prefix": _nbytes(self.prefix_keys) + _nbytes(self.prefix_values), **self.body_bytes()}
 
+    def batch_size(self) -> int | None:
+        """The batch the layer holds: the model's once initialized, else a per-sequence prefix's, else None."""
+        if self.is_initialized:
+            return self.batch
+        if self.prefix_keys is not None and self.prefix_keys.shape[0] > 1:
+            return self.prefix_keys.shape[0]
+        return None
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        """Keep batch rows idx (int64 [B'], in [0, batch), repeats allowed), in that order. Validated by
+        PrefixQuantCache. A batch-1 prefix is shared by every row and stays as it is (no copy)."""
+        for name in ("prefix_keys", "prefix_values"):
+            pre = getattr(self, name)
+            if pre is not None and pre.shape[0] > 1:
+                setattr(self, name, pre.index_select(0, idx.to(pre.device)))  # a new tensor: the user's is untouched
+        if self.is_initialized:
+            self.select_stores(idx.to(self.device))
+            self.batch = idx.numel()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        b = self.batch_size()
+        if b is not None:
+            self.select_batch(torch.arange(b).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the -tokens_to_remove newest tokens (validated by PrefixQuantCache; see the module doc)."""
+        k = -tokens_to_remove
+        if k == 0:
+            return
+        keep = self.get_seq_length() - k
+        if keep < self.prefix_len:  # into the prefix: cut it as a view (the user's tensor is untouched)
+            self.prefix_keys = self.prefix_keys[:, :, :keep]
+            self.prefix_values = self.prefix_values[:, :, :keep]
+            self.prefix_len = keep
+        m = max(keep - self.prefix_len, 0)
+        if m < self.n_tokens:
+            self.crop_stores(m)
+            self.n_tokens = m
+
+    def reset(self) -> None:
+        """Drop every token after the prefix; the prefix and the scales stay."""
+        self.init_stores()
+        self.n_tokens = 0
+        self.is_initialized = False
+
     # per mode
+    def init_stores(self) -> None:
+        raise NotImplementedError
+
+    def select_stores(self, idx: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def crop_stores(self, m: int) -> None:
+        """Keep the first m tokens after the prefix (m < n_tokens)."""
+        raise NotImplementedError
+
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -149,7 +252,17 @@ class Fp16Layer(_PrefixedLayer):
 
     def __init__(self, prefix_keys=None, prefix_values=None, backend="auto"):
         super().__init__(prefix_keys, prefix_values, backend)
+
+    def init_stores(self):
         self.k, self.v = _Rows(), _Rows()
+
+    def select_stores(self, idx):
+        self.k.select_batch(idx)
+        self.v.select_batch(idx)
+
+    def crop_stores(self, m):
+        self.k.truncate(m)
+        self.v.truncate(m)
 
     def append(self, key_states, value_states):
         self.k.append(key_states)
@@ -170,7 +283,17 @@ class StaticQuantLayer(_PrefixedLayer):
                  bits: int = 4, backend="auto"):
         super().__init__(prefix_keys, prefix_values, backend)
         self.key_scale, self.value_scale, self.bits = key_scale, value_scale, bits
+
+    def init_stores(self):
         self.k, self.v = _Rows(), _Rows()
+
+    def select_stores(self, idx):  # packed rows: each token quantized on its own with the static scales
+        self.k.select_batch(idx)
+        self.v.select_batch(idx)
+
+    def crop_stores(self, m):
+        self.k.truncate(m)
+        self.v.truncate(m)
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -247,6 +370,60 @@ class _GroupwiseStore:
         return {"body": self.packed.nbytes(), "scales": self.scale.nbytes() + self.zero.nbytes(),
                 "fp16": self.fp.nbytes(), "positions": self.body_pos.nbytes()}
 
+    def select_batch(self, idx: torch.Tensor) -> None:
+        """Batch rows idx: the groups never span sequences, so selecting rows of each part is exact.
+        body_pos has batch 1 (the positions are the same for every sequence) and stays."""
+        for rows in (self.packed, self.scale, self.zero, self.fp):
+            rows.select_batch(idx)
+
+    def crop(self, m: int) -> list[int]:
+        """Drop every row at a position >= m. Per-token groups (axis "token") drop with their rows; a per-channel
+        group (axis "channel": G body rows sharing one scale/zero per channel) that loses any row is dissolved,
+        its other rows moving to the front of the 16-bit rows as their dequantized values (what assemble
+        returned for them: q * scale + zero in fp32, cast once to the 16-bit dtype). Returns those positions."""
+        nq = self.packed.n
+        restored, restored_pos = None, []
+        if nq:
+            dev = self.packed.buf.device
+            bpos = list(range(nq)) if self.in_order else self.body_pos.view().reshape(-1).tolist()
+            if self.axis == "token":
+                rows = [i for i in range(nq) if bpos[i] < m]
+                groups = rows                          # one scale/zero row per body row
+            else:
+                g = self.group_size
+                dead = sorted({i // g for i in range(nq) if bpos[i] >= m})
+                groups = [j for j in range(nq // g) if j not in set(dead)]
+                rows = [i for j in groups for i in range(j * g, (j + 1) * g)]
+                if dead:
+                    dead_rows = [i for j in dead for i in range(j * g, (j + 1) * g)]
+                    back = [k for k, i in enumerate(dead_rows) if bpos[i] < m]
+                    if back:
+                        x = kv_ops.kv_dequant_concat(
+                            None, self.packed.take(_index(dead_rows, dev)), self.scale.take(_index(dead, dev)),
+                            self.bits, self.fp.buf.dtype, zero=self.zero.take(_index(dead, dev)),
+                            group_size=g, axis="channel", backend=self.backend)
+                        restored = x.index_select(2, _index(back, dev))
+                        restored_pos = [bpos[dead_rows[k]] for k in back]
+            self.packed.keep(_index(rows, dev))
+            self.scale.keep(_index(groups, dev))
+            self.zero.keep(_index(groups, dev))
+            if not self.in_order:
+                self.body_pos.keep(_index(rows, dev))
+        stay = [r for r, p in enumerate(self.fp_pos) if p < m]
+        if restored is not None:  # restored rows first: for an in-order store they precede every 16-bit row
+            self.fp.replace(torch.cat([restored, self.fp.take(_index(stay, restored.device))], 2))
+        elif self.fp.buf is not None:
+            self.fp.keep(_index(stay, self.fp.buf.device))
+        self.fp_pos = restored_pos + [self.fp_pos[r] for r in stay]
+        return restored_pos
+
+
+def _store_bits(layer) -> int:
+    """The bits of a group-wise layer's stores: at construction the layer's; on reset() the stores' own (callers
+    such as models/kv_cache.build_cache set layer.k.bits / layer.v.bits after construction)."""
+    k = getattr(layer, "k", None)
+    return layer.bits if k is None else k.bits
+
 
 def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
@@ -257,10 +434,25 @@ class KiviLayer(_PrefixedLayer):
 
     def __init__(self, group_size: int = 32, residual_length: int = 128, prefix_keys=None, prefix_values=None,
                  bits: int = 2, backend="auto"):
+        self.residual_length, self.group_size, self.bits = residual_length, group_size, bits
         super().__init__(prefix_keys, prefix_values, backend)
-        self.residual_length = residual_length
-        self.k = _GroupwiseStore(bits, group_size, "channel", backend, in_order=True)
-        self.v = _GroupwiseStore(bits, group_size, "token", backend, in_order=True)
+
+    is_croppable = False  # a crop cannot un-quantize (module doc)
+
+    def init_stores(self):
+        bits = _store_bits(self)
+        self.k = _GroupwiseStore(bits, self.group_size, "channel", self.backend, in_order=True)
+        self.v = _GroupwiseStore(bits, self.group_size, "token", self.backend, in_order=True)
+
+    def select_stores(self, idx):
+        self.k.select_batch(idx)
+        self.v.select_batch(idx)
+
+    def crop_stores(self, m):
+        # keys: whole R-blocks stay quantized, a dissolved group's tokens rejoin the 16-bit block (and are
+        # re-quantized when it fills); values: the 16-bit window holds fewer than R tokens until it refills
+        self.k.crop(m)
+        self.v.crop(m)
 
     def append(self, key_states, value_states):
         pos = list(range(self.n_tokens, self.n_tokens + key_states.shape[2]))
@@ -298,13 +490,31 @@ class LogQuantLayer(_PrefixedLayer):
 
     def __init__(self, window: int = 32, group_size: int = 32, prefix_keys=None, prefix_values=None,
                  bits: int = 2, backend="auto"):
+        self.window, self.group_size, self.bits = window, group_size, bits
         super().__init__(prefix_keys, prefix_values, backend)
-        self.window = window
+
+    is_croppable = False  # a crop cannot un-quantize (module doc)
+
+    def init_stores(self):
         self.sparse: list[int] = []
         self.recent: list[int] = []
-        self.k = _GroupwiseStore(bits, group_size, "channel", backend, in_order=False)
-        self.v = _GroupwiseStore(bits, group_size, "token", backend, in_order=False)
+        bits = _store_bits(self)
+        self.k = _GroupwiseStore(bits, self.group_size, "channel", self.backend, in_order=False)
+        self.v = _GroupwiseStore(bits, self.group_size, "token", self.backend, in_order=False)
         self._pending_keys: list[int] = []   # positions that left S + L, keys not yet a full group
+
+    def select_stores(self, idx):
+        self.k.select_batch(idx)
+        self.v.select_batch(idx)
+
+    def crop_stores(self, m):
+        # S and L lose their positions >= m (the newest: L's end, S's only if L empties); the selection goes on
+        # from there. Keys of a dissolved group wait again as pending keys, ahead of the ones pending already.
+        self.sparse = [p for p in self.sparse if p < m]
+        self.recent = [p for p in self.recent if p < m]
+        restored = self.k.crop(m)
+        self._pending_keys = restored + [p for p in self._pending_keys if p < m]
+        self.v.crop(m)
 
     def append(self, key_states, value_states):
         pos = list(range(self.n_tokens, self.n_tokens + key_states.shape[2]))
@@ -418,6 +628,51 @@ class PrefixQuantCache(Cache):
             else:
                 layers = [Fp16Layer(pks[i], pvs[i], backend=backend) for i in range(num_layers)]
         super().__init__(layers=layers)
+
+    # ---- beam search, contrastive / assisted generation (module doc); arguments checked once, for all layers
+
+    def _batch_index(self, idx, name: str) -> torch.Tensor:
+        """A 1-D integer tensor (or list) of batch rows in [0, batch) -> int64 (on idx's device)."""
+        if not isinstance(idx, torch.Tensor):
+            idx = torch.as_tensor(idx)
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            _fail(f"{name} must be a 1-D integer tensor of batch indices, got {idx.dtype} of shape "
+                  f"{tuple(idx.shape)}", TypeError)
+        b = self.layers[0].batch_size()
+        if b is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= b):  # one sync per call
+            _fail(f"{name} must hold batch indices in [0, {b}), got values in [{int(idx.min())}, {int(idx.max())}]")
+        return idx.long()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: sequence i continues beam beam_idx[i] (int [B*num_beams])."""
+        idx = self._batch_index(beam_idx, "beam_idx")
+        for layer in self.layers:
+            layer.reorder_cache(idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences `indices` (int [B']), in that order."""
+        idx = self._batch_index(indices, "indices")
+        for layer in self.layers:
+            layer.batch_select_indices(idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence `repeats` times in place (batch B -> B * repeats, as repeat_interleave)."""
+        _check_positive_int(repeats, "repeats")
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the k = -tokens_to_remove newest tokens (transformers >= 5: a negative count; 0 is a no-op)."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            _fail(f"tokens_to_remove must be an int <= 0, got {tokens_to_remove!r}", TypeError)
+        if tokens_to_remove > 0:
+            _fail(f"crop takes minus the number of tokens to remove (transformers >= 5), got {tokens_to_remove}; "
+                  f"to keep the first n tokens call crop(n - cache.get_seq_length())")
+        n = self.get_seq_length()
+        if -tokens_to_remove > n:
+            _fail(f"crop({tokens_to_remove}) removes more tokens than the cache holds ({n})")
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the tensors held, by part, summed over layers (a shared prefix counted once per layer)."""

@@ -1,7 +1,10 @@
-"""Public KV-cache ops: kv_quantize (static per-head, PrefixQuant), kv_quantize_groupwise (KIVI / LogQuant)
-and kv_dequant_concat. Validation -> backend choice -> reference (kv_format.py) or Triton kernel.
+"""Public KV-cache ops: kv_quantize (static per-head, PrefixQuant), kv_quantize_groupwise (KIVI / LogQuant),
+kv_dequant_concat and kv_decode_attention. Validation -> backend choice -> one torch.ops.pqk custom op per
+public op (schemas and fakes in library.py), whose single implementation (registered below for every device)
+runs the chosen backend: the reference (kv_format.py), the Triton kernels or the C++ CPU kernel. So
+torch.compile(fullgraph=True) sees each call as one node, and torch.library.opcheck covers every backend.
 
-backend (KV ops only; the C++ CPU kernels have no KV ops):
+backend (KV ops only):
   "auto"       Triton for CUDA tensors when triton imports; on CPU tensors Triton only when the environment has
                TRITON_INTERPRET=1 (the interpreter), else the reference
   "reference"  plain PyTorch (prefixquant_kernels/kv_format.py): the definition of the results
@@ -20,6 +23,7 @@ from .. import kv_format as kvf
 from ..format import FLOAT_DTYPES
 from .. import _extension
 from . import checks
+from . import library  # noqa: F401  (defines torch.ops.pqk.kv_*)
 
 KV_BACKENDS = ("auto", "reference", "triton", "cpu")
 STATIC_BITS = (4, 8)
@@ -123,9 +127,7 @@ def kv_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 4, *, backend:
     if bits == 4:
         checks.even_last_dim(x, "x", op)
     s = _head_scale(scale, x.shape[1], op, x.device)
-    if resolve_kv(backend, x.device, op) == "reference":
-        return kvf.quantize_static(x, s, bits)
-    return _kernels().kv_quantize_static(x, s, bits)
+    return torch.ops.pqk.kv_quantize(x, s, bits, resolve_kv(backend, x.device, op))
 
 
 def kv_quantize_groupwise(x: torch.Tensor, bits: int = 2, group_size: int = 32, axis: str = "token", *,
@@ -151,9 +153,7 @@ def kv_quantize_groupwise(x: torch.Tensor, bits: int = 2, group_size: int = 32, 
         _divides(x.shape[3], group_size, "x's head dim D (axis='token')", op, x.shape)
     else:
         _divides(x.shape[2], group_size, "x's token count T (axis='channel')", op, x.shape)
-    if resolve_kv(backend, x.device, op) == "reference":
-        return kvf.quantize_groupwise(x, bits, group_size, axis)
-    return _kernels().kv_quantize_groupwise(x, bits, group_size, axis)
+    return torch.ops.pqk.kv_quantize_groupwise(x, bits, group_size, axis, resolve_kv(backend, x.device, op))
 
 
 def _positions(body_pos, tail_pos, nq: int, nt: int, op: str, device: torch.device):
@@ -248,17 +248,10 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
     cpu_ok = not groupwise and nt == 0 and bpos is None and dev.type == "cpu" and _extension.cpu_available()
     if be == "cpu" and not cpu_ok:
         checks.fail(op, "backend='cpu' covers static bodies without a tail or positions only", NotImplementedError)
-    if be == "cpu" or (backend == "auto" and be == "reference" and cpu_ok):
-        pre = prefix.contiguous() if p else None
-        return torch.ops.pqk.kv_dequant_static(pre, packed.contiguous(), s, bits, out_dtype)
-    if be == "triton":
-        return _kernels().kv_dequant_concat(prefix if p else None, packed, s, zero, bits, group_size or 1, axis,
-                                            tail if nt else None, bpos, tpos, out_dtype)
-    if groupwise:
-        body = kvf.dequantize_groupwise(packed, scale, zero, bits, group_size, axis)
-    else:
-        body = kvf.dequantize_static(packed, s, bits)
-    return kvf.dequant_concat(prefix if p else None, body, tail if nt else None, bpos, tpos, out_dtype)
+    if backend == "auto" and be == "reference" and cpu_ok:
+        be = "cpu"
+    return torch.ops.pqk.kv_dequant_concat(prefix if p else None, packed, s, zero, bits, group_size or 1, axis,
+                                           tail if nt else None, bpos, tpos, out_dtype, be)
 
 
 def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
@@ -308,7 +301,57 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     if prefix_k.shape[2] + T == 0:
         checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
     scale = float(sm_scale) if sm_scale is not None else D ** -0.5
-    if resolve_kv(backend, dev, op) == "reference":
-        return kvf.decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale)
-    from ..triton.decode_attention import decode_attention
-    return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale)
+    return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale,
+                                             resolve_kv(backend, dev, op))
+
+
+# ---- the custom ops' implementations: inputs validated, backend resolved by the public ops above -----------------
+# Registered for CompositeExplicitAutograd (every device; no autograd: these ops run under inference only). Each
+# returns freshly allocated contiguous tensors (never a view of an input), as the schemas and fakes promise: the
+# reference's elementwise math would otherwise keep a strided input's layout (opcheck caught that), hence the
+# .contiguous() on its results (free when they already are).
+
+def _impl(name: str):
+    def register(fn):
+        library.LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return fn
+    return register
+
+
+@_impl("kv_quantize")
+def _kv_quantize_impl(x, scale, bits, backend):
+    if backend == "triton":
+        return _kernels().kv_quantize_static(x, scale, bits)
+    return kvf.quantize_static(x, scale, bits).contiguous()
+
+
+@_impl("kv_quantize_groupwise")
+def _kv_quantize_groupwise_impl(x, bits, group_size, axis, backend):
+    if backend == "triton":
+        return _kernels().kv_quantize_groupwise(x, bits, group_size, axis)
+    return tuple(t.contiguous() for t in kvf.quantize_groupwise(x, bits, group_size, axis))
+
+
+@_impl("kv_dequant_concat")
+def _kv_dequant_concat_impl(prefix, packed, scale, zero, bits, group_size, axis, tail, body_pos, tail_pos,
+                            out_dtype, backend):
+    if backend == "cpu":  # the C++ kernel: static body, no tail or positions (checked by the public op)
+        pre = None if prefix is None else prefix.contiguous()
+        return torch.ops.pqk.kv_dequant_static(pre, packed.contiguous(), scale, bits, out_dtype)
+    if backend == "triton":
+        return _kernels().kv_dequant_concat(prefix, packed, scale, zero, bits, group_size, axis, tail, body_pos,
+                                            tail_pos, out_dtype)
+    if zero is not None:
+        body = kvf.dequantize_groupwise(packed, scale, zero, bits, group_size, axis)
+    else:
+        body = kvf.dequantize_static(packed, scale, bits)
+    return kvf.dequant_concat(prefix, body, tail, body_pos, tail_pos, out_dtype)
+
+
+@_impl("kv_decode_attention")
+def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale, backend):
+    if backend == "triton":
+        from ..triton.decode_attention import decode_attention
+        return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale)
+    return kvf.decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits,
+                                sm_scale).contiguous()

@@ -77,4 +77,51 @@ def _kv_dequant_static_fake(prefix, body, scale, bits, out_dtype, cpu_isa=-1):
     return body.new_empty([b, h, p + t, db * (2 if bits == 4 else 1)], dtype=out_dtype)
 
 
+# ---- KV-cache ops (ops/kv.py). One implementation each, registered by ops/kv.py for every device
+# (CompositeExplicitAutograd); it runs the backend named by `backend` ("reference" | "triton" | "cpu"), which the
+# public wrapper has already resolved from "auto" and validated. Arguments and shapes: the docstrings in ops/kv.py.
+
+LIB.define("kv_quantize(Tensor x, Tensor scale, int bits, str backend) -> Tensor")
+LIB.define(
+    "kv_quantize_groupwise(Tensor x, int bits, int group_size, str axis, str backend) -> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "kv_dequant_concat(Tensor? prefix, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size, "
+    "str? axis, Tensor? tail, Tensor? body_pos, Tensor? tail_pos, ScalarType out_dtype, str backend) -> Tensor"
+)
+LIB.define(
+    "kv_decode_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor k_packed, Tensor v_packed, "
+    "Tensor k_scale, Tensor v_scale, int bits, float sm_scale, str backend) -> Tensor"
+)
+
+
+@torch.library.register_fake("pqk::kv_quantize")
+def _kv_quantize_fake(x, scale, bits, backend):
+    shape, dtype = _quantized_shape(x, bits)
+    return x.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("pqk::kv_quantize_groupwise")
+def _kv_quantize_groupwise_fake(x, bits, group_size, axis, backend):
+    b, h, t, d = x.shape
+    sz = [b, h, t // group_size, d] if axis == "channel" else [b, h, t, d // group_size]
+    return (x.new_empty([b, h, t, d * bits // 8], dtype=torch.uint8), x.new_empty(sz, dtype=torch.float16),
+            x.new_empty(sz, dtype=torch.float16))
+
+
+@torch.library.register_fake("pqk::kv_dequant_concat")
+def _kv_dequant_concat_fake(prefix, packed, scale, zero, bits, group_size, axis, tail, body_pos, tail_pos,
+                            out_dtype, backend):
+    b, h, nq, nbytes = packed.shape
+    p = 0 if prefix is None else prefix.shape[2]
+    nt = 0 if tail is None else tail.shape[2]
+    return packed.new_empty([b, h, p + nq + nt, nbytes * 8 // bits], dtype=out_dtype)
+
+
+@torch.library.register_fake("pqk::kv_decode_attention")
+def _kv_decode_attention_fake(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale,
+                              backend):
+    return q.new_empty(q.shape)  # contiguous, like both implementations
+
+
 from .. import _extension  # noqa: E402,F401  (registers the CPU kernels; must follow the schemas)

@@ -199,12 +199,12 @@ def _prefix_and_scales(model, ids):
     return pk, pv, [amax(l.keys) for l in calib.layers], [amax(l.values) for l in calib.layers]
 
 
-def _generate(model, ids, cache, sample: bool):
+def _generate(model, ids, cache, sample: bool, new: int = N_NEW, **extra):
     torch.manual_seed(1234)
     kw = dict(do_sample=True, top_k=20, temperature=1.0) if sample else dict(do_sample=False)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0, **kw)
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **kw, **extra)
     return out[:, ids.shape[1]:]
 
 
