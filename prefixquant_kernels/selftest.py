@@ -3,14 +3,13 @@
 Always (no GPU needed, when g++ is present): the host harnesses, which execute the kernels' own index math and
 epilogues (csrc/cuda/tests) against naive references. With nvcc: the build for sm_80/86/89/90 and its ptxas
 register/spill numbers. With a CUDA GPU and a CUDA torch: the kernels themselves through libpqk_cuda.so (ctypes)
-against prefixquant_kernels.reference, op x shape x max error x pass, and GEMM TOPS vs cuBLAS fp16 — measured there;
-no GPU number is ever printed without a GPU.
+and every op through the torch binding (backend="cuda", ops/cuda.py) against prefixquant_kernels.reference, op x
+shape x max error x pass, and GEMM TOPS vs cuBLAS fp16 — measured there; no GPU number is ever printed without a GPU.
 """
 from __future__ import annotations
 
 import ctypes
 import subprocess
-import time
 
 from . import cuda_build
 
@@ -29,12 +28,10 @@ def _host(rows):
 
 
 def load_library(path: str) -> ctypes.CDLL:
-    lib = ctypes.CDLL(path)
-    lib.pqk_int4_gemm.restype = ctypes.c_int
-    lib.pqk_int4_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                                          ctypes.c_float] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
-    lib.pqk_cuda_error_string.restype = ctypes.c_char_p
-    return lib
+    """dlopen libpqk_cuda.so with every launcher's signature declared (ops/cuda.py owns the signatures)."""
+    from .ops import cuda as pqk_cuda
+
+    return pqk_cuda.open_library(path)
 
 
 def gemm(lib, a, w, a_scale, w_scale, bias, out, epilogue=0, config=-1, out_scale=1.0):
@@ -49,14 +46,117 @@ def gemm(lib, a, w, a_scale, w_scale, bias, out, epilogue=0, config=-1, out_scal
     return out
 
 
+def _time(fn, iters: int = 20) -> float:
+    """Median seconds per call of fn on the GPU (CUDA events, after a warm-up call)."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _err(got, want) -> float:
+    """max |got - want| as a float (0 for equal tensors; NaN positions must match)."""
+    import torch
+
+    got, want = got.cpu().double(), want.cpu().double()
+    if not torch.equal(got.isnan(), want.isnan()):
+        return float("inf")
+    d = (got - want).abs().nan_to_num(0.0)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _ops_rows(rows):
+    """Every op through the torch binding (backend="cuda", ops/cuda.py) vs prefixquant_kernels.reference on the CPU.
+    Pass: bit-exact for the quantizers and GEMMs (integer math, same fp32 epilogue); a tolerance for RMSNorm (block
+    reduction order) and Hadamard (fp rounding of the sums)."""
+    import torch
+
+    from . import format as fmt
+    from . import hadamard, ops
+    from .ops import cuda as pqk_cuda
+
+    g = torch.Generator().manual_seed(0)
+
+    def add(op, shape, err, tol=0.0):
+        rows.append((op, shape, f"{err:.3g}", "pass" if err <= tol else "FAIL"))
+
+    for m, n, k in [(1, 4096, 4096), (3, 130, 96), (17, 77, 62), (300, 1000, 4096)]:
+        x = torch.randn(m, k, generator=g) * 3
+        xh = x.half()
+        a = fmt.pack_int4(torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=g))
+        w = fmt.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g))
+        a_s, w_s = torch.rand(m, generator=g) + 0.01, torch.rand(n, generator=g) * 0.01 + 1e-3
+        b = torch.randn(n, generator=g)
+        shape = f"{m}x{n}x{k}"
+        for bits in (4, 8):
+            add(f"quantize_static a{bits}", f"{m}x{k}", _err(ops.quantize_static(xh.cuda(), 0.05, bits, backend="cuda"),
+                                                          ops.quantize_static(xh, 0.05, bits, backend="reference")))
+            q, s = ops.quantize_per_token(xh.cuda(), bits, backend="cuda")
+            q_ref, s_ref = ops.quantize_per_token(xh, bits, backend="reference")
+            add(f"quantize_per_token a{bits}", f"{m}x{k}", max(_err(q, q_ref), _err(s, s_ref)))
+        for dt in (torch.float16, torch.float32):
+            got = ops.int4_matmul(a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), b.cuda(), dt, backend="cuda")
+            add(f"int4_matmul {str(dt)[6:]}", shape, _err(got, ops.int4_matmul(a, w, a_s, w_s, b, dt,
+                                                                                backend="reference")))
+        for a_scale in (0.05, None):
+            got = ops.quant_linear(xh.cuda(), w.cuda(), w_s.cuda(), a_scale, 4, b.cuda(), backend="cuda")
+            want = ops.quant_linear(xh, w, w_s, a_scale, 4, b, backend="reference")
+            add(f"quant_linear W4A4 {'static' if a_scale else 'per-token'}", shape, _err(got, want))
+    for rows_, cols in [(7, 4096), (33, 1000)]:
+        x = (torch.randn(rows_, cols, generator=g) * 4).half()
+        wt = (torch.rand(cols, generator=g) + 0.5).half()
+        q, y = pqk_cuda.rmsnorm_quantize(x.cuda(), wt.cuda(), torch.tensor(0.05).cuda(), 4, 1e-5, True)
+        xf = x.float()
+        y_ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wt.float()
+        q_ref = fmt.pack_int4(fmt.quantize(y_ref, torch.tensor(0.05), 4))
+        add("rmsnorm_quantize y (fp16)", f"{rows_}x{cols}", _err(y, y_ref.half()), 1e-2 * float(y_ref.abs().max()))
+        add("rmsnorm_quantize q (levels)", f"{rows_}x{cols}", _err(fmt.unpack_int4(q.cpu()), fmt.unpack_int4(q_ref)), 1)
+    for n in (1536, 11008, 14336):
+        x = torch.randn(9, n, generator=g)
+        add("hadamard fp32", f"9x{n}", _err(pqk_cuda.hadamard_transform(x.cuda()), hadamard.hadamard_transform(x)),
+            1e-4)
+
+
+def _tops_rows(rows):
+    """GEMM throughput of the binding's int4 GEMM vs cuBLAS fp16 (torch.matmul) on this GPU: measured here."""
+    import torch
+
+    from . import ops
+
+    name = torch.cuda.get_device_name()
+    for m, n, k in [(16, 4096, 4096), (2048, 4096, 4096), (4096, 11008, 4096)]:
+        a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device="cuda")
+        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        a_s, w_s = torch.tensor(0.05, device="cuda"), torch.rand(n, device="cuda") + 0.01
+        x16, y16 = torch.randn(m, k, dtype=torch.float16, device="cuda"), torch.randn(n, k, dtype=torch.float16,
+                                                                                       device="cuda")
+        t_pqk = _time(lambda: ops.int4_matmul(a, w, a_s, w_s, None, torch.float16, backend="cuda"))
+        t_cublas = _time(lambda: x16 @ y16.T)
+        tops = lambda s: 2 * m * n * k / s / 1e12  # noqa: E731
+        rows.append((f"TOPS (measured, {name})", f"{m}x{n}x{k}",
+                     f"pqk int4 {tops(t_pqk):.1f} / cuBLAS fp16 {tops(t_cublas):.1f} "
+                     f"({t_cublas / t_pqk:.2f}x)", "-"))
+
+
 def _gpu(rows, lib_path):
+    """On a CUDA GPU: the raw launcher bit-exact (ctypes, the nvcc build of this tree), then every op through the
+    torch binding (the library the package loads: installed next to the package, else this build) and the TOPS."""
     import torch
 
     from . import reference
+    from .ops import cuda as pqk_cuda
 
     lib = load_library(lib_path)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for m, n, k in [(1, 4096, 4096), (3, 130, 96), (118, 4096, 4096), (2048, 4096, 4096)]:
+    for m, n, k in [(1, 4096, 4096), (3, 130, 96), (118, 4096, 4096)]:
         a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device="cuda", generator=g)
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=g)
         a_s = torch.rand(m, device="cuda", generator=g) * 0.1 + 0.01
@@ -65,23 +165,14 @@ def _gpu(rows, lib_path):
         gemm(lib, a, w, a_s, w_s, None, out, epilogue=2)
         ref = reference.int4_matmul(a.cpu(), w.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
         err = (out.cpu() - ref).abs().max().item()
-        rows.append(("int4_gemm fp32", f"{m}x{n}x{k}", f"{err:.3g}", "pass" if err == 0 else "FAIL"))
-        if m >= 118:
-            out16 = torch.empty(m, n, dtype=torch.float16, device="cuda")
-            x16 = torch.randn(m, k, dtype=torch.float16, device="cuda")
-            y16 = torch.randn(n, k, dtype=torch.float16, device="cuda")
-            t = {}
-            for name, fn in [("pqk", lambda: gemm(lib, a, w, a_s, w_s, None, out16)), ("cublas", lambda: x16 @ y16.T)]:
-                fn()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-                t[name] = (time.perf_counter() - t0) / 20
-            tops = lambda s: 2 * m * n * k / s / 1e12  # noqa: E731
-            rows.append((f"TOPS (measured, {torch.cuda.get_device_name()})", f"{m}x{n}x{k}",
-                         f"pqk {tops(t['pqk']):.1f} / cuBLAS fp16 {tops(t['cublas']):.1f}", "-"))
+        rows.append(("pqk_int4_gemm (ctypes) fp32", f"{m}x{n}x{k}", f"{err:.3g}", "pass" if err == 0 else "FAIL"))
+    if not pqk_cuda.cuda_available():
+        rows.append(("torch binding (backend='cuda')", "-", "-", f"FAIL ({pqk_cuda.unavailable_reason()})"))
+        return
+    rows.append(("torch binding (backend='cuda')", pqk_cuda.loaded_library_path(), f"GEMM path {pqk_cuda.gemm_path()}",
+                 "-"))
+    _ops_rows(rows)
+    _tops_rows(rows)
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,8 @@
 //   0                       success (the launch was queued; cudaGetLastError() was clean)
 //   > 0                     a cudaError_t from the launch (pqk_cuda_error_string gives its text)
 //   < 0                     a PqkStatus below: bad arguments, nothing was launched
-// No launcher synchronizes. The torch binding (torch_ops_cuda.cpp) turns a non-zero status into an exception
-// that names the op.
+// No launcher synchronizes. The torch binding (prefixquant_kernels/ops/cuda.py, via ctypes) turns a non-zero status
+// into a RuntimeError that names the op.
 #pragma once
 
 #include <stdint.h>

@@ -51,7 +51,8 @@ def int4_matmul(a_packed: torch.Tensor, w_packed: torch.Tensor, a_scale, w_scale
     a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
     a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
     w, w_s, b = _weight(op, w_packed, w_scale, bias, _k_of(a_packed), dev)
-    be = resolve(backend, dev, op)
+    w4a4 = a2.dtype == torch.uint8 and w.dtype == torch.uint8
+    be = resolve(backend, dev, op, cuda_unsupported=None if w4a4 else "int8 operands (the CUDA GEMM is W4A4)")
     if be.kind == "reference":
         y = reference.int4_matmul(a2, w, a_s, w_s, b, out_dtype)
     else:
@@ -86,7 +87,10 @@ def quant_linear_prevalidated(x: torch.Tensor, w: torch.Tensor, w_scale: torch.T
     """quant_linear after validation: w contiguous, w_scale/bias float32 [N], a_scale float32 0-dim or None,
     all checked. For callers that own validated buffers (QuantLinear), so a decode step does not re-read
     every scale; x is still checked by the caller."""
-    be = resolve(backend, x.device, "quant_linear")
+    w4a4 = a_bits == 4 and w.dtype == torch.uint8
+    be = resolve(backend, x.device, "quant_linear",
+                 cuda_unsupported=None if w4a4 else f"W{8 if w.dtype == torch.int8 else 4}A{a_bits} "
+                                                    "(the CUDA GEMM is W4A4)")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if be.kind == "reference":
         y = reference.quant_linear(x2, w, w_scale, a_scale, a_bits, bias)

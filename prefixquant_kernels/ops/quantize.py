@@ -21,7 +21,7 @@ def pack_int4(q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     checks.tensor(q, "q", op, (torch.int8,))
     checks.even_last_dim(q, "q", op)
     checks.int4_range(q, "q", op)
-    be = resolve(backend, q.device, op)
+    be = resolve(backend, q.device, op, cuda_unsupported="pack_int4 (a format conversion without a CUDA kernel)")
     if be.kind == "reference":
         return fmt.pack_int4(q)
     return torch.ops.pqk.pack_int4(q.contiguous())
@@ -31,7 +31,8 @@ def unpack_int4(packed: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """uint8 [..., K // 2] -> int8 [..., K] in [-8, 7] (inverse of pack_int4)."""
     op = "unpack_int4"
     checks.tensor(packed, "packed", op, (torch.uint8,))
-    be = resolve(backend, packed.device, op)
+    be = resolve(backend, packed.device, op,
+                 cuda_unsupported="unpack_int4 (a format conversion without a CUDA kernel)")
     if be.kind == "reference":
         return fmt.unpack_int4(packed)
     return torch.ops.pqk.unpack_int4(packed.contiguous())

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixquant_kernels import reference, selftest
+import prefixquant_kernels as pqk
+from prefixquant_kernels import format as fmt
+from prefixquant_kernels import hadamard, reference, selftest
+from prefixquant_kernels.ops import cuda as pqk_cuda
+
+from ..conftest import rand_int
+from .test_binding import rmsnorm_reference
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,3 +46,140 @@ def test_gemm_bit_exact_fp32(lib, m, config):
     selftest.gemm(lib, a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), b.cuda(), out, epilogue=2, config=config)
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), reference.int4_matmul(a, w, a_s, w_s, b, torch.float32))
+
+
+# ---- the torch binding (prefixquant_kernels/ops/cuda.py): backend="cuda" through torch.ops.pqk ---------------------
+# Every op against the reference (computed on the CPU from the same inputs) over random shapes with odd M/N and
+# K % 32 != 0 (the binding pads K). Integer paths and the fp32 epilogue are bit-exact by construction.
+
+
+needs_binding = pytest.mark.skipif(not pqk_cuda.cuda_available(),
+                                   reason=f"needs the CUDA backend ({pqk_cuda.unavailable_reason()})")
+GPU_SHAPES = [(1, 4096, 4096), (3, 130, 96), (17, 5, 160), (118, 77, 62), (300, 257, 1024)]  # (M, N, K)
+FLOATS = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def test_auto_picks_cuda_for_cuda_tensors():
+    if not pqk_cuda.cuda_available():
+        pytest.skip(f"no CUDA backend here: {pqk_cuda.unavailable_reason()}")
+    from prefixquant_kernels.ops.backend import resolve
+
+    assert resolve("auto", torch.device("cuda"), "op").kind == "cuda"
+
+
+@needs_binding
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 2), (5, 124), (3, 7, 4096), (257, 1000)])
+def test_quantizers_match_reference(gen, dtype, bits, shape):
+    x = (torch.randn(shape, generator=gen) * 20).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)  # the full value range
+    x.view(-1)[:3] = special[:x.numel()]
+    xd = x.cuda()
+    q = pqk.quantize_static(xd, 0.37, bits, backend="cuda")
+    assert torch.equal(q.cpu(), pqk.quantize_static(x, 0.37, bits, backend="reference"))
+    q, s = pqk.quantize_per_token(xd, bits, backend="cuda")
+    q_ref, s_ref = pqk.quantize_per_token(x, bits, backend="reference")
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@needs_binding
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_int4_matmul_matches_reference(gen, m, n, k, out_dtype, per_token):
+    a, w = fmt.pack_int4(rand_int((m, k), 4, gen)), fmt.pack_int4(rand_int((n, k), 4, gen))
+    a_s = torch.rand(m, generator=gen) + 0.01 if per_token else 0.05
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    got = pqk.int4_matmul(a.cuda(), w.cuda(), dev(a_s), w_s.cuda(), b.cuda(), out_dtype, backend="cuda")
+    assert torch.equal(got.cpu(), pqk.int4_matmul(a, w, a_s, w_s, b, out_dtype, backend="reference"))
+
+
+@needs_binding
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("static", [True, False])
+def test_quant_linear_matches_reference(gen, m, n, k, dtype, static):
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    a_s = 0.21 if static else None
+    got = pqk.quant_linear(x.cuda(), w.cuda(), w_s.cuda(), a_s, 4, b.cuda(), backend="cuda")
+    assert torch.equal(got.cpu(), pqk.quant_linear(x, w, w_s, a_s, 4, b, backend="reference"))
+
+
+@needs_binding
+def test_w8_and_a8_have_no_cuda_kernel():
+    x, w8 = torch.randn(3, 64, device="cuda"), torch.zeros(4, 64, dtype=torch.int8, device="cuda")
+    with pytest.raises(NotImplementedError, match=r"backend='cuda' has no CUDA kernel for W8A4"):
+        pqk.quant_linear(x, w8, torch.ones(4, device="cuda"), 0.1, 4, backend="cuda")
+    y = pqk.quant_linear(x, w8, torch.ones(4, device="cuda"), 0.1, 4, backend="auto")   # the reference, on the GPU
+    assert torch.equal(y.cpu(), pqk.quant_linear(x.cpu(), w8.cpu(), torch.ones(4), 0.1, 4, backend="reference"))
+
+
+@needs_binding
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (7, 4096), (33, 1000)])
+def test_rmsnorm_quantize_matches_reference(gen, dtype, bits, rows, cols):
+    """Not bit-exact (the kernel's block reduction sums in another order): y within 2 ulp-ish, q off by at most one
+    level on values that sit at a rounding boundary."""
+    x = (torch.randn(rows, cols, generator=gen) * 4).to(dtype)
+    wt = (torch.rand(cols, generator=gen) + 0.5).to(dtype)
+    s = torch.tensor(0.05)
+    q, y = pqk_cuda.rmsnorm_quantize(x.cuda(), wt.cuda(), s.cuda(), bits, eps=1e-5, return_normed=True)
+    y_ref = rmsnorm_reference(x, wt, 1e-5)
+    tol = 2 * torch.finfo(dtype).eps   # the fp32 value may round to the neighbouring 16-bit value
+    torch.testing.assert_close(y.cpu(), y_ref.to(dtype), atol=tol, rtol=tol)
+    q_ref = reference.quantize_static(y_ref, s, bits)
+    unpack = fmt.unpack_int4 if bits == 4 else (lambda t: t)
+    diff = (unpack(q.cpu()).int() - unpack(q_ref).int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+@needs_binding
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [64, 576, 1536, 11008, 14336])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_hadamard_matches_reference(gen, dtype, n, inverse):
+    x = torch.randn(5, n, generator=gen).to(dtype)
+    got = pqk_cuda.hadamard_transform(x.cuda(), inverse=inverse)
+    want = hadamard.hadamard_transform(x, inverse=inverse)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # fp32 sum order; 2 ulp of 16-bit
+    torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
+
+
+def _quant_linear_module(static: bool):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 1000, bias=True).cuda().half()
+    return pqk.nn.QuantLinear.from_float(lin, 4, 4, act_scale=0.05 if static else None, backend="cuda")
+
+
+@needs_binding
+@pytest.mark.parametrize("static", [True, False])
+def test_torch_compile_fullgraph(static):
+    mod = _quant_linear_module(static)
+    x = torch.randn(7, 4096, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(mod, fullgraph=True)
+    assert torch.equal(compiled(x), mod(x))
+
+
+@needs_binding
+@pytest.mark.parametrize("static", [True, False])
+def test_cuda_graph_capture_and_replay(static):
+    mod = _quant_linear_module(static)
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):   # warm-up off the default stream, as torch.cuda.graph requires
+        mod(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = mod(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, mod(x))

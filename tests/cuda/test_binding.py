@@ -1,0 +1,459 @@
+"""The CUDA torch binding (prefixquant_kernels/ops/cuda.py) without a GPU.
+
+1. The real libpqk_cuda.so (cuda_build, nvcc, no GPU): every function of pqk_cuda.h is declared with the header's
+   parameter types; bad arguments return the negative status before any CUDA call; a launch that reaches CUDA here
+   returns a cudaError, which the binding turns into a RuntimeError naming the op.
+2. The binding's plumbing end to end on CPU tensors: the launchers are replaced by an emulator that reads the raw
+   pointers it is given (ctypes), runs prefixquant_kernels.reference on them and writes the output buffer, while
+   enforcing the launchers' own preconditions (K % 32, 16-byte alignment). Wrong pointer order, a wrong dtype or
+   epilogue code, a wrong per-token flag or a missing K pad therefore fail here (bit-exact comparisons).
+3. The pure argument checks, the backend= resolution, the "cuda" dispatch registrations.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+
+import pytest
+import torch
+
+import prefixquant_kernels as pqk
+from prefixquant_kernels import cuda_build, hadamard, reference
+from prefixquant_kernels import format as fmt
+from prefixquant_kernels.ops import backend as backend_mod
+from prefixquant_kernels.ops import cuda
+
+from ..conftest import rand_int
+
+# ---- 1. the real library through ctypes --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_lib(cuda_lib):
+    return cuda.open_library(cuda_lib.lib)   # dlopen works without a driver: the CUDA runtime is linked statically
+
+
+def _ctype(c: str):
+    if c.endswith("*") or c == "pqk_stream_t":
+        return ctypes.c_void_p
+    return {"int": ctypes.c_int, "float": ctypes.c_float}[c]
+
+
+def test_signatures_match_the_header():
+    declared = cuda.header_signatures(f"{cuda_build.CUDA_DIR}/pqk_cuda.h")
+    assert set(declared) == set(cuda.SIGNATURES), "a launcher of pqk_cuda.h is not bound (or bound but not declared)"
+    for name, params in declared.items():
+        assert cuda.SIGNATURES[name][1] == [_ctype(p) for p in params], name
+
+
+def test_every_symbol_loads(real_lib):
+    for name, (restype, argtypes) in cuda.SIGNATURES.items():
+        fn = getattr(real_lib, name)
+        assert fn.restype is restype and fn.argtypes == argtypes
+    assert real_lib.pqk_int4_gemm_path(86) == b"imma.s4" and real_lib.pqk_int4_gemm_path(90) == b"imma.s8-unpacked"
+
+
+P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every call below returns before a launch
+
+
+@pytest.mark.parametrize("call,want", [
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 48, 0, -1, None), -2),   # K % 32
+    (lambda L: L.pqk_int4_gemm(P + 8, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, None), -3),  # misaligned A
+    (lambda L: L.pqk_int4_gemm(P, P, None, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, None), -5),  # null out
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 3, None), -5),     # config out of range
+    (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 0, 64, None), -1),                       # rows 0
+    (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 3, 63, None), -1),                       # odd cols for int4
+    (lambda L: L.pqk_quantize_static(P, 0, P, P, 3, 3, 64, None), -5),                       # bits 3
+    (lambda L: L.pqk_quantize_static(P, 7, P, P, 4, 3, 64, None), -5),                       # dtype code
+    (lambda L: L.pqk_quantize_per_token(P, 1, P, None, 8, 3, 64, None), -5),                 # null scales_out
+    (lambda L: L.pqk_rmsnorm_quantize(P, 0, P, -1.0, P, 4, P, None, 3, 64, None), -5),       # eps < 0
+    (lambda L: L.pqk_hadamard(P, P, 0, P, 19, 3, 4864, None), -6),                           # 4864 = 19 * 256
+])
+def test_bad_arguments_return_status_before_cuda(real_lib, call, want):
+    st = call(real_lib)
+    assert st == want
+    assert real_lib.pqk_cuda_error_string(st).decode() not in ("", "unknown pqk status")
+
+
+@contextlib.contextmanager
+def _binding_on_cpu(lib):
+    """Lets the CUDA implementations run on CPU tensors with `lib` as the library (device guard and stream stubbed)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cuda, "_LIB", lib)
+    mp.setattr(cuda, "_REASON", None)
+    mp.setattr(cuda, "_CHECKED", True)
+    mp.setattr(cuda, "_on_device", lambda t: contextlib.nullcontext())
+    mp.setattr(cuda, "_stream", lambda t: 0)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_launch_without_gpu_is_a_runtime_error_naming_the_op(real_lib):
+    """Valid arguments reach the CUDA runtime, which finds no device: a cudaError status -> RuntimeError, no crash."""
+    with _binding_on_cpu(real_lib):
+        with pytest.raises(RuntimeError, match=r"^pqk\.quantize_static: pqk_quantize_static failed: .+ \(status \d+\)"):
+            cuda.quantize_static(torch.randn(3, 64), torch.tensor(0.1), 4)
+        with pytest.raises(RuntimeError, match=r"^pqk\.int4_matmul: pqk_int4_gemm failed: .+ \(status \d+\)"):
+            cuda.int4_matmul(torch.zeros(3, 32, dtype=torch.uint8), torch.zeros(5, 32, dtype=torch.uint8),
+                             torch.tensor(1.0), torch.ones(5), None, torch.float16)
+
+
+# ---- 2. the plumbing, with an emulated library -------------------------------------------------------------------
+
+_ITEM = {torch.uint8: 1, torch.int8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+_CODE_DTYPE = {v: k for k, v in cuda.DTYPE_CODES.items()}
+
+
+def view(ptr: int, shape, dtype) -> torch.Tensor:
+    """The memory at a raw (host) address as a tensor — what a kernel sees behind its pointer."""
+    n = math.prod(shape) * _ITEM[dtype]
+    return torch.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).view(*shape)
+
+
+class EmulatedLib:
+    """pqk_cuda.h implemented with prefixquant_kernels.reference on host memory; same preconditions and statuses."""
+
+    def __init__(self):
+        self.calls = []
+
+    def pqk_cuda_error_string(self, st):
+        return b"emulated error"
+
+    def pqk_int4_gemm(self, a, w, out, a_scale, per_token, w_scale, bias, out_scale, m, n, k, epi, config, stream):
+        self.calls.append(("pqk_int4_gemm", m, n, k, epi, per_token))
+        if m <= 0 or n <= 0 or k <= 0:
+            return -1
+        if k % 32:
+            return -2
+        if a % 16 or w % 16:
+            return -3
+        if epi not in (0, 1, 2) or not out or not a_scale or not w_scale:
+            return -5
+        dt = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32}[epi]
+        y = reference.int4_matmul(view(a, (m, k // 2), torch.uint8), view(w, (n, k // 2), torch.uint8),
+                                  view(a_scale, (m if per_token else 1,), torch.float32),
+                                  view(w_scale, (n,), torch.float32),
+                                  view(bias, (n,), torch.float32) if bias else None, dt)
+        view(out, (m, n), dt).copy_(y)
+        return 0
+
+    def _rows(self, x, code, bits, rows, cols):
+        if rows <= 0 or cols <= 0 or (bits == 4 and cols % 2):
+            return None
+        return view(x, (rows, cols), _CODE_DTYPE[code])
+
+    def _store(self, out, q, bits, rows, cols):
+        view(out, (rows, cols // 2 if bits == 4 else cols), q.dtype).copy_(q)
+
+    def pqk_quantize_static(self, x, code, out, scale, bits, rows, cols, stream):
+        self.calls.append(("pqk_quantize_static", rows, cols, bits))
+        xv = self._rows(x, code, bits, rows, cols)
+        if xv is None:
+            return -1
+        self._store(out, reference.quantize_static(xv, view(scale, (1,), torch.float32).reshape(()), bits), bits, rows,
+                    cols)
+        return 0
+
+    def pqk_quantize_per_token(self, x, code, out, scales_out, bits, rows, cols, stream):
+        self.calls.append(("pqk_quantize_per_token", rows, cols, bits))
+        xv = self._rows(x, code, bits, rows, cols)
+        if xv is None:
+            return -1
+        q, s = reference.quantize_per_token(xv, bits)
+        self._store(out, q, bits, rows, cols)
+        view(scales_out, (rows,), torch.float32).copy_(s)
+        return 0
+
+    def pqk_rmsnorm_quantize(self, x, code, weight, eps, scale, bits, q_out, normed_out, rows, cols, stream):
+        self.calls.append(("pqk_rmsnorm_quantize", rows, cols, bits))
+        xv = self._rows(x, code, bits, rows, cols)
+        if xv is None:
+            return -1
+        y = rmsnorm_reference(xv, view(weight, (cols,), xv.dtype), eps)
+        self._store(q_out, reference.quantize_static(y, view(scale, (1,), torch.float32).reshape(()), bits), bits,
+                    rows, cols)
+        if normed_out:
+            view(normed_out, (rows, cols), xv.dtype).copy_(y.to(xv.dtype))
+        return 0
+
+    def pqk_hadamard(self, x, y, code, had, m, rows, cols, stream):
+        self.calls.append(("pqk_hadamard", m, rows, cols))
+        xv = self._rows(x, code, 8, rows, cols)
+        p = int(math.log2(cols // m))
+        h = view(had, (m, m), torch.float32).clone() if m > 1 else torch.ones(1, 1)
+        out = hadamard._apply(xv.float(), m, p, h, 1 / math.sqrt(cols), False)
+        view(y, (rows, cols), xv.dtype).copy_(out)
+        return 0
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight in fp32: pqk_rmsnorm_quantize quantizes this fp32 value and stores it
+    rounded to x.dtype as the normed output."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+@pytest.fixture
+def emu():
+    lib = EmulatedLib()
+    with _binding_on_cpu(lib):
+        yield lib
+
+
+SHAPES = [(1, 64, 32), (3, 130, 96), (17, 5, 160), (7, 33, 62), (2, 9, 2)]  # (M, N, K): odd M/N, K % 32 != 0
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_int4_matmul_plumbing(emu, gen, m, n, k, out_dtype, per_token):
+    a = fmt.pack_int4(rand_int((m, k), 4, gen))
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    a_s = torch.rand(m if per_token else 1, generator=gen) + 0.01
+    w_s = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    b = torch.randn(n, generator=gen)
+    saved = [t.clone() for t in (a, w, a_s, w_s, b)]
+    got = cuda.int4_matmul(a, w, a_s if per_token else a_s.reshape(()), w_s, b, out_dtype)
+    want = reference.int4_matmul(a, w, a_s, w_s, b, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert torch.equal(got, want)
+    assert emu.calls[-1] == ("pqk_int4_gemm", m, n, cuda.padded_k(k), cuda.GEMM_EPILOGUES[out_dtype],
+                             int(per_token and m > 1))
+    for t, s in zip((a, w, a_s, w_s, b), saved):
+        assert torch.equal(t, s)  # the K padding copies; the caller's tensors are untouched
+
+
+def test_misaligned_operands_are_copied_not_rejected(emu, gen):
+    m, n, k = 5, 7, 64
+    raw = torch.zeros(m * k // 2 + 1, dtype=torch.uint8)
+    a = raw[1:].view(m, k // 2)                     # contiguous, at an odd address
+    a.copy_(fmt.pack_int4(rand_int((m, k), 4, gen)))
+    assert not cuda.is_aligned(a, 16)
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    w_s = torch.rand(n, generator=gen) + 0.1
+    got = cuda.int4_matmul(a, w, torch.tensor(0.5), w_s, None, torch.float32)
+    assert torch.equal(got, reference.int4_matmul(a, w, torch.tensor(0.5), w_s, None, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 2), (5, 123 + 1), (3, 4, 66)])
+def test_quantizers_plumbing(emu, gen, dtype, bits, shape):
+    x = (torch.randn(shape, generator=gen) * 10).to(dtype)
+    s = torch.tensor(0.37)
+    assert torch.equal(cuda.quantize_static(x, s, bits),
+                       reference.quantize_static(x.reshape(-1, shape[-1]), s, bits).reshape(*shape[:-1], -1))
+    q, sc = cuda.quantize_per_token(x, bits)
+    q_ref, sc_ref = reference.quantize_per_token(x.reshape(-1, shape[-1]), bits)
+    assert torch.equal(q, q_ref.reshape(*shape[:-1], -1)) and torch.equal(sc, sc_ref.reshape(shape[:-1]))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static", [True, False])
+def test_quant_linear_plumbing(emu, gen, m, n, k, dtype, static):
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    a_s = torch.tensor(0.21) if static else None
+    got = cuda.quant_linear(x, w, w_s, a_s, 4, b)
+    assert torch.equal(got, reference.quant_linear(x, w, w_s, a_s, 4, b))
+    assert [c[0] for c in emu.calls] == ["pqk_quantize_static" if static else "pqk_quantize_per_token", "pqk_int4_gemm"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rmsnorm_quantize_plumbing(emu, gen, dtype, bits):
+    x = torch.randn(3, 5, 96, generator=gen).to(dtype)
+    wt = (torch.rand(96, generator=gen) + 0.5).to(dtype)
+    s = torch.tensor(0.05)
+    q, y = cuda.rmsnorm_quantize(x, wt, s, bits, eps=1e-5, return_normed=True)
+    y_ref = rmsnorm_reference(x, wt, 1e-5)
+    assert torch.equal(y, y_ref.to(dtype)) and torch.equal(q, reference.quantize_static(y_ref, s, bits))
+    assert torch.equal(cuda.rmsnorm_quantize(x, wt, s, bits, eps=1e-5), q)
+
+
+@pytest.mark.parametrize("n", [64, 1536, 576, 20 * 8])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_hadamard_plumbing(emu, gen, n, inverse):
+    """The binding passes H_m (H_m^T for the inverse): the result equals the package's transform."""
+    x = torch.randn(2, 3, n, generator=gen)
+    got = cuda.hadamard_transform(x, inverse=inverse)
+    assert torch.allclose(got, hadamard.hadamard_transform(x, inverse=inverse), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_inputs_launch_nothing(emu):
+    assert cuda.quantize_static(torch.zeros(0, 8), torch.tensor(1.0), 4).shape == (0, 4)
+    q, s = cuda.quantize_per_token(torch.zeros(0, 8), 8)
+    assert q.shape == (0, 8) and s.shape == (0,)
+    y = cuda.quant_linear(torch.zeros(0, 64), torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3), None, 4, None)
+    assert y.shape == (0, 3)
+    assert emu.calls == []
+
+
+def test_bad_status_names_op_and_launcher(emu, gen):
+    emu.pqk_quantize_per_token = lambda *a: -5
+    with pytest.raises(RuntimeError, match=r"^pqk\.quant_linear: pqk_quantize_per_token failed: emulated error "
+                                           r"\(status -5\)"):
+        cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3), None, 4, None)
+
+
+# ---- 3. pure checks, backend resolution, registration ------------------------------------------------------------
+
+A = torch.zeros(3, 32, dtype=torch.uint8, device="meta")
+W = torch.zeros(5, 32, dtype=torch.uint8, device="meta")
+WS = torch.ones(5, device="meta")
+S1 = torch.ones((), device="meta")
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((A.to(torch.int8), W, S1, WS, None, torch.float16), NotImplementedError, "W4A4 only .* got a int8"),
+    ((A, W.float(), S1, WS, None, torch.float16), TypeError, "w must have dtype"),
+    ((A, torch.zeros(5, 32, dtype=torch.uint8), S1, WS, None, torch.float16), ValueError,
+     "w must be on meta like the input, got cpu"),
+    ((A, W[:, :16], S1, WS, None, torch.float16), ValueError, r"w must have K/2 = 32 bytes per row"),
+    ((A[0], W, S1, WS, None, torch.float16), ValueError, "a must be 2-D"),
+    ((A, W, torch.ones(2, device="meta"), WS, None, torch.float16), ValueError, r"a_scale must have 1 .* or M = 3"),
+    ((A, W, S1, WS[:4], None, torch.float16), ValueError, r"w_scale must have shape \(5,\)"),
+    ((A, W, S1, WS, torch.ones(4, device="meta"), torch.float16), ValueError, r"bias must have shape \(5,\)"),
+    ((A, W, S1, WS, None, torch.int32), TypeError, "out_dtype must be one of"),
+    ((torch.empty(2**31, 32, dtype=torch.uint8, device="meta"), W, S1, WS, None, torch.float16), ValueError,
+     r"M = 2147483648 is outside"),
+])
+def test_check_gemm_rejects(args, exc, match):
+    with pytest.raises(exc, match=r"^pqk\.int4_matmul: .*" + match):
+        cuda.check_gemm("int4_matmul", *args)
+
+
+def test_check_gemm_plans_padding_and_flags():
+    g = cuda.check_gemm("int4_matmul", A[:, :31], W[:, :31], torch.ones(3, device="meta"), WS, None, torch.bfloat16)
+    assert (g.m, g.n, g.k, g.k_launch, g.per_token, g.epilogue) == (3, 5, 62, 64, True, 1)
+    assert cuda.check_gemm("x", A, W, S1, WS, None, torch.float32).k_launch == 64
+
+
+def test_pad_packed_k_keeps_the_product(gen):
+    """Zero bytes appended to both operands leave every dot product unchanged (what lets the binding pad)."""
+    for k in (2, 30, 62, 94):
+        a, w = fmt.pack_int4(rand_int((4, k), 4, gen)), fmt.pack_int4(rand_int((6, k), 4, gen))
+        ap, wp = cuda.pad_packed_k(a, k), cuda.pad_packed_k(w, k)
+        assert ap.shape[1] * 2 == cuda.padded_k(k) and ap.shape[1] * 2 % 32 == 0
+        assert torch.equal(reference.int_matmul_exact(fmt.unpack_int4(ap), fmt.unpack_int4(wp)),
+                           reference.int_matmul_exact(fmt.unpack_int4(a), fmt.unpack_int4(w)))
+    a = torch.zeros(2, 16, dtype=torch.uint8)
+    assert cuda.pad_packed_k(a, 32) is a
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: cuda.check_rows("op", torch.zeros(3, 5, device="meta"), 4), ValueError, "last dim must be even"),
+    (lambda: cuda.check_rows("op", torch.zeros(3, 0, device="meta"), 8), ValueError, r"last dim \(K\) must be > 0"),
+    (lambda: cuda.check_rows("op", torch.zeros(3, 4, dtype=torch.float64, device="meta"), 8), TypeError,
+     "x must have dtype"),
+    (lambda: cuda.check_rows("op", torch.zeros(3, 4, device="meta"), 3), ValueError, "bits must be 4 or 8"),
+    (lambda: cuda.check_rows("op", torch.zeros(2**31, 2, device="meta"), 8), ValueError, "rows = 2147483648"),
+    (lambda: cuda.check_static_scale("op", torch.ones(2, device="meta"), "scale", torch.device("meta")),
+     ValueError, "scale must have 1 element"),
+    (lambda: cuda.check_static_scale("op", torch.ones(1), "scale", torch.device("meta")), ValueError,
+     "scale must be on meta"),
+    (lambda: cuda.check_operand("op", "x", [1.0], (torch.float32,), None), TypeError, "x must be a torch.Tensor"),
+])
+def test_row_checks_reject(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cuda_ops_reject_before_launch(emu):
+    """The registered implementations validate on their own (torch.ops.pqk.* can be called directly)."""
+    with pytest.raises(NotImplementedError, match=r"^pqk\.quant_linear: the CUDA kernels are W4A4 only"):
+        cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3), None, 4, None)
+    with pytest.raises(NotImplementedError, match="W4A4 only"):
+        cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3), None, 8, None)
+    with pytest.raises(ValueError, match=r"w must have K/2 = 32 bytes per row for x's K = 64"):
+        cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 16, dtype=torch.uint8), torch.ones(3), None, 4, None)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        cuda.rmsnorm_quantize(torch.randn(2, 64), torch.ones(32), torch.tensor(0.1))
+    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+        cuda.rmsnorm_quantize(torch.randn(2, 64), torch.ones(64), torch.tensor(0.1), eps=-1.0)
+    with pytest.raises(ValueError, match=r"x.shape\[-1\]: .*4864"):
+        cuda.hadamard_transform(torch.randn(2, 4864))
+    assert emu.calls == []
+
+
+@pytest.mark.parametrize("name", sorted(cuda.REGISTERED))
+def test_registered_for_the_cuda_dispatch_key(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+@pytest.mark.parametrize("call", [
+    lambda: pqk.quantize_static(torch.randn(2, 64), 0.1, backend="cuda"),
+    lambda: pqk.quantize_per_token(torch.randn(2, 64), backend="cuda"),
+    lambda: pqk.int4_matmul(torch.zeros(2, 32, dtype=torch.uint8), torch.zeros(3, 32, dtype=torch.uint8), 1.0,
+                            torch.ones(3), backend="cuda"),
+    lambda: pqk.quant_linear(torch.randn(2, 64), torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3), 0.1,
+                             backend="cuda"),
+    lambda: pqk.nn.QuantLinear(64, 3, backend="cuda")(torch.randn(2, 64)),
+    lambda: pqk.pack_int4(torch.zeros(2, 4, dtype=torch.int8), backend="cuda"),
+])
+def test_backend_cuda_without_cuda_is_a_clear_error(call):
+    with pytest.raises(ValueError, match=r"backend='cuda' runs on CUDA tensors, got tensors on cpu \(and CUDA is not "
+                                         r"available here: .*sees no CUDA device"):
+        call()
+
+
+def test_resolve():
+    """backend= -> implementation for CUDA devices, without a GPU (cuda_available patched)."""
+    dev = torch.device("cuda")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(cuda, "_CHECKED", True)
+        mp.setattr(cuda, "_REASON", None)
+        mp.setattr(cuda, "_LIB", EmulatedLib())
+        assert backend_mod.resolve("auto", dev, "op").kind == "cuda"
+        assert backend_mod.resolve("cuda", dev, "op").kind == "cuda"
+        assert backend_mod.resolve("auto", dev, "op", cuda_unsupported="int8 operands").kind == "reference"
+        with pytest.raises(NotImplementedError, match=r"^pqk\.op: backend='cuda' has no CUDA kernel for int8 operands"):
+            backend_mod.resolve("cuda", dev, "op", cuda_unsupported="int8 operands")
+        with pytest.raises(ValueError, match="backend='cpu' runs on CPU tensors"):
+            backend_mod.resolve("cpu", dev, "op")
+        assert backend_mod.resolve("auto", torch.device("cpu"), "op").kind in ("cpu", "reference")
+        mp.setattr(cuda, "_REASON", "libpqk_cuda.so could not be loaded: test")
+        mp.setattr(backend_mod, "_NOTED", False)
+        with pytest.warns(RuntimeWarning, match="runs the PyTorch reference because .* could not be loaded: test"):
+            assert backend_mod.resolve("auto", dev, "op").kind == "reference"
+        with pytest.raises(RuntimeError, match=r"^pqk\.op: backend='cuda' is not available here: .*test"):
+            backend_mod.resolve("cuda", dev, "op")
+    finally:
+        mp.undo()
+
+
+def test_available_backends_by_device():
+    assert "cuda" not in pqk.available_backends()           # CPU-tensor backends (the CPU tests sweep these)
+    assert pqk.available_backends("cuda") == (["reference", "cuda"] if cuda.cuda_available() else ["reference"])
+
+
+def test_cuda_available_is_constant_under_compile():
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + 1 if cuda.cuda_available() else x - 1
+
+    assert torch.equal(f(torch.ones(2)), torch.ones(2) + (1 if cuda.cuda_available() else -1))
+
+
+def test_find_library_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("PQK_CUDA_LIB", str(tmp_path / "nope.so"))
+    with pytest.raises(RuntimeError, match="PQK_CUDA_LIB=.*does not exist"):
+        cuda.find_library()
+    lib = tmp_path / "libpqk_cuda.so"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("PQK_CUDA_LIB", str(lib))
+    assert cuda.find_library() == str(lib)
+    monkeypatch.delenv("PQK_CUDA_LIB")
+    monkeypatch.setattr(cuda, "PACKAGE_DIR", str(tmp_path))
+    assert cuda.find_library() == str(lib)                  # next to the package (setup.py's PQK_FORCE_CUDA path)
+    monkeypatch.setattr(cuda, "PACKAGE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match="not found .*build=False"):
+        cuda.find_library(build=False)
