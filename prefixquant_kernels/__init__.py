@@ -28,7 +28,14 @@ from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quan
 
 
 _CALIBRATION_EXPORTS = ("QuantConfig", "quantize_model", "find_prefix_tokens", "evaluate_perplexity",
-                        "save_quantized", "load_quantized")
+                        "save_quantized", "load_quantized", "export_hf", "import_prefixquant", "load_prefixquant")
+
+# AutoModelForCausalLM.from_pretrained(path) of a pqk.export_hf checkpoint: our quantizer is registered with
+# transformers when transformers imports its quantizer registry (an import hook: no transformers import here, which
+# would cost seconds); an older transformers without the API only gets a warning (calibration/hf_quantizer.py).
+from .calibration.hf_quantizer import install_import_hook as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()
 
 
 def __getattr__(name):
@@ -37,6 +44,9 @@ def __getattr__(name):
         from .cache import PrefixQuantCache
         return PrefixQuantCache
     # the model pipeline (calibration/) needs transformers too: imported on first use
+    if name in ("import_prefixquant", "load_prefixquant"):   # from the module of the same name, not the module
+        from .calibration import import_prefixquant as module
+        return getattr(module, name)
     if name in _CALIBRATION_EXPORTS:
         from . import calibration
         return getattr(calibration, name)
@@ -48,14 +58,17 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends",
     "evaluate_perplexity",
+    "export_hf",
     "find_prefix_tokens",
     "format",
+    "import_prefixquant",
     "int4_matmul",
     "kv_decode_attention",
     "kv_dequant_concat",
     "kv_format",
     "kv_quantize",
     "kv_quantize_groupwise",
+    "load_prefixquant",
     "load_quantized",
     "nn",
     "ops",

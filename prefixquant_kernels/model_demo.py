@@ -41,7 +41,8 @@ def load_smollm2():
     return model, tok
 
 
-TABLE_ROWS = [  # (label, QuantConfig kwargs); None = the float model. rotate=True (the default) unless said
+TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the float model; context 512 unless given.
+    # rotate=True (the default) unless said; kv_rotate (Q/K Hadamard after RoPE, V rotated) on for KV4 unless said.
     ("FP32 (no quantization)", None),
     ("W8A8KV8 static + prefix", dict(w_bits=8, a_bits=8, kv_bits=8)),
     ("W8A8KV8 static, no prefix", dict(w_bits=8, a_bits=8, kv_bits=8, prefix=False)),
@@ -56,12 +57,22 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs); None = the float model. rotate=Tr
     ("W8A8 + KV16 (fp16 cache), static + prefix", dict(w_bits=8, a_bits=8, kv_bits=16)),
     ("W8A8 + KV4 static per-head, static + prefix", dict(w_bits=8, a_bits=8, kv_bits=4)),
     ("W8A8 + KV2 KIVI, static + prefix", dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="kivi")),
+    ("W8A8 + KV2 LogQuant (W 42: <= 3W = 126 16-bit tokens, KIVI R = 128), static + prefix",
+     dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="logquant", kv_window=42)),
+    ("FP32 (no quantization), 2048 context", None, 2048),
+    ("W4A8KV4 static + prefix (GPTQ), 2048 context", dict(w_bits=4, a_bits=8, kv_bits=4), 2048),
+    ("W4A8KV4 dynamic per-token, no prefix (GPTQ), 2048 context", dict(w_bits=4, a_bits=8, kv_bits=4,
+                                                                       act_quant="dynamic", prefix=False), 2048),
+    ("W8A8 + KV4 static per-head, static + prefix, no KV rotation", dict(w_bits=8, a_bits=8, kv_bits=4,
+                                                                         kv_rotate=False)),
+    ("W4A8KV4 static + prefix (GPTQ), no KV rotation", dict(w_bits=4, a_bits=8, kv_bits=4, kv_rotate=False)),
 ]
 
 
 def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
     """Perplexity of every TABLE_ROWS entry on SmolLM2-135M (a fresh copy of the float model per row); prints a
-    markdown table row as each finishes, and appends it as JSON to ``out`` if given."""
+    markdown table row as each finishes, and appends it as JSON to ``out`` if given. ``windows`` counts 512-token
+    windows: a row at a longer context scores the same tokens in fewer, longer windows."""
     import copy
     import json
 
@@ -73,16 +84,18 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
     base, tok = load_smollm2()
     calib, text = data.calibration_texts(), data.evaluation_text()
     results = []
-    for label, kw in TABLE_ROWS if rows is None else [TABLE_ROWS[i] for i in rows]:
+    for label, kw, *ctx in TABLE_ROWS if rows is None else [TABLE_ROWS[i] for i in rows]:
+        seq_len = ctx[0] if ctx else 512
+        n_win = max(1, windows * 512 // seq_len)
         t = time.perf_counter()
         model = copy.deepcopy(base)
         info = {}
         if kw is not None:
             quantize_model(model, tok, calib, QuantConfig(**kw), progress=False)
             info = model.pqk_state.info
-        ppl = evaluate_perplexity(model, tok, text, 512, max_windows=windows)
-        r = {"row": label, "ppl": ppl, "prefix": info.get("prefix_tokens"), "o": info.get("o"),
-             "quantize_s": info.get("seconds"), "total_s": time.perf_counter() - t}
+        ppl = evaluate_perplexity(model, tok, text, seq_len, max_windows=n_win)
+        r = {"row": label, "ppl": ppl, "seq_len": seq_len, "windows": n_win, "prefix": info.get("prefix_tokens"),
+             "o": info.get("o"), "quantize_s": info.get("seconds"), "total_s": time.perf_counter() - t}
         results.append(r)
         print(f"| {label} | {ppl:.2f} | {r['prefix'] or '-'} | {time.perf_counter() - t:.0f} s |", flush=True)
         if out:

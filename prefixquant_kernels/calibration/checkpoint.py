@@ -3,7 +3,8 @@
     config.json          the transformers model config
     pqk_config.json      format + version, the QuantConfig, the prefix state's layout, every QuantLinear's shape
     model.safetensors    every tensor: packed int4 / int8 weights, fp32 scales, biases, norms, embeddings,
-                         the 16-bit prefix K/V and the per-head KV scales (tied tensors stored once)
+                         the 16-bit prefix K/V, the per-head KV scales and the Q/K rotation of kv_rotate
+                         (tied tensors stored once)
     tokenizer files      when a tokenizer is given to save_quantized
 
 load_quantized rebuilds the model from config.json (no float weights needed), puts empty QuantLinears and the

@@ -32,9 +32,16 @@ class QuantConfig:
     prefix: put PrefixQuant's outlier tokens first, as a 16-bit KV prefix (excluded from every calibration).
     prefix_tokens: token ids to use as the prefix (skips discovery); None = find them (``eta``).
     rotate: fold a Hadamard rotation into the weights (QuaRot-style) + online Hadamard on the down_proj input.
+    kv_rotate: rotate the KV cache's space per head (PrefixQuant / QuaRot): an online Hadamard ``H [D, D]`` on Q and
+             K after RoPE (``(q H)(k H)^T = q k^T``; K is rotated as it enters the cache, which therefore quantizes
+             ``K H``; the 16-bit prefix keys are stored rotated too) and a Hadamard folded offline into v_proj's output
+             / o_proj's input, per head. It spreads K's channel outliers before the per-head quantizer.
+             None (default) = on when ``rotate`` is on, ``kv_bits <= 4`` and the KV mode is "static" or "dynamic"
+             (KIVI / LogQuant quantize keys per channel, which a rotation would mix); True / False force it.
     weight_method: "rtn" (per-channel RTN with a clip search), "gptq", or "auto" (GPTQ for 4-bit weights).
     kv_mode: "auto" (static per-head for static activations, dynamic per-token otherwise), "static", "dynamic",
              "kivi", "logquant", "fp16".
+    kv_window: LogQuant's window W (16-bit tokens: a recent list of <= 2W and a sparse list of <= W).
     calib_samples x calib_seq_len: calibration tokens; max_calib_rows: rows kept per quantizer for the searches.
     """
 
@@ -45,8 +52,10 @@ class QuantConfig:
     prefix: bool = True
     prefix_tokens: list[int] | None = None
     rotate: bool = True
+    kv_rotate: bool | None = None
     weight_method: str = "auto"
     kv_mode: str = "auto"
+    kv_window: int = 32
     eta: float = 64.0
     max_prefix_len: int = 8
     calib_samples: int = 16
@@ -75,9 +84,11 @@ class QuantConfig:
         allowed = {"static": (4, 8), "dynamic": (4, 8), "kivi": (2, 4), "logquant": (2, 4), "fp16": (16,)}[mode]
         if self.kv_bits not in allowed:
             _fail(f"kv_bits={self.kv_bits} is not supported by kv_mode={mode!r} (supported: {allowed})")
+        if self.kv_rotate is not None and not isinstance(self.kv_rotate, bool):
+            _fail(f"kv_rotate must be True, False or None (auto), got {self.kv_rotate!r}")
         if not (isinstance(self.eta, (int, float)) and self.eta > 1):
             _fail(f"eta must be a number > 1 (outlier: max|x| > eta x the sequence median), got {self.eta!r}")
-        for name in ("max_prefix_len", "calib_samples", "calib_seq_len", "max_calib_rows", "gptq_block"):
+        for name in ("kv_window", "max_prefix_len", "calib_samples", "calib_seq_len", "max_calib_rows", "gptq_block"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 _fail(f"{name} must be a positive int, got {v!r}")
@@ -102,6 +113,12 @@ class QuantConfig:
         return self.kv_mode
 
     @property
+    def resolved_kv_rotate(self) -> bool:
+        if self.kv_rotate is None:
+            return self.rotate and self.kv_bits <= 4 and self.resolved_kv_mode in ("static", "dynamic")
+        return self.kv_rotate
+
+    @property
     def resolved_weight_method(self) -> str:
         if self.weight_method == "auto":
             return "gptq" if self.w_bits == 4 else "rtn"
@@ -111,13 +128,15 @@ class QuantConfig:
     def name(self) -> str:
         kv = "KV16" if self.kv_bits == 16 else f"KV{self.kv_bits}"
         return (f"W{self.w_bits}A{self.a_bits}{kv} {self.act_quant}" + (" +prefix" if self.prefix else "")
-                + (" +rot" if self.rotate else ""))
+                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        # written before kv_rotate existed: no KV rotation in that checkpoint (kv_window: its default, 32)
+        d = {"kv_rotate": False, **d}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

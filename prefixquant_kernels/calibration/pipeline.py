@@ -1,14 +1,15 @@
 """quantize_model: a float Hugging Face Llama / Qwen2 / Qwen3 -> the same model running on the package's kernels.
 
 Steps (training-free PrefixQuant; the config decides which apply):
-1. prefix: the given tokens, or find them (prefix.py) on the calibration text; optionally rotate (rotation.py);
-   the prefix's 16-bit K/V (one float forward).
+1. prefix: the given tokens, or find them (prefix.py) on the calibration text; optionally rotate (rotation.py:
+   the residual stream and down_proj input; with kv_rotate, V folded offline and the Q/K rotation after RoPE);
+   the prefix's 16-bit K/V (one float forward; keys rotated by the Q/K rotation).
 2. record (scales.collect): one float forward per calibration sample, the prefix in front and excluded.
 3. weights (weights.py): per-channel RTN with a clip search, or GPTQ on the recorded Hessians.
 4. static activation scales (clip search on the layer output) and per-head KV scales (scales.py).
 5. swap (models.patch): every q/k/v/o/gate/up/down -> QuantLinear, ``model.pqk_state`` for the KV cache.
 
-Nothing in the model changes before step 5 but the optional rotation (undone on error), and step 5 only
+Nothing in the model changes before step 5 but the optional rotations (undone on error), and step 5 only
 assigns prebuilt modules: an error anywhere leaves the model as it was.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import qk_rotation as qkr
 from ..models.patch import decoder_layers, float_linears, get_spec, resolve, swap
 from ..models.state import PrefixQuantState
 from ..nn import QuantLinear
@@ -64,6 +66,9 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
     if getattr(model, "pqk_state", None) is not None:
         _fail("the model is already quantized (it has a pqk_state)")
     float_linears(model)
+    kv_rotate = cfg.resolved_kv_rotate
+    if kv_rotate:
+        qkr.check_attention(model)
     info: dict = {"config": cfg.name, "model_type": spec.model_type}
     t_all = time.perf_counter()
     was_training = model.training
@@ -95,13 +100,19 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
             info["prefix_ids"] = prefix_ids
             info["prefix_tokens"] = [pfx._decode(tokenizer, t_) for t_ in prefix_ids]
         info["prefix_seconds"] = time.perf_counter() - t
-        if cfg.rotate:  # after discovery (outlier tokens are found on the model as given), before anything else
+        h_qk = None
+        if cfg.rotate or kv_rotate:  # after discovery (outlier tokens are found on the model as given), first
             t = time.perf_counter()
             saved = rot.backup(model)
-            rot.rotate_model(model, cfg.seed)
+            if cfg.rotate:
+                rot.rotate_model(model, cfg.seed)
+            if kv_rotate:
+                h_qk = rot.rotate_kv(model, cfg.seed).float()
             info["rotate_seconds"] = time.perf_counter() - t
         if prefix_ids:
             pk, pv = pfx.prefix_kv(model, prefix_ids)
+            if h_qk is not None:    # stored as the cache holds every key: rotated
+                pk = [qkr.rotate_heads(k, h_qk) for k in pk]
         linears = float_linears(model)
         bar.update(1)
 
@@ -115,7 +126,8 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         skip = len(prefix_ids)
         use_gptq = cfg.resolved_weight_method == "gptq"
         rows = max(1, -(-cfg.max_calib_rows // samples.shape[0]))
-        stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=(kv_mode == "static"), seed=cfg.seed)
+        stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=(kv_mode == "static"), seed=cfg.seed,
+                           qk_rotation=h_qk)
         info["record_seconds"] = time.perf_counter() - t
         bar.update(1)
 
@@ -157,8 +169,10 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
             state.set_prefix([k.to(torch.float16) for k in pk], [v.to(torch.float16) for v in pv])
         if kv_mode == "static":
             state.set_kv_scales(k_scales, v_scales)
+        if h_qk is not None:
+            state.set_qk_rotation(h_qk)
         state.act_scales = act_scales
-        info["seconds"] = time.perf_counter() - t_all
+        state.info["seconds"] = time.perf_counter() - t_all     # the state holds a copy of info
         state.to(next(model.parameters()).device)
     except BaseException:
         if saved is not None:

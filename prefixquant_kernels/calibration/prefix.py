@@ -124,5 +124,5 @@ def prefix_kv(model, prefix_ids: list[int]) -> tuple[list[torch.Tensor], list[to
     """One float forward of the prefix tokens -> per layer K (after RoPE / k_norm) and V, [1, H_kv, P, D]."""
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
-    model(torch.tensor([prefix_ids], dtype=torch.long), past_key_values=cache, use_cache=True)
+    model(torch.tensor([prefix_ids], dtype=torch.long, device=model.device), past_key_values=cache, use_cache=True)
     return [l.keys.detach() for l in cache.layers], [l.values.detach() for l in cache.layers]

@@ -6,6 +6,11 @@
    lm_head) ``W Q``; writers (o_proj, down_proj) ``Q^T W``. A tied lm_head is untied first.
 3. down_proj gets an online rotation ``R [I, I]``: ``down_proj(z) = (Q^T W R) (z R)^T``, as a RotatedLinear.
 
+4. (QuantConfig.kv_rotate, ``rotate_kv``) the KV cache's space, per head of head_dim D: V by a Hadamard ``H_v``
+   folded offline (v_proj output side ``H_v^T`` per KV head, o_proj input side ``H_v`` per query head: every query
+   head reads its KV head's rotated values, so GQA needs nothing more), and Q/K by ``H_qk`` online after RoPE
+   (models/qk_rotation.py: RoPE forbids folding it), which ``rotate_kv`` returns.
+
 Q and R are randomized Hadamard matrices (``H diag(+-1) / sqrt(n)``) when n is a power of 2, else random orthogonal
 matrices (QR of a Gaussian): a dense R costs one [I, I] matmul per token, where QuaRot uses a fast transform
 (e.g. 1536 = 12 x 128, 576 = 36 x 16 need the H_12 / H_36 factors this package does not ship yet).
@@ -48,6 +53,15 @@ def _write(lin: nn.Linear, q: torch.Tensor) -> None:     # output side: Q^T W (a
     lin.weight.data = (q.T @ lin.weight.detach().double()).to(lin.weight.dtype)
     if lin.bias is not None:
         lin.bias.data = (lin.bias.detach().double() @ q).to(lin.bias.dtype)
+
+
+# Seeds of the KV rotations, apart from the residual's (seed) and the down_proj's (seed + 1 + layer).
+QK_SEED_OFFSET, V_SEED_OFFSET = 1 << 20, (1 << 20) + 1
+
+
+def head_dim(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def backup(model) -> dict:
@@ -104,3 +118,30 @@ def rotate_model(model, seed: int = 0) -> None:
     _fold_norm(model.model.norm, [model.lm_head])
     _read(model.lm_head, q)
     wrap_down_proj(model, rots)
+
+
+@torch.no_grad()
+def rotate_values(model, rotation: torch.Tensor) -> None:
+    """Fold ``rotation`` float64 [D, D] into every layer's V (exact in float, step 4 of the module doc):
+    ``v_h -> v_h H`` for every KV head h (v_proj weight rows and bias), ``o_proj`` input columns of every query head
+    ``W_o[:, head] -> W_o[:, head] H`` (so ``o_proj`` sees ``(o_h H) H^T = o_h``)."""
+    d = rotation.shape[0]
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        v, o = attn.v_proj, attn.o_proj
+        w = v.weight.detach().double()                                   # [H_kv * D, hidden]
+        w = (rotation.T @ w.view(-1, d, w.shape[1])).reshape(w.shape)    # per KV head: H^T W_h
+        v.weight.data = w.to(v.weight.dtype)
+        if v.bias is not None:
+            v.bias.data = (v.bias.detach().double().view(-1, d) @ rotation).reshape(-1).to(v.bias.dtype)
+        wo = o.weight.detach().double()                                  # [hidden, H_q * D]
+        o.weight.data = (wo.view(wo.shape[0], -1, d) @ rotation).reshape(wo.shape).to(o.weight.dtype)
+
+
+@torch.no_grad()
+def rotate_kv(model, seed: int = 0) -> torch.Tensor:
+    """Fold the V rotation into the model (``rotate_values``) and return the Q/K rotation float64 [D, D] that the
+    caller applies online after RoPE (to the recorded Q/K, the prefix keys, and through the model's state)."""
+    d = head_dim(model)
+    rotate_values(model, random_orthogonal(d, seed + V_SEED_OFFSET))
+    return random_orthogonal(d, seed + QK_SEED_OFFSET)

@@ -2,7 +2,8 @@
 
 Recorded in one float forward over the calibration samples (``collect``), the prefix positions excluded:
 per decoder layer, the inputs of the four quantizers (q/k/v share one input, gate/up another, o, down), their
-max |x| and (for GPTQ) ``H = sum x x^T``; and Q, K (after q/k norm and RoPE) and V of every head.
+max |x| and (for GPTQ) ``H = sum x x^T``; and Q, K (after q/k norm and RoPE, then the online Q/K rotation when
+kv_rotate is on: the cache quantizes ``K H``) and V of every head.
 
 * activation: ``s = r * max|x| / qmax`` with r on a coarse grid (0.25 .. 1.0) then a fine one (+-0.05) around the
   best, minimizing the MSE of the layer outputs ``Q(x) W^T`` against ``x W^T`` (W: the quantized weights).
@@ -17,6 +18,7 @@ import torch
 
 from .. import format as fmt
 from ..models.patch import decoder_layers, unwrap
+from ..models.qk_rotation import rotate_heads
 
 POINTS = {  # quantizer input -> the linears that read it
     "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
@@ -47,8 +49,9 @@ def _rope_fn(attn):
 
 @torch.no_grad()
 def collect(model, inputs: torch.Tensor, skip: int, rows_per_sample: int, hessian: bool,
-            kv: bool, seed: int = 0, progress=None) -> list[LayerStats]:
-    """One float forward per sample of ``inputs`` int64 [S, T]; positions < skip (the prefix) are not recorded."""
+            kv: bool, seed: int = 0, progress=None, qk_rotation: torch.Tensor | None = None) -> list[LayerStats]:
+    """One float forward per sample of ``inputs`` int64 [S, T]; positions < skip (the prefix) are not recorded.
+    qk_rotation: float [D, D] applied to the recorded Q and K after RoPE (None: not rotated)."""
     layers = decoder_layers(model)
     stats = [LayerStats() for _ in layers]
     gen = torch.Generator().manual_seed(seed)
@@ -75,6 +78,8 @@ def collect(model, inputs: torch.Tensor, skip: int, rows_per_sample: int, hessia
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _rope_fn(attn)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            if qk_rotation is not None:
+                q, k = rotate_heads(q, qk_rotation), rotate_heads(k, qk_rotation)
             v = attn.v_proj(h).view(shape).transpose(1, 2)
             st = stats[i]
             st.q.append(q[0, :, skip:].float())

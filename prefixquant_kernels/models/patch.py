@@ -11,6 +11,9 @@ The patched ``forward`` / ``generate`` supply that cache (built by ``model.pqk_s
 * ``model.generate(ids)``: ids as a user writes them; the prefix is put in front (the user's leading BOS is
   dropped when the prefix ends with it, so it is not doubled) and the returned sequences are ``ids + new tokens``.
 
+With QuantConfig.kv_rotate the cache rotates K after RoPE and the attention is switched to its rotated-query twin
+(models/qk_rotation.py); the patched forward passes the cache's rotation to it as ``pqk_query_rotation``.
+
 All or nothing: ``swap`` checks every target and builds nothing in the model until all replacements exist.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import qk_rotation
 from .rotated_linear import RotatedLinear
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -108,10 +112,15 @@ def swap(model, replacements: dict[str, nn.Module], state: nn.Module | None = No
         if not isinstance(getattr(parent, child, None), nn.Module) or not isinstance(new, nn.Module):
             _fail(f"cannot swap {name!r}: not a module")
         targets.append((parent, child, new))
+    rotates_qk = state is not None and getattr(state, "rotates_qk", False)
+    if rotates_qk:
+        qk_rotation.check_attention(model)
     for parent, child, new in targets:   # from here on nothing can fail
         setattr(parent, child, new)
     if state is not None:
         model.pqk_state = state
+    if rotates_qk:
+        qk_rotation.use_rotated_attention(model)
     patch_instance(model)
 
 
@@ -127,6 +136,10 @@ def _forward_with_cache(orig):
             use_cache = True
             if attention_mask is not None:
                 attention_mask = state.extend_mask(attention_mask)
+        rotation = getattr(past_key_values, "key_rotation", None)
+        if rotation is not None:   # the cache rotates K after RoPE: the queries must be rotated the same way
+            qk_rotation.use_rotated_attention(self)
+            kwargs["pqk_query_rotation"] = rotation
         return orig(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                     use_cache=use_cache, **kwargs)
     forward._pqk_patched = True

@@ -13,7 +13,9 @@ from .kv_cache import build_cache
 
 class PrefixQuantState(nn.Module):
     """Buffers (per decoder layer i): ``prefix_keys_i`` / ``prefix_values_i`` fp16 [1, H_kv, P, D] (if P > 0),
-    ``key_scales_i`` / ``value_scales_i`` fp32 [H_kv] (static KV mode); ``prefix_ids`` int64 [P].
+    ``key_scales_i`` / ``value_scales_i`` fp32 [H_kv] (static KV mode); ``prefix_ids`` int64 [P]; ``qk_rotation``
+    fp32 [D, D] (cfg.resolved_kv_rotate: the online Hadamard on Q/K after RoPE, shared by every layer; the prefix
+    keys are stored already rotated).
 
     cfg: the QuantConfig; bos_id: the BOS the prefix ends with (dropped from a user's input, not doubled);
     info: discovery report (prefix tokens, outlier count, seconds), JSON-serializable.
@@ -34,6 +36,8 @@ class PrefixQuantState(nn.Module):
             if cfg.resolved_kv_mode == "static":
                 for n in ("key_scales", "value_scales"):
                     self.register_buffer(f"{n}_{i}", torch.ones(num_kv_heads, dtype=torch.float32))
+        if cfg.resolved_kv_rotate:
+            self.register_buffer("qk_rotation", torch.eye(head_dim, dtype=torch.float32))
 
     @property
     def prefix_len(self) -> int:
@@ -52,6 +56,13 @@ class PrefixQuantState(nn.Module):
             getattr(self, f"key_scales_{i}").copy_(k)
             getattr(self, f"value_scales_{i}").copy_(v)
 
+    @property
+    def rotates_qk(self) -> bool:
+        return self.cfg.resolved_kv_rotate
+
+    def set_qk_rotation(self, rotation: torch.Tensor) -> None:
+        self.qk_rotation.copy_(rotation)
+
     def make_cache(self, batch_size: int = 1, backend: str = "auto"):
         """A fresh pqk.PrefixQuantCache holding the prefix (counted in its length), in the config's KV mode."""
         mode = self.cfg.resolved_kv_mode
@@ -60,6 +71,10 @@ class PrefixQuantState(nn.Module):
             kw.update(prefix_keys=self._list("prefix_keys"), prefix_values=self._list("prefix_values"))
         if mode == "static":
             kw.update(key_scales=self._list("key_scales"), value_scales=self._list("value_scales"))
+        if self.rotates_qk:
+            kw.update(key_rotation=self.qk_rotation)
+        if mode == "logquant":
+            kw.update(window=self.cfg.kv_window)
         return build_cache(self.num_layers, mode, self.cfg.kv_bits, backend=backend, **kw)
 
     def drops_bos(self, input_ids: torch.Tensor) -> bool:

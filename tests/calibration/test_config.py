@@ -18,6 +18,8 @@ import prefixquant_kernels as pqk
     (dict(prefix=False, prefix_tokens=[1]), "prefix_tokens given but prefix=False"),
     (dict(prefix_tokens=[]), "prefix_tokens must be a non-empty list"),
     (dict(prefix_tokens=[-1]), "prefix_tokens must be a non-empty list"),
+    (dict(kv_window=0), "kv_window must be a positive int"),
+    (dict(kv_rotate=1), r"kv_rotate must be True, False or None \(auto\), got 1"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=r"^pqk\.QuantConfig: .*" + match):
@@ -34,3 +36,23 @@ def test_resolved_modes_and_round_trip():
         pqk.QuantConfig.from_dict({**cfg.to_dict(), "group_size": 128})
     with pytest.raises(ValueError, match="version 99 is not supported"):
         pqk.QuantConfig.from_dict({**cfg.to_dict(), "version": 99})
+
+
+def test_kv_rotate_auto_and_checkpoints_written_before_it():
+    assert pqk.QuantConfig(kv_bits=4).resolved_kv_rotate                                     # static KV4
+    assert pqk.QuantConfig(kv_bits=4, act_quant="dynamic").resolved_kv_rotate               # dynamic KV4
+    assert not pqk.QuantConfig(kv_bits=4, rotate=False).resolved_kv_rotate
+    assert not pqk.QuantConfig(kv_bits=8).resolved_kv_rotate
+    assert not pqk.QuantConfig(kv_bits=2, kv_mode="kivi").resolved_kv_rotate                # per-channel keys
+    assert pqk.QuantConfig(kv_bits=8, rotate=False, kv_rotate=True).resolved_kv_rotate
+    assert "+kvrot" in pqk.QuantConfig(kv_bits=4).name
+    old = pqk.QuantConfig(kv_bits=4).to_dict()
+    del old["kv_rotate"]                                  # a checkpoint from before the option: no KV rotation
+    assert pqk.QuantConfig.from_dict(old).resolved_kv_rotate is False
+
+
+def test_logquant_window_reaches_the_cache():
+    from prefixquant_kernels.models.state import PrefixQuantState
+    cfg = pqk.QuantConfig(w_bits=8, a_bits=8, kv_bits=2, kv_mode="logquant", kv_window=42)
+    cache = PrefixQuantState(cfg, 2, 2, 16, 0, None).make_cache(1)
+    assert [layer.window for layer in cache.layers] == [42, 42]

@@ -64,7 +64,8 @@ def test_static_with_prefix_vs_dynamic_vs_static_without_prefix_on_planted_outli
 
 
 @pytest.mark.parametrize("arch,kw", [
-    ("qwen2", dict(w_bits=4, a_bits=8, kv_bits=4)),                                   # bias, GPTQ, static KV4
+    ("qwen2", dict(w_bits=4, a_bits=8, kv_bits=4)),                     # bias, GPTQ, static KV4, kv_rotate (auto)
+    ("llama", dict(w_bits=8, a_bits=8, kv_bits=4, act_quant="dynamic", prefix=False)),   # dynamic KV4, kv_rotate
     ("qwen3", dict(w_bits=8, a_bits=8, kv_bits=8, act_quant="dynamic", prefix=False)),  # dynamic KV, no prefix
     ("llama", dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="kivi")),
     ("llama", dict(w_bits=8, a_bits=4, kv_bits=8, rotate=True, weight_method="rtn")),   # RotatedLinear saved
@@ -75,6 +76,10 @@ def test_save_load_round_trip(tmp_path, arch, kw):
     loaded = pqk.load_quantized(str(tmp_path))
     assert loaded.pqk_state.cfg == model.pqk_state.cfg
     assert torch.equal(loaded.pqk_state.prefix_ids, model.pqk_state.prefix_ids)
+    assert loaded.pqk_state.rotates_qk == model.pqk_state.rotates_qk == model.pqk_state.cfg.resolved_kv_rotate
+    assert loaded.config._attn_implementation == model.config._attn_implementation
+    if model.pqk_state.rotates_qk:
+        assert torch.equal(loaded.pqk_state.qk_rotation, model.pqk_state.qk_rotation)
     ids = torch.tensor([[BOS, 5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.equal(loaded(ids[:, 1:]).logits, model(ids[:, 1:]).logits)

@@ -1,0 +1,83 @@
+"""The online Q/K rotation of the KV cache (PrefixQuant / QuaRot): ``H [D, D]`` orthogonal, applied per head to Q
+and K *after* RoPE, so ``(q H)(k H)^T = q k^T`` and attention is unchanged in exact arithmetic, while the cache
+quantizes ``K H``, whose channel outliers the Hadamard has spread over all D channels.
+
+RoPE mixes channel pairs with a position-dependent angle, so H cannot be folded into q_proj / k_proj: it has to
+run online, after RoPE. transformers 5.23 attention (Llama, Qwen2, Qwen3) runs
+``RoPE -> past_key_values.update(k, v) -> attention_interface(q, k, v)``, which gives two places, one per tensor:
+
+* K: the cache rotates the new keys as they enter it (``kv_cache.build_cache(key_rotation=H)``), before it
+  quantizes them; every key it holds and returns, the 16-bit prefix included, is in the rotated space.
+* Q: an attention function registered in transformers' ``AttentionInterface`` (``pqk_qk_rotated_sdpa`` /
+  ``pqk_qk_rotated_eager``: the model's sdpa or eager attention with ``q @ H`` first). The rotation comes as the
+  call argument ``pqk_query_rotation``, which the patched model forward passes exactly when its cache rotates keys,
+  so a call without such a cache (``use_cache=False``, a DynamicCache) rotates neither Q nor K and stays exact.
+
+A dense [D, D] matmul on Q [B, H_q, T, D] costs D multiply-adds per element (D = 64: as much as the Q.K^T of 64
+cached tokens); a fast Walsh-Hadamard transform (prefixquant_kernels/hadamard.py) would cost log2(D).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+BASES = ("sdpa", "eager")
+PREFIX = "pqk_qk_rotated_"
+
+
+def rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x float [..., D] (e.g. [B, H, T, D]) -> ``x @ rotation`` (rotation float [D, D]), computed in fp32, in x's
+    dtype (a 16-bit matmul would add its own rounding to every key before it is quantized)."""
+    if x.shape[-1] != rotation.shape[0]:
+        raise ValueError(f"pqk.rotate_heads: x has head_dim {x.shape[-1]}, the rotation is "
+                         f"{tuple(rotation.shape)}")
+    return (x.float() @ rotation.to(device=x.device, dtype=torch.float32)).to(x.dtype)
+
+
+def _base_attention(base: str, module):
+    if base == "eager":   # every modeling file defines its own eager_attention_forward (not in the registry)
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _rotated_attention(base: str):
+    def attention(module, query, key, value, attention_mask, pqk_query_rotation=None, **kwargs):
+        """query float [B, H_q, T, D]; key, value [B, H_kv, S, D] (keys already rotated by the cache when
+        pqk_query_rotation float [D, D] is given)."""
+        if pqk_query_rotation is not None:
+            query = rotate_heads(query, pqk_query_rotation)
+        return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    for base in BASES:
+        AttentionInterface.register(PREFIX + base, _rotated_attention(base))
+        AttentionMaskInterface.register(PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])  # the base's mask
+
+
+_register()
+
+
+def check_attention(model) -> str:
+    """The base implementation the model's rotated attention wraps; ValueError for one other than sdpa / eager
+    (flash / flex attention would need their own twin)."""
+    cur = model.config._attn_implementation
+    base = (cur or "sdpa").removeprefix(PREFIX)
+    if base not in BASES:
+        raise ValueError(f"pqk.quantize_model: kv_rotate needs attn_implementation 'sdpa' or 'eager', the model uses "
+                         f"{cur!r} (load it with attn_implementation='sdpa' or set QuantConfig(kv_rotate=False))")
+    return base
+
+
+def use_rotated_attention(model) -> None:
+    """Switch the model's attention to its rotated-query twin (idempotent). Without the ``pqk_query_rotation``
+    argument the twin is the base attention, so a call without a key-rotating cache is unchanged."""
+    cur = model.config._attn_implementation
+    if cur is None or not cur.startswith(PREFIX):
+        model.config._attn_implementation = PREFIX + check_attention(model)
