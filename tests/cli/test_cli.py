@@ -1,0 +1,91 @@
+"""`python -m prefixquant_kernels quantize | eval | bench` on a tiny random Llama saved with a real (word-level)
+tokenizer: quantize writes a checkpoint that eval and transformers both load; bad flags are clear errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+import prefixquant_kernels as pqk  # noqa: E402
+from prefixquant_kernels import data  # noqa: E402
+from prefixquant_kernels.__main__ import main  # noqa: E402
+
+from ..models.tiny import VOCAB, tiny_model  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _word_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level: the bundled text's most frequent words get ids 3..VOCAB-1, the rest <unk> (0)."""
+    words = {}
+    for w in " ".join(data.calibration_texts()[:50]).split():
+        words[w] = words.get(w, 0) + 1
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w, _ in sorted(words.items(), key=lambda kv: -kv[1])[: VOCAB - 3]:
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("float"))
+    model = tiny_model("llama")
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(d)
+    _word_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_quantize_then_eval_then_from_pretrained(float_dir, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--model", float_dir, "--out", out, "--w-bits", "4", "--a-bits", "8", "--kv-bits", "4",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--threads", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", out, "--seq-len", "64", "--windows", "2"]) == 0
+    printed = float(capsys.readouterr().out.split()[1])
+    # the same number through the Python API: the CLI evaluates what it saved, with the saved tokenizer
+    model = pqk.load_quantized(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    ref = pqk.evaluate_perplexity(model, tok, data.evaluation_text(), 64, max_windows=2)
+    assert printed == pytest.approx(ref, rel=1e-4)
+    # and the float model scores differently (the checkpoint is really quantized)
+    assert main(["eval", "--model", float_dir, "--seq-len", "64", "--windows", "2"]) == 0
+    fp = float(capsys.readouterr().out.split()[1])
+    assert fp != pytest.approx(printed, rel=1e-6)
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["quantize", "--model", "nowhere", "--out", "x"], "neither 'smollm2' nor a local model directory"),
+    (["eval"], "one of the arguments --checkpoint --model is required"),
+])
+def test_bad_arguments_exit_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert match in str(e.value.code) + capsys.readouterr().err
+
+
+def test_unsupported_bits_fail_before_loading_anything(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--model", "nowhere", "--out", "x", "--w-bits", "3"])
+    assert e.value.code == 2 and "w_bits must be one of (4, 8)" in capsys.readouterr().err
+
+
+def test_bench_help_runs_the_benchmark_script():
+    if not os.path.exists(os.path.join(ROOT, "benchmarks", "e2e.py")):
+        pytest.skip("no source checkout")
+    r = subprocess.run([sys.executable, "-m", "prefixquant_kernels", "bench", "--help"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "--decode-ctx" in r.stdout, r.stdout + r.stderr
