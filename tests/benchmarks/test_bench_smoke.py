@@ -1,0 +1,162 @@
+"""Smoke tests of benchmarks/e2e.py and benchmarks/kernels.py on toy shapes: the scripts run, write the files they
+promise with the promised schema, and reject bad flags with a clear argparse error. No timing is asserted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+import prefixquant_kernels as pqk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name: str):
+    """Import benchmarks/<name>.py under a private module name (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"pqk_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    return _load("e2e")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _load("kernels")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    # conftest turns the Triton interpreter on for the test run; the benchmarks run as a user runs them
+    # (KV ops on CPU: the reference and C++ paths), which the KV ops decide per call from this variable.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+E2E_TINY = ["--device", "cpu", "--layers", "1", "--prefill", "16", "--decode-ctx", "16", "--repeats", "1",
+            "--decode-steps", "2", "--threads", "1", "--calib-tokens", "16"]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model):
+    out = tmp_path / "sub" / "out.json"
+    e2e.main(E2E_TINY + ["--model", model, "--json", str(out)])
+    records = json.loads(out.read_text())
+    assert isinstance(records, list)
+    assert {(r["method"], r["phase"]) for r in records} == {(m, p) for m in e2e.METHODS for p in e2e.PHASES}
+    assert len(records) == 6
+    for r in records:
+        assert isinstance(r["median_ms"], float) and r["median_ms"] > 0
+        assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] > 0
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert 0 <= r["lm_head_median_ms"] <= r["median_ms"]
+        for key in ("cpu", "threads", "torch", "triton", "transformers"):
+            assert key in r["machine"]
+        assert r["machine"]["threads"] == 1 and r["measured"] is True
+        # the decode steps ran on a cache of --decode-ctx tokens (+ the static prefix, + warm-up/timed steps)
+        want = (16 + r["prefix_len"]) if r["phase"] == "prefill" else (16 + r["prefix_len"] + 2 + 2)
+        assert r["cache_tokens"] == want, r
+        # 7 linears per layer swapped in the quantized methods, none in fp
+        assert r["quant_linears"] == (0 if r["method"] == "fp" else 7)
+        assert r["linear_backend"] == (None if r["method"] == "fp" else
+                                       ("cpu" if "cpu:scalar" in pqk.available_backends() else "reference"))
+    by = {(r["method"], r["phase"]): r for r in records}
+    # 4-bit weights and KV hold less than the bf16 ones (tensor bytes, not timings)
+    for m in ("dynamic", "static"):
+        assert by[(m, "decode")]["weights_bytes"] < 0.5 * by[("fp", "decode")]["weights_bytes"]
+        assert by[(m, "decode")]["kv_bytes"] < 0.5 * by[("fp", "decode")]["kv_bytes"]
+    assert by[("static", "decode")]["prefix_len"] == 1 and by[("dynamic", "decode")]["prefix_len"] == 0
+    md = (tmp_path / "sub" / "out.md").read_text()
+    assert "| static | decode |" in md and "fp / static" in md and "dynamic / static" in md
+    png = tmp_path / "sub" / "out.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_e2e_methods_subset(e2e, tmp_path, no_interpreter):
+    out = tmp_path / "o.json"
+    e2e.main(E2E_TINY + ["--model", "tiny-llama", "--methods", "static,fp", "--json", str(out)])
+    records = json.loads(out.read_text())
+    assert [(r["method"], r["phase"]) for r in records] == [("fp", "prefill"), ("fp", "decode"),
+                                                            ("static", "prefill"), ("static", "decode")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt-5"], "invalid choice: 'gpt-5'"),
+    (["--layers", "0"], "expected a positive integer, got 0"),
+    (["--prefill", "x"], "expected a positive integer, got 'x'"),
+    (["--methods", "fp,quarot"], "methods must be a comma-separated subset of fp,dynamic,static"),
+    (["--fp-dtype", "int8"], "invalid choice: 'int8'"),
+    (["--json", "out.csv"], "--json must name a .json file"),
+    (["--device", "cuda"], "this torch has no CUDA device"),
+])
+def test_e2e_bad_flags(e2e, capsys, argv, message):
+    if argv[:2] == ["--device", "cuda"]:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as exc:
+        e2e.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kernels_quick(kernels, tmp_path, no_interpreter):
+    out = tmp_path / "k.json"
+    res = kernels.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["rows"] == json.loads(json.dumps(res["rows"]))
+    for key in ("copy_GBps_read_plus_write", "best_matmul_GFLOPs", "fp32_matmul_256_GFLOPs"):
+        assert data["anchors"][key] > 0
+    sections = {r["section"] for r in data["rows"]}
+    assert sections == set(kernels.SECTIONS)
+    timed = [r for r in data["rows"] if "skipped" not in r]
+    for r in timed:
+        assert r["median_ms"] > 0 and r["pct_of_roofline"] > 0 and r["bound"] in ("compute", "memory")
+        assert (r["TOPS"] or 0) > 0 or (r["GBps"] or 0) > 0
+    methods = {r["method"] for r in timed if r["section"] == "gemm"}
+    for be in pqk.available_backends():   # every backend of the device is in the GEMM section
+        assert f"pqk static W4A4 quant_linear [{be}]" in methods
+    assert {"torch fp32 x @ W.T", "torch bf16 x @ W.T", "torch int8 quantize + _int_mm + scale"} <= methods
+    # decode attention is CUDA-only: on CPU a record says why it was skipped
+    att = [r for r in data["rows"] if r["section"] == "attention"]
+    assert len(att) == 1 and "CUDA only" in att[0]["skipped"]
+    assert (tmp_path / "k.md").read_text().startswith("Machine:")
+
+
+def test_kernels_int_mm_cap(kernels, tmp_path, no_interpreter):
+    kernels.main(["--sections", "gemm", "--shapes", "8x64x32", "--repeats", "1", "--int-mm-max-macs", "100",
+                  "--json", str(tmp_path / "k.json")])
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    skipped = [r for r in rows if r["method"].startswith("torch int8")]
+    assert len(skipped) == 1 and "--int-mm-max-macs 100" in skipped[0]["skipped"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "64x255x32"], "K even"),
+    (["--shapes", "64x256"], "shapes must be MxKxN"),
+    (["--sections", "gemm,fft"], "unknown ['fft']"),
+    (["--repeats", "0"], "--threads and --repeats must be > 0"),
+])
+def test_kernels_bad_flags(kernels, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        kernels.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_linear_cpu_still_runs(tmp_path):
+    """linear_cpu.py after its timing / machine code moved to common.py (quick shapes)."""
+    lin = _load("linear_cpu")
+    assert lin.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "l.json")]) == 0
+    data = json.loads((tmp_path / "l.json").read_text())
+    assert data["anchors"]["bf16_matmul_1024_GFLOPs"] > 0 and data["rows"]
