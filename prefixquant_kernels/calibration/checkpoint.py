@@ -21,7 +21,6 @@ from ..models.patch import float_linears, get_spec, swap
 from ..models.state import PrefixQuantState
 from ..nn import QuantLinear
 from .config import QuantConfig
-from .rotation import wrap_down_proj
 
 FORMAT = "prefixquant-kernels"
 FORMAT_VERSION = 1
@@ -77,31 +76,56 @@ def load_quantized(path: str, *, device: str | torch.device = "cpu"):
     if config.model_type != meta["model_type"]:
         _fail("load_quantized", f"config.json is model_type {config.model_type!r} but {_META} says "
                                 f"{meta['model_type']!r}: files from different checkpoints")
-    get_spec(config.model_type)
-    cfg = QuantConfig.from_dict(meta["quant_config"])
     model = AutoModelForCausalLM.from_config(config).eval()
-    if cfg.rotate:
-        wrap_down_proj(model)       # the structure; the rotations are loaded with the other tensors
-    linears = float_linears(model)
-    if set(linears) != set(meta["modules"]):
-        _fail("load_quantized", f"the checkpoint's quantized modules do not match a {config.model_type} with "
-                                f"{config.num_hidden_layers} layers (checkpoint from another config?)")
-    replacements = {}
-    for name, m in meta["modules"].items():
-        lin = linears[name]
-        if (lin.in_features, lin.out_features, lin.bias is not None) != (m["in_features"], m["out_features"],
-                                                                          m["bias"]):
-            _fail("load_quantized", f"{name}: checkpoint has [{m['out_features']}, {m['in_features']}] "
-                                    f"bias={m['bias']}, the config builds [{lin.out_features}, {lin.in_features}] "
-                                    f"bias={lin.bias is not None}")
-        replacements[name] = QuantLinear(m["in_features"], m["out_features"], w_bits=m["w_bits"],
-                                         a_bits=m["a_bits"], bias=m["bias"], static=m["static"])
-    lay = meta["state"]
-    state = PrefixQuantState(cfg, lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["prefix_len"],
-                             lay["bos_id"], lay.get("info"))
-    swap(model, replacements, state)
+    build_skeleton(model, meta, "load_quantized")
     try:
         load_model(model, os.path.join(path, _WEIGHTS), strict=True, device=str(device))
     except RuntimeError as e:
         _fail("load_quantized", f"tensors in {_WEIGHTS} do not match the model its config builds: {e}")
     return model.to(device).eval()
+
+
+def build_skeleton(model, meta: dict, op: str) -> None:
+    """Put empty QuantLinears (and RotatedLinear wrappers) and an empty ``pqk_state`` into a float ``model`` built
+    from the checkpoint's config (usually on the meta device), as described by ``meta`` (pqk_config.json's
+    content). Nothing is changed before every check passed. Used by load_quantized and by the
+    transformers quantizer (hf_quantizer.py), which fills the same skeleton through from_pretrained."""
+    from ..models.rotated_linear import RotatedLinear
+
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        _fail(op, f"quantization_config is format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                  f"this package reads {FORMAT!r} version {FORMAT_VERSION} (re-export with pqk.export_hf)")
+    for key in ("model_type", "quant_config", "state", "modules"):
+        if key not in meta:
+            _fail(op, f"quantization_config has no {key!r}: not written by pqk.export_hf")
+    if model.config.model_type != meta["model_type"]:
+        _fail(op, f"config.json is model_type {model.config.model_type!r} but its quantization_config says "
+                  f"{meta['model_type']!r}: files from different checkpoints")
+    get_spec(model)
+    cfg = QuantConfig.from_dict(meta["quant_config"])
+    linears = float_linears(model)               # names before the down_proj wrappers: "...mlp.down_proj"
+    expected = {n.removesuffix(".linear") for n in meta["modules"]}
+    if set(linears) != expected:
+        _fail(op, f"the checkpoint's quantized modules do not match a {model.config.model_type} with "
+                  f"{model.config.num_hidden_layers} layers (checkpoint from another config?)")
+    replacements = {}
+    for name, m in meta["modules"].items():
+        lin = linears[name.removesuffix(".linear")]
+        if (lin.in_features, lin.out_features, lin.bias is not None) != (m["in_features"], m["out_features"],
+                                                                          m["bias"]):
+            _fail(op, f"{name}: checkpoint has [{m['out_features']}, {m['in_features']}] bias={m['bias']}, the "
+                      f"config builds [{lin.out_features}, {lin.in_features}] bias={lin.bias is not None}")
+        q = QuantLinear(m["in_features"], m["out_features"], w_bits=m["w_bits"], a_bits=m["a_bits"],
+                        bias=m["bias"], static=m["static"])
+        if name.endswith(".linear"):    # a rotated down_proj: the rotation buffer is loaded with the other tensors
+            replacements[name.removesuffix(".linear")] = RotatedLinear(q, _eye_like(lin.in_features, lin.weight))
+        else:
+            replacements[name] = q
+    lay = meta["state"]
+    state = PrefixQuantState(cfg, lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["prefix_len"],
+                             lay["bos_id"], lay.get("info"))
+    swap(model, replacements, state)
+
+
+def _eye_like(n: int, like):
+    return torch.eye(n, device=like.device)

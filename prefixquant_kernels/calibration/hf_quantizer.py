@@ -61,57 +61,6 @@ def export_hf(model, path: str, tokenizer=None) -> None:
 
 # ---- reading: the skeleton a checkpoint's tensors are loaded into ----------------------------------------------
 
-def prepare_skeleton(model, meta: dict, op: str = "from_pretrained") -> None:
-    """Put empty QuantLinears (and RotatedLinear wrappers) and an empty ``pqk_state`` into a float ``model`` built
-    from the checkpoint's config (usually on the meta device), as described by ``meta`` (pqk_config.json's
-    content). Nothing is changed before every check passed. The same structure load_quantized builds."""
-    from ..models.patch import float_linears, get_spec, swap
-    from ..models.rotated_linear import RotatedLinear
-    from ..models.state import PrefixQuantState
-    from ..nn import QuantLinear
-    from . import checkpoint as ck
-    from .config import QuantConfig
-
-    if meta.get("format") != ck.FORMAT or meta.get("format_version") != ck.FORMAT_VERSION:
-        _fail(op, f"quantization_config is format {meta.get('format')!r} version {meta.get('format_version')!r}; "
-                  f"this package reads {ck.FORMAT!r} version {ck.FORMAT_VERSION} (re-export with pqk.export_hf)")
-    for key in ("model_type", "quant_config", "state", "modules"):
-        if key not in meta:
-            _fail(op, f"quantization_config has no {key!r}: not written by pqk.export_hf")
-    if model.config.model_type != meta["model_type"]:
-        _fail(op, f"config.json is model_type {model.config.model_type!r} but its quantization_config says "
-                  f"{meta['model_type']!r}: files from different checkpoints")
-    get_spec(model)
-    cfg = QuantConfig.from_dict(meta["quant_config"])
-    linears = float_linears(model)               # names before the down_proj wrappers: "...mlp.down_proj"
-    expected = {n.removesuffix(".linear") for n in meta["modules"]}
-    if set(linears) != expected:
-        _fail(op, f"the checkpoint's quantized modules do not match a {model.config.model_type} with "
-                  f"{model.config.num_hidden_layers} layers (checkpoint from another config?)")
-    replacements = {}
-    for name, m in meta["modules"].items():
-        lin = linears[name.removesuffix(".linear")]
-        if (lin.in_features, lin.out_features, lin.bias is not None) != (m["in_features"], m["out_features"],
-                                                                          m["bias"]):
-            _fail(op, f"{name}: checkpoint has [{m['out_features']}, {m['in_features']}] bias={m['bias']}, the "
-                      f"config builds [{lin.out_features}, {lin.in_features}] bias={lin.bias is not None}")
-        q = QuantLinear(m["in_features"], m["out_features"], w_bits=m["w_bits"], a_bits=m["a_bits"],
-                        bias=m["bias"], static=m["static"])
-        if name.endswith(".linear"):    # a rotated down_proj: the rotation buffer is loaded with the other tensors
-            replacements[name.removesuffix(".linear")] = RotatedLinear(q, _eye_like(lin.in_features, lin.weight))
-        else:
-            replacements[name] = q
-    lay = meta["state"]
-    state = PrefixQuantState(cfg, lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["prefix_len"],
-                             lay["bos_id"], lay.get("info"))
-    swap(model, replacements, state)
-
-
-def _eye_like(n: int, like):
-    import torch
-    return torch.eye(n, device=like.device)
-
-
 def _validate_loaded(model) -> None:
     """After transformers filled the skeleton: the scales every QuantLinear trusts in forward (load_state_dict
     runs this check through a hook; transformers' loader does not call load_state_dict)."""
@@ -163,7 +112,8 @@ def _classes():
                                          "'cpu', then model.to(device))")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            prepare_skeleton(model, self.quantization_config.meta)
+            from .checkpoint import build_skeleton
+            build_skeleton(model, self.quantization_config.meta, "from_pretrained")
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
