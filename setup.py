@@ -38,7 +38,12 @@ def cpu_extension():
     ]
     if os.environ.get("PQK_WERROR") == "1":
         flags.append("-Werror")
-    return CppExtension("prefixquant_kernels._C", sources, extra_compile_args={"cxx": flags})
+    # at::parallel_for is a header template: with torch's OpenMP backend its `#pragma omp parallel` is compiled into
+    # *this* extension, and without -fopenmp it silently runs every kernel on one thread (tests/cpu/test_threads.py).
+    # Linking -fopenmp names libgomp.so.1, which resolves to the copy torch has already loaded (same soname).
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    return CppExtension("prefixquant_kernels._C", sources, extra_compile_args={"cxx": flags + openmp},
+                        extra_link_args=openmp)
 
 
 def extensions_and_cmdclass():

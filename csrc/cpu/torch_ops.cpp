@@ -5,7 +5,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <vector>
 
 #include "kernels.h"
 
@@ -210,4 +212,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prefixquant_kernels C++ CPU kernels (ops are registered as torch.ops.pqk.*)";
   m.def("best_cpu_isa", [] { return pqk::cpu::isa_name(pqk::cpu::best_isa()); });
   m.def("cpu_isa_supported", [](int isa) { return pqk::cpu::isa_supported(static_cast<pqk::cpu::Isa>(isa)); });
+  // How many distinct threads ran the chunks of one kernels' parallel_for over `n` items (grain 1): equals
+  // torch.get_num_threads() when the threading hook really is parallel (tests/cpu/test_threads.py; a build without
+  // -fopenmp compiles at::parallel_for's pragma away and runs everything on one thread, silently).
+  m.def("parallel_threads_used", [](int64_t n) {
+    std::vector<std::atomic<int>> seen(at::get_num_threads());
+    pqk::cpu::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+      const int t = at::get_thread_num();
+      if (t >= 0 && t < (int)seen.size()) seen[t].store(1);
+    });
+    int used = 0;
+    for (auto& s : seen) used += s.load();
+    return used;
+  });
 }
