@@ -17,6 +17,8 @@
 // for its own instruction set (an inline function shared across files could be linked with the wrong
 // one). It needs <immintrin.h>, <string.h>, kChunk and scalar_kernels() from the includer.
 
+constexpr int kDecodePrefetchRows = 8;  // W rows ahead (see tile_w4_t)
+
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -101,6 +103,12 @@ void tile_w4_t(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8
   int since_flush = 0;
   for (int64_t c = 0; c < n_full; ++c) {
     for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + c * 32;
+    // Decode tiles (NR >= 3, one A row: W streams from DRAM once) prefetch the same 64 bytes of the rows
+    // kDecodePrefetchRows below, i.e. two tiles ahead. The hardware prefetcher alone restarts on every tile's
+    // short (K/2-byte) rows: 4096 -> 14336 on 2 threads went 1340 -> 690-820 us (21.9 -> 35-43 GB/s), 1 row
+    // ahead of c measured nothing (docs/PERF.md, step 7). A prefetch past the end of W never faults.
+    if (NR >= 3 && (c & 1) == 0)
+      for (int j = 0; j < NR; ++j) _mm_prefetch((const char*)(wrow[j] + kDecodePrefetchRows * w_stride), _MM_HINT_T0);
     chunk(wrow, c);
     if (Acc::kFlushEvery && ++since_flush == Acc::kFlushEvery) { flush(); since_flush = 0; }
   }
