@@ -180,6 +180,82 @@ void dequant_row4(const uint8_t* p, int64_t K, float scale, void* out, FloatType
   }
 }
 
+// ---- decode attention rows (fp32; no FMA, see the file comment) --------------------------------------
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void dot_rows(const float* q, int64_t G, int64_t D, const float* row, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains: the adds' latency, not their count
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(row + d)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(row + d + 8)));
+    }
+    float s = hsum_ps(_mm256_add_ps(a0, a1));
+    for (; d < D; ++d) s += qg[d] * row[d];
+    out[g] = s;
+  }
+}
+
+void axpy_rows(const float* coef, int64_t G, int64_t D, const float* row, float* acc) {
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 c = _mm256_set1_ps(coef[g]);
+    float* ag = acc + g * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(ag + d, _mm256_add_ps(_mm256_loadu_ps(ag + d), _mm256_mul_ps(c, _mm256_loadu_ps(row + d))));
+    for (; d < D; ++d) ag[d] += coef[g] * row[d];
+  }
+}
+
+// exp(x) for x <= 0 (softmax after the max shift): 2^(x log2 e) = 2^i * 2^f, i = round(x log2 e),
+// f in [-1/2, 1/2], e^(f ln 2) by its degree-6 Taylor polynomial (relative error < 2e-7); x is clamped at -87
+// (e^-87 ~ 1.6e-38, still normal); a NaN x stays NaN (vmaxps returns its second operand when one is NaN).
+inline __m256 exp8_nonpos(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, i), _mm256_set1_ps(0.69314718055994531f));  // ln 2 * frac
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(0.5f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f));
+  // 2^i: i in [-126, 0] goes straight into the exponent field
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+float exp_rows(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+    _mm256_storeu_ps(x + i, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  float sum = hsum_ps(acc);
+  if (i < n) {  // the tail through the same vector code (the padding lanes are discarded)
+    alignas(32) float t[8];
+    for (int j = 0; j < 8; ++j) t[j] = i + j < n ? x[i + j] - shift : -100.0f;
+    _mm256_store_ps(t, exp8_nonpos(_mm256_load_ps(t)));
+    for (int j = 0; i + j < n; ++j) {
+      x[i + j] = t[j];
+      sum += t[j];
+    }
+  }
+  return sum;
+}
+
 // W8: sign-extend both operands to int16 and use vpmaddwd (exact: |a*w| <= 2^14, pair <= 2^15).
 template <int MR, int NR>
 void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int32_t* acc) {
@@ -234,7 +310,8 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
 }
 
 const IsaKernels kAvx2 = {
-    "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4, tile_w4, tile_w8,
+    "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
+    dot_rows, axpy_rows, exp_rows, tile_w4, tile_w8,
 };
 
 }  // namespace

@@ -41,6 +41,13 @@ struct IsaKernels {
   int32_t (*row_sum)(const int8_t* q, int64_t n);
   // p: uint8 [K/2] packed int4 -> out: [K] of type t, out[k] = float(q[k]) * scale rounded once (KV cache)
   void (*dequant_row4)(const uint8_t* p, int64_t K, float scale, void* out, FloatType t);
+  // Decode attention rows (kv_cache.cpp), all fp32: q [G, D] (row stride D), row [D]:
+  //   dot_rows:  out[g] = sum_d q[g, d] * row[d]
+  //   axpy_rows: acc[g, d] += coef[g] * row[d]
+  //   exp_rows:  x[i] = exp(x[i] - shift) for i < n, returns their sum (the softmax numerators)
+  void (*dot_rows)(const float* q, int64_t G, int64_t D, const float* row, float* out);
+  void (*axpy_rows)(const float* coef, int64_t G, int64_t D, const float* row, float* acc);
+  float (*exp_rows)(float* x, int64_t n, float shift);
 
   // acc: int32 [mr, nr] (row stride nr) = A[0:mr] . W[0:nr] over K, exact.
   //   a: int8 panel rows (stride kp, nibble-split order), a_rowsum: int32 [mr] (sum of each A row),

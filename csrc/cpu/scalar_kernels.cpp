@@ -1,5 +1,6 @@
 // Portable C++ kernels: the definition the SIMD files are tested against (bit-exact), and the path
 // that runs on CPUs without AVX2 (and on aarch64). Plain loops; the compiler vectorizes what it can.
+#include <cmath>
 #include <math.h>
 
 #include "../common/quant_math.h"
@@ -51,6 +52,28 @@ void dequant_row4(const uint8_t* p, int64_t K, float scale, void* out, FloatType
   }
 }
 
+void dot_rows(const float* q, int64_t G, int64_t D, const float* row, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * row[d];
+    out[g] = s;
+  }
+}
+
+void axpy_rows(const float* coef, int64_t G, int64_t D, const float* row, float* acc) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) acc[g * D + d] += coef[g] * row[d];
+}
+
+float exp_rows(float* x, int64_t n, float shift) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
 // Signed products directly (no offset trick): byte j of a 32-byte W chunk holds k = 2j (low nibble)
 // and 2j+1 (high nibble), which the nibble-split panel stores at j and 32 + j.
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* /*a_rowsum*/, int /*a_bits*/,
@@ -84,7 +107,8 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int
 }
 
 const IsaKernels kScalar = {
-    "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4, tile_w4, tile_w8,
+    "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
+    dot_rows, axpy_rows, exp_rows, tile_w4, tile_w8,
 };
 
 }  // namespace

@@ -193,9 +193,49 @@ at::Tensor kv_dequant_static_cpu(const c10::optional<at::Tensor>& prefix, const 
   return out;
 }
 
+at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& prefix_k,
+                                const c10::optional<at::Tensor>& prefix_v, const at::Tensor& k_body,
+                                const at::Tensor& v_body, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                int64_t bits, double sm_scale, int64_t cpu_isa) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous(), "pqk: q must be a contiguous [B, Hq, D] CPU tensor");
+  TORCH_CHECK(bits == 4 || bits == 8, "pqk: bits must be 4 or 8, got ", bits);
+  const at::ScalarType bt = bits == 4 ? at::kByte : at::kChar;
+  for (const at::Tensor* t : {&k_body, &v_body})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->is_contiguous() && t->scalar_type() == bt &&
+                    t->sizes() == k_body.sizes(), "pqk: k_body/v_body must be contiguous [B, Hkv, T, D/2 (uint8) or D (int8)], equal shapes");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_body.size(1), T = k_body.size(2);
+  TORCH_CHECK(k_body.size(0) == B && k_body.size(3) * (bits == 4 ? 2 : 1) == D && Hkv > 0 && Hq % Hkv == 0,
+              "pqk: k_body's shape does not match q's");
+  for (const at::Tensor* t : {&k_scale, &v_scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == Hkv,
+                "pqk: k_scale/v_scale must be contiguous float32 tensors of ", Hkv, " elements");
+  TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(), "pqk: prefix_k and prefix_v go together");
+  int64_t P = 0, pb = 1;
+  const void *pk = nullptr, *pv = nullptr;
+  FloatType pt = FloatType::kFloat32;
+  if (prefix_k.has_value()) {
+    const at::Tensor &a = *prefix_k, &v = *prefix_v;
+    TORCH_CHECK(a.dim() == 4 && a.is_contiguous() && v.is_contiguous() && a.sizes() == v.sizes() &&
+                    a.scalar_type() == v.scalar_type() && (a.size(0) == 1 || a.size(0) == B) && a.size(1) == Hkv &&
+                    a.size(3) == D, "pqk: prefix_k/v must be contiguous [1 or B, Hkv, P, D] of one dtype");
+    P = a.size(2);
+    pb = a.size(0);
+    pk = a.data_ptr();
+    pv = v.data_ptr();
+    pt = float_type(a, "prefix_k");
+  }
+  TORCH_CHECK(P + T > 0, "pqk: the cache is empty");
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pk, pv, pt, pb, P, k_body.data_ptr(),
+                             v_body.data_ptr(), (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv,
+                             T, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pqk, CPU, m) {
+  m.impl("kv_decode_static", &kv_decode_static_cpu);
   m.impl("kv_dequant_static", &kv_dequant_static_cpu);
   m.impl("pack_int4", &pack_int4_cpu);
   m.impl("unpack_int4", &unpack_int4_cpu);

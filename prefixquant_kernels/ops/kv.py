@@ -9,8 +9,9 @@ backend (KV ops only):
                TRITON_INTERPRET=1 (the interpreter), else the reference
   "reference"  plain PyTorch (prefixquant_kernels/kv_format.py): the definition of the results
   "triton"     the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
-  "cpu"        the C++ kernel for what the CPU cache reads every step: static dequant-concat with no 16-bit
-               tail (PrefixQuant's layout); "auto" picks it for such calls on CPU tensors outside the interpreter
+  "cpu"        the C++ kernels for what the CPU cache reads every step: static dequant-concat with no 16-bit
+               tail (PrefixQuant's layout) and decode attention over such a cache; "auto" picks them for such
+               calls on CPU tensors outside the interpreter
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def resolve_kv(backend, device: torch.device, op: str, cpu_kernel: bool = False)
         return "reference"
     if backend == "cpu":
         if not cpu_kernel:
-            checks.fail(op, "backend='cpu' has a C++ kernel for kv_dequant_concat only; use 'reference' or 'triton'")
+            checks.fail(op, "backend='cpu' has C++ kernels for kv_dequant_concat and kv_decode_attention only; "
+                            "use 'reference' or 'triton'")
         if device.type != "cpu":
             checks.fail(op, f"backend='cpu' runs on CPU tensors, got tensors on {device}")
         _extension.require_cpu_extension(f"pqk.{op}")
@@ -301,8 +303,10 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     if prefix_k.shape[2] + T == 0:
         checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
     scale = float(sm_scale) if sm_scale is not None else D ** -0.5
-    return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale,
-                                             resolve_kv(backend, dev, op))
+    be = resolve_kv(backend, dev, op, cpu_kernel=True)
+    if backend == "auto" and be == "reference" and dev.type == "cpu" and _extension.cpu_available():
+        be = "cpu"
+    return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale, be)
 
 
 # ---- the custom ops' implementations: inputs validated, backend resolved by the public ops above -----------------
@@ -350,6 +354,12 @@ def _kv_dequant_concat_impl(prefix, packed, scale, zero, bits, group_size, axis,
 
 @_impl("kv_decode_attention")
 def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale, backend):
+    if backend == "cpu":  # the C++ kernel reads the packed body in place (csrc/cpu/kv_cache.cpp)
+        pre_k = prefix_k.contiguous() if prefix_k.shape[2] else None
+        pre_v = prefix_v.contiguous() if prefix_v.shape[2] else None
+        return torch.ops.pqk.kv_decode_static(q.contiguous(), pre_k, pre_v, k_packed.contiguous(),
+                                              v_packed.contiguous(), k_scale.contiguous(), v_scale.contiguous(),
+                                              bits, sm_scale)
     if backend == "triton":
         from ..triton.decode_attention import decode_attention
         return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale)

@@ -30,6 +30,10 @@ LIB.define(
     "kv_dequant_static(Tensor? prefix, Tensor body, Tensor scale, int bits, ScalarType out_dtype, int cpu_isa=-1) "
     "-> Tensor"
 )
+LIB.define(
+    "kv_decode_static(Tensor q, Tensor? prefix_k, Tensor? prefix_v, Tensor k_body, Tensor v_body, Tensor k_scale, "
+    "Tensor v_scale, int bits, float sm_scale, int cpu_isa=-1) -> Tensor"
+)
 
 
 def _quantized_shape(x: torch.Tensor, bits: int) -> tuple[list[int], torch.dtype]:
@@ -75,6 +79,11 @@ def _kv_dequant_static_fake(prefix, body, scale, bits, out_dtype, cpu_isa=-1):
     b, h, t, db = body.shape
     p = 0 if prefix is None else prefix.shape[2]
     return body.new_empty([b, h, p + t, db * (2 if bits == 4 else 1)], dtype=out_dtype)
+
+
+@torch.library.register_fake("pqk::kv_decode_static")
+def _kv_decode_static_fake(q, prefix_k, prefix_v, k_body, v_body, k_scale, v_scale, bits, sm_scale, cpu_isa=-1):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # ---- KV-cache ops (ops/kv.py). One implementation each, registered by ops/kv.py for every device

@@ -42,7 +42,7 @@ def test_auto_uses_the_kernel_and_falls_back_where_it_does_not_apply(gen, monkey
     tail = torch.randn(1, 2, 3, 64).half()
     with pytest.raises(NotImplementedError, match="static bodies without a tail"):
         pqk.kv_dequant_concat(None, packed, s, 4, torch.float16, tail=tail, backend="cpu")
-    with pytest.raises(ValueError, match="C\\+\\+ kernel for kv_dequant_concat only"):
+    with pytest.raises(ValueError, match="C\\+\\+ kernels for kv_dequant_concat and kv_decode_attention only"):
         pqk.kv_quantize(x, s, 4, backend="cpu")
 
 
