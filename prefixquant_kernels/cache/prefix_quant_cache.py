@@ -41,6 +41,7 @@ Beyond greedy / sampling (the methods generate() and assisted generation call):
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -131,6 +132,11 @@ class _PrefixedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = True    # crop(-k) restores exactly the state before the last k tokens (not kivi/logquant)
+    # Fused decode (PrefixQuantCache.deferred_reads): a layer with decode_attention() may answer a one-token
+    # update() with empty K/V instead of building the whole float history, for an attention that calls
+    # decode_attention() (or keys_values() if it cannot) instead of reading K/V.
+    defer_reads = False
+    has_decode_attention = False
 
     def __init__(self, prefix_keys: torch.Tensor | None, prefix_values: torch.Tensor | None, backend: str):
         super().__init__()
@@ -159,6 +165,8 @@ class _PrefixedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.append(key_states, value_states)
         self.n_tokens += key_states.shape[2]
+        if self.defer_reads and self.has_decode_attention and key_states.shape[2] == 1:
+            return key_states[:, :, :0], value_states[:, :, :0]   # deferred: see PrefixQuantCache.deferred_reads
         return self.keys_values(key_states.dtype)
 
     def get_seq_length(self) -> int:
@@ -311,6 +319,17 @@ class StaticQuantLayer(_PrefixedLayer):
         return tuple(kv_ops.kv_dequant_concat(pre, rows.view(), scale, self.bits, dtype, backend=self.backend)
                      for pre, rows, scale in ((self.prefix_keys, self.k, self.key_scale),
                                               (self.prefix_values, self.v, self.value_scale)))
+
+    has_decode_attention = True
+
+    def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query float [B, H_q, 1, D] (after RoPE) -> query.dtype [B, H_q, 1, D]: softmax(q K^T scaling) V over
+        the whole cache, K/V read in their stored form (kv_decode_attention: the C++ kernel on CPU, Triton on
+        CUDA) instead of dequantized into a float copy first."""
+        out = kv_ops.kv_decode_attention(query[:, :, 0], self.prefix_keys, self.prefix_values, self.k.view(),
+                                         self.v.view(), self.key_scale, self.value_scale, self.bits, scaling,
+                                         backend=self.backend)
+        return out.unsqueeze(2)
 
     def body_bytes(self):
         return {"body": self.k.nbytes() + self.v.nbytes(),
@@ -593,6 +612,10 @@ class PrefixQuantCache(Cache):
         model.generate(prefix_ids_then_prompt, past_key_values=cache, max_new_tokens=32)
     """
 
+    # A model patched by pqk (models/patch.py) runs its one-token steps with this cache under deferred_reads():
+    # "prefixquant" layers then attend over the packed K/V in place. False: every step builds float K/V.
+    fused_decode = True
+
     def __init__(self, num_layers: int, mode: str = "prefixquant", *, key_scales=None, value_scales=None,
                  prefix_keys=None, prefix_values=None, group_size: int = 32, residual_length: int = 128,
                  window: int = 32, backend: str = "auto"):
@@ -628,6 +651,20 @@ class PrefixQuantCache(Cache):
             else:
                 layers = [Fp16Layer(pks[i], pvs[i], backend=backend) for i in range(num_layers)]
         super().__init__(layers=layers)
+
+    @contextlib.contextmanager
+    def deferred_reads(self):
+        """Within the block, a one-token update() of a "prefixquant" layer returns empty K/V ([B, H, 0, D]) and
+        does not dequantize the history: the caller promises an attention that notices the empty K/V and calls
+        the layer's decode_attention(query, scaling) (or keys_values(dtype)) instead. The patched model forward
+        (models/patch.py) opens it around a decode step, with the pqk attention (models/qk_rotation.py)."""
+        for layer in self.layers:
+            layer.defer_reads = True
+        try:
+            yield self
+        finally:
+            for layer in self.layers:
+                layer.defer_reads = False
 
     # ---- beam search, contrastive / assisted generation (module doc); arguments checked once, for all layers
 

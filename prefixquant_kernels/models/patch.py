@@ -13,11 +13,15 @@ The patched ``forward`` / ``generate`` supply that cache (built by ``model.pqk_s
 
 With QuantConfig.kv_rotate the cache rotates K after RoPE and the attention is switched to its rotated-query twin
 (models/qk_rotation.py); the patched forward passes the cache's rotation to it as ``pqk_query_rotation``.
+A one-token step with a PrefixQuantCache (``fused_decode``, on by default) runs under the cache's
+``deferred_reads()`` with the same pqk attention, which then reads the quantized K/V in place
+(``kv_decode_attention``) instead of a dequantized float copy of the whole history.
 
 All or nothing: ``swap`` checks every target and builds nothing in the model until all replacements exist.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -140,8 +144,17 @@ def _forward_with_cache(orig):
         if rotation is not None:   # the cache rotates K after RoPE: the queries must be rotated the same way
             qk_rotation.use_rotated_attention(self)
             kwargs["pqk_query_rotation"] = rotation
-        return orig(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                    use_cache=use_cache, **kwargs)
+        reads = contextlib.nullcontext()
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if (getattr(past_key_values, "fused_decode", False) and ref is not None and ref.shape[1] == 1
+                and qk_rotation.has_twin(self)):
+            # a decode step: the attention reads the quantized cache in place (PrefixQuantCache.deferred_reads)
+            qk_rotation.use_rotated_attention(self)
+            kwargs["pqk_cache"] = past_key_values
+            reads = past_key_values.deferred_reads()
+        with reads:
+            return orig(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                        use_cache=use_cache, **kwargs)
     forward._pqk_patched = True
     return forward
 

@@ -42,12 +42,34 @@ def _base_attention(base: str, module):
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+def _allows_everything(mask) -> bool:
+    """True when an attention mask (None, bool: True = attend, or additive float) masks nothing."""
+    if mask is None:
+        return True
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _fusable(query, attention_mask, kwargs) -> bool:
+    """Can the fused decode attention (no mask, no window, no softcap, no dropout) stand in for the base one?"""
+    return (query.shape[2] == 1 and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+            and not kwargs.get("dropout") and _allows_everything(attention_mask))
+
+
 def _rotated_attention(base: str):
-    def attention(module, query, key, value, attention_mask, pqk_query_rotation=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, pqk_query_rotation=None, pqk_cache=None, **kwargs):
         """query float [B, H_q, T, D]; key, value [B, H_kv, S, D] (keys already rotated by the cache when
-        pqk_query_rotation float [D, D] is given)."""
+        pqk_query_rotation float [D, D] is given). pqk_cache: the PrefixQuantCache of a decode step run under
+        its deferred_reads(): an empty key means the layer skipped building K/V, and its decode_attention reads
+        the cache in place (or, where the fused kernel does not apply, keys_values builds K/V after all)."""
         if pqk_query_rotation is not None:
             query = rotate_heads(query, pqk_query_rotation)
+        if pqk_cache is not None and key.shape[-2] == 0:
+            layer = pqk_cache.layers[module.layer_idx]
+            if _fusable(query, attention_mask, kwargs):
+                scaling = kwargs.get("scaling")
+                out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+                return out.transpose(1, 2).contiguous(), None   # [B, T, H_q, D], like the base attentions
+            key, value = layer.keys_values(query.dtype)
         return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = f"{PREFIX}{base}"
     return attention
@@ -73,6 +95,12 @@ def check_attention(model) -> str:
         raise ValueError(f"pqk.quantize_model: kv_rotate needs attn_implementation 'sdpa' or 'eager', the model uses "
                          f"{cur!r} (load it with attn_implementation='sdpa' or set QuantConfig(kv_rotate=False))")
     return base
+
+
+def has_twin(model) -> bool:
+    """Whether the model's attention is one this module has a pqk twin of (sdpa / eager, or already the twin)."""
+    cur = model.config._attn_implementation
+    return (cur or "sdpa").removeprefix(PREFIX) in BASES
 
 
 def use_rotated_attention(model) -> None:
