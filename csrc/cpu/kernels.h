@@ -51,6 +51,11 @@ void kv_dequant_concat_static(const void* prefix, FloatType pt, int64_t prefix_b
                               const void* body, int bits, const float* scale, int64_t B, int64_t H, int64_t T,
                               int64_t D, void* out, FloatType ot, Isa isa);
 
+// out = the static cache's body rows of x: x [B, H, T, D] (type xt) quantized with scale[h] (quantize_value, bits
+// 4 or 8) -> int4 packed uint8 [B, H, T, D/2] (D even) or int8 [B, H, T, D]. Parallel over rows.
+void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bits, int64_t B, int64_t H, int64_t T,
+                        int64_t D, void* out, Isa isa);
+
 // Decode attention of one new token over a static cache, without materializing a float K/V:
 // out [B, Hq, D] (type qt) = softmax(q K^T * sm_scale) V per query head, K/V = [prefix | body * scale[h]].
 //   q [B, Hq, D] type qt; prefix_k/v [prefix_batch, Hkv, P, D] type pt (P may be 0, pointers then unused);

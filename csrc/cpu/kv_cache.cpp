@@ -41,6 +41,21 @@ void kv_dequant_concat_static(const void* prefix, FloatType pt, int64_t prefix_b
   });
 }
 
+void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bits, int64_t B, int64_t H, int64_t T,
+                        int64_t D, void* out, Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  const int64_t xsz = float_type_size(xt), out_row = bits == 4 ? D / 2 : D;
+  parallel_for(0, B * H * T, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> q((size_t)D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = (r / T) % H;
+      int8_t* dst = bits == 4 ? q.data() : (int8_t*)out + r * out_row;
+      ker.quantize_row((const char*)x + r * D * xsz, xt, D, scale[h], qmin_for_bits(bits), qmax_for_bits(bits), dst);
+      if (bits == 4) ker.pack_row(q.data(), D, (uint8_t*)out + r * out_row);
+    }
+  });
+}
+
 // One task per (sequence, KV head): its G query heads' scores over all P + T positions, then the V pass.
 // Each K/V row is decoded once (prefix: widened; body: the integers as fp32, *unscaled*) into an L1 buffer and
 // used by all G heads; the per-head scale is applied once per score and once per V coefficient instead of per

@@ -193,6 +193,19 @@ at::Tensor kv_dequant_static_cpu(const c10::optional<at::Tensor>& prefix, const 
   return out;
 }
 
+at::Tensor kv_quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t bits, int64_t cpu_isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(), "pqk: x must be a contiguous [B, H, T, D] CPU tensor");
+  TORCH_CHECK(bits == 4 || bits == 8, "pqk: bits must be 4 or 8, got ", bits);
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(bits == 8 || D % 2 == 0, "pqk: bits=4 needs an even head dim, got ", D);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == H,
+              "pqk: scale must be a contiguous float32 tensor of ", H, " elements");
+  at::Tensor out = at::empty({B, H, T, bits == 4 ? D / 2 : D}, x.options().dtype(bits == 4 ? at::kByte : at::kChar));
+  kv_quantize_static(x.data_ptr(), float_type(x, "x"), scale.data_ptr<float>(), (int)bits, B, H, T, D, out.data_ptr(),
+                     to_isa(cpu_isa));
+  return out;
+}
+
 at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& prefix_k,
                                 const c10::optional<at::Tensor>& prefix_v, const at::Tensor& k_body,
                                 const at::Tensor& v_body, const at::Tensor& k_scale, const at::Tensor& v_scale,
@@ -236,6 +249,7 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
 
 TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("kv_decode_static", &kv_decode_static_cpu);
+  m.impl("kv_quantize_static", &kv_quantize_static_cpu);
   m.impl("kv_dequant_static", &kv_dequant_static_cpu);
   m.impl("pack_int4", &pack_int4_cpu);
   m.impl("unpack_int4", &unpack_int4_cpu);

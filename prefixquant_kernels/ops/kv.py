@@ -9,9 +9,9 @@ backend (KV ops only):
                TRITON_INTERPRET=1 (the interpreter), else the reference
   "reference"  plain PyTorch (prefixquant_kernels/kv_format.py): the definition of the results
   "triton"     the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
-  "cpu"        the C++ kernels for what the CPU cache reads every step: static dequant-concat with no 16-bit
-               tail (PrefixQuant's layout) and decode attention over such a cache; "auto" picks them for such
-               calls on CPU tensors outside the interpreter
+  "cpu"        the C++ kernels of the static cache (PrefixQuant's layout): kv_quantize, kv_dequant_concat with no
+               16-bit tail, and decode attention over such a cache; "auto" picks them for such calls on CPU
+               tensors outside the interpreter
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def resolve_kv(backend, device: torch.device, op: str, cpu_kernel: bool = False)
         return "reference"
     if backend == "cpu":
         if not cpu_kernel:
-            checks.fail(op, "backend='cpu' has C++ kernels for kv_dequant_concat and kv_decode_attention only; "
-                            "use 'reference' or 'triton'")
+            checks.fail(op, "backend='cpu' has C++ kernels for kv_quantize, kv_dequant_concat and "
+                            "kv_decode_attention only; use 'reference' or 'triton'")
         if device.type != "cpu":
             checks.fail(op, f"backend='cpu' runs on CPU tensors, got tensors on {device}")
         _extension.require_cpu_extension(f"pqk.{op}")
@@ -129,7 +129,10 @@ def kv_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 4, *, backend:
     if bits == 4:
         checks.even_last_dim(x, "x", op)
     s = _head_scale(scale, x.shape[1], op, x.device)
-    return torch.ops.pqk.kv_quantize(x, s, bits, resolve_kv(backend, x.device, op))
+    be = resolve_kv(backend, x.device, op, cpu_kernel=True)
+    if backend == "auto" and be == "reference" and x.device.type == "cpu" and _extension.cpu_available():
+        be = "cpu"
+    return torch.ops.pqk.kv_quantize(x, s, bits, be)
 
 
 def kv_quantize_groupwise(x: torch.Tensor, bits: int = 2, group_size: int = 32, axis: str = "token", *,
@@ -324,6 +327,8 @@ def _impl(name: str):
 
 @_impl("kv_quantize")
 def _kv_quantize_impl(x, scale, bits, backend):
+    if backend == "cpu":  # the C++ kernel: the GEMM's quantize_row / pack_row, one scale per head
+        return torch.ops.pqk.kv_quantize_static(x.contiguous(), scale.contiguous(), bits)
     if backend == "triton":
         return _kernels().kv_quantize_static(x, scale, bits)
     return kvf.quantize_static(x, scale, bits).contiguous()

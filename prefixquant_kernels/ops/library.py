@@ -30,6 +30,7 @@ LIB.define(
     "kv_dequant_static(Tensor? prefix, Tensor body, Tensor scale, int bits, ScalarType out_dtype, int cpu_isa=-1) "
     "-> Tensor"
 )
+LIB.define("kv_quantize_static(Tensor x, Tensor scale, int bits, int cpu_isa=-1) -> Tensor")
 LIB.define(
     "kv_decode_static(Tensor q, Tensor? prefix_k, Tensor? prefix_v, Tensor k_body, Tensor v_body, Tensor k_scale, "
     "Tensor v_scale, int bits, float sm_scale, int cpu_isa=-1) -> Tensor"
@@ -79,6 +80,12 @@ def _kv_dequant_static_fake(prefix, body, scale, bits, out_dtype, cpu_isa=-1):
     b, h, t, db = body.shape
     p = 0 if prefix is None else prefix.shape[2]
     return body.new_empty([b, h, p + t, db * (2 if bits == 4 else 1)], dtype=out_dtype)
+
+
+@torch.library.register_fake("pqk::kv_quantize_static")
+def _kv_quantize_static_fake(x, scale, bits, cpu_isa=-1):
+    return x.new_empty([*x.shape[:-1], x.shape[-1] // 2 if bits == 4 else x.shape[-1]],
+                       dtype=torch.uint8 if bits == 4 else torch.int8)
 
 
 @torch.library.register_fake("pqk::kv_decode_static")
