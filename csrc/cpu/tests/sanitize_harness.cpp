@@ -4,6 +4,7 @@
 // csrc/common/quant_math.h (so a wrong answer fails too, not only a bad memory access).
 //
 // Usage: sanitize_harness [seed]   -> prints "N passed, M failed" and exits non-zero on any failure.
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,6 +156,72 @@ static void test_kv_dequant(int64_t B, int64_t H, int64_t P, int64_t T, int64_t 
   check(ok, "kv_dequant_concat_static", B * H, P + T, D, isa_name(isa));
 }
 
+// kv_quantize_static: every element against quantize_value with its head's scale (and the nibble packing).
+static void test_kv_quantize(int64_t B, int64_t H, int64_t T, int64_t D, int bits, Isa isa) {
+  std::vector<float> x(B * H * T * D), scale(H);
+  std::normal_distribution<float> nd(0.0f, 6.0f);
+  for (auto& v : x) v = nd(rng);
+  for (int64_t h = 0; h < H; ++h) scale[h] = 0.3f + 0.2f * (float)h;
+  const int64_t row = bits == 4 ? D / 2 : D;
+  std::vector<uint8_t> out(B * H * T * row + 1, 0xA5);  // one canary byte past the end
+  kv_quantize_static(x.data(), FloatType::kFloat32, scale.data(), bits, B, H, T, D, out.data(), isa);
+  bool ok = out.back() == 0xA5;
+  for (int64_t r = 0; r < B * H * T; ++r)
+    for (int64_t d = 0; d < D; ++d) {
+      const int want = quantize_value(x[r * D + d], scale[(r / T) % H], qmin_for_bits(bits), qmax_for_bits(bits));
+      const int got = bits == 8 ? (int)(int8_t)out[r * row + d]
+                                : (d % 2 ? high_nibble(out[r * row + d / 2]) : low_nibble(out[r * row + d / 2]));
+      ok = ok && got == want;
+    }
+  check(ok, bits == 4 ? "kv_quantize_static 4" : "kv_quantize_static 8", B * H * T, 0, D, isa_name(isa));
+}
+
+// kv_decode_attention_static: against softmax(q K^T s) V in double from the dequantized cache; fp32 tolerance.
+static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t T, int64_t D, int bits, Isa isa) {
+  const int64_t Hq = Hkv * G, row = bits == 4 ? D / 2 : D, N = P + T;
+  std::vector<uint8_t> kb(B * Hkv * T * row), vb(kb.size());
+  for (auto& v : kb) v = (uint8_t)(rng() & 0xFF);
+  for (auto& v : vb) v = (uint8_t)(rng() & 0xFF);
+  std::vector<float> q(B * Hq * D), pk(Hkv * P * D), pv(Hkv * P * D), ks(Hkv), vs(Hkv);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& v : q) v = nd(rng);
+  for (auto& v : pk) v = 4.0f * nd(rng);
+  for (auto& v : pv) v = 4.0f * nd(rng);
+  for (int64_t h = 0; h < Hkv; ++h) ks[h] = 0.1f + 0.05f * (float)h, vs[h] = 0.2f + 0.1f * (float)h;
+  std::vector<float> out(B * Hq * D, -7.0f);
+  const float sm = 1.0f / sqrtf((float)D);
+  kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, pk.data(), pv.data(), FloatType::kFloat32, 1, P,
+                             kb.data(), vb.data(), bits, ks.data(), vs.data(), Hkv, T, sm, out.data(), isa);
+  auto elem = [&](const std::vector<uint8_t>& body, const std::vector<float>& pre, const std::vector<float>& sc,
+                  int64_t b, int64_t h, int64_t n, int64_t d) -> double {
+    if (n < P) return pre[(h * P + n) * D + d];
+    const uint8_t* r = body.data() + ((b * Hkv + h) * T + (n - P)) * row;
+    const int v = bits == 8 ? (int)(int8_t)r[d] : (d % 2 ? high_nibble(r[d / 2]) : low_nibble(r[d / 2]));
+    return v * (double)sc[h];
+  };
+  bool ok = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hq = 0; hq < Hq; ++hq) {
+      const int64_t h = hq / G;
+      std::vector<double> s(N);
+      double mx = -1e300, sum = 0.0;
+      for (int64_t n = 0; n < N; ++n) {
+        double dot = 0.0;
+        for (int64_t d = 0; d < D; ++d) dot += q[(b * Hq + hq) * D + d] * elem(kb, pk, ks, b, h, n, d);
+        s[n] = dot * sm;
+        mx = s[n] > mx ? s[n] : mx;
+      }
+      for (auto& v : s) sum += (v = exp(v - mx));
+      for (int64_t d = 0; d < D; ++d) {
+        double o = 0.0;
+        for (int64_t n = 0; n < N; ++n) o += s[n] * elem(vb, pv, vs, b, h, n, d);
+        o /= sum;
+        ok = ok && fabs(out[(b * Hq + hq) * D + d] - o) <= 1e-4 * (1.0 + fabs(o));
+      }
+    }
+  check(ok, "kv_decode_attention_static", B * Hq, N, D, isa_name(isa));
+}
+
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
   const Isa isas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni};
@@ -173,6 +240,12 @@ int main(int argc, char** argv) {
     test_kv_dequant(2, 3, 3, 37, 64, 1, isa);
     test_kv_dequant(1, 2, 0, 5, 128, 1, isa);
     test_kv_dequant(2, 2, 4, 9, 34, 2, isa);
+    test_kv_quantize(2, 3, 7, 64, 4, isa);
+    test_kv_quantize(1, 2, 5, 34, 4, isa);
+    test_kv_quantize(2, 2, 3, 13, 8, isa);
+    test_kv_decode(2, 2, 3, 2, 37, 64, 4, isa);
+    test_kv_decode(1, 3, 1, 0, 9, 34, 8, isa);
+    test_kv_decode(1, 1, 4, 1, 1, 6, 4, isa);
   }
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
