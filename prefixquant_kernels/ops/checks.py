@@ -83,7 +83,9 @@ def static_scale(scale, name: str, op: str, device: torch.device) -> torch.Tenso
     if not scale.is_floating_point():
         fail(op, f"{name} must be a floating-point tensor, got {scale.dtype}", TypeError)
     same_device(op, device, **{name: scale})
-    s = scale.detach().reshape(()).to(torch.float32)
+    # already a float32 0-dim tensor (a module's buffer, the usual case): no detach/reshape/cast ops per call
+    plain = scale.dtype == torch.float32 and scale.dim() == 0 and not scale.requires_grad
+    s = scale if plain else scale.detach().reshape(()).to(torch.float32)
     _positive_finite(s, name, op)
     return s
 

@@ -39,8 +39,15 @@ def unpack_int4(packed: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., K] -> contiguous [M, K] (a view when x is already contiguous)."""
+    """[..., K] -> contiguous [M, K] (a view when x is already contiguous; x itself when already [M, K])."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _unrows(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[M, K'] -> [..., K'] with x's leading dims (out itself when x was 2-D)."""
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _check_activation(x, bits: int, op: str) -> None:
@@ -69,7 +76,7 @@ def quantize_static(x: torch.Tensor, scale, bits: int = 4, *, backend: str = "au
         out = reference.quantize_static(x2, s, bits)
     else:
         out = torch.ops.pqk.quantize_static(x2, s, bits, be.cpu_isa)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return _unrows(out, x)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 4, *, backend: str = "auto"):
@@ -86,4 +93,4 @@ def quantize_per_token(x: torch.Tensor, bits: int = 4, *, backend: str = "auto")
         q, s = reference.quantize_per_token(x2, bits)
     else:
         q, s = torch.ops.pqk.quantize_per_token(x2, bits, be.cpu_isa)
-    return q.reshape(*x.shape[:-1], q.shape[-1]), s
+    return _unrows(q, x), s
