@@ -59,12 +59,15 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
 // Decode attention of one new token over a static cache, without materializing a float K/V:
 // out [B, Hq, D] (type qt) = softmax(q K^T * sm_scale) V per query head, K/V = [prefix | body * scale[h]].
 //   q [B, Hq, D] type qt; prefix_k/v [prefix_batch, Hkv, P, D] type pt (P may be 0, pointers then unused);
-//   k_body/v_body int4 packed [B, Hkv, T, D/2] or int8 [B, Hkv, T, D]; k_scale/v_scale fp32 [Hkv].
+//   k_body/v_body int4 packed [B, Hkv, T, D/2] or int8 [B, Hkv, T, D], rows contiguous, batch / head strides
+//   body_sb / body_sh (in rows, shared by K and V: the cache's growing buffers are views [.., :T, ..] of
+//   [B, Hkv, capacity, row]); k_scale/v_scale fp32 [Hkv].
 //   Hq = G * Hkv: query head h*G + g reads KV head h (GQA), so each K/V row is decoded once for its G heads.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
-                                int64_t P, const void* k_body, const void* v_body, int bits, const float* k_scale,
-                                const float* v_scale, int64_t Hkv, int64_t T, float sm_scale, void* out, Isa isa);
+                                int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
+                                int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
+                                float sm_scale, void* out, Isa isa);
 
 // ---- GEMM with fused quantize and dequant ------------------------------------------------------------
 // y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k]  (+ bias[n]),  exact int32 accumulation.

@@ -62,8 +62,9 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
 // element. sm_scale is folded into q. Memory per task: G * (P + T) scores, e.g. 4 * 2049 fp32 = 32 KB.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
-                                int64_t P, const void* k_body, const void* v_body, int bits, const float* k_scale,
-                                const float* v_scale, int64_t Hkv, int64_t T, float sm_scale, void* out, Isa isa) {
+                                int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
+                                int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
+                                float sm_scale, void* out, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);
   const int64_t G = Hq / Hkv, N = P + T, body_row = bits == 4 ? D / 2 : D;
   parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
@@ -80,7 +81,7 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
           for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(prefix, base + d, pt);
           return 1.0f;
         }
-        const char* src = (const char*)body + ((b * Hkv + h) * T + (n - P)) * body_row;
+        const char* src = (const char*)body + (b * body_sb + h * body_sh + (n - P)) * body_row;
         if (bits == 4) {
           ker.dequant_row4((const uint8_t*)src, D, 1.0f, row.data(), FloatType::kFloat32);
         } else {

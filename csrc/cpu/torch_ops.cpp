@@ -213,9 +213,13 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous(), "pqk: q must be a contiguous [B, Hq, D] CPU tensor");
   TORCH_CHECK(bits == 4 || bits == 8, "pqk: bits must be 4 or 8, got ", bits);
   const at::ScalarType bt = bits == 4 ? at::kByte : at::kChar;
+  // rows contiguous; batch / head strides free but equal for K and V (views of the cache's buffers)
   for (const at::Tensor* t : {&k_body, &v_body})
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->is_contiguous() && t->scalar_type() == bt &&
-                    t->sizes() == k_body.sizes(), "pqk: k_body/v_body must be contiguous [B, Hkv, T, D/2 (uint8) or D (int8)], equal shapes");
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->scalar_type() == bt && t->sizes() == k_body.sizes() &&
+                    t->stride(3) == 1 && t->stride(2) == t->size(3) && t->stride(1) % t->size(3) == 0 &&
+                    t->stride(0) % t->size(3) == 0 && t->strides() == k_body.strides(),
+                "pqk: k_body/v_body must be [B, Hkv, T, D/2 (uint8) or D (int8)] with contiguous rows, equal shapes "
+                "and strides");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_body.size(1), T = k_body.size(2);
   TORCH_CHECK(k_body.size(0) == B && k_body.size(3) * (bits == 4 ? 2 : 1) == D && Hkv > 0 && Hq % Hkv == 0,
               "pqk: k_body's shape does not match q's");
@@ -239,8 +243,9 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
   }
   TORCH_CHECK(P + T > 0, "pqk: the cache is empty");
   at::Tensor out = at::empty({B, Hq, D}, q.options());
+  const int64_t row = k_body.size(3);
   kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pk, pv, pt, pb, P, k_body.data_ptr(),
-                             v_body.data_ptr(), (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv,
+                             v_body.data_ptr(), k_body.stride(0) / row, k_body.stride(1) / row, (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv,
                              T, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
   return out;
 }

@@ -357,14 +357,24 @@ def _kv_dequant_concat_impl(prefix, packed, scale, zero, bits, group_size, axis,
     return kvf.dequant_concat(prefix, body, tail, body_pos, tail_pos, out_dtype)
 
 
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its rows are contiguous and its batch/head strides whole rows (e.g. the cache's [:, :, :T]
+    view of a larger buffer: the C++ decode kernel reads it in place), else a contiguous copy."""
+    row = t.shape[3]
+    ok = t.stride(3) == 1 and t.stride(2) == row and t.stride(1) % row == 0 and t.stride(0) % row == 0
+    return t if ok else t.contiguous()
+
+
 @_impl("kv_decode_attention")
 def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale, backend):
     if backend == "cpu":  # the C++ kernel reads the packed body in place (csrc/cpu/kv_cache.cpp)
         pre_k = prefix_k.contiguous() if prefix_k.shape[2] else None
         pre_v = prefix_v.contiguous() if prefix_v.shape[2] else None
-        return torch.ops.pqk.kv_decode_static(q.contiguous(), pre_k, pre_v, k_packed.contiguous(),
-                                              v_packed.contiguous(), k_scale.contiguous(), v_scale.contiguous(),
-                                              bits, sm_scale)
+        k, v = _rows_contiguous(k_packed), _rows_contiguous(v_packed)
+        if k.stride() != v.stride():
+            k, v = k.contiguous(), v.contiguous()
+        return torch.ops.pqk.kv_decode_static(q.contiguous(), pre_k, pre_v, k, v, k_scale.contiguous(),
+                                              v_scale.contiguous(), bits, sm_scale)
     if backend == "triton":
         from ..triton.decode_attention import decode_attention
         return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale)

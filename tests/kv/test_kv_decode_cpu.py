@@ -93,3 +93,21 @@ def test_bad_arguments_raise_not_crash(gen):
 def test_opcheck(gen):
     q, pk, pv, kp, vp, ks, vs = _case(gen, 1, 2, 2, 9, 64, 1, 4, torch.float32)
     torch.library.opcheck(torch.ops.pqk.kv_decode_static.default, (q, pk, pv, kp, vp, ks, vs, 4, 0.125))
+
+
+def test_reads_the_cache_buffer_view_in_place(gen, monkeypatch):
+    """The cache's packed K/V are [:, :, :T] views of a larger buffer: read as they are (no copy), same result."""
+    q, pk, pv, kp, vp, ks, vs = _case(gen, 2, 3, 2, 21, 64, 1, 4, torch.float32)
+    bufs = [torch.randint(0, 256, (2, 3, 40, 32), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    for buf, t in zip(bufs, (kp, vp)):
+        buf[:, :, :21] = t
+    kview, vview = (b[:, :, :21] for b in bufs)
+    assert not kview.is_contiguous()
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: copies.append(self.shape) or real(self, *a, **k))
+    got = pqk.kv_decode_attention(q, pk, pv, kview, vview, ks, vs, 4, backend="cpu")
+    monkeypatch.undo()
+    assert (2, 3, 21, 32) not in copies
+    want = pqk.kv_decode_attention(q, pk, pv, kp, vp, ks, vs, 4, backend="reference")
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
