@@ -34,6 +34,9 @@ Phases (batch 1):
   decode   single-token forward steps on a cache pre-filled with --decode-ctx tokens (the pre-fill is not timed;
            when --decode-ctx == --prefill the cache of the last timed prefill is reused); 2 warm-up steps, then
            --decode-steps timed steps (the cache grows by one token per step).
+Timing is interleaved across methods (run_interleaved): prefill round r runs every method once (the order reversed
+every other round), and decode step t of every method runs before step t + 1 of any, so each ratio compares calls
+made seconds apart on this drifting machine, not phases run minutes apart.
 The lm_head's share of every timed call is measured by hooks on it (``lm_head_median_ms``), and
 ``decoder_median_ms`` is the median of (call - lm_head): the decoder layers' own latency, which is what a
 ``--layers 1`` run is about (on a 2-core CPU a 128k x 4096 bf16 GEMV costs more than a 4-bit decoder layer).
@@ -307,78 +310,126 @@ def _record(method, phase, calls: list[tuple[float, float]], tokens: int, mem: i
     return r
 
 
-@torch.no_grad()
-def run_method(method: str, model, extra: dict, args, device: str, bar) -> list[dict]:
-    """Prefill and decode records of one (already quantized) model."""
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(0, vocab, (1, max(args.prefill, args.decode_ctx)), generator=gen).to(device)
-    clock = LmHeadClock(model, device)
-    cuda = torch.device(device).type == "cuda"
-    weights = tensor_bytes(_decoder_layers(model))
-    from prefixquant_kernels.nn import QuantLinear
-    from prefixquant_kernels.ops.backend import resolve as resolve_backend
-    common = {"kv_cache": KV_CACHES[method], "weights_bytes": weights, "model": args.model,
-              "layers": len(_decoder_layers(model)), "fp_dtype": args.fp_dtype,
-              "compute_dtype": args.fp_dtype if method == "fp" else args.q_dtype,
-              "quant_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
-              # which code the QuantLinears' backend "auto" runs on this device (CUDA: the torch reference until
-              # the CUDA binding is registered; the records say so rather than a GPU speed that is not the kernel's)
-              "linear_backend": resolve_backend("auto", torch.device(device), "e2e").kind if method != "fp" else None}
+class MethodRun:
+    """One method's quantized (or float) model, its cache ingredients and its timings (interleaved with the others')."""
 
-    def prefill(n_tokens: int):
-        cache = make_cache(method, model, extra)
-        model(ids[:, :n_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    def __init__(self, method: str, model, extra: dict, args, device: str, build_s: float):
+        self.method, self.model, self.extra, self.args, self.device = method, model, extra, args, device
+        self.build_s = build_s
+        self.clock = LmHeadClock(model, device)
+        self.cuda = torch.device(device).type == "cuda"
+        self.prefill_calls, self.decode_calls = [], []
+        self.prefill_rss, self.decode_rss = [], []
+        self.cache = None
+
+    def prefill(self, ids: torch.Tensor):
+        cache = make_cache(self.method, self.model, self.extra)
+        self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache
 
-    out = []
+    def timed_prefill(self, ids: torch.Tensor) -> None:
+        self.cache = None   # the previous cache is freed before the next is built
+        gc.collect()
+        holder = []   # the timed call's cache, kept for the memory count (and reused by decode)
+        with PeakRSS() as rss:
+            self.prefill_calls.append(_timed(lambda: holder.append(self.prefill(ids)), self.clock, self.device))
+        self.prefill_rss.append(rss.delta_bytes)
+        self.cache = holder[0]
+
+    def timed_step(self, tok: torch.Tensor) -> None:
+        with PeakRSS() as rss:
+            self.decode_calls.append(_timed(lambda: self.model(tok, past_key_values=self.cache, use_cache=True,
+                                                               logits_to_keep=1), self.clock, self.device))
+        self.decode_rss.append(rss.delta_bytes)
+
+    def records(self) -> list[dict]:
+        from prefixquant_kernels.nn import QuantLinear
+        from prefixquant_kernels.ops.backend import resolve as resolve_backend
+        a, model = self.args, self.model
+        weights = tensor_bytes(_decoder_layers(model))
+        kv = cache_bytes(self.cache)
+        common = {"kv_cache": KV_CACHES[self.method], "weights_bytes": weights, "model": a.model,
+                  "layers": len(_decoder_layers(model)), "fp_dtype": a.fp_dtype,
+                  "compute_dtype": a.fp_dtype if self.method == "fp" else a.q_dtype,
+                  "quant_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
+                  # which code the QuantLinears' backend "auto" runs on this device
+                  "linear_backend": (resolve_backend("auto", torch.device(self.device), "e2e").kind
+                                     if self.method != "fp" else None),
+                  }
+        rss = lambda v: max((x for x in v if x is not None), default=None)   # noqa: E731
+        pre_kv, pre_tokens = self.prefill_kv
+        return [_record(self.method, "prefill", self.prefill_calls, a.prefill,
+                        self.peak_cuda if self.cuda else weights + pre_kv, rss(self.prefill_rss),
+                        {**common, "context": a.prefill, "kv_bytes": pre_kv, "cache_tokens": pre_tokens}),
+                _record(self.method, "decode", self.decode_calls, 1, self.peak_cuda if self.cuda else weights + kv,
+                        rss(self.decode_rss),
+                        {**common, "context": a.decode_ctx, "kv_bytes": kv,
+                         "cache_tokens": self.cache.get_seq_length()})]
+
+    def close(self):
+        self.clock.close()
+
+
+def _rounds(runs: list, r: int) -> list:
+    """Round r's order: forward on even rounds, reversed on odd ones, so no method always runs first or last
+    (a fixed order favoured the second of two functions by 1-3 % on this machine: docs/PERF.md, step 5)."""
+    return runs if r % 2 == 0 else runs[::-1]
+
+
+@torch.no_grad()
+def run_interleaved(runs: list[MethodRun], args, device: str, bar) -> list[dict]:
+    """Prefill and decode records of every method, timed round-robin: prefill r of every method, then the next
+    round; decode step t of every method, then the next step. On a machine whose speed drifts between minutes
+    each ratio then compares calls made seconds apart, not phases run minutes apart."""
+    vocab = runs[0].model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, vocab, (1, max(args.prefill, args.decode_ctx)), generator=gen).to(device)
+    cuda = torch.device(device).type == "cuda"
     try:
-        # prefill: warm-up with a short prompt, then --repeats timed prefills, each into a fresh cache
-        bar.set_description(f"{method} prefill")
-        prefill(min(args.prefill, 128))
-        calls, cache = [], None
+        bar.set_description("prefill")
+        for run in runs:   # warm-up: one short prefill each
+            run.prefill(ids[:, :min(args.prefill, 128)])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as rss:
-            for _ in range(args.repeats):
-                cache = None
-                gc.collect()
-                holder = []   # the timed call's cache, kept for the memory count (and reused by decode)
-                calls.append(_timed(lambda: holder.append(prefill(args.prefill)), clock, device))
-                cache = holder[0]
-        mem = torch.cuda.max_memory_allocated() if cuda else weights + cache_bytes(cache)
-        out.append(_record(method, "prefill", calls, args.prefill, mem, rss.delta_bytes,
-                           {**common, "kv_bytes": cache_bytes(cache), "context": args.prefill,
-                            "cache_tokens": cache.get_seq_length()}))
-        bar.update(1)
+        for r in range(args.repeats):
+            for run in _rounds(runs, r):
+                run.timed_prefill(ids[:, :args.prefill])
+            bar.update(1)
+        for run in runs:   # the memory of the prefill phase: the last timed prefill's cache
+            run.prefill_kv = (cache_bytes(run.cache), run.cache.get_seq_length())
+        peak_prefill = torch.cuda.max_memory_allocated() if cuda else 0
 
         # decode: single-token steps on a cache of --decode-ctx tokens (its pre-fill not timed)
-        bar.set_description(f"{method} decode")
-        if args.decode_ctx != args.prefill:
-            cache = None
-            gc.collect()
-            cache = prefill(args.decode_ctx)
+        bar.set_description("decode")
+        for run in runs:
+            if args.decode_ctx != args.prefill:
+                run.cache = None
+                gc.collect()
+                run.cache = run.prefill(ids[:, :args.decode_ctx])
         nxt = torch.randint(0, vocab, (args.decode_steps + 2, 1), generator=gen).to(device)
-        for t in range(2):   # warm-up steps
-            model(nxt[t:t + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for run in runs:
+            for t in range(2):   # warm-up steps
+                run.model(nxt[t:t + 1], past_key_values=run.cache, use_cache=True, logits_to_keep=1)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        calls = []
-        with PeakRSS() as rss:
-            for t in range(2, args.decode_steps + 2):
-                calls.append(_timed(lambda: model(nxt[t:t + 1], past_key_values=cache, use_cache=True,
-                                                  logits_to_keep=1), clock, device))
-        mem = torch.cuda.max_memory_allocated() if cuda else weights + cache_bytes(cache)
-        out.append(_record(method, "decode", calls, 1, mem, rss.delta_bytes,
-                           {**common, "kv_bytes": cache_bytes(cache), "context": args.decode_ctx,
-                            "cache_tokens": cache.get_seq_length()}))
+        for t in range(2, args.decode_steps + 2):
+            for run in _rounds(runs, t):
+                run.timed_step(nxt[t:t + 1])
         bar.update(1)
+        peak_decode = torch.cuda.max_memory_allocated() if cuda else 0
+        out = []
+        for run in runs:
+            run.peak_cuda = peak_prefill
+            pre, dec = run.records()
+            if cuda:   # on CUDA the peak is shared by the interleaved methods: report it as such
+                dec["peak_mem_bytes"] = peak_decode
+                pre["peak_mem_shared_by_methods"] = dec["peak_mem_shared_by_methods"] = True
+            out += [pre, dec]
+        return out
     finally:
-        clock.close()
-    return out
+        for run in runs:
+            run.close()
 
-
-# ---- report -----------------------------------------------------------------------------------------------------
 
 def _mb(b) -> str:
     return "—" if b is None else f"{b / 2**20:.1f}"
@@ -516,8 +567,8 @@ def main(argv=None) -> list[dict]:
     machine = machine_info(dev)
     base, bos = build_float_model(args.model, args.layers, dtype, dev, args.seed)
     prefix_ids = [int(bos)] * args.prefix_len
-    records: list[dict] = []
-    bar = tqdm(total=2 * len(args.methods), desc="e2e", unit="phase")
+    bar = tqdm(total=args.repeats + 1, desc="e2e", unit="round")
+    runs = []
     for method in args.methods:
         bar.set_description(f"{method} build")
         t0 = time.perf_counter()
@@ -526,14 +577,10 @@ def main(argv=None) -> list[dict]:
             set_compute_dtype(model, DTYPES[args.q_dtype])
         extra = {} if method == "fp" else quantize_for_benchmark(model, method, prefix_ids=prefix_ids,
                                                                  calib_tokens=args.calib_tokens, seed=args.seed)
-        build_s = time.perf_counter() - t0
-        for r in run_method(method, model, extra, args, dev, bar):
-            records.append({**r, "build_seconds": build_s, "machine": machine, "measured": True,
-                            "prefix_len": args.prefix_len if method == "static" else 0})
-        if model is not base:
-            del model
-        extra = None
-        gc.collect()
+        runs.append(MethodRun(method, model, extra, args, dev, time.perf_counter() - t0))
+    records = [{**r, "build_seconds": run.build_s, "machine": machine, "measured": True, "interleaved": True,
+                "prefix_len": args.prefix_len if r["method"] == "static" else 0}
+               for run, r in zip([x for x in runs for _ in range(2)], run_interleaved(runs, args, dev, bar))]
     bar.close()
     md = markdown(records, args)
     json_path, md_path = write_outputs(args.json, records, md)

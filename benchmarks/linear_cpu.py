@@ -78,6 +78,31 @@ def bench_decode(repeats: int, k: int, n: int, read_gbs: float) -> list[dict]:
     return rows
 
 
+LLAMA3_8B_LINEARS = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
+                     "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}
+
+
+def bench_decode_layer(repeats: int, read_gbs: float, quick: bool) -> list[dict]:
+    """One decode step's seven linears of a Llama-3-8B layer, called in turn: 109 MB of 4-bit weights, more than
+    the L3, so every call streams from DRAM as in a real decode step (a single matrix timed in a loop can stay
+    partly cached: 29 MB against a 32 MB L3)."""
+    shapes = {k: (a // 8, b // 8) for k, (a, b) in LLAMA3_8B_LINEARS.items()} if quick else LLAMA3_8B_LINEARS
+    g = torch.Generator().manual_seed(3)
+    mods = {name: QuantLinear.from_float(torch.nn.Linear(k, n, bias=False), 4, 4, act_scale=0.05)
+            for name, (k, n) in shapes.items()}
+    xs = {name: torch.randn(1, k, generator=g).bfloat16() for name, (k, _) in shapes.items()}
+    w_bytes = sum(m.weight.numel() for m in mods.values())
+
+    def step():
+        for name, mod in mods.items():
+            mod(xs[name])
+    with torch.no_grad():
+        t = timeit(step, repeats * 4)
+    return [{"case": "decode layer (7 linears, Llama-3-8B)", "method": "pqk static W4A4 QuantLinear x7", **t,
+             "GBps_weights": w_bytes / (t["median_ms"] / 1e3) / 1e9,
+             "pct_of_read_roofline": 100 * (w_bytes / (read_gbs * 1e9) * 1e3) / t["median_ms"]}]
+
+
 def bench_static_vs_dynamic(repeats: int, k: int, n: int) -> list[dict]:
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(k, n, bias=False)
@@ -146,6 +171,7 @@ def main(argv=None) -> int:
     result = {"machine": machine_info(), "anchors": anchors(args.repeats), "rows": []}
     result["rows"] += bench_prefill(args.repeats, m, k, n)
     result["rows"] += bench_decode(args.repeats, k, n_dec, result["anchors"]["read_GBps"])
+    result["rows"] += bench_decode_layer(args.repeats, result["anchors"]["read_GBps"], args.quick)
     result["rows"] += bench_static_vs_dynamic(args.repeats, k, n)
     md = markdown(result)
     print(md)
