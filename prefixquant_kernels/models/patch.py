@@ -146,17 +146,30 @@ def _forward_with_cache(orig):
             kwargs["pqk_query_rotation"] = rotation
         reads = contextlib.nullcontext()
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if (getattr(past_key_values, "fused_decode", False) and ref is not None and ref.shape[1] == 1
-                and qk_rotation.has_twin(self)):
+        fused = getattr(past_key_values, "fused_decode", False) and ref is not None and qk_rotation.has_twin(self)
+        if fused and ref.shape[1] == 1:
             # a decode step: the attention reads the quantized cache in place (PrefixQuantCache.deferred_reads)
             qk_rotation.use_rotated_attention(self)
             kwargs["pqk_cache"] = past_key_values
             reads = past_key_values.deferred_reads()
+        elif fused and _fresh_prefix(past_key_values) and (attention_mask is None or bool(attention_mask.all())):
+            # a prefill after the prefix alone, no padding: "prefix + causal" without a mask (prefix_attention.py)
+            qk_rotation.use_rotated_attention(self)
+            kwargs["pqk_prefix_len"] = past_key_values.layers[0].prefix_len
         with reads:
             return orig(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                         use_cache=use_cache, **kwargs)
     forward._pqk_patched = True
     return forward
+
+
+def _fresh_prefix(cache) -> bool:
+    """The cache holds its prefix (the same P > 0 tokens in every layer) and nothing else yet."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(l, "prefix_len") and hasattr(l, "n_tokens") for l in layers):
+        return False
+    p = layers[0].prefix_len
+    return p > 0 and all(l.prefix_len == p and l.n_tokens == 0 for l in layers)
 
 
 def _generate_with_prefix(orig):

@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from .prefix_attention import prefix_causal_attention
+
 BASES = ("sdpa", "eager")
 PREFIX = "pqk_qk_rotated_"
 
@@ -49,18 +51,25 @@ def _allows_everything(mask) -> bool:
     return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
 
+def _no_extras(kwargs) -> bool:
+    """No sliding window, softcap or dropout: plain softmax attention."""
+    return kwargs.get("sliding_window") is None and kwargs.get("softcap") is None and not kwargs.get("dropout")
+
+
 def _fusable(query, attention_mask, kwargs) -> bool:
     """Can the fused decode attention (no mask, no window, no softcap, no dropout) stand in for the base one?"""
-    return (query.shape[2] == 1 and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
-            and not kwargs.get("dropout") and _allows_everything(attention_mask))
+    return query.shape[2] == 1 and _no_extras(kwargs) and _allows_everything(attention_mask)
 
 
 def _rotated_attention(base: str):
-    def attention(module, query, key, value, attention_mask, pqk_query_rotation=None, pqk_cache=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, pqk_query_rotation=None, pqk_cache=None,
+                  pqk_prefix_len=None, **kwargs):
         """query float [B, H_q, T, D]; key, value [B, H_kv, S, D] (keys already rotated by the cache when
         pqk_query_rotation float [D, D] is given). pqk_cache: the PrefixQuantCache of a decode step run under
         its deferred_reads(): an empty key means the layer skipped building K/V, and its decode_attention reads
-        the cache in place (or, where the fused kernel does not apply, keys_values builds K/V after all)."""
+        the cache in place (or, where the fused kernel does not apply, keys_values builds K/V after all).
+        pqk_prefix_len: P, given for a prefill of an unpadded batch into a cache holding only its P prefix
+        tokens: the mask is then "all of the prefix + causal", computed without a mask (models/prefix_attention.py)."""
         if pqk_query_rotation is not None:
             query = rotate_heads(query, pqk_query_rotation)
         if pqk_cache is not None and key.shape[-2] == 0:
@@ -70,6 +79,11 @@ def _rotated_attention(base: str):
                 out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
                 return out.transpose(1, 2).contiguous(), None   # [B, T, H_q, D], like the base attentions
             key, value = layer.keys_values(query.dtype)
+        if (pqk_prefix_len is not None and query.device.type == "cpu" and query.shape[2] > 1
+                and key.shape[-2] == pqk_prefix_len + query.shape[2] and _no_extras(kwargs)):
+            scaling = kwargs.get("scaling")
+            return prefix_causal_attention(query, key, value, pqk_prefix_len,
+                                           scaling if scaling is not None else query.shape[-1] ** -0.5), None
         return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = f"{PREFIX}{base}"
     return attention
