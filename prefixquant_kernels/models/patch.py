@@ -153,7 +153,8 @@ def _forward_with_cache(orig):
             kwargs["pqk_cache"] = past_key_values
             reads = past_key_values.deferred_reads()
         elif fused and _fresh_prefix(past_key_values) and (attention_mask is None or bool(attention_mask.all())):
-            # a prefill after the prefix alone, no padding: "prefix + causal" without a mask (prefix_attention.py)
+            # a prefill after the prefix alone, no padding: "prefix + causal" as one causal kernel call, no mask
+            # (models/prefix_attention.py)
             qk_rotation.use_rotated_attention(self)
             kwargs["pqk_prefix_len"] = past_key_values.layers[0].prefix_len
         with reads:

@@ -79,7 +79,7 @@ def _rotated_attention(base: str):
                 out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
                 return out.transpose(1, 2).contiguous(), None   # [B, T, H_q, D], like the base attentions
             key, value = layer.keys_values(query.dtype)
-        if (pqk_prefix_len is not None and query.device.type == "cpu" and query.shape[2] > 1
+        if (pqk_prefix_len is not None and query.shape[2] > 1
                 and key.shape[-2] == pqk_prefix_len + query.shape[2] and _no_extras(kwargs)):
             scaling = kwargs.get("scaling")
             return prefix_causal_attention(query, key, value, pqk_prefix_len,
