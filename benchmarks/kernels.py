@@ -198,26 +198,29 @@ def bench_kv(b: Bench, heads: int = 8, tokens=(2048, 8192), d: int = 128, prefix
 
 
 def bench_attention(b: Bench, hq: int = 32, hkv: int = 8, tokens=(2048, 8192), d: int = 128, prefix: int = 4):
-    if b.dev != "cuda":
-        b.skip("attention", "decode", "kv_decode_attention [triton]",
-               "CUDA only: on CPU Triton runs in its interpreter, whose speed means nothing")
+    """Decode attention over [prefix | 4-bit body]: the fused kernel (C++ on CPU, Triton on CUDA) vs dequant-concat
+    + SDPA (what an unfused cache does every step). fp32 on CPU (torch's fp16 SDPA is ~10x slower there)."""
+    if b.dev == "cpu" and "cpu:scalar" not in pqk.available_backends():
+        b.skip("attention", "decode", "kv_decode_attention [cpu]", "the C++ extension is not built")
         return
     import torch.nn.functional as F
+    fused = "cpu" if b.dev == "cpu" else "triton"
+    dt = torch.float32 if b.dev == "cpu" else torch.float16
     g = torch.Generator().manual_seed(4)
     s = torch.full((hkv,), 0.1, device=b.dev)
     for t in tokens:
-        q = torch.randn(1, hq, d, generator=g).to(b.dev, torch.float16)
-        k, v = (torch.randn(1, hkv, t, d, generator=g).to(b.dev, torch.float16) for _ in range(2))
-        pk, pv = (torch.randn(1, hkv, prefix, d, generator=g).to(b.dev, torch.float16) for _ in range(2))
+        q = torch.randn(1, hq, d, generator=g).to(b.dev, dt)
+        k, v = (torch.randn(1, hkv, t, d, generator=g).to(b.dev, dt) for _ in range(2))
+        pk, pv = (torch.randn(1, hkv, prefix, d, generator=g).to(b.dev, dt) for _ in range(2))
         kp, vp = pqk.kv_quantize(k, s, 4), pqk.kv_quantize(v, s, 4)
-        nbytes = 2 * kp.numel() + 2 * pk.numel() * 2
+        nbytes = 2 * kp.numel() + 2 * pk.numel() * pk.element_size()
         case = f"q [1, {hq}, {d}], KV [1, {hkv}, {prefix}+{t}, {d}] 4-bit"
-        b.run("attention", case, "kv_decode_attention [triton]",
-              lambda: pqk.kv_decode_attention(q, pk, pv, kp, vp, s, s, 4), nbytes=nbytes)
+        b.run("attention", case, f"kv_decode_attention [{fused}]",
+              lambda: pqk.kv_decode_attention(q, pk, pv, kp, vp, s, s, 4, backend=fused), nbytes=nbytes)
 
         def unfused():
-            kk = pqk.kv_dequant_concat(pk, kp, s, 4, torch.float16)
-            vv = pqk.kv_dequant_concat(pv, vp, s, 4, torch.float16)
+            kk = pqk.kv_dequant_concat(pk, kp, s, 4, dt)
+            vv = pqk.kv_dequant_concat(pv, vp, s, 4, dt)
             return F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, enable_gqa=True)
         b.run("attention", case, "dequant-concat + SDPA", unfused, nbytes=nbytes)
 
