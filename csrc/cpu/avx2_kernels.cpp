@@ -203,6 +203,42 @@ void dot_rows(const float* q, int64_t G, int64_t D, const float* row, float* out
   }
 }
 
+// 64 int4 values (32 packed bytes, element 2j in byte j's low nibble) -> 8 x 8 fp32 in natural order.
+inline void unpack64_f32(const uint8_t* p, __m256 out[8]) {
+  const __m128i m0f = _mm_set1_epi8(0x0F), x8 = _mm_set1_epi8(8);
+  for (int h = 0; h < 2; ++h) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)(p + 16 * h));
+    const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(b, m0f), x8), x8);  // (n ^ 8) - 8: sign-extend
+    const __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m0f), x8), x8);
+    const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);
+    out[4 * h + 0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0));
+    out[4 * h + 1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8)));
+    out[4 * h + 2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1));
+    out[4 * h + 3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e1, 8)));
+  }
+}
+
+// The K pass of decode attention without an fp32 copy of the row: each 64-value chunk is unpacked into registers
+// once and multiplied into all G query rows (G <= 8 accumulators; more heads fall back chunk by chunk).
+void dot_rows_q4(const float* q, int64_t G, int64_t D, const uint8_t* p, float* out) {
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    const int64_t gn = G - g0 < 8 ? G - g0 : 8;
+    __m256 acc[8];
+    for (int g = 0; g < 8; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 64) {
+      __m256 w[8];
+      unpack64_f32(p + c / 2, w);
+      for (int64_t g = 0; g < gn; ++g) {
+        const float* qg = q + (g0 + g) * D + c;
+        __m256 a = acc[g];
+        for (int e = 0; e < 8; ++e) a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qg + 8 * e), w[e]));
+        acc[g] = a;
+      }
+    }
+    for (int64_t g = 0; g < gn; ++g) out[g0 + g] = hsum_ps(acc[g]);
+  }
+}
+
 void axpy_rows(const float* coef, int64_t G, int64_t D, const float* row, float* acc) {
   for (int64_t g = 0; g < G; ++g) {
     const __m256 c = _mm256_set1_ps(coef[g]);
@@ -311,7 +347,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
 
 const IsaKernels kAvx2 = {
     "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, axpy_rows, exp_rows, tile_w4, tile_w8,
+    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8,
 };
 
 }  // namespace

@@ -46,6 +46,8 @@ struct IsaKernels {
   //   axpy_rows: acc[g, d] += coef[g] * row[d]
   //   exp_rows:  x[i] = exp(x[i] - shift) for i < n, returns their sum (the softmax numerators)
   void (*dot_rows)(const float* q, int64_t G, int64_t D, const float* row, float* out);
+  //   dot_rows_q4: out[g] = sum_d q[g, d] * w[d], w the int4 row p: uint8 [D/2] (unscaled), D % 64 == 0
+  void (*dot_rows_q4)(const float* q, int64_t G, int64_t D, const uint8_t* p, float* out);
   void (*axpy_rows)(const float* coef, int64_t G, int64_t D, const float* row, float* acc);
   float (*exp_rows)(float* x, int64_t n, float shift);
 

@@ -90,8 +90,15 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
         return scale[h];
       };
       for (int64_t n = 0; n < N; ++n) {
-        const float s = load_row(prefix_k, k_body, k_scale, n);
-        ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
+        float s;
+        if (n >= P && bits == 4 && D % 64 == 0) {  // packed row straight into registers (no fp32 copy)
+          ker.dot_rows_q4(qf.data(), G, D, (const uint8_t*)k_body + (b * body_sb + h * body_sh + (n - P)) * body_row,
+                          dots.data());
+          s = k_scale[h];
+        } else {
+          s = load_row(prefix_k, k_body, k_scale, n);
+          ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
+        }
         for (int64_t g = 0; g < G; ++g) scores[g * N + n] = dots[g] * s;
       }
       std::vector<float> inv((size_t)G);

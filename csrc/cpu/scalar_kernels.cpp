@@ -60,6 +60,14 @@ void dot_rows(const float* q, int64_t G, int64_t D, const float* row, float* out
   }
 }
 
+void dot_rows_q4(const float* q, int64_t G, int64_t D, const uint8_t* p, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * (float)(d % 2 ? high_nibble(p[d / 2]) : low_nibble(p[d / 2]));
+    out[g] = s;
+  }
+}
+
 void axpy_rows(const float* coef, int64_t G, int64_t D, const float* row, float* acc) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) acc[g * D + d] += coef[g] * row[d];
@@ -108,7 +116,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int
 
 const IsaKernels kScalar = {
     "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, axpy_rows, exp_rows, tile_w4, tile_w8,
+    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8,
 };
 
 }  // namespace
