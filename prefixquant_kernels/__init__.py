@@ -17,11 +17,13 @@ dispatching op layer, torch.library custom ops) -> nn/ (modules); kv_format.py -
 from . import format, kv_format, nn, ops, reference  # noqa: F401  (format shadows the builtin only as an attribute)
 from .ops import (
     available_backends,
+    hadamard_transform,
     int4_matmul,
     pack_int4,
     quant_linear,
     quantize_per_token,
     quantize_static,
+    rmsnorm_quantize,
     unpack_int4,
 )
 from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quantize_groupwise
@@ -57,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "available_backends",
+    "hadamard_transform",
     "evaluate_perplexity",
     "export_hf",
     "find_prefix_tokens",
@@ -79,6 +82,7 @@ __all__ = [
     "quant_linear",
     "quantize_per_token",
     "quantize_static",
+    "rmsnorm_quantize",
     "reference",
     "save_quantized",
     "unpack_int4",

@@ -64,3 +64,17 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scal
         a_q = fmt.quantize(x, a_scale, a_bits)
     acc = int_matmul_exact(a_q, _as_int8(w))
     return dequant_epilogue(acc, s, w_scale, bias, x.dtype)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x float [M, K], weight float [K] -> fp32 [M, K]: x / sqrt(mean(x^2) + eps) * weight, all in fp32."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (quantize_static(rmsnorm(x)) packed as quantize_static returns it, rmsnorm(x) rounded to x.dtype): the fp32
+    normed value is what gets quantized (pqk_rmsnorm_quantize does the same), not its 16-bit rounding."""
+    y = rmsnorm(x, weight, eps)
+    return quantize_static(y, scale, bits), y.to(x.dtype)

@@ -80,8 +80,7 @@ def _ops_rows(rows):
     import torch
 
     from . import format as fmt
-    from . import hadamard, ops
-    from .ops import cuda as pqk_cuda
+    from . import hadamard, ops, reference
 
     g = torch.Generator().manual_seed(0)
 
@@ -113,15 +112,15 @@ def _ops_rows(rows):
     for rows_, cols in [(7, 4096), (33, 1000)]:
         x = (torch.randn(rows_, cols, generator=g) * 4).half()
         wt = (torch.rand(cols, generator=g) + 0.5).half()
-        q, y = pqk_cuda.rmsnorm_quantize(x.cuda(), wt.cuda(), torch.tensor(0.05).cuda(), 4, 1e-5, True)
-        xf = x.float()
-        y_ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wt.float()
-        q_ref = fmt.pack_int4(fmt.quantize(y_ref, torch.tensor(0.05), 4))
+        q, y = ops.rmsnorm_quantize(x.cuda(), wt.cuda(), 0.05, 4, 1e-5, return_normed=True, backend="cuda")
+        q_ref, _ = ops.rmsnorm_quantize(x, wt, 0.05, 4, 1e-5, return_normed=True, backend="reference")
+        y_ref = reference.rmsnorm(x, wt, 1e-5)
         add("rmsnorm_quantize y (fp16)", f"{rows_}x{cols}", _err(y, y_ref.half()), 1e-2 * float(y_ref.abs().max()))
         add("rmsnorm_quantize q (levels)", f"{rows_}x{cols}", _err(fmt.unpack_int4(q.cpu()), fmt.unpack_int4(q_ref)), 1)
     for n in (1536, 11008, 14336):
         x = torch.randn(9, n, generator=g)
-        add("hadamard fp32", f"9x{n}", _err(pqk_cuda.hadamard_transform(x.cuda()), hadamard.hadamard_transform(x)),
+        add("hadamard fp32", f"9x{n}", _err(ops.hadamard_transform(x.cuda(), backend="cuda"),
+                                            hadamard.hadamard_transform(x)),
             1e-4)
 
 

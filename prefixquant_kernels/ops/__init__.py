@@ -3,13 +3,16 @@ the PyTorch reference or a torch.ops.pqk kernel (schemas and fakes in library.py
 from .backend import available_backends
 from .linear import int4_matmul, quant_linear
 from .quantize import pack_int4, quantize_per_token, quantize_static, unpack_int4
+from .transform import hadamard_transform, rmsnorm_quantize
 
 __all__ = [
     "available_backends",
+    "hadamard_transform",
     "int4_matmul",
     "pack_int4",
     "quant_linear",
     "quantize_per_token",
     "quantize_static",
+    "rmsnorm_quantize",
     "unpack_int4",
 ]

@@ -11,8 +11,8 @@ backend:
   "cpu:avx2"    the C++ kernels forced to the AVX2 code path
   "cpu:avxvnni", "cpu:avx512vnni"
                 the AVX2 kernels with the W4 tile on vpdpbusd (VEX / EVEX encoding), on CPUs that have it
-  "cuda"        the CUDA kernels (libpqk_cuda.so through ctypes, ops/cuda.py) on CUDA tensors; W4A4 GEMMs and the
-                activation quantizers only. Ops or arguments without a CUDA kernel (pack/unpack_int4, int8
+  "cuda"        the CUDA kernels (libpqk_cuda.so through ctypes, ops/cuda.py) on CUDA tensors; W4A4 GEMMs, the
+                activation quantizers, rmsnorm_quantize and hadamard_transform only. Ops or arguments without a CUDA kernel (pack/unpack_int4, int8
                 operands) raise NotImplementedError: explicit "cuda" means the CUDA kernel runs or nothing does.
 """
 from __future__ import annotations

@@ -17,8 +17,8 @@ Which op runs on which launcher (registered for the "cuda" dispatch key at the b
     pqk::pack_int4 / unpack_int4, W4A8 / W8A8: no CUDA kernel. backend="auto" runs the reference (plain PyTorch,
         on the GPU) for them; backend="cuda" raises NotImplementedError (ops/backend.py decides, via cuda_unsupported).
 
-Not (yet) custom ops, callable directly on CUDA tensors: ``rmsnorm_quantize`` (pqk_rmsnorm_quantize) and
-``hadamard_transform`` (pqk_hadamard).
+    pqk::rmsnorm_quantize    pqk_rmsnorm_quantize       x fp16/bf16/fp32 (weight cast to x.dtype by ops/transform.py)
+    pqk::hadamard_transform  pqk_hadamard               x fp16/bf16/fp32, n = m * 2^p (hadamard.hadamard_factor)
 
 K not a multiple of 32 (the tensor-core GEMM consumes K in steps of 32): the binding PADS A and W with zero bytes to
 the next multiple of 32 (a zero nibble adds 0 to the exact int32 sum, so the result is bit-identical). That costs a
@@ -395,7 +395,7 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scal
     return _gemm(op, g, q, w, s, w_scale, bias, x.dtype)
 
 
-# ---- kernels without a custom op yet: direct calls on CUDA tensors ----------------------------------------------
+# ---- rmsnorm_quantize, hadamard_transform: also callable directly on CUDA tensors ----------------------------------------------
 
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int = 4, eps: float = 1e-6,
                      return_normed: bool = False):
@@ -474,11 +474,23 @@ def gemm_path(device: torch.device | None = None) -> str:
 
 # ---- registration for the "cuda" dispatch key (needs no GPU: registering is pure Python bookkeeping) -------------
 
+def _rmsnorm_quantize_op(x, weight, scale, bits, eps, return_normed):
+    """pqk::rmsnorm_quantize's schema: always (q, normed), normed empty [0] when not requested."""
+    out = rmsnorm_quantize(x, weight, scale, bits, eps, return_normed)
+    return out if return_normed else (out, x.new_empty([0]))
+
+
+def _hadamard_transform_op(x, inverse):
+    return hadamard_transform(x, inverse=inverse)
+
+
 REGISTERED = {
     "pqk::quantize_static": quantize_static,
     "pqk::quantize_per_token": quantize_per_token,
     "pqk::int4_matmul": int4_matmul,
     "pqk::quant_linear": quant_linear,
+    "pqk::rmsnorm_quantize": _rmsnorm_quantize_op,
+    "pqk::hadamard_transform": _hadamard_transform_op,
 }
 for _name, _fn in REGISTERED.items():
     torch.library.register_kernel(_name, "cuda", _fn)

@@ -26,6 +26,10 @@ LIB.define(
     "int cpu_isa=-1) -> Tensor"
 )
 
+LIB.define("rmsnorm_quantize(Tensor x, Tensor weight, Tensor scale, int bits, float eps, bool return_normed) "
+           "-> (Tensor, Tensor)")
+LIB.define("hadamard_transform(Tensor x, bool inverse) -> Tensor")
+
 LIB.define(
     "kv_dequant_static(Tensor? prefix, Tensor body, Tensor scale, int bits, ScalarType out_dtype, int cpu_isa=-1) "
     "-> Tensor"
@@ -80,6 +84,17 @@ def _kv_dequant_static_fake(prefix, body, scale, bits, out_dtype, cpu_isa=-1):
     b, h, t, db = body.shape
     p = 0 if prefix is None else prefix.shape[2]
     return body.new_empty([b, h, p + t, db * (2 if bits == 4 else 1)], dtype=out_dtype)
+
+
+@torch.library.register_fake("pqk::rmsnorm_quantize")
+def _rmsnorm_quantize_fake(x, weight, scale, bits, eps, return_normed):
+    shape, dtype = _quantized_shape(x, bits)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(list(x.shape) if return_normed else [0])
+
+
+@torch.library.register_fake("pqk::hadamard_transform")
+def _hadamard_transform_fake(x, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pqk::kv_quantize_static")

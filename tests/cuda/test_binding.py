@@ -397,6 +397,8 @@ def test_registered_for_the_cuda_dispatch_key(name):
                              backend="cuda"),
     lambda: pqk.nn.QuantLinear(64, 3, backend="cuda")(torch.randn(2, 64)),
     lambda: pqk.pack_int4(torch.zeros(2, 4, dtype=torch.int8), backend="cuda"),
+    lambda: pqk.rmsnorm_quantize(torch.randn(2, 64), torch.ones(64), 0.1, backend="cuda"),
+    lambda: pqk.hadamard_transform(torch.randn(2, 64), backend="cuda"),
 ])
 def test_backend_cuda_without_cuda_is_a_clear_error(call):
     with pytest.raises(ValueError, match=r"backend='cuda' runs on CUDA tensors, got tensors on cpu \(and CUDA is not "
@@ -457,3 +459,19 @@ def test_find_library_order(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda, "PACKAGE_DIR", str(tmp_path / "empty"))
     with pytest.raises(RuntimeError, match="not found .*build=False"):
         cuda.find_library(build=False)
+
+
+def test_custom_op_kernels_of_rmsnorm_and_hadamard(emu, gen):
+    """The functions registered for pqk::rmsnorm_quantize / pqk::hadamard_transform on CUDA keep the schema (q and
+    an empty normed tensor when it is not asked for) and reach the launchers."""
+    x = torch.randn(5, 96, generator=gen).half()
+    wt = (torch.rand(96, generator=gen) + 0.5).half()
+    s = torch.tensor(0.07)
+    q, y = cuda.REGISTERED["pqk::rmsnorm_quantize"](x, wt, s, 4, 1e-5, False)
+    assert y.numel() == 0 and torch.equal(q, reference.rmsnorm_quantize(x, wt, s, 4, 1e-5)[0])
+    q2, y2 = cuda.REGISTERED["pqk::rmsnorm_quantize"](x, wt, s, 4, 1e-5, True)
+    assert torch.equal(q2, q) and torch.equal(y2, reference.rmsnorm_quantize(x, wt, s, 4, 1e-5)[1])
+    xh = torch.randn(3, 1536, generator=gen)
+    got = cuda.REGISTERED["pqk::hadamard_transform"](xh, True)
+    assert torch.allclose(got, hadamard.hadamard_transform(xh, inverse=True), atol=1e-5, rtol=1e-5)
+    assert [c[0] for c in emu.calls][-1] == "pqk_hadamard" and "pqk_rmsnorm_quantize" in [c[0] for c in emu.calls]

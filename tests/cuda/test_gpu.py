@@ -84,6 +84,25 @@ def test_quantizers_match_reference(gen, dtype, bits, shape):
 
 
 @needs_binding
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(1, 64), (5, 124), (3, 7, 4096)])
+def test_public_rmsnorm_quantize_and_hadamard_ops(gen, dtype, shape):
+    """pqk.rmsnorm_quantize / pqk.hadamard_transform with backend="cuda" and "auto" on CUDA tensors: the kernels."""
+    x = (torch.randn(shape, generator=gen) * 4).to(dtype)
+    wt = (torch.rand(shape[-1], generator=gen) + 0.5).to(dtype)
+    q_ref, y_ref = pqk.rmsnorm_quantize(x, wt, 0.05, 4, 1e-5, return_normed=True, backend="reference")
+    for be in ("cuda", "auto"):
+        q, y = pqk.rmsnorm_quantize(x.cuda(), wt.cuda(), 0.05, 4, 1e-5, return_normed=True, backend=be)
+        assert (fmt.unpack_int4(q.cpu()).int() - fmt.unpack_int4(q_ref).int()).abs().max() <= 1
+        torch.testing.assert_close(y.cpu().float(), y_ref.float(), rtol=1e-2, atol=1e-3)
+    n = 1536 if shape[-1] != 64 else 64
+    h = torch.randn(*shape[:-1], n, generator=gen).to(dtype)
+    got = pqk.hadamard_transform(h.cuda(), backend="cuda").cpu()
+    torch.testing.assert_close(got.float(), pqk.hadamard_transform(h, backend="reference").float(), rtol=1e-2,
+                               atol=1e-2)
+
+
+@needs_binding
 @pytest.mark.parametrize("m,n,k", GPU_SHAPES)
 @pytest.mark.parametrize("out_dtype", FLOATS)
 @pytest.mark.parametrize("per_token", [False, True])

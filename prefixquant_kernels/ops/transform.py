@@ -1,0 +1,94 @@
+"""Public ops that transform an activation before a quantized GEMM: ``rmsnorm_quantize`` (the fused RMSNorm +
+static quantize that feeds a layer's q/k/v or gate/up GEMMs) and ``hadamard_transform`` (the online Walsh-Hadamard
+rotation of the down_proj input). Validation -> backend choice (ops/backend.py) -> one ``torch.ops.pqk`` custom op
+(schemas and fakes in library.py). Kernels per device:
+
+    pqk::rmsnorm_quantize    CPU: PyTorch (reference.rmsnorm_quantize)   CUDA: pqk_rmsnorm_quantize (ops/cuda.py)
+    pqk::hadamard_transform  CPU: PyTorch (hadamard.py, O(n log n))      CUDA: pqk_hadamard (ops/cuda.py)
+
+There is no C++ CPU kernel for either: on CPU tensors backend "auto" / "cpu*" run the PyTorch implementation
+through the custom op (one node for torch.compile), "reference" calls it directly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import hadamard as had
+from .. import reference
+from . import checks
+from . import library  # noqa: F401  (defines torch.ops.pqk.*)
+from .backend import resolve
+
+
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale, bits: int = 4, eps: float = 1e-6, *,
+                     return_normed: bool = False, backend: str = "auto"):
+    """Fused RMSNorm + static quantize: y = x / sqrt(mean(x^2) + eps) * weight (fp32), q = quantize_static(y, scale).
+
+    Args:
+        x: float32/bfloat16/float16 [..., K] (K even for bits=4).
+        weight: float [K], the norm's weight (any float dtype; the CUDA kernel reads it in x.dtype).
+        scale: the static scale of the next GEMM's input, a number or a 1-element tensor; finite and > 0.
+        bits: 4 -> packed uint8 [..., K // 2]; 8 -> int8 [..., K].
+        eps: finite, >= 0.
+        return_normed: also return y in x.dtype (for a residual branch or an unquantized consumer).
+    Returns q, or (q, y) with return_normed.
+    """
+    op = "rmsnorm_quantize"
+    checks.float_tensor(x, "x", op)
+    checks.bits(bits, "bits", op)
+    checks.nonempty_last_dim(x, "x", op)
+    if bits == 4:
+        checks.even_last_dim(x, "x", op)
+    checks.float_tensor(weight, "weight", op)
+    if tuple(weight.shape) != (x.shape[-1],):
+        checks.fail(op, f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    checks.same_device(op, x.device, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        checks.fail(op, f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(return_normed, bool):
+        checks.fail(op, f"return_normed must be a bool, got {return_normed!r}", TypeError)
+    s = checks.static_scale(scale, "scale", op, x.device)
+    be = resolve(backend, x.device, op)
+    x2 = x.reshape(-1, x.shape[-1])
+    if be.kind == "reference":
+        q, y = reference.rmsnorm_quantize(x2, weight, s, bits, float(eps))
+    else:
+        w = weight.to(x.dtype) if x.device.type == "cuda" else weight
+        q, y = torch.ops.pqk.rmsnorm_quantize(x2.contiguous(), w.contiguous(), s, bits, float(eps), return_normed)
+    q = q.reshape(*x.shape[:-1], q.shape[-1])
+    return (q, y.reshape(x.shape)) if return_normed else q
+
+
+def hadamard_transform(x: torch.Tensor, *, inverse: bool = False, backend: str = "auto") -> torch.Tensor:
+    """The online Walsh-Hadamard rotation y = (H_m (x) H_{2^p}) x / sqrt(n) along the last dim (hadamard.py has the
+    definition, the index convention and the list of m). x: float16/bfloat16/float32 [..., n], n = m * 2^p; other n
+    raise ValueError naming x (use a dense orthogonal rotation there: calibration.rotation.random_orthogonal).
+    inverse=True applies the transpose. Returns x's shape and dtype."""
+    op = "hadamard_transform"
+    checks.float_tensor(x, "x", op)
+    checks.nonempty_last_dim(x, "x", op)
+    if not isinstance(inverse, bool):
+        checks.fail(op, f"inverse must be a bool, got {inverse!r}", TypeError)
+    try:
+        had.hadamard_factor(x.shape[-1])
+    except ValueError as e:
+        checks.fail(op, f"x.shape[-1]: {e}")
+    be = resolve(backend, x.device, op)
+    if be.kind == "reference":
+        return had.hadamard_transform(x, inverse=inverse)
+    return torch.ops.pqk.hadamard_transform(x.contiguous(), inverse)
+
+
+# ---- the CPU kernels of the two custom ops: the PyTorch implementations ----------------------------------------
+
+@torch.library.register_kernel("pqk::rmsnorm_quantize", "cpu")
+def _rmsnorm_quantize_cpu(x, weight, scale, bits, eps, return_normed):
+    q, y = reference.rmsnorm_quantize(x, weight, scale, bits, eps)
+    return q.contiguous(), (y.contiguous() if return_normed else x.new_empty([0]))
+
+
+@torch.library.register_kernel("pqk::hadamard_transform", "cpu")
+def _hadamard_transform_cpu(x, inverse):
+    return had.hadamard_transform(x, inverse=inverse).contiguous()
