@@ -133,8 +133,37 @@ PQK_HD uint32_t hadamard_sign_word(const float* had_m, int m, int a, int q) {
 PQK_HD int hadamard_out_items(const HadamardShape& s) { return s.m == 1 ? s.n : (s.m / kHadRowTile) << s.p; }
 
 // Item w: rows a0..a0+3 = 4 * (w >> p) + r of column b = w mod P. Consecutive threads take consecutive b, so the
-// shared reads row[a' * P + b] hit distinct banks (or broadcast when P < 32) and the global stores are coalesced.
-// Each z[a', b] read from shared memory serves 4 outputs. store(i, v) writes output element i.
+// shared reads rows[a' * P + b] hit distinct banks (or broadcast when P < 32) and the global stores are coalesced.
+// Each z[a', b] read from shared memory serves 4 outputs.
+//
+// hadamard_accumulate adds the terms a' in [a_lo, a_hi) to acc (rows holds z's subrows a_lo .. a_hi - 1, P floats
+// each), a' ascending. Splitting [0, m) into consecutive ranges therefore performs the same fp32 additions in the
+// same order as one call over [0, m): the chunked kernel (rows longer than shared memory) is bit-identical too.
+PQK_HD void hadamard_accumulate(const float* rows, const uint32_t* hbits, const HadamardShape& s, int w, int a_lo,
+                                int a_hi, float (&acc)[kHadRowTile]) {
+  const int P = 1 << s.p, b = w & (P - 1), a0 = (w >> s.p) * kHadRowTile;
+  for (int q = a_lo >> 5; q < ((a_hi + 31) >> 5); ++q) {
+    uint32_t bits[kHadRowTile];
+    PQK_HAD_UNROLL
+    for (int r = 0; r < kHadRowTile; ++r) bits[r] = hbits[(a0 + r) * s.words + q];
+    const int k0 = a_lo - 32 * q > 0 ? a_lo - 32 * q : 0, k1 = a_hi - 32 * q < 32 ? a_hi - 32 * q : 32;
+    for (int k = k0; k < k1; ++k) {
+      const float z = rows[(32 * q + k - a_lo) * P + b];
+      PQK_HAD_UNROLL
+      for (int r = 0; r < kHadRowTile; ++r) acc[r] = acc[r] + (((bits[r] >> k) & 1u) ? -z : z);
+    }
+  }
+}
+
+// The 4 outputs of item w: store(i, v) writes output element i.
+template <class Store>
+PQK_HD void hadamard_store_item(const HadamardShape& s, int w, const float (&acc)[kHadRowTile], float scale,
+                                Store&& store) {
+  const int P = 1 << s.p, b = w & (P - 1), a0 = (w >> s.p) * kHadRowTile;
+  PQK_HAD_UNROLL
+  for (int r = 0; r < kHadRowTile; ++r) store((a0 + r) * P + b, acc[r] * scale);
+}
+
 template <class Store>
 PQK_HD void hadamard_out_item(const float* row, const uint32_t* hbits, const HadamardShape& s, int w, float scale,
                               Store&& store) {
@@ -142,23 +171,38 @@ PQK_HD void hadamard_out_item(const float* row, const uint32_t* hbits, const Had
     store(w, row[w] * scale);
     return;
   }
-  const int P = 1 << s.p, b = w & (P - 1), a0 = (w >> s.p) * kHadRowTile;
   float acc[kHadRowTile];
   PQK_HAD_UNROLL
   for (int r = 0; r < kHadRowTile; ++r) acc[r] = 0.0f;
-  for (int q = 0; q < s.words; ++q) {
-    uint32_t bits[kHadRowTile];
-    PQK_HAD_UNROLL
-    for (int r = 0; r < kHadRowTile; ++r) bits[r] = hbits[(a0 + r) * s.words + q];
-    const int kend = s.m - 32 * q < 32 ? s.m - 32 * q : 32;
-    for (int k = 0; k < kend; ++k) {
-      const float z = row[(32 * q + k) * P + b];
-      PQK_HAD_UNROLL
-      for (int r = 0; r < kHadRowTile; ++r) acc[r] = acc[r] + (((bits[r] >> k) & 1u) ? -z : z);
-    }
-  }
-  PQK_HAD_UNROLL
-  for (int r = 0; r < kHadRowTile; ++r) store((a0 + r) * P + b, acc[r] * scale);
+  hadamard_accumulate(row, hbits, s, w, 0, s.m, acc);
+  hadamard_store_item(s, w, acc, scale, store);
+}
+
+// ---- rows longer than shared memory: the chunked kernel ------------------------------------------------------
+// H_P acts on each subrow a (P contiguous elements) on its own, so the row can pass through shared memory a few
+// subrows at a time: chunk [a_lo, a_hi) is loaded, butterflied exactly as in the one-chunk kernel, and its terms
+// are added to accumulators each thread keeps in registers for its fixed output items (hadamard_accumulate: same
+// additions, same order). Registers bound the row: kHadChunkItems items of 4 outputs per thread, so
+// n <= 512 * 14 * 4 = 28672: exactly Llama-3-70B's intermediate size 28 * 1024, the one brief size that does not
+// fit sm_86/89's 99 KB. 14 x 4 accumulators take 124-128 registers at 512 threads; 16 items spilled on sm_80/90.
+constexpr int kHadChunkItems = 14;
+
+PQK_HD int hadamard_items_per_thread(const HadamardShape& s) {
+  return (hadamard_out_items(s) + kHadThreads - 1) / kHadThreads;
+}
+
+// Subrows per chunk that fit `budget` bytes of shared memory next to H_m's sign bits, at most m; 0 when the chunked
+// kernel cannot take the shape: m == 1 (a power-of-two n has no a' sum to split), more items per thread than
+// kHadChunkItems, or not even one subrow fits.
+PQK_HD int hadamard_chunk_rows(const HadamardShape& s, long budget) {
+  if (s.m == 1 || hadamard_items_per_thread(s) > kHadChunkItems) return 0;
+  const long per_row = 4L << s.p, avail = budget - 4L * s.m * s.words;
+  if (avail < per_row) return 0;
+  return avail / per_row < s.m ? (int)(avail / per_row) : s.m;
+}
+
+PQK_HD long hadamard_chunked_smem_bytes(const HadamardShape& s, int chunk_rows) {
+  return ((long)chunk_rows << s.p) * 4L + 4L * s.m * s.words;
 }
 
 }  // namespace cuda

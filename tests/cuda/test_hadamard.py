@@ -23,8 +23,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-def harness_run(exe, tmp_path, m, p, rows, had, x32):
-    """Runs the emulated kernel on x32 (fp32 [rows, m * 2^p]) with had (fp32 [m, m]); returns (y32, failed, out)."""
+def harness_run(exe, tmp_path, m, p, rows, had, x32, budget=None):
+    """Runs the emulated kernel on x32 (fp32 [rows, m * 2^p]) with had (fp32 [m, m]); returns (y32, failed, out).
+    budget: bytes of opt-in shared memory of the emulated device (None: the row fits, the one-chunk kernel)."""
     n = m << p
     inp, out = tmp_path / f"in_{m}_{p}.bin", tmp_path / f"out_{m}_{p}.bin"
     with open(inp, "wb") as f:
@@ -32,7 +33,8 @@ def harness_run(exe, tmp_path, m, p, rows, had, x32):
         if m > 1:
             f.write(had.contiguous().numpy().tobytes())
         f.write(x32.contiguous().numpy().tobytes())
-    r = subprocess.run([exe, "run", str(inp), str(out)], capture_output=True, text=True, timeout=120)
+    cmd = [exe, "run", str(inp), str(out)] + ([] if budget is None else [str(budget)])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     mt = re.search(r"(\d+) passed, (\d+) failed", r.stdout)
     assert mt, r.stdout + r.stderr
     failed = int(mt.group(2))
@@ -102,12 +104,50 @@ def test_harness_16bit_and_inverse(exe, tmp_path, dtype, m, p):
     torch.testing.assert_close(back, x, rtol=0, atol=1e-5 * x.abs().max().item())
 
 
+SM86_SMEM = 101376   # opt-in shared memory per block on sm_86 / sm_89 (99 KB)
+
+
+def _chunk_budget(m, p, rows_per_chunk):
+    """Shared memory for exactly rows_per_chunk subrows of 2^p fp32 next to H_m's sign bits."""
+    return 4 * rows_per_chunk * (1 << p) + 4 * m * ((m + 31) // 32)
+
+
 @needs_gxx
-def test_harness_28672(exe, tmp_path):
-    # 28 * 1024 = Llama-3-70B's intermediate size: fits sm_80/sm_90 shared memory, not sm_86/89 (see PERF.md)
-    x = random_rows(1, 28672, torch.float32, seed=5)
-    y, failed, out = harness_run(exe, tmp_path, 28, 10, 1, H.hadamard_matrix(28), x)
+@pytest.mark.parametrize("budget", [None, SM86_SMEM], ids=["one-chunk (sm_80/90)", "chunked (sm_86/89)"])
+def test_harness_28672(exe, tmp_path, budget):
+    # 28 * 1024 = Llama-3-70B's intermediate size: the whole row fits sm_80/sm_90 shared memory; on sm_86/89 the
+    # launcher takes the chunked kernel (24 + 4 subrows); both bit-identical to the kernel-order reference
+    x = random_rows(2, 28672, torch.float32, seed=5)
+    y, failed, out = harness_run(exe, tmp_path, 28, 10, 2, H.hadamard_matrix(28), x, budget)
+    assert ("path chunked chunk_rows 24" in out) == (budget is not None), out
     assert failed == 0 and torch.equal(y, kernel_order_reference(x, 28, 10, H.hadamard_matrix(28))), out
+
+
+# (m, p, subrows per chunk): forced into chunks by a small budget, including 1-subrow chunks, chunks that split a
+# 32-column word of H_m's sign bits (m = 172: 6 words), a last chunk shorter than the others, and m > 32
+CHUNKED = [(12, 7, 5), (12, 4, 1), (172, 6, 7), (172, 6, 33), (28, 9, 3), (36, 4, 35), (20, 10, 8)]
+
+
+@needs_gxx
+@pytest.mark.parametrize("m,p,rows_per_chunk", CHUNKED, ids=[f"{m}x2^{p}/{c}" for m, p, c in CHUNKED])
+def test_harness_chunked_bit_exact(exe, tmp_path, m, p, rows_per_chunk):
+    x = random_rows(3, m << p, torch.float32, seed=m + p)
+    had = H.hadamard_matrix(m)
+    y, failed, out = harness_run(exe, tmp_path, m, p, 3, had, x, _chunk_budget(m, p, rows_per_chunk))
+    assert f"path chunked chunk_rows {rows_per_chunk}" in out, out
+    assert failed == 0 and torch.equal(y, kernel_order_reference(x, m, p, had)), out
+
+
+@needs_gxx
+def test_harness_no_kernel_for_too_long_rows(exe, tmp_path):
+    """44032 = 172 * 256 at 99 KB: too long for one block's shared memory and for the chunked kernel's registers
+    (21.5 items per thread > 14): status -6, nothing computed."""
+    x = torch.zeros(1, 172 << 8)
+    inp = tmp_path / "in.bin"
+    inp.write_bytes(torch.tensor([172, 1, 172 << 8, 0], dtype=torch.int32).numpy().tobytes()
+                    + H.hadamard_matrix(172).numpy().tobytes() + x.numpy().tobytes())
+    r = subprocess.run([exe, "run", str(inp), str(tmp_path / "o.bin"), str(SM86_SMEM)], capture_output=True, text=True)
+    assert r.returncode == 3 and "status -6" in r.stderr
 
 
 # launcher checks: (m, rows, cols) -> status (pqk_cuda.h: -1 shape, -6 Hadamard size)
@@ -134,6 +174,8 @@ def test_harness_status(exe):
     assert got == [want for _, want in CHECKS]
     smem = {a: int(line.split()[3]) for (a, _), line in zip(CHECKS, out)}
     assert smem[(172, 4, 11008)] == 4 * 11008 + 4 * 172 * 6      # row fp32 + sign bits (6 words per row of H_172)
+    chunks = {a: int(line.split()[5]) for (a, _), line in zip(CHECKS, out)}
+    assert chunks[(28, 7, 28672)] == 24 and chunks[(172, 4, 11008)] == 0   # 28672 chunked on sm_86/89; 11008 fits
 
 
 # (exact text in hadamard_math.cuh, replacement): bugs a reviewer could plausibly miss
@@ -144,7 +186,11 @@ MUTATIONS = [
      "return ((g >> lo) << lo) | (g & ((1 << lo) - 1));"),                           # register pass groups overlap
     ("bits[r] = hbits[(a0 + r) * s.words + q];", "bits[r] = hbits[(a0 + r) * s.words];"),  # m > 32: word 0 only
     ("had_m[a * m + 32 * q + k]", "had_m[(32 * q + k) * m + a]"),                   # H_m transposed
-    ("for (int k = 0; k < kend; ++k) {", "for (int k = 1; k < kend; ++k) {"),       # m-stage skips a column
+    ("for (int k = k0; k < k1; ++k) {", "for (int k = k0 + 1; k < k1; ++k) {"),     # m-stage skips a column
+    ("rows[(32 * q + k - a_lo) * P + b]", "rows[(32 * q + k) * P + b]"),             # chunk offset ignored
+    ("return avail / per_row < s.m ? (int)(avail / per_row) : s.m;",
+     "return avail / per_row < s.m ? (int)(avail / per_row) + 1 : s.m;"),            # a chunk over the budget
+    ("const int k0 = a_lo - 32 * q > 0 ? a_lo - 32 * q : 0,", "const int k0 = 0,"),  # chunk re-adds earlier a'
     ("if ((P & (P - 1)) != 0) return PQK_ERR_HADAMARD_SIZE;", ""),                  # accepts 12 * 3
 ]
 
@@ -160,11 +206,15 @@ def test_planted_bug_is_caught(tmp_path, old, new):
     path.write_text(text.replace(old, new))
     bad = cuda_build.build_harness("hadamard_harness", root=str(tmp_path), out_dir=str(tmp_path / "bin"), werror=False)
     caught = []
-    for m, p in [(12, 7), (172, 6), (1, 11)]:
+    for m, p, budget in [(12, 7, None), (172, 6, None), (1, 11, None), (12, 7, _chunk_budget(12, 7, 5)),
+                         (172, 6, _chunk_budget(172, 6, 33))]:
         had = H.hadamard_matrix(m)
         x = random_rows(2, m << p, torch.float32, seed=p)
-        y, failed, _ = harness_run(bad, tmp_path, m, p, 2, had, x)
-        caught.append(failed > 0 or not torch.equal(y, kernel_order_reference(x, m, p, had)))
+        try:
+            y, failed, _ = harness_run(bad, tmp_path, m, p, 2, had, x, budget)
+            caught.append(failed > 0 or not torch.equal(y, kernel_order_reference(x, m, p, had)))
+        except AssertionError:   # the harness refused to run (e.g. a chunk over the budget): caught too
+            caught.append(True)
     out = subprocess.run([bad, "check", "12", "4", "36"], capture_output=True, text=True).stdout
     caught.append("status -6" not in out)
     assert any(caught), "planted bug not detected"
@@ -174,14 +224,17 @@ def test_kernel_built_for_every_arch(cuda_lib):
     # fp16, bf16, fp32 instantiations on sm_80/86/89/90, no spills or stack. The sm_86 SASS has the warp butterflies
     # as SHFL.BFLY and no local memory (the register passes' v[8] stays in registers); test_build.py::test_sass
     # checks LDL/STL for every kernel on every arch (one cuobjdump per arch is ~3 s, so only one here).
+    # The chunked kernel (rows longer than shared memory) holds 14 x 4 accumulators per thread: at the 128-register
+    # cap of 512-thread blocks, so a spill would show here first.
     usage = cuda_build.ptxas_usage(cuda_lib.ptxas_log)
     for arch in cuda_build.ARCHS:
-        had = {n: v for (sm, n), v in usage.items() if sm == arch and "hadamard_kernel" in n}
-        assert len(had) == 3, had
-        assert all(v["spill_stores"] == v["spill_loads"] == v["stack"] == 0 for v in had.values()), had
+        for kernel in ("hadamard_kernel", "hadamard_chunked_kernel"):
+            had = {n: v for (sm, n), v in usage.items() if sm == arch and kernel in n}
+            assert len(had) == 3, had
+            assert all(v["spill_stores"] == v["spill_loads"] == v["stack"] == 0 for v in had.values()), had
     funcs = cuda_build.sass_by_function(cuda_build.sass(cuda_lib.lib, 86))
-    kernels = {n: t for n, t in funcs.items() if "hadamard_kernel" in n}
-    assert len(kernels) == 3
+    kernels = {n: t for n, t in funcs.items() if "hadamard_kernel" in n or "hadamard_chunked_kernel" in n}
+    assert len(kernels) == 6
     for name, text in kernels.items():
         assert "SHFL.BFLY" in text and not re.search(r"\b(LDL|STL)\b", text), name
 
@@ -222,7 +275,8 @@ def test_launcher_without_gpu_returns_cuda_error(lib):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 # 1000 rows > 4 blocks x SMs on any GPU: the grid-stride loop runs
-@pytest.mark.parametrize("n,rows", [(64, 1), (576, 3), (1536, 7), (11008, 5), (13824, 2), (14336, 33), (4096, 1000)])
+@pytest.mark.parametrize("n,rows", [(64, 1), (576, 3), (1536, 7), (11008, 5), (13824, 2), (14336, 33), (4096, 1000),
+                                    (28672, 9)])   # 28672: the chunked kernel on sm_86/89, the one-chunk one elsewhere
 def test_gpu_matches_reference(lib, dtype, n, rows):
     m, p = H.hadamard_factor(n)
     x = random_rows(rows, n, torch.float32, seed=n)
