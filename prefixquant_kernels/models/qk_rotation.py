@@ -15,6 +15,12 @@ run online, after RoPE. transformers 5.23 attention (Llama, Qwen2, Qwen3) runs
 
 A dense [D, D] matmul on Q [B, H_q, T, D] costs D multiply-adds per element (D = 64: as much as the Q.K^T of 64
 cached tokens); a fast Walsh-Hadamard transform (prefixquant_kernels/hadamard.py) would cost log2(D).
+
+The same registered attention (the "pqk attention") also takes the two fast paths the patched forward
+(models/patch.py) asks for with a PrefixQuantCache: ``pqk_cache`` on a decode step run under the cache's
+``deferred_reads()`` (empty K/V: attend over the packed cache in place, ``decode_attention``), and
+``pqk_prefix_len`` on an unpadded prefill after the prefix (one causal call, models/prefix_attention.py). Without
+those arguments it is exactly the base sdpa / eager attention.
 """
 from __future__ import annotations
 
