@@ -1,12 +1,15 @@
 """Builds and inspects the CUDA kernels (csrc/cuda) without a GPU; used by tests/cuda, setup.py and selftest.
 
-- ``build_library(archs)``: one nvcc run compiles every .cu for the given SM archs with warnings as errors
-  (host: -Wall -Wextra -Werror; nvcc: -Werror all-warnings; ptxas: -warn-spills -warn-lmem-usage, also errors)
-  and links ``libpqk_cuda.so`` with the static cudart. Cached under ``$PQK_CUDA_CACHE`` (default:
+- ``build_library(archs)``: nvcc compiles every .cu for the given SM archs (``FILE_ARCHS`` narrows a file's set) with
+  warnings as errors (host: -Wall -Wextra -Werror; nvcc: -Werror all-warnings; ptxas: -warn-spills
+  -warn-lmem-usage, also errors) and links ``libpqk_cuda.so`` with the static cudart. Cached under ``$PQK_CUDA_CACHE`` (default:
   <tmp>/pqk_cuda_build) keyed by a hash of the sources, flags and nvcc version, so tests pay the ~1 min once.
 - ``ptxas_usage(log)``: registers / spills / stack per (arch, kernel) from the ``ptxas -v`` log.
 - ``sass(lib, arch)``: ``cuobjdump -sass`` of one arch.
 - ``build_harness(name)``: the g++ host harness csrc/cuda/tests/<name>.cpp (no CUDA needed).
+- ``cutlass_include()``: the CUTLASS 2.x/CuTe headers int4_gemm_cutlass.cu needs (``$PQK_CUTLASS_DIR``, an installed
+  ``nvidia-cutlass`` wheel, or that wheel fetched once with ``pip download --no-deps`` into the cache: its declared
+  dependencies — cuda-python, scipy, networkx, ... — are not needed for the headers and are never installed).
 
 Importable without torch (setup.py loads it by path).
 """
@@ -18,14 +21,20 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 COMMON_DIR = os.path.join(ROOT, "csrc", "common")
 ARCHS = (80, 86, 89, 90)  # 80/86/89: int4 IMMA; 90: INT8 IMMA on unpacked nibbles (int4_gemm.cu)
+# Files built for fewer archs: CUTLASS's sm_80 int4 GEMM has no INT4 MMA to emit on sm_90 (int4_gemm.cu dispatches
+# to it only on 8.x devices).
+FILE_ARCHS = {"int4_gemm_cutlass.cu": (80, 86, 89)}
 LIB_NAME = "libpqk_cuda.so"
+CUTLASS_WHEEL = "nvidia-cutlass==4.2.0"
 
 # -fmad=false: the fp32 epilogue y = acc * (a_s * w_s) + bias must not become an FMA (bit-exact with the reference).
 NVCC_FLAGS = ["-std=c++17", "-O3", "-fmad=false", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror", "-Werror",
@@ -59,6 +68,61 @@ def sources() -> list[str]:
     return sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 
 
+def file_archs(src: str, archs) -> tuple:
+    """The archs `src` is compiled for out of `archs`."""
+    keep = FILE_ARCHS.get(os.path.basename(src))
+    return tuple(a for a in archs if keep is None or a in keep)
+
+
+def _cutlass_ok(include: str) -> bool:
+    return os.path.exists(os.path.join(include, "cutlass", "cutlass.h")) and os.path.isdir(os.path.join(include, "cute"))
+
+
+def cutlass_include() -> str:
+    """Directory holding cutlass/ and cute/ (see the module doc for where it comes from); raises FileNotFoundError
+    with what to do when none is found and the wheel cannot be downloaded."""
+    env = os.environ.get("PQK_CUTLASS_DIR")
+    if env:
+        for cand in (os.path.join(env, "include"), env):
+            if _cutlass_ok(cand):
+                return cand
+        raise FileNotFoundError(f"PQK_CUTLASS_DIR={env} holds no cutlass/cutlass.h and cute/ (nor in include/)")
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")  # locates the installed wheel without importing it
+    if spec is not None and spec.submodule_search_locations:
+        for d in spec.submodule_search_locations:
+            cand = os.path.join(d, "source", "include")
+            if _cutlass_ok(cand):
+                return cand
+    d = os.path.join(cache_dir(), "cutlass-" + CUTLASS_WHEEL.split("==")[1])
+    inc = os.path.join(d, "include")
+    if _cutlass_ok(inc):
+        return inc
+    os.makedirs(d, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+                        "-d", d, CUTLASS_WHEEL], capture_output=True, text=True)
+    wheels = glob.glob(os.path.join(d, "nvidia_cutlass-*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise FileNotFoundError(f"CUTLASS headers not found and `pip download {CUTLASS_WHEEL}` failed "
+                                f"({r.stderr.strip()[-300:]}); install it with `pip install --no-deps "
+                                f"{CUTLASS_WHEEL}` or point PQK_CUTLASS_DIR at a CUTLASS checkout")
+    prefix = "cutlass_library/source/include/"
+    tmp = inc + f".tmp{os.getpid()}"
+    with zipfile.ZipFile(wheels[0]) as z:
+        for name in z.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                target = os.path.join(tmp, name[len(prefix):])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with z.open(name) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    try:
+        os.replace(tmp, inc)  # atomic: a concurrent build never sees half the headers
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return inc
+
+
 def _headers() -> list[str]:
     return sorted(glob.glob(os.path.join(CUDA_DIR, "*.cuh")) + glob.glob(os.path.join(CUDA_DIR, "*.h"))
                   + glob.glob(os.path.join(COMMON_DIR, "*.h")))
@@ -85,29 +149,46 @@ class Build:
 
 
 def build_library(archs=ARCHS, out_dir: str | None = None) -> Build:
-    """Compile + link every .cu for `archs`; raises subprocess.CalledProcessError (with nvcc's output) on failure."""
+    """Compile every .cu (each for file_archs of `archs`) and link them; raises subprocess.CalledProcessError (with
+    nvcc's output) on failure."""
     nvcc = nvcc_path()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (PATH or CUDA_HOME)")
     archs = tuple(sorted(archs))
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    cutlass = cutlass_include()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = _digest(sources() + _headers(), " ".join(NVCC_FLAGS + gencode) + version)
+    plan = [(src, file_archs(src, archs)) for src in sources()]
+    key = _digest(sources() + _headers(), " ".join(NVCC_FLAGS) + repr(plan) + version + cutlass)
     d = out_dir or os.path.join(cache_dir(), key)
     lib, log = os.path.join(d, LIB_NAME), os.path.join(d, "ptxas.log")
     if out_dir is None and os.path.exists(lib) and os.path.exists(log):
         with open(log) as f:
             return Build(lib, f.read(), archs)
     os.makedirs(d, exist_ok=True)
+    objs, logs = [], []
+    for src, src_archs in plan:
+        if not src_archs:
+            continue
+        obj = os.path.join(d, f"{os.path.basename(src)}.{os.getpid()}.o")  # nvcc needs the .o suffix
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in src_archs]
+        # -isystem: CUTLASS's own headers are not held to this project's warning flags.
+        cmd = [nvcc, *NVCC_FLAGS, *gencode, "-isystem", cutlass, "--threads", "2", "-c", src, "-o", obj]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
+        objs.append(obj)
+        logs.append(r.stderr)
     tmp = lib + f".tmp{os.getpid()}"
-    cmd = [nvcc, *NVCC_FLAGS, *gencode, "--threads", "2", "-shared", "-cudart", "static", *sources(), "-o", tmp]
+    cmd = [nvcc, "-shared", "-cudart", "static", *objs, "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True)
+    for obj in objs:
+        os.remove(obj)
     if r.returncode != 0:
         raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
     os.replace(tmp, lib)  # atomic: a concurrent test never sees half a library
     with open(log, "w") as f:
-        f.write(r.stderr)
-    return Build(lib, r.stderr, archs)
+        f.write("".join(logs))
+    return Build(lib, "".join(logs), archs)
 
 
 _FUNC = re.compile(r"ptxas info\s+: Compiling entry function '(\S+)' for 'sm_(\d+)'")

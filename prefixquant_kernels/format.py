@@ -71,3 +71,12 @@ def per_token_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
     ax = x.float().abs()
     amax = torch.where(torch.isfinite(ax), ax, torch.zeros((), dtype=torch.float32)).amax(dim=-1)
     return torch.where(amax > 0, amax / qmax(bits), torch.ones((), dtype=torch.float32))
+
+
+def interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[I, ...] and [I, ...] -> [2I, ...] with row 2j = gate[j], row 2j+1 = up[j]: the weight (and w_scale / bias)
+    layout of int4_matmul_silu_mul_requant, whose epilogue finds gate_j and up_j in one thread's accumulator pair."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"interleave_rows: gate and up must have the same shape and dtype, got {tuple(gate.shape)} "
+                         f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])

@@ -52,6 +52,27 @@ def int4_matmul(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale
     return dequant_epilogue(acc, a_scale, w_scale, bias, out_dtype)
 
 
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SiLU(g) * u in float32 as the kernels compute it: g / (1 + exp(-g)) * u."""
+    return g / (1.0 + torch.exp(-g)) * u
+
+
+def int4_matmul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None, out_scale: float) -> torch.Tensor:
+    """int4_matmul's fp32 value quantized with the next layer's static scale: uint8 [M, N/2] packed int4."""
+    y = int4_matmul(a, w, a_scale, w_scale, bias, torch.float32)
+    return fmt.pack_int4(fmt.quantize(y, torch.tensor(out_scale, dtype=torch.float32), 4))
+
+
+def int4_matmul_silu_mul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                                 bias: torch.Tensor | None, out_scale: float) -> torch.Tensor:
+    """w's rows interleave gate and up (row 2j = gate_j, 2j+1 = up_j; format.interleave_rows): y = int4_matmul fp32
+    [M, N], h_j = silu(y[:, 2j]) * y[:, 2j+1] -> quantized with out_scale, uint8 [M, N/4] packed int4."""
+    y = int4_matmul(a, w, a_scale, w_scale, bias, torch.float32)
+    h = silu_mul(y[:, 0::2], y[:, 1::2])
+    return fmt.pack_int4(fmt.quantize(h, torch.tensor(out_scale, dtype=torch.float32), 4))
+
+
 def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None,
                  a_bits: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x float [M, K] -> x.dtype [M, N]: quantize x (static if a_scale is given, else per token), then

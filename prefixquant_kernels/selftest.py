@@ -105,6 +105,17 @@ def _ops_rows(rows):
             got = ops.int4_matmul(a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), b.cuda(), dt, backend="cuda")
             add(f"int4_matmul {str(dt)[6:]}", shape, _err(got, ops.int4_matmul(a, w, a_s, w_s, b, dt,
                                                                                 backend="reference")))
+        y = reference.int4_matmul(a, w, a_s, w_s, b, torch.float32)
+        for op_name, v in (("int4_matmul_requant", y), ("int4_matmul_silu_mul_requant",
+                                                         reference.silu_mul(y[:, 0::2], y[:, 1::2]))):
+            if n % 4:
+                continue
+            s = float(v.abs().max()) / 9
+            got = getattr(ops, op_name)(a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), s, b.cuda(), backend="cuda")
+            want = getattr(ops, op_name)(a, w, a_s, w_s, s, b, backend="reference")
+            # levels; silu-mul: device expf may move a boundary value by one step
+            add(op_name, shape, _err(fmt.unpack_int4(got.cpu()), fmt.unpack_int4(want)),
+                1 if "silu" in op_name else 0)
         for a_scale in (0.05, None):
             got = ops.quant_linear(xh.cuda(), w.cuda(), w_s.cuda(), a_scale, 4, b.cuda(), backend="cuda")
             want = ops.quant_linear(xh, w, w_s, a_scale, 4, b, backend="reference")
@@ -124,25 +135,35 @@ def _ops_rows(rows):
             1e-4)
 
 
-def _tops_rows(rows):
-    """GEMM throughput of the binding's int4 GEMM vs cuBLAS fp16 (torch.matmul) on this GPU: measured here."""
+def _tops_rows(rows, lib):
+    """GEMM throughput on this GPU, measured here: the binding's int4_matmul (auto: the CUTLASS tile on sm_80..89),
+    each implementation forced through the raw launcher (pqk's own tile and CUTLASS's for this M), and cuBLAS fp16
+    (torch.matmul) on the same shape. The winner of own vs CUTLASS is what `auto` should pick; the table shows it."""
     import torch
 
     from . import ops
 
     name = torch.cuda.get_device_name()
-    for m, n, k in [(16, 4096, 4096), (2048, 4096, 4096), (4096, 11008, 4096)]:
+    major, minor = torch.cuda.get_device_capability()
+    has_cutlass = 80 <= 10 * major + minor < 90
+    for m, n, k in [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (2048, 4096, 4096), (4096, 11008, 4096)]:
         a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device="cuda")
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-        a_s, w_s = torch.tensor(0.05, device="cuda"), torch.rand(n, device="cuda") + 0.01
+        a_s, w_s = torch.tensor([0.05], device="cuda"), torch.rand(n, device="cuda") + 0.01
+        out = torch.empty(m, n, dtype=torch.float16, device="cuda")
         x16, y16 = torch.randn(m, k, dtype=torch.float16, device="cuda"), torch.randn(n, k, dtype=torch.float16,
                                                                                        device="cuda")
-        t_pqk = _time(lambda: ops.int4_matmul(a, w, a_s, w_s, None, torch.float16, backend="cuda"))
-        t_cublas = _time(lambda: x16 @ y16.T)
+        tile = 0 if m <= 16 else 1 if m <= 256 else 2
         tops = lambda s: 2 * m * n * k / s / 1e12  # noqa: E731
+        t_cublas = _time(lambda: x16 @ y16.T)
+        t_auto = _time(lambda: ops.int4_matmul(a, w, a_s[0], w_s, None, torch.float16, backend="cuda"))
+        t_own = _time(lambda: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=tile))
+        cells = [f"auto {tops(t_auto):.1f}", f"pqk {tops(t_own):.1f}"]
+        if has_cutlass:
+            t_cut = _time(lambda: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=10 + tile))
+            cells.append(f"CUTLASS {tops(t_cut):.1f}")
         rows.append((f"TOPS (measured, {name})", f"{m}x{n}x{k}",
-                     f"pqk int4 {tops(t_pqk):.1f} / cuBLAS fp16 {tops(t_cublas):.1f} "
-                     f"({t_cublas / t_pqk:.2f}x)", "-"))
+                     " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)", "-"))
 
 
 def _gpu(rows, lib_path):
@@ -165,13 +186,20 @@ def _gpu(rows, lib_path):
         ref = reference.int4_matmul(a.cpu(), w.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
         err = (out.cpu() - ref).abs().max().item()
         rows.append(("pqk_int4_gemm (ctypes) fp32", f"{m}x{n}x{k}", f"{err:.3g}", "pass" if err == 0 else "FAIL"))
+        major, minor = torch.cuda.get_device_capability()
+        for config in [-1, 0, 1, 2] + ([10, 11, 12] if 80 <= 10 * major + minor < 90 and n % 8 == 0 else []):
+            out16 = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+            gemm(lib, a, w, a_s, w_s, None, out16, epilogue=0, config=config)
+            err = _err(out16, ref.half())
+            rows.append((f"pqk_int4_gemm (ctypes) fp16 config {config}", f"{m}x{n}x{k}", f"{err:.3g}",
+                         "pass" if err == 0 else "FAIL"))
     if not pqk_cuda.cuda_available():
         rows.append(("torch binding (backend='cuda')", "-", "-", f"FAIL ({pqk_cuda.unavailable_reason()})"))
         return
     rows.append(("torch binding (backend='cuda')", pqk_cuda.loaded_library_path(), f"GEMM path {pqk_cuda.gemm_path()}",
                  "-"))
     _ops_rows(rows)
-    _tops_rows(rows)
+    _tops_rows(rows, lib)
 
 
 def main(argv=None) -> int:

@@ -203,6 +203,21 @@ PQK_HD float epi_dequant(int32_t acc, int row, int col, const EpilogueParams& p)
   return y;
 }
 
+// The CUTLASS path's dequant (int4_gemm_cutlass.cu: the compute node of its epilogue visitor tree) applies this to
+// fragments (cutlass::Array<float, N>; any type with kElements and operator[] works, which is how the host harness
+// runs it without CUTLASS). acc arrives already converted int32 -> fp32 (round to nearest, exact below 2^24 and
+// identical to (float)acc above); bias is 0.0f where there is none (exact: y is never -0.0 because scales are > 0).
+// Same operations in the same order as epi_dequant, so both GEMM paths give the same bits.
+template <class Frag>
+struct DequantBiasFn {
+  PQK_HD Frag operator()(const Frag& acc, const Frag& a_scale, const Frag& w_scale, const Frag& bias) const {
+    Frag y;
+    PQK_UNROLL
+    for (int i = 0; i < Frag::kElements; ++i) y[i] = acc[i] * (a_scale[i] * w_scale[i]) + bias[i];
+    return y;
+  }
+};
+
 // SiLU(g) * u in fp32: g / (1 + exp(-g)) * u. expf is correctly rounded nowhere: the device expf is within 2 ulp
 // of the host's, so a GPU result may differ from the host harness by one int4 step at a rounding boundary.
 PQK_HD float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }

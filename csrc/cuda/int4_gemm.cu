@@ -11,10 +11,17 @@
 //   sm_90: Hopper has no INT4 MMA; each s4 fragment register is unpacked to two s8 registers in place and fed
 //          to two mma.sync.m16n8k32.s8 (IMMA S8): same tiles, same shared memory, same exact int32 sums.
 //          (wgmma would be faster on Hopper; not written.)
-// Why hand-written rather than CUTLASS: the packed format already is the s4 register format, the epilogue needs
-// per-thread access to (gate, up) column pairs for SiLU-mul requant, and the host harness can execute every index
-// computation of this file; a CUTLASS EVT would be verified only as a black box on a GPU.
+// Two implementations, one entry point (pqk_int4_gemm at the bottom chooses):
+//   - CUTLASS 2.x (int4_gemm_cutlass.cu) for the plain dequant epilogues to fp16/bf16 on sm_80/86/89: its
+//     mainloop (ldmatrix, 128-element K stages) is the tuned one; our part there is the epilogue visitor tree.
+//   - this file's kernel for everything else: the requantizing epilogues (their (gate, up) column pairs and nibble
+//     packing need per-thread access to the accumulator registers, which an EVT does not give), fp32 out,
+//     N % 8 != 0, and sm_90. The packed format already is the s4 register format, and the host harness executes
+//     every index computation of this file.
+#include <atomic>
+
 #include "cuda_common.cuh"
+#include "gemm_cutlass.h"
 #include "gemm_math.cuh"
 
 namespace pqk {
@@ -159,6 +166,25 @@ int dispatch_epilogue(int epi, const uint8_t* a, const uint8_t* w, void* out, co
   }
 }
 
+// Compute capability (major * 10 + minor) of the current device, read once per device (attribute queries are not
+// stream operations: fine inside a CUDA graph capture); -1 if it cannot be read.
+int current_sm() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0 = not read yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return -1;
+  if (dev < kMaxDevices && cached[dev].load(std::memory_order_relaxed) != 0) return cached[dev].load();
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return -1;
+  if (dev < kMaxDevices) cached[dev].store(major * 10 + minor);
+  return major * 10 + minor;
+}
+
+// The CUTLASS kernels are built for sm_80/86/89 only (cuda_build.FILE_ARCHS); other 8.x devices run the sm_80 code.
+bool cutlass_arch(int sm) { return sm >= 80 && sm < 90; }
+
 }  // namespace
 }  // namespace cuda
 }  // namespace pqk
@@ -170,12 +196,21 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   if (m <= 0 || n <= 0 || k <= 0) return PQK_ERR_SHAPE;
   if (k % 32 != 0) return PQK_ERR_K_ALIGN;
   if (!aligned(a, 16) || !aligned(w, 16)) return PQK_ERR_PTR_ALIGN;
-  if (epilogue < kEpiF16 || epilogue > kEpiSiluMulRequant || config < -1 || config > 2) return PQK_ERR_ARG;
+  const bool own_config = config >= -1 && config <= 2, cutlass_config = config >= kCutlassDecode && config <= kCutlassPrefill;
+  if (epilogue < kEpiF16 || epilogue > kEpiSiluMulRequant || !(own_config || cutlass_config)) return PQK_ERR_ARG;
   if ((epilogue == kEpiRequant && n % 2 != 0) || (epilogue == kEpiSiluMulRequant && n % 4 != 0)) return PQK_ERR_N_ALIGN;
   if (epilogue >= kEpiRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
   if (a_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
-  EpilogueParams ep{a_scale, a_scale_per_token ? 1 : 0, w_scale, bias, out_scale};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const bool cutlass_ok = (epilogue == kEpiF16 || epilogue == kEpiBF16) && cutlass_takes(n, k, out);
+  if (config == -1 && cutlass_ok && cutlass_arch(current_sm()))
+    config = m <= 16 ? kCutlassDecode : m <= 256 ? kCutlassMid : kCutlassPrefill;
+  if (cutlass_config || config >= kCutlassDecode) {
+    if (!cutlass_ok || !cutlass_arch(current_sm())) return PQK_ERR_UNSUPPORTED;
+    return cutlass_dequant_gemm(a, w, out, epilogue == kEpiBF16, a_scale, a_scale_per_token, w_scale, bias, m, n, k,
+                                config, s);
+  }
+  EpilogueParams ep{a_scale, a_scale_per_token ? 1 : 0, w_scale, bias, out_scale};
   if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
   if (config == 0) return dispatch_epilogue<DecodeConfig>(epilogue, a, w, out, ep, m, n, k, s);
   if (config == 1) return dispatch_epilogue<MidConfig>(epilogue, a, w, out, ep, m, n, k, s);
@@ -183,7 +218,7 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
 }
 
 extern "C" const char* pqk_int4_gemm_path(int sm) {
-  if (sm == 80 || sm == 86 || sm == 89) return "imma.s4";
+  if (sm == 80 || sm == 86 || sm == 89) return "imma.s4 (CUTLASS for fp16/bf16 dequant, pqk for requant)";
   if (sm == 90) return "imma.s8-unpacked";
   return "none";
 }

@@ -24,6 +24,7 @@ enum PqkStatus {
   PQK_ERR_N_ALIGN = -4,     // requant epilogues: N must be even (requant) / a multiple of 4 (silu-mul)
   PQK_ERR_ARG = -5,         // an enum/flag argument is out of range, or a scale is not finite and > 0
   PQK_ERR_HADAMARD_SIZE = -6,  // Hadamard: n is not m * 2^k for a supported m, or exceeds the shared-memory limit
+  PQK_ERR_UNSUPPORTED = -7,    // GEMM: an explicitly requested CUTLASS config cannot run this epilogue / shape / device
 };
 
 const char* pqk_cuda_error_string(int status);
@@ -32,7 +33,11 @@ const char* pqk_cuda_error_string(int status);
 // epilogue: 0 fp16 out [M, N], 1 bf16 [M, N], 2 fp32 [M, N], 3 requant -> uint8 [M, N/2],
 // 4 silu-mul requant (W rows interleaved gate0, up0, gate1, up1, ...) -> uint8 [M, N/4].
 // a_scale: fp32 [1] (a_scale_per_token = 0) or [M] (= 1); w_scale fp32 [N]; bias fp32 [N] or null;
-// out_scale: the next layer's static scale (epilogues 3, 4). config: -1 auto by M, 0 decode, 1 mid, 2 prefill.
+// out_scale: the next layer's static scale (epilogues 3, 4).
+// config: -1 auto: CUTLASS (int4_gemm_cutlass.cu) for epilogues 0/1 on sm_80..89 when N % 8 == 0 and out is 16-byte
+// aligned, else this library's own kernel; tile by M (<= 16 decode, <= 256 mid, else prefill). Forced: 0 / 1 / 2 =
+// own decode / mid / prefill tile; 10 / 11 / 12 = CUTLASS decode / mid / prefill (PQK_ERR_UNSUPPORTED where it
+// cannot run).
 int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_scale, int a_scale_per_token,
                   const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,
                   int config, pqk_stream_t stream);
@@ -62,7 +67,7 @@ int pqk_hadamard(const void* x, void* y, int x_dtype, const float* had_m, int m,
                  pqk_stream_t stream);
 
 // Which instruction the GEMM uses on a device of this compute capability (major*10+minor), for reports:
-// "imma.s4" (sm_80/86/89), "imma.s8-unpacked" (sm_90), "none" (not compiled for it).
+// "imma.s4 (...)" (sm_80/86/89), "imma.s8-unpacked" (sm_90), "none" (not compiled for it).
 const char* pqk_int4_gemm_path(int sm);
 
 #ifdef __cplusplus

@@ -14,6 +14,8 @@ Which op runs on which launcher (registered for the "cuda" dispatch key at the b
     pqk::quantize_per_token  pqk_quantize_per_token     x fp16/bf16/fp32, bits 4 or 8
     pqk::int4_matmul         pqk_int4_gemm              W4A4 only: a and w packed uint8
     pqk::quant_linear        pqk_quantize_* + pqk_int4_gemm (two launches)   W4A4 only: w uint8, a_bits 4
+    pqk::int4_matmul_requant / pqk::int4_matmul_silu_mul_requant
+                             pqk_int4_gemm epilogue 3 / 4 (packed int4 out)     W4A4 only
     pqk::pack_int4 / unpack_int4, W4A8 / W8A8: no CUDA kernel. backend="auto" runs the reference (plain PyTorch,
         on the GPU) for them; backend="cuda" raises NotImplementedError (ops/backend.py decides, via cuda_unsupported).
 
@@ -347,10 +349,16 @@ def _quantize_per_token(op: str, x: torch.Tensor, bits: int) -> tuple[torch.Tens
     return out, scales
 
 
+EPI_REQUANT, EPI_SILU_MUL_REQUANT = 3, 4  # pqk_int4_gemm epilogue codes with a packed int4 output
+
+
 def _gemm(op: str, g: GemmArgs, a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-          bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """Launches pqk_int4_gemm for checked arguments (g from check_gemm); pads K and realigns as documented above."""
-    out = torch.empty(g.m, g.n, dtype=out_dtype, device=a.device)
+          bias: torch.Tensor | None, out_dtype: torch.dtype, epilogue: int | None = None,
+          out_scale: float = 1.0) -> torch.Tensor:
+    """Launches pqk_int4_gemm for checked arguments (g from check_gemm); pads K and realigns as documented above.
+    epilogue None: g.epilogue (dequant to out_dtype); EPI_REQUANT / EPI_SILU_MUL_REQUANT: uint8 [M, N/2] / [M, N/4]."""
+    cols = g.n if epilogue is None else g.n // (2 if epilogue == EPI_REQUANT else 4)
+    out = torch.empty(g.m, cols, dtype=out_dtype if epilogue is None else torch.uint8, device=a.device)
     if g.m == 0 or g.n == 0:
         return out
     a = contiguous_aligned(pad_packed_k(a.contiguous(), g.k), GEMM_ALIGN)
@@ -358,7 +366,8 @@ def _gemm(op: str, g: GemmArgs, a: torch.Tensor, w: torch.Tensor, a_scale: torch
     a_s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
     with _on_device(a):
         _launch(op, "pqk_int4_gemm", a.data_ptr(), w.data_ptr(), out.data_ptr(), a_s.data_ptr(), int(g.per_token),
-                w_s.data_ptr(), _ptr(b), 1.0, g.m, g.n, g.k_launch, g.epilogue, -1, _stream(a))
+                w_s.data_ptr(), _ptr(b), out_scale, g.m, g.n, g.k_launch,
+                g.epilogue if epilogue is None else epilogue, -1, _stream(a))
     return out
 
 
@@ -368,6 +377,28 @@ def int4_matmul(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale
     op = "int4_matmul"
     g = check_gemm(op, a, w, a_scale, w_scale, bias, out_dtype)
     return _gemm(op, g, a, w, a_scale, w_scale, bias, out_dtype)
+
+
+def _requant(op: str, epilogue: int, a, w, a_scale, w_scale, bias, out_scale: float) -> torch.Tensor:
+    g = check_gemm(op, a, w, a_scale, w_scale, bias, torch.float32)
+    n_multiple = 2 if epilogue == EPI_REQUANT else 4
+    if g.n % n_multiple:
+        _fail(op, f"w's N = {g.n} must be a multiple of {n_multiple} for the packed int4 output")
+    if not (isinstance(out_scale, float) and 0.0 < out_scale < math.inf):
+        _fail(op, f"out_scale must be a finite float > 0, got {out_scale!r}")
+    return _gemm(op, g, a, w, a_scale, w_scale, bias, torch.float32, epilogue, out_scale)
+
+
+def int4_matmul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None, out_scale: float, cpu_isa: int = -1) -> torch.Tensor:
+    """pqk::int4_matmul_requant on CUDA: one pqk_int4_gemm launch, epilogue 3 (requant with out_scale)."""
+    return _requant("int4_matmul_requant", EPI_REQUANT, a, w, a_scale, w_scale, bias, out_scale)
+
+
+def int4_matmul_silu_mul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                                 bias: torch.Tensor | None, out_scale: float, cpu_isa: int = -1) -> torch.Tensor:
+    """pqk::int4_matmul_silu_mul_requant on CUDA: one launch, epilogue 4 (w rows interleaved gate/up)."""
+    return _requant("int4_matmul_silu_mul_requant", EPI_SILU_MUL_REQUANT, a, w, a_scale, w_scale, bias, out_scale)
 
 
 def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None, a_bits: int,
@@ -489,6 +520,8 @@ REGISTERED = {
     "pqk::quantize_per_token": quantize_per_token,
     "pqk::int4_matmul": int4_matmul,
     "pqk::quant_linear": quant_linear,
+    "pqk::int4_matmul_requant": int4_matmul_requant,
+    "pqk::int4_matmul_silu_mul_requant": int4_matmul_silu_mul_requant,
     "pqk::rmsnorm_quantize": _rmsnorm_quantize_op,
     "pqk::hadamard_transform": _hadamard_transform_op,
 }

@@ -26,6 +26,15 @@ LIB.define(
     "int cpu_isa=-1) -> Tensor"
 )
 
+LIB.define(
+    "int4_matmul_requant(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, float out_scale, "
+    "int cpu_isa=-1) -> Tensor"
+)
+LIB.define(
+    "int4_matmul_silu_mul_requant(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, "
+    "float out_scale, int cpu_isa=-1) -> Tensor"
+)
+
 LIB.define("rmsnorm_quantize(Tensor x, Tensor weight, Tensor scale, int bits, float eps, bool return_normed) "
            "-> (Tensor, Tensor)")
 LIB.define("hadamard_transform(Tensor x, bool inverse) -> Tensor")
@@ -55,6 +64,16 @@ def _pack_int4_fake(q):
 @torch.library.register_fake("pqk::unpack_int4")
 def _unpack_int4_fake(packed):
     return packed.new_empty([*packed.shape[:-1], packed.shape[-1] * 2], dtype=torch.int8)
+
+
+@torch.library.register_fake("pqk::int4_matmul_requant")
+def _int4_matmul_requant_fake(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-1):
+    return a.new_empty([a.shape[0], w.shape[0] // 2], dtype=torch.uint8)
+
+
+@torch.library.register_fake("pqk::int4_matmul_silu_mul_requant")
+def _int4_matmul_silu_mul_requant_fake(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-1):
+    return a.new_empty([a.shape[0], w.shape[0] // 4], dtype=torch.uint8)
 
 
 @torch.library.register_fake("pqk::quantize_static")

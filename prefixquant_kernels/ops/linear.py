@@ -1,5 +1,12 @@
 """Public GEMM ops: int4_matmul (quantized A in) and quant_linear (float A in, quantized inside the
-kernel with a static or per-token scale). Validation -> backend choice -> reference or kernel."""
+kernel with a static or per-token scale); int4_matmul_requant and int4_matmul_silu_mul_requant (quantized A in,
+packed int4 out, quantized with the *next* layer's static scale inside the GEMM's epilogue — only static scales
+allow this: a per-token scale of the output would need the whole output row first).
+Validation -> backend choice -> reference or kernel.
+
+    pqk::int4_matmul_requant / _silu_mul_requant   CPU: the C++ GEMM (fp32 out) + the C++ static quantize
+                                                   CUDA: pqk_int4_gemm epilogue 3 / 4 (one launch, ops/cuda.py)
+"""
 from __future__ import annotations
 
 import torch
@@ -97,3 +104,84 @@ def quant_linear_prevalidated(x: torch.Tensor, w: torch.Tensor, w_scale: torch.T
     else:
         y = torch.ops.pqk.quant_linear(x2, w, w_scale, a_scale, a_bits, bias, be.cpu_isa)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _out_scale(out_scale, op: str) -> float:
+    """The next layer's static scale as a Python float (the kernels take it by value: no device read, no sync)."""
+    if isinstance(out_scale, torch.Tensor) and out_scale.numel() == 1 and out_scale.device.type == "cpu":
+        out_scale = out_scale.item()
+    if isinstance(out_scale, bool) or not isinstance(out_scale, (int, float)):
+        checks.fail(op, f"out_scale must be a number (the next layer's static scale), got {type(out_scale).__name__}",
+                    TypeError)
+    if not (0.0 < float(out_scale) < float("inf")):
+        checks.fail(op, f"out_scale must be finite and > 0, got {out_scale!r}")
+    return float(out_scale)
+
+
+def _requant(op: str, a_packed, w_packed, a_scale, w_scale, out_scale, bias, backend: str, n_multiple: int):
+    checks.tensor(a_packed, "a_packed", op, _QTYPES)
+    checks.nonempty_last_dim(a_packed, "a_packed", op)
+    dev = a_packed.device
+    a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
+    a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
+    w, w_s, b = _weight(op, w_packed, w_scale, bias, _k_of(a_packed), dev)
+    if w.shape[0] % n_multiple:
+        checks.fail(op, f"w's out_features N must be a multiple of {n_multiple} "
+                        f"({'gate/up rows interleaved, ' if n_multiple == 4 else ''}packed int4 out), "
+                        f"got N = {w.shape[0]}")
+    s_out = _out_scale(out_scale, op)
+    w4a4 = a2.dtype == torch.uint8 and w.dtype == torch.uint8
+    be = resolve(backend, dev, op, cuda_unsupported=None if w4a4 else "int8 operands (the CUDA GEMM is W4A4)")
+    if be.kind == "reference":
+        fn = getattr(reference, op)
+        y = fn(a2, w, a_s, w_s, b, s_out)
+    else:
+        y = getattr(torch.ops.pqk, op)(a2, w, a_s, w_s, b, s_out, be.cpu_isa)
+    return y.reshape(*a_packed.shape[:-1], y.shape[-1])
+
+
+def int4_matmul_requant(a_packed: torch.Tensor, w_packed: torch.Tensor, a_scale, w_scale: torch.Tensor,
+                        out_scale: float, bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """q = quantize(int4_matmul(a, w, a_scale, w_scale, bias) in fp32, out_scale, 4 bits): a linear layer whose
+    output is already the next W4A4 GEMM's input (e.g. v_proj -> a 4-bit cache, or any chain of static layers).
+
+    Args as int4_matmul (a_packed uint8 [..., K // 2] / int8 [..., K], w [N, K // 2] / [N, K], N even), plus
+        out_scale: the consumer's static per-tensor scale (a number, finite and > 0).
+    Returns uint8 [..., N // 2] packed int4, bit-exact with reference.int4_matmul_requant.
+    """
+    return _requant("int4_matmul_requant", a_packed, w_packed, a_scale, w_scale, out_scale, bias, backend, 2)
+
+
+def int4_matmul_silu_mul_requant(a_packed: torch.Tensor, w_gate_up: torch.Tensor, a_scale, w_scale: torch.Tensor,
+                                 out_scale: float, bias: torch.Tensor | None = None, *,
+                                 backend: str = "auto") -> torch.Tensor:
+    """The gated MLP's first half in one GEMM: gate and up projections, SiLU(gate) * up, quantized with down_proj's
+    static input scale — the int4 output feeds down_proj's int4_matmul directly.
+
+    Args:
+        a_packed: as int4_matmul (the quantized MLP input).
+        w_gate_up: uint8 [2I, K // 2] (or int8 [2I, K]) with gate and up rows interleaved (row 2j = gate_j,
+            2j+1 = up_j): ``format.interleave_rows(w_gate, w_up)``; I even.
+        w_scale: float [2I], interleaved the same way; bias: optional float [2I].
+        out_scale: down_proj's static input scale.
+    Returns uint8 [..., I // 2] packed int4. The SiLU uses exp: the CUDA kernel's expf may differ from torch's by an
+    ulp, which can move a value at a rounding boundary by one int4 step (the CPU backend is bit-exact).
+    """
+    return _requant("int4_matmul_silu_mul_requant", a_packed, w_gate_up, a_scale, w_scale, out_scale, bias, backend,
+                    4)
+
+
+def _int4_matmul_requant_cpu(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-1):
+    # The C++ GEMM's fp32 output is bit-exact with the reference's, and so is its static quantize.
+    y = torch.ops.pqk.int4_matmul(a, w, a_scale, w_scale, bias, torch.float32, cpu_isa)
+    return torch.ops.pqk.quantize_static(y, torch.tensor(out_scale, dtype=torch.float32), 4, cpu_isa)
+
+
+def _int4_matmul_silu_mul_requant_cpu(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-1):
+    y = torch.ops.pqk.int4_matmul(a, w, a_scale, w_scale, bias, torch.float32, cpu_isa)
+    h = reference.silu_mul(y[:, 0::2], y[:, 1::2]).contiguous()
+    return torch.ops.pqk.quantize_static(h, torch.tensor(out_scale, dtype=torch.float32), 4, cpu_isa)
+
+
+torch.library.register_kernel("pqk::int4_matmul_requant", "cpu", _int4_matmul_requant_cpu)
+torch.library.register_kernel("pqk::int4_matmul_silu_mul_requant", "cpu", _int4_matmul_silu_mul_requant_cpu)

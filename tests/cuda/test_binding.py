@@ -51,7 +51,7 @@ def test_every_symbol_loads(real_lib):
     for name, (restype, argtypes) in cuda.SIGNATURES.items():
         fn = getattr(real_lib, name)
         assert fn.restype is restype and fn.argtypes == argtypes
-    assert real_lib.pqk_int4_gemm_path(86) == b"imma.s4" and real_lib.pqk_int4_gemm_path(90) == b"imma.s8-unpacked"
+    assert real_lib.pqk_int4_gemm_path(86).startswith(b"imma.s4") and real_lib.pqk_int4_gemm_path(90) == b"imma.s8-unpacked"
 
 
 P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every call below returns before a launch
@@ -62,6 +62,10 @@ P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every 
     (lambda L: L.pqk_int4_gemm(P + 8, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, None), -3),  # misaligned A
     (lambda L: L.pqk_int4_gemm(P, P, None, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, None), -5),  # null out
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 3, None), -5),     # config out of range
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 13, None), -5),    # past the CUTLASS codes
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 3, 10, None), -7),    # CUTLASS: no requant
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 12, 64, 0, 11, None), -7),   # CUTLASS: N % 8
+    (lambda L: L.pqk_int4_gemm(P, P, P + 8, P, 0, P, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: out align
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 0, 64, None), -1),                       # rows 0
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 3, 63, None), -1),                       # odd cols for int4
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 3, 3, 64, None), -5),                       # bits 3
@@ -74,6 +78,13 @@ def test_bad_arguments_return_status_before_cuda(real_lib, call, want):
     st = call(real_lib)
     assert st == want
     assert real_lib.pqk_cuda_error_string(st).decode() not in ("", "unknown pqk status")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU dispatch")
+@pytest.mark.parametrize("config", [10, 11, 12])
+def test_cutlass_config_without_an_sm80_device_is_refused(real_lib, config):
+    # A forced CUTLASS tile on a shape it takes still needs an sm_80..89 device: without one, a status, not a launch.
+    assert real_lib.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, config, None) == -7
 
 
 @contextlib.contextmanager
@@ -131,14 +142,20 @@ class EmulatedLib:
             return -2
         if a % 16 or w % 16:
             return -3
-        if epi not in (0, 1, 2) or not out or not a_scale or not w_scale:
+        if epi not in (0, 1, 2, 3, 4) or not out or not a_scale or not w_scale:
             return -5
+        if (epi == 3 and n % 2) or (epi == 4 and n % 4):
+            return -4
+        args = (view(a, (m, k // 2), torch.uint8), view(w, (n, k // 2), torch.uint8),
+                view(a_scale, (m if per_token else 1,), torch.float32), view(w_scale, (n,), torch.float32),
+                view(bias, (n,), torch.float32) if bias else None)
+        if epi >= 3:
+            self.calls[-1] += (out_scale,)
+            fn = reference.int4_matmul_requant if epi == 3 else reference.int4_matmul_silu_mul_requant
+            view(out, (m, n // (2 if epi == 3 else 4)), torch.uint8).copy_(fn(*args, out_scale))
+            return 0
         dt = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32}[epi]
-        y = reference.int4_matmul(view(a, (m, k // 2), torch.uint8), view(w, (n, k // 2), torch.uint8),
-                                  view(a_scale, (m if per_token else 1,), torch.float32),
-                                  view(w_scale, (n,), torch.float32),
-                                  view(bias, (n,), torch.float32) if bias else None, dt)
-        view(out, (m, n), dt).copy_(y)
+        view(out, (m, n), dt).copy_(reference.int4_matmul(*args, dt))
         return 0
 
     def _rows(self, x, code, bits, rows, cols):
@@ -225,6 +242,23 @@ def test_int4_matmul_plumbing(emu, gen, m, n, k, out_dtype, per_token):
                              int(per_token and m > 1))
     for t, s in zip((a, w, a_s, w_s, b), saved):
         assert torch.equal(t, s)  # the K padding copies; the caller's tensors are untouched
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (3, 132, 96), (17, 8, 160), (7, 36, 62)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_requant_plumbing(emu, gen, m, n, k, silu):
+    a = fmt.pack_int4(rand_int((m, k), 4, gen))
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    a_s, w_s, b = torch.tensor(0.05), torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    fn, ref = ((cuda.int4_matmul_silu_mul_requant, reference.int4_matmul_silu_mul_requant) if silu else
+               (cuda.int4_matmul_requant, reference.int4_matmul_requant))
+    got = fn(a, w, a_s, w_s, b, 0.37)
+    assert got.shape == (m, n // (4 if silu else 2)) and torch.equal(got, ref(a, w, a_s, w_s, b, 0.37))
+    assert emu.calls[-1] == ("pqk_int4_gemm", m, n, cuda.padded_k(k), 4 if silu else 3, 0, 0.37)
+    with pytest.raises(ValueError, match="multiple of"):
+        fn(a, w[:n - 2], a_s, w_s[:n - 2], None, 0.37) if silu else fn(a, w[:n - 1], a_s, w_s[:n - 1], None, 0.37)
+    with pytest.raises(ValueError, match="out_scale"):
+        fn(a, w, a_s, w_s, None, 0.0)
 
 
 def test_misaligned_operands_are_copied_not_rejected(emu, gen):

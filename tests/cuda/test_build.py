@@ -1,6 +1,6 @@
-"""Compile-and-inspect tests, no GPU needed: every .cu builds for sm_80/86/89/90 with warnings as errors and links
-with the static cudart; the GEMM's SASS uses IMMA with S4 operands on 80/86/89 (S8 on 90); no kernel spills or
-touches local memory."""
+"""Compile-and-inspect tests, no GPU needed: every .cu builds for sm_80/86/89/90 (the CUTLASS GEMM for 80/86/89)
+with warnings as errors and links with the static cudart; both GEMMs' SASS use IMMA with S4 operands on 80/86/89
+(S8 on 90), the CUTLASS one loads fragments with LDSM (ldmatrix); no kernel spills or touches local memory."""
 from __future__ import annotations
 
 import re
@@ -10,6 +10,7 @@ import pytest
 from prefixquant_kernels import cuda_build
 
 INT4_ARCHS = (80, 86, 89)
+CUTLASS_GEMM = "DefaultGemmWithVisitor"  # in the mangled name of every CUTLASS kernel of int4_gemm_cutlass.cu
 
 
 def test_library_links_static_cudart(cuda_lib):
@@ -25,6 +26,8 @@ def test_every_kernel_for_every_arch(cuda_lib):
     for arch in cuda_build.ARCHS:
         names = [n for sm, n in usage if sm == arch]
         assert sum("int4_gemm_kernel" in n for n in names) == 15, names  # 3 tile configs x 5 epilogues
+        # CUTLASS: 3 tiles x {fp16, bf16} out, only where INT4 MMA exists
+        assert sum(CUTLASS_GEMM in n for n in names) == (6 if arch in INT4_ARCHS else 0), names
         assert any("row_quantize_kernel" in n for n in names) and any("quantize_static_kernel" in n for n in names)
 
 
@@ -44,5 +47,9 @@ def test_sass(cuda_lib, arch):
     for name, text in gemms.items():
         assert want in text, f"sm_{arch} {name}: no {want}"
         assert "HMMA" not in text  # the integer tensor-core path, not an fp16 one
+    cutlass = {n: s for n, s in funcs.items() if CUTLASS_GEMM in n}
+    assert len(cutlass) == (6 if arch in INT4_ARCHS else 0)
+    for name, text in cutlass.items():
+        assert "IMMA.16864.S4.S4" in text and "LDSM" in text and "HMMA" not in text, f"sm_{arch} {name}"
     for name, text in funcs.items():
         assert not re.search(r"\b(LDL|STL)\b", text), f"sm_{arch} {name}: local memory access"

@@ -48,6 +48,30 @@ def test_gemm_bit_exact_fp32(lib, m, config):
     assert torch.equal(out.cpu(), reference.int4_matmul(a, w, a_s, w_s, b, torch.float32))
 
 
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 130, 300])
+@pytest.mark.parametrize("config", [-1, 0, 1, 2, 10, 11, 12])  # auto; own decode/mid/prefill; CUTLASS ones
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_token,bias", [(True, True), (False, False)])
+def test_gemm_16bit_out_every_tile_bit_exact(lib, m, config, out_dtype, per_token, bias):
+    # N = 264 (a multiple of 8, not of any tile), K = 416 (K % 128 == 32: a partial last CUTLASS stage).
+    major, minor = torch.cuda.get_device_capability()
+    if config >= 10 and not 80 <= 10 * major + minor < 90:
+        pytest.skip("the CUTLASS tiles run on sm_80..89 only")
+    g = torch.Generator().manual_seed(1000 * m + config)
+    n, k = 264, 416
+    a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=g)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    a_s = torch.rand(m if per_token else 1, generator=g) * 0.1 + 0.01
+    w_s, b = torch.rand(n, generator=g) * 0.01 + 1e-3, torch.randn(n, generator=g) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")  # poisoned: a missed store shows
+    selftest.gemm(lib, a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), None if b is None else b.cuda(), out,
+                  epilogue=0 if out_dtype == torch.float16 else 1, config=config)
+    torch.cuda.synchronize()
+    want = reference.int4_matmul(a, w, a_s if per_token else a_s[0], w_s, b, out_dtype)
+    assert torch.equal(out.cpu(), want)
+
+
 # ---- the torch binding (prefixquant_kernels/ops/cuda.py): backend="cuda" through torch.ops.pqk ---------------------
 # Every op against the reference (computed on the CPU from the same inputs) over random shapes with odd M/N and
 # K % 32 != 0 (the binding pads K). Integer paths and the fp32 epilogue are bit-exact by construction.
@@ -113,6 +137,27 @@ def test_int4_matmul_matches_reference(gen, m, n, k, out_dtype, per_token):
     dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
     got = pqk.int4_matmul(a.cuda(), w.cuda(), dev(a_s), w_s.cuda(), b.cuda(), out_dtype, backend="cuda")
     assert torch.equal(got.cpu(), pqk.int4_matmul(a, w, a_s, w_s, b, out_dtype, backend="reference"))
+
+
+@needs_binding
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (3, 132, 96), (17, 8, 160), (118, 76, 62), (300, 264, 1024)])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_requant_ops_match_reference(gen, m, n, k, silu, per_token):
+    a, w = fmt.pack_int4(rand_int((m, k), 4, gen)), fmt.pack_int4(rand_int((n, k), 4, gen))
+    a_s = torch.rand(m, generator=gen) * 0.1 + 0.01 if per_token else torch.tensor(0.05)
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen) * 0.1
+    y = reference.int4_matmul(a, w, a_s, w_s, b, torch.float32)
+    v = reference.silu_mul(y[:, 0::2], y[:, 1::2]) if silu else y
+    s = float(v.abs().max()) / 9  # the whole int4 range, the largest values clamped
+    op = pqk.int4_matmul_silu_mul_requant if silu else pqk.int4_matmul_requant
+    got = op(a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), s, b.cuda(), backend="cuda").cpu()
+    want = op(a, w, a_s, w_s, s, b, backend="reference")
+    if not silu:
+        assert torch.equal(got, want)
+    else:  # device expf vs torch.exp: a value on a rounding boundary may move one step
+        d = (fmt.unpack_int4(got).int() - fmt.unpack_int4(want).int()).abs()
+        assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3
 
 
 @needs_binding

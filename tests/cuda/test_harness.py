@@ -44,6 +44,8 @@ MUTATIONS = [
     ("gemm_math.cuh", "return ((lane & 3) << 1) + (e & 1);", "return ((lane & 3) << 1) + ((e >> 1) & 1);",
      "gemm_harness"),                                                                     # C fragment cols
     ("gemm_math.cuh", "if (p.bias != nullptr) y = y + p.bias[col];", "", "gemm_harness"),  # bias dropped
+    ("gemm_math.cuh", "y[i] = acc[i] * (a_scale[i] * w_scale[i]) + bias[i];",
+     "y[i] = acc[i] * a_scale[i] * w_scale[i] + bias[i];", "gemm_harness"),               # CUTLASS EVT: fp32 order
     ("quantize_math.cuh", "return 16 >> step;", "return 8 >> step;", "quantize_harness"),   # butterfly too short
     ("quantize_math.cuh", "return (a <= FLT_MAX && a > acc) ? a : acc;", "return a > acc ? a : acc;",
      "quantize_harness"),                                                                 # Inf poisons the scale

@@ -239,6 +239,42 @@ void check_unpack(Counter& cnt) {
   cnt.check(ok, "unpack_s4x8_to_s8x8");
 }
 
+// The CUTLASS path's epilogue compute node (DequantBiasFn, run by CUTLASS on fragments of 8 outputs) against the
+// reference for every element of random problems: the AccFetch conversion is static_cast<float> (CUTLASS's
+// NumericConverter<float, int>), a missing bias is the RowBroadcast null default 0.0f. What this cannot cover is
+// CUTLASS's own broadcast indexing (which row/col scale meets which accumulator): the GPU tests do.
+struct HostFrag {  // the two members of cutlass::Array<float, 8> that DequantBiasFn uses
+  static constexpr int kElements = 8;
+  float v[kElements];
+  float& operator[](int i) { return v[i]; }
+  const float& operator[](int i) const { return v[i]; }
+};
+
+void check_cutlass_dequant_fn(Rng& rng, Counter& cnt) {
+  for (int t = 0; t < 8; ++t) {
+    const bool per_token = t & 1, has_bias = t & 2;
+    Problem p = make_problem(3 + t, 40, 32 * (1 + t), per_token, has_bias, rng);
+    std::vector<int32_t> acc = naive_acc(p);
+    long bad = 0;
+    for (int r = 0; r < p.m; ++r)
+      for (int c0 = 0; c0 < p.n; c0 += HostFrag::kElements) {
+        HostFrag fa, fs, fw, fb;
+        for (int i = 0; i < HostFrag::kElements; ++i) {
+          fa[i] = static_cast<float>(acc[(size_t)r * p.n + c0 + i]);
+          fs[i] = p.a_scale[per_token ? r : 0];
+          fw[i] = p.w_scale[c0 + i];
+          fb[i] = has_bias ? p.bias[c0 + i] : 0.0f;
+        }
+        const HostFrag y = DequantBiasFn<HostFrag>{}(fa, fs, fw, fb);
+        for (int i = 0; i < HostFrag::kElements; ++i)
+          bad += !harness::same_bits(y[i], ref_y(p, acc, r, c0 + i)) ||
+                 !harness::same_bits(y[i], epi_dequant(acc[(size_t)r * p.n + c0 + i], r, c0 + i, params(p)));
+      }
+    cnt.check(bad == 0, ("cutlass DequantBiasFn" + std::string(per_token ? " per-token" : " per-tensor") +
+                         (has_bias ? " bias" : "") + " mismatches=" + std::to_string(bad)).c_str());
+  }
+}
+
 template <class Cfg>
 void sweep(const char* name, Rng& rng, Counter& cnt) {
   check_banks<Cfg>(name, cnt);
@@ -259,6 +295,7 @@ int main(int argc, char** argv) {
   Rng rng(argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 1);
   Counter cnt;
   check_unpack(cnt);
+  check_cutlass_dequant_fn(rng, cnt);
   sweep<DecodeConfig>("decode", rng, cnt);
   sweep<MidConfig>("mid", rng, cnt);
   sweep<PrefillConfig>("prefill", rng, cnt);
