@@ -189,7 +189,7 @@ def _butterflies(v: torch.Tensor, p: int) -> torch.Tensor:
     lead = v.shape[:-1]
     for j in range(p):
         h = 1 << j
-        v = v.reshape(*lead, -1, 2, h)
+        v = v.reshape(*lead, (1 << p) >> (j + 1), 2, h)      # explicit sizes: lead may hold a 0 (M = 0)
         u, w = v[..., 0, :], v[..., 1, :]
         v = torch.stack([u + w, u - w], dim=-2)
     return v.reshape(*lead, 1 << p)

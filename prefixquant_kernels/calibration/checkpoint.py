@@ -1,9 +1,12 @@
 """save_quantized / load_quantized: a quantized model as a directory of
 
     config.json          the transformers model config
-    pqk_config.json      format + version, the QuantConfig, the prefix state's layout, every QuantLinear's shape
+    pqk_config.json      format + version, the QuantConfig, the prefix state's layout, every QuantLinear's shape,
+                         the form of every RotatedLinear's rotation ("rotations": {name: "hadamard" | "dense"};
+                         a checkpoint without the key holds dense rotations)
     model.safetensors    every tensor: packed int4 / int8 weights, fp32 scales, biases, norms, embeddings,
-                         the 16-bit prefix K/V, the per-head KV scales and the Q/K rotation of kv_rotate
+                         the 16-bit prefix K/V, the per-head KV scales and the Q/K rotation of kv_rotate,
+                         the down_proj rotations (signs [I] of the Hadamard form, or a dense [I, I])
                          (tied tensors stored once)
     tokenizer files      when a tokenizer is given to save_quantized
 
@@ -39,11 +42,14 @@ def save_quantized(model, path: str, tokenizer=None) -> None:
     state = getattr(model, "pqk_state", None)
     if state is None:
         _fail("save_quantized", "the model is not quantized (no pqk_state): run pqk.quantize_model first")
+    from ..models.rotated_linear import RotatedLinear
+
     modules = {name: {"in_features": m.in_features, "out_features": m.out_features, "w_bits": m.w_bits,
                       "a_bits": m.a_bits, "bias": m.bias is not None, "static": m.is_static}
                for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_type": model.config.model_type,
-            "quant_config": state.cfg.to_dict(), "state": state.layout(), "modules": modules}
+            "quant_config": state.cfg.to_dict(), "state": state.layout(), "modules": modules,
+            "rotations": {name: m.form for name, m in model.named_modules() if isinstance(m, RotatedLinear)}}
     os.makedirs(path, exist_ok=True)
     model.config.save_pretrained(path)
     with open(os.path.join(path, _META), "w") as f:
@@ -90,7 +96,7 @@ def build_skeleton(model, meta: dict, op: str) -> None:
     from the checkpoint's config (usually on the meta device), as described by ``meta`` (pqk_config.json's
     content). Nothing is changed before every check passed. Used by load_quantized and by the
     transformers quantizer (hf_quantizer.py), which fills the same skeleton through from_pretrained."""
-    from ..models.rotated_linear import RotatedLinear
+    from ..models.rotated_linear import FORMS, RotatedLinear
 
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         _fail(op, f"quantization_config is format {meta.get('format')!r} version {meta.get('format_version')!r}; "
@@ -108,6 +114,11 @@ def build_skeleton(model, meta: dict, op: str) -> None:
     if set(linears) != expected:
         _fail(op, f"the checkpoint's quantized modules do not match a {model.config.model_type} with "
                   f"{model.config.num_hidden_layers} layers (checkpoint from another config?)")
+    forms = meta.get("rotations", {})      # absent: written before the Hadamard form existed, all dense
+    rotated = {n.removesuffix(".linear") for n in meta["modules"] if n.endswith(".linear")}
+    if not isinstance(forms, dict) or set(forms) - rotated or set(forms.values()) - set(FORMS):
+        _fail(op, f"pqk_config's 'rotations' must map rotated modules ({sorted(rotated)[:2]}...) to one of {FORMS}, "
+                  f"got {forms!r}")
     replacements = {}
     for name, m in meta["modules"].items():
         lin = linears[name.removesuffix(".linear")]
@@ -117,15 +128,16 @@ def build_skeleton(model, meta: dict, op: str) -> None:
                       f"config builds [{lin.out_features}, {lin.in_features}] bias={lin.bias is not None}")
         q = QuantLinear(m["in_features"], m["out_features"], w_bits=m["w_bits"], a_bits=m["a_bits"],
                         bias=m["bias"], static=m["static"])
-        if name.endswith(".linear"):    # a rotated down_proj: the rotation buffer is loaded with the other tensors
-            replacements[name.removesuffix(".linear")] = RotatedLinear(q, _eye_like(lin.in_features, lin.weight))
+        if name.endswith(".linear"):    # a rotated down_proj: its signs / rotation are loaded with the other tensors
+            base = name.removesuffix(".linear")
+            try:
+                replacements[base] = RotatedLinear.empty(q, forms.get(base, "dense"), lin.in_features,
+                                                         lin.weight.device)
+            except ValueError as e:
+                _fail(op, f"{base}: {e}")
         else:
             replacements[name] = q
     lay = meta["state"]
     state = PrefixQuantState(cfg, lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["prefix_len"],
                              lay["bos_id"], lay.get("info"))
     swap(model, replacements, state)
-
-
-def _eye_like(n: int, like):
-    return torch.eye(n, device=like.device)

@@ -5,24 +5,29 @@
 2. The residual stream is rotated by one orthogonal ``Q [d, d]``: embeddings ``E Q``; readers (q/k/v, gate/up,
    lm_head) ``W Q``; writers (o_proj, down_proj) ``Q^T W``. A tied lm_head is untied first.
 3. down_proj gets an online rotation ``R [I, I]``: ``down_proj(z) = (Q^T W R) (z R)^T``, as a RotatedLinear.
+   When ``hadamard_factor(I)`` succeeds (I = m * 2^p, e.g. 1536 = 12 x 128, 14336 = 28 x 512) R is a randomized
+   Walsh-Hadamard matrix ``diag(signs) @ hadamard_rotation(I).T`` (``down_rotation``): the RotatedLinear keeps only
+   the signs [I] and applies ``z R = hadamard_transform(z * signs)`` with the fast transform (O(I log I + I m) per
+   token; the CUDA kernel on CUDA tensors). Otherwise (e.g. Qwen2-0.5B's 4864 = 19 x 256) R is a dense random
+   orthogonal matrix [I, I] (``random_orthogonal``), one [I, I] matmul per token.
 
 4. (QuantConfig.kv_rotate, ``rotate_kv``) the KV cache's space, per head of head_dim D: V by a Hadamard ``H_v``
    folded offline (v_proj output side ``H_v^T`` per KV head, o_proj input side ``H_v`` per query head: every query
    head reads its KV head's rotated values, so GQA needs nothing more), and Q/K by ``H_qk`` online after RoPE
    (models/qk_rotation.py: RoPE forbids folding it), which ``rotate_kv`` returns.
 
-Q and R are randomized Hadamard matrices (``H diag(+-1) / sqrt(n)``) when n is a power of 2, else random orthogonal
-matrices (QR of a Gaussian): a dense R costs one [I, I] matmul per token, where QuaRot uses a fast transform
-(e.g. 1536 = 12 x 128, 576 = 36 x 16 need the H_12 / H_36 factors this package does not ship yet).
-The float model's outputs are unchanged up to rounding. ``undo`` restores the model exactly.
+Q and the KV rotations are randomized Hadamard matrices (``H diag(+-1) / sqrt(n)``) when n is a power of 2, else
+random orthogonal matrices (QR of a Gaussian); being folded offline (Q, H_v) or [D, D] (H_qk), they cost nothing or
+little online. The float model's outputs are unchanged up to rounding. ``undo`` restores the model exactly.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..hadamard import hadamard_factor
 from ..models.patch import decoder_layers
-from ..models.rotated_linear import RotatedLinear
+from ..models.rotated_linear import RotatedLinear, fold_hadamard
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -36,6 +41,23 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
         return h * signs / n ** 0.5
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """float64 [n] of +-1, drawn as random_orthogonal draws its Hadamard signs."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+
+
+def down_rotation(n: int, seed: int) -> torch.Tensor:
+    """The down_proj's online rotation R for input width n, as RotatedLinear takes it: float64 signs [n] (the
+    Hadamard form, ``R = diag(signs) @ hadamard_rotation(n).T``) when hadamard_factor(n) succeeds, else a dense
+    random orthogonal [n, n] (module doc, step 3)."""
+    try:
+        hadamard_factor(n)
+    except ValueError:
+        return random_orthogonal(n, seed)
+    return random_signs(n, seed)
 
 
 def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
@@ -83,13 +105,20 @@ def undo(model, saved: dict) -> None:
     model.load_state_dict(saved["state"])
 
 
+def _fold_down(lin: nn.Linear, r: torch.Tensor) -> None:   # input side W R, either form of down_rotation
+    if r.dim() == 1:
+        lin.weight.data = fold_hadamard(lin.weight.detach(), r).to(lin.weight.dtype)
+    else:
+        _read(lin, r)
+
+
 def wrap_down_proj(model, rotations: list[torch.Tensor] | None = None) -> None:
-    """Put a RotatedLinear around every down_proj (identity rotations when none are given: the structure only,
-    for load_quantized, whose tensors then overwrite them)."""
+    """Put a RotatedLinear around every down_proj: rotations[i] as down_rotation returns it (1-D: the Hadamard form's
+    signs, 2-D: a dense rotation); identity dense rotations when none are given (the structure only)."""
     for i, layer in enumerate(decoder_layers(model)):
         lin = layer.mlp.down_proj
         r = torch.eye(lin.in_features) if rotations is None else rotations[i]
-        layer.mlp.down_proj = RotatedLinear(lin, r.float())
+        layer.mlp.down_proj = RotatedLinear(lin, signs=r) if r.dim() == 1 else RotatedLinear(lin, r)
 
 
 @torch.no_grad()
@@ -112,8 +141,8 @@ def rotate_model(model, seed: int = 0) -> None:
             _read(lin, q)
         _write(attn.o_proj, q)
         _write(mlp.down_proj, q)
-        r = random_orthogonal(mlp.down_proj.in_features, seed + 1 + i)
-        _read(mlp.down_proj, r)
+        r = down_rotation(mlp.down_proj.in_features, seed + 1 + i)
+        _fold_down(mlp.down_proj, r)
         rots.append(r)
     _fold_norm(model.model.norm, [model.lm_head])
     _read(model.lm_head, q)

@@ -22,8 +22,8 @@ class StubTokenizer:
         return "".join(chr(max(i - 3, 0) + 32) for i in ids)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
-    cfg = CONFIGS[arch](hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, intermediate: int = 128):
+    cfg = CONFIGS[arch](hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
