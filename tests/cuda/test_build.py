@@ -3,6 +3,7 @@ with warnings as errors and links with the static cudart; both GEMMs' SASS use I
 (S8 on 90), the CUTLASS one loads fragments with LDSM (ldmatrix); no kernel spills or touches local memory."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -53,3 +54,12 @@ def test_sass(cuda_lib, arch):
         assert "IMMA.16864.S4.S4" in text and "LDSM" in text and "HMMA" not in text, f"sm_{arch} {name}"
     for name, text in funcs.items():
         assert not re.search(r"\b(LDL|STL)\b", text), f"sm_{arch} {name}: local memory access"
+
+
+@pytest.mark.skipif(os.environ.get("PQK_FORCE_CUDA") != "1", reason="the package was not installed with PQK_FORCE_CUDA=1")
+def test_force_cuda_install_put_the_library_next_to_the_package(cuda_lib):
+    # setup.py's PQK_FORCE_CUDA path (what .ci/run does): the same build, copied next to the package modules.
+    installed = os.path.join(os.path.dirname(cuda_build.__file__), cuda_build.LIB_NAME)
+    assert os.path.exists(installed)
+    with open(installed, "rb") as f, open(cuda_lib.lib, "rb") as g:
+        assert f.read() == g.read()
