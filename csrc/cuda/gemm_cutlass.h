@@ -10,10 +10,12 @@ namespace cuda {
 // pqk_int4_gemm `config` codes of the CUTLASS tiles (0..2 are int4_gemm.cu's own tiles; -1 = auto).
 enum CutlassConfig : int { kCutlassDecode = 10, kCutlassMid = 11, kCutlassPrefill = 12 };
 
-// Which shapes the CUTLASS path takes: fp16/bf16 out (dequant epilogue only), K % 32 == 0 (A/W rows 16-byte aligned:
-// the caller already pads K), N % 8 == 0 (128-bit output stores), out 16-byte aligned.
-inline bool cutlass_takes(int n, int k, const void* out) {
-  return k % 32 == 0 && n % 8 == 0 && (reinterpret_cast<uintptr_t>(out) & 15u) == 0;
+// Which shapes the CUTLASS path takes (the caller has checked the epilogue is fp16/bf16 dequant): K % 32 == 0 (A/W
+// rows 16-byte aligned: the caller already pads K), N % 8 == 0 (128-bit output stores), and out, w_scale and bias
+// 16-byte aligned (the RowBroadcast visitors load 4 floats at a time; a_scale is read one element at a time).
+inline bool cutlass_takes(int n, int k, const void* out, const float* w_scale, const float* bias) {
+  auto a16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+  return k % 32 == 0 && n % 8 == 0 && a16(out) && a16(w_scale) && (bias == nullptr || a16(bias));
 }
 
 // out = half|bf16( acc * (a_scale * w_scale) + bias ), as int4_gemm.cu's dequant epilogue. a: uint8 [m, k/2],

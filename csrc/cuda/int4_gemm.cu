@@ -202,7 +202,7 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   if (epilogue >= kEpiRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
   if (a_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const bool cutlass_ok = (epilogue == kEpiF16 || epilogue == kEpiBF16) && cutlass_takes(n, k, out);
+  const bool cutlass_ok = (epilogue == kEpiF16 || epilogue == kEpiBF16) && cutlass_takes(n, k, out, w_scale, bias);
   if (config == -1 && cutlass_ok && cutlass_arch(current_sm()))
     config = m <= 16 ? kCutlassDecode : m <= 256 ? kCutlassMid : kCutlassPrefill;
   if (cutlass_config || config >= kCutlassDecode) {

@@ -34,8 +34,8 @@ const char* pqk_cuda_error_string(int status);
 // 4 silu-mul requant (W rows interleaved gate0, up0, gate1, up1, ...) -> uint8 [M, N/4].
 // a_scale: fp32 [1] (a_scale_per_token = 0) or [M] (= 1); w_scale fp32 [N]; bias fp32 [N] or null;
 // out_scale: the next layer's static scale (epilogues 3, 4).
-// config: -1 auto: CUTLASS (int4_gemm_cutlass.cu) for epilogues 0/1 on sm_80..89 when N % 8 == 0 and out is 16-byte
-// aligned, else this library's own kernel; tile by M (<= 16 decode, <= 256 mid, else prefill). Forced: 0 / 1 / 2 =
+// config: -1 auto: CUTLASS (int4_gemm_cutlass.cu) for epilogues 0/1 on sm_80..89 when N % 8 == 0 and out, w_scale
+// and bias are 16-byte aligned, else this library's own kernel; tile by M (<= 16 decode, <= 256 mid, else prefill). Forced: 0 / 1 / 2 =
 // own decode / mid / prefill tile; 10 / 11 / 12 = CUTLASS decode / mid / prefill (PQK_ERR_UNSUPPORTED where it
 // cannot run).
 int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_scale, int a_scale_per_token,

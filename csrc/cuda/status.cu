@@ -15,8 +15,8 @@ extern "C" const char* pqk_cuda_error_string(int status) {
       return "Hadamard size must be m * 2^k with m in {1, 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172} and fit "
              "shared memory";
     case PQK_ERR_UNSUPPORTED:
-      return "the requested CUTLASS GEMM config needs a fp16/bf16 dequant epilogue, N % 8 == 0, a 16-byte aligned "
-             "output and an sm_80..89 device";
+      return "the requested CUTLASS GEMM config needs a fp16/bf16 dequant epilogue, N % 8 == 0, 16-byte aligned "
+             "out / w_scale / bias and an sm_80..89 device";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown pqk status";
   }
 }

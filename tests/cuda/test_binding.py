@@ -66,6 +66,8 @@ P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every 
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 3, 10, None), -7),    # CUTLASS: no requant
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 12, 64, 0, 11, None), -7),   # CUTLASS: N % 8
     (lambda L: L.pqk_int4_gemm(P, P, P + 8, P, 0, P, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: out align
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P + 4, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: w_scale
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, P + 4, 1.0, 4, 8, 64, 1, 12, None), -7),    # CUTLASS: bias align
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 0, 64, None), -1),                       # rows 0
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 3, 63, None), -1),                       # odd cols for int4
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 3, 3, 64, None), -5),                       # bits 3
