@@ -51,6 +51,9 @@ def __getattr__(name):
     if name in ("import_prefixquant", "load_prefixquant"):   # from the module of the same name, not the module
         from .calibration import import_prefixquant as module
         return getattr(module, name)
+    if name == "fuse_mlps":  # models/ needs transformers' module layout only at call time, but stays lazy too
+        from .models.fused_mlp import fuse_mlps
+        return fuse_mlps
     if name in _CALIBRATION_EXPORTS:
         from . import calibration
         return getattr(calibration, name)
@@ -66,6 +69,7 @@ __all__ = [
     "export_hf",
     "find_prefix_tokens",
     "format",
+    "fuse_mlps",
     "import_prefixquant",
     "int4_matmul",
     "int4_matmul_requant",
