@@ -247,3 +247,20 @@ def test_cuda_graph_capture_and_replay(static):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, mod(x))
+
+
+@needs_binding
+def test_fused_mlp_on_cuda(gen):
+    """QuantGatedMLP on CUDA (3 launches) vs the same module on the CPU: h levels may differ by one step where device
+    expf and torch.exp round differently, so the outputs agree to a small tolerance."""
+    from torch import nn
+
+    from prefixquant_kernels.nn import QuantGatedMLP, QuantLinear
+
+    torch.manual_seed(0)
+    lin = lambda i, o, s: QuantLinear.from_float(nn.Linear(i, o, bias=False), 4, 4, act_scale=s)  # noqa: E731
+    mlp = QuantGatedMLP.from_quant_linears(lin(256, 512, 0.05), lin(256, 512, 0.05), lin(512, 256, 0.02))
+    x = torch.randn(37, 256, generator=gen).half()
+    want = mlp(x.float()).half()
+    got = mlp.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
