@@ -232,8 +232,25 @@ def test_torch_compile_fullgraph(static):
 @needs_binding
 @pytest.mark.parametrize("static", [True, False])
 def test_cuda_graph_capture_and_replay(static):
-    mod = _quant_linear_module(static)
-    x = torch.randn(5, 4096, device="cuda", dtype=torch.float16)
+    _capture_and_replay(_quant_linear_module(static), torch.randn(5, 4096, device="cuda", dtype=torch.float16))
+
+
+@needs_binding
+@pytest.mark.parametrize("m", [3, 100, 600])  # the decode / mid / prefill tiles (CUTLASS on sm_80..89)
+def test_cuda_graph_fused_mlp(m):
+    """The fused MLP's three launches (static quantize, silu-mul requant GEMM, CUTLASS dequant GEMM) in one graph."""
+    from torch import nn
+
+    from prefixquant_kernels.nn import QuantGatedMLP, QuantLinear
+
+    torch.manual_seed(0)
+    lin = lambda i, o, s: QuantLinear.from_float(nn.Linear(i, o, bias=False), 4, 4, act_scale=s)  # noqa: E731
+    mlp = QuantGatedMLP.from_quant_linears(lin(512, 1024, 0.05), lin(512, 1024, 0.05), lin(1024, 512, 0.02)).cuda()
+    _capture_and_replay(mlp, torch.randn(m, 512, device="cuda", dtype=torch.float16))
+
+
+def _capture_and_replay(mod, x):
+    """Capture mod(x) in a CUDA graph, replay on fresh inputs, compare with eager calls."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):   # warm-up off the default stream, as torch.cuda.graph requires
