@@ -20,7 +20,9 @@ static bool cpu_avx512vnni() { return cpu_avx2(); }
 #else
 static bool cpu_avxvnni() { return cpu_avx2() && __builtin_cpu_supports("avxvnni"); }
 static bool cpu_avx512vnni() {
-  return cpu_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  // F + BW for the zmm W4 tile (x86_tile_w4_zmm.h: byte-wise zmm logic, 16-bit shifts), VL for the ymm rows
+  return cpu_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 #endif
 #else

@@ -2,9 +2,9 @@
 // (x86_tile_w4.h, DpbusdAcc: 2 instructions per 64 k instead of vpmaddubsw's 3 plus the int16 flush).
 // Two copies of the tile, each compiled for its own encoding and picked by cpuid (isa.cpp):
 //   "avxvnni"     VEX vpdpbusd ymm (AVX-VNNI: Alder Lake and later client cores, Zen 5)
-//   "avx512vnni"  EVEX vpdpbusd ymm (AVX512-VNNI + AVX512-VL: Ice Lake / Sapphire Rapids servers, Zen 4/5);
-//                 ymm, not zmm, so the tile and the A panel layout stay those of AVX2, and EVEX gives the
-//                 compiler 32 vector registers
+//   "avx512vnni"  EVEX vpdpbusd zmm (AVX512-VNNI + F/BW/VL: Ice Lake / Sapphire Rapids servers, Zen 4/5):
+//                 x86_tile_w4_zmm.h, 128 k per iteration on the AVX2 panel layout (two lane shuffles of W
+//                 instead of a new layout); 1.3-1.4x the ymm tile on a 2-core Zen 5 VM (docs/PERF.md step 12)
 // Every other row function (quantize, split, pack, dequant) and the W8 tile are the AVX2 ones: they are
 // load/store or vpmaddwd bound, where VNNI changes nothing.
 //
@@ -73,7 +73,7 @@ void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const u
 #ifdef PQK_VNNI_EMULATE
 #pragma GCC target("avx2,f16c")
 #else
-#pragma GCC target("avx2,f16c,avx512f,avx512vnni,avx512vl")
+#pragma GCC target("avx2,f16c,avx512f,avx512bw,avx512vnni,avx512vl")
 #endif
 namespace pqk {
 namespace cpu {
@@ -89,10 +89,21 @@ struct Dp {
 
 #include "x86_tile_w4.h"
 
+#ifdef PQK_VNNI_EMULATE
+// No zmm without AVX-512: the emulated build runs the ymm tile with the emulated vpdpbusd (the zmm tile is
+// tested natively, against the reference, wherever the CPU has AVX512-VNNI: tests/ops, tests/cpu).
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
              int64_t K, int mr, int nr, int32_t* acc) {
   tile_w4_dispatch<DpbusdAcc<Dp>>(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
 }
+#else
+#include "x86_tile_w4_zmm.h"
+
+void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
+             int64_t K, int mr, int nr, int32_t* acc) {
+  tile_w4_zmm_dispatch(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
+}
+#endif
 
 }  // namespace avx512vnni
 }  // namespace cpu

@@ -1,0 +1,84 @@
+// The W4 tile on zmm (AVX512-VNNI): x86_tile_w4.h's tile with each vpdpbusd twice as wide, for the
+// avx512vnni table (vnni_kernels.cpp). Same A panel, same W storage, same result bits.
+//
+// One iteration covers two 64-k chunks c, c+1 = 64 bytes of a packed W row (one cache line, one zmm load):
+//   lo = nibbles ^ 8 of the low halves  = [even k of c | even k of c+1]   (32 + 32 bytes)
+//   hi = the same of the high halves    = [odd k of c  | odd k of c+1]
+// while the panel holds chunk c as [32 even k | 32 odd k], so one zmm load of the panel at chunk c is
+// [even c | odd c]. Two 128-bit-lane shuffles per W row (vshufi64x2) give U1 = [even c | odd c] and
+// U2 = [even c+1 | odd c+1], which meet the panel's chunks c and c+1 directly: 2 vpdpbusd per 128 k per
+// (A row, W row), the shuffles amortized over the MR A rows. The integer trick is the one of
+// x86_tile_w4.h: U = w + 8 is unsigned, the driver's 8 * rowsum(a) correction removes the +8.
+//
+// Included inside vnni_kernels.cpp's avx512vnni namespace, after its `#pragma GCC target` (avx512f,
+// avx512vnni, ...); needs kChunk and scalar_kernels() like x86_tile_w4.h.
+
+// acc[MR][NR] = A[0:MR] . W[0:NR]; arguments as tile_w4_t (x86_tile_w4.h).
+template <int MR, int NR>
+void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride,
+                 int64_t K, int32_t* acc) {
+  const int64_t row_bytes = K / 2, n_pairs = row_bytes / 64, rem = row_bytes % 64;
+  const __m512i mask0f = _mm512_set1_epi8(0x0F), x88 = _mm512_set1_epi8((char)0x88);
+  __m512i st[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) st[i][j] = _mm512_setzero_si512();
+
+  // Chunks c, c+1 from 64 W bytes per row at wrow[j]; `two` = false: only chunk c exists (the K tail),
+  // whose U1 still comes from the first 32 bytes and whose A load stays inside the panel's chunk c.
+  auto pair = [&](const uint8_t* const* wrow, int64_t c, bool two) __attribute__((always_inline)) {
+    __m512i u1[NR], u2[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void*)wrow[j]), x88);
+      const __m512i lo = _mm512_and_si512(b, mask0f), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask0f);
+      u1[j] = _mm512_shuffle_i64x2(lo, hi, 0x44);  // lanes lo0 lo1 hi0 hi1 = [even c | odd c]
+      u2[j] = _mm512_shuffle_i64x2(lo, hi, 0xEE);  // lanes lo2 lo3 hi2 hi3 = [even c+1 | odd c+1]
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a1 = _mm512_loadu_si512((const void*)(a + i * kp + c * kChunk));
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) st[i][j] = _mm512_dpbusd_epi32(st[i][j], u1[j], a1);
+      if (two) {
+        const __m512i a2 = _mm512_loadu_si512((const void*)(a + i * kp + (c + 1) * kChunk));
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) st[i][j] = _mm512_dpbusd_epi32(st[i][j], u2[j], a2);
+      }
+    }
+  };
+
+  const uint8_t* wrow[NR];
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + p * 64;
+    // Decode tiles prefetch the line kDecodePrefetchRows rows below (x86_tile_w4.h explains the measurement).
+    if (NR >= 3)
+      for (int j = 0; j < NR; ++j) _mm_prefetch((const char*)(wrow[j] + kDecodePrefetchRows * w_stride), _MM_HINT_T0);
+    pair(wrow, 2 * p, true);
+  }
+  if (rem) {
+    // 1..63 bytes left (one or two chunks, the last maybe partial): zero-padded copies (a zero byte is w = 0 and
+    // the panel pads A with zeros, so padding adds nothing). A second chunk exists in the panel iff rem > 32.
+    alignas(64) uint8_t wtail[NR][64];
+    memset(wtail, 0, sizeof(wtail));
+    for (int j = 0; j < NR; ++j) {
+      memcpy(wtail[j], w + j * w_stride + n_pairs * 64, (size_t)rem);
+      wrow[j] = wtail[j];
+    }
+    pair(wrow, 2 * n_pairs, rem > 32);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i * NR + j] = _mm512_reduce_add_epi32(st[i][j]) - 8 * a_rowsum[i];
+}
+
+// Runtime (mr, nr) -> the instantiation (the shapes of tile_w4_dispatch in x86_tile_w4.h).
+inline void tile_w4_zmm_dispatch(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w,
+                                 int64_t ws, int64_t K, int mr, int nr, int32_t* acc) {
+#define PQK_W4Z(MR_, NR_) \
+  if (mr == MR_ && nr == NR_) return tile_w4_zmm<MR_, NR_>(a, kp, rs, w, ws, K, acc);
+  PQK_W4Z(4, 2) PQK_W4Z(3, 2) PQK_W4Z(2, 2) PQK_W4Z(1, 2) PQK_W4Z(4, 1) PQK_W4Z(3, 1) PQK_W4Z(2, 1) PQK_W4Z(1, 1)
+  PQK_W4Z(1, 4) PQK_W4Z(1, 3)
+#undef PQK_W4Z
+  scalar_kernels().tile_w4(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
+}
