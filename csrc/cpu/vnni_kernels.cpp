@@ -127,7 +127,13 @@ const IsaKernels* avxvnni_kernels() {
 }
 
 const IsaKernels* avx512vnni_kernels() {
-  static const IsaKernels k = with_tile("avx512vnni", avx512vnni::tile_w4);
+  static const IsaKernels k = [] {
+    IsaKernels t = with_tile("avx512vnni", avx512vnni::tile_w4);
+#ifndef PQK_VNNI_EMULATE
+    t.nr_max = avx512vnni::kZmmNr;  // the zmm tile is 4 x 4 (x86_tile_w4_zmm.h)
+#endif
+    return t;
+  }();
   return &k;
 }
 

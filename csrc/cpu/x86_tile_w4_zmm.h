@@ -72,13 +72,15 @@ void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uin
     for (int j = 0; j < NR; ++j) acc[i * NR + j] = _mm512_reduce_add_epi32(st[i][j]) - 8 * a_rowsum[i];
 }
 
-// Runtime (mr, nr) -> the instantiation (the shapes of tile_w4_dispatch in x86_tile_w4.h).
+// Runtime (mr, nr) -> the instantiation: every shape up to 4 x 4 (kZmmNr: 32 zmm registers hold 16 accumulators,
+// 8 unpacked W operands and 2 A loads; the ymm tiles stop at 4 x 2).
+constexpr int kZmmNr = 4;
 inline void tile_w4_zmm_dispatch(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w,
                                  int64_t ws, int64_t K, int mr, int nr, int32_t* acc) {
 #define PQK_W4Z(MR_, NR_) \
   if (mr == MR_ && nr == NR_) return tile_w4_zmm<MR_, NR_>(a, kp, rs, w, ws, K, acc);
+  PQK_W4Z(4, 4) PQK_W4Z(3, 4) PQK_W4Z(2, 4) PQK_W4Z(1, 4) PQK_W4Z(4, 3) PQK_W4Z(3, 3) PQK_W4Z(2, 3) PQK_W4Z(1, 3)
   PQK_W4Z(4, 2) PQK_W4Z(3, 2) PQK_W4Z(2, 2) PQK_W4Z(1, 2) PQK_W4Z(4, 1) PQK_W4Z(3, 1) PQK_W4Z(2, 1) PQK_W4Z(1, 1)
-  PQK_W4Z(1, 4) PQK_W4Z(1, 3)
 #undef PQK_W4Z
   scalar_kernels().tile_w4(a, kp, rs, a_bits, w, ws, K, mr, nr, acc);
 }
