@@ -4,7 +4,7 @@
 //   "avxvnni"     VEX vpdpbusd ymm (AVX-VNNI: Alder Lake and later client cores, Zen 5)
 //   "avx512vnni"  EVEX vpdpbusd zmm (AVX512-VNNI + F/BW/VL: Ice Lake / Sapphire Rapids servers, Zen 4/5):
 //                 x86_tile_w4_zmm.h, 128 k per iteration on the AVX2 panel layout (two lane shuffles of W
-//                 instead of a new layout); 1.3-1.4x the ymm tile on a 2-core Zen 5 VM (docs/PERF.md step 12)
+//                 instead of a new layout), tiles up to 4 x 4; 1.56x the ymm tile on one thread (docs/PERF.md step 12)
 // Every other row function (quantize, split, pack, dequant) and the W8 tile are the AVX2 ones: they are
 // load/store or vpmaddwd bound, where VNNI changes nothing.
 //
