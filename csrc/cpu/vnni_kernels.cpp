@@ -8,7 +8,7 @@
 // Every other row function (quantize, split, pack, dequant) and the W8 tile are the AVX2 ones: they are
 // load/store or vpmaddwd bound, where VNNI changes nothing.
 //
-// Testing without VNNI hardware (this project's machines have none). With PQK_VNNI_EMULATE defined (the
+// Testing without VNNI hardware (the AVX2-only machines this project also runs on). With PQK_VNNI_EMULATE defined (the
 // sanitizer harness builds so; never the extension), both copies are compiled for plain AVX2 and Dp::dot
 // is an exact emulation of vpdpbusd, so the tile logic of both tables runs — bit for bit against the
 // reference — on any AVX2 CPU. What the emulation cannot test is the instruction itself; its semantics
