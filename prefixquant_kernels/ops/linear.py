@@ -35,6 +35,23 @@ def _weight(op: str, w, w_scale, bias, k: int, device: torch.device):
     return w.contiguous(), ws, b
 
 
+def _quantized_operands(op: str, a_packed, w_packed, a_scale, w_scale, bias):
+    """The checked operands of a GEMM on quantized A: (A as 2-D contiguous [M, K/2 or K], a_scale float32 0-dim or
+    [M], w contiguous, w_scale float32 [N], bias float32 [N] or None)."""
+    checks.tensor(a_packed, "a_packed", op, _QTYPES)
+    checks.nonempty_last_dim(a_packed, "a_packed", op)
+    dev = a_packed.device
+    a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
+    a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
+    w, w_s, b = _weight(op, w_packed, w_scale, bias, _k_of(a_packed), dev)
+    return a2, a_s, w, w_s, b
+
+
+def _quantized_backend(op: str, backend: str, a2: torch.Tensor, w: torch.Tensor):
+    w4a4 = a2.dtype == torch.uint8 and w.dtype == torch.uint8
+    return resolve(backend, a2.device, op, cuda_unsupported=None if w4a4 else "int8 operands (the CUDA GEMM is W4A4)")
+
+
 def int4_matmul(a_packed: torch.Tensor, w_packed: torch.Tensor, a_scale, w_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16, *,
                 backend: str = "auto") -> torch.Tensor:
@@ -51,15 +68,9 @@ def int4_matmul(a_packed: torch.Tensor, w_packed: torch.Tensor, a_scale, w_scale
     Returns out_dtype [..., N]. The fp32 epilogue is y = acc * (a_scale * w_scale) + bias.
     """
     op = "int4_matmul"
-    checks.tensor(a_packed, "a_packed", op, _QTYPES)
-    checks.nonempty_last_dim(a_packed, "a_packed", op)
     out_dtype = checks.out_dtype(out_dtype, op)
-    dev = a_packed.device
-    a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
-    a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
-    w, w_s, b = _weight(op, w_packed, w_scale, bias, _k_of(a_packed), dev)
-    w4a4 = a2.dtype == torch.uint8 and w.dtype == torch.uint8
-    be = resolve(backend, dev, op, cuda_unsupported=None if w4a4 else "int8 operands (the CUDA GEMM is W4A4)")
+    a2, a_s, w, w_s, b = _quantized_operands(op, a_packed, w_packed, a_scale, w_scale, bias)
+    be = _quantized_backend(op, backend, a2, w)
     if be.kind == "reference":
         y = reference.int4_matmul(a2, w, a_s, w_s, b, out_dtype)
     else:
@@ -119,22 +130,15 @@ def _out_scale(out_scale, op: str) -> float:
 
 
 def _requant(op: str, a_packed, w_packed, a_scale, w_scale, out_scale, bias, backend: str, n_multiple: int):
-    checks.tensor(a_packed, "a_packed", op, _QTYPES)
-    checks.nonempty_last_dim(a_packed, "a_packed", op)
-    dev = a_packed.device
-    a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
-    a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
-    w, w_s, b = _weight(op, w_packed, w_scale, bias, _k_of(a_packed), dev)
+    a2, a_s, w, w_s, b = _quantized_operands(op, a_packed, w_packed, a_scale, w_scale, bias)
     if w.shape[0] % n_multiple:
         checks.fail(op, f"w's out_features N must be a multiple of {n_multiple} "
                         f"({'gate/up rows interleaved, ' if n_multiple == 4 else ''}packed int4 out), "
                         f"got N = {w.shape[0]}")
     s_out = _out_scale(out_scale, op)
-    w4a4 = a2.dtype == torch.uint8 and w.dtype == torch.uint8
-    be = resolve(backend, dev, op, cuda_unsupported=None if w4a4 else "int8 operands (the CUDA GEMM is W4A4)")
+    be = _quantized_backend(op, backend, a2, w)
     if be.kind == "reference":
-        fn = getattr(reference, op)
-        y = fn(a2, w, a_s, w_s, b, s_out)
+        y = getattr(reference, op)(a2, w, a_s, w_s, b, s_out)
     else:
         y = getattr(torch.ops.pqk, op)(a2, w, a_s, w_s, b, s_out, be.cpu_isa)
     return y.reshape(*a_packed.shape[:-1], y.shape[-1])
