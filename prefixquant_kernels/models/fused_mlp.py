@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn.quant_linear import QuantLinear
 from ..nn.quant_mlp import QuantGatedMLP
 from .patch import decoder_layers
 
@@ -15,15 +14,13 @@ from .patch import decoder_layers
 def _fusable(mlp: nn.Module, hidden_act: str | None) -> str | None:
     """None if mlp can be fused, else why not. hidden_act: the model config's (transformers' own SiLU module is not an
     nn.SiLU, so the config is what says which activation act_fn is)."""
-    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(p, QuantLinear) for p in parts):
-        return "gate/up/down are not all QuantLinear (a rotated down_proj is a RotatedLinear)"
-    if any(p.w_bits != 4 or p.a_bits != 4 or not p.is_static or p.bias is not None for p in parts):
-        return "not static W4A4 without bias"
     if hidden_act not in ("silu", "swish"):
         return f"activation is {hidden_act!r}, not SiLU"
-    if float(parts[0].act_scale) != float(parts[1].act_scale):
-        return "gate and up have different input scales"
+    try:  # the module's own requirements (a rotated down_proj is a RotatedLinear, not a QuantLinear)
+        QuantGatedMLP.check_fusable(*(getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")),
+                                    op="fuse_mlps")
+    except (TypeError, ValueError) as e:
+        return str(e)
     return None
 
 

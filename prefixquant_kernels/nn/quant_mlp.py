@@ -54,12 +54,10 @@ class QuantGatedMLP(nn.Module):
         checks.static_scale(self.down_act_scale, "down_act_scale", op, self.down_act_scale.device)
         self._down_act_scale = float(self.down_act_scale)  # once, when built or loaded
 
-    @classmethod
-    def from_quant_linears(cls, gate: QuantLinear, up: QuantLinear, down: QuantLinear, *,
-                           backend: str | None = None) -> "QuantGatedMLP":
-        """Fuse three static W4A4 QuantLinears without bias; gate and up must share their input scale (they read the
-        same activation; PrefixQuant calibrates one quantizer for both)."""
-        op = "QuantGatedMLP.from_quant_linears"
+    @staticmethod
+    def check_fusable(gate, up, down, op: str = "QuantGatedMLP.from_quant_linears") -> None:
+        """Raises TypeError / ValueError (naming the part) unless gate, up, down are static W4A4 QuantLinears without
+        bias, gate and up alike with one shared input scale and down reading their output."""
         for name, lin in (("gate", gate), ("up", up), ("down", down)):
             if not isinstance(lin, QuantLinear):
                 checks.fail(op, f"{name} must be a QuantLinear, got {type(lin).__name__}", TypeError)
@@ -74,6 +72,13 @@ class QuantGatedMLP(nn.Module):
         if down.in_features != gate.out_features:
             checks.fail(op, f"down.in_features must be {gate.out_features} (gate's out_features), got "
                             f"{down.in_features}")
+
+    @classmethod
+    def from_quant_linears(cls, gate: QuantLinear, up: QuantLinear, down: QuantLinear, *,
+                           backend: str | None = None) -> "QuantGatedMLP":
+        """Fuse three static W4A4 QuantLinears without bias; gate and up must share their input scale (they read the
+        same activation; PrefixQuant calibrates one quantizer for both). check_fusable says what is required."""
+        cls.check_fusable(gate, up, down)
         mod = cls(gate.in_features, gate.out_features, down.out_features,
                   backend=gate.backend if backend is None else backend).to(gate.weight.device)
         with torch.no_grad():
