@@ -135,6 +135,14 @@ def _ops_rows(rows):
             1e-4)
 
 
+def _has_cutlass() -> bool:
+    """The CUTLASS GEMM is built for sm_80/86/89 (cuda_build.FILE_ARCHS) and runs on every 8.x device."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return 80 <= 10 * major + minor < 90
+
+
 def _tops_rows(rows, lib):
     """GEMM throughput on this GPU, measured here: the binding's int4_matmul (auto: the CUTLASS tile on sm_80..89),
     each implementation forced through the raw launcher (pqk's own tile and CUTLASS's for this M), and cuBLAS fp16
@@ -144,8 +152,7 @@ def _tops_rows(rows, lib):
     from . import ops
 
     name = torch.cuda.get_device_name()
-    major, minor = torch.cuda.get_device_capability()
-    has_cutlass = 80 <= 10 * major + minor < 90
+    has_cutlass = _has_cutlass()
     for m, n, k in [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (2048, 4096, 4096), (4096, 11008, 4096)]:
         a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device="cuda")
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
@@ -186,8 +193,7 @@ def _gpu(rows, lib_path):
         ref = reference.int4_matmul(a.cpu(), w.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
         err = (out.cpu() - ref).abs().max().item()
         rows.append(("pqk_int4_gemm (ctypes) fp32", f"{m}x{n}x{k}", f"{err:.3g}", "pass" if err == 0 else "FAIL"))
-        major, minor = torch.cuda.get_device_capability()
-        for config in [-1, 0, 1, 2] + ([10, 11, 12] if 80 <= 10 * major + minor < 90 and n % 8 == 0 else []):
+        for config in [-1, 0, 1, 2] + ([10, 11, 12] if _has_cutlass() and n % 8 == 0 else []):
             out16 = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             gemm(lib, a, w, a_s, w_s, None, out16, epilogue=0, config=config)
             err = _err(out16, ref.half())
