@@ -1,7 +1,7 @@
 // Scalar bfloat16 / float16 <-> float32 conversions for the CPU kernels, bit-exact with PyTorch:
 // widening is exact; narrowing rounds to nearest-even, overflows to Inf, keeps NaN a (quiet) NaN and
 // produces subnormals — the same as c10::BFloat16 / c10::Half. They are written out here (not taken
-// from c10) so that the kernel files build without any torch header (see csrc/cpu/README.md).
+// from c10) so that the kernel files build without any torch header (only torch_ops.cpp includes torch: setup.py).
 #pragma once
 
 #include <stdint.h>

@@ -1,4 +1,4 @@
-// The CPU implementations of the pqk:: ops (schemas and fakes live in prefixquant_kernels/ops/schemas.py).
+// The CPU implementations of the pqk:: ops (schemas and fakes live in prefixquant_kernels/ops/library.py).
 // Python has validated every argument with messages that name it (prefixquant_kernels/ops/checks.py);
 // the TORCH_CHECKs here are the last line against direct torch.ops.pqk calls: an error, never a crash.
 #include <ATen/Parallel.h>

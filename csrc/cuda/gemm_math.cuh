@@ -1,7 +1,7 @@
 // Index math and epilogue functors of the INT4 tensor-core GEMM (int4_gemm.cu), as PQK_HD functions.
 //
 // Everything the GEMM computes that is not an instruction (cp.async, mma.sync, shfl) lives here, so the host
-// harness (tests/host_harness.cpp, compiled with g++) runs the *same* code: which 16-byte chunk each thread
+// harness (csrc/cuda/tests/gemm_harness.cpp, compiled with g++) runs the *same* code: which 16-byte chunk each thread
 // copies, where it lands in shared memory (swizzle), which shared-memory word each lane loads into which MMA
 // fragment register, which output element each accumulator register is, the sm_90 nibble unpack, and the
 // epilogues. The harness supplies the instructions as emulators written from the PTX ISA fragment tables.

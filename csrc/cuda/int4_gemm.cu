@@ -4,7 +4,7 @@
 //
 // Read top to bottom: PTX MMA wrappers -> the kernel in named steps (load_stage, mma_stage, epilogue) -> the
 // dispatch over tile configs and epilogues -> the extern "C" launcher. Index math lives in gemm_math.cuh (PQK_HD)
-// and is executed on the host by tests/host_harness.cpp.
+// and is executed on the host by csrc/cuda/tests/gemm_harness.cpp.
 //
 // What runs where:
 //   sm_80, sm_86, sm_89: mma.sync.m16n8k64.s4 (IMMA with S4 operands), int32 accumulators.
