@@ -23,7 +23,7 @@ def _info(argv) -> int:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"C++ CPU kernels: {'built, best ISA ' + _extension._C.best_cpu_isa() if _extension.cpu_available() else 'not built: ' + str(_extension.IMPORT_ERROR)}")
     print(f"backends: {', '.join(available_backends())}")
-    from .ops import cuda
+    from .ops import cuda_library as cuda
 
     why = cuda.unavailable_reason()
     print(f"CUDA kernels: {'backend=cuda, ' + str(cuda.loaded_library_path()) if why is None else 'not available: ' + why}")

@@ -3,7 +3,7 @@
 Always (no GPU needed, when g++ is present): the host harnesses, which execute the kernels' own index math and
 epilogues (csrc/cuda/tests) against naive references. With nvcc: the build for sm_80/86/89/90 and its ptxas
 register/spill numbers. With a CUDA GPU and a CUDA torch: the kernels themselves through libpqk_cuda.so (ctypes)
-and every op through the torch binding (backend="cuda", ops/cuda.py) against prefixquant_kernels.reference, op x
+and every op through the torch binding (backend="cuda", ops/cuda_ops.py) against prefixquant_kernels.reference, op x
 shape x max error x pass, and GEMM TOPS vs cuBLAS fp16 — measured there; no GPU number is ever printed without a GPU.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ def _host(rows):
 
 
 def load_library(path: str) -> ctypes.CDLL:
-    """dlopen libpqk_cuda.so with every launcher's signature declared (ops/cuda.py owns the signatures)."""
-    from .ops import cuda as pqk_cuda
+    """dlopen libpqk_cuda.so with every launcher's signature declared (ops/cuda_library.py owns the signatures)."""
+    from .ops import cuda_library
 
-    return pqk_cuda.open_library(path)
+    return cuda_library.open_library(path)
 
 
 def gemm(lib, a, w, a_scale, w_scale, bias, out, epilogue=0, config=-1, out_scale=1.0):
@@ -74,7 +74,7 @@ def _err(got, want) -> float:
 
 
 def _ops_rows(rows):
-    """Every op through the torch binding (backend="cuda", ops/cuda.py) vs prefixquant_kernels.reference on the CPU.
+    """Every op through the torch binding (backend="cuda", ops/cuda_ops.py) vs prefixquant_kernels.reference on the CPU.
     Pass: bit-exact for the quantizers and GEMMs (integer math, same fp32 epilogue); a tolerance for RMSNorm (block
     reduction order) and Hadamard (fp rounding of the sums)."""
     import torch
@@ -179,7 +179,7 @@ def _gpu(rows, lib_path):
     import torch
 
     from . import reference
-    from .ops import cuda as pqk_cuda
+    from .ops import cuda_library as pqk_cuda
 
     lib = load_library(lib_path)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     argv = list(argv or [])
     rows: list[tuple] = []
     _host(rows)
-    from .ops import cuda as pqk_cuda
+    from .ops import cuda_library as pqk_cuda
 
     try:
         lib_path = pqk_cuda.find_library(build=False)

@@ -4,7 +4,7 @@
 //   0                       success (the launch was queued; cudaGetLastError() was clean)
 //   > 0                     a cudaError_t from the launch (pqk_cuda_error_string gives its text)
 //   < 0                     a PqkStatus below: bad arguments, nothing was launched
-// No launcher synchronizes. The torch binding (prefixquant_kernels/ops/cuda.py, via ctypes) turns a non-zero status
+// No launcher synchronizes. The torch binding (prefixquant_kernels/ops/cuda_library.py loads it via ctypes, ops/cuda_ops.py calls it) turns a non-zero status
 // into a RuntimeError that names the op.
 #pragma once
 

@@ -1,5 +1,7 @@
-"""The op layer: every public op validates its arguments, picks a backend (backend.py) and calls either
-the PyTorch reference or a torch.ops.pqk kernel (schemas and fakes in library.py)."""
+"""The op layer: every public op validates its arguments (checks.py), picks a backend (backend.py) and calls either
+the PyTorch reference or a torch.ops.pqk custom op (schemas and fakes in library.py; CPU kernels in csrc/cpu, CUDA
+kernels in cuda_ops.py over cuda_library.py, Triton kernels in prefixquant_kernels/triton)."""
+from . import cuda_ops  # noqa: F401  (registers the CUDA implementations of the pqk:: ops)
 from .backend import available_backends
 from .linear import int4_matmul, int4_matmul_requant, int4_matmul_silu_mul_requant, quant_linear
 from .quantize import pack_int4, quantize_per_token, quantize_static, unpack_int4

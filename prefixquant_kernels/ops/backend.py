@@ -1,67 +1,126 @@
-"""Which implementation runs an op: the one place that maps ``backend=`` to code.
+"""Which implementation runs an op: the one place that maps ``backend=`` to code, for every public op.
 
-backend:
-  "auto"        the fastest available for the tensors' device: "cpu" for CPU tensors when the C++
-                extension is built; "cuda" for CUDA tensors when libpqk_cuda.so loads and the op has a CUDA
-                kernel for these arguments; else "reference" (on CUDA tensors without the library, with a
-                one-time warning that says why)
-  "reference"   plain PyTorch (prefixquant_kernels/reference.py): the definition of the results
-  "cpu"         the C++ kernels, best instruction set of this CPU (AVX2 or portable)
-  "cpu:scalar"  the C++ kernels forced to the portable code path
-  "cpu:avx2"    the C++ kernels forced to the AVX2 code path
-  "cpu:avxvnni", "cpu:avx512vnni"
-                the AVX2 kernels with the W4 tile on vpdpbusd (VEX / EVEX encoding), on CPUs that have it
-  "cuda"        the CUDA kernels (libpqk_cuda.so through ctypes, ops/cuda.py) on CUDA tensors; W4A4 GEMMs, the
-                activation quantizers, rmsnorm_quantize and hadamard_transform only. Ops or arguments without a CUDA kernel (pack/unpack_int4, int8
-                operands) raise NotImplementedError: explicit "cuda" means the CUDA kernel runs or nothing does.
+Each op states the kinds of implementation it has (``OPS``); at each call it may add, per kind, why that kind cannot
+run these arguments (``unsupported=``, e.g. int8 operands have no CUDA kernel). ``resolve`` turns ``backend=`` into a
+``Backend(kind, cpu_isa)``; ``auto`` is one preference order (``_auto``). Kinds:
+
+  "reference"  plain PyTorch (prefixquant_kernels/reference.py, kv_format.py): the definition of the results
+  "cpu"        the C++ kernels (prefixquant_kernels._C); cpu_isa picks the code path (library.py)
+  "cuda"       the CUDA kernels (libpqk_cuda.so through ctypes: ops/cuda_library.py, ops/cuda_ops.py)
+  "triton"     the Triton kernels (prefixquant_kernels/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+
+backend= strings: GEMM, quantize and transform ops accept ``BACKENDS``: "auto", "reference", "cpu" (best
+instruction set), "cpu:scalar", "cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni" (forced code paths; the last two put
+the W4 tile on vpdpbusd), "cuda". The KV ops accept ``KV_BACKENDS``: "auto", "reference", "triton", "cpu".
+An explicit backend means that kernel runs or the call raises (ValueError: wrong device or an unknown string;
+NotImplementedError: no kernel for these arguments; RuntimeError: not installed / not supported on this machine).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .. import _extension
-from . import cuda as _cuda
+from . import cuda_library
 from .checks import fail
 
 CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3}
 BACKENDS = ("auto", "reference", *CPU_ISAS, "cuda")
+KV_BACKENDS = ("auto", "reference", "triton", "cpu")
 
 
 @dataclass(frozen=True)
 class Backend:
-    kind: str          # "reference" | "cpu" | "cuda"
+    kind: str          # "reference" | "cpu" | "cuda" | "triton"
     cpu_isa: int = -1  # for kind == "cpu"
 
 
-def resolve(backend: str, device: torch.device, op: str, cuda_unsupported: str | None = None) -> Backend:
-    """backend= -> the implementation for tensors on `device`. cuda_unsupported: None if the CUDA kernels handle
-    this call, else why not (e.g. "int8 operands") — "auto" then runs the reference, "cuda" raises."""
-    if backend not in BACKENDS:
-        fail(op, f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return Backend("reference")
+@dataclass(frozen=True)
+class Op:
+    """What one public op has: the backend= strings it accepts, the kinds it implements, and for kinds it lacks
+    although its strings name them, why (a NotImplementedError for an explicit request, skipped by "auto")."""
+    backends: tuple[str, ...]
+    kinds: frozenset[str]
+    lacks: Mapping[str, str] | None = None
+
+
+_GEMM = frozenset({"reference", "cpu", "cuda"})
+_KV = frozenset({"reference", "cpu", "triton"})
+_FORMAT = "{} (a format conversion without a CUDA kernel)"
+
+OPS: dict[str, Op] = {
+    **{name: Op(BACKENDS, _GEMM) for name in (
+        "int4_matmul", "quant_linear", "int4_matmul_requant", "int4_matmul_silu_mul_requant", "quantize_static",
+        "quantize_per_token", "rmsnorm_quantize", "hadamard_transform")},
+    "pack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("pack_int4")}),
+    "unpack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("unpack_int4")}),
+    "kv_quantize": Op(KV_BACKENDS, _KV),
+    "kv_quantize_groupwise": Op(KV_BACKENDS, frozenset({"reference", "triton"})),
+    "kv_dequant_concat": Op(KV_BACKENDS, _KV),
+    "kv_decode_attention": Op(KV_BACKENDS, _KV),
+}
+# Any other name (benchmarks and tests asking what "auto" runs on a device): the kinds of the linear layers.
+_DEFAULT = Op(BACKENDS, _GEMM)
+
+_KERNELS = {"cpu": "C++ kernels", "cuda": "CUDA kernels", "triton": "Triton kernels"}
+# The message for an explicit backend whose kind cannot run these arguments ({why}: the op's reason).
+_NO_KERNEL = {
+    "cuda": "backend='cuda' has no CUDA kernel for {why}; use backend='auto' (runs the reference there) or "
+            "backend='reference'",
+    "cpu": "backend='cpu' covers {why} only",
+}
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs(device: torch.device) -> bool:
+    return triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted()))
+
+
+def resolve(backend: str, device: torch.device, op: str, unsupported: Mapping[str, str] | None = None) -> Backend:
+    """backend= -> the implementation of `op` for tensors on `device`. unsupported: {kind: why} for kinds of `op`
+    that cannot run these arguments (e.g. {"cuda": "int8 operands"}): "auto" skips them, explicit ones raise."""
+    spec = OPS.get(op, _DEFAULT)
+    if backend not in spec.backends:
+        fail(op, f"backend must be one of {spec.backends}, got {backend!r}")
+    cannot = {**(spec.lacks or {}), **(unsupported or {})}
     if backend == "auto":
-        if device.type == "cpu" and _extension.cpu_available():
-            return Backend("cpu")
-        if device.type == "cuda" and cuda_unsupported is None:
-            if _cuda.cuda_available():
-                return Backend("cuda")
-            _note_reference_on_cuda(op)
+        return _auto(op, spec, device, cannot)
+    kind = "cpu" if backend in CPU_ISAS else backend
+    if kind not in spec.kinds and kind not in cannot:
+        have = [name for name, s in OPS.items() if kind in s.kinds and s.backends == spec.backends]
+        fail(op, f"backend={backend!r} has {_KERNELS[kind]} for {', '.join(have[:-1])} and {have[-1]} only; use "
+                 + " or ".join(repr(k) for k in sorted(spec.kinds)))
+    if kind == "reference":
         return Backend("reference")
-    if backend == "cuda":
+    if kind == "triton":
+        if not triton_available():
+            fail(op, "backend='triton' needs the triton package", RuntimeError)
+        if not _triton_runs(device):
+            fail(op, f"backend='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; "
+                     f"got tensors on {device}", RuntimeError)
+        return Backend("triton")
+    if kind == "cuda":
         if device.type != "cuda":
-            why = _cuda.unavailable_reason()
+            why = cuda_library.unavailable_reason()
             fail(op, f"backend='cuda' runs on CUDA tensors, got tensors on {device}"
                      + (f" (and CUDA is not available here: {why})" if why else ""))
-        if cuda_unsupported is not None:
-            fail(op, f"backend='cuda' has no CUDA kernel for {cuda_unsupported}; use backend='auto' (runs the "
-                     "reference there) or backend='reference'", NotImplementedError)
-        _cuda.require(op)
+        if "cuda" in cannot:
+            fail(op, _NO_KERNEL["cuda"].format(why=cannot["cuda"]), NotImplementedError)
+        cuda_library.require(op)
         return Backend("cuda")
-    # an explicit CPU backend
+    # kind == "cpu"
     if device.type != "cpu":
         fail(op, f"backend={backend!r} runs on CPU tensors, got tensors on {device}")
     _extension.require_cpu_extension(f"pqk.{op}")
@@ -69,7 +128,32 @@ def resolve(backend: str, device: torch.device, op: str, cuda_unsupported: str |
     if isa > 0 and not _extension._C.cpu_isa_supported(isa):
         fail(op, f"backend={backend!r} is not supported by this CPU (best: {_extension._C.best_cpu_isa()})",
              RuntimeError)
+    if "cpu" in cannot:
+        fail(op, _NO_KERNEL["cpu"].format(why=cannot["cpu"]), NotImplementedError)
     return Backend("cpu", isa)
+
+
+def _auto(op: str, spec: Op, device: torch.device, cannot: Mapping[str, str]) -> Backend:
+    """backend="auto": the first of these that the op has, that can run its arguments and that runs here:
+
+    1. "triton" on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the KV ops; the tests run the Triton
+       kernels in the interpreter this way), when triton is installed;
+    2. "cpu" (best instruction set) on CPU tensors when the C++ extension is built;
+    3. "cuda" on CUDA tensors when libpqk_cuda.so loads; when it does not, a one-time RuntimeWarning says why;
+    4. "reference" (on any device).
+    """
+    def has(kind: str) -> bool:
+        return kind in spec.kinds and kind not in cannot
+
+    if has("triton") and _triton_runs(device):
+        return Backend("triton")
+    if has("cpu") and device.type == "cpu" and _extension.cpu_available():
+        return Backend("cpu")
+    if has("cuda") and device.type == "cuda":
+        if cuda_library.cuda_available():
+            return Backend("cuda")
+        _note_reference_on_cuda(op)
+    return Backend("reference")
 
 
 _NOTED = False
@@ -82,14 +166,14 @@ def _note_reference_on_cuda(op: str) -> None:
         return
     _NOTED = True
     warnings.warn(f"pqk.{op}: backend='auto' on CUDA tensors runs the PyTorch reference because the CUDA kernels "
-                  f"are not available: {_cuda.unavailable_reason()}", RuntimeWarning, stacklevel=4)
+                  f"are not available: {cuda_library.unavailable_reason()}", RuntimeWarning, stacklevel=5)
 
 
 def available_backends(device: str = "cpu") -> list[str]:
     """The explicit backends that run on tensors of `device` ("cpu" or "cuda") on this machine (tests, benchmarks)."""
     out = ["reference"]
     if device == "cuda":
-        return out + (["cuda"] if _cuda.cuda_available() else [])
+        return out + (["cuda"] if cuda_library.cuda_available() else [])
     if _extension.cpu_available():
         out.append("cpu:scalar")
         out += [name for name, isa in CPU_ISAS.items() if isa > 0 and _extension._C.cpu_isa_supported(isa)]

@@ -1,5 +1,7 @@
-"""Argument checks shared by the public ops. Each raises TypeError/ValueError with a message of the form
-``pqk.<op>: <argument> <what was expected>, got <what came>`` before any kernel runs."""
+"""Argument checks, the only ones: the public ops (ops/*.py) and the CUDA implementations of the custom ops
+(ops/cuda_ops.py, which torch.ops.pqk.* can reach directly) call these. Each raises TypeError/ValueError with a
+message of the form ``pqk.<op>: <argument> <what was expected>, got <what came>`` before any kernel runs; none
+reads device memory (value checks run on CPU tensors only)."""
 from __future__ import annotations
 
 import math
@@ -28,6 +30,15 @@ def tensor(t, name: str, op: str, dtypes=None, min_dim: int = 1, dim: int | None
 
 def float_tensor(t, name: str, op: str) -> torch.Tensor:
     return tensor(t, name, op, FLOAT_DTYPES)
+
+
+def activation(x, bits_: int, op: str, bits_name: str = "bits") -> None:
+    """x: float [..., K], K > 0 (even for 4 bits); bits_ 4 or 8: the input of a quantizer."""
+    float_tensor(x, "x", op)
+    bits(bits_, bits_name, op)
+    nonempty_last_dim(x, "x", op)
+    if bits_ == 4:
+        even_last_dim(x, "x", op)
 
 
 def bits(b, name: str, op: str, allowed=(4, 8)) -> int:
@@ -121,6 +132,76 @@ def out_dtype(d, op: str) -> torch.dtype:
     if d not in FLOAT_DTYPES:
         fail(op, f"out_dtype must be one of float32, bfloat16, float16, got {d}", TypeError)
     return d
+
+
+def packed_k(t: torch.Tensor) -> int:
+    """K of a quantized operand: uint8 [..., K // 2] (packed int4) or int8 [..., K]."""
+    return t.shape[-1] * (2 if t.dtype == torch.uint8 else 1)
+
+
+def weight_k(w: torch.Tensor, k: int, op: str) -> None:
+    """w: uint8 [N, K // 2] (packed int4) or int8 [N, K] with the activations' K."""
+    wk = packed_k(w)
+    if wk != k:
+        fail(op, f"w's in_features K must be {k} to match the activations, got w of shape {tuple(w.shape)} "
+                 f"({w.dtype}: K = {wk})")
+
+
+def norm_weight(weight, op: str, k: int, device: torch.device, dtypes=FLOAT_DTYPES) -> None:
+    """The RMSNorm weight: a float [K] tensor on the input's device."""
+    tensor(weight, "weight", op, dtypes)
+    if tuple(weight.shape) != (k,):
+        fail(op, f"weight must have shape ({k},), got {tuple(weight.shape)}")
+    same_device(op, device, weight=weight)
+
+
+def eps(e, op: str) -> float:
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e) and e >= 0):
+        fail(op, f"eps must be a finite float >= 0, got {e!r}")
+    return float(e)
+
+
+def hadamard_size(x: torch.Tensor, op: str) -> int:
+    """x.shape[-1] = m * 2^p with a known H_m (hadamard.hadamard_factor) -> m."""
+    from ..hadamard import hadamard_factor
+
+    try:
+        m, _ = hadamard_factor(x.shape[-1])
+    except ValueError as e:
+        why = str(e)
+    else:
+        return m
+    fail(op, f"x.shape[-1]: {why}")
+
+
+def out_scale(s, op: str) -> float:
+    """The next layer's static scale as a Python float (the kernels take it by value: no device read, no sync)."""
+    if isinstance(s, torch.Tensor) and s.numel() == 1 and s.device.type == "cpu":
+        s = s.item()
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        fail(op, f"out_scale must be a number (the next layer's static scale), got {type(s).__name__}", TypeError)
+    if not (0.0 < float(s) < float("inf")):
+        fail(op, f"out_scale must be finite and > 0, got {s!r}")
+    return float(s)
+
+
+def requant_n(n: int, n_multiple: int, op: str) -> None:
+    """N of a GEMM with a packed int4 output: a multiple of 2 (requant) or 4 (SiLU-mul: gate/up rows interleaved)."""
+    if n % n_multiple:
+        fail(op, f"w's out_features N must be a multiple of {n_multiple} "
+                 f"({'gate/up rows interleaved, ' if n_multiple == 4 else ''}packed int4 out), got N = {n}")
+
+
+# ---- limits of the CUDA launchers (ops/cuda_ops.py) -----------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+
+
+def launch_sizes(op: str, **sizes: int) -> None:
+    """The CUDA launchers take int sizes: each must be in [1, 2^31 - 1] (ctypes would silently wrap a larger one)."""
+    for name, v in sizes.items():
+        if not 0 < v <= INT32_MAX:
+            fail(op, f"{name} = {v} is outside the CUDA kernels' range [1, 2^31 - 1]")
 
 
 def int4_range(q: torch.Tensor, name: str, op: str) -> None:

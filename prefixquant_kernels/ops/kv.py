@@ -1,70 +1,35 @@
 """Public KV-cache ops: kv_quantize (static per-head, PrefixQuant), kv_quantize_groupwise (KIVI / LogQuant),
-kv_dequant_concat and kv_decode_attention. Validation -> backend choice -> one torch.ops.pqk custom op per
-public op (schemas and fakes in library.py), whose single implementation (registered below for every device)
-runs the chosen backend: the reference (kv_format.py), the Triton kernels or the C++ CPU kernel. So
-torch.compile(fullgraph=True) sees each call as one node, and torch.library.opcheck covers every backend.
+kv_dequant_concat and kv_decode_attention. Validation (checks.py) -> backend choice (backend.py) -> one
+torch.ops.pqk custom op per public op (schemas and fakes in library.py), whose single implementation (registered
+below for every device) runs the chosen backend: the reference (kv_format.py), the Triton kernels or the C++ CPU
+kernel. So torch.compile(fullgraph=True) sees each call as one node, and torch.library.opcheck covers every backend.
 
-backend (KV ops only):
-  "auto"       Triton for CUDA tensors when triton imports; on CPU tensors Triton only when the environment has
-               TRITON_INTERPRET=1 (the interpreter), else the reference
+backend (KV ops; backend.py resolves it, "auto" in the order documented there):
+  "auto"       Triton for CUDA tensors when triton is installed, and for CPU tensors under TRITON_INTERPRET=1;
+               else on CPU tensors the C++ kernel where the call has one, else the reference
   "reference"  plain PyTorch (prefixquant_kernels/kv_format.py): the definition of the results
   "triton"     the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
   "cpu"        the C++ kernels of the static cache (PrefixQuant's layout): kv_quantize, kv_dequant_concat with no
-               16-bit tail, and decode attention over such a cache; "auto" picks them for such calls on CPU
-               tensors outside the interpreter
+               16-bit tail or positions, and decode attention over such a cache
 """
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import torch
 
 from .. import kv_format as kvf
 from ..format import FLOAT_DTYPES
-from .. import _extension
 from . import checks
 from . import library  # noqa: F401  (defines torch.ops.pqk.kv_*)
+from .backend import KV_BACKENDS, resolve, triton_available, triton_interpreted  # noqa: F401  (re-exported)
 
-KV_BACKENDS = ("auto", "reference", "triton", "cpu")
 STATIC_BITS = (4, 8)
 GROUPWISE_BITS = (2, 4)
 _ALL_BITS = (2, 4, 8)
 
 
-# ---- backend ---------------------------------------------------------------------------------------------------
+# ---- backend: ops/backend.py (KV_BACKENDS, triton_interpreted, triton_available are re-exported here) -------------
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_kv(backend, device: torch.device, op: str, cpu_kernel: bool = False) -> str:
-    """-> "reference", "triton" or (cpu_kernel ops only) "cpu"."""
-    if backend not in KV_BACKENDS:
-        checks.fail(op, f"backend must be one of {KV_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    if backend == "cpu":
-        if not cpu_kernel:
-            checks.fail(op, "backend='cpu' has C++ kernels for kv_quantize, kv_dequant_concat and "
-                            "kv_decode_attention only; use 'reference' or 'triton'")
-        if device.type != "cpu":
-            checks.fail(op, f"backend='cpu' runs on CPU tensors, got tensors on {device}")
-        _extension.require_cpu_extension(f"pqk.{op}")
-        return "cpu"
-    runs = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted()))
-    if backend == "auto":
-        return "triton" if runs else "reference"
-    if not triton_available():
-        checks.fail(op, "backend='triton' needs the triton package", RuntimeError)
-    if not runs:
-        checks.fail(op, f"backend='triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; "
-                        f"got tensors on {device}", RuntimeError)
-    return "triton"
+_CPU_STATIC_ONLY = {"cpu": "static bodies without a tail or positions"}
 
 
 def _kernels():
@@ -129,10 +94,7 @@ def kv_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 4, *, backend:
     if bits == 4:
         checks.even_last_dim(x, "x", op)
     s = _head_scale(scale, x.shape[1], op, x.device)
-    be = resolve_kv(backend, x.device, op, cpu_kernel=True)
-    if backend == "auto" and be == "reference" and x.device.type == "cpu" and _extension.cpu_available():
-        be = "cpu"
-    return torch.ops.pqk.kv_quantize(x, s, bits, be)
+    return torch.ops.pqk.kv_quantize(x, s, bits, resolve(backend, x.device, op).kind)
 
 
 def kv_quantize_groupwise(x: torch.Tensor, bits: int = 2, group_size: int = 32, axis: str = "token", *,
@@ -158,7 +120,7 @@ def kv_quantize_groupwise(x: torch.Tensor, bits: int = 2, group_size: int = 32, 
         _divides(x.shape[3], group_size, "x's head dim D (axis='token')", op, x.shape)
     else:
         _divides(x.shape[2], group_size, "x's token count T (axis='channel')", op, x.shape)
-    return torch.ops.pqk.kv_quantize_groupwise(x, bits, group_size, axis, resolve_kv(backend, x.device, op))
+    return torch.ops.pqk.kv_quantize_groupwise(x, bits, group_size, axis, resolve(backend, x.device, op).kind)
 
 
 def _positions(body_pos, tail_pos, nq: int, nt: int, op: str, device: torch.device):
@@ -249,12 +211,7 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
                             f"got {tuple(tail.shape)}")
         nt = tail.shape[2]
     bpos, tpos = _positions(body_pos, tail_pos, nq, nt, op, dev)
-    be = resolve_kv(backend, dev, op, cpu_kernel=True)
-    cpu_ok = not groupwise and nt == 0 and bpos is None and dev.type == "cpu" and _extension.cpu_available()
-    if be == "cpu" and not cpu_ok:
-        checks.fail(op, "backend='cpu' covers static bodies without a tail or positions only", NotImplementedError)
-    if backend == "auto" and be == "reference" and cpu_ok:
-        be = "cpu"
+    be = resolve(backend, dev, op, None if not groupwise and nt == 0 and bpos is None else _CPU_STATIC_ONLY).kind
     return torch.ops.pqk.kv_dequant_concat(prefix if p else None, packed, s, zero, bits, group_size or 1, axis,
                                            tail if nt else None, bpos, tpos, out_dtype, be)
 
@@ -306,9 +263,7 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     if prefix_k.shape[2] + T == 0:
         checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
     scale = float(sm_scale) if sm_scale is not None else D ** -0.5
-    be = resolve_kv(backend, dev, op, cpu_kernel=True)
-    if backend == "auto" and be == "reference" and dev.type == "cpu" and _extension.cpu_available():
-        be = "cpu"
+    be = resolve(backend, dev, op).kind
     return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale, be)
 
 

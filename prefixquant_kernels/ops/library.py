@@ -2,10 +2,13 @@
 
 Backends supply the real implementations per device: csrc/cpu/torch_ops.cpp registers the CPU kernels
 (TORCH_LIBRARY_IMPL(pqk, CPU, ...)) when prefixquant_kernels._C is imported — which happens at the end of
-this module, after the schemas exist. torch.compile and torch.export see each op as one node and trace it
+this module, after the schemas exist; ops/cuda_ops.py registers the CUDA ones, ops/kv.py the KV ops' single
+implementation. torch.compile and torch.export see each op as one node and trace it
 with the fake, which only allocates the output.
 
-cpu_isa: -1 = best for this CPU, 0 = portable scalar, 1 = AVX2 (tests force each to compare them).
+cpu_isa (the CPU kernels' code path; backend.CPU_ISAS maps backend= to it; tests force each to compare them):
+  -1 best for this CPU, 0 portable scalar ("cpu:scalar"), 1 AVX2 ("cpu:avx2"), 2 AVX2 with the W4 tile on AVX-VNNI
+  vpdpbusd ("cpu:avxvnni"), 3 the same on AVX512-VNNI, EVEX encoding ("cpu:avx512vnni").
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ def _kv_decode_static_fake(q, prefix_k, prefix_v, k_body, v_body, k_scale, v_sca
 
 # ---- KV-cache ops (ops/kv.py). One implementation each, registered by ops/kv.py for every device
 # (CompositeExplicitAutograd); it runs the backend named by `backend` ("reference" | "triton" | "cpu"), which the
-# public wrapper has already resolved from "auto" and validated. Arguments and shapes: the docstrings in ops/kv.py.
+# public wrapper has already resolved (ops/backend.py) and validated. Arguments and shapes: the docstrings in ops/kv.py.
 
 LIB.define("kv_quantize(Tensor x, Tensor scale, int bits, str backend) -> Tensor")
 LIB.define(

@@ -5,7 +5,7 @@ allow this: a per-token scale of the output would need the whole output row firs
 Validation -> backend choice -> reference or kernel.
 
     pqk::int4_matmul_requant / _silu_mul_requant   CPU: the C++ GEMM (fp32 out) + the C++ static quantize
-                                                   CUDA: pqk_int4_gemm epilogue 3 / 4 (one launch, ops/cuda.py)
+                                                   CUDA: pqk_int4_gemm epilogue 3 / 4 (one launch, ops/cuda_ops.py)
 """
 from __future__ import annotations
 
@@ -19,15 +19,9 @@ from .backend import resolve
 _QTYPES = (torch.uint8, torch.int8)  # uint8 = packed int4, int8 = int8
 
 
-def _k_of(t: torch.Tensor) -> int:
-    return t.shape[-1] * (2 if t.dtype == torch.uint8 else 1)
-
-
 def _weight(op: str, w, w_scale, bias, k: int, device: torch.device):
     checks.tensor(w, "w", op, _QTYPES, dim=2)
-    if _k_of(w) != k:
-        checks.fail(op, f"w's in_features K must be {k} to match the activations, got w of shape {tuple(w.shape)} "
-                        f"({w.dtype}: K = {_k_of(w)})")
+    checks.weight_k(w, k, op)
     checks.same_device(op, device, w=w)
     n = w.shape[0]
     ws = checks.channel_vector(w_scale, "w_scale", op, n, device, positive=True)
@@ -43,13 +37,13 @@ def _quantized_operands(op: str, a_packed, w_packed, a_scale, w_scale, bias):
     dev = a_packed.device
     a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
     a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
-    w, w_s, b = _weight(op, w_packed, w_scale, bias, _k_of(a_packed), dev)
+    w, w_s, b = _weight(op, w_packed, w_scale, bias, checks.packed_k(a_packed), dev)
     return a2, a_s, w, w_s, b
 
 
 def _quantized_backend(op: str, backend: str, a2: torch.Tensor, w: torch.Tensor):
     w4a4 = a2.dtype == torch.uint8 and w.dtype == torch.uint8
-    return resolve(backend, a2.device, op, cuda_unsupported=None if w4a4 else "int8 operands (the CUDA GEMM is W4A4)")
+    return resolve(backend, a2.device, op, None if w4a4 else {"cuda": "int8 operands (the CUDA GEMM is W4A4)"})
 
 
 def int4_matmul(a_packed: torch.Tensor, w_packed: torch.Tensor, a_scale, w_scale: torch.Tensor,
@@ -107,8 +101,7 @@ def quant_linear_prevalidated(x: torch.Tensor, w: torch.Tensor, w_scale: torch.T
     every scale; x is still checked by the caller."""
     w4a4 = a_bits == 4 and w.dtype == torch.uint8
     be = resolve(backend, x.device, "quant_linear",
-                 cuda_unsupported=None if w4a4 else f"W{8 if w.dtype == torch.int8 else 4}A{a_bits} "
-                                                    "(the CUDA GEMM is W4A4)")
+                 None if w4a4 else {"cuda": f"W{8 if w.dtype == torch.int8 else 4}A{a_bits} (the CUDA GEMM is W4A4)"})
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if be.kind == "reference":
         y = reference.quant_linear(x2, w, w_scale, a_scale, a_bits, bias)
@@ -117,25 +110,10 @@ def quant_linear_prevalidated(x: torch.Tensor, w: torch.Tensor, w_scale: torch.T
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _out_scale(out_scale, op: str) -> float:
-    """The next layer's static scale as a Python float (the kernels take it by value: no device read, no sync)."""
-    if isinstance(out_scale, torch.Tensor) and out_scale.numel() == 1 and out_scale.device.type == "cpu":
-        out_scale = out_scale.item()
-    if isinstance(out_scale, bool) or not isinstance(out_scale, (int, float)):
-        checks.fail(op, f"out_scale must be a number (the next layer's static scale), got {type(out_scale).__name__}",
-                    TypeError)
-    if not (0.0 < float(out_scale) < float("inf")):
-        checks.fail(op, f"out_scale must be finite and > 0, got {out_scale!r}")
-    return float(out_scale)
-
-
 def _requant(op: str, a_packed, w_packed, a_scale, w_scale, out_scale, bias, backend: str, n_multiple: int):
     a2, a_s, w, w_s, b = _quantized_operands(op, a_packed, w_packed, a_scale, w_scale, bias)
-    if w.shape[0] % n_multiple:
-        checks.fail(op, f"w's out_features N must be a multiple of {n_multiple} "
-                        f"({'gate/up rows interleaved, ' if n_multiple == 4 else ''}packed int4 out), "
-                        f"got N = {w.shape[0]}")
-    s_out = _out_scale(out_scale, op)
+    checks.requant_n(w.shape[0], n_multiple, op)
+    s_out = checks.out_scale(out_scale, op)
     be = _quantized_backend(op, backend, a2, w)
     if be.kind == "reference":
         y = getattr(reference, op)(a2, w, a_s, w_s, b, s_out)

@@ -21,7 +21,7 @@ def pack_int4(q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     checks.tensor(q, "q", op, (torch.int8,))
     checks.even_last_dim(q, "q", op)
     checks.int4_range(q, "q", op)
-    be = resolve(backend, q.device, op, cuda_unsupported="pack_int4 (a format conversion without a CUDA kernel)")
+    be = resolve(backend, q.device, op)
     if be.kind == "reference":
         return fmt.pack_int4(q)
     return torch.ops.pqk.pack_int4(q.contiguous())
@@ -31,8 +31,7 @@ def unpack_int4(packed: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """uint8 [..., K // 2] -> int8 [..., K] in [-8, 7] (inverse of pack_int4)."""
     op = "unpack_int4"
     checks.tensor(packed, "packed", op, (torch.uint8,))
-    be = resolve(backend, packed.device, op,
-                 cuda_unsupported="unpack_int4 (a format conversion without a CUDA kernel)")
+    be = resolve(backend, packed.device, op)
     if be.kind == "reference":
         return fmt.unpack_int4(packed)
     return torch.ops.pqk.unpack_int4(packed.contiguous())
@@ -50,14 +49,6 @@ def _unrows(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _check_activation(x, bits: int, op: str) -> None:
-    checks.float_tensor(x, "x", op)
-    checks.bits(bits, "bits", op)
-    checks.nonempty_last_dim(x, "x", op)
-    if bits == 4:
-        checks.even_last_dim(x, "x", op)
-
-
 def quantize_static(x: torch.Tensor, scale, bits: int = 4, *, backend: str = "auto") -> torch.Tensor:
     """Quantize with one static per-tensor scale: an elementwise map, no reduction over the data.
 
@@ -68,7 +59,7 @@ def quantize_static(x: torch.Tensor, scale, bits: int = 4, *, backend: str = "au
     NaN maps to 0, +-Inf saturate to the int range (see prefixquant_kernels.format).
     """
     op = "quantize_static"
-    _check_activation(x, bits, op)
+    checks.activation(x, bits, op)
     s = checks.static_scale(scale, "scale", op, x.device)
     be = resolve(backend, x.device, op)
     x2 = _rows(x)
@@ -86,7 +77,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 4, *, backend: str = "auto")
     dims; scale = max |x_row| over finite values / qmax (1 for an all-zero row).
     """
     op = "quantize_per_token"
-    _check_activation(x, bits, op)
+    checks.activation(x, bits, op)
     be = resolve(backend, x.device, op)
     x2 = _rows(x)
     if be.kind == "reference":

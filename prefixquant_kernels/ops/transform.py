@@ -3,15 +3,13 @@ static quantize that feeds a layer's q/k/v or gate/up GEMMs) and ``hadamard_tran
 rotation of the down_proj input). Validation -> backend choice (ops/backend.py) -> one ``torch.ops.pqk`` custom op
 (schemas and fakes in library.py). Kernels per device:
 
-    pqk::rmsnorm_quantize    CPU: PyTorch (reference.rmsnorm_quantize)   CUDA: pqk_rmsnorm_quantize (ops/cuda.py)
-    pqk::hadamard_transform  CPU: PyTorch (hadamard.py, O(n log n))      CUDA: pqk_hadamard (ops/cuda.py)
+    pqk::rmsnorm_quantize    CPU: PyTorch (reference.rmsnorm_quantize)   CUDA: pqk_rmsnorm_quantize (ops/cuda_ops.py)
+    pqk::hadamard_transform  CPU: PyTorch (hadamard.py, O(n log n))      CUDA: pqk_hadamard (ops/cuda_ops.py)
 
 There is no C++ CPU kernel for either: on CPU tensors backend "auto" / "cpu*" run the PyTorch implementation
 through the custom op (one node for torch.compile), "reference" calls it directly.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -36,27 +34,19 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale, bits: int = 4
     Returns q, or (q, y) with return_normed.
     """
     op = "rmsnorm_quantize"
-    checks.float_tensor(x, "x", op)
-    checks.bits(bits, "bits", op)
-    checks.nonempty_last_dim(x, "x", op)
-    if bits == 4:
-        checks.even_last_dim(x, "x", op)
-    checks.float_tensor(weight, "weight", op)
-    if tuple(weight.shape) != (x.shape[-1],):
-        checks.fail(op, f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    checks.same_device(op, x.device, weight=weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        checks.fail(op, f"eps must be a finite number >= 0, got {eps!r}")
+    checks.activation(x, bits, op)
+    checks.norm_weight(weight, op, x.shape[-1], x.device)
+    eps = checks.eps(eps, op)
     if not isinstance(return_normed, bool):
         checks.fail(op, f"return_normed must be a bool, got {return_normed!r}", TypeError)
     s = checks.static_scale(scale, "scale", op, x.device)
     be = resolve(backend, x.device, op)
     x2 = x.reshape(-1, x.shape[-1])
     if be.kind == "reference":
-        q, y = reference.rmsnorm_quantize(x2, weight, s, bits, float(eps))
+        q, y = reference.rmsnorm_quantize(x2, weight, s, bits, eps)
     else:
         w = weight.to(x.dtype) if x.device.type == "cuda" else weight
-        q, y = torch.ops.pqk.rmsnorm_quantize(x2.contiguous(), w.contiguous(), s, bits, float(eps), return_normed)
+        q, y = torch.ops.pqk.rmsnorm_quantize(x2.contiguous(), w.contiguous(), s, bits, eps, return_normed)
     q = q.reshape(*x.shape[:-1], q.shape[-1])
     return (q, y.reshape(x.shape)) if return_normed else q
 
@@ -71,10 +61,7 @@ def hadamard_transform(x: torch.Tensor, *, inverse: bool = False, backend: str =
     checks.nonempty_last_dim(x, "x", op)
     if not isinstance(inverse, bool):
         checks.fail(op, f"inverse must be a bool, got {inverse!r}", TypeError)
-    try:
-        had.hadamard_factor(x.shape[-1])
-    except ValueError as e:
-        checks.fail(op, f"x.shape[-1]: {e}")
+    checks.hadamard_size(x, op)
     be = resolve(backend, x.device, op)
     if be.kind == "reference":
         return had.hadamard_transform(x, inverse=inverse)

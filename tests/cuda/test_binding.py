@@ -1,4 +1,4 @@
-"""The CUDA torch binding (prefixquant_kernels/ops/cuda.py) without a GPU.
+"""The CUDA torch binding (prefixquant_kernels/ops/cuda_library.py, cuda_ops.py) without a GPU.
 
 1. The real libpqk_cuda.so (cuda_build, nvcc, no GPU): every function of pqk_cuda.h is declared with the header's
    parameter types; bad arguments return the negative status before any CUDA call; a launch that reaches CUDA here
@@ -22,16 +22,18 @@ import prefixquant_kernels as pqk
 from prefixquant_kernels import cuda_build, hadamard, reference
 from prefixquant_kernels import format as fmt
 from prefixquant_kernels.ops import backend as backend_mod
-from prefixquant_kernels.ops import cuda
+from prefixquant_kernels.ops import checks, cuda_library
+from prefixquant_kernels.ops import cuda_ops as cuda
 
 from ..conftest import rand_int
+from .header import header_signatures
 
 # ---- 1. the real library through ctypes --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def real_lib(cuda_lib):
-    return cuda.open_library(cuda_lib.lib)   # dlopen works without a driver: the CUDA runtime is linked statically
+    return cuda_library.open_library(cuda_lib.lib)   # dlopen works without a driver: the CUDA runtime is static
 
 
 def _ctype(c: str):
@@ -41,14 +43,15 @@ def _ctype(c: str):
 
 
 def test_signatures_match_the_header():
-    declared = cuda.header_signatures(f"{cuda_build.CUDA_DIR}/pqk_cuda.h")
-    assert set(declared) == set(cuda.SIGNATURES), "a launcher of pqk_cuda.h is not bound (or bound but not declared)"
+    declared = header_signatures(f"{cuda_build.CUDA_DIR}/pqk_cuda.h")
+    assert set(declared) == set(cuda_library.SIGNATURES), \
+        "a launcher of pqk_cuda.h is not bound (or bound but not declared)"
     for name, params in declared.items():
-        assert cuda.SIGNATURES[name][1] == [_ctype(p) for p in params], name
+        assert cuda_library.SIGNATURES[name][1] == [_ctype(p) for p in params], name
 
 
 def test_every_symbol_loads(real_lib):
-    for name, (restype, argtypes) in cuda.SIGNATURES.items():
+    for name, (restype, argtypes) in cuda_library.SIGNATURES.items():
         fn = getattr(real_lib, name)
         assert fn.restype is restype and fn.argtypes == argtypes
     assert real_lib.pqk_int4_gemm_path(86).startswith(b"imma.s4") and real_lib.pqk_int4_gemm_path(90) == b"imma.s8-unpacked"
@@ -93,9 +96,9 @@ def test_cutlass_config_without_an_sm80_device_is_refused(real_lib, config):
 def _binding_on_cpu(lib):
     """Lets the CUDA implementations run on CPU tensors with `lib` as the library (device guard and stream stubbed)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(cuda, "_LIB", lib)
-    mp.setattr(cuda, "_REASON", None)
-    mp.setattr(cuda, "_CHECKED", True)
+    mp.setattr(cuda_library, "_LIB", lib)
+    mp.setattr(cuda_library, "_REASON", None)
+    mp.setattr(cuda_library, "_CHECKED", True)
     mp.setattr(cuda, "_on_device", lambda t: contextlib.nullcontext())
     mp.setattr(cuda, "_stream", lambda t: 0)
     try:
@@ -351,9 +354,10 @@ S1 = torch.ones((), device="meta")
     ((A, W.float(), S1, WS, None, torch.float16), TypeError, "w must have dtype"),
     ((A, torch.zeros(5, 32, dtype=torch.uint8), S1, WS, None, torch.float16), ValueError,
      "w must be on meta like the input, got cpu"),
-    ((A, W[:, :16], S1, WS, None, torch.float16), ValueError, r"w must have K/2 = 32 bytes per row"),
+    ((A, W[:, :16], S1, WS, None, torch.float16), ValueError, r"w's in_features K must be 64"),
     ((A[0], W, S1, WS, None, torch.float16), ValueError, "a must be 2-D"),
-    ((A, W, torch.ones(2, device="meta"), WS, None, torch.float16), ValueError, r"a_scale must have 1 .* or M = 3"),
+    ((A, W, torch.ones(2, device="meta"), WS, None, torch.float16), ValueError,
+     r"a_scale must be a scalar or have one scale per row \(3\)"),
     ((A, W, S1, WS[:4], None, torch.float16), ValueError, r"w_scale must have shape \(5,\)"),
     ((A, W, S1, WS, torch.ones(4, device="meta"), torch.float16), ValueError, r"bias must have shape \(5,\)"),
     ((A, W, S1, WS, None, torch.int32), TypeError, "out_dtype must be one of"),
@@ -388,13 +392,13 @@ def test_pad_packed_k_keeps_the_product(gen):
     (lambda: cuda.check_rows("op", torch.zeros(3, 0, device="meta"), 8), ValueError, r"last dim \(K\) must be > 0"),
     (lambda: cuda.check_rows("op", torch.zeros(3, 4, dtype=torch.float64, device="meta"), 8), TypeError,
      "x must have dtype"),
-    (lambda: cuda.check_rows("op", torch.zeros(3, 4, device="meta"), 3), ValueError, "bits must be 4 or 8"),
+    (lambda: cuda.check_rows("op", torch.zeros(3, 4, device="meta"), 3), ValueError, r"bits must be one of \(4, 8\)"),
     (lambda: cuda.check_rows("op", torch.zeros(2**31, 2, device="meta"), 8), ValueError, "rows = 2147483648"),
-    (lambda: cuda.check_static_scale("op", torch.ones(2, device="meta"), "scale", torch.device("meta")),
-     ValueError, "scale must have 1 element"),
-    (lambda: cuda.check_static_scale("op", torch.ones(1), "scale", torch.device("meta")), ValueError,
+    (lambda: checks.static_scale(torch.ones(2, device="meta"), "scale", "op", torch.device("meta")),
+     ValueError, "scale must be a scalar"),
+    (lambda: checks.static_scale(torch.ones(1), "scale", "op", torch.device("meta")), ValueError,
      "scale must be on meta"),
-    (lambda: cuda.check_operand("op", "x", [1.0], (torch.float32,), None), TypeError, "x must be a torch.Tensor"),
+    (lambda: checks.tensor([1.0], "x", "op", (torch.float32,)), TypeError, "x must be a torch.Tensor"),
 ])
 def test_row_checks_reject(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -407,7 +411,7 @@ def test_cuda_ops_reject_before_launch(emu):
         cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3), None, 4, None)
     with pytest.raises(NotImplementedError, match="W4A4 only"):
         cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3), None, 8, None)
-    with pytest.raises(ValueError, match=r"w must have K/2 = 32 bytes per row for x's K = 64"):
+    with pytest.raises(ValueError, match=r"w's in_features K must be 64"):
         cuda.quant_linear(torch.randn(2, 64), torch.zeros(3, 16, dtype=torch.uint8), torch.ones(3), None, 4, None)
     with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
         cuda.rmsnorm_quantize(torch.randn(2, 64), torch.ones(32), torch.tensor(0.1))
@@ -447,18 +451,18 @@ def test_resolve():
     dev = torch.device("cuda")
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(cuda, "_CHECKED", True)
-        mp.setattr(cuda, "_REASON", None)
-        mp.setattr(cuda, "_LIB", EmulatedLib())
+        mp.setattr(cuda_library, "_CHECKED", True)
+        mp.setattr(cuda_library, "_REASON", None)
+        mp.setattr(cuda_library, "_LIB", EmulatedLib())
         assert backend_mod.resolve("auto", dev, "op").kind == "cuda"
         assert backend_mod.resolve("cuda", dev, "op").kind == "cuda"
-        assert backend_mod.resolve("auto", dev, "op", cuda_unsupported="int8 operands").kind == "reference"
+        assert backend_mod.resolve("auto", dev, "op", {"cuda": "int8 operands"}).kind == "reference"
         with pytest.raises(NotImplementedError, match=r"^pqk\.op: backend='cuda' has no CUDA kernel for int8 operands"):
-            backend_mod.resolve("cuda", dev, "op", cuda_unsupported="int8 operands")
+            backend_mod.resolve("cuda", dev, "op", {"cuda": "int8 operands"})
         with pytest.raises(ValueError, match="backend='cpu' runs on CPU tensors"):
             backend_mod.resolve("cpu", dev, "op")
         assert backend_mod.resolve("auto", torch.device("cpu"), "op").kind in ("cpu", "reference")
-        mp.setattr(cuda, "_REASON", "libpqk_cuda.so could not be loaded: test")
+        mp.setattr(cuda_library, "_REASON", "libpqk_cuda.so could not be loaded: test")
         mp.setattr(backend_mod, "_NOTED", False)
         with pytest.warns(RuntimeWarning, match="runs the PyTorch reference because .* could not be loaded: test"):
             assert backend_mod.resolve("auto", dev, "op").kind == "reference"
@@ -470,31 +474,31 @@ def test_resolve():
 
 def test_available_backends_by_device():
     assert "cuda" not in pqk.available_backends()           # CPU-tensor backends (the CPU tests sweep these)
-    assert pqk.available_backends("cuda") == (["reference", "cuda"] if cuda.cuda_available() else ["reference"])
+    assert pqk.available_backends("cuda") == (["reference", "cuda"] if cuda_library.cuda_available() else ["reference"])
 
 
 def test_cuda_available_is_constant_under_compile():
     @torch.compile(fullgraph=True, backend="eager")
     def f(x):
-        return x + 1 if cuda.cuda_available() else x - 1
+        return x + 1 if cuda_library.cuda_available() else x - 1
 
-    assert torch.equal(f(torch.ones(2)), torch.ones(2) + (1 if cuda.cuda_available() else -1))
+    assert torch.equal(f(torch.ones(2)), torch.ones(2) + (1 if cuda_library.cuda_available() else -1))
 
 
 def test_find_library_order(tmp_path, monkeypatch):
     monkeypatch.setenv("PQK_CUDA_LIB", str(tmp_path / "nope.so"))
     with pytest.raises(RuntimeError, match="PQK_CUDA_LIB=.*does not exist"):
-        cuda.find_library()
+        cuda_library.find_library()
     lib = tmp_path / "libpqk_cuda.so"
     lib.write_bytes(b"")
     monkeypatch.setenv("PQK_CUDA_LIB", str(lib))
-    assert cuda.find_library() == str(lib)
+    assert cuda_library.find_library() == str(lib)
     monkeypatch.delenv("PQK_CUDA_LIB")
-    monkeypatch.setattr(cuda, "PACKAGE_DIR", str(tmp_path))
-    assert cuda.find_library() == str(lib)                  # next to the package (setup.py's PQK_FORCE_CUDA path)
-    monkeypatch.setattr(cuda, "PACKAGE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(cuda_library, "PACKAGE_DIR", str(tmp_path))
+    assert cuda_library.find_library() == str(lib)          # next to the package (setup.py's PQK_FORCE_CUDA path)
+    monkeypatch.setattr(cuda_library, "PACKAGE_DIR", str(tmp_path / "empty"))
     with pytest.raises(RuntimeError, match="not found .*build=False"):
-        cuda.find_library(build=False)
+        cuda_library.find_library(build=False)
 
 
 def test_custom_op_kernels_of_rmsnorm_and_hadamard(emu, gen):

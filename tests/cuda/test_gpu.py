@@ -8,7 +8,7 @@ import torch
 import prefixquant_kernels as pqk
 from prefixquant_kernels import format as fmt
 from prefixquant_kernels import hadamard, reference, selftest
-from prefixquant_kernels.ops import cuda as pqk_cuda
+from prefixquant_kernels.ops import cuda_library, cuda_ops
 
 from ..conftest import rand_int
 from .test_binding import rmsnorm_reference
@@ -72,20 +72,20 @@ def test_gemm_16bit_out_every_tile_bit_exact(lib, m, config, out_dtype, per_toke
     assert torch.equal(out.cpu(), want)
 
 
-# ---- the torch binding (prefixquant_kernels/ops/cuda.py): backend="cuda" through torch.ops.pqk ---------------------
+# ---- the torch binding (prefixquant_kernels/ops/cuda_ops.py): backend="cuda" through torch.ops.pqk -----------------
 # Every op against the reference (computed on the CPU from the same inputs) over random shapes with odd M/N and
 # K % 32 != 0 (the binding pads K). Integer paths and the fp32 epilogue are bit-exact by construction.
 
 
-needs_binding = pytest.mark.skipif(not pqk_cuda.cuda_available(),
-                                   reason=f"needs the CUDA backend ({pqk_cuda.unavailable_reason()})")
+needs_binding = pytest.mark.skipif(not cuda_library.cuda_available(),
+                                   reason=f"needs the CUDA backend ({cuda_library.unavailable_reason()})")
 GPU_SHAPES = [(1, 4096, 4096), (3, 130, 96), (17, 5, 160), (118, 77, 62), (300, 257, 1024)]  # (M, N, K)
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def test_auto_picks_cuda_for_cuda_tensors():
-    if not pqk_cuda.cuda_available():
-        pytest.skip(f"no CUDA backend here: {pqk_cuda.unavailable_reason()}")
+    if not cuda_library.cuda_available():
+        pytest.skip(f"no CUDA backend here: {cuda_library.unavailable_reason()}")
     from prefixquant_kernels.ops.backend import resolve
 
     assert resolve("auto", torch.device("cuda"), "op").kind == "cuda"
@@ -192,7 +192,7 @@ def test_rmsnorm_quantize_matches_reference(gen, dtype, bits, rows, cols):
     x = (torch.randn(rows, cols, generator=gen) * 4).to(dtype)
     wt = (torch.rand(cols, generator=gen) + 0.5).to(dtype)
     s = torch.tensor(0.05)
-    q, y = pqk_cuda.rmsnorm_quantize(x.cuda(), wt.cuda(), s.cuda(), bits, eps=1e-5, return_normed=True)
+    q, y = cuda_ops.rmsnorm_quantize(x.cuda(), wt.cuda(), s.cuda(), bits, eps=1e-5, return_normed=True)
     y_ref = rmsnorm_reference(x, wt, 1e-5)
     tol = 2 * torch.finfo(dtype).eps   # the fp32 value may round to the neighbouring 16-bit value
     torch.testing.assert_close(y.cpu(), y_ref.to(dtype), atol=tol, rtol=tol)
@@ -208,7 +208,7 @@ def test_rmsnorm_quantize_matches_reference(gen, dtype, bits, rows, cols):
 @pytest.mark.parametrize("inverse", [False, True])
 def test_hadamard_matches_reference(gen, dtype, n, inverse):
     x = torch.randn(5, n, generator=gen).to(dtype)
-    got = pqk_cuda.hadamard_transform(x.cuda(), inverse=inverse)
+    got = cuda_ops.hadamard_transform(x.cuda(), inverse=inverse)
     want = hadamard.hadamard_transform(x, inverse=inverse)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # fp32 sum order; 2 ulp of 16-bit
     torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)

@@ -11,10 +11,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from prefixquant_kernels.ops import kv as kv_ops  # noqa: E402
+from prefixquant_kernels.ops.backend import resolve  # noqa: E402
 
-KV_BACKENDS = ["reference"] + (["triton"] if kv_ops.resolve_kv("auto", torch.device("cpu"), "test") == "triton"
-                               else [])
+# "auto" for an op without a C++ kernel: Triton when the interpreter runs here, else the reference
+KV_BACKENDS = ["reference"] + (["triton"] if resolve("auto", torch.device("cpu"), "kv_quantize_groupwise").kind ==
+                               "triton" else [])
 needs_triton = pytest.mark.skipif("triton" not in KV_BACKENDS, reason="triton (interpreter) not available")
 
 

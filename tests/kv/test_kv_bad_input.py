@@ -68,4 +68,4 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         pqk.kv_quantize(X, S, backend="triton")
-    assert pqk.ops.kv.resolve_kv("auto", X.device, "kv_quantize") == "reference"
+    assert pqk.ops.backend.resolve("auto", X.device, "kv_quantize_groupwise").kind == "reference"
