@@ -1,8 +1,8 @@
-"""KV-cache memory per mode (measured from the tensors each PrefixQuantCache holds) and the CPU time of the
+"""KV-cache memory per registered mode (measured from the tensors each PrefixQuantCache holds) and the CPU time of the
 reference dequant-concat. Speed of the Triton kernels is not measured on CPU: there they only run in the
 interpreter, which says nothing about GPU speed.
 
-Second table: one decode step's attention over a --attn-tokens KV4 cache (PrefixQuant layout, GQA 4:1):
+Second table: one decode step's attention over a --attn-tokens KV4 cache (mode "static" layout, GQA 4:1):
 dequant-concat of K and V + torch SDPA, with every dequant-concat backend that runs on this device (CPU: the C++
 kernel and the reference); on CUDA also the fused Triton decode attention (reads the packed body, never builds
 the 16-bit copy). The fused-vs-unfused comparison needs a GPU: on CPU only the unfused rows are timed.
@@ -28,8 +28,9 @@ import prefixquant_kernels as pqk
 def _modes(h: int, n_tokens: int):
     return {
         "fp16": {},
-        "prefixquant (4-bit static)": dict(mode="prefixquant", key_scales=[torch.full((h,), 0.1)],
+        "static (PrefixQuant, 4-bit)": dict(mode="static", key_scales=[torch.full((h,), 0.1)],
                                             value_scales=[torch.full((h,), 0.1)]),
+        "dynamic (4-bit per token)": dict(mode="dynamic", bits=4),
         "kivi (2-bit, G=32, R=128)": dict(mode="kivi", group_size=32, residual_length=128),
         "logquant (2-bit, G=32, W=128)": dict(mode="logquant", group_size=32, window=128),
     }

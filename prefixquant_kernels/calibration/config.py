@@ -1,144 +1,20 @@
-"""QuantConfig: what quantize_model does to a model (bits, static or dynamic activations, prefix, KV mode).
-
-    cfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=4, act_quant="static", prefix=True)
-
-Validated when built (``ValueError`` naming the field); ``to_dict`` / ``from_dict`` round-trip through the
-checkpoint's JSON.
-"""
-from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass, field
-
-ACT_QUANT = ("static", "dynamic")
-WEIGHT_METHODS = ("auto", "rtn", "gptq")
-KV_MODES = ("auto", "static", "dynamic", "kivi", "logquant", "fp16")
-LINEAR_BITS = (4, 8)
-KV_BITS = (2, 4, 8, 16)
-CONFIG_VERSION = 1
+"""QuantConfig, re-exported: it lives in prefixquant_kernels/config.py (below models/ and calibration/, which both
+use it). Every name this module exported before the move still imports from here."""
+from ..config import (  # noqa: F401
+    ACT_QUANT,
+    AUTO_KV_MODE,
+    CONFIG_VERSION,
+    LINEAR_BITS,
+    WEIGHT_METHODS,
+    QuantConfig,
+    _fail,
+    kv_bits_choices,
+    kv_modes,
+)
 
 
-def _fail(msg: str, exc: type[Exception] = ValueError):
-    raise exc(f"pqk.QuantConfig: {msg}")
-
-
-@dataclass
-class QuantConfig:
-    """Quantization recipe.
-
-    w_bits, a_bits: 4 or 8 (weights per output channel; activations per tensor (static) or per token (dynamic)).
-    kv_bits: 4 or 8 for kv_mode "static" / "dynamic"; 2 or 4 for "kivi" / "logquant"; 16 = KV not quantized.
-    act_quant: "static" (one calibrated scale per linear input) or "dynamic" (per token at run time, QuaRot-style).
-    prefix: put PrefixQuant's outlier tokens first, as a 16-bit KV prefix (excluded from every calibration).
-    prefix_tokens: token ids to use as the prefix (skips discovery); None = find them (``eta``).
-    rotate: fold a Hadamard rotation into the weights (QuaRot-style) + online Hadamard on the down_proj input.
-    kv_rotate: rotate the KV cache's space per head (PrefixQuant / QuaRot): an online Hadamard ``H [D, D]`` on Q and
-             K after RoPE (``(q H)(k H)^T = q k^T``; K is rotated as it enters the cache, which therefore quantizes
-             ``K H``; the 16-bit prefix keys are stored rotated too) and a Hadamard folded offline into v_proj's output
-             / o_proj's input, per head. It spreads K's channel outliers before the per-head quantizer.
-             None (default) = on when ``rotate`` is on, ``kv_bits <= 4`` and the KV mode is "static" or "dynamic"
-             (KIVI / LogQuant quantize keys per channel, which a rotation would mix); True / False force it.
-    weight_method: "rtn" (per-channel RTN with a clip search), "gptq", or "auto" (GPTQ for 4-bit weights).
-    kv_mode: "auto" (static per-head for static activations, dynamic per-token otherwise), "static", "dynamic",
-             "kivi", "logquant", "fp16".
-    kv_window: LogQuant's window W (16-bit tokens: a recent list of <= 2W and a sparse list of <= W).
-    calib_samples x calib_seq_len: calibration tokens; max_calib_rows: rows kept per quantizer for the searches.
-    """
-
-    w_bits: int = 4
-    a_bits: int = 8
-    kv_bits: int = 4
-    act_quant: str = "static"
-    prefix: bool = True
-    prefix_tokens: list[int] | None = None
-    rotate: bool = True
-    kv_rotate: bool | None = None
-    weight_method: str = "auto"
-    kv_mode: str = "auto"
-    kv_window: int = 32
-    eta: float = 64.0
-    max_prefix_len: int = 8
-    calib_samples: int = 16
-    calib_seq_len: int = 256
-    max_calib_rows: int = 512
-    act_clip_search: bool = True
-    gptq_damp: float = 0.01
-    gptq_block: int = 128
-    seed: int = 0
-    version: int = field(default=CONFIG_VERSION)
-
-    def __post_init__(self):
-        for name in ("w_bits", "a_bits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or v not in LINEAR_BITS:
-                _fail(f"{name} must be one of {LINEAR_BITS} (the kernels run int4 and int8), got {v!r}")
-        if self.act_quant not in ACT_QUANT:
-            _fail(f"act_quant must be one of {ACT_QUANT}, got {self.act_quant!r}")
-        if self.weight_method not in WEIGHT_METHODS:
-            _fail(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
-        if self.kv_mode not in KV_MODES:
-            _fail(f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
-        if isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS:
-            _fail(f"kv_bits must be one of {KV_BITS} (16: KV not quantized), got {self.kv_bits!r}")
-        mode = self.resolved_kv_mode
-        allowed = {"static": (4, 8), "dynamic": (4, 8), "kivi": (2, 4), "logquant": (2, 4), "fp16": (16,)}[mode]
-        if self.kv_bits not in allowed:
-            _fail(f"kv_bits={self.kv_bits} is not supported by kv_mode={mode!r} (supported: {allowed})")
-        if self.kv_rotate is not None and not isinstance(self.kv_rotate, bool):
-            _fail(f"kv_rotate must be True, False or None (auto), got {self.kv_rotate!r}")
-        if not (isinstance(self.eta, (int, float)) and self.eta > 1):
-            _fail(f"eta must be a number > 1 (outlier: max|x| > eta x the sequence median), got {self.eta!r}")
-        for name in ("kv_window", "max_prefix_len", "calib_samples", "calib_seq_len", "max_calib_rows", "gptq_block"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                _fail(f"{name} must be a positive int, got {v!r}")
-        if not (0 < self.gptq_damp < 1):
-            _fail(f"gptq_damp must be in (0, 1), got {self.gptq_damp!r}")
-        if self.prefix_tokens is not None:
-            if not self.prefix:
-                _fail("prefix_tokens given but prefix=False")
-            toks = list(self.prefix_tokens)
-            if not toks or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in toks):
-                _fail(f"prefix_tokens must be a non-empty list of token ids (ints >= 0), got {self.prefix_tokens!r}")
-            self.prefix_tokens = toks
-        if self.version != CONFIG_VERSION:
-            _fail(f"version {self.version} is not supported by this package (version {CONFIG_VERSION})")
-
-    @property
-    def resolved_kv_mode(self) -> str:
-        if self.kv_bits == 16:
-            return "fp16"
-        if self.kv_mode == "auto":
-            return "static" if self.act_quant == "static" else "dynamic"
-        return self.kv_mode
-
-    @property
-    def resolved_kv_rotate(self) -> bool:
-        if self.kv_rotate is None:
-            return self.rotate and self.kv_bits <= 4 and self.resolved_kv_mode in ("static", "dynamic")
-        return self.kv_rotate
-
-    @property
-    def resolved_weight_method(self) -> str:
-        if self.weight_method == "auto":
-            return "gptq" if self.w_bits == 4 else "rtn"
-        return self.weight_method
-
-    @property
-    def name(self) -> str:
-        kv = "KV16" if self.kv_bits == 16 else f"KV{self.kv_bits}"
-        return (f"W{self.w_bits}A{self.a_bits}{kv} {self.act_quant}" + (" +prefix" if self.prefix else "")
-                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else ""))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
-        # written before kv_rotate existed: no KV rotation in that checkpoint (kv_window: its default, 32)
-        d = {"kv_rotate": False, **d}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            _fail(f"unknown fields {sorted(unknown)} (a checkpoint from another version?)")
-        return cls(**d)
+def __getattr__(name):   # KV_MODES / KV_BITS: computed from the KV mode registry when read (config.py)
+    if name in ("KV_MODES", "KV_BITS"):
+        from .. import config
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ RoPE mixes channel pairs with a position-dependent angle, so H cannot be folded 
 run online, after RoPE. transformers 5.23 attention (Llama, Qwen2, Qwen3) runs
 ``RoPE -> past_key_values.update(k, v) -> attention_interface(q, k, v)``, which gives two places, one per tensor:
 
-* K: the cache rotates the new keys as they enter it (``kv_cache.build_cache(key_rotation=H)``), before it
+* K: the cache rotates the new keys as they enter it (``cache.factory.build_cache(key_rotation=H)``), before it
   quantizes them; every key it holds and returns, the 16-bit prefix included, is in the rotated space.
 * Q: an attention function registered in transformers' ``AttentionInterface`` (``pqk_qk_rotated_sdpa`` /
   ``pqk_qk_rotated_eager``: the model's sdpa or eager attention with ``q @ H`` first). The rotation comes as the
@@ -28,19 +28,11 @@ import sys
 
 import torch
 
+from ..cache.factory import rotate_heads  # noqa: F401  (Q is rotated as the cache rotates K)
 from .prefix_attention import prefix_causal_attention
 
 BASES = ("sdpa", "eager")
 PREFIX = "pqk_qk_rotated_"
-
-
-def rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x float [..., D] (e.g. [B, H, T, D]) -> ``x @ rotation`` (rotation float [D, D]), computed in fp32, in x's
-    dtype (a 16-bit matmul would add its own rounding to every key before it is quantized)."""
-    if x.shape[-1] != rotation.shape[0]:
-        raise ValueError(f"pqk.rotate_heads: x has head_dim {x.shape[-1]}, the rotation is "
-                         f"{tuple(rotation.shape)}")
-    return (x.float() @ rotation.to(device=x.device, dtype=torch.float32)).to(x.dtype)
 
 
 def _base_attention(base: str, module):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration.config import QuantConfig
-from .kv_cache import build_cache
+from ..cache.factory import build_cache
+from ..cache.registry import kv_mode
+from ..config import QuantConfig
 
 
 class PrefixQuantState(nn.Module):
@@ -27,13 +28,15 @@ class PrefixQuantState(nn.Module):
         self.cfg, self.num_layers, self.bos_id = cfg, num_layers, bos_id
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.info = dict(info or {})
+        # the static per-head KV scales: buffers of the modes that take them ("static"); calibrated by the pipeline
+        self._has_kv_scales = kv_mode(cfg.resolved_kv_mode).static_scales
         self.register_buffer("prefix_ids", torch.zeros(prefix_len, dtype=torch.long))
         for i in range(num_layers):
             if prefix_len:
                 for n in ("prefix_keys", "prefix_values"):
                     self.register_buffer(f"{n}_{i}", torch.zeros(1, num_kv_heads, prefix_len, head_dim,
                                                                   dtype=torch.float16))
-            if cfg.resolved_kv_mode == "static":
+            if self._has_kv_scales:
                 for n in ("key_scales", "value_scales"):
                     self.register_buffer(f"{n}_{i}", torch.ones(num_kv_heads, dtype=torch.float32))
         if cfg.resolved_kv_rotate:
@@ -64,18 +67,18 @@ class PrefixQuantState(nn.Module):
         self.qk_rotation.copy_(rotation)
 
     def make_cache(self, batch_size: int = 1, backend: str = "auto"):
-        """A fresh pqk.PrefixQuantCache holding the prefix (counted in its length), in the config's KV mode."""
+        """A fresh pqk.PrefixQuantCache holding the prefix (counted in its length), in the config's KV mode
+        (built by cache/factory.py's build_cache from the mode's name; the mode takes what it needs of the scales
+        and of cfg.kv_window)."""
         mode = self.cfg.resolved_kv_mode
         kw = {}
         if self.prefix_len:
             kw.update(prefix_keys=self._list("prefix_keys"), prefix_values=self._list("prefix_values"))
-        if mode == "static":
+        if self._has_kv_scales:
             kw.update(key_scales=self._list("key_scales"), value_scales=self._list("value_scales"))
         if self.rotates_qk:
             kw.update(key_rotation=self.qk_rotation)
-        if mode == "logquant":
-            kw.update(window=self.cfg.kv_window)
-        return build_cache(self.num_layers, mode, self.cfg.kv_bits, backend=backend, **kw)
+        return build_cache(self.num_layers, mode, self.cfg.kv_bits, window=self.cfg.kv_window, backend=backend, **kw)
 
     def drops_bos(self, input_ids: torch.Tensor) -> bool:
         """Whether the user's ids start with the BOS the prefix already ends with (then it is dropped)."""

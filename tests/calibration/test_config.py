@@ -56,3 +56,47 @@ def test_logquant_window_reaches_the_cache():
     cfg = pqk.QuantConfig(w_bits=8, a_bits=8, kv_bits=2, kv_mode="logquant", kv_window=42)
     cache = PrefixQuantState(cfg, 2, 2, 16, 0, None).make_cache(1)
     assert [layer.window for layer in cache.layers] == [42, 42]
+
+
+def test_old_import_paths_and_the_registry_tables():
+    from prefixquant_kernels import config
+    from prefixquant_kernels.calibration.config import (ACT_QUANT, CONFIG_VERSION, KV_BITS, KV_MODES, LINEAR_BITS,
+                                                        WEIGHT_METHODS, QuantConfig)
+    assert QuantConfig is config.QuantConfig is pqk.QuantConfig
+    assert (ACT_QUANT, LINEAR_BITS, CONFIG_VERSION, WEIGHT_METHODS) == (
+        config.ACT_QUANT, config.LINEAR_BITS, config.CONFIG_VERSION, config.WEIGHT_METHODS)
+    assert KV_MODES == ("auto", "static", "dynamic", "kivi", "logquant", "fp16") and KV_BITS == (2, 4, 8, 16)
+    with pytest.raises(ValueError, match=r"kv_mode must be one of \('auto', 'static', .*got 'prefixquant'"):
+        pqk.QuantConfig(kv_mode="prefixquant")      # the cache's alias is not a config value: one name per mode
+
+
+def test_the_config_alone_needs_no_transformers():
+    """calibration/__init__.py's promise: QuantConfig imports and validates (KV modes from the registry) without
+    transformers; models/ reads it from prefixquant_kernels/config.py, not from calibration/."""
+    import subprocess
+    import sys
+    code = """
+import builtins, sys
+real = builtins.__import__
+def no_transformers(name, *args, **kwargs):
+    if name.split(".")[0] == "transformers":
+        raise ImportError("blocked")
+    return real(name, *args, **kwargs)
+builtins.__import__ = no_transformers
+from prefixquant_kernels.calibration.config import QuantConfig
+assert QuantConfig(kv_mode="kivi", kv_bits=2).resolved_kv_mode == "kivi"
+try:
+    QuantConfig(kv_mode="kivi", kv_bits=8)
+except ValueError as e:
+    assert "not supported by kv_mode='kivi' (supported: (2, 4))" in str(e), e
+else:
+    raise AssertionError("kv_bits=8 accepted for kivi")
+assert "transformers" not in sys.modules and "prefixquant_kernels.calibration.pipeline" not in sys.modules
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import ast
+    import pathlib
+    src = (pathlib.Path(pqk.__file__).parent / "models" / "state.py").read_text()
+    mods = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert not any(m and m.startswith("calibration") for m in mods), mods      # no upward import

@@ -1,9 +1,9 @@
 """PrefixQuantCache beyond greedy decoding: beam reordering / batch selection / repeat, crop, reset.
 
 Layer level: a cache whose batch rows were selected is bit-exact with a cache fed the selected sequences from
-the start (every quantizer works per batch row), in every mode; a cropped "fp16" / "prefixquant" cache is bit-exact
-with one built from the shorter sequence; a cropped "kivi" / "logquant" cache returns exactly what it returned
-before the crop for the remaining positions. Model level: generate(num_beams=2/3) and assisted generation."""
+the start (every quantizer works per batch row), in every mode; a cropped "fp16" / "prefixquant" / "dynamic" cache
+is bit-exact with one built from the shorter sequence; a cropped "kivi" / "logquant" cache returns exactly what it
+returned before the crop for the remaining positions. Model level: generate(num_beams=2/3) and assisted generation."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -15,7 +15,7 @@ from .test_prefix_quant_cache import _cache, _generate, _ids, _prefix_and_scales
 
 H, D, P = 2, 64, 3
 MODES = {"fp16": {}, "prefixquant": None, "kivi": dict(group_size=4, residual_length=8),
-         "logquant": dict(group_size=4, window=2)}
+         "logquant": dict(group_size=4, window=2), "dynamic": {}}
 
 
 def _make(mode, prefix, gen_or_scales, backend="reference"):
@@ -99,7 +99,7 @@ def test_selection_before_the_first_update_selects_a_per_sequence_prefix(gen):
 
 # ---- crop ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["fp16", "prefixquant"])
+@pytest.mark.parametrize("mode", ["fp16", "prefixquant", "dynamic"])
 @pytest.mark.parametrize("k_remove", [1, 5, 17, 17 + 2, 17 + P])  # within the tokens, all of them, into the prefix
 def test_crop_is_exact_for_per_token_modes(mode, k_remove, gen):
     b, sizes = 2, [11, 1, 1, 4]

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2C
 
 import prefixquant_kernels as pqk
 from prefixquant_kernels import kv_format as kvf
-from prefixquant_kernels.cache.prefix_quant_cache import logquant_select
+from prefixquant_kernels.cache.modes.logquant import logquant_select
 
 from .conftest import KV_BACKENDS, needs_triton, rand_kv
 

@@ -1,12 +1,12 @@
 """Fused decode: a patched model's one-token steps with a "prefixquant" PrefixQuantCache attend over the packed
 K/V in place (PrefixQuantCache.deferred_reads + the pqk attention + kv_decode_attention) instead of dequantizing
-the whole history first. Same logits as the unfused path (cache.fused_decode = False), for Llama / Qwen2 / Qwen3,
-sdpa and eager, KV 4 and 8 bits, with and without the Q/K rotation; falls back where it cannot apply."""
+the whole history first. Same logits as the unfused path (cache.fused_decode = False), for Llama / Mistral / Qwen2 /
+Qwen3 / Phi-3, sdpa and eager, KV 4 and 8 bits, with and without the Q/K rotation; falls back where it cannot apply."""
 import pytest
 import torch
 
 import prefixquant_kernels as pqk
-from prefixquant_kernels.cache.prefix_quant_cache import StaticQuantLayer
+from prefixquant_kernels.cache.modes.static import StaticQuantLayer
 from prefixquant_kernels.calibration.pipeline import quantize_model
 
 from .tiny import StubTokenizer, text, tiny_model
@@ -65,6 +65,7 @@ def _assert_same(got, want):
 @pytest.mark.parametrize("arch,attn,kv_bits,kv_rotate", [
     ("llama", "sdpa", 4, True), ("llama", "eager", 4, False), ("qwen2", "sdpa", 4, False),
     ("qwen3", "sdpa", 8, True), ("qwen3", "eager", 4, True),
+    ("mistral", "sdpa", 4, True), ("phi3", "sdpa", 4, True), ("phi3", "eager", 8, False),
 ])
 def test_fused_decode_matches_unfused(arch, attn, kv_bits, kv_rotate, calls):
     model = _quantized(arch, attn, kv_bits, kv_rotate)

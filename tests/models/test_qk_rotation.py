@@ -8,7 +8,7 @@ import prefixquant_kernels as pqk
 from prefixquant_kernels.calibration import prefix as pfx
 from prefixquant_kernels.calibration import rotation, scales
 from prefixquant_kernels.models import qk_rotation
-from prefixquant_kernels.models.kv_cache import KeyRotatingCache, build_cache
+from prefixquant_kernels.cache import KeyRotatingCache, build_cache
 from prefixquant_kernels.models.patch import swap
 from prefixquant_kernels.models.state import PrefixQuantState
 
@@ -20,10 +20,11 @@ def _randomized(arch, attn="sdpa"):
     model = tiny_model(arch)
     model.set_attn_implementation(attn)
     g = torch.Generator().manual_seed(1)
+    spec = pqk.models.get_spec(model)
     with torch.no_grad():
         for layer in model.model.layers:
             a = layer.self_attn
-            for lin in (a.q_proj, a.k_proj, a.v_proj):
+            for lin in (layer.get_submodule(n) for n in spec.points["qkv"]):
                 if lin.bias is not None:
                     lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
             for norm in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)):
@@ -52,14 +53,19 @@ def _kv_rotated_float(model, prefix_ids):
 @pytest.mark.parametrize("arch,attn,prefix_ids", [
     ("llama", "sdpa", [7, BOS]), ("qwen2", "sdpa", [7, BOS]), ("qwen3", "sdpa", [7, BOS]),
     ("llama", "eager", []), ("qwen3", "eager", [BOS]),
+    ("mistral", "sdpa", [7, BOS]), ("phi3", "sdpa", [7, BOS]), ("phi3", "eager", []),   # phi3: V rows of qkv_proj
 ])
 def test_kv_rotation_keeps_the_float_model(arch, attn, prefix_ids):
     ref = _randomized(arch, attn)
     model, h = _kv_rotated_float(_randomized(arch, attn), prefix_ids)
     assert model.config._attn_implementation == qk_rotation.PREFIX + attn
     assert not torch.allclose(h, torch.eye(h.shape[0]))
-    v_rotated, v_ref = model.model.layers[0].self_attn.v_proj.weight, ref.model.layers[0].self_attn.v_proj.weight
-    assert not torch.allclose(v_rotated, v_ref)
+    spec = pqk.models.get_spec(model)
+    q_rows, k_rows, v_rows = spec.qkv_rows(model.config)
+    v_rotated, v_ref = (m.model.layers[0].get_submodule(spec.v).weight for m in (model, ref))
+    assert not torch.allclose(v_rotated[v_rows], v_ref[v_rows])
+    assert torch.equal(v_rotated[q_rows], v_ref[q_rows]) or not spec.fused_qkv     # fused: only the V rows change
+    assert torch.equal(v_rotated[k_rows], v_ref[k_rows]) or not spec.fused_qkv
     ids = torch.tensor([StubTokenizer().encode(text(37, seed=2))])   # odd length
     lead = torch.tensor([prefix_ids], dtype=torch.long)
     with torch.no_grad():
