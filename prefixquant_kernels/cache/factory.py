@@ -1,6 +1,6 @@
 """The cache a quantized model runs with, by mode name: ``build_cache(num_layers, mode, bits, ...)`` -> a
 PrefixQuantCache (or, with ``key_rotation``, a KeyRotatingCache: the keys rotated per head, ``K H``, before the
-mode quantizes them; models/qk_rotation.py rotates the queries to match). Any registered mode (registry.py), with
+mode quantizes them; models/attention.py rotates the queries to match). Any registered mode (registry.py), with
 the keyword arguments that mode takes.
 """
 from __future__ import annotations

@@ -89,7 +89,7 @@ class PrefixQuantCache(Cache):
         """Within the block, a one-token update() of a "static" layer returns empty K/V ([B, H, 0, D]) and
         does not dequantize the history: the caller promises an attention that notices the empty K/V and calls
         the layer's decode_attention(query, scaling) (or keys_values(dtype)) instead. The patched model forward
-        (models/patch.py) opens it around a decode step, with the pqk attention (models/qk_rotation.py)."""
+        (models/patch.py) opens it around a decode step, with the pqk attention (models/attention.py)."""
         for layer in self.layers:
             layer.defer_reads = True
         try:

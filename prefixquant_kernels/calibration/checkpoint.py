@@ -12,6 +12,8 @@
 
 load_quantized rebuilds the model from config.json (no float weights needed), puts empty QuantLinears and the
 prefix state in place, then loads every tensor strictly: a checkpoint of another shape or config is an error.
+Module names are the model's own (the family's ArchSpec, models/arch.py, says which linears are quantized), so a
+checkpoint written before the layout moved into ArchSpec names the same modules and loads unchanged.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import os
 
 import torch
 
-from ..models.patch import float_linears, get_spec, swap
+from ..models.arch import float_linears, get_spec
+from ..models.patch import swap
 from ..models.state import PrefixQuantState
 from ..nn import QuantLinear
 from .config import QuantConfig
@@ -128,7 +131,7 @@ def build_skeleton(model, meta: dict, op: str) -> None:
                       f"config builds [{lin.out_features}, {lin.in_features}] bias={lin.bias is not None}")
         q = QuantLinear(m["in_features"], m["out_features"], w_bits=m["w_bits"], a_bits=m["a_bits"],
                         bias=m["bias"], static=m["static"])
-        if name.endswith(".linear"):    # a rotated down_proj: its signs / rotation are loaded with the other tensors
+        if name.endswith(".linear"):    # a rotated linear (down): its signs / rotation load with the other tensors
             base = name.removesuffix(".linear")
             try:
                 replacements[base] = RotatedLinear.empty(q, forms.get(base, "dense"), lin.in_features,

@@ -19,7 +19,7 @@ should not pay, so the registration runs when transformers imports that module i
 when it is already imported. An older transformers without the API gets a warning; the package still imports.
 
 This module imports nothing of the package's transformers-dependent code at its top: the hook may run while
-transformers is half-way through importing ``modeling_utils`` (models/qk_rotation.py registers an attention
+transformers is half-way through importing ``modeling_utils`` (models/attention.py registers an attention
 function at import, which needs the finished module), so those imports happen inside the methods.
 """
 from __future__ import annotations

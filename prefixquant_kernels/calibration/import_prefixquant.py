@@ -6,42 +6,11 @@ on the int kernels.
     model = pqk.import_prefixquant(model, ckpt_dir)        # or into a float model of the same architecture
     pqk.export_hf(model, out_dir)                          # then: our packed format (int4/int8 + scales)
 
-What their code writes (read at commit 97cc15b: main.py L317-326, utils/quant_utils.py ``get_quant_config``
-L811-831 and ``init_*_quantizer`` L126-275, quantize/quantizer.py, quantize/int_linear_fake.py,
-quantize/quant_norm.py, utils/rotation_utils.py ``QKRotationWrapper`` L315-360, quantize/block_ap.py L311-313,
-utils/hadamard_utils.py ``matmul_hadU_cuda`` / ``apply_exact_had_to_linear``):
-
-* ``model.save_pretrained``: config.json + model.safetensors (or shards, or pytorch_model.bin) of the fake-quant
-  model in float16. Per decoder layer (prefix ``model.layers.{i}.``):
-    ``self_attn.{q,k,v,o}_proj.weight``, ``mlp.{gate,up,down}_proj.weight``  [N, K] (already on the quantization
-        grid when --mse_init / --epochs ran: block_ap's ``quant_inplace``; else float: re-quantized here either way)
-    ``<linear>.weight_quantizer.scale``  [N * K / w_group_size, 1]: per output channel for w_group_size -1
-    ``input_layernorm.output_quantizer.scale``, ``post_attention_layernorm.output_quantizer.scale`` [1, 1]: the
-        static inputs of q/k/v and of gate/up (their RMSNorm quantizes its output)
-    ``self_attn.o_proj.input_quantizer.scale``, ``mlp.down_proj.input_quantizer.scale`` [1, 1]
-    ``self_attn.v_proj.output_quantizer.scale`` [H_kv, 1]: V cache, one scale per KV head (kv_group_size = head_dim)
-    ``self_attn.apply_rotary_pos_emb_qk_rotation_wrapper.k_quantizer.scale`` [H_kv, 1]: K cache, after RoPE and
-        the online Hadamard
-  plus the norms, embeddings and lm_head (rotations and norm weights already folded when --pre_rotate ran).
-* ``prefixequant_config.json`` (sic): wbits, w_group_size, w_asym, input_bits, input_group_size, input_asym,
-  input_mode, k_bits, v_bits, kv_group_size, kv_asym, k_pre_rope, kv_mode, down_online_had, qk_online_had,
-  real_quant, set_prefixed_tokens, activation_clipping, prefixed_tokens.
-* ``prefixed_key_values.pth``: ``torch.save`` of the prefix tokens' ``past_key_values`` from a float forward (after
-  the rotation, before any quantizer): per layer (K, V) [1, H_kv, P, D] float16, K after RoPE and the Q/K Hadamard.
-  Loaded here with ``torch.load(weights_only=True)``: tensors, tuples and lists only, no code.
-
-Their fake quantization (quantizer.py ``static_fake_quant``): ``x -> clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) * s``
-with ``s`` clamped to [1e-4, 1e4], symmetric (no zero point); torch.round rounds half to even like this package's
-format.quantize, so the integers are the same. Online rotations (not stored, deterministic): the down_proj input
-``x -> x M^T`` with ``M = (H_K (x) H_{I/K}) / sqrt(I)`` (I = intermediate_size; Sylvester H for a power of two, else
-their ``get_hadK`` matrix H_K, which this package does not ship: pass it as ``had_k``), and Q, K after RoPE
-``-> x H_D / sqrt(D)`` (Sylvester), which is this package's kv_rotate with ``qk_rotation = H_D / sqrt(D)``.
-
-Supported: symmetric static W4/W8 x A4/A8 per-tensor activations, KV 4/8-bit static per head (or 16), the prefix,
-the two online Hadamards. Everything else (asymmetric or grouped quantizers, dynamic activations, K before RoPE,
-their real_quant packing, unknown tensors such as clipping factors of dynamic quantizers) is an error that names the
-key and what to do. Differences that remain: their RMSNorm after --pre_rotate uses eps 1e-5 whatever the config says
-(the config's eps is kept here: identical for Llama, 1e-6 vs 1e-5 for Qwen2); their fp16 arithmetic vs fp32 here.
+The format (their files, tensor names and shapes, their fake quantization and online rotations, what is supported)
+is described in docs/PREFIXQUANT_FORMAT.md. The per-layer names come from the model family's ArchSpec
+(models/arch.py): the layer prefix, the linears of each quantizer point (their static input scale is the output
+quantizer of the norm in front of the point, or the input quantizer of the point's first linear), V's linear.
+Only families with separate q/k/v and gate/up linears (the Llama layout PrefixQuant's code quantizes) are read.
 """
 from __future__ import annotations
 
@@ -55,15 +24,35 @@ CONFIG_FILE = "prefixequant_config.json"     # sic: the name their main.py write
 PREFIX_FILE = "prefixed_key_values.pth"
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4             # their clamp_ste(scale, 1e-4, 1e4) at every use
 
-_K_QUANT = "self_attn.apply_rotary_pos_emb_qk_rotation_wrapper.k_quantizer.scale"
-_V_QUANT = "self_attn.v_proj.output_quantizer.scale"
-# quantizer input -> (the key of its static scale in their state dict, the linears that read it)
-_ACT_POINTS = {
-    "input_layernorm.output_quantizer.scale": ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    "self_attn.o_proj.input_quantizer.scale": ("self_attn", ("o_proj",)),
-    "post_attention_layernorm.output_quantizer.scale": ("mlp", ("gate_proj", "up_proj")),
-    "mlp.down_proj.input_quantizer.scale": ("mlp", ("down_proj",)),
-}
+
+
+def _k_quant_key(spec) -> str:
+    """Their K-cache quantizer (after RoPE and the Q/K Hadamard), in a decoder layer."""
+    return f"{spec.attn}.apply_rotary_pos_emb_qk_rotation_wrapper.k_quantizer.scale"
+
+
+def _v_quant_key(spec) -> str:
+    """Their V-cache quantizer: the output quantizer of v's linear, in a decoder layer."""
+    return f"{spec.v}.output_quantizer.scale"
+
+
+def _act_keys(spec) -> dict[str, str]:
+    """Their static input scale of each quantizer point (in a decoder layer) -> the point: the output quantizer of
+    the norm in front of the point (q/k/v, gate/up), else the input quantizer of its linear (o, down)."""
+    norms = spec.point_norms
+    return {(f"{norms[p]}.output_quantizer.scale" if p in norms else f"{names[0]}.input_quantizer.scale"): p
+            for p, names in spec.points.items()}
+
+
+def _llama_spec():
+    from ..models.arch import REGISTRY
+    return REGISTRY["llama"]
+
+
+# the keys for the Llama layout (Llama / Mistral / Qwen2 / Qwen3 alike)
+_K_QUANT = _k_quant_key(_llama_spec())
+_V_QUANT = _v_quant_key(_llama_spec())
+_ACT_POINTS = _act_keys(_llama_spec())
 # hints for tensors we do not model
 _UNSUPPORTED_HINTS = {
     "zero_point": "an asymmetric quantizer's zero point (re-quantize with --w_sym / --input_sym / --kv_sym)",
@@ -223,7 +212,7 @@ def _scale(sd: dict, key: str, numel: int, what: str) -> torch.Tensor:
 
 def _down_rotation(intermediate: int, had_k: torch.Tensor | None) -> torch.Tensor:
     """Their online down_proj Hadamard as RotatedLinear's rotation R (``x -> x R``): float32 [I, I], R = M^T with
-    M = (H_K (x) H_{I/K}) / sqrt(I) (module doc)."""
+    M = (H_K (x) H_{I/K}) / sqrt(I) (docs/PREFIXQUANT_FORMAT.md)."""
     from ..hadamard import hadamard_rotation
 
     if had_k is None:
@@ -261,16 +250,17 @@ def _check_model_matches(model, ckpt_dir: str) -> None:
 
 @torch.no_grad()
 def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = None):
-    """Turn the float ``model`` (a Llama / Qwen2 / Qwen3 *ForCausalLM of the checkpoint's architecture) into the
-    quantized model PrefixQuant saved in ``ckpt_dir`` (module doc) and return it: every q/k/v/o/gate/up/down a
-    QuantLinear with their integers and scales, the online down_proj Hadamard as a RotatedLinear, the prefix K/V,
-    K/V scales and Q/K Hadamard in ``model.pqk_state``. The model's other tensors (embeddings, norms, lm_head) are
-    replaced by the checkpoint's. had_k: their ``get_hadK(intermediate_size)[0]`` when down_online_had is on and
-    intermediate_size is not a power of 2.
+    """Turn the float ``model`` (a Llama / Mistral / Qwen2 / Qwen3 *ForCausalLM of the checkpoint's architecture)
+    into the quantized model PrefixQuant saved in ``ckpt_dir`` (docs/PREFIXQUANT_FORMAT.md) and return it: every
+    q/k/v/o/gate/up/down a QuantLinear with their integers and scales, the online down_proj Hadamard as a
+    RotatedLinear, the prefix K/V, K/V scales and Q/K Hadamard in ``model.pqk_state``. The model's other tensors
+    (embeddings, norms, lm_head) are replaced by the checkpoint's. had_k: their ``get_hadK(intermediate_size)[0]``
+    when down_online_had is on and intermediate_size is not a power of 2.
 
     Everything is read and checked before the model changes; an error leaves it as it was."""
-    from ..models import qk_rotation as qkr
-    from ..models.patch import decoder_layers, float_linears, get_spec, swap
+    from ..models import attention
+    from ..models.arch import decoder_layers, float_linears, get_spec
+    from ..models.patch import swap
     from ..models.rotated_linear import RotatedLinear
     from ..models.state import PrefixQuantState
     from ..nn import QuantLinear
@@ -278,7 +268,10 @@ def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = Non
 
     if not isinstance(ckpt_dir, (str, os.PathLike)) or not os.path.isdir(ckpt_dir):
         _fail(f"ckpt_dir must be an existing directory, got {ckpt_dir!r}", FileNotFoundError)
-    get_spec(model)
+    spec = get_spec(model)
+    if spec.fused_qkv or spec.fused_gate_up:
+        _fail(f"model_type {spec.model_type!r} has fused linears ({spec.q}, {spec.gate}); PrefixQuant's code "
+              "quantizes separate q/k/v and gate/up linears (the Llama layout), so no checkpoint of it can exist")
     if getattr(model, "pqk_state", None) is not None:
         _fail("the model is already quantized (it has a pqk_state): import into a float model")
     linears = float_linears(model)
@@ -289,7 +282,7 @@ def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = Non
     c = model.config
     n_layers = len(decoder_layers(model))
     h_kv = c.num_key_value_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    head_dim = spec.head_dim(c)
     prefix_ids = list(qc.get("prefixed_tokens") or [])
     kv_bits = qc["k_bits"]
     rotate_down, rotate_qk = bool(qc.get("down_online_had")), bool(qc.get("qk_online_had"))
@@ -298,7 +291,7 @@ def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = Non
     if rotate_qk and head_dim & (head_dim - 1):
         _fail(f"qk_online_had with head_dim={head_dim}: PrefixQuant supports only a power-of-2 head_dim")
     if rotate_qk:
-        qkr.check_attention(model)
+        attention.check_attention(model)
     kv_group = qc.get("kv_group_size", head_dim)
     if kv_bits < 16 and kv_group not in (-1, head_dim):
         _fail(f"{CONFIG_FILE}: kv_group_size={kv_group} is neither -1 nor head_dim={head_dim}: the cache keeps one "
@@ -320,13 +313,15 @@ def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = Non
     # 1. the linears: their weights re-quantized on their per-channel scales, with their static input scales
     replacements: dict[str, nn.Module] = {}
     down_r = _down_rotation(c.intermediate_size, had_k) if rotate_down else None
+    act_keys = _act_keys(spec)
     for i in range(n_layers):
-        pre = f"model.layers.{i}."
-        for act_key, (part, names) in _ACT_POINTS.items():
-            a_scale = float(_scale(sd, pre + act_key, 1, f"the static input scale of {part}.{'/'.join(names)}")[0])
+        pre = spec.layer_prefix(i)
+        for act_key, point in act_keys.items():
+            names = spec.points[point]
+            a_scale = float(_scale(sd, pre + act_key, 1, f"the static input scale of {'/'.join(names)}")[0])
             used.add(pre + act_key)
             for n in names:
-                name = f"{pre}{part}.{n}"
+                name = pre + n
                 lin = linears[name]
                 wkey, bkey = f"{name}.weight", f"{name}.bias"
                 if wkey not in sd:
@@ -346,7 +341,7 @@ def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = Non
                 if bkey in sd:
                     tmp.bias = nn.Parameter(take(bkey).detach().float(), requires_grad=False)
                 q = QuantLinear.from_float(tmp, cfg.w_bits, cfg.a_bits, a_scale, w_scale=ws)
-                replacements[name] = RotatedLinear(q, down_r) if (n == "down_proj" and down_r is not None) else q
+                replacements[name] = RotatedLinear(q, down_r) if (n == spec.down and down_r is not None) else q
 
     # 2. the cache state: prefix K/V (16-bit), per-head K/V scales, the Q/K Hadamard
     bos = prefix_ids[-1] if prefix_ids and prefix_ids[-1] in (c.bos_token_id, c.eos_token_id) else None
@@ -361,8 +356,8 @@ def import_prefixquant(model, ckpt_dir: str, *, had_k: torch.Tensor | None = Non
         n_scales = h_kv if kv_group == head_dim else 1
         ks, vs = [], []
         for i in range(n_layers):
-            for key, out, what in ((_K_QUANT, ks, "K"), (_V_QUANT, vs, "V")):
-                full = f"model.layers.{i}.{key}"
+            for key, out, what in ((_k_quant_key(spec), ks, "K"), (_v_quant_key(spec), vs, "V")):
+                full = spec.layer_prefix(i) + key
                 s = _scale(sd, full, n_scales, f"the static {what} cache scale per KV head")
                 used.add(full)
                 out.append(s.expand(h_kv).clone())    # kv_group_size -1: one scale for every head

@@ -1,4 +1,6 @@
-"""quantize_model: a float Hugging Face Llama / Qwen2 / Qwen3 -> the same model running on the package's kernels.
+"""quantize_model: a float Hugging Face causal LM of a registered family (models/arch.py: Llama, Mistral, Qwen2,
+Qwen3, Phi-3) -> the same model running on the package's kernels. The layout (which linears, which quantizer
+points, head_dim) is the family's ArchSpec.
 
 Steps (training-free PrefixQuant; the config decides which apply):
 1. prefix: the given tokens, or find them (prefix.py) on the calibration text; optionally rotate (rotation.py:
@@ -7,7 +9,7 @@ Steps (training-free PrefixQuant; the config decides which apply):
 2. record (scales.collect): one float forward per calibration sample, the prefix in front and excluded.
 3. weights (weights.py): per-channel RTN with a clip search, or GPTQ on the recorded Hessians.
 4. static activation scales (clip search on the layer output) and per-head KV scales (scales.py).
-5. swap (models.patch): every q/k/v/o/gate/up/down -> QuantLinear, ``model.pqk_state`` for the KV cache.
+5. swap (models.patch): every linear of the spec -> QuantLinear, ``model.pqk_state`` for the KV cache.
 
 Nothing in the model changes before step 5 but the optional rotations (undone on error), and step 5 only
 assigns prebuilt modules: an error anywhere leaves the model as it was.
@@ -20,8 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import qk_rotation as qkr
-from ..models.patch import decoder_layers, float_linears, get_spec, resolve, swap
+from ..cache.registry import kv_mode
+from ..cache.factory import rotate_heads
+from ..models import attention
+from ..models.arch import decoder_layers, float_linears, get_spec, resolve
+from ..models.patch import swap
 from ..models.state import PrefixQuantState
 from ..nn import QuantLinear
 from . import prefix as pfx
@@ -33,12 +38,6 @@ from .config import QuantConfig
 
 def _fail(msg: str, exc: type[Exception] = ValueError):
     raise exc(f"pqk.quantize_model: {msg}")
-
-
-def _kv_geometry(model) -> tuple[int, int]:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_key_value_heads, head_dim
 
 
 def _quant_linear(linear: nn.Linear, w: torch.Tensor, w_scale: torch.Tensor, cfg: QuantConfig,
@@ -55,8 +54,8 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
     """Quantize ``model`` in place (see module doc) and return it; ``model.pqk_state.info`` reports the prefix
     tokens, the outlier count o and the seconds each step took.
 
-    model: a transformers *ForCausalLM of model_type llama / qwen2 / qwen3 (CPU). tokenizer: has ``encode``,
-    ``bos_token_id`` (Qwen: ``eos_token_id`` suffices), ``decode``. calib_texts: str or list of str (keep it
+    model: a transformers *ForCausalLM of a registered model_type (models/arch.py REGISTRY) (CPU). tokenizer: has
+    ``encode``, ``bos_token_id`` (Qwen: ``eos_token_id`` suffices), ``decode``. calib_texts: str or list of str (keep it
     disjoint from any evaluation text).
     """
     cfg = QuantConfig() if cfg is None else cfg
@@ -68,7 +67,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
     float_linears(model)
     kv_rotate = cfg.resolved_kv_rotate
     if kv_rotate:
-        qkr.check_attention(model)
+        attention.check_attention(model)
     info: dict = {"config": cfg.name, "model_type": spec.model_type}
     t_all = time.perf_counter()
     was_training = model.training
@@ -78,7 +77,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         samples = pfx.tokenize_calibration(tokenizer, calib_texts, cfg.calib_samples, cfg.calib_seq_len)
         end = pfx.prefix_end_token(model, tokenizer) if cfg.prefix else getattr(tokenizer, "bos_token_id", None)
         n_layers = len(decoder_layers(model))
-        kv_mode = cfg.resolved_kv_mode
+        static_kv = kv_mode(cfg.resolved_kv_mode).static_scales   # the mode takes calibrated per-head scales
         bar = tqdm(total=3 + n_layers, desc=f"pqk {cfg.name}", disable=not progress)
 
         # 1. prefix
@@ -112,7 +111,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         if prefix_ids:
             pk, pv = pfx.prefix_kv(model, prefix_ids)
             if h_qk is not None:    # stored as the cache holds every key: rotated
-                pk = [qkr.rotate_heads(k, h_qk) for k in pk]
+                pk = [rotate_heads(k, h_qk) for k in pk]
         linears = float_linears(model)
         bar.update(1)
 
@@ -126,7 +125,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         skip = len(prefix_ids)
         use_gptq = cfg.resolved_weight_method == "gptq"
         rows = max(1, -(-cfg.max_calib_rows // samples.shape[0]))
-        stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=(kv_mode == "static"), seed=cfg.seed,
+        stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=static_kv, seed=cfg.seed,
                            qk_rotation=h_qk)
         info["record_seconds"] = time.perf_counter() - t
         bar.update(1)
@@ -137,8 +136,8 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         act_scales: dict[str, float] = {}
         k_scales, v_scales = [], []
         for i, st in enumerate(stats):
-            for p, (part, names) in sc.POINTS.items():
-                full = [resolve(model, f"model.layers.{i}.{part}.{n}") for n in names]
+            for p, names in spec.points.items():
+                full = [resolve(model, spec.layer_prefix(i) + n) for n in names]
                 mods = [linears[n] for n in full]
                 w = torch.cat([m.weight.detach().float() for m in mods], 0)
                 if use_gptq:
@@ -154,7 +153,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                     rows_n = slice(off, off + m.out_features)
                     replacements[n] = _quant_linear(m, wq_[rows_n], ws[rows_n], cfg, a_s)
                     off += m.out_features
-            if kv_mode == "static":
+            if static_kv:
                 ks, vs = sc.search_kv_scales(st.q, st.k, st.v, cfg.kv_bits)
                 k_scales.append(ks)
                 v_scales.append(vs)
@@ -162,12 +161,12 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
             bar.update(1)
         info["quantize_seconds"] = time.perf_counter() - t
 
-        h_kv, head_dim = _kv_geometry(model)
+        h_kv, head_dim = model.config.num_key_value_heads, spec.head_dim(model.config)
         state = PrefixQuantState(cfg, n_layers, h_kv, head_dim, len(prefix_ids), end if cfg.prefix else None, info)
         if prefix_ids:
             state.prefix_ids.copy_(torch.tensor(prefix_ids))
             state.set_prefix([k.to(torch.float16) for k in pk], [v.to(torch.float16) for v in pv])
-        if kv_mode == "static":
+        if static_kv:
             state.set_kv_scales(k_scales, v_scales)
         if h_qk is not None:
             state.set_qk_rotation(h_qk)

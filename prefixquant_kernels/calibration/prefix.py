@@ -5,7 +5,8 @@ calibration sample; per token ``r_t = max_c |x_tc|``; token t is an outlier when
 ``o = ceil(max over layers of the mean count per sample of outliers at positions >= 1)`` (position 0, the attention
 sink of every sequence, is BOS's job); the prefix is the ``o`` most frequent outlier token ids at positions >= 1,
 then BOS (a Qwen tokenizer without one: EOS), so the user's own BOS is not needed after it. This reproduces the
-paper's prefixes: Llama-2-7B ``. \n [BOS]`` (o = 2), Llama-3-8B ``[BOS]`` (o = 0).
+paper's prefixes: Llama-2-7B ``. \n [BOS]`` (o = 2), Llama-3-8B ``[BOS]`` (o = 0). The down_proj of each layer and
+whether a family falls back to EOS come from its ArchSpec (models/arch.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections import Counter
 
 import torch
 
-from ..models.patch import decoder_layers, get_spec
+from ..models.arch import decoder_layers, get_spec
 
 
 def _fail(msg: str, exc: type[Exception] = ValueError, op: str = "find_prefix_tokens"):
@@ -80,9 +81,10 @@ def select_prefix_tokens(token_ids: torch.Tensor, token_max: list[torch.Tensor],
 @torch.no_grad()
 def record_down_proj_max(model, samples: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, float [S, T]: max over channels of |down_proj input| for each sample and position."""
+    spec = get_spec(model)
     layers = decoder_layers(model)
     rec: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+    hooks = [layer.get_submodule(spec.down).register_forward_pre_hook(
         lambda m, args, i=i: rec[i].append(args[0].detach().abs().amax(-1).float()))
         for i, layer in enumerate(layers)]
     try:

@@ -1,4 +1,6 @@
-"""Offline rotation (QuaRot-style), folded into the float weights before calibration.
+"""Offline rotation (QuaRot-style), folded into the float weights before calibration. Which linears read or write
+the residual stream, which norms feed them and where V's rows are come from the family's ArchSpec (models/arch.py):
+Phi-3's fused qkv_proj / gate_up_proj are readers like q/k/v and gate/up, its V rows are qkv_proj's last H_kv * D.
 
 1. Every RMSNorm's weight is folded into the linears that read it (q/k/v, gate/up, lm_head); the norm weight
    becomes 1, so ``RMSNorm(x Q) = RMSNorm(x) Q`` for any orthogonal Q.
@@ -14,7 +16,7 @@
 4. (QuantConfig.kv_rotate, ``rotate_kv``) the KV cache's space, per head of head_dim D: V by a Hadamard ``H_v``
    folded offline (v_proj output side ``H_v^T`` per KV head, o_proj input side ``H_v`` per query head: every query
    head reads its KV head's rotated values, so GQA needs nothing more), and Q/K by ``H_qk`` online after RoPE
-   (models/qk_rotation.py: RoPE forbids folding it), which ``rotate_kv`` returns.
+   (models/attention.py: RoPE forbids folding it), which ``rotate_kv`` returns.
 
 Q and the KV rotations are randomized Hadamard matrices (``H diag(+-1) / sqrt(n)``) when n is a power of 2, else
 random orthogonal matrices (QR of a Gaussian); being folded offline (Q, H_v) or [D, D] (H_qk), they cost nothing or
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..hadamard import hadamard_factor
-from ..models.patch import decoder_layers
+from ..models.arch import decoder_layers, get_spec, set_module
 from ..models.rotated_linear import RotatedLinear, fold_hadamard
 
 
@@ -82,24 +84,25 @@ QK_SEED_OFFSET, V_SEED_OFFSET = 1 << 20, (1 << 20) + 1
 
 
 def head_dim(model) -> int:
-    cfg = model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return get_spec(model).head_dim(model.config)
 
 
 def backup(model) -> dict:
     """What undo() needs: every tensor, and whether the head was tied."""
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "tied": model.lm_head.weight is model.get_input_embeddings().weight,
+            "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
             "tie_cfg": getattr(model.config, "tie_word_embeddings", None)}
 
 
 def undo(model, saved: dict) -> None:
     """Back to the float model as it was before rotate_model (after a failure)."""
+    spec = get_spec(model)
     for layer in decoder_layers(model):
-        if isinstance(layer.mlp.down_proj, RotatedLinear):
-            layer.mlp.down_proj = layer.mlp.down_proj.linear
+        down = layer.get_submodule(spec.down)
+        if isinstance(down, RotatedLinear):
+            set_module(layer, spec.down, down.linear)
     if saved["tied"]:
-        model.lm_head.weight = model.get_input_embeddings().weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if saved["tie_cfg"] is not None:
         model.config.tie_word_embeddings = saved["tie_cfg"]
     model.load_state_dict(saved["state"])
@@ -115,18 +118,20 @@ def _fold_down(lin: nn.Linear, r: torch.Tensor) -> None:   # input side W R, eit
 def wrap_down_proj(model, rotations: list[torch.Tensor] | None = None) -> None:
     """Put a RotatedLinear around every down_proj: rotations[i] as down_rotation returns it (1-D: the Hadamard form's
     signs, 2-D: a dense rotation); identity dense rotations when none are given (the structure only)."""
+    spec = get_spec(model)
     for i, layer in enumerate(decoder_layers(model)):
-        lin = layer.mlp.down_proj
+        lin = layer.get_submodule(spec.down)
         r = torch.eye(lin.in_features) if rotations is None else rotations[i]
-        layer.mlp.down_proj = RotatedLinear(lin, signs=r) if r.dim() == 1 else RotatedLinear(lin, r)
+        set_module(layer, spec.down, RotatedLinear(lin, signs=r) if r.dim() == 1 else RotatedLinear(lin, r))
 
 
 @torch.no_grad()
 def rotate_model(model, seed: int = 0) -> None:
-    """Rotate a float Llama / Qwen2 / Qwen3 in place (module doc)."""
-    emb = model.get_input_embeddings()
-    if model.lm_head.weight is emb.weight:           # untie: the head is rotated on its input side only
-        model.lm_head.weight = nn.Parameter(emb.weight.detach().clone())
+    """Rotate a float model of a registered family in place (module doc)."""
+    spec = get_spec(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is emb.weight:                    # untie: the head is rotated on its input side only
+        head.weight = nn.Parameter(emb.weight.detach().clone())
     model.config.tie_word_embeddings = False
     d = emb.weight.shape[1]
     q = random_orthogonal(d, seed)
@@ -134,18 +139,19 @@ def rotate_model(model, seed: int = 0) -> None:
     layers = decoder_layers(model)
     rots = []
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _read(lin, q)
-        _write(attn.o_proj, q)
-        _write(mlp.down_proj, q)
-        r = down_rotation(mlp.down_proj.in_features, seed + 1 + i)
-        _fold_down(mlp.down_proj, r)
+        for point, norm in spec.point_norms.items():    # the readers of the residual stream, after their norm
+            readers = [layer.get_submodule(n) for n in spec.points[point]]
+            _fold_norm(layer.get_submodule(norm), readers)
+            for lin in readers:
+                _read(lin, q)
+        for name in spec.residual_writers:
+            _write(layer.get_submodule(name), q)
+        down = layer.get_submodule(spec.down)
+        r = down_rotation(down.in_features, seed + 1 + i)
+        _fold_down(down, r)
         rots.append(r)
-    _fold_norm(model.model.norm, [model.lm_head])
-    _read(model.lm_head, q)
+    _fold_norm(model.get_submodule(spec.final_norm), [head])
+    _read(head, q)
     wrap_down_proj(model, rots)
 
 
@@ -153,16 +159,21 @@ def rotate_model(model, seed: int = 0) -> None:
 def rotate_values(model, rotation: torch.Tensor) -> None:
     """Fold ``rotation`` float64 [D, D] into every layer's V (exact in float, step 4 of the module doc):
     ``v_h -> v_h H`` for every KV head h (v_proj weight rows and bias), ``o_proj`` input columns of every query head
-    ``W_o[:, head] -> W_o[:, head] H`` (so ``o_proj`` sees ``(o_h H) H^T = o_h``)."""
+    ``W_o[:, head] -> W_o[:, head] H`` (so ``o_proj`` sees ``(o_h H) H^T = o_h``). A fused qkv_proj: only its V rows
+    (ArchSpec.qkv_rows) change."""
     d = rotation.shape[0]
+    spec = get_spec(model)
+    rows = spec.qkv_rows(model.config)[2]
     for layer in decoder_layers(model):
-        attn = layer.self_attn
-        v, o = attn.v_proj, attn.o_proj
-        w = v.weight.detach().double()                                   # [H_kv * D, hidden]
-        w = (rotation.T @ w.view(-1, d, w.shape[1])).reshape(w.shape)    # per KV head: H^T W_h
-        v.weight.data = w.to(v.weight.dtype)
+        v, o = layer.get_submodule(spec.v), layer.get_submodule(spec.o)
+        wv = v.weight.detach().double().clone()
+        w = wv[rows]                                                     # [H_kv * D, hidden]
+        wv[rows] = (rotation.T @ w.reshape(-1, d, w.shape[1])).reshape(w.shape)   # per KV head: H^T W_h
+        v.weight.data = wv.to(v.weight.dtype)
         if v.bias is not None:
-            v.bias.data = (v.bias.detach().double().view(-1, d) @ rotation).reshape(-1).to(v.bias.dtype)
+            b = v.bias.detach().double().clone()
+            b[rows] = (b[rows].reshape(-1, d) @ rotation).reshape(-1)
+            v.bias.data = b.to(v.bias.dtype)
         wo = o.weight.detach().double()                                  # [hidden, H_q * D]
         o.weight.data = (wo.view(wo.shape[0], -1, d) @ rotation).reshape(wo.shape).to(o.weight.dtype)
 

@@ -1,9 +1,10 @@
 """Static scales: per-tensor activation scales of every linear input and per-head K/V scales, by grid search.
 
 Recorded in one float forward over the calibration samples (``collect``), the prefix positions excluded:
-per decoder layer, the inputs of the four quantizers (q/k/v share one input, gate/up another, o, down), their
-max |x| and (for GPTQ) ``H = sum x x^T``; and Q, K (after q/k norm and RoPE, then the online Q/K rotation when
-kv_rotate is on: the cache quantizes ``K H``) and V of every head.
+per decoder layer, the inputs of the four quantizers (ArchSpec.points: q/k/v share one input, gate/up another, o,
+down; a fused qkv_proj / gate_up_proj is its point's one linear), their max |x| and (for GPTQ) ``H = sum x x^T``;
+and Q, K (after q/k norm and RoPE, then the online Q/K rotation when kv_rotate is on: the cache quantizes ``K H``)
+and V of every head (split out of a fused qkv_proj by ArchSpec.qkv_rows).
 
 * activation: ``s = r * max|x| / qmax`` with r on a coarse grid (0.25 .. 1.0) then a fine one (+-0.05) around the
   best, minimizing the MSE of the layer outputs ``Q(x) W^T`` against ``x W^T`` (W: the quantized weights).
@@ -17,15 +18,10 @@ import sys
 import torch
 
 from .. import format as fmt
-from ..models.patch import decoder_layers, unwrap
-from ..models.qk_rotation import rotate_heads
+from ..models.arch import POINT_NAMES, decoder_layers, get_linear, get_spec
+from ..cache.factory import rotate_heads
 
-POINTS = {  # quantizer input -> the linears that read it
-    "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    "o": ("self_attn", ("o_proj",)),
-    "gate_up": ("mlp", ("gate_proj", "up_proj")),
-    "down": ("mlp", ("down_proj",)),
-}
+POINTS = POINT_NAMES   # the quantizer points of every layer; their linears: ArchSpec.points (models/arch.py)
 COARSE = torch.linspace(0.25, 1.0, 8).tolist()
 KV_RATIOS = torch.linspace(1.0, 0.55, 10).tolist()
 
@@ -52,6 +48,7 @@ def collect(model, inputs: torch.Tensor, skip: int, rows_per_sample: int, hessia
             kv: bool, seed: int = 0, progress=None, qk_rotation: torch.Tensor | None = None) -> list[LayerStats]:
     """One float forward per sample of ``inputs`` int64 [S, T]; positions < skip (the prefix) are not recorded.
     qk_rotation: float [D, D] applied to the recorded Q and K after RoPE (None: not rotated)."""
+    spec = get_spec(model)
     layers = decoder_layers(model)
     stats = [LayerStats() for _ in layers]
     gen = torch.Generator().manual_seed(seed)
@@ -68,19 +65,20 @@ def collect(model, inputs: torch.Tensor, skip: int, rows_per_sample: int, hessia
                 st.hessian[p] = h if st.hessian[p] is None else st.hessian[p] + h
         return hook
 
-    def attn_hook(i):
+    head_dim = spec.head_dim(model.config)
+
+    def attn_hook(i, layer):
         def hook(attn, args, kwargs):
             h = (args[0] if args else kwargs["hidden_states"]).detach()
             cos, sin = kwargs["position_embeddings"]
-            shape = (*h.shape[:-1], -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape)
-            k = attn.k_proj(h).view(shape)
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
+            shape = (*h.shape[:-1], -1, head_dim)
+            q, k, v = (x.reshape(shape) for x in spec.qkv(layer, h, model.config))
+            if spec.qk_norm:
+                q, k = layer.get_submodule(spec.q_norm)(q), layer.get_submodule(spec.k_norm)(k)
             q, k = _rope_fn(attn)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             if qk_rotation is not None:
                 q, k = rotate_heads(q, qk_rotation), rotate_heads(k, qk_rotation)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            v = v.transpose(1, 2)
             st = stats[i]
             st.q.append(q[0, :, skip:].float())
             st.k.append(k[0, :, skip:].float())
@@ -90,11 +88,12 @@ def collect(model, inputs: torch.Tensor, skip: int, rows_per_sample: int, hessia
     hooks = []
     try:
         for i, layer in enumerate(layers):
-            for p, (part, names) in POINTS.items():
-                lin = unwrap(getattr(getattr(layer, part), names[0]))   # down_proj: the input after the online rotation
+            for p, names in spec.points.items():
+                lin = get_linear(layer, names[0])   # down_proj: the input after the online rotation
                 hooks.append(lin.register_forward_pre_hook(point_hook(i, p)))
             if kv:
-                hooks.append(layer.self_attn.register_forward_pre_hook(attn_hook(i), with_kwargs=True))
+                attn = layer.get_submodule(spec.attn)
+                hooks.append(attn.register_forward_pre_hook(attn_hook(i, layer), with_kwargs=True))
         n_rec = inputs.shape[1] - skip
         for s in inputs:
             pick["idx"] = torch.randperm(n_rec, generator=gen)[:rows_per_sample]

@@ -1,7 +1,9 @@
-"""Module swap for Hugging Face causal LMs, keyed by ``config.model_type`` (llama, qwen2, qwen3).
+"""Module swap for Hugging Face causal LMs: the layout comes from the model family's ArchSpec (models/arch.py,
+keyed by ``config.model_type``; ``REGISTRY``, ``ArchSpec``, ``get_spec``, ``decoder_layers``, ``float_linears``,
+``resolve`` are re-exported here).
 
-What is swapped: every decoder layer's q/k/v/o and gate/up/down ``nn.Linear`` -> ``pqk.nn.QuantLinear`` (the
-linear inside a RotatedLinear when the model was rotated)
+What is swapped: every linear the spec names (q/k/v/o and gate/up/down, or Phi-3's fused qkv_proj / gate_up_proj)
+``nn.Linear`` -> ``pqk.nn.QuantLinear`` (the linear inside a RotatedLinear when the model was rotated)
 (Qwen2's qkv bias is carried by QuantLinear; Qwen3's q_norm/k_norm stay in float, after the quantized GEMM).
 Attention itself is not replaced: every supported attention calls ``past_key_values.update(k, v, layer_idx)``
 after RoPE (and q/k norm), so the K/V path goes through ``pqk.PrefixQuantCache`` once the model runs with one.
@@ -12,7 +14,7 @@ The patched ``forward`` / ``generate`` supply that cache (built by ``model.pqk_s
   dropped when the prefix ends with it, so it is not doubled) and the returned sequences are ``ids + new tokens``.
 
 With QuantConfig.kv_rotate the cache rotates K after RoPE and the attention is switched to its rotated-query twin
-(models/qk_rotation.py); the patched forward passes the cache's rotation to it as ``pqk_query_rotation``.
+(models/attention.py); the patched forward passes the cache's rotation to it as ``pqk_query_rotation``.
 A one-token step with a PrefixQuantCache (``fused_decode``, on by default) runs under the cache's
 ``deferred_reads()`` with the same pqk attention, which then reads the quantized K/V in place
 (``kv_decode_attention``) instead of a dequantized float copy of the whole history.
@@ -23,84 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import qk_rotation
-from .rotated_linear import RotatedLinear
-
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """One supported architecture: where its linears are and what is special about it."""
-    model_type: str
-    qkv_bias: bool = False      # Qwen2: q/k/v carry a bias
-    qk_norm: bool = False       # Qwen3: RMSNorm on q and k per head, before RoPE
-    bos_fallback_eos: bool = False  # Qwen tokenizers have no BOS: the prefix ends with EOS instead
-
-    def linear_names(self, num_layers: int) -> list[str]:
-        return [f"model.layers.{i}.{part}.{name}" for i in range(num_layers)
-                for part, names in (("self_attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)) for name in names]
-
-
-REGISTRY: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama"),
-    "qwen2": ArchSpec("qwen2", qkv_bias=True, bos_fallback_eos=True),
-    "qwen3": ArchSpec("qwen3", qk_norm=True, bos_fallback_eos=True),
-}
-
-
-def _fail(msg: str, exc: type[Exception] = ValueError):
-    raise exc(f"pqk.quantize_model: {msg}")
-
-
-def get_spec(model_or_type) -> ArchSpec:
-    """The ArchSpec of a model (or a model_type string); ValueError for an unsupported architecture."""
-    mt = model_or_type if isinstance(model_or_type, str) else getattr(getattr(model_or_type, "config", None),
-                                                                      "model_type", None)
-    if mt not in REGISTRY:
-        _fail(f"unsupported architecture model_type={mt!r}; supported: {sorted(REGISTRY)}")
-    return REGISTRY[mt]
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        _fail(f"{type(model).__name__} has no model.layers: expected a *ForCausalLM of {sorted(REGISTRY)}")
-    return layers
-
-
-def float_linears(model) -> dict[str, nn.Linear]:
-    """name -> nn.Linear for every linear to quantize; ValueError if one is missing or already quantized."""
-    spec = get_spec(model)
-    n = len(decoder_layers(model))
-    out = {}
-    for name in spec.linear_names(n):
-        name = resolve(model, name)
-        mod = model.get_submodule(name)
-        if not isinstance(mod, nn.Linear):
-            _fail(f"{name} is a {type(mod).__name__}, not an nn.Linear (is the model already quantized?)")
-        out[name] = mod
-    return out
-
-
-def resolve(model, name: str) -> str:
-    """The name of the linear behind ``name``: ``name + ".linear"`` when it is wrapped by a RotatedLinear."""
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        _fail(f"{model.config.model_type}: expected a module {name!r}, not found")
-    return f"{name}.linear" if isinstance(mod, RotatedLinear) else name
-
-
-def unwrap(mod: nn.Module) -> nn.Module:
-    return mod.linear if isinstance(mod, RotatedLinear) else mod
+from . import attention
+from .arch import (REGISTRY, ArchSpec, _fail, decoder_layers, float_linears, get_spec,  # noqa: F401 (re-exported)
+                   resolve, unwrap)
 
 
 def swap(model, replacements: dict[str, nn.Module], state: nn.Module | None = None) -> None:
@@ -118,13 +49,13 @@ def swap(model, replacements: dict[str, nn.Module], state: nn.Module | None = No
         targets.append((parent, child, new))
     rotates_qk = state is not None and getattr(state, "rotates_qk", False)
     if rotates_qk:
-        qk_rotation.check_attention(model)
+        attention.check_attention(model)
     for parent, child, new in targets:   # from here on nothing can fail
         setattr(parent, child, new)
     if state is not None:
         model.pqk_state = state
     if rotates_qk:
-        qk_rotation.use_rotated_attention(model)
+        attention.use_rotated_attention(model)
     patch_instance(model)
 
 
@@ -142,20 +73,20 @@ def _forward_with_cache(orig):
                 attention_mask = state.extend_mask(attention_mask)
         rotation = getattr(past_key_values, "key_rotation", None)
         if rotation is not None:   # the cache rotates K after RoPE: the queries must be rotated the same way
-            qk_rotation.use_rotated_attention(self)
+            attention.use_rotated_attention(self)
             kwargs["pqk_query_rotation"] = rotation
         reads = contextlib.nullcontext()
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        fused = getattr(past_key_values, "fused_decode", False) and ref is not None and qk_rotation.has_twin(self)
+        fused = getattr(past_key_values, "fused_decode", False) and ref is not None and attention.has_twin(self)
         if fused and ref.shape[1] == 1:
             # a decode step: the attention reads the quantized cache in place (PrefixQuantCache.deferred_reads)
-            qk_rotation.use_rotated_attention(self)
+            attention.use_rotated_attention(self)
             kwargs["pqk_cache"] = past_key_values
             reads = past_key_values.deferred_reads()
         elif fused and _fresh_prefix(past_key_values) and (attention_mask is None or bool(attention_mask.all())):
             # a prefill after the prefix alone, no padding: "prefix + causal" as one causal kernel call, no mask
             # (models/prefix_attention.py)
-            qk_rotation.use_rotated_attention(self)
+            attention.use_rotated_attention(self)
             kwargs["pqk_prefix_len"] = past_key_values.layers[0].prefix_len
         with reads:
             return orig(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,

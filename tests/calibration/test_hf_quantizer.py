@@ -1,5 +1,5 @@
 """The transformers quantizer hook: pqk.export_hf(model, path) -> AutoModelForCausalLM.from_pretrained(path) is the
-same quantized model (tiny random Llama and Qwen2, transformers 5.23)."""
+same quantized model (tiny random Llama, Qwen2, Mistral and Phi-3, transformers 5.23)."""
 import json
 import subprocess
 import sys
@@ -24,6 +24,8 @@ def _quantized(arch, **kw):
 @pytest.mark.parametrize("arch,kw", [
     ("llama", dict(w_bits=4, a_bits=8, kv_bits=4)),                     # rotated: RotatedLinear + Q/K rotation
     ("qwen2", dict(w_bits=8, a_bits=4, kv_bits=8, rotate=False)),       # qkv bias, no rotation
+    ("mistral", dict(w_bits=4, a_bits=8, kv_bits=4)),
+    ("phi3", dict(w_bits=4, a_bits=8, kv_bits=4)),                      # fused qkv_proj / gate_up_proj, rotated
 ])
 def test_from_pretrained_returns_the_quantized_model(tmp_path, arch, kw):
     model = _quantized(arch, **kw)
@@ -33,7 +35,7 @@ def test_from_pretrained_returns_the_quantized_model(tmp_path, arch, kw):
 
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
     assert type(loaded) is type(model)
-    assert isinstance(loaded.model.layers[0].self_attn.q_proj, pqk.nn.QuantLinear)
+    assert isinstance(loaded.model.layers[0].get_submodule(pqk.models.get_spec(loaded).q), pqk.nn.QuantLinear)
     assert loaded.pqk_state.cfg == model.pqk_state.cfg
     ids = torch.tensor([[BOS, 5, 6, 7, 8, 9, 10]])
     with torch.no_grad():

@@ -50,13 +50,14 @@ def _logit_error(model, ref):
     return float((got - want).pow(2).mean())
 
 
-def test_static_with_prefix_vs_dynamic_vs_static_without_prefix_on_planted_outliers():
-    ref = tiny_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "phi3"])     # phi3: the claim holds with fused qkv / gate_up points
+def test_static_with_prefix_vs_dynamic_vs_static_without_prefix_on_planted_outliers(arch):
+    ref = tiny_model(arch)
     plant_outliers(ref, tokens=(BOS,))
     common = dict(w_bits=8, a_bits=4, kv_bits=8, weight_method="rtn")
-    static_prefix = _quantize("llama", True, act_quant="static", prefix=True, **common)
-    dynamic = _quantize("llama", True, act_quant="dynamic", prefix=False, **common)
-    static_plain = _quantize("llama", True, act_quant="static", prefix=False, **common)
+    static_prefix = _quantize(arch, True, act_quant="static", prefix=True, **common)
+    dynamic = _quantize(arch, True, act_quant="dynamic", prefix=False, **common)
+    static_plain = _quantize(arch, True, act_quant="static", prefix=False, **common)
     assert static_prefix.pqk_state.prefix_ids.tolist() == [BOS]
     e_sp, e_dyn, e_s = (_logit_error(m, ref) for m in (static_prefix, dynamic, static_plain))
     assert e_sp <= 1.5 * e_dyn, (e_sp, e_dyn)       # static + prefix: as good as per-token dynamic
@@ -69,6 +70,9 @@ def test_static_with_prefix_vs_dynamic_vs_static_without_prefix_on_planted_outli
     ("qwen3", dict(w_bits=8, a_bits=8, kv_bits=8, act_quant="dynamic", prefix=False)),  # dynamic KV, no prefix
     ("llama", dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="kivi")),
     ("llama", dict(w_bits=8, a_bits=4, kv_bits=8, rotate=True, weight_method="rtn")),   # RotatedLinear saved
+    ("mistral", dict(w_bits=4, a_bits=8, kv_bits=4)),                   # GPTQ, static KV4, rotate + kv_rotate
+    ("phi3", dict(w_bits=4, a_bits=8, kv_bits=4)),                      # fused qkv / gate_up: the same, split by spec
+    ("phi3", dict(w_bits=8, a_bits=8, kv_bits=8, act_quant="dynamic", prefix=False)),
 ])
 def test_save_load_round_trip(tmp_path, arch, kw):
     model = _quantize(arch, **kw)

@@ -5,6 +5,7 @@ import torch
 
 import prefixquant_kernels as pqk
 from prefixquant_kernels.calibration.prefix import prefix_kv, select_prefix_tokens
+from prefixquant_kernels.models import get_spec
 
 from ..models.tiny import BOS, EOS, OUTLIER, StubTokenizer, plant_outliers, text, tiny_model
 
@@ -43,8 +44,9 @@ def test_threshold_is_relative_to_the_sequence_median(gen):
     assert prefix == [42, BOS]
 
 
-def test_find_prefix_tokens_on_a_model_with_planted_massive_activations():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "phi3"])   # phi3: its down_proj reads activation_fn(gate) * up chunks
+def test_find_prefix_tokens_on_a_model_with_planted_massive_activations(arch):
+    model = tiny_model(arch)
     tok = StubTokenizer()
     calib = text(4000).replace("cat", "c" + chr(OUTLIER - 3 + 120) + "t")   # some OUTLIER tokens in the text
     assert OUTLIER in tok.encode(calib)
@@ -57,12 +59,12 @@ def test_find_prefix_tokens_on_a_model_with_planted_massive_activations():
     assert prefix == [OUTLIER, BOS] and info["o"] >= 1 and info["seconds"] >= 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "phi3"])
 def test_prefix_kv_matches_a_forward_of_the_prefix(arch):
     model = tiny_model(arch)
     ids = [OUTLIER, BOS]
     ks, vs = prefix_kv(model, ids)
-    assert len(ks) == 2 and ks[0].shape == (1, 2, 2, model.config.head_dim)
+    assert len(ks) == 2 and ks[0].shape == (1, 2, 2, get_spec(model).head_dim(model.config))
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

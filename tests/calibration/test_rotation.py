@@ -17,7 +17,8 @@ def test_random_orthogonal(n):
         assert torch.allclose(q.abs(), torch.full_like(q, n ** -0.5))
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False), ("qwen3", False)])
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False),
+                                       ("phi3", True), ("phi3", False)])   # phi3: folded into qkv_proj / gate_up_proj
 def test_rotation_keeps_the_float_model(arch, tied):
     model = tiny_model(arch)
     if tied:
@@ -49,8 +50,9 @@ def test_failure_after_rotation_restores_the_model(monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_rotated_quantized_model_follows_the_float_model():
-    model, ref = tiny_model("qwen3"), tiny_model("qwen3")
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_rotated_quantized_model_follows_the_float_model(arch):
+    model, ref = tiny_model(arch), tiny_model(arch)
     cfg = pqk.QuantConfig(w_bits=8, a_bits=8, kv_bits=8, rotate=True, calib_samples=4, calib_seq_len=64)
     pqk.quantize_model(model, StubTokenizer(), text(), cfg, progress=False)
     assert isinstance(model.model.layers[1].mlp.down_proj.linear, pqk.nn.QuantLinear)
@@ -65,7 +67,7 @@ def test_rotated_quantized_model_follows_the_float_model():
 
 # 48 = 12 * 4 and 128 factor (hadamard form, H_12 not symmetric), 76 = 19 * 4 does not (dense fallback)
 @pytest.mark.parametrize("inter,form", [(48, "hadamard"), (128, "hadamard"), (76, "dense")])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_down_proj_rotation_form_keeps_the_float_model(arch, inter, form):
     model = tiny_model(arch, intermediate=inter)
     ids = torch.tensor([[BOS, 5, 9, 17, 33, 60, 100, 3, 4]])

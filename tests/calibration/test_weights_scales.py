@@ -1,9 +1,15 @@
-"""Weight quantization (RTN clip search, GPTQ) and the static scale searches, on synthetic data."""
+"""Weight quantization (RTN clip search, GPTQ) and the static scale searches, on synthetic data; what scales.collect
+records on every registered family (its Q/K/V against the model's own attention and cache, its points' inputs)."""
+import pytest
 import torch
+from transformers import DynamicCache
 
 from prefixquant_kernels import format as fmt
 from prefixquant_kernels.calibration import scales as sc
 from prefixquant_kernels.calibration import weights as wq
+from prefixquant_kernels.models import get_spec
+
+from ..models.tiny import BOS, CONFIGS, StubTokenizer, text, tiny_model
 
 
 def _on_grid(w, s, bits):
@@ -79,3 +85,33 @@ def test_kv_scales_per_head(gen):
     assert ks[1] > 5 * ks[0]
     amax = v[0].abs().amax(dim=(1, 2)) / 7
     assert ((vs <= amax * 1.0001) & (vs >= amax * 0.549)).all()          # within the 1.0 .. 0.55 grid
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_collect_records_the_models_own_q_k_v_and_point_inputs(arch):
+    """K and V as the model puts them in its cache, Q such that softmax(Q K^T / sqrt(D)) is the model's attention,
+    each point's max |x| the max of what its linears read (for Phi-3: q/k/v split out of the fused qkv_proj)."""
+    model = tiny_model(arch)
+    model.set_attn_implementation("eager")
+    skip = 2
+    ids = torch.tensor([[BOS, 7] + StubTokenizer().encode(text(30, seed=4))])
+    stats = sc.collect(model, ids, skip, rows_per_sample=8, hessian=False, kv=True)
+    cache = DynamicCache(config=model.config)
+    spec, inputs = get_spec(model), {}
+    hooks = [layer.get_submodule(names[0]).register_forward_pre_hook(
+        lambda m, a, key=(i, p): inputs.__setitem__(key, a[0][0, skip:]))
+        for i, layer in enumerate(model.model.layers) for p, names in spec.points.items()]
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    for i, st in enumerate(stats):
+        torch.testing.assert_close(st.k[0], cache.layers[i].keys[0, :, skip:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(st.v[0], cache.layers[i].values[0, :, skip:], atol=1e-5, rtol=1e-5)
+        probs = out.attentions[i][0, :, skip:, skip:]      # the model's attention among the recorded positions
+        for h in range(st.q[0].shape[0]):
+            want = probs[h] / probs[h].sum(-1, keepdim=True)          # renormalized without the first skip keys
+            torch.testing.assert_close(sc._causal_softmax(st.q[0][h], st.k[0][h // g]), want, atol=1e-5, rtol=1e-4)
+        for p in spec.points:
+            assert st.amax[p] == pytest.approx(float(inputs[(i, p)].abs().max()), rel=1e-6)

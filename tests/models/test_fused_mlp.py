@@ -86,15 +86,18 @@ def test_bad_input(gen):
         mlp(torch.ones(3, 64, dtype=torch.int32))
 
 
-def _w4a4(rotate: bool, act_quant: str = "static"):
-    model = tiny_model("llama")
+def _w4a4(rotate: bool, act_quant: str = "static", arch: str = "llama"):
+    model = tiny_model(arch)
     cfg = pqk.QuantConfig(w_bits=4, a_bits=4, kv_bits=16, rotate=rotate, act_quant=act_quant, calib_samples=2,
                           calib_seq_len=64)
     return quantize_model(model, StubTokenizer(), text(), cfg, progress=False)
 
 
-def test_fuse_mlps_on_a_quantized_model():
-    model = _w4a4(rotate=False)
+# the families with separate gate_proj / up_proj (QuantGatedMLP takes the two linears; Phi-3's fused gate_up_proj is
+# reported unfusable: test_fused_gate_up_is_reported_unfusable)
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_fuse_mlps_on_a_quantized_model(arch):
+    model = _w4a4(rotate=False, arch=arch)
     ids = torch.tensor([StubTokenizer().encode(text(200, seed=3))])
     with torch.no_grad():
         before = model(ids).logits
@@ -104,6 +107,15 @@ def test_fuse_mlps_on_a_quantized_model():
     assert torch.allclose(after, before, rtol=0, atol=0.05 * float(before.abs().max()))
     assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9
     assert pqk.fuse_mlps(model) == 0  # already fused: nothing left to do
+
+
+def test_fused_gate_up_is_reported_unfusable():
+    model = _w4a4(rotate=False, arch="phi3")
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert pqk.fuse_mlps(model) == 0
+    assert [layer.mlp for layer in model.model.layers] == mlps
+    with pytest.raises(ValueError, match=r"layer 0's MLP cannot be fused: phi3 has one fused mlp\.gate_up_proj"):
+        pqk.fuse_mlps(model, strict=True)
 
 
 def test_non_silu_activation_is_not_fused():

@@ -1,13 +1,14 @@
-"""The module swap on tiny Llama / Qwen2 / Qwen3: what is replaced, the patched forward/generate (prefix in the
-cache, BOS not doubled), class- and instance-level patching, all-or-nothing on failure, unsupported models."""
+"""The module swap on every registered family (tiny Llama / Mistral / Qwen2 / Qwen3 / Phi-3): what is replaced, the
+patched forward/generate (prefix in the cache, BOS not doubled), class- and instance-level patching, all-or-nothing
+on failure, unsupported models, a new family as one registry entry."""
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import prefixquant_kernels as pqk
 from prefixquant_kernels.calibration.pipeline import quantize_model
-from prefixquant_kernels.models import REGISTRY, patch_class, swap
+from prefixquant_kernels.models import REGISTRY, ArchSpec, patch_class, swap
 from prefixquant_kernels.models.patch import float_linears, get_spec
 
 from .tiny import BOS, CONFIGS, StubTokenizer, text, tiny_model
@@ -27,20 +28,37 @@ def _quantized(arch):
 
 
 def test_registry_is_keyed_by_model_type():
-    assert set(REGISTRY) == {"llama", "qwen2", "qwen3"}
+    assert set(REGISTRY) == {"llama", "mistral", "qwen2", "qwen3", "phi3"} == set(CONFIGS)
     assert get_spec("qwen2").qkv_bias and get_spec("qwen3").qk_norm
+    assert get_spec("phi3").fused_qkv and get_spec("phi3").fused_gate_up and not get_spec("mistral").fused_qkv
+    assert get_spec("mistral").points == get_spec("llama").points       # Mistral: Llama's module names
+
+
+def test_phi3_points_are_its_fused_linears():
+    spec = get_spec("phi3")
+    assert spec.points == {"qkv": ("self_attn.qkv_proj",), "o": ("self_attn.o_proj",),
+                           "gate_up": ("mlp.gate_up_proj",), "down": ("mlp.down_proj",)}
+    cfg = tiny_model("phi3").config                  # 4 query heads, 2 KV heads of 16: [q 64 | k 32 | v 32] rows
+    assert spec.qkv_rows(cfg) == (slice(0, 64), slice(64, 96), slice(96, 128))
+    assert spec.head_dim(cfg) == 16
+
+
+def test_a_spec_is_all_separate_or_one_fused_linear():
+    with pytest.raises(ValueError, match="all separate linears or one fused"):
+        ArchSpec("half-fused", q="self_attn.q_proj", k="self_attn.kv_proj", v="self_attn.kv_proj")
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_swap_replaces_every_decoder_linear(arch):
     model, _ = _quantized(arch)
+    spec = get_spec(model)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, pqk.nn.QuantLinear)}
-    assert len(quant) == 2 * 7
+    assert len(quant) == 2 * len(spec.linears) == 2 * (4 if arch == "phi3" else 7)
     assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers"))
     assert isinstance(model.lm_head, nn.Linear)                      # the head stays in float
-    attn = model.model.layers[0].self_attn
-    assert (attn.q_proj.bias is not None) == (arch == "qwen2")      # Qwen2's qkv bias carried over
-    assert hasattr(attn, "q_norm") == (arch == "qwen3")              # Qwen3's q/k norm untouched
+    layer = model.model.layers[0]
+    assert (layer.get_submodule(spec.q).bias is not None) == (arch == "qwen2")   # Qwen2's qkv bias carried over
+    assert hasattr(layer.self_attn, "q_norm") == (arch == "qwen3")             # Qwen3's q/k norm untouched
     assert all(m.is_static for m in quant.values())
 
 
@@ -119,3 +137,23 @@ def test_quantizing_twice_is_refused():
     model, _ = _quantized("llama")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, StubTokenizer(), text(), pqk.QuantConfig(**W8), progress=False)
+
+
+def test_a_llama_named_family_is_one_registry_entry():
+    """A family with Llama's module names needs nothing but its ArchSpec: quantize, generate, fail without it."""
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+    cfg.model_type = "toy-llama"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.config.model_type == "toy-llama"
+    with pytest.raises(ValueError, match="unsupported architecture model_type='toy-llama'"):
+        quantize_model(model, StubTokenizer(), text(), pqk.QuantConfig(**W8), progress=False)
+    REGISTRY["toy-llama"] = ArchSpec("toy-llama")
+    try:
+        quantize_model(model, StubTokenizer(), text(), pqk.QuantConfig(**W8), progress=False)
+        assert sum(isinstance(m, pqk.nn.QuantLinear) for m in model.modules()) == 2 * 7
+        out = model.generate(torch.tensor([[BOS, 5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, 7)
+    finally:
+        del REGISTRY["toy-llama"]

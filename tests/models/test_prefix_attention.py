@@ -4,7 +4,7 @@ bottom-right causal mask; the patched model uses it for unpadded prefills into a
 import pytest
 import torch
 
-from prefixquant_kernels.models import prefix_attention, qk_rotation
+from prefixquant_kernels.models import attention, prefix_attention
 
 from .test_fused_decode import _assert_same, _quantized
 from .tiny import StubTokenizer, text
@@ -43,8 +43,8 @@ def test_rejects_mismatched_lengths():
 @pytest.fixture
 def spy(monkeypatch):
     n = []
-    real = qk_rotation.prefix_causal_attention
-    monkeypatch.setattr(qk_rotation, "prefix_causal_attention", lambda *a: n.append(1) or real(*a))
+    real = attention.prefix_causal_attention
+    monkeypatch.setattr(attention, "prefix_causal_attention", lambda *a: n.append(1) or real(*a))
     return n
 
 
@@ -62,7 +62,8 @@ def _prefill(model, fused, prompt, mask=None):
     return logits, attn[0]
 
 
-@pytest.mark.parametrize("arch,attn,kv_bits", [("llama", "sdpa", 4), ("qwen3", "eager", 8), ("qwen2", "sdpa", 4)])
+@pytest.mark.parametrize("arch,attn,kv_bits", [("llama", "sdpa", 4), ("qwen3", "eager", 8), ("qwen2", "sdpa", 4),
+                                                ("mistral", "sdpa", 4), ("phi3", "sdpa", 4), ("phi3", "eager", 8)])
 def test_model_prefill_uses_it_and_matches(arch, attn, kv_bits, spy):
     model = _quantized(arch, attn, kv_bits, True)
     assert model.pqk_state.make_cache(1).layers[0].prefix_len > 0

@@ -1,10 +1,17 @@
-"""Tiny random Llama / Qwen2 / Qwen3 models and a stub tokenizer, shared by tests/models and tests/calibration."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Phi-3 models and a stub tokenizer, shared by tests/models and
+tests/calibration. Every registered family (prefixquant_kernels/models/arch.py) has a tiny config here."""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
-CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+from prefixquant_kernels.models.arch import decoder_layers, get_spec
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "phi3": Phi3Config}
+# what a family's config needs beyond the shared sizes: Mistral without its sliding window (the window is longer
+# than any test sequence anyway; without it the fused decode path applies); Phi-3's special ids inside the vocabulary
+EXTRA = {"mistral": dict(sliding_window=None), "phi3": dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)}
 VOCAB, BOS, EOS, OUTLIER = 128, 1, 2, 9     # OUTLIER: the token planted_outlier() makes massive
 
 
@@ -24,7 +31,7 @@ class StubTokenizer:
 
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, intermediate: int = 128):
     cfg = CONFIGS[arch](hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512)
+                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, **EXTRA.get(arch, {}))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -39,7 +46,8 @@ def text(n_chars: int = 3000, seed: int = 0) -> str:
 def plant_outliers(model, tokens=(BOS, OUTLIER), gain: float = 300.0):
     """Make the model behave like a real LLM: in every layer the down_proj inputs of the given tokens (BOS, which
     starts every sequence, and OUTLIER) become ``gain`` times larger: massive token-wise activations. The hooks sit
-    on the embedding and on each mlp.act_fn, which survive the module swap. Returns the hook handles."""
+    on the embedding and on each MLP activation (the spec's act_fn: mlp.act_fn, Phi-3's mlp.activation_fn), which
+    survive the module swap. Returns the hook handles."""
     seen = {}
     handles = [model.get_input_embeddings().register_forward_hook(
         lambda m, args, out: seen.__setitem__("ids", args[0]))]
@@ -48,6 +56,7 @@ def plant_outliers(model, tokens=(BOS, OUTLIER), gain: float = 300.0):
         mask = torch.isin(seen["ids"], torch.tensor(tokens))
         return out * torch.where(mask, gain, 1.0).unsqueeze(-1).to(out.dtype)
 
-    acts = {id(layer.mlp.act_fn): layer.mlp.act_fn for layer in model.model.layers}
+    spec = get_spec(model)
+    acts = {id(a): a for a in (layer.get_submodule(spec.act_fn) for layer in decoder_layers(model))}
     handles += [act.register_forward_hook(spike) for act in acts.values()]
     return handles

@@ -1,26 +1,11 @@
-"""The online Q/K rotation of the KV cache (PrefixQuant / QuaRot): ``H [D, D]`` orthogonal, applied per head to Q
-and K *after* RoPE, so ``(q H)(k H)^T = q k^T`` and attention is unchanged in exact arithmetic, while the cache
-quantizes ``K H``, whose channel outliers the Hadamard has spread over all D channels.
-
-RoPE mixes channel pairs with a position-dependent angle, so H cannot be folded into q_proj / k_proj: it has to
-run online, after RoPE. transformers 5.23 attention (Llama, Qwen2, Qwen3) runs
-``RoPE -> past_key_values.update(k, v) -> attention_interface(q, k, v)``, which gives two places, one per tensor:
-
-* K: the cache rotates the new keys as they enter it (``cache.factory.build_cache(key_rotation=H)``), before it
-  quantizes them; every key it holds and returns, the 16-bit prefix included, is in the rotated space.
-* Q: an attention function registered in transformers' ``AttentionInterface`` (``pqk_qk_rotated_sdpa`` /
-  ``pqk_qk_rotated_eager``: the model's sdpa or eager attention with ``q @ H`` first). The rotation comes as the
-  call argument ``pqk_query_rotation``, which the patched model forward passes exactly when its cache rotates keys,
-  so a call without such a cache (``use_cache=False``, a DynamicCache) rotates neither Q nor K and stays exact.
-
-A dense [D, D] matmul on Q [B, H_q, T, D] costs D multiply-adds per element (D = 64: as much as the Q.K^T of 64
-cached tokens); a fast Walsh-Hadamard transform (prefixquant_kernels/hadamard.py) would cost log2(D).
-
-The same registered attention (the "pqk attention") also takes the two fast paths the patched forward
-(models/patch.py) asks for with a PrefixQuantCache: ``pqk_cache`` on a decode step run under the cache's
-``deferred_reads()`` (empty K/V: attend over the packed cache in place, ``decode_attention``), and
-``pqk_prefix_len`` on an unpadded prefill after the prefix (one causal call, models/prefix_attention.py). Without
-those arguments it is exactly the base sdpa / eager attention.
+"""The pqk attention: the model's sdpa / eager attention, registered in transformers' ``AttentionInterface`` as
+``pqk_qk_rotated_sdpa`` / ``pqk_qk_rotated_eager``, with three optional call arguments the patched forward
+(models/patch.py) passes: ``pqk_query_rotation`` (rotate Q by the Hadamard the cache rotates K with, after RoPE),
+``pqk_cache`` (a decode step under ``deferred_reads()``: attend over the packed cache in place) and
+``pqk_prefix_len`` (an unpadded prefill after the prefix: one causal call, models/prefix_attention.py). Without
+them it is exactly the base attention. Why Q/K are rotated online, and where: docs/DESIGN.md ("The Q/K rotation").
+Supported families run ``RoPE -> past_key_values.update(k, v) -> attention_interface(q, k, v)`` (transformers 5.23;
+Mistral and Phi-3 also pass ``sliding_window``, which makes the pqk attention take its base path when set).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 import prefixquant_kernels as pqk
 from prefixquant_kernels.calibration import prefix as pfx
 from prefixquant_kernels.calibration import rotation, scales
-from prefixquant_kernels.models import qk_rotation
+from prefixquant_kernels.models import attention
 from prefixquant_kernels.cache import KeyRotatingCache, build_cache
 from prefixquant_kernels.models.patch import swap
 from prefixquant_kernels.models.state import PrefixQuantState
@@ -45,7 +45,7 @@ def _kv_rotated_float(model, prefix_ids):
     if prefix_ids:
         pk, pv = pfx.prefix_kv(model, prefix_ids)
         state.prefix_ids.copy_(torch.tensor(prefix_ids))
-        state.set_prefix([qk_rotation.rotate_heads(k, h) for k in pk], pv)
+        state.set_prefix([attention.rotate_heads(k, h) for k in pk], pv)
     swap(model, {}, state)
     return model, h
 
@@ -58,7 +58,7 @@ def _kv_rotated_float(model, prefix_ids):
 def test_kv_rotation_keeps_the_float_model(arch, attn, prefix_ids):
     ref = _randomized(arch, attn)
     model, h = _kv_rotated_float(_randomized(arch, attn), prefix_ids)
-    assert model.config._attn_implementation == qk_rotation.PREFIX + attn
+    assert model.config._attn_implementation == attention.PREFIX + attn
     assert not torch.allclose(h, torch.eye(h.shape[0]))
     spec = pqk.models.get_spec(model)
     q_rows, k_rows, v_rows = spec.qkv_rows(model.config)
@@ -144,4 +144,4 @@ def test_attention_other_than_sdpa_or_eager_is_refused_before_any_change():
                            progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="head_dim 16, the rotation is"):
-        qk_rotation.rotate_heads(torch.zeros(1, 2, 3, 16), torch.eye(8))
+        attention.rotate_heads(torch.zeros(1, 2, 3, 16), torch.eye(8))
