@@ -7,7 +7,7 @@ dequant-concat of K and V + torch SDPA, with every dequant-concat backend that r
 kernel and the reference); on CUDA also the fused Triton decode attention (reads the packed body, never builds
 the 16-bit copy). The fused-vs-unfused comparison needs a GPU: on CPU only the unfused rows are timed.
 
-    python benchmarks/kv_cache.py [--tokens 1024] [--heads 8] [--head-dim 128] [--batch 1] [--attn-tokens 2048]
+    python benchmarks/kv_memory.py [--tokens 1024] [--heads 8] [--head-dim 128] [--batch 1] [--attn-tokens 2048]
 
 Prints a markdown table: bytes per token per layer (K and V, all KV heads; prefix excluded, it is a fixed
 cost), the ratio to fp16, and the median / spread of 5 timed dequant-concats after a warm-up.
