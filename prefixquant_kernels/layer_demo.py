@@ -13,9 +13,9 @@ and print the error (SQNR vs fp32, higher is better) and the measured speed on t
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -85,13 +85,15 @@ def run(tokens: int = 128, in_features: int = 14336, out_features: int = 4096, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="prefixquant-kernels layer-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--in-features", type=int, default=14336)
-    p.add_argument("--out-features", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    from .cli import Parser, positive_int
+
+    p = Parser(prog="prefixquant-kernels layer-demo", description=__doc__)
+    p.add_argument("--tokens", type=positive_int, default=128, help="tokens through the layer (token 0 the outlier)")
+    p.add_argument("--in-features", type=positive_int, default=14336, help="the layer's input width (K)")
+    p.add_argument("--out-features", type=positive_int, default=4096, help="the layer's output width (N)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per method (the median is printed)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     args = p.parse_args(argv)
     from . import _extension
 
@@ -110,4 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .__main__ import run
+
+    raise SystemExit(run("layer-demo", main, sys.argv[1:]))

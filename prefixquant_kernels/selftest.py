@@ -211,7 +211,13 @@ def _gpu(rows, lib_path):
 def main(argv=None) -> int:
     """argv: ["--build"] also compiles this source tree with nvcc (minutes: ~5 on 2 cores, cached) and checks
     that build's spills, even when a library is installed; by default an installed libpqk_cuda.so is what runs."""
-    argv = list(argv or [])
+    from .cli import Parser
+
+    ap = Parser(prog="prefixquant-kernels selftest", description=__doc__.split("\n", 1)[1].strip())
+    ap.add_argument("--build", action="store_true", help="also compile this source tree with nvcc (minutes: ~5 on 2 "
+                    "cores, cached) and check that build's spills, even when a library is installed")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    args = ap.parse_args(list(argv or []))
     rows: list[tuple] = []
     _host(rows)
     from .ops import cuda_library as pqk_cuda
@@ -221,7 +227,7 @@ def main(argv=None) -> int:
         rows.append(("libpqk_cuda.so", lib_path, "-", "-"))
     except RuntimeError:
         lib_path = None
-    if cuda_build.nvcc_path() and (lib_path is None or "--build" in argv):
+    if cuda_build.nvcc_path() and (lib_path is None or args.build):
         b = cuda_build.build_library()
         lib_path = b.lib
         usage = cuda_build.ptxas_usage(b.ptxas_log)

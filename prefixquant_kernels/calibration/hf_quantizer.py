@@ -42,21 +42,24 @@ def _fail(op: str, msg: str, exc: type[Exception] = ValueError):
 
 # ---- writing: a checkpoint transformers can load ---------------------------------------------------------------
 
-def export_hf(model, path: str, tokenizer=None) -> None:
+def export_hf(model, path, tokenizer=None, *, overwrite: bool = False, float_dtype="auto") -> None:
     """Write ``model`` (quantized by pqk.quantize_model or imported) to the directory ``path`` so that both
     ``pqk.load_quantized(path)`` and ``AutoModelForCausalLM.from_pretrained(path)`` rebuild it: ``save_quantized``
-    plus a ``quantization_config`` in config.json holding pqk_config.json's content (module doc)."""
-    from .checkpoint import _META, save_quantized
+    plus a ``quantization_config`` in config.json holding pqk_config.json's content (module doc). Atomic, with
+    save_quantized's ``overwrite`` and ``float_dtype``: config.json gets its quantization_config before the
+    directory is renamed into place, so no reader ever sees a checkpoint without it."""
+    from .checkpoint import write_checkpoint
 
-    save_quantized(model, path, tokenizer)
-    with open(os.path.join(path, _META)) as f:
-        meta = json.load(f)
-    cfg_file = os.path.join(path, _CONFIG)
-    with open(cfg_file) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, **meta}
-    with open(cfg_file, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    def add_quantization_config(d: str, meta: dict) -> None:
+        cfg_file = os.path.join(d, _CONFIG)
+        with open(cfg_file) as f:
+            config = json.load(f)
+        config["quantization_config"] = {"quant_method": QUANT_METHOD, **meta}
+        with open(cfg_file, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True, default=str)
+
+    write_checkpoint(model, path, tokenizer, overwrite=overwrite, float_dtype=float_dtype, op="export_hf",
+                     finish=add_quantization_config)
 
 
 # ---- reading: the skeleton a checkpoint's tensors are loaded into ----------------------------------------------

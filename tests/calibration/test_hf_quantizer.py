@@ -21,6 +21,22 @@ def _quantized(arch, **kw):
                               progress=False)
 
 
+def rounded(model, dtype=torch.bfloat16):
+    """A copy of ``model`` whose float tensors outside the quantized modules (embedding, lm_head, norms) are rounded
+    to ``dtype``: what a checkpoint stored with float_dtype=dtype holds, computing in float32."""
+    import copy
+    from prefixquant_kernels.models.rotated_linear import RotatedLinear
+    from prefixquant_kernels.models.state import PrefixQuantState
+    out = copy.deepcopy(model)
+    exact = tuple(n + "." for n, m in out.named_modules() if isinstance(m, (pqk.nn.QuantLinear, RotatedLinear,
+                                                                             PrefixQuantState)))
+    with torch.no_grad():
+        for k, t in {**dict(out.named_parameters()), **dict(out.named_buffers())}.items():
+            if t.dtype == torch.float32 and not k.startswith(exact):
+                t.copy_(t.to(dtype).float())
+    return out
+
+
 @pytest.mark.parametrize("arch,kw", [
     ("llama", dict(w_bits=4, a_bits=8, kv_bits=4)),                     # rotated: RotatedLinear + Q/K rotation
     ("qwen2", dict(w_bits=8, a_bits=4, kv_bits=8, rotate=False)),       # qkv bias, no rotation
@@ -32,6 +48,8 @@ def test_from_pretrained_returns_the_quantized_model(tmp_path, arch, kw):
     hq.export_hf(model, str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "prefixquant_kernels"
+    assert cfg["dtype"] == "float32"            # computes in fp32; embedding / lm_head / norms stored in bf16
+    model = rounded(model)                       # what the checkpoint holds: the same model, floats in bf16
 
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
     assert type(loaded) is type(model)

@@ -243,7 +243,7 @@ def test_import_matches_their_fake_quant_reference(tmp_path, gen, qc):
 def test_import_then_export_round_trip(tmp_path):
     write_prefixquant_checkpoint(tmp_path / "theirs")
     model = pqk.load_prefixquant(str(tmp_path / "theirs"))
-    pqk.export_hf(model, str(tmp_path / "ours"))
+    pqk.export_hf(model, str(tmp_path / "ours"), float_dtype="float32")
     loaded = pqk.load_quantized(str(tmp_path / "ours"))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
