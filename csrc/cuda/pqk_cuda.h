@@ -70,6 +70,19 @@ int pqk_hadamard(const void* x, void* y, int x_dtype, const float* had_m, int m,
 // "imma.s4 (...)" (sm_80/86/89), "imma.s8-unpacked" (sm_90), "none" (not compiled for it).
 const char* pqk_int4_gemm_path(int sm);
 
+// Whether this library's kernels can run on CUDA device `device` here, asked once before the first launch
+// (prefixquant_kernels/ops/cuda_library.py: backend='auto' falls back, backend='cuda' raises with the reason).
+// Returns 0 if they can, else the cudaError_t (> 0) that every launch would return:
+//   cudaErrorInsufficientDriver (35)      the installed driver cannot run the CUDA runtime linked into the library, or
+//                                         there is no driver (e.g. a CUDA 13 build needs driver >= 580); as the runtime
+//                                         itself decides on initialization (minor-version compatibility included)
+//   cudaErrorNoKernelImageForDevice (209) the library has no kernel image for the device's arch (not built for it)
+//   any other error of cudaDeviceGetAttribute / cudaSetDevice / cudaFuncGetAttributes (no device, bad ordinal, ...)
+// Writes (each may be null): the CUDA version the driver supports and the runtime's (1000 * major + 10 * minor,
+// 0 if there is no driver), the device's compute capability (major * 10 + minor, 0 if unknown). Leaves the calling
+// thread's current device as it found it; creates the device's primary context (as any launch would).
+int pqk_cuda_probe(int device, int* driver_version, int* runtime_version, int* sm);
+
 #ifdef __cplusplus
 }
 #endif

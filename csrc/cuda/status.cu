@@ -1,4 +1,4 @@
-// pqk_cuda_error_string: the text of a launcher status (pqk_cuda.h).
+// pqk_cuda_error_string: the text of a launcher status; pqk_cuda_probe: can the kernels run here (pqk_cuda.h).
 #include <cuda_runtime.h>
 
 #include "pqk_cuda.h"
@@ -19,4 +19,40 @@ extern "C" const char* pqk_cuda_error_string(int status) {
              "out / w_scale / bias and an sm_80..89 device";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown pqk status";
   }
+}
+
+namespace {
+// Compiled for the same archs as every other kernel of the library (cuda_build.ARCHS): if the device has no image
+// of it, it has none of the GEMM / quantize / Hadamard kernels either.
+__global__ void pqk_probe_kernel() {}
+}  // namespace
+
+extern "C" int pqk_cuda_probe(int device, int* driver_version, int* runtime_version, int* sm) {
+  int drv = 0, rt = 0, major = 0, minor = 0;
+  // Neither needs a driver nor creates a context: cudaDriverGetVersion gives 0 when no driver is installed.
+  const cudaError_t drv_err = cudaDriverGetVersion(&drv);
+  cudaRuntimeGetVersion(&rt);
+  if (driver_version) *driver_version = drv;
+  if (runtime_version) *runtime_version = rt;
+  if (sm) *sm = 0;
+  if (drv_err != cudaSuccess) return static_cast<int>(drv_err);
+  // The first call that initializes the runtime is the authority on driver compatibility (a newer minor version of
+  // the runtime may run on an older driver of the same major version): cudaErrorInsufficientDriver when it cannot.
+  cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky-looking error for the next launch's cudaGetLastError()
+    return static_cast<int>(e);
+  }
+  if (sm) *sm = major * 10 + minor;
+  int previous = 0;
+  e = cudaGetDevice(&previous);
+  if (e == cudaSuccess && previous != device) e = cudaSetDevice(device);
+  if (e == cudaSuccess) {
+    cudaFuncAttributes attr;
+    e = cudaFuncGetAttributes(&attr, pqk_probe_kernel);  // cudaErrorNoKernelImageForDevice without an image
+    if (previous != device) cudaSetDevice(previous);
+  }
+  cudaGetLastError();
+  return static_cast<int>(e);
 }

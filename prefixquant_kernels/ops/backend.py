@@ -139,7 +139,9 @@ def _auto(op: str, spec: Op, device: torch.device, cannot: Mapping[str, str]) ->
     1. "triton" on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the KV ops; the tests run the Triton
        kernels in the interpreter this way), when triton is installed;
     2. "cpu" (best instruction set) on CPU tensors when the C++ extension is built;
-    3. "cuda" on CUDA tensors when libpqk_cuda.so loads; when it does not, a one-time RuntimeWarning says why;
+    3. "cuda" on CUDA tensors when libpqk_cuda.so loads and its kernels can run on this GPU (driver new enough for
+       its CUDA runtime, a kernel image for the arch: cuda_library.probe); when not, a one-time RuntimeWarning says
+       why and the next kind runs;
     4. "reference" (on any device).
     """
     def has(kind: str) -> bool:

@@ -2,6 +2,13 @@
 the launchers' signatures, whether the CUDA backend can run here and why not. The ops that call the launchers are in
 ops/cuda_ops.py.
 
+"Can run here" is asked of the library itself at first use (``pqk_cuda_probe``): dlopen succeeds on any Linux box,
+but the CUDA runtime linked into it may need a newer driver than the one installed (a CUDA 13 build needs driver
+>= 580; many machines run 535-575), and the GPU's arch may have no kernel image in it. Either way every launch
+would fail, so the backend counts as unavailable: backend='auto' warns once with the reason and runs the next
+backend (ops/backend.py), backend='cuda' raises it. A library built before pqk_cuda_probe existed cannot be asked:
+it counts as available (the launches report the cudaError, as before).
+
 Why ctypes and not a torch C++/CUDA extension: the library links the CUDA runtime statically and takes raw device
 pointers plus a stream, so it works with any CUDA build of torch (no ABI coupling, no CUDA torch needed to build it:
 ``PQK_FORCE_CUDA=1 pip install .`` compiles it with nvcc alone). Loading is lazy and happens once, on the first
@@ -36,14 +43,26 @@ SIGNATURES: dict[str, tuple] = {
     "pqk_hadamard": (_I, [_P, _P, _I, _P, _I, _I, _I, _P]),
     # sm (major * 10 + minor)
     "pqk_int4_gemm_path": (ctypes.c_char_p, [_I]),
+    # device, int* driver_version, int* runtime_version, int* sm
+    "pqk_cuda_probe": (_I, [_I, _P, _P, _P]),
 }
+# Functions a library built from older sources may lack: declared when present, never a reason not to load it.
+OPTIONAL = frozenset({"pqk_cuda_probe"})
+
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35
+CUDA_ERROR_INVALID_DEVICE_FUNCTION = 98
+CUDA_ERROR_NO_DEVICE = 100
+CUDA_ERROR_NO_KERNEL_IMAGE = 209
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Sets restype/argtypes of every launcher (AttributeError naming the symbol if the library lacks one)."""
+    """Sets restype/argtypes of every launcher (AttributeError naming the symbol if the library lacks one, unless it
+    is in OPTIONAL)."""
     for name, (restype, argtypes) in SIGNATURES.items():
+        if name in OPTIONAL and not hasattr(lib, name):
+            continue
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     return lib
@@ -87,8 +106,43 @@ _REASON: str | None = None      # why the CUDA backend cannot run, once known
 _CHECKED = False
 
 
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def probe(lib, device: int) -> str | None:
+    """Asks the library whether its kernels can run on CUDA device `device` (pqk_cuda_probe): None if they can, or
+    if the library predates the probe (cannot check: counted as able, as before); else why not, in words."""
+    fn = getattr(lib, "pqk_cuda_probe", None)
+    if fn is None:
+        return None
+    drv, rt, sm = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    st = fn(device, ctypes.byref(drv), ctypes.byref(rt), ctypes.byref(sm))
+    if st == 0:
+        return None
+    text = lib.pqk_cuda_error_string(st)
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    name = cuda_build.LIB_NAME
+    runtime = f"the CUDA {_version(rt.value)} runtime" if rt.value else "its CUDA runtime"
+    if st == CUDA_ERROR_INSUFFICIENT_DRIVER:
+        if drv.value == 0:
+            why = f"no NVIDIA driver is installed, and {name} links {runtime} statically"
+        else:
+            why = (f"the NVIDIA driver supports CUDA {_version(drv.value)}, older than {runtime} that {name} links "
+                   "statically (CUDA 13 needs driver >= 580); update the driver, or rebuild the library with a CUDA "
+                   f"toolkit of version {drv.value // 1000}.x (PQK_FORCE_CUDA=1 pip install --no-build-isolation .)")
+    elif st in (CUDA_ERROR_NO_KERNEL_IMAGE, CUDA_ERROR_INVALID_DEVICE_FUNCTION):
+        arch = f"sm_{sm.value}" if sm.value else "its arch"
+        why = (f"{name} has no kernel image for CUDA device {device} ({arch}); it is built for "
+               f"{', '.join(f'sm_{a}' for a in cuda_build.ARCHS)} (cuda_build.ARCHS)")
+    else:
+        why = f"the CUDA runtime cannot use CUDA device {device}"
+    return f"{name} cannot run here: {why} [{text} (cudaError {st})]"
+
+
 def unavailable_reason() -> str | None:
-    """None if the CUDA backend can run here, else why not (checked once: torch sees a GPU, then the library)."""
+    """None if the CUDA backend can run here, else why not (checked once: torch sees a GPU, then the library loads,
+    then the library says its kernels run on the current CUDA device: ``probe``)."""
     global _LIB, _LIB_PATH, _REASON, _CHECKED
     if not _CHECKED:
         _CHECKED = True
@@ -102,12 +156,14 @@ def unavailable_reason() -> str | None:
             # not found / nvcc failed / dlopen failed / a symbol missing
             except (RuntimeError, OSError, AttributeError, subprocess.CalledProcessError) as e:
                 _REASON = f"{cuda_build.LIB_NAME} could not be loaded: {e}"
+            else:
+                _REASON = probe(_LIB, torch.cuda.current_device())
     return _REASON
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the answer in instead of tracing ctypes/dlopen
 def cuda_available() -> bool:
-    """libpqk_cuda.so loadable AND torch.cuda.is_available()."""
+    """torch.cuda.is_available() AND libpqk_cuda.so loadable AND (where it can tell) able to run on this GPU."""
     return unavailable_reason() is None
 
 

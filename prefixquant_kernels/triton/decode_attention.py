@@ -39,7 +39,9 @@ def _load_kv_rows(Pre_ptr, Body_ptr, scale, n, P, N_all, d,
     return tl.where(in_pre[:, None], pre, body)
 
 
-@triton.jit
+# Context-length arguments are not specialized (Triton would otherwise compile a variant for ==1 / % 16 == 0 of each):
+# the compiled variants depend on G, D, bits and dtypes only, never on how long the context has grown.
+@triton.jit(do_not_specialize=["P", "T", "SPLIT_LEN", "n_splits"])
 def _decode_attention_split_kernel(
     Q_ptr,          # float [B, H_q, D] (any strides): the new token's queries
     PK_ptr, PV_ptr,  # float [B or 1, H_kv, P, D]: 16-bit prefix K/V (a batch-1 prefix is read with stride 0)
@@ -102,7 +104,7 @@ def _decode_attention_split_kernel(
     tl.store(Acc_ptr + o[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _decode_attention_merge_kernel(
     M_ptr, L_ptr,   # float32 [B * H_q, S]
     Acc_ptr,        # float32 [B * H_q, S, D]
@@ -110,18 +112,53 @@ def _decode_attention_merge_kernel(
     S, D,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s."""
+    """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s, over chunks of BLOCK_S slices
+    (a fixed BLOCK_S: the split count grows with the context, the compiled kernel does not change). Across chunks
+    the running max / sum / accumulator are rescaled like the split kernel's online softmax; with S <= BLOCK_S it is
+    exactly the one-shot formula."""
     r = tl.program_id(0).to(tl.int64)
-    si = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_ok = si < S
-    m = tl.load(M_ptr + r * S + si, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(L_ptr + r * S + si, mask=s_ok, other=0.0)
-    acc = tl.load(Acc_ptr + (r * S + si[:, None]) * D + d[None, :], mask=s_ok[:, None] & (d[None, :] < D), other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)
+    m_run = tl.full((), float("-inf"), tl.float32)
+    l_run = tl.zeros((), tl.float32)
+    acc_run = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        si = s0 + tl.arange(0, BLOCK_S)
+        s_ok = si < S
+        m = tl.load(M_ptr + r * S + si, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(L_ptr + r * S + si, mask=s_ok, other=0.0)
+        acc = tl.load(Acc_ptr + (r * S + si[:, None]) * D + d[None, :], mask=s_ok[:, None] & (d[None, :] < D),
+                      other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_safe)                     # 0 on the first chunk (m_run = -inf)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))
+        l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
+        acc_run = acc_run * alpha + tl.sum(w[:, None] * acc, axis=0)
+        m_run = m_new
+    out = acc_run / l_run
     tl.store(Out_ptr + r * D + d, out.to(Out_ptr.dtype.element_ty), mask=d < D)
+
+
+# Launch constants. The split kernel's per-step product q[:, None, :] * k[None, :, :] (and p * v) is a
+# [BLOCK_G, BLOCK_N, BLOCK_D] fp32 tile held in registers: BLOCK_N shrinks as G * D grows so that the tile stays
+# within PRODUCT_BUDGET elements (at G = 8, D = 128, BLOCK_N = 16 it was 16384 elements = 128 per thread of 4 warps,
+# and ptxas spilled at 255 registers on sm_86/89/90; tests/kv/test_triton_aot.py checks every arch for spills).
+PRODUCT_BUDGET = 4096
+SCORE_BUDGET = 32    # and the [BLOCK_G, BLOCK_N] score tile within this (G = 8, D = 64, BLOCK_N = 8 spilled on sm_80)
+MIN_BLOCK_N = 2
+MERGE_BLOCK_S = 32   # slices merged per step of the merge kernel (fixed: any split count, one compiled kernel)
+
+
+def split_constexprs(G: int, D: int, bits: int, block_n: int = 16) -> dict:
+    """The constexprs of _decode_attention_split_kernel for G query heads per KV head, head dim D."""
+    bg, bd = triton.next_power_of_2(G), triton.next_power_of_2(D)
+    bn = max(MIN_BLOCK_N, min(triton.next_power_of_2(block_n), PRODUCT_BUDGET // (bg * bd), SCORE_BUDGET // bg))
+    return dict(G=G, BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd, BITS=bits)
+
+
+def merge_constexprs(D: int) -> dict:
+    """The constexprs of _decode_attention_merge_kernel: independent of the split count."""
+    return dict(BLOCK_S=MERGE_BLOCK_S, BLOCK_D=triton.next_power_of_2(D))
 
 
 def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, body_k: torch.Tensor,
@@ -132,6 +169,8 @@ def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
     B, Hq, D = q.shape
     Hkv, P, T = body_k.shape[1], prefix_k.shape[2], body_k.shape[2]
     G = Hq // Hkv
+    split_cx = split_constexprs(G, D, bits, block_n)
+    block_n = split_cx["BLOCK_N"]
     split_len = max(block_n, triton.cdiv(split_len, block_n) * block_n)
     n_splits = max(1, triton.cdiv(P + T, split_len))
     m = torch.empty(B, Hq, n_splits, device=q.device, dtype=torch.float32)
@@ -144,15 +183,13 @@ def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
     if body_v.stride() != body_k.stride():
         body_k, body_v = body_k.contiguous(), body_v.contiguous()
     pb = 0 if prefix_k.shape[0] == 1 else prefix_k.stride(0)  # a shared batch-1 prefix: batch stride 0
-    block_d = triton.next_power_of_2(D)
     _decode_attention_split_kernel[(B * Hkv, n_splits)](
         q, prefix_k, prefix_v, body_k, body_v, k_scale, v_scale, m, l_s, acc,
         Hkv, P, T, D, split_len, n_splits, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
         pb, prefix_k.stride(1), prefix_k.stride(2), prefix_k.stride(3),
         body_k.stride(0), body_k.stride(1), body_k.stride(2), body_k.stride(3),
-        G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK_N=block_n, BLOCK_D=block_d, BITS=bits,
+        **split_cx,
     )
-    _decode_attention_merge_kernel[(B * Hq,)](
-        m, l_s, acc, out, n_splits, D, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
+    _decode_attention_merge_kernel[(B * Hq,)](m, l_s, acc, out, n_splits, D, **merge_constexprs(D))
     return out

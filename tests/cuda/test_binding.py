@@ -57,6 +57,16 @@ def test_every_symbol_loads(real_lib):
     assert real_lib.pqk_int4_gemm_path(86).startswith(b"imma.s4") and real_lib.pqk_int4_gemm_path(90) == b"imma.s8-unpacked"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_probe_without_a_gpu_says_why(real_lib):
+    """pqk_cuda_probe (the availability check's question, tests/cuda/test_fallback.py): no driver / no device here."""
+    drv, rt, sm = ctypes.c_int(-1), ctypes.c_int(-1), ctypes.c_int(-1)
+    st = real_lib.pqk_cuda_probe(0, ctypes.byref(drv), ctypes.byref(rt), ctypes.byref(sm))
+    assert st > 0 and rt.value >= 12000 and drv.value >= 0 and sm.value == 0
+    assert real_lib.pqk_cuda_probe(0, None, None, None) == st          # every output pointer may be null
+    assert cuda_library.probe(real_lib, 0).startswith("libpqk_cuda.so cannot run here: ")
+
+
 P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every call below returns before a launch
 
 

@@ -92,3 +92,53 @@ def test_bad_input(mutate, match, gen):
     a = dict(q=q, prefix_k=pk, prefix_v=pv, k_packed=kp, v_packed=vp, k_scale=ks, v_scale=vs)
     with pytest.raises((ValueError, TypeError), match=match):
         kv_decode_attention(**mutate(a), backend="reference")
+
+
+@needs_triton
+@pytest.mark.parametrize("Hq,Hkv,D,T,split_len", [
+    (8, 1, 128, 45, 256),   # G = 8: the split kernel's smallest BLOCK_N (the register budget, no spills)
+    (8, 2, 64, 600, 16),    # 38 splits > MERGE_BLOCK_S: the merge kernel's chunk loop and its rescaling
+])
+def test_triton_large_groups_and_many_splits(Hq, Hkv, D, T, split_len, gen, monkeypatch):
+    import prefixquant_kernels.triton.decode_attention as da
+    real = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda *a: real(*a, split_len=split_len))
+    args = _case(1, Hq, Hkv, 3, T, D, torch.float32, gen)
+    assert triton_splits(3 + T, split_len, da.split_constexprs(Hq // Hkv, D, 4)["BLOCK_N"]) > (
+        da.MERGE_BLOCK_S if T > 100 else 0)
+    out = kv_decode_attention(*args, backend="triton")
+    torch.testing.assert_close(out, kv_decode_attention(*args, backend="reference"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), _float_attention(*args, bits=4), rtol=1e-4, atol=1e-4)
+
+
+def triton_splits(n, split_len, block_n):
+    return -(-n // (-(-split_len // block_n) * block_n))
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: records the constexprs of each launch (kernel[grid](..., **constexprs))."""
+
+    def __init__(self):
+        self.constexprs = set()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.constexprs.add(tuple(sorted(kw.items())))
+
+
+@needs_triton
+def test_compiled_variants_do_not_depend_on_the_context_length(monkeypatch):
+    """A generation that grows from 1 to 5000 positions (the split count crossing 1, 2, 4, ..., 32 at split_len 256,
+    and the merge kernel's old BLOCK_S = next_pow2(n_splits) with it) launches one set of constexprs per kernel; the
+    context-length ints are not specialized either (do_not_specialize), so Triton compiles each kernel once."""
+    import prefixquant_kernels.triton.decode_attention as da
+    split, merge = _Recorder(), _Recorder()
+    monkeypatch.setattr(da, "_decode_attention_split_kernel", split)
+    monkeypatch.setattr(da, "_decode_attention_merge_kernel", merge)
+    q = torch.zeros(1, 8, 128)
+    pk = torch.zeros(1, 1, 4, 128)
+    s = torch.ones(1)
+    for t in (1, 2, 17, 255, 256, 257, 600, 1100, 2100, 4100, 5000):
+        body = torch.zeros(1, 1, t, 64, dtype=torch.uint8)
+        da.decode_attention(q, pk, pk, body, body, s, s, 4, 0.1)
+    assert len(split.constexprs) == 1 and len(merge.constexprs) == 1
+    assert dict(next(iter(merge.constexprs)))["BLOCK_S"] == da.MERGE_BLOCK_S
