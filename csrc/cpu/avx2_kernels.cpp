@@ -347,7 +347,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
 
 const IsaKernels kAvx2 = {
     "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8,
+    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8, nullptr,
 };
 
 }  // namespace

@@ -11,6 +11,7 @@
 // Why this order: W is the big operand (N*K/2 bytes, e.g. 8 MB at 4096x4096) and is read from memory
 // once per M-block; inside a block the operand re-read from L2 is packed W (half a byte per k) rather
 // than the int8 panel (docs/PERF.md, step 2). At decode there is one M-block and W streams exactly once.
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -31,9 +32,8 @@ constexpr int64_t kWBlockBytes = 128 * 1024;  // W tiles revisited by every A ti
 
 // Row m of A -> panel row (kp int8, order per W's bits, zero padded); returns the row's scale.
 float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kp, int8_t* dst,
-                      int8_t* tmp /* int8 [K] scratch */) {
+                      int8_t* tmp /* int8 [K] scratch */, bool split) {
   const int64_t K = g.K;
-  const bool split = g.w_bits == 4;
   float scale = 0.0f;
   if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
 
@@ -74,12 +74,141 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
   return scale;
 }
 
+// ---- prefill (M >= kPrefillMinM) on an ISA with PrefillKernels ---------------------------------------------------
+//   for each M-block of up to kPrefillPanelBytes of A (serial):
+//     build the uint8 panel (natural order, a + 128; the fused quantize for a float A)     parallel over rows
+//     for each group of kPfGroup micro panels (nr W columns each) of this thread's range:  parallel over N
+//       for each K block of kc:
+//         unpack W [group, K block] once (int4 -> int8 in the kernel's layout, + column sums)
+//         for each micro panel (in L1) x each A tile of mr rows of the M-block: micro-kernel into c (int32)
+//         last K block: epilogue of each tile straight after its kernel (c still in L1)
+// W is unpacked once per M-block and reused by all its rows (not once per tile); threads split N, so both share
+// the A panel and each unpacks only its own W.
+constexpr int64_t kPrefillMinM = 64;
+constexpr int64_t kPrefillPanelBytes = 8 << 20;  // A panel per M-block (L3); W is unpacked once per M-block
+constexpr int64_t kPrefillMaxRows = 1024;         // and the int32 c block (rows x group columns) stays in L2
+constexpr int kPfGroup = 2;                       // micro panels per task step: A tile reuse vs c block size
+
+// Tests and tuning only: PQK_PREFILL_KC (k per W block, rounded up to 8) and PQK_PREFILL_ROWS (rows per M-block)
+// replace the defaults, so small shapes cross many block boundaries (tests/ops/test_gemm_blocking.py).
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = getenv(name);
+  const long long x = v ? atoll(v) : 0;
+  return x > 0 ? (int64_t)x : dflt;
+}
+
+template <class T>
+struct AlignedBuf {  // 64-byte aligned, uninitialized
+  T* p = nullptr;
+  explicit AlignedBuf(size_t n) { p = (T*)aligned_alloc(64, round_up((int64_t)(n * sizeof(T)), 64)); }
+  ~AlignedBuf() { free(p); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+};
+
+void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
+  const PrefillKernels& pk = *ker.prefill;
+  const int64_t M = g.M, N = g.N, K = g.K;
+  const int64_t w_stride = g.w_bits == 4 ? K / 2 : K;
+  const int mr = pk.mr, nr = pk.nr;
+  const int64_t kc_max = std::min<int64_t>(round_up(env_int("PQK_PREFILL_KC", pk.kc), 8), round_up(K, 8));
+  const int64_t n_kb = (K + kc_max - 1) / kc_max, kpad = n_kb * kc_max;
+  int64_t mb_max = std::min<int64_t>(kPrefillMaxRows, std::max<int64_t>(mr, kPrefillPanelBytes / kpad / mr * mr));
+  mb_max = env_int("PQK_PREFILL_ROWS", mb_max);
+  if (mb_max >= M) mb_max = M;
+  const int64_t kq_max = (kc_max + 3) / 4;
+  const int64_t n_micro = (N + nr - 1) / nr;
+  const int64_t ldc = (int64_t)kPfGroup * nr;
+
+  // The A panel of an M-block, blocked by K: block b = rows [mb_max, kc_max] of k in [b kc_max, (b+1) kc_max), so a
+  // micro-kernel's A tile (mr x kc_max) is contiguous and one K block of all rows is one sequential stream (rows
+  // a full K apart gave the prefetchers mr short streams per kernel call).
+  AlignedBuf<uint8_t> panel((size_t)(mb_max * kpad));
+  std::vector<float> rscale((size_t)mb_max);
+  for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
+    const int64_t mb = std::min(mb_max, M - m0);
+    parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
+      std::vector<int8_t> tmp((size_t)K);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t m = m0 + r;
+        // the row in natural order: in place for int8, else quantized / unpacked into tmp
+        const int8_t* q = tmp.data();
+        float scale = 0.0f;
+        if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
+        if (g.a_source == ASource::kInt8) {
+          q = (const int8_t*)g.a + m * K;
+        } else if (g.a_source == ASource::kPacked4) {
+          unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
+        } else {
+          const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
+          const int qmax = qmax_for_bits(g.a_bits);
+          scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
+          ker.quantize_row(x, g.a_float_type, K, scale, qmin_for_bits(g.a_bits), qmax, tmp.data());
+        }
+        rscale[r] = scale;
+        // a + 128 (vpdpbusd's u8 operand) into the K blocks, 8 bytes at a time; the pad past K is 0x80 (a = 0)
+        for (int64_t kb = 0; kb < n_kb; ++kb) {
+          uint8_t* dst = panel.p + kb * mb_max * kc_max + r * kc_max;
+          const int64_t k0 = kb * kc_max, n = std::min(kc_max, K - k0);
+          int64_t k = 0;
+          for (; k + 8 <= n; k += 8) {
+            uint64_t v;
+            memcpy(&v, q + k0 + k, 8);
+            v ^= 0x8080808080808080ull;
+            memcpy(dst + k, &v, 8);
+          }
+          for (; k < n; ++k) dst[k] = (uint8_t)q[k0 + k] ^ 0x80;
+          if (n < kc_max) memset(dst + n, 0x80, (size_t)(kc_max - n));
+        }
+        if (g.a_scale_out) g.a_scale_out[m] = scale;
+      }
+    });
+    parallel_for(0, n_micro, 1, [&](int64_t pb, int64_t pe) {
+      AlignedBuf<int8_t> wp((size_t)(kPfGroup * kq_max * 4 * nr));
+      AlignedBuf<int32_t> cbuf((size_t)(mb * ldc));
+      int32_t colsum[kPfGroup * 64];
+      for (int64_t p0 = pb; p0 < pe; p0 += kPfGroup) {
+        const int np = (int)std::min<int64_t>(kPfGroup, pe - p0);
+        memset(colsum, 0, sizeof(colsum));
+        for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+          const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
+          const bool last = k0 + kc >= K;
+          for (int p = 0; p < np; ++p) {
+            const int64_t n0 = (p0 + p) * nr;
+            pk.pack_w(g.w, g.w_bits, w_stride, n0, (int)std::min<int64_t>(nr, N - n0), k0, kc,
+                      wp.p + p * kq * 4 * nr, colsum + p * nr);
+          }
+          for (int p = 0; p < np; ++p) {
+            const int64_t n0 = (p0 + p) * nr;
+            const int nn = (int)std::min<int64_t>(nr, N - n0);
+            for (int64_t i0 = 0; i0 < mb; i0 += mr) {
+              const int mm = (int)std::min<int64_t>(mr, mb - i0);
+              int32_t* c = cbuf.p + i0 * ldc + p * nr;
+              pk.kernel(panel.p + (k0 / kc_max) * mb_max * kc_max + i0 * kc_max, kc_max, wp.p + p * kq * 4 * nr, kq, mm,
+                        c, ldc, k0 > 0);
+              if (last)
+                pk.epilogue(c, ldc, mm, nn, colsum + p * nr, rscale.data() + i0, g.w_scale + n0,
+                            g.bias ? g.bias + n0 : nullptr,
+                            (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
 }  // namespace
 
 void gemm(const GemmArgs& g, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);
   const int64_t M = g.M, N = g.N, K = g.K;
   if (M == 0 || N == 0) return;
+  // prefill: the ISA's own W layout, unpacked once per panel (the gather offsets of pack_w are int32)
+  if (ker.prefill && M >= kPrefillMinM && K > 0 && 16 * (g.w_bits == 4 ? K / 2 : K) < (int64_t(1) << 31)) {
+    gemm_prefill(g, ker);
+    return;
+  }
   const int64_t kp = round_up(std::max<int64_t>(K, 1), kChunk);
   const int mr = ker.mr_max;
   const bool w4 = g.w_bits == 4;
@@ -105,7 +234,7 @@ void gemm(const GemmArgs& g, Isa isa) {
       std::vector<int8_t> tmp((size_t)K);
       for (int64_t r = b; r < e; ++r) {
         int8_t* dst = panel.data() + r * kp;
-        rscale[r] = build_panel_row(g, ker, m0 + r, kp, dst, tmp.data());
+        rscale[r] = build_panel_row(g, ker, m0 + r, kp, dst, tmp.data(), w4);
         rowsum[r] = ker.row_sum(dst, kp);
         if (g.a_scale_out) g.a_scale_out[m0 + r] = rscale[r];
       }

@@ -97,5 +97,11 @@ struct GemmArgs {
 };
 void gemm(const GemmArgs& args, Isa isa);
 
+// ---- benchmark only ------------------------------------------------------------------------------------
+// The int8 multiply-accumulate peak of `isa` on all parallel_for threads, measured for `seconds`: a throughput loop
+// of vpdpbusd zmm (avx512vnni) / vpdpbusd ymm (avxvnni) / vpmaddubsw ymm (avx2), in int ops (2 per MAC) / s / 1e12;
+// 0 for scalar or an ISA this CPU lacks (peak.cpp).
+double int8_peak_tops(Isa isa, double seconds);
+
 }  // namespace cpu
 }  // namespace pqk

@@ -24,6 +24,23 @@ constexpr int64_t kChunk = 64;  // K granularity of the A panel (64 int4 = 32 pa
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The prefill GEMM (gemm.cpp: gemm_prefill, M >= kPrefillMinM): W unpacked once per panel into a layout of the
+// ISA's own, reused by every A row of an M-block; A panel rows natural-order uint8 (a + 128). x86_gemm_zmm.h.
+struct PrefillKernels {
+  int mr, nr;      // micro-kernel tile: A rows x W columns (one micro panel)
+  int64_t kc;      // k per W block (a multiple of 8)
+  // W rows n0 .. n0+nn-1 (nn <= nr), k in [k0, k0 + kc) -> dst (64-byte aligned, panel_bytes(kc) bytes);
+  // colsum[0:nr] += the sum of those w (int32)
+  void (*pack_w)(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc,
+                 int8_t* dst, int32_t* colsum);
+  // c[0:mr, 0:nr] (row stride ldc) = (accumulate ? c : 0) + sum_k (a[i, k] + 128) * w[k, j] over ceil(kc/4)*4 k
+  void (*kernel)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int32_t* c, int64_t ldc,
+                 bool accumulate);
+  // out[i, j] = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t
+  void (*epilogue)(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
+                   const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t);
+};
+
 struct IsaKernels {
   const char* name;
   int mr_max, nr_max;  // largest tile of the tile functions (rows of A x rows of W)
@@ -59,6 +76,7 @@ struct IsaKernels {
   //   a: int8 panel rows (stride kp, natural order), w: int8 [nr, K] rows (stride w_stride)
   void (*tile_w8)(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int mr,
                   int nr, int32_t* acc);
+  const PrefillKernels* prefill;  // nullptr: prefill runs on the tiles above
 };
 
 const IsaKernels& scalar_kernels();

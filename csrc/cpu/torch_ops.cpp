@@ -270,6 +270,10 @@ TORCH_LIBRARY_IMPL(pqk, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prefixquant_kernels C++ CPU kernels (ops are registered as torch.ops.pqk.*)";
   m.def("best_cpu_isa", [] { return pqk::cpu::isa_name(pqk::cpu::best_isa()); });
+  // benchmark only (benchmarks/cpu_peak.py): the measured int8 peak of an ISA (an int as in Isa), on torch's threads
+  m.def("int8_peak_tops", [](int isa, double seconds) {
+    return pqk::cpu::int8_peak_tops(static_cast<pqk::cpu::Isa>(isa), seconds);
+  });
   m.def("cpu_isa_supported", [](int isa) { return pqk::cpu::isa_supported(static_cast<pqk::cpu::Isa>(isa)); });
   // How many distinct threads ran the chunks of one kernels' parallel_for over `n` items (grain 1): equals
   // torch.get_num_threads() when the threading hook really is parallel (tests/cpu/test_threads.py; a build without

@@ -18,6 +18,9 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include <algorithm>
+
+#include "../common/quant_math.h"
 #include "kernels.h"
 #include "kernels_internal.h"
 
@@ -98,6 +101,9 @@ void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const u
 }
 #else
 #include "x86_tile_w4_zmm.h"
+#include "x86_gemm_zmm.h"
+
+const PrefillKernels kPrefill = {kPfMr, kPfNr, kPfKc, pf_pack_w, pf_kernel, pf_epilogue};
 
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
              int64_t K, int mr, int nr, int32_t* acc) {
@@ -131,6 +137,7 @@ const IsaKernels* avx512vnni_kernels() {
     IsaKernels t = with_tile("avx512vnni", avx512vnni::tile_w4);
 #ifndef PQK_VNNI_EMULATE
     t.nr_max = avx512vnni::kZmmNr;  // the zmm tile is 4 x 4 (x86_tile_w4_zmm.h)
+    t.prefill = &avx512vnni::kPrefill;  // x86_gemm_zmm.h
 #endif
     return t;
   }();

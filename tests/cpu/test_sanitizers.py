@@ -42,6 +42,22 @@ def test_kernels_under_asan_ubsan(tmp_path):
             assert "skip isa" not in r.stdout, r.stdout  # every table ran: scalar, avx2, both VNNI copies
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sanitizer runtime checked on Linux only")
+def test_kernels_under_asan_ubsan_native(tmp_path):
+    """Native build (no emulation): the AVX-512 code itself — the zmm W4 tile and the prefill GEMM (x86_gemm_zmm.h:
+    gathers, masked loads and stores, the K-blocked A panel) — under ASan/UBSan, where this CPU has AVX512-VNNI."""
+    from prefixquant_kernels import _extension
+    if not (_extension.cpu_available() and _extension._C.cpu_isa_supported(3)):
+        pytest.skip("needs a CPU with AVX512-VNNI")
+    # GCC 12's avx512fintrin.h trips its own -Wmaybe-uninitialized (`__m512i __Y = __Y;` in _mm512_undefined_*)
+    exe = build_harness(str(tmp_path), extra=("-Wno-uninitialized", "-Wno-maybe-uninitialized"))
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    r = subprocess.run([exe, "3"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " 0 failed" in r.stdout and "ERROR" not in r.stderr
+    assert "skip isa avx512vnni" not in r.stdout
+
+
 def test_extension_contains_vnni_tiles():
     """The extension's VNNI copies really use vpdpbusd in both encodings (the emulation above cannot show it)."""
     from prefixquant_kernels import _extension

@@ -1,0 +1,178 @@
+"""The CPU prefill GEMM as a fraction of the machine's measured int8 peak, next to torch, interleaved in one run:
+
+    python benchmarks/cpu_peak.py --threads 2 --json bench_out/cpu_peak.json [--repeats 5] [--quick]
+
+Peak: `_C.int8_peak_tops(isa, s)` (csrc/cpu/peak.cpp), a throughput loop of the instruction each ISA's GEMM is built
+on — vpdpbusd zmm (avx512vnni), vpdpbusd ymm (avxvnni), vpmaddubsw ymm (avx2) — on every thread, measured once per
+round between the GEMMs. Per shape (M x K -> N, default the Llama-3-8B prefill shapes at M = 2048) and round, in
+alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), raw
+`torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), torch bf16 `x @ W.T`, torch fp32; plus
+decode 1 x 4096 -> 14336 W4A4 vs bf16. Reported: wall-clock median [min-max], and the same per CPU second
+(process CPU time / threads): on a shared machine a descheduled run shows in the wall time, not in the CPU time.
+
+Note: oneDNN picks `_int_mm`'s kernel itself; on a CPU with AMX it may use AMX tiles, whose peak is not the
+vpdpbusd one (run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI to compare like with like; torch's bf16 then loses
+its AVX512-BF16/AMX kernels too, so take bf16 from a run without the cap).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, write_outputs  # noqa: E402
+from prefixquant_kernels import _extension  # noqa: E402
+from prefixquant_kernels.nn import QuantLinear  # noqa: E402
+
+ISAS = {"avx512vnni": 3, "avxvnni": 2, "avx2": 1}
+SHAPES = [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096), (2048, 4096, 1024)]
+
+
+def measure_peaks(seconds: float) -> dict:
+    C = _extension._C
+    out = {}
+    for name, i in ISAS.items():
+        if C.cpu_isa_supported(i):
+            c0, t0 = time.process_time(), time.perf_counter()
+            tops = C.int8_peak_tops(i, seconds)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            # per CPU second: the ops were done in `cpu / threads` seconds of each thread's own time
+            out[name] = {"wall_TOPS": tops, "cpu_TOPS": tops * wall / max(cpu / torch.get_num_threads(), 1e-9)}
+    return out
+
+
+def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: float, gen) -> dict:
+    lin = torch.nn.Linear(k, n, bias=False)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    wb, wf = lin.weight.detach().bfloat16(), lin.weight.detach()
+    qa = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    qw = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
+    mods = {f"pqk W{w}A{a}": QuantLinear.from_float(lin, w, a, act_scale=0.05) for w, a in ((4, 4), (4, 8), (8, 8))}
+    fns = {name: (lambda mod=mod: mod(x)) for name, mod in mods.items()}
+    fns["torch._int_mm (raw)"] = lambda: torch._int_mm(qa, qw)
+    fns["torch bf16"] = lambda: x @ wb.T
+    fns["torch fp32"] = lambda: x.float() @ wf.T
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    peaks = []
+    th = torch.get_num_threads()
+    with torch.no_grad():
+        for f in fns.values():
+            f()
+        items = list(fns.items())
+        for r in range(rounds):
+            peaks.append(measure_peaks(peak_s)[peak_isa] if peak_isa else None)
+            for name, f in (items if r % 2 == 0 else items[::-1]):
+                c0, t0 = time.process_time(), time.perf_counter()
+                f()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append((time.process_time() - c0) / th)
+    ops = 2 * m * n * k
+    peak_w = statistics.median(p["wall_TOPS"] for p in peaks) if peak_isa else None
+    peak_c = statistics.median(p["cpu_TOPS"] for p in peaks) if peak_isa else None
+    rows = {}
+    for name in fns:
+        w_ms = sorted(t * 1e3 for t in wall[name])
+        c_ms = statistics.median(t * 1e3 for t in cpu[name])
+        rows[name] = {"median_ms": statistics.median(w_ms), "min_ms": w_ms[0], "max_ms": w_ms[-1],
+                      "cpu_median_ms": c_ms, "TOPS": ops / statistics.median(w_ms) / 1e9,
+                      "cpu_TOPS": ops / c_ms / 1e9}
+    ref, bf = rows["torch._int_mm (raw)"], rows["torch bf16"]
+    for row in rows.values():
+        row["x_int_mm"] = ref["median_ms"] / row["median_ms"]
+        row["x_int_mm_cpu"] = ref["cpu_median_ms"] / row["cpu_median_ms"]
+        row["x_bf16"] = bf["median_ms"] / row["median_ms"]
+        row["x_bf16_cpu"] = bf["cpu_median_ms"] / row["cpu_median_ms"]
+        if peak_isa:
+            row["pct_peak"] = 100 * row["TOPS"] / peak_w
+            row["pct_peak_cpu"] = 100 * row["cpu_TOPS"] / peak_c
+    return {"shape": f"{m}x{k}->{n}", "peak_isa": peak_isa, "peak_wall_TOPS": peak_w, "peak_cpu_TOPS": peak_c,
+            "rows": rows}
+
+
+def bench_decode(rounds: int, gen) -> dict:
+    k, n = 4096, 14336
+    lin = torch.nn.Linear(k, n, bias=False)
+    x = torch.randn(1, k, generator=gen).bfloat16()
+    wb = lin.weight.detach().bfloat16()
+    mod = QuantLinear.from_float(lin, 4, 4, act_scale=0.05)
+    fns = {"pqk W4A4": lambda: mod(x), "torch bf16": lambda: x @ wb.T}
+    ts = {name: [] for name in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            f()
+        items = list(fns.items())
+        for r in range(rounds):
+            for name, f in (items if r % 2 == 0 else items[::-1]):
+                t0 = time.perf_counter()
+                f()
+                ts[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) * 1e3 for name, v in ts.items()}
+    return {"shape": f"1x{k}->{n}", "pqk_ms": med["pqk W4A4"], "bf16_ms": med["torch bf16"],
+            "x_bf16": med["torch bf16"] / med["pqk W4A4"]}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} ({m['torch_cpu_capability']}), pqk ISA "
+             f"{m['pqk_isa']}; load average {result['load_before']} before, {result['load_after']} after; "
+             f"ONEDNN_MAX_CPU_ISA={result['onednn_max_cpu_isa']}. Measured, CPU.",
+             "", "Peaks (int ops, one run each, all threads): " + ", ".join(
+                 f"{k} {v['wall_TOPS']:.3f} TOPS wall / {v['cpu_TOPS']:.3f} per CPU-second"
+                 for k, v in result["peaks"].items()), "",
+             "| shape | method | median ms [min-max] | TOPS | % peak | × _int_mm | × bf16 | CPU ms | CPU TOPS | "
+             "CPU % peak | CPU × _int_mm | CPU × bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in result["shapes"]:
+        for name, r in s["rows"].items():
+            pk = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else "—"
+            pkc = f"{r['pct_peak_cpu']:.0f}%" if "pct_peak_cpu" in r else "—"
+            lines.append(f"| {s['shape']} | {name} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-{r['max_ms']:.1f}] | "
+                         f"{r['TOPS']:.3f} | {pk} | {r['x_int_mm']:.2f} | {r['x_bf16']:.2f} | {r['cpu_median_ms']:.1f} | "
+                         f"{r['cpu_TOPS']:.3f} | {pkc} | {r['x_int_mm_cpu']:.2f} | {r['x_bf16_cpu']:.2f} |")
+    d = result["decode"]
+    lines += ["", f"Decode {d['shape']}: pqk W4A4 {d['pqk_ms']:.3f} ms, torch bf16 {d['bf16_ms']:.3f} ms "
+              f"= {d['x_bf16']:.2f}× bf16."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="rounds per shape")
+    p.add_argument("--peak-seconds", type=float, default=0.3)
+    p.add_argument("--shapes", default=None, help="comma-separated MxKxN (default: the four prefill shapes)")
+    p.add_argument("--json", default="bench_out/cpu_peak.json")
+    p.add_argument("--quick", action="store_true", help="small shapes (smoke test of the script)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not _extension.cpu_available():
+        print("the C++ extension is not built")
+        return 1
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.quick:
+        shapes = [(128, 512, 256), (96, 1030, 200)]
+    peaks = measure_peaks(args.peak_seconds)
+    peak_isa = next(iter(peaks), None)  # the best ISA this CPU has (ISAS is ordered fastest first)
+    gen = torch.Generator().manual_seed(0)
+    result = {"machine": machine_info(), "load_before": [round(v, 2) for v in os.getloadavg()],
+              "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "peaks": peaks, "shapes": []}
+    for (m, k, n) in shapes:
+        result["shapes"].append(bench_shape(m, k, n, args.repeats, peak_isa, args.peak_seconds, gen))
+        print(result["shapes"][-1]["shape"], "done", flush=True)
+    result["decode"] = bench_decode(args.repeats * 8, gen)
+    result["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    md = markdown(result)
+    print(md)
+    write_outputs(args.json, result, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

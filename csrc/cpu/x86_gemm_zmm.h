@@ -1,0 +1,169 @@
+// The prefill GEMM pieces on zmm (AVX512-VNNI + F/BW/VL): a broadcast-A micro-kernel over W unpacked once per
+// panel into the VNNI layout, as oneDNN's int8 kernels do (docs/PERF.md step 13). Used by gemm.cpp's prefill
+// driver (gemm_prefill) through IsaKernels::prefill; the decode / small-M path keeps the tile_w4 tiles.
+//
+// Layouts (kPfNr = 48 output columns per micro panel = 3 zmm of 16 int32 lanes):
+//   A panel  uint8 [rows, kp]: natural k order, each byte a ^ 0x80 = a + 128 (u8, vpdpbusd's unsigned operand)
+//   W panel  int8  [kq][48][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (signed, sign-extended nibbles
+//            for W4); columns past N and k past the block's end are 0
+//   vpdpbusd(c, bcast(A[i, 4q..4q+3]), W[q]) adds sum_k (a + 128) * w into c[i, n], so
+//   acc = c - 128 * colsum(w[n, :]): the u8 x s8 sign handling is one per-column correction computed while W is
+//   unpacked (a vpdpbusd of W against ones), applied in the epilogue. All int32 arithmetic is modular and the true
+//   sum fits int32, so the result is exact, for W4 and W8 and any a_bits alike.
+//
+// Included inside vnni_kernels.cpp's avx512vnni namespace (native build only), after its `#pragma GCC target`.
+
+constexpr int kPfMr = 8;    // A rows per micro-kernel (8 x 3 = 24 accumulators + 3 W + 1 broadcast of 32 zmm)
+constexpr int kPfNr = 48;   // W columns per micro panel
+constexpr int64_t kPfKc = 512;  // k per W block: a micro panel (48 x 512 = 24 KB) stays in L1 across all A rows
+
+// c[0:MR, 0:48] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (one micro panel, kq dwords deep).
+template <int MR>
+void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
+                 bool accumulate) {
+  __m512i s[MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j)
+      s[i][j] = accumulate ? _mm512_loadu_si512((const void*)(c + i * ldc + 16 * j)) : _mm512_setzero_si512();
+#pragma GCC unroll 2
+  for (int64_t q = 0; q < kq; ++q) {
+    const __m512i w0 = _mm512_load_si512((const void*)(wp + q * 192));
+    const __m512i w1 = _mm512_load_si512((const void*)(wp + q * 192 + 64));
+    const __m512i w2 = _mm512_load_si512((const void*)(wp + q * 192 + 128));
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t v;
+      memcpy(&v, a + i * lda + 4 * q, 4);
+      const __m512i ab = _mm512_set1_epi32(v);
+      s[i][0] = _mm512_dpbusd_epi32(s[i][0], ab, w0);
+      s[i][1] = _mm512_dpbusd_epi32(s[i][1], ab, w1);
+      s[i][2] = _mm512_dpbusd_epi32(s[i][2], ab, w2);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) _mm512_storeu_si512((void*)(c + i * ldc + 16 * j), s[i][j]);
+}
+
+void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int32_t* c, int64_t ldc,
+               bool accumulate) {
+  switch (mr) {
+    case 8: return pf_kernel_t<8>(a, lda, wp, kq, c, ldc, accumulate);
+    case 7: return pf_kernel_t<7>(a, lda, wp, kq, c, ldc, accumulate);
+    case 6: return pf_kernel_t<6>(a, lda, wp, kq, c, ldc, accumulate);
+    case 5: return pf_kernel_t<5>(a, lda, wp, kq, c, ldc, accumulate);
+    case 4: return pf_kernel_t<4>(a, lda, wp, kq, c, ldc, accumulate);
+    case 3: return pf_kernel_t<3>(a, lda, wp, kq, c, ldc, accumulate);
+    case 2: return pf_kernel_t<2>(a, lda, wp, kq, c, ldc, accumulate);
+    default: return pf_kernel_t<1>(a, lda, wp, kq, c, ldc, accumulate);
+  }
+}
+
+// One micro panel: W rows n0 .. n0 + nn - 1 (nn <= 48; the rest are zero columns), k in [k0, k0 + kc) -> dst
+// int8 [ceil(kc / 4)][48][4] (64-byte aligned), colsum[0:48] += sum over those k of w. k0 % 8 == 0.
+void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
+               int32_t* colsum) {
+  const int64_t kq = (kc + 3) / 4;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i ones = _mm512_set1_epi8(1), m0f = _mm512_set1_epi8(0x0F), x8 = _mm512_set1_epi8(8);
+  // W4: dword (col c) of U_lo lane l = [c=4l+r, r<2: o1 o2 ...]: see the comment at the permutes
+  const __m512i idx1 = _mm512_setr_epi32(0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30);
+  const __m512i idx2 = _mm512_add_epi32(idx1, _mm512_set1_epi32(1));
+  int64_t q_full;  // dword groups written by the vector loop
+  for (int g = 0; g < 3; ++g) {
+    const int valid = std::max(0, std::min(16, nn - 16 * g));
+    const __mmask16 vm = (__mmask16)((1u << valid) - 1u);
+    const __m512i vindex = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)w_stride));
+    __m512i cs = _mm512_setzero_si512();
+    int8_t* out = dst + 64 * g;
+    if (w_bits == 4) {
+      const uint8_t* base = (const uint8_t*)w + (n0 + 16 * g) * w_stride + k0 / 2;
+      const int64_t n8 = kc / 8;  // whole 8-k groups = one dword of packed W per row
+      for (int64_t e = 0; e < n8; ++e) {
+        const __m512i d = valid ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), vm, vindex, base + 4 * e, 1)
+                                : _mm512_setzero_si512();
+        // nibbles -> signed bytes: lo = w(k), w(k+2), w(k+4), w(k+6); hi = the odd k
+        const __m512i lo = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(d, m0f), x8), x8);
+        const __m512i hi = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(d, 4), m0f), x8), x8);
+        // per 128-bit lane l: ul dwords = [c4l: k0-3][c4l: k4-7][c4l+1: k0-3][c4l+1: k4-7], uh the same for 4l+2, 4l+3
+        const __m512i ul = _mm512_unpacklo_epi8(lo, hi), uh = _mm512_unpackhi_epi8(lo, hi);
+        const __m512i o1 = _mm512_permutex2var_epi32(ul, idx1, uh), o2 = _mm512_permutex2var_epi32(ul, idx2, uh);
+        _mm512_store_si512((void*)(out + (2 * e) * 192), o1);
+        _mm512_store_si512((void*)(out + (2 * e + 1) * 192), o2);
+        cs = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cs, ones, o1), ones, o2);
+      }
+      q_full = 2 * n8;
+    } else {
+      const int8_t* base = (const int8_t*)w + (n0 + 16 * g) * w_stride + k0;
+      const int64_t n4 = kc / 4;
+      for (int64_t q = 0; q < n4; ++q) {
+        const __m512i d = valid ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), vm, vindex, base + 4 * q, 1)
+                                : _mm512_setzero_si512();
+        _mm512_store_si512((void*)(out + q * 192), d);
+        cs = _mm512_dpbusd_epi32(cs, ones, d);
+      }
+      q_full = n4;
+    }
+    _mm512_storeu_si512((void*)(colsum + 16 * g),
+                        _mm512_add_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * g)), cs));
+  }
+  // the last, partial dword groups (kc not a multiple of 8 / 4): scalar, zero padded
+  if (q_full < kq) {
+    memset(dst + q_full * 192, 0, (size_t)((kq - q_full) * 192));
+    for (int c = 0; c < nn; ++c) {
+      int32_t s = 0;
+      for (int64_t k = q_full * 4; k < kc; ++k) {
+        int8_t v;
+        if (w_bits == 4) {
+          const uint8_t b = ((const uint8_t*)w)[(n0 + c) * w_stride + (k0 + k) / 2];
+          v = ((k0 + k) & 1) ? high_nibble(b) : low_nibble(b);
+        } else {
+          v = ((const int8_t*)w)[(n0 + c) * w_stride + k0 + k];
+        }
+        dst[(k / 4) * 192 + c * 4 + (k % 4)] = v;
+        s += v;
+      }
+      colsum[c] += s;
+    }
+  }
+}
+
+// out[i, 0:nn] (row stride ldo, type t) = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]),
+// the scalar dequant_value + bias of quant_math.h lane by lane (separate multiply and add, never fused).
+void pf_epilogue(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
+                 const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t) {
+  for (int j0 = 0; j0 < nn; j0 += 16) {
+    const int cnt = std::min(16, nn - j0);
+    const __mmask16 m = (__mmask16)((1u << cnt) - 1u);
+    const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, colsum + j0), 7);
+    const __m512 ws = _mm512_maskz_loadu_ps(m, w_scale + j0);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + j0) : _mm512_setzero_ps();
+    for (int i = 0; i < mr; ++i) {
+      const __m512i acc = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, c + i * ldc + j0), corr);
+      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a_scale[i]), ws);
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), s);
+      if (bias) y = _mm512_add_ps(y, b);
+      const int64_t o = i * ldo + j0;
+      if (t == FloatType::kFloat32) {
+        _mm512_mask_storeu_ps((float*)out + o, m, y);
+      } else if (t == FloatType::kBFloat16) {
+        // f32_to_bf16 (float16.h) on 16 lanes: round to nearest-even, NaN -> quiet NaN
+        const __m512i u = _mm512_castps_si512(y);
+        const __m512i rnd = _mm512_add_epi32(
+            u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                      _mm512_set1_epi32(0x7f800000));
+        const __m512i r = _mm512_mask_or_epi32(_mm512_srli_epi32(rnd, 16), nan, _mm512_srli_epi32(u, 16),
+                                               _mm512_set1_epi32(0x40));
+        _mm256_mask_storeu_epi16((uint16_t*)out + o, m, _mm512_cvtepi32_epi16(r));
+      } else {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, y);
+        for (int j = 0; j < cnt; ++j) store_from_f32(out, o + j, tmp[j], t);
+      }
+    }
+  }
+}

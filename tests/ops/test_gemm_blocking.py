@@ -1,0 +1,89 @@
+"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h, M >= 64 on avx512vnni): W unpacked once
+per panel, K blocked, A panel blocked by K. Bit-exact with the reference across every block boundary: the block
+sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS (read on every call) so small shapes cross many K blocks,
+M-blocks and micro panels, with tails that are not multiples of 8 (k per packed dword), 4 (k per vpdpbusd lane),
+48 (W columns per micro panel) or 8 (A rows per micro-kernel). On CPUs without the prefill kernels the same tests
+run the tile path (still a bit-exactness check)."""
+import pytest
+import torch
+
+import prefixquant_kernels as pqk
+from prefixquant_kernels import format as fmt, reference
+
+from ..conftest import KERNEL_BACKENDS, rand_int
+
+CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu:")]
+# (M, N, K): M >= 64 (the prefill path); N, K off every tile / block size
+SHAPES = [(64, 48, 8), (64, 1, 2), (67, 101, 1030), (130, 200, 522), (72, 49, 4098), (65, 97, 1542)]
+# (PQK_PREFILL_KC, PQK_PREFILL_ROWS): defaults, then blocks small enough that every shape crosses several
+BLOCKS = [(None, None), ("8", "9"), ("24", None), ("64", "16"), ("520", "64")]
+BITS = [(4, 4), (8, 4), (4, 8), (8, 8)]  # (a_bits, w_bits)
+
+
+@pytest.fixture(params=BLOCKS, ids=lambda b: f"kc{b[0]}-rows{b[1]}")
+def blocks(request, monkeypatch):
+    kc, rows = request.param
+    for name, v in (("PQK_PREFILL_KC", kc), ("PQK_PREFILL_ROWS", rows)):
+        if v is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, v)
+    return request.param
+
+
+def _exact(a, w):
+    return (a.long().unsqueeze(1) * w.long().unsqueeze(0)).sum(-1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+def test_prefill_integer_part_exact(blocks, backend, M, N, K, a_bits, w_bits, gen):
+    if w_bits == 4 or a_bits == 4:
+        K += K % 2
+    a, w = rand_int((M, K), a_bits, gen), rand_int((N, K), w_bits, gen)
+    ap = fmt.pack_int4(a) if a_bits == 4 else a
+    wp = fmt.pack_int4(w) if w_bits == 4 else w
+    y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, _exact(a, w).float())  # |acc| < 2^24 here: float32 holds it exactly
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+def test_prefill_extremes(blocks, backend, a_bits, w_bits):
+    """Every operand at the end of its range (the a + 128 / -128 colsum correction at its largest), one K long
+    enough that the biased sum sum (a + 128) w leaves int16 range many times over."""
+    M, N, K = 66, 50, 2050
+    lo_a, lo_w = -(1 << (a_bits - 1)), -(1 << (w_bits - 1))
+    a = torch.full((M, K), lo_a, dtype=torch.int8)
+    a[1::2] = -lo_a - 1
+    a[:, ::3] = lo_a
+    w = torch.full((N, K), lo_w, dtype=torch.int8)
+    w[::3] = -lo_w - 1
+    ap = fmt.pack_int4(a) if a_bits == 4 else a
+    wp = fmt.pack_int4(w) if w_bits == 4 else w
+    y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y.double(), _exact(a, w).double())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 4), (8, 8)])
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prefill_quant_linear_bits(blocks, backend, dtype, a_bits, w_bits, static, bias, gen):
+    """The fused path: float x quantized into the K-blocked panel, the vectorized epilogue (bf16 rounding, fp16
+    through the scalar store), bias or not, static or per-token scales: the reference's bits exactly."""
+    M, N, K = 71, 103, 1034
+    x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0]).to(dtype)
+    wq = rand_int((N, K), w_bits, gen)
+    w = fmt.pack_int4(wq) if w_bits == 4 else wq
+    w_scale = torch.rand(N, generator=gen) + 0.01
+    b = torch.randn(N, generator=gen) * 100 if bias else None
+    a_scale = torch.tensor(0.05) if static else None
+    want = reference.quant_linear(x, w, w_scale, a_scale, a_bits, b)
+    got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, b, backend=backend)
+    assert got.dtype == want.dtype
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
