@@ -18,8 +18,9 @@ def _fail(msg: str, exc: type[Exception] = ValueError):
 
 @torch.no_grad()
 def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_windows: int | None = None,
-                        progress: bool = False) -> float:
-    """exp(mean NLL) over the windows (module doc). A quantized model runs with its PrefixQuantCache."""
+                        progress: bool = True) -> float:
+    """exp(mean NLL) over the windows (module doc). A quantized model runs with its PrefixQuantCache.
+    progress: a tqdm bar "evaluation" over the windows (one forward of seq_len tokens each), to stderr."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         _fail(f"seq_len must be an int >= 2, got {seq_len!r}")
     if not isinstance(text, str) or not text.strip():
@@ -39,10 +40,8 @@ def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_
     model.eval()
     nll, n = 0.0, 0
     try:
-        windows = range(n_win)
-        if progress:
-            from tqdm.auto import tqdm
-            windows = tqdm(windows, desc="perplexity")
+        from tqdm.auto import tqdm
+        windows = tqdm(range(n_win), desc="evaluation", unit="window", disable=not progress, dynamic_ncols=True)
         for w in windows:
             win = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], dtype=torch.long, device=dev)
             inp = torch.cat([torch.tensor(start, dtype=torch.long, device=dev), win]).unsqueeze(0)

@@ -6,9 +6,11 @@ Steps (training-free PrefixQuant; the config decides which apply):
 1. prefix: the given tokens, or find them (prefix.py) on the calibration text; optionally rotate (rotation.py:
    the residual stream and down_proj input; with kv_rotate, V folded offline and the Q/K rotation after RoPE);
    the prefix's 16-bit K/V (one float forward; keys rotated by the Q/K rotation).
-2. record (scales.collect): one float forward per calibration sample, the prefix in front and excluded.
+2. record (scales.collect): one float forward per batch of calibration samples (scales.CALIB_BATCH), the
+   prefix in front and excluded; every quantizer point of every layer recorded by hooks in that one pass.
 3. weights (weights.py): per-channel RTN with a clip search, or GPTQ on the recorded Hessians.
 4. static activation scales (clip search on the layer output) and per-head KV scales (scales.py).
+   Steps 3 + 4 run on one intra-op thread (small ops; _one_thread). Each stage has its own progress bar.
 5. swap (models.patch): every linear of the spec -> QuantLinear, ``model.pqk_state`` for the KV cache.
 
 Nothing in the model changes before step 5 but the optional rotations (undone on error), and step 5 only
@@ -16,6 +18,7 @@ assigns prebuilt modules: an error anywhere leaves the model as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -49,6 +52,23 @@ def _quant_linear(linear: nn.Linear, w: torch.Tensor, w_scale: torch.Tensor, cfg
     return QuantLinear.from_float(tmp, cfg.w_bits, cfg.a_bits, act_scale, w_scale=w_scale)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Step 3 + 4 is thousands of small ops (GPTQ's column loop, the clip and KV grid searches): with 2 intra-op
+    threads on 2 busy cores each op waits on the other thread's barrier, 20-80x slower than 1 thread (docs/PERF.md,
+    "calibration in minutes"); the forwards keep the caller's thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None, *, progress: bool = True):
     """Quantize ``model`` in place (see module doc) and return it; ``model.pqk_state.info`` reports the prefix
@@ -78,7 +98,6 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         end = pfx.prefix_end_token(model, tokenizer) if cfg.prefix else getattr(tokenizer, "bos_token_id", None)
         n_layers = len(decoder_layers(model))
         static_kv = kv_mode(cfg.resolved_kv_mode).static_scales   # the mode takes calibrated per-head scales
-        bar = tqdm(total=3 + n_layers, desc=f"pqk {cfg.name}", disable=not progress)
 
         # 1. prefix
         t = time.perf_counter()
@@ -89,7 +108,8 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                 info["prefix_source"] = "given"
             else:
                 starts = torch.cat([torch.full((samples.shape[0], 1), end, dtype=torch.long), samples], 1)
-                token_max = pfx.record_down_proj_max(model, starts)
+                with _bar(progress, starts.shape[0], "prefix search", "sample") as bar:
+                    token_max = pfx.record_down_proj_max(model, starts, progress=bar)
                 prefix_ids, found = pfx.select_prefix_tokens(starts, token_max, cfg.eta, end, cfg.max_prefix_len)
                 info.update(prefix_source="found", o=found["o"], layer_mean_outliers=found["layer_mean_outliers"],
                             outlier_token_counts=found["outlier_token_counts"])
@@ -113,7 +133,6 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
             if h_qk is not None:    # stored as the cache holds every key: rotated
                 pk = [rotate_heads(k, h_qk) for k in pk]
         linears = float_linears(model)
-        bar.update(1)
 
         # 2. record
         t = time.perf_counter()
@@ -125,41 +144,52 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         skip = len(prefix_ids)
         use_gptq = cfg.resolved_weight_method == "gptq"
         rows = max(1, -(-cfg.max_calib_rows // samples.shape[0]))
-        stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=static_kv, seed=cfg.seed,
-                           qk_rotation=h_qk)
+        with _bar(progress, inputs.shape[0], "calibration", "sample") as bar:
+            stats = sc.collect(model, inputs, skip, rows, hessian=use_gptq, kv=static_kv, seed=cfg.seed,
+                               qk_rotation=h_qk, progress=bar)
         info["record_seconds"] = time.perf_counter() - t
-        bar.update(1)
 
         # 3 + 4. weights, activation and KV scales, layer by layer: replacements built, not yet swapped
         t = time.perf_counter()
         replacements: dict[str, QuantLinear] = {}
         act_scales: dict[str, float] = {}
         k_scales, v_scales = [], []
-        for i, st in enumerate(stats):
-            for p, names in spec.points.items():
-                full = [resolve(model, spec.layer_prefix(i) + n) for n in names]
-                mods = [linears[n] for n in full]
-                w = torch.cat([m.weight.detach().float() for m in mods], 0)
-                if use_gptq:
-                    wq_, ws = wq.gptq(w, st.hessian[p], cfg.w_bits, block=cfg.gptq_block, damp=cfg.gptq_damp)
-                else:
-                    wq_, ws = wq.rtn(w, cfg.w_bits)
-                a_s = None
-                if cfg.act_quant == "static":
-                    a_s = sc.search_act_scale(st.rows[p], wq_, cfg.a_bits, st.amax[p], cfg.act_clip_search)
-                    act_scales[f"{i}.{p}"] = a_s
-                off = 0
-                for n, m in zip(full, mods):
-                    rows_n = slice(off, off + m.out_features)
-                    replacements[n] = _quant_linear(m, wq_[rows_n], ws[rows_n], cfg, a_s)
-                    off += m.out_features
-            if static_kv:
-                ks, vs = sc.search_kv_scales(st.q, st.k, st.v, cfg.kv_bits)
-                k_scales.append(ks)
-                v_scales.append(vs)
-            stats[i] = None  # free the recorded rows of this layer
-            bar.update(1)
+        secs = {"weights": 0.0, "act_scales": 0.0, "kv_scales": 0.0}
+        bar = _bar(progress, n_layers, "quantize layer", "layer")
+        with bar, _one_thread():
+            for i, st in enumerate(stats):
+                bar.set_description(f"quantize layer {i + 1}/{n_layers}")
+                for p, names in spec.points.items():
+                    full = [resolve(model, spec.layer_prefix(i) + n) for n in names]
+                    mods = [linears[n] for n in full]
+                    w = torch.cat([m.weight.detach().float() for m in mods], 0)
+                    t_ = time.perf_counter()
+                    if use_gptq:
+                        wq_, ws = wq.gptq(w, st.hessian[p], cfg.w_bits, block=cfg.gptq_block, damp=cfg.gptq_damp)
+                    else:
+                        wq_, ws = wq.rtn(w, cfg.w_bits)
+                    secs["weights"] += time.perf_counter() - t_
+                    a_s = None
+                    if cfg.act_quant == "static":
+                        t_ = time.perf_counter()
+                        a_s = sc.search_act_scale(st.rows[p], wq_, cfg.a_bits, st.amax[p], cfg.act_clip_search)
+                        act_scales[f"{i}.{p}"] = a_s
+                        secs["act_scales"] += time.perf_counter() - t_
+                    off = 0
+                    for n, m in zip(full, mods):
+                        rows_n = slice(off, off + m.out_features)
+                        replacements[n] = _quant_linear(m, wq_[rows_n], ws[rows_n], cfg, a_s)
+                        off += m.out_features
+                if static_kv:
+                    t_ = time.perf_counter()
+                    ks, vs = sc.search_kv_scales(st.q, st.k, st.v, cfg.kv_bits)
+                    k_scales.append(ks)
+                    v_scales.append(vs)
+                    secs["kv_scales"] += time.perf_counter() - t_
+                stats[i] = None  # free the recorded rows of this layer
+                bar.update(1)
         info["quantize_seconds"] = time.perf_counter() - t
+        info.update({f"{k}_seconds": v for k, v in secs.items()})
 
         h_kv, head_dim = model.config.num_key_value_heads, spec.head_dim(model.config)
         state = PrefixQuantState(cfg, n_layers, h_kv, head_dim, len(prefix_ids), end if cfg.prefix else None, info)
@@ -181,6 +211,4 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         model.train(was_training)
     # 5. swap: only assignments from here on
     swap(model, replacements, state)
-    bar.update(1)
-    bar.close()
     return model

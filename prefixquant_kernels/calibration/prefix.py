@@ -78,9 +78,12 @@ def select_prefix_tokens(token_ids: torch.Tensor, token_max: list[torch.Tensor],
     return prefix, {"o": o, "layer_mean_outliers": means, "outlier_token_counts": dict(counts.most_common(16))}
 
 
-@torch.no_grad()
-def record_down_proj_max(model, samples: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, float [S, T]: max over channels of |down_proj input| for each sample and position."""
+def record_down_proj_max(model, samples: torch.Tensor, *, progress=None, batch_size: int | None = None
+                         ) -> list[torch.Tensor]:
+    """Per layer, float [S, T]: max over channels of |down_proj input| for each sample and position. One float
+    forward per batch of samples (scales.CALIB_BATCH; inference mode, no logits but the last position's);
+    progress: a tqdm bar advanced by one per sample."""
+    from .scales import CALIB_BATCH, batches, forward_no_logits
     spec = get_spec(model)
     layers = decoder_layers(model)
     rec: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -88,8 +91,11 @@ def record_down_proj_max(model, samples: torch.Tensor) -> list[torch.Tensor]:
         lambda m, args, i=i: rec[i].append(args[0].detach().abs().amax(-1).float()))
         for i, layer in enumerate(layers)]
     try:
-        for s in samples:
-            model(s.unsqueeze(0), use_cache=False)
+        with torch.inference_mode():
+            for sl in batches(samples.shape[0], CALIB_BATCH if batch_size is None else batch_size):
+                forward_no_logits(model, samples[sl])
+                if progress is not None:
+                    progress.update(sl.stop - sl.start)
     finally:
         for h in hooks:
             h.remove()

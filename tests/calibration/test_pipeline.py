@@ -76,7 +76,7 @@ def test_static_with_prefix_vs_dynamic_vs_static_without_prefix_on_planted_outli
 ])
 def test_save_load_round_trip(tmp_path, arch, kw):
     model = _quantize(arch, **kw)
-    pqk.save_quantized(model, str(tmp_path))
+    pqk.save_quantized(model, str(tmp_path), float_dtype="float32")
     loaded = pqk.load_quantized(str(tmp_path))
     assert loaded.pqk_state.cfg == model.pqk_state.cfg
     assert torch.equal(loaded.pqk_state.prefix_ids, model.pqk_state.prefix_ids)
@@ -97,7 +97,7 @@ def test_load_refuses_foreign_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
         pqk.save_quantized(tiny_model("llama"), str(tmp_path))
     model = _quantize("llama", w_bits=8, a_bits=8, kv_bits=8)
-    pqk.save_quantized(model, str(tmp_path))
+    pqk.save_quantized(model, str(tmp_path), float_dtype="float32")
     cfg_file = tmp_path / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["intermediate_size"] = 96                               # a checkpoint of another config

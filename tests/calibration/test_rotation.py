@@ -106,7 +106,7 @@ def test_rotated_checkpoint_round_trip(tmp_path, inter, form):
                           weight_method="rtn", act_clip_search=False, prefix_tokens=[BOS])
     model = pqk.quantize_model(tiny_model("llama", intermediate=inter), StubTokenizer(), text(), cfg, progress=False)
     assert all(layer.mlp.down_proj.form == form for layer in model.model.layers)
-    pqk.export_hf(model, str(tmp_path))
+    pqk.export_hf(model, str(tmp_path), float_dtype="float32")
     meta = json.loads((tmp_path / "pqk_config.json").read_text())
     assert meta["rotations"] == {f"model.layers.{i}.mlp.down_proj": form for i in range(2)}
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
