@@ -67,7 +67,7 @@ def _readme_shell_commands():
 
 
 def _entry(cmd: str) -> list[str]:
-    """The command's entry point, as argv up to its own flags: python -m pkg [sub] | python script.py."""
+    """The command's entry point, as argv up to its own flags: python -m pkg [sub], or python and the script path."""
     words = cmd.split()
     if words[1] == "-m":
         n = 4 if words[2] == "prefixquant_kernels" and len(words) > 3 and not words[3].startswith("-") else 3

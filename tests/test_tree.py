@@ -102,6 +102,7 @@ EXTERNAL = {
     "sage/combinat/matrices/hadamard_matrix.py",                  # SageMath (hadamard.py's source of H_m)
     "ATen/Parallel.h", "torch/extension.h", "torch/library.h",     # PyTorch's C++ headers
     "cutlass.h", "cutlass/cutlass.h", "gemm_universal.h",          # CUTLASS's headers (the nvidia-cutlass wheel)
+    "avx512fintrin.h",                                             # GCC's AVX-512 intrinsics header
 }
 # Output files that tests and benchmarks write (names, not citations).
 WRITTEN = {"out.md", "k.md"}
