@@ -277,7 +277,10 @@ class PrefixedLayer(CacheLayerMixin):
         raise NotImplementedError
 
     def select_stores(self, idx: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Batch rows idx of the stores. Every mode keeps K and V in ``self.k`` / ``self.v`` (Rows or GroupwiseStore,
+        both with ``select_batch``); each quantizer works per batch row, so selecting rows is exact."""
+        self.k.select_batch(idx)
+        self.v.select_batch(idx)
 
     def crop_stores(self, m: int) -> None:
         """Keep the first m tokens after the prefix (m < n_tokens)."""

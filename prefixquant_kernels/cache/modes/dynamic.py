@@ -54,10 +54,6 @@ class DynamicTokenLayer(PrefixedLayer):
         else:
             self.k, self.v = Rows(), Rows()
 
-    def select_stores(self, idx):
-        self.k.select_batch(idx)
-        self.v.select_batch(idx)
-
     def crop_stores(self, m):
         for store in (self.k, self.v):
             if self.packed:

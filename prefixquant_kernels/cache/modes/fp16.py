@@ -15,10 +15,6 @@ class Fp16Layer(PrefixedLayer):
     def init_stores(self):
         self.k, self.v = Rows(), Rows()
 
-    def select_stores(self, idx):
-        self.k.select_batch(idx)
-        self.v.select_batch(idx)
-
     def crop_stores(self, m):
         self.k.truncate(m)
         self.v.truncate(m)

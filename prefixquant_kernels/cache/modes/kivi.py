@@ -28,10 +28,6 @@ class KiviLayer(PrefixedLayer):
         self.k = GroupwiseStore(self.bits, self.group_size, "channel", self.backend, in_order=True)
         self.v = GroupwiseStore(self.bits, self.group_size, "token", self.backend, in_order=True)
 
-    def select_stores(self, idx):
-        self.k.select_batch(idx)
-        self.v.select_batch(idx)
-
     def crop_stores(self, m):
         # keys: whole R-blocks stay quantized, a dissolved group's tokens rejoin the 16-bit block (and are
         # re-quantized when it fills); values: the 16-bit window holds fewer than R tokens until it refills

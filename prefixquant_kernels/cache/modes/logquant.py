@@ -44,10 +44,6 @@ class LogQuantLayer(PrefixedLayer):
         self.v = GroupwiseStore(self.bits, self.group_size, "token", self.backend, in_order=False)
         self._pending_keys: list[int] = []   # positions that left S + L, keys not yet a full group
 
-    def select_stores(self, idx):
-        self.k.select_batch(idx)
-        self.v.select_batch(idx)
-
     def crop_stores(self, m):
         # S and L lose their positions >= m (the newest: L's end, S's only if L empties); the selection goes on
         # from there. Keys of a dissolved group wait again as pending keys, ahead of the ones pending already.

@@ -32,10 +32,6 @@ class StaticQuantLayer(PrefixedLayer):
     def init_stores(self):
         self.k, self.v = Rows(), Rows()
 
-    def select_stores(self, idx):  # packed rows: each token quantized on its own with the static scales
-        self.k.select_batch(idx)
-        self.v.select_batch(idx)
-
     def crop_stores(self, m):
         self.k.truncate(m)
         self.v.truncate(m)
