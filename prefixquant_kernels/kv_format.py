@@ -163,13 +163,19 @@ def dequant_concat(prefix: torch.Tensor | None, body: torch.Tensor, tail: torch.
 
 def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, k_packed: torch.Tensor,
                      v_packed: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int,
-                     sm_scale: float) -> torch.Tensor:
+                     sm_scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference decode attention: dequantize the body, put the prefix in front, attend in fp32 (GQA by
-    repeating each KV head for its H_q / H_kv query heads). q [B, H_q, D] -> q.dtype [B, H_q, D]."""
+    repeating each KV head for its H_q / H_kv query heads). q [B, H_q, D] -> q.dtype [B, H_q, D].
+    mask: bool [B, P + T] (True = attend) or None; a row that masks every position gives zeros."""
     B, Hq, D = q.shape
     k = torch.cat([prefix_k.float().expand(B, -1, -1, -1), dequantize_static(k_packed, k_scale, bits).float()], 2)
     v = torch.cat([prefix_v.float().expand(B, -1, -1, -1), dequantize_static(v_packed, v_scale, bits).float()], 2)
     g = Hq // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    p = torch.softmax(torch.einsum("bhd,bhnd->bhn", q.float() * sm_scale, k), dim=-1)
+    s = torch.einsum("bhd,bhnd->bhn", q.float() * sm_scale, k)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = torch.nan_to_num(p, nan=0.0)   # softmax of an all -inf row is NaN: that row attends to nothing
     return torch.einsum("bhn,bhnd->bhd", p, v).to(q.dtype)

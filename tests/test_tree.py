@@ -103,6 +103,7 @@ EXTERNAL = {
     "ATen/Parallel.h", "torch/extension.h", "torch/library.h",     # PyTorch's C++ headers
     "cutlass.h", "cutlass/cutlass.h", "gemm_universal.h",          # CUTLASS's headers (the nvidia-cutlass wheel)
     "avx512fintrin.h",                                             # GCC's AVX-512 intrinsics header
+    "llama.cpp",                                                   # the project (a peer), not a file
 }
 # Output files that tests and benchmarks write (names, not citations).
 WRITTEN = {"out.md", "k.md"}

@@ -63,11 +63,13 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
 //   body_sb / body_sh (in rows, shared by K and V: the cache's growing buffers are views [.., :T, ..] of
 //   [B, Hkv, capacity, row]); k_scale/v_scale fp32 [Hkv].
 //   Hq = G * Hkv: query head h*G + g reads KV head h (GQA), so each K/V row is decoded once for its G heads.
+//   mask: bool [B, >= P + T] (row stride mask_stride), true = attend, or nullptr (attend to all P + T); a row
+//   that masks everything gets zeros. A preallocated cache passes T = the filled body rows and its padding mask.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
                                 int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
                                 int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
-                                float sm_scale, void* out, Isa isa);
+                                const bool* mask, int64_t mask_stride, float sm_scale, void* out, Isa isa);
 
 // ---- GEMM with fused quantize and dequant ------------------------------------------------------------
 // y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k]  (+ bias[n]),  exact int32 accumulation.

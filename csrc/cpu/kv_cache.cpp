@@ -64,12 +64,14 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
                                 int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
                                 int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
-                                float sm_scale, void* out, Isa isa) {
+                                const bool* mask, int64_t mask_stride, float sm_scale, void* out, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);
   const int64_t G = Hq / Hkv, N = P + T, body_row = bits == 4 ? D / 2 : D;
   parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> qf((size_t)(G * D)), acc((size_t)(G * D)), row((size_t)D), scores((size_t)(G * N)),
         coef((size_t)G), dots((size_t)G);
+    std::vector<int64_t> pos;
+    pos.reserve((size_t)N);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hkv, h = r % Hkv;
       const int64_t q0 = (b * Hq + h * G) * D;  // first element of query head h*G in q and out
@@ -89,7 +91,13 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
         }
         return scale[h];
       };
-      for (int64_t n = 0; n < N; ++n) {
+      // the attended positions: all P + T, or those the row's mask allows (a preallocated cache's left padding)
+      pos.clear();
+      for (int64_t n = 0; n < N; ++n)
+        if (mask == nullptr || mask[b * mask_stride + n]) pos.push_back(n);
+      const int64_t Nv = (int64_t)pos.size();
+      for (int64_t j = 0; j < Nv; ++j) {
+        const int64_t n = pos[(size_t)j];
         float s;
         if (n >= P && bits == 4 && D % 64 == 0) {  // packed row straight into registers (no fp32 copy)
           ker.dot_rows_q4(qf.data(), G, D, (const uint8_t*)k_body + (b * body_sb + h * body_sh + (n - P)) * body_row,
@@ -99,19 +107,24 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
           s = load_row(prefix_k, k_body, k_scale, n);
           ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
         }
-        for (int64_t g = 0; g < G; ++g) scores[g * N + n] = dots[g] * s;
+        for (int64_t g = 0; g < G; ++g) scores[g * N + j] = dots[g] * s;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (Nv == 0) {  // every position masked: the row is all zeros (a padding row of a left-padded batch)
+        for (int64_t i = 0; i < G * D; ++i) store_from_f32(out, q0 + i, 0.0f, qt);
+        continue;
       }
       std::vector<float> inv((size_t)G);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * N;
         float mx = sg[0];
-        for (int64_t n = 1; n < N; ++n) mx = sg[n] > mx ? sg[n] : mx;
-        inv[g] = 1.0f / ker.exp_rows(sg, N, mx);
+        for (int64_t j = 1; j < Nv; ++j) mx = sg[j] > mx ? sg[j] : mx;
+        inv[g] = 1.0f / ker.exp_rows(sg, Nv, mx);
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t n = 0; n < N; ++n) {
+      for (int64_t j = 0; j < Nv; ++j) {
+        const int64_t n = pos[(size_t)j];
         const float s = load_row(prefix_v, v_body, v_scale, n);
-        for (int64_t g = 0; g < G; ++g) coef[g] = scores[g * N + n] * s;
+        for (int64_t g = 0; g < G; ++g) coef[g] = scores[g * N + j] * s;
         ker.axpy_rows(coef.data(), G, D, row.data(), acc.data());
       }
       for (int64_t g = 0; g < G; ++g)

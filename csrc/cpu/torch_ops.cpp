@@ -209,7 +209,8 @@ at::Tensor kv_quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, 
 at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& prefix_k,
                                 const c10::optional<at::Tensor>& prefix_v, const at::Tensor& k_body,
                                 const at::Tensor& v_body, const at::Tensor& k_scale, const at::Tensor& v_scale,
-                                int64_t bits, double sm_scale, int64_t cpu_isa) {
+                                int64_t bits, double sm_scale, int64_t cpu_isa,
+                                const c10::optional<at::Tensor>& body_len, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous(), "pqk: q must be a contiguous [B, Hq, D] CPU tensor");
   TORCH_CHECK(bits == 4 || bits == 8, "pqk: bits must be 4 or 8, got ", bits);
   const at::ScalarType bt = bits == 4 ? at::kByte : at::kChar;
@@ -241,12 +242,32 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
     pv = v.data_ptr();
     pt = float_type(a, "prefix_k");
   }
-  TORCH_CHECK(P + T > 0, "pqk: the cache is empty");
+  // A preallocated cache (cache/modes/static.py) passes its whole buffer as the body and the filled length as a
+  // tensor, so a compiled step needs no host-side int: here, on the CPU, it is read directly.
+  int64_t T_used = T;
+  if (body_len.has_value()) {
+    const at::Tensor& n = *body_len;
+    TORCH_CHECK(n.device().is_cpu() && n.numel() == 1 && n.scalar_type() == at::kLong,
+                "pqk: body_len must be a one-element int64 CPU tensor");
+    T_used = n.item<int64_t>();
+    TORCH_CHECK(T_used >= 0 && T_used <= T, "pqk: body_len ", T_used, " is outside the body's capacity [0, ", T, "]");
+  }
+  const bool* mask_ptr = nullptr;
+  int64_t mask_stride = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
+                    m.size(1) >= P + T_used && m.stride(1) == 1,
+                "pqk: mask must be a bool [B, >= P + T] CPU tensor with contiguous rows");
+    mask_ptr = m.data_ptr<bool>();
+    mask_stride = m.stride(0);
+  }
+  TORCH_CHECK(P + T_used > 0, "pqk: the cache is empty");
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   const int64_t row = k_body.size(3);
   kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pk, pv, pt, pb, P, k_body.data_ptr(),
                              v_body.data_ptr(), k_body.stride(0) / row, k_body.stride(1) / row, (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv,
-                             T, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
+                             T_used, mask_ptr, mask_stride, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
   return out;
 }
 

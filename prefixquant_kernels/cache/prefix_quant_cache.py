@@ -39,6 +39,8 @@ class PrefixQuantCache(Cache):
         residual_length: kivi: R, a multiple of G, 128.   window: logquant: W, 32.
             (group_size / residual_length / window are ignored by the modes that do not take them.)
         backend: "auto" | "reference" | "triton" | "cpu", as in the KV ops.
+        max_cache_len: "static" only: preallocate the body for this many tokens after the prefix, a cache
+            transformers compiles (``is_compileable``; modes/static.py's PreallocatedStaticLayer). None: grow.
         **options: the own arguments of a mode registered outside this package.
 
         cache = PrefixQuantCache(cfg.num_hidden_layers, "prefixquant", key_scales=ks, value_scales=vs,
@@ -53,7 +55,7 @@ class PrefixQuantCache(Cache):
     def __init__(self, num_layers: int, mode: str = "prefixquant", *, key_scales=None, value_scales=None,
                  prefix_keys=None, prefix_values=None, group_size: int | None = None,
                  residual_length: int | None = None, window: int | None = None, bits: int | None = None,
-                 backend: str = "auto", **options):
+                 backend: str = "auto", max_cache_len: int | None = None, **options):
         check_positive_int(num_layers, "num_layers")
         spec = kv_mode(mode, op="PrefixQuantCache")
         if backend not in kv_ops.KV_BACKENDS:
@@ -69,7 +71,13 @@ class PrefixQuantCache(Cache):
             if v is not None and name in spec.options:
                 given[name] = v
         self.mode = spec.name
-        layers = spec.layer.for_layers(num_layers, pks, pvs, bits=bits, backend=backend, **given)
+        layer_cls = spec.layer
+        if max_cache_len is not None:
+            layer_cls = getattr(spec.layer, "preallocated", None)
+            if layer_cls is None:
+                fail(f"max_cache_len (a preallocated, compileable cache) is for mode 'static', not {mode!r}")
+            given["max_cache_len"] = max_cache_len
+        layers = layer_cls.for_layers(num_layers, pks, pvs, bits=bits, backend=backend, **given)
         self.bits = layers[0].bits
         super().__init__(layers=layers)
 

@@ -34,6 +34,15 @@ def _allows_everything(mask) -> bool:
     return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
 
+def _key_mask(mask):
+    """The one-token step's 4-D mask [B, 1, 1, KV] (bool True = attend, or additive float: 0 = attend) -> bool
+    [B, KV] for the decode kernel; None stays None."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1]
+    return row if row.dtype == torch.bool else row == 0
+
+
 def _no_extras(kwargs) -> bool:
     """No sliding window, softcap or dropout: plain softmax attention."""
     return kwargs.get("sliding_window") is None and kwargs.get("softcap") is None and not kwargs.get("dropout")
@@ -57,6 +66,12 @@ def _rotated_attention(base: str):
             query = rotate_heads(query, pqk_query_rotation)
         if pqk_cache is not None and key.shape[-2] == 0:
             layer = pqk_cache.layers[module.layer_idx]
+            if layer.is_compileable and query.shape[2] == 1 and _no_extras(kwargs):
+                # a preallocated cache (a compiled step): the kernel takes the padding mask, no host check
+                scaling = kwargs.get("scaling")
+                out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                             _key_mask(attention_mask))
+                return out.transpose(1, 2).contiguous(), None
             if _fusable(query, attention_mask, kwargs):
                 scaling = kwargs.get("scaling")
                 out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -67,6 +82,9 @@ def _rotated_attention(base: str):
             scaling = kwargs.get("scaling")
             return prefix_causal_attention(query, key, value, pqk_prefix_len,
                                            scaling if scaling is not None else query.shape[-1] ** -0.5), None
+        if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+            # a preallocated cache's mask spans its capacity; its layer returned the filled rows only
+            attention_mask = attention_mask[..., :key.shape[-2]]
         return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = f"{PREFIX}{base}"
     return attention

@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, compiled_step
 from .arch import (REGISTRY, ArchSpec, _fail, decoder_layers, float_linears, get_spec,  # noqa: F401 (re-exported)
                    resolve, unwrap)
 
@@ -77,13 +77,23 @@ def _forward_with_cache(orig):
             kwargs["pqk_query_rotation"] = rotation
         reads = contextlib.nullcontext()
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        fused = getattr(past_key_values, "fused_decode", False) and ref is not None and attention.has_twin(self)
+        # a preallocated (compileable) PrefixQuantCache answers one-token updates with empty K/V: it needs the pqk
+        # attention, whatever fused_decode says
+        prealloc = hasattr(past_key_values, "fused_decode") and past_key_values.is_compileable
+        if prealloc and not attention.has_twin(self):
+            raise ValueError(f"pqk: a preallocated PrefixQuantCache (max_cache_len) needs attn_implementation 'sdpa' "
+                             f"or 'eager', the model uses {self.config._attn_implementation!r}")
+        fused = ((prealloc or getattr(past_key_values, "fused_decode", False)) and ref is not None
+                 and attention.has_twin(self))
         if fused and ref.shape[1] == 1:
-            # a decode step: the attention reads the quantized cache in place (PrefixQuantCache.deferred_reads)
+            # a decode step: the attention reads the quantized cache in place (PrefixQuantCache.deferred_reads; a
+            # preallocated cache's layers always do, so a compiled step has no context manager to trace)
             attention.use_rotated_attention(self)
             kwargs["pqk_cache"] = past_key_values
-            reads = past_key_values.deferred_reads()
-        elif fused and _fresh_prefix(past_key_values) and (attention_mask is None or bool(attention_mask.all())):
+            if not past_key_values.is_compileable:
+                reads = past_key_values.deferred_reads()
+        elif fused and _fresh_prefix(past_key_values) and _unpadded(attention_mask, ref.shape[1],
+                                                                    past_key_values.layers[0].prefix_len):
             # a prefill after the prefix alone, no padding: "prefix + causal" as one causal kernel call, no mask
             # (models/prefix_attention.py)
             attention.use_rotated_attention(self)
@@ -93,6 +103,19 @@ def _forward_with_cache(orig):
                         use_cache=use_cache, **kwargs)
     forward._pqk_patched = True
     return forward
+
+
+def _unpadded(mask, t: int, p: int) -> bool:
+    """No padding in a prefill of t tokens after the p prefix tokens: a 2-D mask of ones, or a 4-D one (the
+    preallocated cache's, built by generate) whose last query row attends to all p + t positions."""
+    if isinstance(mask, dict):   # Qwen2/3's generate builds one mask per layer type
+        mask = mask.get("full_attention")
+    if mask is None:
+        return True
+    if mask.dim() == 4:
+        row = mask[:, :, -1, :p + t]
+        return bool(row.all()) if row.dtype == torch.bool else bool((row == 0).all())
+    return bool(mask.all())
 
 
 def _fresh_prefix(cache) -> bool:
@@ -106,14 +129,21 @@ def _fresh_prefix(cache) -> bool:
 
 def _generate_with_prefix(orig):
     @functools.wraps(orig)
-    def generate(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, past_key_values=None, pqk_compile: bool = True,
+                 **kwargs):
         state = getattr(self, "pqk_state", None)
         if state is None or past_key_values is not None or input_ids is None:
             return orig(self, input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         ids, mask = state.with_prefix(input_ids, attention_mask)
         if mask is None:
             mask = torch.ones_like(ids)
-        out = orig(self, ids, attention_mask=mask, past_key_values=state.make_cache(ids.shape[0]), **kwargs)
+        capacity = compiled_step.plan(self, state, ids, kwargs) if pqk_compile else None
+        if capacity is None:
+            cache = state.make_cache(ids.shape[0])
+        else:   # a preallocated cache: transformers compiles the decode step (models/compiled_step.py)
+            cache = state.make_cache(ids.shape[0], max_cache_len=capacity)
+            kwargs.setdefault("compile_config", compiled_step.compile_config(self.device))
+        out = orig(self, ids, attention_mask=mask, past_key_values=cache, **kwargs)
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
         full = torch.cat([input_ids.to(seqs.device), seqs[:, ids.shape[1]:]], 1)
         if isinstance(out, torch.Tensor):
@@ -132,7 +162,8 @@ def _unbound(fn):
 def patch_instance(model) -> None:
     """Patch one model's forward/generate (idempotent). Other instances of its class are not affected."""
     import types
-    for attr, wrap in (("forward", _forward_with_cache), ("generate", _generate_with_prefix)):
+    for attr, wrap in (("forward", _forward_with_cache), ("generate", _generate_with_prefix),
+                       ("get_compiled_call", compiled_step.timed_compiled_call)):
         cur = _unbound(getattr(model, attr))
         if not getattr(cur, "_pqk_patched", False):
             object.__setattr__(model, attr, types.MethodType(wrap(cur), model))
@@ -141,7 +172,8 @@ def patch_instance(model) -> None:
 def patch_class(cls) -> type:
     """Patch a *ForCausalLM class (idempotent): its instances use their ``pqk_state`` when they have one and
     behave as before when they have none."""
-    for attr, wrap in (("forward", _forward_with_cache), ("generate", _generate_with_prefix)):
+    for attr, wrap in (("forward", _forward_with_cache), ("generate", _generate_with_prefix),
+                       ("get_compiled_call", compiled_step.timed_compiled_call)):
         cur = getattr(cls, attr)
         if not getattr(cur, "_pqk_patched", False):
             setattr(cls, attr, wrap(cur))

@@ -66,12 +66,13 @@ class PrefixQuantState(nn.Module):
     def set_qk_rotation(self, rotation: torch.Tensor) -> None:
         self.qk_rotation.copy_(rotation)
 
-    def make_cache(self, batch_size: int = 1, backend: str = "auto"):
+    def make_cache(self, batch_size: int = 1, backend: str = "auto", max_cache_len: int | None = None):
         """A fresh pqk.PrefixQuantCache holding the prefix (counted in its length), in the config's KV mode
         (built by cache/factory.py's build_cache from the mode's name; the mode takes what it needs of the scales
-        and of cfg.kv_window)."""
+        and of cfg.kv_window). max_cache_len: preallocate room for that many tokens after the prefix, a cache
+        torch.compile can run over ("static" mode only: ``can_preallocate``); None: a growing cache."""
         mode = self.cfg.resolved_kv_mode
-        kw = {}
+        kw = {} if max_cache_len is None else {"max_cache_len": max_cache_len}
         if self.prefix_len:
             kw.update(prefix_keys=self._list("prefix_keys"), prefix_values=self._list("prefix_values"))
         if self._has_kv_scales:
@@ -79,6 +80,11 @@ class PrefixQuantState(nn.Module):
         if self.rotates_qk:
             kw.update(key_rotation=self.qk_rotation)
         return build_cache(self.num_layers, mode, self.cfg.kv_bits, window=self.cfg.kv_window, backend=backend, **kw)
+
+    @property
+    def can_preallocate(self) -> bool:
+        """Whether the KV mode has a preallocated (compileable) form: make_cache(max_cache_len=...)."""
+        return getattr(kv_mode(self.cfg.resolved_kv_mode).layer, "preallocated", None) is not None
 
     def drops_bos(self, input_ids: torch.Tensor) -> bool:
         """Whether the user's ids start with the BOS the prefix already ends with (then it is dropped)."""

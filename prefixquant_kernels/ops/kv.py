@@ -219,7 +219,8 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
 def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
                         k_packed: torch.Tensor, v_packed: torch.Tensor, k_scale: torch.Tensor,
                         v_scale: torch.Tensor, bits: int = 4, sm_scale: float | None = None, *,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", body_len: torch.Tensor | None = None,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token over a PrefixQuant cache ``[16-bit prefix | static-quantized body]``.
 
     The Triton kernel reads the packed body and dequantizes it in registers (never materializing a 16-bit
@@ -231,7 +232,12 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
         k_packed, v_packed: as kv_quantize returned them: uint8 [B, H_kv, T, D//2] (bits 4) or int8 [..., D].
         k_scale, v_scale: float [H_kv] static per-head scales.
         sm_scale: softmax scale, default 1/sqrt(D).
-    Returns q.dtype [B, H_q, D] = softmax(q K^T * sm_scale) V over the P + T positions.
+        body_len: int64 one-element tensor on q's device, or None: the body rows in use, T then being the
+            capacity of a preallocated cache (cache/modes/static.py). A tensor, not an int, so a compiled step
+            (and a CUDA graph) reads the length where it is, never on the host.
+        mask: bool [B, >= P + T] on q's device (True = attend), or None: which positions each sequence attends
+            to (a left-padded batch); a row that masks every position gives zeros.
+    Returns q.dtype [B, H_q, D] = softmax(q K^T * sm_scale) V over the P + T positions (or those allowed).
     """
     op = "kv_decode_attention"
     checks.tensor(q, "q", op, FLOAT_DTYPES, dim=3)
@@ -262,9 +268,19 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
             checks.fail(op, f"{name} must be [1 or {B}, {Hkv}, P, {D}] (and match prefix_k), got {tuple(t.shape)}")
     if prefix_k.shape[2] + T == 0:
         checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
+    if body_len is not None:
+        checks.tensor(body_len, "body_len", op, (torch.int64,))
+        if body_len.numel() != 1:
+            checks.fail(op, f"body_len must hold one element, got shape {tuple(body_len.shape)}")
+    if mask is not None:
+        checks.tensor(mask, "mask", op, (torch.bool,), dim=2)
+        if mask.shape[0] != B or mask.shape[1] < prefix_k.shape[2] + T:
+            checks.fail(op, f"mask must be [{B}, >= P + T = {prefix_k.shape[2] + T}], got {tuple(mask.shape)}")
+    checks.same_device(op, dev, body_len=body_len, mask=mask)
     scale = float(sm_scale) if sm_scale is not None else D ** -0.5
     be = resolve(backend, dev, op).kind
-    return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale, be)
+    return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale, be,
+                                             body_len=body_len, mask=mask)
 
 
 # ---- the custom ops' implementations: inputs validated, backend resolved by the public ops above -----------------
@@ -321,7 +337,10 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 @_impl("kv_decode_attention")
-def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale, backend):
+def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale, backend,
+                              body_len=None, mask=None):
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
     if backend == "cpu":  # the C++ kernel reads the packed body in place (csrc/cpu/kv_cache.cpp)
         pre_k = prefix_k.contiguous() if prefix_k.shape[2] else None
         pre_v = prefix_v.contiguous() if prefix_v.shape[2] else None
@@ -329,9 +348,15 @@ def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale
         if k.stride() != v.stride():
             k, v = k.contiguous(), v.contiguous()
         return torch.ops.pqk.kv_decode_static(q.contiguous(), pre_k, pre_v, k, v, k_scale.contiguous(),
-                                              v_scale.contiguous(), bits, sm_scale)
+                                              v_scale.contiguous(), bits, sm_scale, -1, body_len, mask)
     if backend == "triton":
         from ..triton.decode_attention import decode_attention
-        return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale)
+        return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale,
+                                body_len=body_len, mask=mask)
+    if body_len is not None:   # the reference reads the length on the host (it is never in a CUDA graph)
+        n = int(body_len)
+        k_packed, v_packed = k_packed[:, :, :n], v_packed[:, :, :n]
+    if mask is not None:
+        mask = mask[:, :prefix_k.shape[2] + k_packed.shape[2]]
     return kvf.decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits,
-                                sm_scale).contiguous()
+                                sm_scale, mask).contiguous()

@@ -49,7 +49,7 @@ LIB.define(
 LIB.define("kv_quantize_static(Tensor x, Tensor scale, int bits, int cpu_isa=-1) -> Tensor")
 LIB.define(
     "kv_decode_static(Tensor q, Tensor? prefix_k, Tensor? prefix_v, Tensor k_body, Tensor v_body, Tensor k_scale, "
-    "Tensor v_scale, int bits, float sm_scale, int cpu_isa=-1) -> Tensor"
+    "Tensor v_scale, int bits, float sm_scale, int cpu_isa=-1, Tensor? body_len=None, Tensor? mask=None) -> Tensor"
 )
 
 
@@ -126,7 +126,8 @@ def _kv_quantize_static_fake(x, scale, bits, cpu_isa=-1):
 
 
 @torch.library.register_fake("pqk::kv_decode_static")
-def _kv_decode_static_fake(q, prefix_k, prefix_v, k_body, v_body, k_scale, v_scale, bits, sm_scale, cpu_isa=-1):
+def _kv_decode_static_fake(q, prefix_k, prefix_v, k_body, v_body, k_scale, v_scale, bits, sm_scale, cpu_isa=-1,
+                           body_len=None, mask=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -144,7 +145,8 @@ LIB.define(
 )
 LIB.define(
     "kv_decode_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor k_packed, Tensor v_packed, "
-    "Tensor k_scale, Tensor v_scale, int bits, float sm_scale, str backend) -> Tensor"
+    "Tensor k_scale, Tensor v_scale, int bits, float sm_scale, str backend, Tensor? body_len=None, "
+    "Tensor? mask=None) -> Tensor"
 )
 
 
@@ -173,7 +175,7 @@ def _kv_dequant_concat_fake(prefix, packed, scale, zero, bits, group_size, axis,
 
 @torch.library.register_fake("pqk::kv_decode_attention")
 def _kv_decode_attention_fake(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale,
-                              backend):
+                              backend, body_len=None, mask=None):
     return q.new_empty(q.shape)  # contiguous, like both implementations
 
 

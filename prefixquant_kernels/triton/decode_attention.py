@@ -18,23 +18,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_kv_rows(Pre_ptr, Body_ptr, scale, n, P, N_all, d,
+def _load_kv_rows(Pre_ptr, Body_ptr, scale, n, P, N_all, d, D,
                   stride_pn, stride_pd, stride_bn, stride_bd, BITS: tl.constexpr):
-    """float32 [BLOCK_N, BLOCK_D] rows n of [prefix (n < P) | body (P <= n < N_all)], 0 elsewhere."""
+    """float32 [BLOCK_N, BLOCK_D] rows n of [prefix (n < P) | body (P <= n < N_all)], 0 elsewhere (and in the
+    columns d >= D of a head dim below BLOCK_D: never read, as they lie past the row)."""
+    d_ok = d[None, :] < D
     in_pre = n < P
     in_body = (n >= P) & (n < N_all)
     pre = tl.load(Pre_ptr + n[:, None] * stride_pn + d[None, :] * stride_pd,
-                  mask=in_pre[:, None], other=0.0).to(tl.float32)
+                  mask=in_pre[:, None] & d_ok, other=0.0).to(tl.float32)
     nb = tl.where(in_body, n - P, 0)
     if BITS == 4:
         # byte d // 2 holds element d in its low (d even) or high (d odd) nibble; sign-extend the nibble
         byte = tl.load(Body_ptr + nb[:, None] * stride_bn + (d[None, :] // 2) * stride_bd,
-                       mask=in_body[:, None], other=0).to(tl.int32)
+                       mask=in_body[:, None] & d_ok, other=0).to(tl.int32)
         nib = (byte >> ((d[None, :] % 2) * 4)) & 0xF
         q = nib - ((nib & 0x8) << 1)
     else:
         q = tl.load(Body_ptr + nb[:, None] * stride_bn + d[None, :] * stride_bd,
-                    mask=in_body[:, None], other=0).to(tl.int32)
+                    mask=in_body[:, None] & d_ok, other=0).to(tl.int32)
     body = q.to(tl.float32) * scale
     return tl.where(in_pre[:, None], pre, body)
 
@@ -47,6 +49,8 @@ def _decode_attention_split_kernel(
     PK_ptr, PV_ptr,  # float [B or 1, H_kv, P, D]: 16-bit prefix K/V (a batch-1 prefix is read with stride 0)
     BK_ptr, BV_ptr,  # uint8 [B, H_kv, T, D//2] (BITS 4) / int8 [B, H_kv, T, D] (BITS 8): packed body K/V
     KS_ptr, VS_ptr,  # float32 [H_kv]: static per-head K/V scales
+    Len_ptr,        # int64 [1]: body rows filled (HAS_LEN; a preallocated cache's length, read on the device)
+    Mask_ptr,       # uint8 [B, >= P + T] (HAS_MASK): 1 = attend (a preallocated cache's padding mask)
     M_ptr, L_ptr,   # float32 [B, H_q, S]: per-slice running max and sum (outputs)
     Acc_ptr,        # float32 [B, H_q, S, D]: per-slice unnormalized P·V (output)
     H_kv, P, T, D, SPLIT_LEN, n_splits,   # int32; SPLIT_LEN: positions per slice (multiple of BLOCK_N)
@@ -54,11 +58,14 @@ def _decode_attention_split_kernel(
     stride_qb, stride_qh, stride_qd,
     stride_pb, stride_ph, stride_pn, stride_pd,
     stride_bb, stride_bh, stride_bn, stride_bd,
+    stride_mb,      # the mask's row stride
     G: tl.constexpr,        # query heads per KV head (H_q / H_kv)
     BLOCK_G: tl.constexpr,  # next power of 2 >= G
     BLOCK_N: tl.constexpr,  # positions per step
     BLOCK_D: tl.constexpr,  # next power of 2 >= D
     BITS: tl.constexpr,     # 4 or 8
+    HAS_LEN: tl.constexpr,  # T is the capacity and Len_ptr holds the rows in use
+    HAS_MASK: tl.constexpr,
 ):
     """Slice s of softmax(q k^T * sm_scale) v for the G query heads of KV head h, online-softmax partials."""
     pid = tl.program_id(0).to(tl.int64)
@@ -77,7 +84,10 @@ def _decode_attention_split_kernel(
     pv = PV_ptr + b * stride_pb + h * stride_ph
     bk = BK_ptr + b * stride_bb + h * stride_bh
     bv = BV_ptr + b * stride_bb + h * stride_bh
+    if HAS_LEN:   # the split count was sized for the capacity T; slices past the filled rows stay empty
+        T = tl.minimum(tl.load(Len_ptr).to(tl.int32), T)
     N_all = P + T
+    mrow = Mask_ptr + b * stride_mb   # this sequence's mask row (unused without HAS_MASK)
 
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -85,10 +95,13 @@ def _decode_attention_split_kernel(
     start = s * SPLIT_LEN
     for n0 in range(start, tl.minimum(start + SPLIT_LEN, N_all), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_kv_rows(pk, bk, k_scale, n, P, N_all, d, stride_pn, stride_pd, stride_bn, stride_bd, BITS)
-        v = _load_kv_rows(pv, bv, v_scale, n, P, N_all, d, stride_pn, stride_pd, stride_bn, stride_bd, BITS)
+        k = _load_kv_rows(pk, bk, k_scale, n, P, N_all, d, D, stride_pn, stride_pd, stride_bn, stride_bd, BITS)
+        v = _load_kv_rows(pv, bv, v_scale, n, P, N_all, d, D, stride_pn, stride_pd, stride_bn, stride_bd, BITS)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)           # [BLOCK_G, BLOCK_N]
-        scores = tl.where((n < N_all)[None, :], scores, float("-inf"))
+        ok = n < N_all
+        if HAS_MASK:
+            ok = ok & (tl.load(mrow + n, mask=ok, other=0) != 0)
+        scores = tl.where(ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # a slice with no valid position keeps m = -inf; exp(-inf - -inf) would be NaN, so guard it
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -135,7 +148,7 @@ def _decode_attention_merge_kernel(
         l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
         acc_run = acc_run * alpha + tl.sum(w[:, None] * acc, axis=0)
         m_run = m_new
-    out = acc_run / l_run
+    out = acc_run / tl.where(l_run > 0, l_run, 1.0)   # a row that masks every position: acc = 0, zeros (as on CPU)
     tl.store(Out_ptr + r * D + d, out.to(Out_ptr.dtype.element_ty), mask=d < D)
 
 
@@ -149,11 +162,14 @@ MIN_BLOCK_N = 2
 MERGE_BLOCK_S = 32   # slices merged per step of the merge kernel (fixed: any split count, one compiled kernel)
 
 
-def split_constexprs(G: int, D: int, bits: int, block_n: int = 16) -> dict:
+def split_constexprs(G: int, D: int, bits: int, block_n: int = 16, has_len: bool = False,
+                     has_mask: bool = False) -> dict:
     """The constexprs of _decode_attention_split_kernel for G query heads per KV head, head dim D."""
     bg, bd = triton.next_power_of_2(G), triton.next_power_of_2(D)
     bn = max(MIN_BLOCK_N, min(triton.next_power_of_2(block_n), PRODUCT_BUDGET // (bg * bd), SCORE_BUDGET // bg))
-    return dict(G=G, BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd, BITS=bits)
+    if has_mask:   # the mask row's load: at G = 3, D = 64, BLOCK_N = 8 ptxas spilled 8 bytes on sm_80 (4: none)
+        bn = max(MIN_BLOCK_N, bn // 2)
+    return dict(G=G, BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd, BITS=bits, HAS_LEN=has_len, HAS_MASK=has_mask)
 
 
 def merge_constexprs(D: int) -> dict:
@@ -163,13 +179,16 @@ def merge_constexprs(D: int) -> dict:
 
 def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, body_k: torch.Tensor,
                      body_v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int,
-                     sm_scale: float, split_len: int = 256, block_n: int = 16) -> torch.Tensor:
+                     sm_scale: float, split_len: int = 256, block_n: int = 16, body_len: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Launch wrapper (inputs validated by ops/kv.py). q [B, H_q, D]; prefix [B|1, H_kv, P, D] (P may be 0);
-    body [B, H_kv, T, D//2 or D]; scales float32 [H_kv] -> out [B, H_q, D] in q.dtype."""
+    body [B, H_kv, T, D//2 or D]; scales float32 [H_kv] -> out [B, H_q, D] in q.dtype. body_len: int64 [1] or
+    None, the body rows in use (T is then the capacity: no host read, so a CUDA graph can replay the launch);
+    mask: bool [B, >= P + T] (True = attend) or None."""
     B, Hq, D = q.shape
     Hkv, P, T = body_k.shape[1], prefix_k.shape[2], body_k.shape[2]
     G = Hq // Hkv
-    split_cx = split_constexprs(G, D, bits, block_n)
+    split_cx = split_constexprs(G, D, bits, block_n, body_len is not None, mask is not None)
     block_n = split_cx["BLOCK_N"]
     split_len = max(block_n, triton.cdiv(split_len, block_n) * block_n)
     n_splits = max(1, triton.cdiv(P + T, split_len))
@@ -183,12 +202,15 @@ def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
     if body_v.stride() != body_k.stride():
         body_k, body_v = body_k.contiguous(), body_v.contiguous()
     pb = 0 if prefix_k.shape[0] == 1 else prefix_k.stride(0)  # a shared batch-1 prefix: batch stride 0
+    mask_u8 = None if mask is None else mask.view(torch.uint8)   # bool -> bytes (the same memory)
     _decode_attention_split_kernel[(B * Hkv, n_splits)](
-        q, prefix_k, prefix_v, body_k, body_v, k_scale, v_scale, m, l_s, acc,
+        q, prefix_k, prefix_v, body_k, body_v, k_scale, v_scale,
+        body_k if body_len is None else body_len, body_k if mask_u8 is None else mask_u8, m, l_s, acc,
         Hkv, P, T, D, split_len, n_splits, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
         pb, prefix_k.stride(1), prefix_k.stride(2), prefix_k.stride(3),
         body_k.stride(0), body_k.stride(1), body_k.stride(2), body_k.stride(3),
+        0 if mask_u8 is None else mask_u8.stride(0),
         **split_cx,
     )
     _decode_attention_merge_kernel[(B * Hq,)](m, l_s, acc, out, n_splits, D, **merge_constexprs(D))

@@ -47,19 +47,25 @@ E2E_TINY = ["--device", "cpu", "--layers", "1", "--prefill", "16", "--decode-ctx
             "--decode-steps", "2", "--threads", "1", "--calib-tokens", "16"]
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
-def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model):
+@pytest.mark.parametrize("model,compiled", [("tiny-llama", "on"), ("tiny-qwen2", "off")])
+def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model, compiled):
     out = tmp_path / "sub" / "out.json"
-    e2e.main(E2E_TINY + ["--model", model, "--json", str(out)])
+    e2e.main(E2E_TINY + ["--model", model, "--compile", compiled, "--json", str(out)])
     records = json.loads(out.read_text())
     assert isinstance(records, list)
     assert {(r["method"], r["phase"]) for r in records} == {(m, p) for m in e2e.METHODS for p in e2e.PHASES}
-    assert len(records) == 6
+    assert len(records) == 8
     for r in records:
         assert isinstance(r["median_ms"], float) and r["median_ms"] > 0
         assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] > 0
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
-        assert 0 <= r["lm_head_median_ms"] <= r["median_ms"]
+        comp = compiled == "on" and r["method"].startswith("static")
+        assert r["compiled_decode"] is comp
+        if comp:   # the compiled step is timed whole (no lm_head hooks in a traced step); its compile apart
+            assert r["lm_head_median_ms"] is None and r["compile_seconds"] > 0
+        else:
+            assert 0 <= r["lm_head_median_ms"] <= r["median_ms"] and r["compile_seconds"] is None
+        assert r["a_bits"] == {"fp": None, "static-a8": 8}.get(r["method"], 4)
         for key in ("cpu", "threads", "torch", "triton", "transformers"):
             assert key in r["machine"]
         assert r["machine"]["threads"] == 1 and r["measured"] is True
@@ -72,12 +78,14 @@ def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model)
                                        ("cpu" if "cpu:scalar" in pqk.available_backends() else "reference"))
     by = {(r["method"], r["phase"]): r for r in records}
     # 4-bit weights and KV hold less than the bf16 ones (tensor bytes, not timings)
-    for m in ("dynamic", "static"):
+    for m in ("dynamic", "static", "static-a8"):
         assert by[(m, "decode")]["weights_bytes"] < 0.5 * by[("fp", "decode")]["weights_bytes"]
-        assert by[(m, "decode")]["kv_bytes"] < 0.5 * by[("fp", "decode")]["kv_bytes"]
+        if not by[(m, "decode")]["compiled_decode"]:   # a preallocated cache counts its whole capacity
+            assert by[(m, "decode")]["kv_bytes"] < 0.5 * by[("fp", "decode")]["kv_bytes"]
     assert by[("static", "decode")]["prefix_len"] == 1 and by[("dynamic", "decode")]["prefix_len"] == 0
     md = (tmp_path / "sub" / "out.md").read_text()
     assert "| static | decode |" in md and "fp / static" in md and "dynamic / static" in md
+    assert "fp / static-a8" in md
     png = tmp_path / "sub" / "out.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -94,7 +102,7 @@ def test_e2e_methods_subset(e2e, tmp_path, no_interpreter):
     (["--model", "gpt-5"], "invalid choice: 'gpt-5'"),
     (["--layers", "0"], "expected a positive integer, got 0"),
     (["--prefill", "x"], "expected a positive integer, got 'x'"),
-    (["--methods", "fp,quarot"], "methods must be a comma-separated subset of fp,dynamic,static"),
+    (["--methods", "fp,quarot"], "methods must be a comma-separated subset of fp,dynamic,static,static-a8"),
     (["--fp-dtype", "int8"], "invalid choice: 'int8'"),
     (["--json", "out.csv"], "--json must name a .json file"),
     (["--device", "cuda"], "this torch has no CUDA device"),

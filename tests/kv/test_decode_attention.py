@@ -59,7 +59,7 @@ def test_decode_attention_matches_float_attention(backend, P, T, D, Hq, Hkv, gen
 def test_triton_equals_reference_in_low_precision(dtype, bits, split_len, gen, monkeypatch):
     import prefixquant_kernels.triton.decode_attention as da
     real = da.decode_attention
-    monkeypatch.setattr(da, "decode_attention", lambda *a: real(*a, split_len=split_len))
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: real(*a, split_len=split_len, **kw))
     args = _case(2, 4, 2, 3, 29, 64, dtype, gen, bits=bits)
     out = kv_decode_attention(*args, bits=bits, backend="triton")
     ref = kv_decode_attention(*args, bits=bits, backend="reference")
@@ -102,7 +102,7 @@ def test_bad_input(mutate, match, gen):
 def test_triton_large_groups_and_many_splits(Hq, Hkv, D, T, split_len, gen, monkeypatch):
     import prefixquant_kernels.triton.decode_attention as da
     real = da.decode_attention
-    monkeypatch.setattr(da, "decode_attention", lambda *a: real(*a, split_len=split_len))
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: real(*a, split_len=split_len, **kw))
     args = _case(1, Hq, Hkv, 3, T, D, torch.float32, gen)
     assert triton_splits(3 + T, split_len, da.split_constexprs(Hq // Hkv, D, 4)["BLOCK_N"]) > (
         da.MERGE_BLOCK_S if T > 100 else 0)

@@ -34,12 +34,15 @@ ARCHS = (80, 86, 89, 90)
 _FLOAT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def _split(G, D, bits, q="fp16"):
+def _split(G, D, bits, q="fp16", static_shape=False):
+    """static_shape: the preallocated cache's launch (length read on the device, padding mask)."""
     from prefixquant_kernels.triton import decode_attention as da
     return dict(kernel="decode_split", module="decode_attention", fn="_decode_attention_split_kernel",
-                config=f"G={G} D={D} bits={bits} q={q}", constexprs=da.split_constexprs(G, D, bits),
+                config=f"G={G} D={D} bits={bits} q={q}" + (" len+mask" if static_shape else ""),
+                constexprs=da.split_constexprs(G, D, bits, has_len=static_shape, has_mask=static_shape),
                 types={"Q_ptr": _FLOAT[q], "PK_ptr": _FLOAT[q], "PV_ptr": _FLOAT[q],
-                       "BK_ptr": "*u8" if bits == 4 else "*i8", "BV_ptr": "*u8" if bits == 4 else "*i8"})
+                       "BK_ptr": "*u8" if bits == 4 else "*i8", "BV_ptr": "*u8" if bits == 4 else "*i8",
+                       "Len_ptr": "*i64", "Mask_ptr": "*u8"})
 
 
 def _merge(D, out="fp16"):
@@ -78,7 +81,8 @@ def plan():
     """[(arch, spec)]: the representative set described in the module docstring."""
     jobs = []
     for cc in ARCHS:
-        jobs += [(cc, _split(8, 128, 4)), (cc, _split(8, 128, 8)), (cc, _merge(128))]
+        jobs += [(cc, _split(8, 128, 4)), (cc, _split(8, 128, 8)), (cc, _merge(128)),
+                 (cc, _split(3, 64, 4, "fp32", static_shape=True))]   # SmolLM2's heads, the compiled step's launch
     for cc in (80, 90):
         jobs += [(cc, _split(8, 64, 4)), (cc, _split(1, 128, 4)), (cc, _split(1, 64, 8)), (cc, _merge(64, "bf16")),
                  (cc, _quant_static(128, 4)), (cc, _quant_static(128, 8)),

@@ -81,8 +81,8 @@ def test_fused_decode_matches_unfused(arch, attn, kv_bits, kv_rotate, calls):
 def test_generate_is_unchanged(calls):
     model = _quantized("llama", "sdpa", 4, True)
     user = torch.tensor([StubTokenizer().encode(text(20, seed=5), add_special_tokens=True)])
-    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    fused = model.generate(user, **gen)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, pqk_compile=False)   # the growing cache's
+    fused = model.generate(user, **gen)                  # path (the compiled one: test_compiled_step.py)
     assert calls
     calls.clear()
     old = pqk.PrefixQuantCache.fused_decode

@@ -1,0 +1,107 @@
+"""The compiled decode step: how ``model.generate()`` of a pqk-quantized model runs its one-token steps as one
+``torch.compile(fullgraph=True)`` graph, through transformers' own machinery rather than beside it.
+
+transformers compiles the decode step when the cache ``is_compileable`` (``GenerationMixin.
+_valid_auto_compile_criteria``; on a CPU only with ``compile_config._compile_all_devices``) and runs the prefill
+eagerly. So the patched generate (models/patch.py) asks ``plan`` whether this call can take that path and, if so,
+builds the preallocated cache (``PrefixQuantCache(max_cache_len=...)``, modes/static.py: every tensor of a step
+at a fixed address and shape, the filled length a device tensor) and passes ``compile_config`` below. In the
+traced step the pqk:: custom ops (QuantLinear's GEMM, kv_quantize, kv_decode_attention) are single nodes (their
+fakes are in ops/library.py) and inductor fuses the glue (RMSNorm, RoPE, residuals, the Q/K rotation's matmul
+operands, the mask). On CUDA the compile mode is "reduce-overhead": the same step replayed as a CUDA graph.
+
+The capacity is rounded up to ``CAPACITY_STEP`` tokens, so generate calls of similar lengths share one graph
+(``dynamic=False``: one graph per batch size and capacity). ``timed_compiled_call`` logs the one-time compile.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger("prefixquant_kernels")
+
+CAPACITY_STEP = 256   # tokens: the preallocated body is a multiple of this (fewer distinct shapes, fewer compiles)
+
+
+def plan(model, state, ids: torch.Tensor, kwargs: dict) -> int | None:
+    """The body capacity (tokens after the prefix) of a compiled generate call with ids [B, P + T] (prefix
+    included), or None when this call runs eagerly: a KV mode without a preallocated form, an attention the pqk
+    attention cannot wrap (flash / flex) or a sliding window, beam search or assisted decoding, compile disabled
+    in the generation config, or no known length budget."""
+    from . import attention
+    cfg = kwargs.get("generation_config") or model.generation_config
+    if not state.can_preallocate or not attention.has_twin(model):
+        return None
+    if getattr(model.config, "sliding_window", None) is not None and getattr(model.config, "use_sliding_window",
+                                                                             True):
+        return None
+    if kwargs.get("num_beams", cfg.num_beams or 1) != 1 or kwargs.get("assistant_model") is not None:
+        return None
+    if kwargs.get("disable_compile", cfg.disable_compile):
+        return None
+    new = kwargs.get("max_new_tokens", cfg.max_new_tokens)
+    if new is None:
+        max_len = kwargs.get("max_length", cfg.max_length)
+        if max_len is None:
+            return None
+        new = max_len - ids.shape[1]
+    need = ids.shape[1] - state.prefix_len + max(int(new), 1)
+    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def compile_config(device: torch.device):
+    """transformers' CompileConfig for the step: fullgraph, static shapes; "reduce-overhead" (CUDA graphs) on
+    CUDA, inductor's default mode elsewhere; ``_compile_all_devices`` so a CPU model compiles too."""
+    from transformers import CompileConfig
+    cuda = torch.device(device).type == "cuda"
+    cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor",
+                        mode="reduce-overhead" if cuda else "default")
+    cfg._compile_all_devices = True
+    return cfg
+
+
+RECOMPILE_LIMIT = 64   # dynamo's per-code-object limit (8 by default) is shared by every model of a process
+
+
+def timed_compiled_call(orig):
+    """Wrap ``get_compiled_call``: the compiled callable it returns logs how long its first call (the compile)
+    took, once per compiled callable. The step's code object (the model's forward) is shared by every model of
+    the process, and each model, batch size and capacity is one more graph of it: the recompile limit is raised
+    to RECOMPILE_LIMIT, and past it the step runs eagerly (one warning) instead of failing the generate call
+    (fullgraph makes dynamo raise, before the step ran: nothing was half-done)."""
+    def get_compiled_call(self, compile_config):
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        fn = orig(self, compile_config)
+        held = getattr(self, "_pqk_timed_call", None)
+        if held is not None and held[0] is fn:
+            return held[1]
+
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                logger.warning("pqk: torch.compile's recompile limit (%d graphs of the model's forward in this "
+                               "process) is reached: this decode step runs eagerly",
+                               torch._dynamo.config.recompile_limit)
+                return self.__call__(*args, **kwargs)
+
+        def call(*args, **kwargs):
+            if call.first:
+                call.first = False
+                t0 = time.perf_counter()
+                out = run(*args, **kwargs)
+                secs = time.perf_counter() - t0
+                logger.warning("pqk: compiled the decode step in %.1f s (once per batch size and cache capacity; "
+                               "generate(..., pqk_compile=False) runs it eagerly)", secs)
+                if getattr(self, "pqk_state", None) is not None:
+                    self.pqk_state.info["compile_seconds"] = round(secs, 2)
+                return out
+            return run(*args, **kwargs)
+        call.first = True
+        object.__setattr__(self, "_pqk_timed_call", (fn, call))
+        return call
+    get_compiled_call._pqk_patched = True
+    return get_compiled_call

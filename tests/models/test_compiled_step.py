@@ -1,0 +1,135 @@
+"""The compiled decode step (models/compiled_step.py): ``model.generate()`` of a quantized model runs its one-token
+steps as one torch.compile(fullgraph=True) graph over the preallocated cache (modes/static.py's
+PreallocatedStaticLayer). Compiled == eager (greedy tokens identical, logits to float rounding) for tiny Llama /
+Qwen2 / Qwen3, batch 4 with left padding; the preallocated cache == the growing one, bit for bit, eagerly; no
+recompile for a second call of similar length; the calls that cannot take the path run eagerly."""
+import logging
+
+import pytest
+import torch
+
+import prefixquant_kernels as pqk
+from prefixquant_kernels.calibration.pipeline import quantize_model
+from prefixquant_kernels.models import compiled_step
+
+from .tiny import BOS, StubTokenizer, text, tiny_model
+
+_MODELS: dict = {}
+
+
+def _quantized(arch, kv_rotate=True, a_bits=8):
+    key = (arch, kv_rotate, a_bits)
+    if key not in _MODELS:
+        cfg = pqk.QuantConfig(w_bits=4, a_bits=a_bits, kv_bits=4, kv_rotate=kv_rotate, calib_samples=2,
+                              calib_seq_len=64)
+        _MODELS[key] = quantize_model(tiny_model(arch), StubTokenizer(), text(), cfg, progress=False)
+    return _MODELS[key]
+
+
+def _prompt(batch=4, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (batch, t), generator=g)
+    ids[:, 0] = BOS
+    mask = torch.ones_like(ids)
+    if batch > 2:    # left padding of different lengths
+        mask[1, :3] = 0
+        mask[2, :1] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, compiled, new=10):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, pqk_compile=compiled)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_compiled_generate_equals_eager(arch):
+    model = _quantized(arch)
+    ids, mask = _prompt()
+    eager = _generate(model, ids, mask, compiled=False)
+    assert not hasattr(model, "_compiled_call")
+    comp = _generate(model, ids, mask, compiled=True)
+    assert hasattr(model, "_compiled_call"), "generate did not take the compiled path"
+    assert model.pqk_state.info["compile_seconds"] > 0
+    assert torch.equal(comp.sequences, eager.sequences)
+    assert comp.sequences.shape == (4, 9 + 10)
+    # float rounding: inductor sums the fused norms in another order; a static activation quantizer downstream may
+    # turn a 1e-7 difference into a one-level flip (as in test_fused_decode), a wrong step is off by far more
+    for a, b in zip(comp.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.03 * float(b.abs().max()))
+    close = torch.stack([(a - b).abs() <= 1e-4 for a, b in zip(comp.logits, eager.logits)])
+    assert close.float().mean() > 0.5
+
+
+def test_no_recompile_for_a_similar_call_and_the_log_line(caplog):
+    model = _quantized("llama")
+    ids, mask = _prompt(seed=1)
+    _generate(model, ids, mask, compiled=True)        # compiles (or reuses) the graph of this shape
+    torch._dynamo.utils.counters.clear()
+    ids2, mask2 = _prompt(seed=2, t=11)               # another prompt length, the same capacity bucket
+    with caplog.at_level(logging.WARNING, logger="prefixquant_kernels"):
+        out = _generate(model, ids2, mask2, compiled=True, new=7)
+    assert out.sequences.shape == (4, 11 + 7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0, "a second call recompiled"
+    eager = _generate(model, ids2, mask2, compiled=False, new=7)
+    assert torch.equal(out.sequences, eager.sequences)
+
+
+def test_compile_time_is_logged(caplog):
+    model = _quantized("llama", kv_rotate=False, a_bits=4)   # a fresh model: its first compiled call logs
+    ids, mask = _prompt(batch=1)
+    with caplog.at_level(logging.WARNING, logger="prefixquant_kernels"):
+        _generate(model, ids, None, compiled=True, new=4)
+    assert any("compiled the decode step in" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kv_rotate", [True, False])
+def test_preallocated_cache_equals_growing_cache_eagerly(kv_rotate):
+    model = _quantized("llama", kv_rotate=kv_rotate)
+    ids, _ = _prompt(batch=2)
+
+    def run(cache):
+        outs = []
+        with torch.no_grad():
+            outs.append(model(ids[:, 1:], past_key_values=cache).logits[:, -1])
+            for t in range(6):
+                outs.append(model(torch.full((2, 1), 5 + 7 * t), past_key_values=cache).logits[:, -1])
+        return torch.stack(outs, 1)
+
+    grow = model.pqk_state.make_cache(2)
+    pre = model.pqk_state.make_cache(2, max_cache_len=32)
+    assert pre.is_compileable and not grow.is_compileable
+    a, b = run(grow), run(pre)
+    assert torch.equal(a, b)
+    assert int(pre.get_seq_length()) == grow.get_seq_length() == model.pqk_state.prefix_len + 8 + 6
+
+
+def test_plan_runs_eagerly_where_the_path_does_not_apply():
+    model = _quantized("llama")
+    ids, _ = _prompt(batch=1)
+    full = torch.cat([model.pqk_state.prefix_ids[None], ids[:, 1:]], 1)
+    assert compiled_step.plan(model, model.pqk_state, full, {"max_new_tokens": 5}) == compiled_step.CAPACITY_STEP
+    assert compiled_step.plan(model, model.pqk_state, full, {"max_new_tokens": 300}) == 2 * compiled_step.CAPACITY_STEP
+    assert compiled_step.plan(model, model.pqk_state, full, {"max_new_tokens": 5, "num_beams": 2}) is None
+    assert compiled_step.plan(model, model.pqk_state, full, {"max_new_tokens": 5, "disable_compile": True}) is None
+    kivi = pqk.QuantConfig(w_bits=8, a_bits=8, kv_mode="kivi", kv_bits=4, calib_samples=2, calib_seq_len=64)
+    other = quantize_model(tiny_model("llama"), StubTokenizer(), text(), kivi, progress=False)
+    assert not other.pqk_state.can_preallocate
+    assert compiled_step.plan(other, other.pqk_state, full, {"max_new_tokens": 5}) is None
+    out = other.generate(ids, max_new_tokens=3, do_sample=False)   # and it still generates, eagerly
+    assert out.shape == (1, 9 + 3) and not hasattr(other, "_compiled_call")
+
+
+def test_preallocated_cache_bad_input():
+    model = _quantized("llama")
+    st = model.pqk_state
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_cache_len"):
+            st.make_cache(1, max_cache_len=bad)
+    with pytest.raises(ValueError, match="max_cache_len.*'static'"):
+        pqk.PrefixQuantCache(2, "kivi", max_cache_len=16)
+    cache = st.make_cache(1, max_cache_len=4)
+    ids = torch.randint(3, 120, (1, 6))
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
