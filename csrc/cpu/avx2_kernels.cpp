@@ -230,9 +230,13 @@ void dot_rows_q4(const float* q, int64_t G, int64_t D, const uint8_t* p, float* 
       unpack64_f32(p + c / 2, w);
       for (int64_t g = 0; g < gn; ++g) {
         const float* qg = q + (g0 + g) * D + c;
-        __m256 a = acc[g];
-        for (int e = 0; e < 8; ++e) a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qg + 8 * e), w[e]));
-        acc[g] = a;
+        // a tree of adds (depth 3), not a chain of 8: at D = 64 this is the whole row, and the chain's latency
+        // was the K pass's cost
+        __m256 p[8];
+        for (int e = 0; e < 8; ++e) p[e] = _mm256_mul_ps(_mm256_loadu_ps(qg + 8 * e), w[e]);
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])),
+                                       _mm256_add_ps(_mm256_add_ps(p[4], p[5]), _mm256_add_ps(p[6], p[7])));
+        acc[g] = _mm256_add_ps(acc[g], s);
       }
     }
     for (int64_t g = 0; g < gn; ++g) out[g0 + g] = hsum_ps(acc[g]);

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../common/quant_math.h"
@@ -56,24 +57,45 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
   });
 }
 
-// One task per (sequence, KV head): its G query heads' scores over all P + T positions, then the V pass.
-// Each K/V row is decoded once (prefix: widened; body: the integers as fp32, *unscaled*) into an L1 buffer and
-// used by all G heads; the per-head scale is applied once per score and once per V coefficient instead of per
-// element. sm_scale is folded into q. Memory per task: G * (P + T) scores, e.g. 4 * 2049 fp32 = 32 KB.
+// Flash-decoding on the CPU: the attended positions of each sequence are cut into chunks of kChunkRows, and a task
+// is one (sequence, KV head, chunk): its G query heads' scores over the chunk, their softmax numerators relative to
+// the chunk's own max, and the unnormalized P·V. A serial pass then merges the chunks of each (sequence, KV head):
+// out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c. Chunks keep both threads busy at batch 1
+// (SmolLM2 has 3 KV heads: one task per head left one of 2 threads idle half the time).
+// Each K/V row is decoded once per task (prefix: widened; body: the integers as fp32, *unscaled*) into an L1
+// buffer and used by all G heads; the per-head scale is applied once per score and once per V coefficient instead
+// of per element. sm_scale is folded into q.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
                                 int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
                                 int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
                                 const bool* mask, int64_t mask_stride, float sm_scale, void* out, Isa isa) {
+  constexpr int64_t kChunkRows = 128;
   const IsaKernels& ker = kernels_for(isa);
   const int64_t G = Hq / Hkv, N = P + T, body_row = bits == 4 ? D / 2 : D;
-  parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> qf((size_t)(G * D)), acc((size_t)(G * D)), row((size_t)D), scores((size_t)(G * N)),
-        coef((size_t)G), dots((size_t)G);
-    std::vector<int64_t> pos;
-    pos.reserve((size_t)N);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / Hkv, h = r % Hkv;
+  // the attended positions of each sequence: all N, or those its mask row allows (left padding)
+  std::vector<std::vector<int64_t>> pos((size_t)(mask ? B : 0));
+  std::vector<int64_t> n_att((size_t)B, N), chunk0((size_t)B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (mask) {
+      for (int64_t n = 0; n < N; ++n)
+        if (mask[b * mask_stride + n]) pos[(size_t)b].push_back(n);
+      n_att[(size_t)b] = (int64_t)pos[(size_t)b].size();
+    }
+    chunk0[(size_t)b + 1] = chunk0[(size_t)b] + (n_att[(size_t)b] + kChunkRows - 1) / kChunkRows;
+  }
+  const int64_t n_chunks = chunk0[(size_t)B];   // per KV head
+  // per (chunk, KV head): the G running maxima, numerator sums and unnormalized P·V [G, D]
+  std::vector<float> part_m((size_t)(n_chunks * Hkv * G)), part_l(part_m.size()), part_acc(part_m.size() * D);
+  parallel_for(0, n_chunks * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf((size_t)(G * D)), row((size_t)D), scores((size_t)(G * kChunkRows)), coef((size_t)G),
+        dots((size_t)G);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t / Hkv, h = t % Hkv;
+      const int64_t b = std::upper_bound(chunk0.begin(), chunk0.end(), c) - chunk0.begin() - 1;
+      const int64_t j0 = (c - chunk0[(size_t)b]) * kChunkRows;
+      const int64_t nj = std::min(kChunkRows, n_att[(size_t)b] - j0);
+      auto pos_at = [&](int64_t j) { return mask ? pos[(size_t)b][(size_t)j] : j; };
       const int64_t q0 = (b * Hq + h * G) * D;  // first element of query head h*G in q and out
       for (int64_t i = 0; i < G * D; ++i) qf[i] = load_as_f32(q, q0 + i, qt) * sm_scale;
       // row n of K or V (n < P: the prefix, else the body) -> row as fp32; returns the row's scale
@@ -91,13 +113,8 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
         }
         return scale[h];
       };
-      // the attended positions: all P + T, or those the row's mask allows (a preallocated cache's left padding)
-      pos.clear();
-      for (int64_t n = 0; n < N; ++n)
-        if (mask == nullptr || mask[b * mask_stride + n]) pos.push_back(n);
-      const int64_t Nv = (int64_t)pos.size();
-      for (int64_t j = 0; j < Nv; ++j) {
-        const int64_t n = pos[(size_t)j];
+      for (int64_t j = 0; j < nj; ++j) {
+        const int64_t n = pos_at(j0 + j);
         float s;
         if (n >= P && bits == 4 && D % 64 == 0) {  // packed row straight into registers (no fp32 copy)
           ker.dot_rows_q4(qf.data(), G, D, (const uint8_t*)k_body + (b * body_sb + h * body_sh + (n - P)) * body_row,
@@ -107,30 +124,44 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
           s = load_row(prefix_k, k_body, k_scale, n);
           ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
         }
-        for (int64_t g = 0; g < G; ++g) scores[g * N + j] = dots[g] * s;
+        for (int64_t g = 0; g < G; ++g) scores[g * kChunkRows + j] = dots[g] * s;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      if (Nv == 0) {  // every position masked: the row is all zeros (a padding row of a left-padded batch)
-        for (int64_t i = 0; i < G * D; ++i) store_from_f32(out, q0 + i, 0.0f, qt);
-        continue;
-      }
-      std::vector<float> inv((size_t)G);
+      float* m = part_m.data() + t * G;
+      float* l = part_l.data() + t * G;
+      float* acc = part_acc.data() + t * G * D;
       for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * N;
+        float* sg = scores.data() + g * kChunkRows;
         float mx = sg[0];
-        for (int64_t j = 1; j < Nv; ++j) mx = sg[j] > mx ? sg[j] : mx;
-        inv[g] = 1.0f / ker.exp_rows(sg, Nv, mx);
+        for (int64_t j = 1; j < nj; ++j) mx = sg[j] > mx ? sg[j] : mx;
+        m[g] = mx;
+        l[g] = ker.exp_rows(sg, nj, mx);
       }
-      for (int64_t j = 0; j < Nv; ++j) {
-        const int64_t n = pos[(size_t)j];
-        const float s = load_row(prefix_v, v_body, v_scale, n);
-        for (int64_t g = 0; g < G; ++g) coef[g] = scores[g * N + j] * s;
-        ker.axpy_rows(coef.data(), G, D, row.data(), acc.data());
+      std::fill(acc, acc + G * D, 0.0f);
+      for (int64_t j = 0; j < nj; ++j) {
+        const float s = load_row(prefix_v, v_body, v_scale, pos_at(j0 + j));
+        for (int64_t g = 0; g < G; ++g) coef[g] = scores[g * kChunkRows + j] * s;
+        ker.axpy_rows(coef.data(), G, D, row.data(), acc);
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) store_from_f32(out, q0 + g * D + d, acc[g * D + d] * inv[g], qt);
     }
   });
+  // merge the chunks of each (sequence, KV head); a sequence with no attended position gets zeros
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t o = (b * Hq + h * G + g) * D;
+        float M = -INFINITY, L = 0.0f;
+        for (int64_t c = chunk0[(size_t)b]; c < chunk0[(size_t)b + 1]; ++c) M = std::max(M, part_m[(c * Hkv + h) * G + g]);
+        std::vector<float> y((size_t)D, 0.0f);
+        for (int64_t c = chunk0[(size_t)b]; c < chunk0[(size_t)b + 1]; ++c) {
+          const int64_t t = c * Hkv + h;
+          const float w = std::exp(part_m[t * G + g] - M);
+          L += w * part_l[t * G + g];
+          const float* a = part_acc.data() + (t * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) y[d] += w * a[d];
+        }
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        for (int64_t d = 0; d < D; ++d) store_from_f32(out, o + d, y[d] * inv, qt);
+      }
 }
 
 }  // namespace cpu
