@@ -312,6 +312,7 @@ class MethodRun:
                   "layers": len(_decoder_layers(model)), "fp_dtype": a.fp_dtype,
                   "compute_dtype": a.fp_dtype if self.method == "fp" else a.q_dtype,
                   "a_bits": A_BITS.get(self.method), "compiled_decode": self.compiled,
+                  "lm_head": "float" if self.method == "fp" else a.lm_head,
                   "compile_seconds": self.compile_s,
                   "quant_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
                   # which code the QuantLinears' backend "auto" runs on this device
@@ -332,44 +333,74 @@ class MethodRun:
         self.clock.close()
 
 
+def _llama_cpp_worker(conn, path: str, n_ctx: int, threads: int) -> None:
+    """The child process of LlamaCppRun: loads the GGUF, then answers ("prefill", ids) / ("step", [tok]) with the
+    seconds the call took (timed here) and ("tokens",) with the context's length, until ("close",)."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "close":
+            break
+        if msg[0] == "tokens":
+            conn.send(llm.n_tokens)
+            continue
+        if msg[0] == "prefill":
+            llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(msg[1])
+        conn.send(time.perf_counter() - t0)
+
+
 class LlamaCppRun:
     """llama.cpp (llama-cpp-python) on a GGUF file, timed like a MethodRun: prefill = eval of the prompt on a reset
-    context, decode = eval of one token; n_threads = --threads. Its own KV cache (f16); no memory numbers."""
+    context, decode = eval of one token; n_threads = --threads. Its own KV cache (f16); no memory numbers.
+
+    It runs in a child process: loaded into this one, beside torch, llama.cpp died of an illegal instruction in its
+    second prompt eval on this machine (both runtimes set up the CPU their own way). The child times each call
+    itself; the parent waits PAUSE_S before each one so that torch's worker threads are asleep, not spinning on
+    the same two cores (the two runtimes never run at once)."""
 
     method = LLAMA_CPP
+    PAUSE_S = 0.05
 
     def __init__(self, path: str, args, n_ctx: int):
-        from llama_cpp import Llama
+        import multiprocessing as mp
         t0 = time.perf_counter()
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
-                         n_threads_batch=args.threads, verbose=False)
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_llama_cpp_worker, args=(child, path, n_ctx, args.threads), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise SystemExit("e2e.py: the llama.cpp worker did not start")
         self.build_s = time.perf_counter() - t0
         self.path, self.args = path, args
         self.prefill_calls, self.decode_calls = [], []
         self.cache = None
 
+    def _call(self, kind: str, tokens: list[int]) -> float:
+        time.sleep(self.PAUSE_S)
+        self.conn.send((kind, tokens))
+        return self.conn.recv()
+
     def prefill(self, ids: torch.Tensor):
-        self.llm.reset()
-        self.llm.eval(ids[0].tolist())
+        self._call("prefill", ids[0].tolist())
         return self
 
     def step(self, tok: torch.Tensor):
-        self.llm.eval([int(tok)])
-
-    def _time(self, fn) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0, float("nan")
+        self._call("step", [int(tok)])
 
     def timed_prefill(self, ids: torch.Tensor) -> None:
-        self.prefill_calls.append(self._time(lambda: self.prefill(ids)))
+        self.prefill_calls.append((self._call("prefill", ids[0].tolist()), float("nan")))
         self.cache = self
 
     def timed_step(self, tok: torch.Tensor) -> None:
-        self.decode_calls.append(self._time(lambda: self.step(tok)))
+        self.decode_calls.append((self._call("step", [int(tok)]), float("nan")))
 
     def get_seq_length(self) -> int:   # the "cache" protocol run_interleaved reads
-        return self.llm.n_tokens
+        self.conn.send(("tokens",))
+        return self.conn.recv()
 
     def records(self) -> list[dict]:
         a = self.args
@@ -378,10 +409,12 @@ class LlamaCppRun:
         return [_record(LLAMA_CPP, "prefill", self.prefill_calls, a.prefill, None, None,
                         {**common, "context": a.prefill, "kv_bytes": None, "cache_tokens": self.prefill_tokens}),
                 _record(LLAMA_CPP, "decode", self.decode_calls, 1, None, None,
-                        {**common, "context": a.decode_ctx, "kv_bytes": None, "cache_tokens": self.llm.n_tokens})]
+                        {**common, "context": a.decode_ctx, "kv_bytes": None, "cache_tokens": self.get_seq_length()})]
 
     def close(self):
-        self.llm.close() if hasattr(self.llm, "close") else None
+        if self.proc.is_alive():
+            self.conn.send(("close",))
+            self.proc.join(10)
 
 
 def llama_cpp_path(args) -> str | None:
@@ -497,7 +530,8 @@ def markdown(records: list[dict], args) -> str:
              f"{'' if args.model not in REAL_MODELS else ' replaced by the real checkpoint'}), batch 1, "
              f"prefill {args.prefill} tokens, decode at {args.decode_ctx} tokens of cache; fp = {args.fp_dtype}; "
              f"quantized = W4A4 (KV4; static-a8: W4A8 KV4), float parts in {args.q_dtype}; decode of the static "
-             f"methods {'compiled' if args.compile == 'on' else 'eager'}. Median of {args.repeats} prefills / "
+             f"methods {'compiled' if args.compile == 'on' else 'eager'}; lm_head of the quantized methods: "
+             f"{'W8A8 per token' if args.lm_head == 'int8' else args.fp_dtype}. Median of {args.repeats} prefills / "
              f"{args.decode_steps} decode steps.",
              "", "| method | phase | median ms | q1–q3 ms | min–max ms | decoder ms | lm_head ms | tokens/s | "
                  "weights+KV MiB | RSS peak Δ MiB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -587,6 +621,9 @@ def parse_args(argv=None):
                    help="static methods: decode with the compiled step generate() uses (default on)")
     p.add_argument("--llama-cpp", choices=("auto", "on", "off"), default="auto",
                    help="smollm2: time llama.cpp on the wheel's GGUF too (auto: when llama-cpp-python is installed)")
+    p.add_argument("--lm-head", choices=("float", "int8"), default="float",
+                   help="quantized methods: the lm_head in --fp-dtype, or W8A8 per token (pqk.quantize_lm_head; "
+                        "llama.cpp's SmolLM2 GGUF holds it in Q8_0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_out/e2e.json", help="output JSON; .md and .png are written next to it")
     args = p.parse_args(argv)
@@ -624,6 +661,9 @@ def main(argv=None) -> list[dict]:
         extra = {} if method == "fp" else quantize_for_benchmark(
             model, "static" if method.startswith("static") else method, prefix_ids=prefix_ids,
             calib_tokens=args.calib_tokens, seed=args.seed, a_bits=A_BITS[method])
+        if method != "fp" and args.lm_head == "int8":
+            from prefixquant_kernels.models.lm_head import quantize_lm_head
+            quantize_lm_head(model)
         runs.append((method, model, extra, time.perf_counter() - t0))
     # the runs (and their lm_head hooks) only once every copy is made: a deep copy would carry the hooks along
     runs = [MethodRun(method, model, extra, args, dev, build_s,

@@ -54,6 +54,9 @@ def __getattr__(name):
     if name == "fuse_mlps":  # models/ needs transformers' module layout only at call time, but stays lazy too
         from .models.fused_mlp import fuse_mlps
         return fuse_mlps
+    if name == "quantize_lm_head":
+        from .models.lm_head import quantize_lm_head
+        return quantize_lm_head
     if name in _CALIBRATION_EXPORTS:
         from . import calibration
         return getattr(calibration, name)
@@ -70,6 +73,7 @@ __all__ = [
     "find_prefix_tokens",
     "format",
     "fuse_mlps",
+    "quantize_lm_head",
     "import_prefixquant",
     "int4_matmul",
     "int4_matmul_requant",

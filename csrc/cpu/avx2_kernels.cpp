@@ -345,6 +345,9 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
 #define PQK_W8(MR_, NR_) \
   if (mr == MR_ && nr == NR_) return tile_w8_t<MR_, NR_>(a, kp, w, ws, K, acc);
   PQK_W8(4, 2) PQK_W8(3, 2) PQK_W8(2, 2) PQK_W8(1, 2) PQK_W8(4, 1) PQK_W8(3, 1) PQK_W8(2, 1) PQK_W8(1, 1)
+  // the AVX-512 tables' nr_max is 4 (their W4 tile): without these, W8 on them fell to the scalar tile (4.2 ms for
+  // a 1 x 576 -> 49152 GEMV, as slow as bf16); MR <= 2 keeps NR = 4 within the 16 ymm registers
+  PQK_W8(2, 4) PQK_W8(1, 4) PQK_W8(2, 3) PQK_W8(1, 3)
 #undef PQK_W8
   scalar_kernels().tile_w8(a, kp, w, ws, K, mr, nr, acc);  // a shape not instantiated
 }

@@ -11,6 +11,7 @@
 
 #include <random>
 #include <thread>
+#include <memory>
 #include <vector>
 
 #include "../../common/quant_math.h"
@@ -177,9 +178,13 @@ static void test_kv_quantize(int64_t B, int64_t H, int64_t T, int64_t D, int bit
 }
 
 // kv_decode_attention_static: against softmax(q K^T s) V in double from the dequantized cache; fp32 tolerance.
-static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t T, int64_t D, int bits, Isa isa) {
-  const int64_t Hq = Hkv * G, row = bits == 4 ? D / 2 : D, N = P + T;
-  std::vector<uint8_t> kb(B * Hkv * T * row), vb(kb.size());
+// masked: the preallocated cache's call: T of Tc = T + 5 rows filled (strides of the capacity) and a padding mask.
+static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t T, int64_t D, int bits, Isa isa,
+                           bool masked = false) {
+  const int64_t Hq = Hkv * G, row = bits == 4 ? D / 2 : D, N = P + T, Tc = masked ? T + 5 : T;
+  std::vector<uint8_t> kb(B * Hkv * Tc * row), vb(kb.size());
+  std::unique_ptr<bool[]> mask(new bool[(size_t)(B * (N + 5))]);
+  for (int64_t i = 0; i < B * (N + 5); ++i) mask[i] = (i % (N + 5)) < P || (rng() % 10) < 7;
   for (auto& v : kb) v = (uint8_t)(rng() & 0xFF);
   for (auto& v : vb) v = (uint8_t)(rng() & 0xFF);
   std::vector<float> q(B * Hq * D), pk(Hkv * P * D), pv(Hkv * P * D), ks(Hkv), vs(Hkv);
@@ -191,11 +196,13 @@ static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t
   std::vector<float> out(B * Hq * D, -7.0f);
   const float sm = 1.0f / sqrtf((float)D);
   kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, pk.data(), pv.data(), FloatType::kFloat32, 1, P,
-                             kb.data(), vb.data(), Hkv * T, T, bits, ks.data(), vs.data(), Hkv, T, sm, out.data(), isa);
+                             kb.data(), vb.data(), Hkv * Tc, Tc, bits, ks.data(), vs.data(), Hkv, T,
+                             masked ? mask.get() : nullptr, N + 5, sm, out.data(), isa);
+  auto attended = [&](int64_t b, int64_t n) { return !masked || mask[b * (N + 5) + n]; };
   auto elem = [&](const std::vector<uint8_t>& body, const std::vector<float>& pre, const std::vector<float>& sc,
                   int64_t b, int64_t h, int64_t n, int64_t d) -> double {
     if (n < P) return pre[(h * P + n) * D + d];
-    const uint8_t* r = body.data() + ((b * Hkv + h) * T + (n - P)) * row;
+    const uint8_t* r = body.data() + ((b * Hkv + h) * Tc + (n - P)) * row;
     const int v = bits == 8 ? (int)(int8_t)r[d] : (d % 2 ? high_nibble(r[d / 2]) : low_nibble(r[d / 2]));
     return v * (double)sc[h];
   };
@@ -206,6 +213,10 @@ static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t
       std::vector<double> s(N);
       double mx = -1e300, sum = 0.0;
       for (int64_t n = 0; n < N; ++n) {
+        if (!attended(b, n)) {
+          s[n] = -1e300;
+          continue;
+        }
         double dot = 0.0;
         for (int64_t d = 0; d < D; ++d) dot += q[(b * Hq + hq) * D + d] * elem(kb, pk, ks, b, h, n, d);
         s[n] = dot * sm;
@@ -214,12 +225,14 @@ static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t
       for (auto& v : s) sum += (v = exp(v - mx));
       for (int64_t d = 0; d < D; ++d) {
         double o = 0.0;
-        for (int64_t n = 0; n < N; ++n) o += s[n] * elem(vb, pv, vs, b, h, n, d);
-        o /= sum;
+        for (int64_t n = 0; n < N; ++n)
+          if (attended(b, n)) o += s[n] * elem(vb, pv, vs, b, h, n, d);
+        o = sum > 0 ? o / sum : 0.0;
         ok = ok && fabs(out[(b * Hq + hq) * D + d] - o) <= 1e-4 * (1.0 + fabs(o));
       }
     }
-  check(ok, "kv_decode_attention_static", B * Hq, N, D, isa_name(isa));
+  check(ok, masked ? "kv_decode_attention_static masked" : "kv_decode_attention_static", B * Hq, N, D,
+        isa_name(isa));
 }
 
 int main(int argc, char** argv) {
@@ -249,6 +262,8 @@ int main(int argc, char** argv) {
     test_kv_decode(2, 2, 3, 2, 37, 64, 4, isa);
     test_kv_decode(1, 3, 1, 0, 9, 34, 8, isa);
     test_kv_decode(1, 1, 4, 1, 1, 6, 4, isa);
+    test_kv_decode(2, 3, 3, 1, 300, 64, 4, isa, true);   // several 128-position chunks, a mask, strided rows
+    test_kv_decode(1, 2, 2, 0, 20, 34, 8, isa, true);
   }
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
