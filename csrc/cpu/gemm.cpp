@@ -230,7 +230,7 @@ void gemm(const GemmArgs& g, Isa isa) {
 
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
     const int64_t mb = std::min(mb_max, M - m0);
-    parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
+    auto build_rows = [&](int64_t b, int64_t e) {
       std::vector<int8_t> tmp((size_t)K);
       for (int64_t r = b; r < e; ++r) {
         int8_t* dst = panel.data() + r * kp;
@@ -238,7 +238,12 @@ void gemm(const GemmArgs& g, Isa isa) {
         rowsum[r] = ker.row_sum(dst, kp);
         if (g.a_scale_out) g.a_scale_out[m0 + r] = rscale[r];
       }
-    });
+    };
+    if (mb == 1) {
+      build_rows(0, 1);   // decode: one row, no parallel region to open and join
+    } else {
+      parallel_for(0, mb, 1, build_rows);
+    }
     parallel_for(0, n_tiles, tile_grain, [&](int64_t tb, int64_t te) {
       int32_t acc[16 * 16];
       // A block of this task's W tiles stays in L2 while every A tile (in L1) passes over it: W is read

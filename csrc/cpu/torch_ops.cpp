@@ -52,7 +52,8 @@ void check_cpu_2d(const at::Tensor& t, const char* name) {
 
 float scalar_scale(const at::Tensor& s) {
   TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat, "pqk: scale must be a 1-element float32 tensor");
-  float v = s.item<float>();
+  // a CPU scale is read in place: item() goes through the dispatcher (~1 us, once per GEMM of a decode step)
+  float v = s.device().is_cpu() ? *s.data_ptr<float>() : s.item<float>();
   TORCH_CHECK(std::isfinite(v) && v > 0.0f, "pqk: scale must be finite and > 0, got ", v);
   return v;
 }
