@@ -425,7 +425,7 @@ def llama_cpp_path(args) -> str | None:
         import llama_cpp  # noqa: F401
     except ImportError:
         if args.llama_cpp == "on":
-            raise SystemExit("e2e.py --llama-cpp on: pip install llama-cpp-python (the optional extra [llama-cpp])")
+            raise SystemExit("e2e.py --llama-cpp on: pip install -e '.[llama-cpp]' (llama-cpp-python)")
         return None
     import glob
     from prefixquant_kernels import model_demo

@@ -133,3 +133,27 @@ def test_preallocated_cache_bad_input():
     with pytest.raises(ValueError, match="holds 4 tokens"):
         with torch.no_grad():
             model(ids, past_key_values=cache)
+
+
+def test_preallocated_crop_and_reset_match_the_growing_cache():
+    """crop(-k) then more tokens, and reset(): the preallocated layer overwrites the rows past its new length, so
+    it answers as the growing cache does after the same calls."""
+    model = _quantized("llama")
+    ids, _ = _prompt(batch=1, t=12)
+
+    def run(cache):
+        outs = []
+        with torch.no_grad():
+            model(ids[:, 1:], past_key_values=cache)
+            cache.crop(-4)
+            outs.append(model(ids[:, 5:8], past_key_values=cache).logits)
+            outs.append(model(torch.tensor([[7]]), past_key_values=cache).logits)
+            n = int(cache.get_seq_length())
+            cache.reset()
+            outs.append(model(ids[:, 1:4], past_key_values=cache).logits)
+        return outs, n
+
+    (a, na), (b, nb) = run(model.pqk_state.make_cache(1)), run(model.pqk_state.make_cache(1, max_cache_len=32))
+    assert na == nb == model.pqk_state.prefix_len + 11 - 4 + 3 + 1
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
