@@ -12,6 +12,8 @@ The patched ``forward`` / ``generate`` supply that cache (built by ``model.pqk_s
 * ``model(ids)``: ids are the tokens *after* the prefix (the prefix is in the cache; positions start at P).
 * ``model.generate(ids)``: ids as a user writes them; the prefix is put in front (the user's leading BOS is
   dropped when the prefix ends with it, so it is not doubled) and the returned sequences are ``ids + new tokens``.
+  Where models/compiled_step.py's ``plan`` allows (the "static" KV mode, greedy or sampling), the cache is the
+  preallocated one and transformers compiles the decode step; ``generate(..., pqk_compile=False)`` opts out.
 
 With QuantConfig.kv_rotate the cache rotates K after RoPE and the attention is switched to its rotated-query twin
 (models/attention.py); the patched forward passes the cache's rotation to it as ``pqk_query_rotation``.
@@ -131,6 +133,8 @@ def _generate_with_prefix(orig):
     @functools.wraps(orig)
     def generate(self, input_ids=None, attention_mask=None, past_key_values=None, pqk_compile: bool = True,
                  **kwargs):
+        if not isinstance(pqk_compile, bool):
+            raise TypeError(f"pqk: generate's pqk_compile must be True or False, got {pqk_compile!r}")
         state = getattr(self, "pqk_state", None)
         if state is None or past_key_values is not None or input_ids is None:
             return orig(self, input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)

@@ -123,6 +123,8 @@ def test_plan_runs_eagerly_where_the_path_does_not_apply():
 def test_preallocated_cache_bad_input():
     model = _quantized("llama")
     st = model.pqk_state
+    with pytest.raises(TypeError, match="pqk_compile"):
+        model.generate(torch.tensor([[BOS, 5, 6]]), max_new_tokens=2, pqk_compile="yes")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="max_cache_len"):
             st.make_cache(1, max_cache_len=bad)
