@@ -269,8 +269,7 @@ class MethodRun:
         if compiled:
             from prefixquant_kernels.models import compiled_step
             self.step_fn = model.get_compiled_call(compiled_step.compile_config(torch.device(device)))
-            need = max(args.prefill, args.decode_ctx) + args.decode_steps + 4
-            self.capacity = -(-need // compiled_step.CAPACITY_STEP) * compiled_step.CAPACITY_STEP
+            self.capacity = compiled_step.capacity(max(args.prefill, args.decode_ctx) + args.decode_steps + 4)
         else:
             self.step_fn, self.capacity = model, None
 

@@ -145,13 +145,14 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
     }
   });
   // merge the chunks of each (sequence, KV head); a sequence with no attended position gets zeros
+  std::vector<float> y((size_t)D);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t o = (b * Hq + h * G + g) * D;
         float M = -INFINITY, L = 0.0f;
         for (int64_t c = chunk0[(size_t)b]; c < chunk0[(size_t)b + 1]; ++c) M = std::max(M, part_m[(c * Hkv + h) * G + g]);
-        std::vector<float> y((size_t)D, 0.0f);
+        std::fill(y.begin(), y.end(), 0.0f);
         for (int64_t c = chunk0[(size_t)b]; c < chunk0[(size_t)b + 1]; ++c) {
           const int64_t t = c * Hkv + h;
           const float w = std::exp(part_m[t * G + g] - M);

@@ -250,7 +250,7 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
     const at::Tensor& n = *body_len;
     TORCH_CHECK(n.device().is_cpu() && n.numel() == 1 && n.scalar_type() == at::kLong,
                 "pqk: body_len must be a one-element int64 CPU tensor");
-    T_used = n.item<int64_t>();
+    T_used = *n.data_ptr<int64_t>();   // in place, as scalar_scale reads a scale (no dispatcher call)
     TORCH_CHECK(T_used >= 0 && T_used <= T, "pqk: body_len ", T_used, " is outside the body's capacity [0, ", T, "]");
   }
   const bool* mask_ptr = nullptr;

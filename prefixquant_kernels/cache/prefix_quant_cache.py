@@ -73,7 +73,7 @@ class PrefixQuantCache(Cache):
         self.mode = spec.name
         layer_cls = spec.layer
         if max_cache_len is not None:
-            layer_cls = getattr(spec.layer, "preallocated", None)
+            layer_cls = spec.preallocated
             if layer_cls is None:
                 fail(f"max_cache_len (a preallocated, compileable cache) is for mode 'static', not {mode!r}")
             given["max_cache_len"] = max_cache_len

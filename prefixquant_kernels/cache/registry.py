@@ -32,6 +32,11 @@ class KVMode:
         return self.bits[0]
 
     @property
+    def preallocated(self) -> type | None:
+        """The layer class of the mode's preallocated (compileable) form, or None: PrefixQuantCache(max_cache_len=)."""
+        return getattr(self.layer, "preallocated", None)
+
+    @property
     def static_scales(self) -> bool:
         """Whether the mode takes calibrated per-head KV scales (key_scales / value_scales), as "static" does."""
         return "key_scales" in self.options

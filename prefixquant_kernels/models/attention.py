@@ -34,6 +34,12 @@ def _allows_everything(mask) -> bool:
     return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
 
+def _scaling(query, kwargs) -> float:
+    """The attention's softmax scale: the model's ``scaling`` argument, else 1/sqrt(head_dim)."""
+    scaling = kwargs.get("scaling")
+    return scaling if scaling is not None else query.shape[-1] ** -0.5
+
+
 def _key_mask(mask):
     """The one-token step's 4-D mask [B, 1, 1, KV] (bool True = attend, or additive float: 0 = attend) -> bool
     [B, KV] for the decode kernel; None stays None."""
@@ -68,20 +74,15 @@ def _rotated_attention(base: str):
             layer = pqk_cache.layers[module.layer_idx]
             if layer.is_compileable and query.shape[2] == 1 and _no_extras(kwargs):
                 # a preallocated cache (a compiled step): the kernel takes the padding mask, no host check
-                scaling = kwargs.get("scaling")
-                out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5,
-                                             _key_mask(attention_mask))
+                out = layer.decode_attention(query, _scaling(query, kwargs), _key_mask(attention_mask))
                 return out.transpose(1, 2).contiguous(), None
             if _fusable(query, attention_mask, kwargs):
-                scaling = kwargs.get("scaling")
-                out = layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+                out = layer.decode_attention(query, _scaling(query, kwargs))
                 return out.transpose(1, 2).contiguous(), None   # [B, T, H_q, D], like the base attentions
             key, value = layer.keys_values(query.dtype)
         if (pqk_prefix_len is not None and query.shape[2] > 1
                 and key.shape[-2] == pqk_prefix_len + query.shape[2] and _no_extras(kwargs)):
-            scaling = kwargs.get("scaling")
-            return prefix_causal_attention(query, key, value, pqk_prefix_len,
-                                           scaling if scaling is not None else query.shape[-1] ** -0.5), None
+            return prefix_causal_attention(query, key, value, pqk_prefix_len, _scaling(query, kwargs)), None
         if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
             # a preallocated cache's mask spans its capacity; its layer returned the filled rows only
             attention_mask = attention_mask[..., :key.shape[-2]]

@@ -52,8 +52,12 @@ def plan(model, state, ids: torch.Tensor, kwargs: dict) -> int | None:
         if max_len is None:
             return None
         new = max_len - ids.shape[1]
-    need = ids.shape[1] - state.prefix_len + max(int(new), 1)
-    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+    return capacity(ids.shape[1] - state.prefix_len + max(int(new), 1))
+
+
+def capacity(tokens: int) -> int:
+    """The preallocated body for ``tokens`` tokens after the prefix: rounded up to a multiple of CAPACITY_STEP."""
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def compile_config(device: torch.device):

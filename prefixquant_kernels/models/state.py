@@ -84,7 +84,7 @@ class PrefixQuantState(nn.Module):
     @property
     def can_preallocate(self) -> bool:
         """Whether the KV mode has a preallocated (compileable) form: make_cache(max_cache_len=...)."""
-        return getattr(kv_mode(self.cfg.resolved_kv_mode).layer, "preallocated", None) is not None
+        return kv_mode(self.cfg.resolved_kv_mode).preallocated is not None
 
     def drops_bos(self, input_ids: torch.Tensor) -> bool:
         """Whether the user's ids start with the BOS the prefix already ends with (then it is dropped)."""

@@ -49,10 +49,14 @@ class StaticQuantLayer(PrefixedLayer):
         self.k.append(kv_ops.kv_quantize(key_states, self.key_scale, self.bits, backend=self.backend))
         self.v.append(kv_ops.kv_quantize(value_states, self.value_scale, self.bits, backend=self.backend))
 
+    def bodies(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The filled part of the packed K and V bodies ([B, H_kv, T, D/2] uint8 or [..., D] int8)."""
+        return self.k.view(), self.v.view()
+
     def keys_values(self, dtype):
-        return tuple(kv_ops.kv_dequant_concat(pre, rows.view(), scale, self.bits, dtype, backend=self.backend)
-                     for pre, rows, scale in ((self.prefix_keys, self.k, self.key_scale),
-                                              (self.prefix_values, self.v, self.value_scale)))
+        return tuple(kv_ops.kv_dequant_concat(pre, body, scale, self.bits, dtype, backend=self.backend)
+                     for pre, body, scale in zip((self.prefix_keys, self.prefix_values), self.bodies(),
+                                                 (self.key_scale, self.value_scale)))
 
     has_decode_attention = True
 
@@ -60,9 +64,8 @@ class StaticQuantLayer(PrefixedLayer):
         """query float [B, H_q, 1, D] (after RoPE) -> query.dtype [B, H_q, 1, D]: softmax(q K^T scaling) V over
         the whole cache, K/V read in their stored form (kv_decode_attention: the C++ kernel on CPU, Triton on
         CUDA) instead of dequantized into a float copy first."""
-        out = kv_ops.kv_decode_attention(query[:, :, 0], self.prefix_keys, self.prefix_values, self.k.view(),
-                                         self.v.view(), self.key_scale, self.value_scale, self.bits, scaling,
-                                         backend=self.backend)
+        out = kv_ops.kv_decode_attention(query[:, :, 0], self.prefix_keys, self.prefix_values, *self.bodies(),
+                                         self.key_scale, self.value_scale, self.bits, scaling, backend=self.backend)
         return out.unsqueeze(2)
 
     def body_bytes(self):
@@ -91,11 +94,11 @@ class PreallocatedStaticLayer(StaticQuantLayer):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0:
             fail(f"max_cache_len must be a positive int (tokens after the prefix), got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
+        self.length = torch.zeros(1, dtype=torch.long)   # before PrefixedLayer.__init__ sets n_tokens = 0
         super().__init__(key_scale, value_scale, prefix_keys, prefix_values, bits=bits, backend=backend)
 
     def init_stores(self):
         self.k = self.v = None            # allocated at the first update, on the model's device and batch
-        self.length = torch.zeros(1, dtype=torch.long)
 
     # the Python-side count the shared methods (crop, memory report) use: read from / written to the tensor
     # (eager only: a compiled step never touches it)
@@ -105,8 +108,6 @@ class PreallocatedStaticLayer(StaticQuantLayer):
 
     @n_tokens.setter
     def n_tokens(self, n: int) -> None:
-        if "length" not in self.__dict__:   # PrefixedLayer.__init__ sets 0 before init_stores runs
-            self.length = torch.zeros(1, dtype=torch.long)
         self.length.fill_(n)
 
     def lazy_initialization(self, key_states, value_states):
@@ -125,7 +126,6 @@ class PreallocatedStaticLayer(StaticQuantLayer):
         # the C++ kernel's form: contiguous, None for no prefix
         self._pk_cpu = self._pk.contiguous() if self._pk.shape[2] else None
         self._pv_cpu = self._pv.contiguous() if self._pv.shape[2] else None
-        self.key_scale, self.value_scale = self.key_scale.contiguous(), self.value_scale.contiguous()
         if not torch.compiler.is_compiling():   # fixed addresses: a CUDA graph replays reads / writes of these
             for t in (self.k, self.v, self.length):
                 torch._dynamo.mark_static_address(t)
@@ -145,11 +145,9 @@ class PreallocatedStaticLayer(StaticQuantLayer):
             return key_states[:, :, :0], value_states[:, :, :0]
         return self.keys_values(key_states.dtype)
 
-    def keys_values(self, dtype):
+    def bodies(self):
         n = int(self.length)   # eager only (the prefill and the non-fused attentions)
-        return tuple(kv_ops.kv_dequant_concat(pre, buf[:, :, :n], scale, self.bits, dtype, backend=self.backend)
-                     for pre, buf, scale in ((self.prefix_keys, self.k, self.key_scale),
-                                             (self.prefix_values, self.v, self.value_scale)))
+        return self.k[:, :, :n], self.v[:, :, :n]
 
     # The step calls the kernels' ops directly: the arguments were validated when the layer was built (scales) and
     # are the layer's own buffers (shapes fixed at lazy_initialization). On the CPU that is the C++ op itself, so
