@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include <algorithm>
+
 #include "../common/quant_math.h"
 #include "kernels.h"
 #include "kernels_internal.h"
@@ -352,9 +354,14 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
   scalar_kernels().tile_w8(a, kp, w, ws, K, mr, nr, acc);  // a shape not instantiated
 }
 
+// ---- the prefill GEMM pieces (M >= 64, W4): x86_gemm_ymm.h ---------------------------------------------------
+#include "x86_gemm_ymm.h"
+
+const PrefillKernels kPrefill = {kPf2Mr, kPf2Nr, kPf2Kc, /*w8=*/false, pf2_pack_w, pf2_kernel, pf2_epilogue};
+
 const IsaKernels kAvx2 = {
     "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8, nullptr,
+    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8, &kPrefill,
 };
 
 }  // namespace

@@ -205,7 +205,8 @@ void gemm(const GemmArgs& g, Isa isa) {
   const int64_t M = g.M, N = g.N, K = g.K;
   if (M == 0 || N == 0) return;
   // prefill: the ISA's own W layout, unpacked once per panel (the gather offsets of pack_w are int32)
-  if (ker.prefill && M >= kPrefillMinM && K > 0 && 16 * (g.w_bits == 4 ? K / 2 : K) < (int64_t(1) << 31)) {
+  if (ker.prefill && (g.w_bits == 4 || ker.prefill->w8) && M >= kPrefillMinM && K > 0 &&
+      16 * (g.w_bits == 4 ? K / 2 : K) < (int64_t(1) << 31)) {
     gemm_prefill(g, ker);
     return;
   }

@@ -14,6 +14,9 @@
 
 #include <stdint.h>
 
+#include <string.h>
+
+#include "../common/quant_math.h"
 #include "float16.h"
 #include "kernels.h"
 
@@ -29,6 +32,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct PrefillKernels {
   int mr, nr;      // micro-kernel tile: A rows x W columns (one micro panel)
   int64_t kc;      // k per W block (a multiple of 8)
+  bool w8;         // takes 8-bit W too (AVX2's vpmaddubsw pairs would saturate on W8: that table is W4 only)
   // W rows n0 .. n0+nn-1 (nn <= nr), k in [k0, k0 + kc) -> dst (64-byte aligned, panel_bytes(kc) bytes);
   // colsum[0:nr] += the sum of those w (int32)
   void (*pack_w)(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc,
@@ -40,6 +44,31 @@ struct PrefillKernels {
   void (*epilogue)(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
                    const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t);
 };
+
+// The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel in the layout
+// int8 [kq][nr][4] (dword (q, n) = w[n0 + n, k0 + 4q .. 4q+3]), zero padded past kc, colsum[n] += their sum.
+// For the last, partial groups when kc is not a multiple of the vector loop's step.
+inline void pack_w_tail(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc,
+                        int64_t q_full, int nr, int8_t* dst, int32_t* colsum) {
+  const int64_t kq = (kc + 3) / 4;
+  if (q_full >= kq) return;
+  memset(dst + q_full * 4 * nr, 0, (size_t)((kq - q_full) * 4 * nr));
+  for (int c = 0; c < nn; ++c) {
+    int32_t s = 0;
+    for (int64_t k = q_full * 4; k < kc; ++k) {
+      int8_t v;
+      if (w_bits == 4) {
+        const uint8_t b = ((const uint8_t*)w)[(n0 + c) * w_stride + (k0 + k) / 2];
+        v = ((k0 + k) & 1) ? high_nibble(b) : low_nibble(b);
+      } else {
+        v = ((const int8_t*)w)[(n0 + c) * w_stride + k0 + k];
+      }
+      dst[(k / 4) * 4 * nr + c * 4 + (k % 4)] = v;
+      s += v;
+    }
+    colsum[c] += s;
+  }
+}
 
 struct IsaKernels {
   const char* name;

@@ -66,7 +66,6 @@ void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int 
 // int8 [ceil(kc / 4)][48][4] (64-byte aligned), colsum[0:48] += sum over those k of w. k0 % 8 == 0.
 void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
                int32_t* colsum) {
-  const int64_t kq = (kc + 3) / 4;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i ones = _mm512_set1_epi8(1), m0f = _mm512_set1_epi8(0x0F), x8 = _mm512_set1_epi8(8);
   // W4: dword (col c) of U_lo lane l = [c=4l+r, r<2: o1 o2 ...]: see the comment at the permutes
@@ -110,25 +109,7 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
     _mm512_storeu_si512((void*)(colsum + 16 * g),
                         _mm512_add_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * g)), cs));
   }
-  // the last, partial dword groups (kc not a multiple of 8 / 4): scalar, zero padded
-  if (q_full < kq) {
-    memset(dst + q_full * 192, 0, (size_t)((kq - q_full) * 192));
-    for (int c = 0; c < nn; ++c) {
-      int32_t s = 0;
-      for (int64_t k = q_full * 4; k < kc; ++k) {
-        int8_t v;
-        if (w_bits == 4) {
-          const uint8_t b = ((const uint8_t*)w)[(n0 + c) * w_stride + (k0 + k) / 2];
-          v = ((k0 + k) & 1) ? high_nibble(b) : low_nibble(b);
-        } else {
-          v = ((const int8_t*)w)[(n0 + c) * w_stride + k0 + k];
-        }
-        dst[(k / 4) * 192 + c * 4 + (k % 4)] = v;
-        s += v;
-      }
-      colsum[c] += s;
-    }
-  }
+  pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, q_full, kPfNr, dst, colsum);  // kc not a multiple of 8 / 4
 }
 
 // out[i, 0:nn] (row stride ldo, type t) = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]),

@@ -1,9 +1,10 @@
-"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h, M >= 64 on avx512vnni): W unpacked once
+"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h / x86_gemm_ymm.h, M >= 64): W unpacked once
 per panel, K blocked, A panel blocked by K. Bit-exact with the reference across every block boundary: the block
 sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS (read on every call) so small shapes cross many K blocks,
 M-blocks and micro panels, with tails that are not multiples of 8 (k per packed dword), 4 (k per vpdpbusd lane),
-48 (W columns per micro panel) or 8 (A rows per micro-kernel). On CPUs without the prefill kernels the same tests
-run the tile path (still a bit-exactness check)."""
+48 (W columns per micro panel) or 8 (A rows per micro-kernel). The AVX2 table has its own prefill pieces for W4
+(x86_gemm_ymm.h: 16 columns, 6 rows, int16 partial sums), which "cpu:avx2" runs on every x86-64 CPU; W8 there,
+and the portable scalar table, run the tile path (still a bit-exactness check)."""
 import pytest
 import torch
 
@@ -50,16 +51,22 @@ def test_prefill_integer_part_exact(blocks, backend, M, N, K, a_bits, w_bits, ge
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("a_bits,w_bits", BITS)
-def test_prefill_extremes(blocks, backend, a_bits, w_bits):
+@pytest.mark.parametrize("pattern", ["mixed", "largest_product"])
+def test_prefill_extremes(blocks, backend, a_bits, w_bits, pattern):
     """Every operand at the end of its range (the a + 128 / -128 colsum correction at its largest), one K long
-    enough that the biased sum sum (a + 128) w leaves int16 range many times over."""
+    enough that the biased sum sum (a + 128) w leaves int16 range many times over. "largest_product": a = max
+    (a + 128 = 255 for A8) and w = min everywhere, so every vpmaddubsw pair is -4080 and the AVX2 kernel's int16
+    partial sums (x86_gemm_ymm.h, kPf2Flush of them) sit at their bound: one step more would overflow."""
     M, N, K = 66, 50, 2050
     lo_a, lo_w = -(1 << (a_bits - 1)), -(1 << (w_bits - 1))
     a = torch.full((M, K), lo_a, dtype=torch.int8)
-    a[1::2] = -lo_a - 1
-    a[:, ::3] = lo_a
     w = torch.full((N, K), lo_w, dtype=torch.int8)
-    w[::3] = -lo_w - 1
+    if pattern == "largest_product":
+        a.fill_(-lo_a - 1)
+    else:
+        a[1::2] = -lo_a - 1
+        a[:, ::3] = lo_a
+        w[::3] = -lo_w - 1
     ap = fmt.pack_int4(a) if a_bits == 4 else a
     wp = fmt.pack_int4(w) if w_bits == 4 else w
     y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
