@@ -21,6 +21,38 @@ constexpr int kPf2Nr = 16;       // W columns per micro panel
 constexpr int64_t kPf2Kc = 512;  // k per W block: a micro panel (16 x 512 = 8 KB) stays in L1 across all A rows
 constexpr int kPf2Flush = 8;     // vpmaddubsw steps summed in int16 before widening (the bound above)
 
+// One step of the full 4-row micro-kernel in inline asm: GCC compiled the intrinsics with a register copy per
+// accumulator per step (it kept each new sum in a fresh register and copied it back: 8 vmovdqa in a 31-op loop,
+// perf annotate), which the front end pays for. Here each accumulator stays in its register. For q: w0, w1 = W[q]
+// (columns 0-7, 8-15); per row i: t = bcast(A[i, 4q .. 4q+3]); s[i][0] += maddubs(t, w0); s[i][1] += maddubs(t, w1).
+#define PQK_PF2_STEP4(s00, s01, s10, s11, s20, s21, s30, s31, a0, a1, a2, a3, w)                     \
+  __asm__("vmovdqa (%[wp]), %%ymm12\n\t"                                                               \
+          "vmovdqa 32(%[wp]), %%ymm13\n\t"                                                             \
+          "vpbroadcastd (%[pa0]), %%ymm14\n\t"                                                         \
+          "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"                                                   \
+          "vpaddw %%ymm15, %[r00], %[r00]\n\t"                                                         \
+          "vpmaddubsw %%ymm13, %%ymm14, %%ymm14\n\t"                                                   \
+          "vpaddw %%ymm14, %[r01], %[r01]\n\t"                                                         \
+          "vpbroadcastd (%[pa1]), %%ymm14\n\t"                                                         \
+          "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"                                                   \
+          "vpaddw %%ymm15, %[r10], %[r10]\n\t"                                                         \
+          "vpmaddubsw %%ymm13, %%ymm14, %%ymm14\n\t"                                                   \
+          "vpaddw %%ymm14, %[r11], %[r11]\n\t"                                                         \
+          "vpbroadcastd (%[pa2]), %%ymm14\n\t"                                                         \
+          "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"                                                   \
+          "vpaddw %%ymm15, %[r20], %[r20]\n\t"                                                         \
+          "vpmaddubsw %%ymm13, %%ymm14, %%ymm14\n\t"                                                   \
+          "vpaddw %%ymm14, %[r21], %[r21]\n\t"                                                         \
+          "vpbroadcastd (%[pa3]), %%ymm14\n\t"                                                         \
+          "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"                                                   \
+          "vpaddw %%ymm15, %[r30], %[r30]\n\t"                                                         \
+          "vpmaddubsw %%ymm13, %%ymm14, %%ymm14\n\t"                                                   \
+          "vpaddw %%ymm14, %[r31], %[r31]\n\t"                                                         \
+          : [r00] "+x"(s00), [r01] "+x"(s01), [r10] "+x"(s10), [r11] "+x"(s11), [r20] "+x"(s20),           \
+            [r21] "+x"(s21), [r30] "+x"(s30), [r31] "+x"(s31)                                            \
+          : [pa0] "r"(a0), [pa1] "r"(a1), [pa2] "r"(a2), [pa3] "r"(a3), [wp] "r"(w)                      \
+          : "xmm12", "xmm13", "xmm14", "xmm15", "memory")
+
 // c[0:MR, 0:16] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (one micro panel, kq dwords deep).
 template <int MR>
 void pf2_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
@@ -34,18 +66,28 @@ void pf2_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, i
     __m256i s[MR][2];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm256_setzero_si256();
-    // the step loop is not unrolled: unrolled, GCC hoisted the loads and products of all steps and spilled them
+    if constexpr (MR == 4) {
+      __m256i s00 = s[0][0], s01 = s[0][1], s10 = s[1][0], s11 = s[1][1];
+      __m256i s20 = s[2][0], s21 = s[2][1], s30 = s[3][0], s31 = s[3][1];
 #pragma GCC unroll 1
-    for (int64_t q = q0; q < q1; ++q) {
-      const __m256i w0 = _mm256_load_si256((const __m256i*)(wp + q * 64));
-      const __m256i w1 = _mm256_load_si256((const __m256i*)(wp + q * 64 + 32));
+      for (int64_t q = q0; q < q1; ++q)
+        PQK_PF2_STEP4(s00, s01, s10, s11, s20, s21, s30, s31, a + 4 * q, a + lda + 4 * q, a + 2 * lda + 4 * q,
+                      a + 3 * lda + 4 * q, wp + q * 64);
+      s[0][0] = s00, s[0][1] = s01, s[1][0] = s10, s[1][1] = s11;
+      s[2][0] = s20, s[2][1] = s21, s[3][0] = s30, s[3][1] = s31;
+    } else {   // the last rows of an M-block (fewer than 4): intrinsics
+#pragma GCC unroll 1
+      for (int64_t q = q0; q < q1; ++q) {
+        const __m256i w0 = _mm256_load_si256((const __m256i*)(wp + q * 64));
+        const __m256i w1 = _mm256_load_si256((const __m256i*)(wp + q * 64 + 32));
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        int32_t v;
-        memcpy(&v, a + i * lda + 4 * q, 4);
-        const __m256i ab = _mm256_set1_epi32(v);   // A[i, 4q .. 4q+3], u8, in every dword
-        s[i][0] = _mm256_add_epi16(s[i][0], _mm256_maddubs_epi16(ab, w0));
-        s[i][1] = _mm256_add_epi16(s[i][1], _mm256_maddubs_epi16(ab, w1));
+        for (int i = 0; i < MR; ++i) {
+          int32_t v;
+          memcpy(&v, a + i * lda + 4 * q, 4);
+          const __m256i ab = _mm256_set1_epi32(v);   // A[i, 4q .. 4q+3], u8, in every dword
+          s[i][0] = _mm256_add_epi16(_mm256_maddubs_epi16(ab, w0), s[i][0]);
+          s[i][1] = _mm256_add_epi16(_mm256_maddubs_epi16(ab, w1), s[i][1]);
+        }
       }
     }
 #pragma GCC unroll 8

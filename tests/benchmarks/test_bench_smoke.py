@@ -168,3 +168,26 @@ def test_linear_cpu_still_runs(tmp_path):
     assert lin.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "l.json")]) == 0
     data = json.loads((tmp_path / "l.json").read_text())
     assert data["anchors"]["bf16_matmul_1024_GFLOPs"] > 0 and data["rows"]
+
+
+@pytest.mark.parametrize("int_mm", ["on", "off"])
+def test_cpu_peak_quick(tmp_path, int_mm):
+    """cpu_peak.py on toy shapes: every method timed, the best torch path is the fastest torch row, and `_int_mm` is
+    there only when asked for (--int-mm off: no column, the note in the table)."""
+    peak = _load("cpu_peak")
+    out = tmp_path / "p.json"
+    assert peak.main(["--quick", "--repeats", "1", "--threads", "1", "--peak-seconds", "0.01", "--int-mm", int_mm,
+                      "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["int_mm"] == (int_mm == "on")
+    for s in data["shapes"]:
+        rows = s["rows"]
+        assert ("torch._int_mm (raw)" in rows) == (int_mm == "on")
+        torch_rows = {n: r for n, r in rows.items() if n.startswith("torch")}
+        assert s["best_torch"] == min(torch_rows, key=lambda n: torch_rows[n]["median_ms"])
+        for r in rows.values():
+            assert r["median_ms"] > 0
+            assert r["x_best_torch"] == pytest.approx(torch_rows[s["best_torch"]]["median_ms"] / r["median_ms"])
+            assert ("x_int_mm" in r) == (int_mm == "on")
+    md = out.with_suffix(".md").read_text()
+    assert ("not timed" in md) == (int_mm == "off")
