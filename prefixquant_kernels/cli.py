@@ -243,7 +243,7 @@ def _threads(n: int | None) -> None:
 
 _FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "kv_bits": "--kv-bits", "kv_mode": "--kv-mode",
           "act_quant": "--act-quant", "calib_samples": "--calib-samples", "calib_seq_len": "--calib-seq-len",
-          "weight_method": "--weight-method"}
+          "weight_method": "--weight-method", "finetune_epochs": "--finetune-epochs"}
 
 
 def quantize_parser() -> Parser:
@@ -284,6 +284,11 @@ def quantize_parser() -> Parser:
     ap.add_argument("--float-dtype", choices=FLOAT_DTYPES, default="auto",
                     help="storage of the tensors that stay float (embedding, lm_head, norms); auto = the model "
                          "config's 16-bit dtype, else bfloat16; float32 doubles their size")
+    ap.add_argument("--finetune", action="store_true",
+                    help="PrefixQuant's block-wise fine-tuning after the calibration (static activations only)")
+    ap.add_argument("--finetune-epochs", type=positive_int, default=10, help="passes over the calibration samples")
+    ap.add_argument("--finetune-scales-only", action="store_true",
+                    help="learn the activation and weight scales only, not the weights")
     add_common(ap)
     return ap
 
@@ -298,7 +303,8 @@ def quantize_main(argv) -> int:
         cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, kv_mode=args.kv_mode,
                           act_quant=args.act_quant, weight_method=args.weight_method, prefix=not args.no_prefix,
                           rotate=not args.no_rotate, calib_samples=args.calib_samples,
-                          calib_seq_len=args.calib_seq_len)
+                          calib_seq_len=args.calib_seq_len, finetune=args.finetune,
+                          finetune_epochs=args.finetune_epochs, finetune_weights=not args.finetune_scales_only)
     except ValueError as e:
         msg = _strip(e)
         for field, flag in _FLAGS.items():

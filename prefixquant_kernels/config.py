@@ -66,6 +66,10 @@ class QuantConfig:
              mode: "static", "dynamic", "kivi", "logquant", "fp16" (docs/KV_CACHE.md).
     kv_window: LogQuant's window W (16-bit tokens: a recent list of <= 2W and a sparse list of <= W).
     calib_samples x calib_seq_len: calibration tokens; max_calib_rows: rows kept per quantizer for the searches.
+    finetune: after the training-free calibration, PrefixQuant's block-wise fine-tuning (calibration/finetune.py) on
+             the calibration samples: per block, the static activation scales and weight scales (learning rate
+             ``finetune_lr``, in log space) and, with ``finetune_weights``, the weights (``finetune_weight_lr``),
+             ``finetune_epochs`` passes over the samples; static activations only.
     """
 
     w_bits: int = 4
@@ -88,6 +92,11 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     seed: int = 0
+    finetune: bool = False
+    finetune_epochs: int = 10
+    finetune_lr: float = 5e-3
+    finetune_weights: bool = True
+    finetune_weight_lr: float = 5e-5
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -118,6 +127,17 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 _fail(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.finetune, bool) or not isinstance(self.finetune_weights, bool):
+            _fail(f"finetune and finetune_weights must be True or False, got {self.finetune!r} / "
+                  f"{self.finetune_weights!r}")
+        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) or self.finetune_epochs <= 0:
+            _fail(f"finetune_epochs must be a positive int, got {self.finetune_epochs!r}")
+        for name in ("finetune_lr", "finetune_weight_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1):
+                _fail(f"{name} must be a number in (0, 1), got {v!r}")
+        if self.finetune and self.act_quant != "static":
+            _fail("finetune=True learns static activation scales: it needs act_quant='static'")
         if not (0 < self.gptq_damp < 1):
             _fail(f"gptq_damp must be in (0, 1), got {self.gptq_damp!r}")
         if self.prefix_tokens is not None:
@@ -154,7 +174,8 @@ class QuantConfig:
     def name(self) -> str:
         kv = "KV16" if self.kv_bits == 16 else f"KV{self.kv_bits}"
         return (f"W{self.w_bits}A{self.a_bits}{kv} {self.act_quant}" + (" +prefix" if self.prefix else "")
-                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else ""))
+                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else "")
+                + ((" +ft" if self.finetune_weights else " +ft-scales") if self.finetune else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

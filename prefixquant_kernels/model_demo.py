@@ -83,6 +83,14 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     ("W8A8 + KV4 static per-head, static + prefix, no KV rotation", dict(w_bits=8, a_bits=8, kv_bits=4,
                                                                          kv_rotate=False)),
     ("W4A8KV4 static + prefix (GPTQ), no KV rotation", dict(w_bits=4, a_bits=8, kv_bits=4, kv_rotate=False)),
+    # block-wise fine-tuning (calibration/finetune.py), from the training-free rows above
+    ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales", dict(w_bits=4, a_bits=4, kv_bits=4, finetune=True,
+                                                                finetune_weights=False)),
+    ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=4, kv_bits=4,
+                                                                            finetune=True)),
+    ("W4A8KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=8, kv_bits=4,
+                                                                            finetune=True)),
+    ("W8A8KV8 static + prefix + fine-tuned scales and weights", dict(w_bits=8, a_bits=8, kv_bits=8, finetune=True)),
 ]
 
 
@@ -112,7 +120,8 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
             info = model.pqk_state.info
         ppl = evaluate_perplexity(model, tok, text, seq_len, max_windows=n_win)
         r = {"row": label, "ppl": ppl, "seq_len": seq_len, "windows": n_win, "prefix": info.get("prefix_tokens"),
-             "o": info.get("o"), "quantize_s": info.get("seconds"), "total_s": time.perf_counter() - t}
+             "o": info.get("o"), "quantize_s": info.get("seconds"), "finetune_s": info.get("finetune_seconds"),
+             "finetune_loss": info.get("finetune_loss"), "total_s": time.perf_counter() - t}
         results.append(r)
         print(f"| {label} | {ppl:.2f} | {r['prefix'] or '-'} | {time.perf_counter() - t:.0f} s |", flush=True)
         if out:

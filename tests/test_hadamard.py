@@ -126,3 +126,16 @@ def test_input_not_mutated_and_errors_name_the_argument():
     yb = y.clone()
     H.hadamard_transform(y)
     assert torch.equal(y, yb)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("n", [64, 96])
+def test_hadamard_transform_backward(gen, inverse, n):
+    """pqk.hadamard_transform is differentiable (block-wise fine-tuning backpropagates through the online rotation of
+    down_proj): y = x M, so dL/dx = dL/dy M^T, M read off the op applied to the identity."""
+    import prefixquant_kernels as pqk
+    x = torch.randn(3, 5, n, generator=gen, requires_grad=True)
+    g = torch.randn(3, 5, n, generator=gen)
+    m = pqk.hadamard_transform(torch.eye(n), inverse=inverse)
+    (pqk.hadamard_transform(x, inverse=inverse) * g).sum().backward()
+    assert torch.allclose(x.grad, g @ m.T, atol=1e-5)

@@ -11,6 +11,8 @@ Steps (training-free PrefixQuant; the config decides which apply):
 3. weights (weights.py): per-channel RTN with a clip search, or GPTQ on the recorded Hessians.
 4. static activation scales (clip search on the layer output) and per-head KV scales (scales.py).
    Steps 3 + 4 run on one intra-op thread (small ops; _one_thread). Each stage has its own progress bar.
+4b. with ``cfg.finetune``: block-wise fine-tuning of the scales (and weights) found so far (finetune.py), each
+   block against the float one, the prefix in place; the replacements are rebuilt from the learned values.
 5. swap (models.patch): every linear of the spec -> QuantLinear, ``model.pqk_state`` for the KV cache.
 
 Nothing in the model changes before step 5 but the optional rotations (undone on error), and step 5 only
@@ -33,6 +35,7 @@ from ..models.patch import swap
 from ..models.state import PrefixQuantState
 from ..nn import QuantLinear
 from . import prefix as pfx
+from . import finetune as ft
 from . import rotation as rot
 from . import scales as sc
 from . import weights as wq
@@ -130,6 +133,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
             info["rotate_seconds"] = time.perf_counter() - t
         if prefix_ids:
             pk, pv = pfx.prefix_kv(model, prefix_ids)
+            pk_unrotated = pk
             if h_qk is not None:    # stored as the cache holds every key: rotated
                 pk = [rotate_heads(k, h_qk) for k in pk]
         linears = float_linears(model)
@@ -152,6 +156,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         # 3 + 4. weights, activation and KV scales, layer by layer: replacements built, not yet swapped
         t = time.perf_counter()
         replacements: dict[str, QuantLinear] = {}
+        w_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # the fine-tuning's start (cfg.finetune)
         act_scales: dict[str, float] = {}
         k_scales, v_scales = [], []
         secs = {"weights": 0.0, "act_scales": 0.0, "kv_scales": 0.0}
@@ -179,6 +184,8 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                     for n, m in zip(full, mods):
                         rows_n = slice(off, off + m.out_features)
                         replacements[n] = _quant_linear(m, wq_[rows_n], ws[rows_n], cfg, a_s)
+                        if cfg.finetune:
+                            w_init[n] = (wq_[rows_n], ws[rows_n])
                         off += m.out_features
                 if static_kv:
                     t_ = time.perf_counter()
@@ -190,6 +197,20 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                 bar.update(1)
         info["quantize_seconds"] = time.perf_counter() - t
         info.update({f"{k}_seconds": v for k, v in secs.items()})
+
+        # 4b. block-wise fine-tuning
+        if cfg.finetune:
+            t = time.perf_counter()
+            with _bar(progress, n_layers, "finetune layer", "layer") as bar:
+                learned, learned_act, losses = ft.finetune_blocks(
+                    model, spec, cfg, samples if prefix_ids else inputs,
+                    (pk_unrotated, pv) if prefix_ids else None, (k_scales, v_scales) if static_kv else None,
+                    w_init, act_scales, qk_rotation=h_qk, progress=bar)
+            for n, (w, ws, a_s) in learned.items():
+                replacements[n] = _quant_linear(linears[n], w, ws, cfg, a_s)
+            act_scales.update(learned_act)
+            info["finetune_seconds"] = time.perf_counter() - t
+            info["finetune_loss"] = losses
 
         h_kv, head_dim = model.config.num_key_value_heads, spec.head_dim(model.config)
         state = PrefixQuantState(cfg, n_layers, h_kv, head_dim, len(prefix_ids), end if cfg.prefix else None, info)

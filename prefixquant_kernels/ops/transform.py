@@ -79,3 +79,18 @@ def _rmsnorm_quantize_cpu(x, weight, scale, bits, eps, return_normed):
 @torch.library.register_kernel("pqk::hadamard_transform", "cpu")
 def _hadamard_transform_cpu(x, inverse):
     return had.hadamard_transform(x, inverse=inverse).contiguous()
+
+
+# ---- autograd: the transform is orthogonal, so its backward is the transform the other way --------------------------
+# (y = x R with R orthogonal -> dL/dx = dL/dy R^T = the inverse transform of the gradient). Block-wise fine-tuning
+# (calibration/finetune.py) backpropagates through the online rotation of a RotatedLinear.
+
+def _hadamard_setup_context(ctx, inputs, output):
+    ctx.inverse = inputs[1]
+
+
+def _hadamard_backward(ctx, grad):
+    return torch.ops.pqk.hadamard_transform(grad.contiguous(), not ctx.inverse), None
+
+
+torch.library.register_autograd("pqk::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup_context)
