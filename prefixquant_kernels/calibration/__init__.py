@@ -17,9 +17,9 @@ def __getattr__(name):
     if name == "find_prefix_tokens":
         from .prefix import find_prefix_tokens
         return find_prefix_tokens
-    if name == "evaluate_perplexity":
-        from .evaluate import evaluate_perplexity
-        return evaluate_perplexity
+    if name in ("evaluate_perplexity", "evaluate_perplexity_decode"):
+        from . import evaluate
+        return getattr(evaluate, name)
     if name in ("save_quantized", "load_quantized"):
         from . import checkpoint
         return getattr(checkpoint, name)

@@ -53,3 +53,55 @@ def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_
     finally:
         model.train(was_training)
     return math.exp(nll / n)
+
+
+@torch.no_grad()
+def evaluate_perplexity_decode(model, tokenizer, text: str, seq_len: int = 512, decode: int = 128, *,
+                               max_windows: int | None = None, progress: bool = True) -> float:
+    """Prefill-then-decode perplexity: the windows and starts of ``evaluate_perplexity``, but each window's first
+    ``seq_len - decode`` tokens are prefilled in one forward and its last ``decode`` tokens are fed one at a time
+    (teacher forcing), each step reading the cache the way generation does; exp(mean NLL) of the ``decode`` tokens
+    only. The setting KV caches with a 16-bit window (KIVI, LogQuant) are built for: a query attends to the cache
+    as it stands at that step (which tokens are still 16-bit depends on the step), whereas a prefilled window scores
+    every position in one pass. On a float model it equals ``evaluate_perplexity`` restricted to those tokens (up to
+    float rounding)."""
+    from transformers import DynamicCache
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        _fail(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if isinstance(decode, bool) or not isinstance(decode, int) or not (1 <= decode < seq_len):
+        _fail(f"decode must be an int in [1, seq_len), got {decode!r}")
+    if not isinstance(text, str) or not text.strip():
+        _fail("text is empty")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    n_win = len(ids) // seq_len
+    if max_windows is not None:
+        n_win = min(n_win, max_windows)
+    if n_win == 0:
+        _fail(f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    state = getattr(model, "pqk_state", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    with_prefix = state is not None and state.prefix_len > 0
+    start = [] if with_prefix or bos is None else [int(bos)]
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    c0 = seq_len - decode
+    try:
+        from tqdm.auto import tqdm
+        windows = tqdm(range(n_win), desc="evaluation (decode)", unit="window", disable=not progress,
+                       dynamic_ncols=True)
+        for w in windows:
+            win = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], dtype=torch.long, device=dev)
+            cache = state.make_cache(1) if state is not None else DynamicCache(config=model.config)
+            inp = torch.cat([torch.tensor(start, dtype=torch.long, device=dev), win[:c0]]).unsqueeze(0)
+            logits = model(inp, past_key_values=cache, use_cache=True).logits[0, -1]
+            for t in range(c0, seq_len):
+                nll += float(F.cross_entropy(logits.float().unsqueeze(0), win[t:t + 1]))
+                n += 1
+                if t + 1 < seq_len:
+                    logits = model(win[t:t + 1].unsqueeze(0), past_key_values=cache, use_cache=True).logits[0, -1]
+    finally:
+        model.train(was_training)
+    return math.exp(nll / n)
