@@ -67,6 +67,20 @@ def test_quantize_then_eval_then_from_pretrained(float_dir, tmp_path, capsys):
     torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_quantize_finetune(float_dir, tmp_path, capsys):
+    """--finetune runs the block-wise fine-tuning (its per-block losses land in the checkpoint's info) and the
+    checkpoint loads; --finetune-scales-only keeps the config's finetune_weights off."""
+    out = str(tmp_path / "ft")
+    assert main(["quantize", "--model", float_dir, "--out", out, "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
+                 "--calib-samples", "2", "--calib-seq-len", "32", "--threads", "2", "--finetune",
+                 "--finetune-epochs", "2", "--finetune-scales-only"]) == 0
+    model = pqk.load_quantized(out)
+    cfg = model.pqk_state.cfg
+    assert cfg.finetune and not cfg.finetune_weights and cfg.finetune_epochs == 2
+    losses = model.pqk_state.info["finetune_loss"]
+    assert len(losses) == model.config.num_hidden_layers and all(d["after"] >= 0 for d in losses)
+
+
 def test_bench_help_runs_the_benchmark_script():
     if not os.path.exists(os.path.join(ROOT, "benchmarks", "e2e.py")):
         pytest.skip("no source checkout")

@@ -122,6 +122,10 @@ def test_in_a_real_process(tmp_path):
     (["quantize", "--model", "m", "--out", "o", "--threads", "0"], "argument --threads: must be a positive integer"),
     (["quantize", "--model", "m"], "the following arguments are required: --out"),
     (["quantize", "--model", "m", "--out", "o", "--float-dtype", "fp8"], "argument --float-dtype: invalid choice"),
+    (["quantize", "--model", "m", "--out", "o", "--finetune", "--act-quant", "dynamic"],
+     "finetune=True learns static activation scales: it needs --act-quant='static'"),
+    (["quantize", "--model", "m", "--out", "o", "--finetune-epochs", "0"],
+     "argument --finetune-epochs: must be a positive integer"),
     (["layer-demo", "--tokens", "0"], "argument --tokens: must be a positive integer"),
     (["selftest", "--bogus"], "unrecognized arguments: --bogus"),
 ])
