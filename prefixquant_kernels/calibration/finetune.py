@@ -8,7 +8,8 @@ Each decoder block in turn learns, with the quantizers the kernels run (fake qua
 * with ``finetune_weights``: the float weights W the codes are rounded from (starting at the training-free
   ``q * s0``, so step 0 is exactly the training-free block);
 
-by Adam (cosine-annealed learning rates) on the block loss
+by Adam (cosine-annealed learning rates) on the block loss (a block whose loss the training did not lower keeps its
+training-free values)
 
     MSE( block_fq(X_q), block_fp(X_fp) )      both with the 16-bit prefix K/V in front, as at inference
 
@@ -128,6 +129,11 @@ def _block(layer, x, mask, pos_emb, pos_ids, kv: PrefixKV):
                  position_embeddings=pos_emb)
 
 
+def _learned(acts: dict, fq: dict) -> list[torch.Tensor]:
+    """Every value the fine-tuning may change in one block: act log-scales, weight log-scales, weights."""
+    return [a.alpha for a in acts.values()] + [t for m in fq.values() for t in (m.beta, m.weight)]
+
+
 def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv, kv_scales, w_init: dict,
                     act_scales: dict, *, qk_rotation=None, progress=None) -> tuple[dict, dict, list]:
     """Fine-tune every decoder block of the (float, possibly rotated) model in order; the model is left as it was.
@@ -138,7 +144,8 @@ def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv
     -> (W float [N, K], w_scale float32 [N]) from the training-free step. act_scales: "layer.point" -> float.
     Returns (name -> (W, w_scale, act scale) to export, "layer.point" -> learned act scale, per layer the mean block
     MSE over the samples: "before" (the training-free block), "first_epoch" / "last_epoch" (during training),
-    "after" (the learned block)).
+    "after" (the exported block), "kept" (False: training did not lower the loss, the block keeps its training-free
+    values)).
     """
     layers = decoder_layers(model)
     base = model.get_decoder()
@@ -185,6 +192,7 @@ def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv
             with torch.no_grad():   # the training-free block's loss (step 0)
                 before = sum(F.mse_loss(_block(layer, x_q[j:j + 1], mask, pos_emb, pos_ids, kv).float(),
                                         y_fp[j:j + 1].float()).item() for j in range(s)) / s
+            start = [p.detach().clone() for p in _learned(acts, fq)]
             first = last = 0.0
             step = 0
             with torch.enable_grad():
@@ -206,6 +214,11 @@ def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv
             with torch.no_grad():
                 final = sum(F.mse_loss(_block(layer, x_q[j:j + 1], mask, pos_emb, pos_ids, kv).float(),
                                        y_fp[j:j + 1].float()).item() for j in range(s)) / s
+                kept = final < before
+                if not kept:   # training did not lower this block's loss: the block keeps its training-free values
+                    for p, v in zip(_learned(acts, fq), start):
+                        p.copy_(v)
+                    final = before
                 x_q = torch.cat([_block(layer, x_q[j:j + 1], mask, pos_emb, pos_ids, kv) for j in range(s)])
         finally:
             for full, lin in originals.items():
@@ -214,7 +227,7 @@ def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv
             out[full] = m.export()
         for p, a in acts.items():
             learned_act[f"{i}.{p}"] = float(a.scale().detach())
-        losses.append({"before": before, "first_epoch": first, "last_epoch": last, "after": final})
+        losses.append({"before": before, "first_epoch": first, "last_epoch": last, "after": final, "kept": kept})
         x_fp = y_fp
         if progress is not None:
             progress.set_postfix(loss=f"{before:.3g}->{final:.3g}")

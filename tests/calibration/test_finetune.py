@@ -138,3 +138,15 @@ def test_config_round_trip_and_name():
     for k in [k for k in old if k.startswith("finetune")]:
         del old[k]                                  # a checkpoint written before fine-tuning existed
     assert pqk.QuantConfig.from_dict(old).finetune is False
+
+
+def test_a_block_training_cannot_improve_keeps_its_training_free_values(monkeypatch):
+    """With a learning rate that only adds noise the block loss does not go down: the block must come back exactly
+    as the training-free calibration made it (same replacements as finetune=False)."""
+    plain = pqk.quantize_model(tiny_model("llama"), StubTokenizer(), text(), pqk.QuantConfig(**SMALL), progress=False)
+    cfg = pqk.QuantConfig(**SMALL, finetune=True, finetune_epochs=1, finetune_lr=0.9, finetune_weight_lr=0.5)
+    tuned = pqk.quantize_model(tiny_model("llama"), StubTokenizer(), text(), cfg, progress=False)
+    losses = tuned.pqk_state.info["finetune_loss"]
+    assert not any(d["kept"] for d in losses), losses       # lr 0.9 in log space wrecks every block
+    for (n, a), b in zip(plain.named_buffers(), tuned.buffers()):
+        assert torch.equal(a, b), n
