@@ -16,13 +16,9 @@ def _fail(msg: str, exc: type[Exception] = ValueError):
     raise exc(f"pqk.evaluate_perplexity: {msg}")
 
 
-@torch.no_grad()
-def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_windows: int | None = None,
-                        progress: bool = True) -> float:
-    """exp(mean NLL) over the windows (module doc). A quantized model runs with its PrefixQuantCache.
-    progress: a tqdm bar "evaluation" over the windows (one forward of seq_len tokens each), to stderr."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        _fail(f"seq_len must be an int >= 2, got {seq_len!r}")
+def _windows(model, tokenizer, text, seq_len: int, max_windows):
+    """The shared protocol of both evaluations: (token ids, number of windows, the model's pqk_state or None, the
+    start tokens ([BOS], or none when the prefix is in the cache), device). Checks text and the window count."""
     if not isinstance(text, str) or not text.strip():
         _fail("text is empty")
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -35,7 +31,17 @@ def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_
     bos = getattr(tokenizer, "bos_token_id", None)
     with_prefix = state is not None and state.prefix_len > 0
     start = [] if with_prefix or bos is None else [int(bos)]
-    dev = next(model.parameters()).device
+    return ids, n_win, state, start, next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_windows: int | None = None,
+                        progress: bool = True) -> float:
+    """exp(mean NLL) over the windows (module doc). A quantized model runs with its PrefixQuantCache.
+    progress: a tqdm bar "evaluation" over the windows (one forward of seq_len tokens each), to stderr."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        _fail(f"seq_len must be an int >= 2, got {seq_len!r}")
+    ids, n_win, state, start, dev = _windows(model, tokenizer, text, seq_len, max_windows)
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
@@ -71,19 +77,7 @@ def evaluate_perplexity_decode(model, tokenizer, text: str, seq_len: int = 512, 
         _fail(f"seq_len must be an int >= 2, got {seq_len!r}")
     if isinstance(decode, bool) or not isinstance(decode, int) or not (1 <= decode < seq_len):
         _fail(f"decode must be an int in [1, seq_len), got {decode!r}")
-    if not isinstance(text, str) or not text.strip():
-        _fail("text is empty")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    n_win = len(ids) // seq_len
-    if max_windows is not None:
-        n_win = min(n_win, max_windows)
-    if n_win == 0:
-        _fail(f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
-    state = getattr(model, "pqk_state", None)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    with_prefix = state is not None and state.prefix_len > 0
-    start = [] if with_prefix or bos is None else [int(bos)]
-    dev = next(model.parameters()).device
+    ids, n_win, state, start, dev = _windows(model, tokenizer, text, seq_len, max_windows)
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
