@@ -22,6 +22,7 @@ LAYERS = [
     ("config", ["config"]),
     ("models", ["models"]),
     ("calibration", ["calibration"]),
+    ("serving", ["serving"]),
     ("commands", ["__init__", "__main__", "cli", "demo", "layer_demo", "model_demo", "selftest"]),
 ]
 RANK = {top: i for i, (_, tops) in enumerate(LAYERS) for top in tops}

@@ -31,6 +31,14 @@ def fold_hadamard(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return _hadamard_transform_ref(weight.double() * signs.double())
 
 
+def rotate(x: torch.Tensor, *, signs: torch.Tensor | None = None, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> x @ R, computed in fp32, in x's dtype: R = diag(signs) @ hadamard_rotation(K).T (Hadamard
+    form, the fast transform) or the dense [K, K] ``rotation``. Shared by RotatedLinear and the vLLM plugin."""
+    if signs is not None:
+        return hadamard_transform(x.float() * signs.float()).to(x.dtype)
+    return (x.float() @ rotation.float()).to(x.dtype)
+
+
 class RotatedLinear(nn.Module):
     """linear: the nn.Linear or QuantLinear it feeds. Exactly one of
     rotation: float32 [K, K] orthogonal (dense form, buffer ``rotation``), or
@@ -83,8 +91,8 @@ class RotatedLinear(nn.Module):
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ R, computed in fp32, in x's dtype."""
         if self.form == "hadamard":
-            return hadamard_transform(x.float() * self.signs.float()).to(x.dtype)
-        return (x.float() @ self.rotation).to(x.dtype)
+            return rotate(x, signs=self.signs)
+        return rotate(x, rotation=self.rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.rotate(x))
