@@ -1,0 +1,165 @@
+"""The vLLM plugin (prefixquant_kernels/serving) against this package's own Hugging Face path, on a tiny exported
+checkpoint (tests/serving/tiny_checkpoint.py). vLLM runs in its own environment (it pins an older transformers):
+``.ci/run`` builds it and sets PQK_VLLM_PYTHON to its Python; without it these tests skip. Each vLLM run is a
+subprocess in its own process group (tests/serving/vllm_run.py), killed as a group on timeout."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import torch
+
+import prefixquant_kernels as pqk
+from tests.serving.tiny_checkpoint import write
+
+VLLM_PYTHON = os.environ.get("PQK_VLLM_PYTHON")
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_run.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPTS = [[5, 17, 42, 99, 3, 64, 12], [1, 7, 8], [30]]     # [1, ...]: a user BOS the prefix already ends with
+TOKENS = 64
+
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="no vLLM environment (PQK_VLLM_PYTHON; .ci/run builds one)")
+
+
+def _env() -> dict:
+    """The tests' environment minus TRITON_INTERPRET (tests/conftest.py sets it for this package's Triton kernels;
+    vLLM's own Triton kernels would run interpreted: 5x slower runs)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_vllm(ckpt: str, *extra: str, prompts=PROMPTS, tokens: int = TOKENS, timeout: int = 400, ok: bool = True):
+    """vllm_run.py on ckpt -> its results (ok=True) or (returncode, output) (ok=False)."""
+    cmd = [VLLM_PYTHON, RUNNER, ckpt, "--prompts", json.dumps(prompts), "--max-tokens", str(tokens), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True, env=_env())
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"vLLM run timed out after {timeout} s:\n{out[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)     # engine workers left behind, if any
+        except ProcessLookupError:
+            pass
+    if not ok:
+        return proc.returncode, out
+    lines = [l for l in out.splitlines() if l.startswith("PQK_RESULT ")]
+    assert proc.returncode == 0 and lines, f"vLLM run failed (rc {proc.returncode}):\n{out[-4000:]}"
+    return json.loads(lines[-1].removeprefix("PQK_RESULT "))
+
+
+def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS):
+    """This package's path: pqk.load_quantized + generate (greedy, eager), each prompt alone."""
+    model = pqk.load_quantized(ckpt)
+    res = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pqk_compile=False)
+        toks = out.sequences[0, ids.shape[1]:].tolist()
+        lps = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(out.logits, toks)]
+        res.append({"tokens": toks, "logprobs": lps})
+    return res
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("vllm") / "w4a8kv16")
+    write(path, w_bits=4, a_bits=8, kv_bits=16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vllm_tp1(ckpt):
+    return run_vllm(ckpt)
+
+
+def test_vllm_equals_the_hf_path(ckpt, vllm_tp1):
+    """fp32, greedy: the same tokens for 64 steps, with the prefix put in front; logprobs equal to float rounding
+    (1e-5) at almost every step. A step may differ by more where an activation sits on a rounding boundary of its
+    static quantizer: vLLM's float kernels (RMSNorm, RoPE, attention) differ from transformers' in the last bits,
+    which moves that one element by a whole quantization step (seen: one step of 192 at 6e-3, the next steps back
+    at 1e-6)."""
+    ref = hf_reference(ckpt)
+    prefix = pqk.load_quantized(ckpt).pqk_state.prefix_ids.tolist()
+    assert prefix, "the tiny checkpoint must have a prefix"
+    for p, got, want in zip(PROMPTS, vllm_tp1, ref):
+        body = p[1:] if p[:1] == prefix[-1:] else p
+        assert got["prompt"] == prefix + body
+        assert got["tokens"] == want["tokens"]
+        assert len(got["tokens"]) == TOKENS
+        diffs = sorted(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"]))
+        assert diffs[len(diffs) // 2] < 1e-5, diffs
+        assert diffs[-3] < 1e-3 and diffs[-1] < 2e-2, diffs     # at most 2 boundary flips in 64 steps
+    assert len({tuple(r["tokens"]) for r in vllm_tp1}) == len(PROMPTS)   # the prompts lead to different text
+
+
+def test_the_injected_prefix_is_what_the_model_attends_to(ckpt, vllm_tp1, tmp_path):
+    """Zeroing the stored prefix K/V changes what vLLM computes: the connector's write is real."""
+    from safetensors.torch import load_file, save_file
+    zeroed = str(tmp_path / "zeroed")
+    shutil.copytree(ckpt, zeroed)
+    f = os.path.join(zeroed, "model.safetensors")
+    t = load_file(f)
+    planted = [k for k in t if k.startswith(("pqk_state.prefix_keys_", "pqk_state.prefix_values_"))]
+    assert planted
+    for k in planted:
+        t[k] = torch.zeros_like(t[k])
+    save_file(t, f, metadata={"format": "pt"})
+    got = run_vllm(zeroed, prompts=PROMPTS[:1], tokens=8)
+    base = vllm_tp1[0]["logprobs"][:8]
+    assert max(abs(a - b) for a, b in zip(got[0]["logprobs"], base)) > 1e-2
+
+
+def test_tensor_parallel_2_equals_tp_1(ckpt, vllm_tp1):
+    got = run_vllm(ckpt, "--tp", "2")
+    for a, b in zip(got, vllm_tp1):
+        assert a["tokens"] == b["tokens"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+
+
+def test_a_checkpoint_missing_a_scale_fails_at_load_naming_it(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = str(tmp_path / "bad")
+    shutil.copytree(ckpt, bad)
+    f = os.path.join(bad, "model.safetensors")
+    t = load_file(f)
+    del t["model.layers.1.self_attn.k_proj.act_scale"]
+    save_file(t, f, metadata={"format": "pt"})
+    rc, out = run_vllm(bad, prompts=PROMPTS[:1], tokens=2, ok=False)
+    assert rc != 0
+    assert "model.layers.1.self_attn.qkv_proj.act_scale (model.layers.1.self_attn.k_proj.act_scale): missing" in out
+
+
+def _config_error(ckpt: str, tmp_path, edit) -> str:
+    """Edit the checkpoint's quantization_config and build the plugin's config from it in the vLLM environment."""
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    edit(cfg["quantization_config"])
+    code = ("import json, sys\nfrom prefixquant_kernels.serving.vllm_linear import PrefixQuantVllmConfig\n"
+            "try:\n    PrefixQuantVllmConfig.from_config(json.loads(sys.argv[1]))\n"
+            "except ValueError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([VLLM_PYTHON, "-c", code, json.dumps(cfg["quantization_config"])], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT, env=_env())
+    lines = [l for l in out.stdout.splitlines() if l.startswith("ERR ")]
+    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
+    return lines[-1]
+
+
+def test_bad_quantization_configs_fail_naming_the_module(ckpt, tmp_path):
+    def wrong_bits(q):
+        q["modules"]["model.layers.0.mlp.up_proj"]["w_bits"] = 3
+
+    def unknown_rotation(q):
+        q["rotations"]["model.layers.1.mlp.down_proj"] = "givens"
+
+    def other_format(q):
+        q["format_version"] = 99
+    assert "model.layers.0.mlp.up_proj: w_bits / a_bits must be 4 or 8" in _config_error(ckpt, tmp_path, wrong_bits)
+    assert "model.layers.1.mlp.down_proj: rotation form 'givens'" in _config_error(ckpt, tmp_path, unknown_rotation)
+    assert "version 99" in _config_error(ckpt, tmp_path, other_format)

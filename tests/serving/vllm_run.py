@@ -1,0 +1,42 @@
+"""Runs a pqk checkpoint in vLLM and prints what it generated as one line ``PQK_RESULT <json>``. Executed
+with the vLLM environment's Python by tests/serving/test_vllm.py (vLLM pins another transformers than the tests):
+
+    python tests/serving/vllm_run.py CKPT --prompts '[[5, 17], [42]]' --max-tokens 64 [--tp 2] [--no-connector]
+
+Greedy, float32, prompts as token ids (no tokenizer); per prompt the generated ids, each one's logprob and the
+prompt ids vLLM ran (the prefix included)."""
+import argparse
+import json
+import os
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--prompts", required=True, help="JSON list of token id lists")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--no-connector", action="store_true", help="serve without the prefix connector")
+    a = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if a.tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(a.tp)))
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    kv = None if a.no_connector else KVTransferConfig(
+        kv_connector="PrefixKVConnector", kv_connector_module_path="prefixquant_kernels.serving.vllm_prefix",
+        kv_role="kv_both")
+    llm = LLM(model=a.checkpoint, skip_tokenizer_init=True, dtype="float32", max_model_len=256, enforce_eager=True,
+              tensor_parallel_size=a.tp, kv_transfer_config=kv, seed=0)
+    sp = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in json.loads(a.prompts)], sp)
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        res.append({"prompt": list(o.prompt_token_ids), "tokens": list(c.token_ids),
+                    "logprobs": [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]})
+    print("PQK_RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
