@@ -7,6 +7,7 @@ Commands (`<command> --help` lists each one's flags, their allowed values and de
   quantize    quantize a Llama/Mistral/Qwen/Phi-3 model (smollm2 or a local HF directory) and save it (cli.py)
   eval        perplexity of a saved quantized model (or a float one) on the bundled text (cli.py)
   bench       benchmarks/e2e.py (prefill/decode latency fp vs dynamic vs static), from a source checkout (cli.py)
+  serve       vLLM's OpenAI-compatible server on a quantized checkpoint, prefix injected (cli.py, serving/)
   info        what was built and which backends run here
   selftest    CUDA kernels: host harnesses, nvcc build/spill check, on a GPU the kernels vs the reference (selftest.py)
 
@@ -61,7 +62,7 @@ def _cli(name):
 
 
 COMMANDS = {"demo": _demo, "layer-demo": _layer_demo, "info": _info, "quantize": _cli("quantize_main"),
-            "eval": _cli("eval_main"), "bench": _cli("bench_main"),
+            "eval": _cli("eval_main"), "bench": _cli("bench_main"), "serve": _cli("serve_main"),
             "selftest": lambda argv: __import__("prefixquant_kernels.selftest", fromlist=["main"]).main(argv)}
 
 

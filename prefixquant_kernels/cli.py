@@ -4,6 +4,7 @@
     prefixquant-kernels quantize --model path/to/hf_model_dir [--gguf file.gguf] --out q/ [--overwrite]
     prefixquant-kernels eval --checkpoint q/ [--windows 8 --seq-len 512]       # or --model ... for a float model
     prefixquant-kernels bench [e2e.py flags]                                    # runs benchmarks/e2e.py
+    prefixquant-kernels serve --checkpoint q/ [--port 8000] [-- vLLM flags]      # vLLM's OpenAI server (serving/)
 
 Calibration and evaluation use the bundled text (prefixquant_kernels/data: Python's own documentation, the two
 disjoint). ``quantize`` writes with ``pqk.export_hf``, so the result loads with ``pqk.load_quantized(out)`` and with
@@ -394,6 +395,52 @@ def eval_main(argv) -> int:
     n = min(args.windows, n_tokens // args.seq_len)
     print(f"perplexity {ppl:.4f} ({n} windows x {args.seq_len} tokens of the bundled evaluation text)")
     return 0
+
+
+def serve_parser() -> Parser:
+    ap = Parser(prog=f"{PROG} serve", description="vLLM's OpenAI-compatible server on a checkpoint written by "
+                "`quantize` (pqk.export_hf), the linears on this package's kernels and the 16-bit prefix injected "
+                "(prefixquant_kernels/serving). Run it where vLLM is installed (its own environment: README, "
+                "'Serving with vLLM'); flags after `--` go to `vllm serve` unchanged.")
+    ap.add_argument("--checkpoint", required=True, metavar="DIR", help="a directory written by quantize / "
+                    "pqk.export_hf (tokenizer files included)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
+    ap.add_argument("--max-model-len", type=positive_int, default=2048, help="longest prompt + output, in tokens "
+                    "(the prefix included)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="the dtype of the float parts (auto: the checkpoint's)")
+    ap.add_argument("--dry-run", action="store_true", help="print the vllm serve command line and exit")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    return ap
+
+
+def serve_main(argv) -> int:
+    from .serving.server import exec_vllm_serve, serve_argv
+
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = serve_parser().parse_args(own)
+    config = check_checkpoint(args.checkpoint)
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "prefixquant_kernels":
+        raise UsageError(f"--checkpoint {args.checkpoint}: config.json has no prefixquant_kernels "
+                         "quantization_config (written by pqk.save_quantized, not export_hf?): re-export it with "
+                         "pqk.export_hf or `quantize`")
+    if not any(os.path.exists(os.path.join(args.checkpoint, f)) for f in TOKENIZER_FILES):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no tokenizer saved with it; the server needs one "
+                         "(pqk.export_hf(model, path, tokenizer))")
+    cmd = serve_argv(os.path.abspath(args.checkpoint), host=args.host, port=args.port,
+                     max_model_len=args.max_model_len, dtype=args.dtype, extra=extra)
+    if args.dry_run:
+        print("vllm serve " + " ".join(cmd))
+        return 0
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("vLLM is not installed in this environment: install it in its own environment (README, "
+                         "'Serving with vLLM'), then this package there with "
+                         "PQK_NO_EXTENSION=1 pip install --no-deps --no-build-isolation -e .")
+    exec_vllm_serve(cmd)
+    return 0        # not reached: the process is vLLM's now
 
 
 def bench_main(argv) -> int:

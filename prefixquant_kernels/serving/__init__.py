@@ -12,6 +12,10 @@ Nothing here imports vLLM until vLLM itself calls register(): the package import
 """
 from __future__ import annotations
 
+# the prefix connector, as vLLM's kv_transfer_config names it (class, module)
+CONNECTOR = "PrefixKVConnector"
+CONNECTOR_MODULE = "prefixquant_kernels.serving.vllm_prefix"
+
 
 def register() -> None:
     """vLLM's plugin hook (idempotent)."""

@@ -32,9 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 
 from ..calibration.hf_quantizer import QUANT_METHOD
-
-CONNECTOR = "PrefixKVConnector"
-MODULE = __name__
+from . import CONNECTOR, CONNECTOR_MODULE
 _WEIGHTS = "model.safetensors"
 
 
@@ -102,7 +100,7 @@ def read_prefix(path: str) -> Prefix | None:
 
 def uses_connector(vllm_config) -> bool:
     kv = getattr(vllm_config, "kv_transfer_config", None)
-    return kv is not None and kv.kv_connector == CONNECTOR and kv.kv_connector_module_path == MODULE
+    return kv is not None and kv.kv_connector == CONNECTOR and kv.kv_connector_module_path == CONNECTOR_MODULE
 
 
 def with_prefix(ids: list[int], prefix: Prefix) -> list[int]:

@@ -4,6 +4,7 @@ checkpoint (tests/serving/tiny_checkpoint.py). vLLM runs in its own environment 
 subprocess in its own process group (tests/serving/vllm_run.py), killed as a group on timeout."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -54,9 +55,16 @@ def run_vllm(ckpt: str, *extra: str, prompts=PROMPTS, tokens: int = TOKENS, time
     return json.loads(lines[-1].removeprefix("PQK_RESULT "))
 
 
-def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS):
-    """This package's path: pqk.load_quantized + generate (greedy, eager), each prompt alone."""
+def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS, float_kv: bool = False):
+    """This package's path: pqk.load_quantized + generate (greedy, eager), each prompt alone. float_kv: keep the KV
+    body in float (the checkpoint's 4-bit KV mode replaced by "fp16", the Q/K rotation and the rotated prefix kept),
+    which is what vLLM's 16-bit cache computes."""
     model = pqk.load_quantized(ckpt)
+    if float_kv:
+        st = model.pqk_state
+        assert st.rotates_qk
+        st.cfg = dataclasses.replace(st.cfg, kv_bits=16, kv_mode="fp16", kv_rotate=True)
+        st._has_kv_scales = False
     res = []
     for p in prompts:
         ids = torch.tensor([p])
@@ -98,6 +106,19 @@ def test_vllm_equals_the_hf_path(ckpt, vllm_tp1):
         assert diffs[len(diffs) // 2] < 1e-5, diffs
         assert diffs[-3] < 1e-3 and diffs[-1] < 2e-2, diffs     # at most 2 boundary flips in 64 steps
     assert len({tuple(r["tokens"]) for r in vllm_tp1}) == len(PROMPTS)   # the prompts lead to different text
+
+
+def test_a_rotated_prefix_is_unrotated_for_vllm(tmp_path):
+    """A KV4 checkpoint stores its prefix keys rotated by the Q/K Hadamard; vLLM's attention does not rotate Q, so
+    the connector writes K R^T: vLLM (16-bit KV) equals the HF path with a float KV body and the rotation kept."""
+    path = str(tmp_path / "w4a8kv4")
+    write(path, w_bits=4, a_bits=8, kv_bits=4)
+    got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
+    want = hf_reference(path, PROMPTS[:2], 16, float_kv=True)
+    for g, w in zip(got, want):
+        assert g["tokens"] == w["tokens"]
+        diffs = sorted(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"]))
+        assert diffs[len(diffs) // 2] < 1e-4 and diffs[-2] < 1e-3, diffs
 
 
 def test_the_injected_prefix_is_what_the_model_attends_to(ckpt, vllm_tp1, tmp_path):

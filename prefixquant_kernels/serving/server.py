@@ -1,0 +1,34 @@
+"""``python -m prefixquant_kernels serve --checkpoint q/``: vLLM's OpenAI-compatible server on a checkpoint
+``pqk.export_hf`` wrote, with the prefix connector (serving/vllm_prefix.py) configured. The command line it runs
+is ``vllm serve`` with the flags below (``serve_argv``), so the same server starts with
+
+    vllm serve q/ --kv-transfer-config '{"kv_connector": "PrefixKVConnector",
+        "kv_connector_module_path": "prefixquant_kernels.serving.vllm_prefix", "kv_role": "kv_both"}'
+
+in an environment where vLLM and this package are installed (the plugin registers itself through its entry point).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from . import CONNECTOR, CONNECTOR_MODULE
+
+
+def kv_transfer_config() -> dict:
+    """vLLM's --kv-transfer-config for the prefix connector."""
+    return {"kv_connector": CONNECTOR, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both"}
+
+
+def serve_argv(checkpoint: str, *, host: str, port: int, max_model_len: int, dtype: str,
+               extra: list[str] = ()) -> list[str]:
+    """The ``vllm serve`` arguments (after ``serve``) for a pqk checkpoint; ``extra`` goes last (vLLM flags)."""
+    return [checkpoint, "--host", host, "--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype,
+            "--kv-transfer-config", json.dumps(kv_transfer_config()), *extra]
+
+
+def exec_vllm_serve(argv: list[str]) -> None:
+    """Replace this process by ``vllm serve <argv>`` (same process id and group: a caller ends it by its group)."""
+    code = "import sys; from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *sys.argv[1:]]; main()"
+    os.execv(sys.executable, [sys.executable, "-c", code, "serve", *argv])
