@@ -87,7 +87,7 @@ def test_top_level_help_and_unknown_commands(capsys):
         assert main(argv) == 0
         assert "Commands" in capsys.readouterr().out
     assert _err(capsys, ["quantise"]) == ("prefixquant-kernels: unknown command 'quantise'; commands: demo, "
-                                          "layer-demo, info, quantize, eval, bench, selftest "
+                                          "layer-demo, info, quantize, eval, bench, serve, selftest "
                                           "(see prefixquant-kernels --help)")
     assert "unknown option '--frobnicate'" in _err(capsys, ["--frobnicate"])
 
