@@ -401,7 +401,7 @@ def serve_parser() -> Parser:
     ap = Parser(prog=f"{PROG} serve", description="vLLM's OpenAI-compatible server on a checkpoint written by "
                 "`quantize` (pqk.export_hf), the linears on this package's kernels and the 16-bit prefix injected "
                 "(prefixquant_kernels/serving). Run it where vLLM is installed (its own environment: README, "
-                "'Serving with vLLM'); flags after `--` go to `vllm serve` unchanged.")
+                "'Serving with vLLM'); flags after `--` go to vLLM's server unchanged.")
     ap.add_argument("--checkpoint", required=True, metavar="DIR", help="a directory written by quantize / "
                     "pqk.export_hf (tokenizer files included)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -410,13 +410,13 @@ def serve_parser() -> Parser:
                     "(the prefix included)")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                     help="the dtype of the float parts (auto: the checkpoint's)")
-    ap.add_argument("--dry-run", action="store_true", help="print the vllm serve command line and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print vLLM's server command line and exit")
     ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return ap
 
 
 def serve_main(argv) -> int:
-    from .serving.server import exec_vllm_serve, serve_argv
+    from .serving.server import API_SERVER, exec_vllm_serve, serve_argv
 
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = serve_parser().parse_args(own)
@@ -432,7 +432,7 @@ def serve_main(argv) -> int:
     cmd = serve_argv(os.path.abspath(args.checkpoint), host=args.host, port=args.port,
                      max_model_len=args.max_model_len, dtype=args.dtype, extra=extra)
     if args.dry_run:
-        print("vllm serve " + " ".join(cmd))
+        print(f"python -m {API_SERVER} " + " ".join(cmd))
         return 0
     import importlib.util
     if importlib.util.find_spec("vllm") is None:

