@@ -37,4 +37,8 @@ API_SERVER = "vllm.entrypoints.openai.api_server"
 def exec_vllm_serve(argv: list[str]) -> None:
     """Replace this process by vLLM's API server on ``argv`` (same process id and group: a caller ends it by its
     group)."""
+    # vLLM's CPU backend otherwise reserves --gpu-memory-utilization (0.92) of the NUMA node's memory and refuses to
+    # start when a little of it is in use (seen on a 24 GB machine); 4 GiB of KV cache holds SmolLM2's 2048-token
+    # context ~90 times. Only the CPU backend reads it; a value the user set wins.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     os.execv(sys.executable, [sys.executable, "-W", "ignore::DeprecationWarning", "-m", API_SERVER, *argv])
