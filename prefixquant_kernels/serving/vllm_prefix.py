@@ -110,6 +110,12 @@ def with_prefix(ids: list[int], prefix: Prefix) -> list[int]:
     return [*prefix.ids, *body]
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    import warnings
+    warnings.warn(msg, stacklevel=3)
+
+
 # ---- the prompts ----------------------------------------------------------------------------------------------
 
 def prefix_prompts() -> None:
@@ -123,10 +129,14 @@ def prefix_prompts() -> None:
     @functools.wraps(orig)
     def process_inputs(self, *args, **kwargs):
         req = orig(self, *args, **kwargs)
-        if not uses_connector(self.vllm_config) or req.prompt_token_ids is None:
-            return req
         prefix = read_prefix(self.vllm_config.model_config.model)
-        if prefix is None:
+        if prefix is None or req.prompt_token_ids is None:
+            return req
+        if not uses_connector(self.vllm_config):
+            _warn_once(f"pqk vLLM plugin: {self.vllm_config.model_config.model} has a {len(prefix.ids)}-token 16-bit "
+                       f"prefix, but vLLM runs without {CONNECTOR}: requests run without it (static activation "
+                       "scales see the outlier tokens the prefix was made for). Start it with "
+                       "`python -m prefixquant_kernels serve` or pass its --kv-transfer-config.")
             return req
         ids = with_prefix(list(req.prompt_token_ids), prefix)
         limit = self.vllm_config.model_config.max_model_len
@@ -193,11 +203,13 @@ class PrefixKVConnector(KVConnectorBase_V1):
     def _layer_kv(self, layer: int, heads: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's prefix K, V [P, heads, D] in the cache's compute dtype (read once per layer)."""
         if layer not in self._kv:
-            from vllm.distributed import get_tensor_model_parallel_rank
+            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
             k, v = self.prefix.kv(layer)
-            h0 = get_tensor_model_parallel_rank() * heads if k.shape[1] != heads else 0
-            if h0 + heads > k.shape[1]:
-                _fail(f"layer {layer}: the checkpoint has {k.shape[1]} KV heads, this rank wants heads "
+            total, rank, tp = k.shape[1], get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+            # vLLM's split of KV heads: H / tp per rank, or (fewer heads than ranks) each head on tp / H ranks
+            h0 = rank * heads if total >= tp else rank // (tp // total)
+            if h0 + heads > total:
+                _fail(f"layer {layer}: the checkpoint has {total} KV heads, this rank wants heads "
                       f"{h0}..{h0 + heads - 1}")
             self._kv[layer] = tuple(t[:, h0:h0 + heads].to(device=device, dtype=dtype).contiguous()
                                     for t in (k, v))

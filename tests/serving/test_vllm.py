@@ -121,6 +121,21 @@ def test_a_rotated_prefix_is_unrotated_for_vllm(tmp_path):
         assert diffs[len(diffs) // 2] < 1e-4 and diffs[-2] < 1e-3, diffs
 
 
+def test_qwen2_with_biases_and_a_dense_rotation_equals_the_hf_path(tmp_path):
+    """Another family through vLLM's own Qwen2 layers: q/k/v biases (vLLM's, added by apply()), and a down_proj
+    rotation in the dense form (intermediate 304 = 19 * 16, which the Hadamard construction rejects)."""
+    path = str(tmp_path / "qwen2")
+    write(path, arch="qwen2", intermediate=304, w_bits=4, a_bits=8, kv_bits=16)
+    meta = json.load(open(os.path.join(path, "pqk_config.json")))
+    assert set(meta["rotations"].values()) == {"dense"}
+    got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
+    want = hf_reference(path, PROMPTS[:2], 16)
+    for g, w in zip(got, want):
+        assert g["tokens"] == w["tokens"]
+        diffs = sorted(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"]))
+        assert diffs[len(diffs) // 2] < 1e-4 and diffs[-2] < 1e-3, diffs
+
+
 def test_the_injected_prefix_is_what_the_model_attends_to(ckpt, vllm_tp1, tmp_path):
     """Zeroing the stored prefix K/V changes what vLLM computes: the connector's write is real."""
     from safetensors.torch import load_file, save_file
