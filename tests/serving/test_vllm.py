@@ -136,6 +136,25 @@ def test_qwen2_with_biases_and_a_dense_rotation_equals_the_hf_path(tmp_path):
         assert diffs[len(diffs) // 2] < 1e-4 and diffs[-2] < 1e-3, diffs
 
 
+def test_fused_linears_with_different_static_scales_run_one_gemm_each(ckpt, tmp_path):
+    """q, k, v (and gate, up) normally share one input scale and run as one GEMM; with k_proj's and up_proj's scales
+    changed in the checkpoint, vLLM's fused layers run a GEMM per logical linear and still equal the HF path."""
+    from safetensors.torch import load_file, save_file
+    path = str(tmp_path / "unequal")
+    shutil.copytree(ckpt, path)
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    for name in ("model.layers.0.self_attn.k_proj.act_scale", "model.layers.1.mlp.up_proj.act_scale"):
+        t[name] = t[name] * 1.5
+    save_file(t, f, metadata={"format": "pt"})
+    got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
+    want = hf_reference(path, PROMPTS[:2], 16)
+    for g, w in zip(got, want):
+        assert g["tokens"] == w["tokens"]
+        diffs = sorted(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"]))
+        assert diffs[len(diffs) // 2] < 1e-4 and diffs[-2] < 1e-3, diffs
+
+
 def test_the_injected_prefix_is_what_the_model_attends_to(ckpt, vllm_tp1, tmp_path):
     """Zeroing the stored prefix K/V changes what vLLM computes: the connector's write is real."""
     from safetensors.torch import load_file, save_file
