@@ -205,43 +205,96 @@ void dot_rows(const float* q, int64_t G, int64_t D, const float* row, float* out
   }
 }
 
-// 64 int4 values (32 packed bytes, element 2j in byte j's low nibble) -> 8 x 8 fp32 in natural order.
-inline void unpack64_f32(const uint8_t* p, __m256 out[8]) {
+// The decode attention's two passes over packed int4 rows (K: scores, V: the weighted sum). Attention is checked
+// against the reference within a tolerance, not bit for bit, so these two use FMA (a function-level target; the
+// rest of the file stays without contraction).
+#define PQK_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
+
+// 16 int4 values (8 packed bytes, element 2j in byte j's low nibble) -> 2 x 8 fp32 in natural order.
+PQK_ATTN_TARGET inline void unpack16_f32(const uint8_t* p, __m256& w0, __m256& w1) {
   const __m128i m0f = _mm_set1_epi8(0x0F), x8 = _mm_set1_epi8(8);
-  for (int h = 0; h < 2; ++h) {
-    const __m128i b = _mm_loadu_si128((const __m128i*)(p + 16 * h));
-    const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(b, m0f), x8), x8);  // (n ^ 8) - 8: sign-extend
-    const __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m0f), x8), x8);
-    const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);
-    out[4 * h + 0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0));
-    out[4 * h + 1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8)));
-    out[4 * h + 2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1));
-    out[4 * h + 3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e1, 8)));
+  const __m128i b = _mm_loadl_epi64((const __m128i*)p);
+  const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(b, m0f), x8), x8);  // (n ^ 8) - 8: sign-extend
+  const __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m0f), x8), x8);
+  const __m128i e = _mm_unpacklo_epi8(lo, hi);
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e, 8)));
+}
+
+// The K pass over n packed rows at once, GN <= 4 heads: each row is unpacked 16 values at a time into registers
+// and multiplied into the GN query rows (read from L1), two FMA chains per head, one horizontal sum per score.
+template <int GN>
+PQK_ATTN_TARGET inline void qk_rows_q4_t(const float* q, int64_t D, int64_t n, const uint8_t* rows, int64_t stride,
+                                         const int64_t* idx, float scale, float* out, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* r = rows + (idx ? idx[j] : j) * stride;
+    __m256 a0[GN], a1[GN];
+    for (int g = 0; g < GN; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m256 w0, w1;
+      unpack16_f32(r + d0 / 2, w0, w1);
+      for (int g = 0; g < GN; ++g) {
+        a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d0), w0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d0 + 8), w1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GN; ++g) out[g * ld + j] = scale * hsum_ps(_mm256_add_ps(a0[g], a1[g]));
   }
 }
 
-// The K pass of decode attention without an fp32 copy of the row: each 64-value chunk is unpacked into registers
-// once and multiplied into all G query rows (G <= 8 accumulators; more heads fall back chunk by chunk).
-void dot_rows_q4(const float* q, int64_t G, int64_t D, const uint8_t* p, float* out) {
-  for (int64_t g0 = 0; g0 < G; g0 += 8) {
-    const int64_t gn = G - g0 < 8 ? G - g0 : 8;
-    __m256 acc[8];
-    for (int g = 0; g < 8; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < D; c += 64) {
-      __m256 w[8];
-      unpack64_f32(p + c / 2, w);
-      for (int64_t g = 0; g < gn; ++g) {
-        const float* qg = q + (g0 + g) * D + c;
-        // a tree of adds (depth 3), not a chain of 8: at D = 64 this is the whole row, and the chain's latency
-        // was the K pass's cost
-        __m256 p[8];
-        for (int e = 0; e < 8; ++e) p[e] = _mm256_mul_ps(_mm256_loadu_ps(qg + 8 * e), w[e]);
-        const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])),
-                                       _mm256_add_ps(_mm256_add_ps(p[4], p[5]), _mm256_add_ps(p[6], p[7])));
-        acc[g] = _mm256_add_ps(acc[g], s);
+PQK_ATTN_TARGET void qk_rows_q4(const float* q, int64_t G, int64_t D, int64_t n, const uint8_t* rows,
+                                int64_t stride, const int64_t* idx, float scale, float* out, int64_t ld) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* qg = q + g0 * D;
+    float* o = out + g0 * ld;
+    switch (G - g0 < 4 ? G - g0 : 4) {
+      case 1: qk_rows_q4_t<1>(qg, D, n, rows, stride, idx, scale, o, ld); break;
+      case 2: qk_rows_q4_t<2>(qg, D, n, rows, stride, idx, scale, o, ld); break;
+      case 3: qk_rows_q4_t<3>(qg, D, n, rows, stride, idx, scale, o, ld); break;
+      default: qk_rows_q4_t<4>(qg, D, n, rows, stride, idx, scale, o, ld); break;
+    }
+  }
+}
+
+// The V pass over n packed rows at once, 16 columns (8 bytes per row) at a time: the 2 x GN accumulators of the
+// slab stay in registers over all n rows (GN <= 4 heads: 8 accumulators + 2 unpacked W + a broadcast coefficient
+// within the 16 ymm), where a row-at-a-time axpy loads and stores the whole [G, D] accumulator for every row.
+template <int GN>
+PQK_ATTN_TARGET inline void pv_slab_q4(const float* coef, int64_t ld, int64_t n, const uint8_t* rows,
+                                       int64_t stride, const int64_t* idx, __m256 scale, int64_t D, int64_t d0,
+                                       float* acc) {
+  __m256 a0[GN], a1[GN];
+  for (int g = 0; g < GN; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 w0, w1;
+    unpack16_f32(rows + (idx ? idx[j] : j) * stride + d0 / 2, w0, w1);
+    for (int g = 0; g < GN; ++g) {
+      const __m256 c = _mm256_broadcast_ss(coef + g * ld + j);
+      a0[g] = _mm256_fmadd_ps(c, w0, a0[g]);
+      a1[g] = _mm256_fmadd_ps(c, w1, a1[g]);
+    }
+  }
+  for (int g = 0; g < GN; ++g) {
+    float* o = acc + g * D + d0;
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(scale, a0[g], _mm256_loadu_ps(o)));
+    _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(scale, a1[g], _mm256_loadu_ps(o + 8)));
+  }
+}
+
+PQK_ATTN_TARGET void pv_rows_q4(const float* coef, int64_t ld, int64_t G, int64_t n, const uint8_t* rows,
+                                int64_t stride, const int64_t* idx, float scale, int64_t D, float* acc) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* c = coef + g0 * ld;
+    float* a = acc + g0 * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      switch (G - g0 < 4 ? G - g0 : 4) {
+        case 1: pv_slab_q4<1>(c, ld, n, rows, stride, idx, s, D, d0, a); break;
+        case 2: pv_slab_q4<2>(c, ld, n, rows, stride, idx, s, D, d0, a); break;
+        case 3: pv_slab_q4<3>(c, ld, n, rows, stride, idx, s, D, d0, a); break;
+        default: pv_slab_q4<4>(c, ld, n, rows, stride, idx, s, D, d0, a); break;
       }
     }
-    for (int64_t g = 0; g < gn; ++g) out[g0 + g] = hsum_ps(acc[g]);
   }
 }
 
@@ -361,7 +414,7 @@ const PrefillKernels kPrefill = {kPf2Mr, kPf2Nr, kPf2Kc, /*w8=*/false, pf2_pack_
 
 const IsaKernels kAvx2 = {
     "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8, &kPrefill,
+    dot_rows, qk_rows_q4, axpy_rows, pv_rows_q4, exp_rows, tile_w4, tile_w8, &kPrefill,
 };
 
 }  // namespace

@@ -92,9 +92,15 @@ struct IsaKernels {
   //   axpy_rows: acc[g, d] += coef[g] * row[d]
   //   exp_rows:  x[i] = exp(x[i] - shift) for i < n, returns their sum (the softmax numerators)
   void (*dot_rows)(const float* q, int64_t G, int64_t D, const float* row, float* out);
-  //   dot_rows_q4: out[g] = sum_d q[g, d] * w[d], w the int4 row p: uint8 [D/2] (unscaled), D % 64 == 0
-  void (*dot_rows_q4)(const float* q, int64_t G, int64_t D, const uint8_t* p, float* out);
+  //   qk_rows_q4: out[g * ld + j] = scale * sum_d q[g, d] * w_j[d] (the K pass over n body rows at once): w_j
+  //   the int4 row rows + r_j * stride, uint8 [D/2] (unscaled), r_j = idx ? idx[j] : j; D % 16 == 0
+  void (*qk_rows_q4)(const float* q, int64_t G, int64_t D, int64_t n, const uint8_t* rows, int64_t stride,
+                     const int64_t* idx, float scale, float* out, int64_t ld);
   void (*axpy_rows)(const float* coef, int64_t G, int64_t D, const float* row, float* acc);
+  //   pv_rows_q4: acc[g, d] += scale * sum_{j < n} coef[g * ld + j] * w_j[d] (the V pass over n body rows at
+  //   once): w_j the int4 row rows + r_j * stride, uint8 [D/2] (unscaled), r_j = idx ? idx[j] : j; D % 16 == 0
+  void (*pv_rows_q4)(const float* coef, int64_t ld, int64_t G, int64_t n, const uint8_t* rows, int64_t stride,
+                     const int64_t* idx, float scale, int64_t D, float* acc);
   float (*exp_rows)(float* x, int64_t n, float shift);
 
   // acc: int32 [mr, nr] (row stride nr) = A[0:mr] . W[0:nr] over K, exact.

@@ -62,9 +62,9 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
 // the chunk's own max, and the unnormalized P·V. A serial pass then merges the chunks of each (sequence, KV head):
 // out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c. Chunks keep both threads busy at batch 1
 // (SmolLM2 has 3 KV heads: one task per head left one of 2 threads idle half the time).
-// Each K/V row is decoded once per task (prefix: widened; body: the integers as fp32, *unscaled*) into an L1
-// buffer and used by all G heads; the per-head scale is applied once per score and once per V coefficient instead
-// of per element. sm_scale is folded into q.
+// The body rows of a task are read packed, each unpacked into registers once per pass and used by all G heads
+// (qk_rows_q4, pv_rows_q4); the prefix rows are widened into an fp32 row. The per-head scale is applied once per
+// score and once to the V sum instead of per element. sm_scale is folded into q.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
                                 int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
@@ -90,6 +90,7 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
   parallel_for(0, n_chunks * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf((size_t)(G * D)), row((size_t)D), scores((size_t)(G * kChunkRows)), coef((size_t)G),
         dots((size_t)G);
+    std::vector<int64_t> body_idx((size_t)(mask ? kChunkRows : 0));  // body rows of a masked chunk
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / Hkv, h = t % Hkv;
       const int64_t b = std::upper_bound(chunk0.begin(), chunk0.end(), c) - chunk0.begin() - 1;
@@ -113,19 +114,33 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
         }
         return scale[h];
       };
-      for (int64_t j = 0; j < nj; ++j) {
-        const int64_t n = pos_at(j0 + j);
-        float s;
-        if (n >= P && bits == 4 && D % 64 == 0) {  // packed row straight into registers (no fp32 copy)
-          ker.dot_rows_q4(qf.data(), G, D, (const uint8_t*)k_body + (b * body_sb + h * body_sh + (n - P)) * body_row,
-                          dots.data());
-          s = k_scale[h];
+      // Both passes: the positions ascend, so the prefix rows come first; they (and every row of a layout the
+      // packed passes do not take) go row by row through an fp32 copy, the body rows in one call per pass that
+      // reads them packed and applies the head's scale once per score (K) or once to the weighted sum (V).
+      const bool packed = bits == 4 && D % 16 == 0;
+      int64_t jb = 0;  // the chunk's first row the packed passes take
+      while (jb < nj && (!packed || pos_at(j0 + jb) < P)) ++jb;
+      const uint8_t *k_rows = nullptr, *v_rows = nullptr;
+      const int64_t* idx = nullptr;
+      int64_t head_off = 0;
+      if (jb < nj) {
+        const int64_t head = (b * body_sb + h * body_sh) * body_row;
+        if (mask) {  // the body rows this chunk attends to, by index
+          for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = pos_at(j0 + i) - P;
+          idx = body_idx.data();
         } else {
-          s = load_row(prefix_k, k_body, k_scale, n);
-          ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
+          head_off = (j0 + jb - P) * body_row;
         }
+        k_rows = (const uint8_t*)k_body + head + head_off;
+        v_rows = (const uint8_t*)v_body + head + head_off;
+      }
+      for (int64_t j = 0; j < jb; ++j) {
+        const float s = load_row(prefix_k, k_body, k_scale, pos_at(j0 + j));
+        ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
         for (int64_t g = 0; g < G; ++g) scores[g * kChunkRows + j] = dots[g] * s;
       }
+      if (jb < nj)
+        ker.qk_rows_q4(qf.data(), G, D, nj - jb, k_rows, body_row, idx, k_scale[h], scores.data() + jb, kChunkRows);
       float* m = part_m.data() + t * G;
       float* l = part_l.data() + t * G;
       float* acc = part_acc.data() + t * G * D;
@@ -137,11 +152,13 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
         l[g] = ker.exp_rows(sg, nj, mx);
       }
       std::fill(acc, acc + G * D, 0.0f);
-      for (int64_t j = 0; j < nj; ++j) {
+      for (int64_t j = 0; j < jb; ++j) {
         const float s = load_row(prefix_v, v_body, v_scale, pos_at(j0 + j));
         for (int64_t g = 0; g < G; ++g) coef[g] = scores[g * kChunkRows + j] * s;
         ker.axpy_rows(coef.data(), G, D, row.data(), acc);
       }
+      if (jb < nj)
+        ker.pv_rows_q4(scores.data() + jb, kChunkRows, G, nj - jb, v_rows, body_row, idx, v_scale[h], D, acc);
     }
   });
   // merge the chunks of each (sequence, KV head); a sequence with no attended position gets zeros

@@ -60,17 +60,34 @@ void dot_rows(const float* q, int64_t G, int64_t D, const float* row, float* out
   }
 }
 
-void dot_rows_q4(const float* q, int64_t G, int64_t D, const uint8_t* p, float* out) {
-  for (int64_t g = 0; g < G; ++g) {
-    float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * (float)(d % 2 ? high_nibble(p[d / 2]) : low_nibble(p[d / 2]));
-    out[g] = s;
+void qk_rows_q4(const float* q, int64_t G, int64_t D, int64_t n, const uint8_t* rows, int64_t stride,
+                const int64_t* idx, float scale, float* out, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* p = rows + (idx ? idx[j] : j) * stride;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * (float)(d % 2 ? high_nibble(p[d / 2]) : low_nibble(p[d / 2]));
+      out[g * ld + j] = scale * s;
+    }
   }
 }
 
 void axpy_rows(const float* coef, int64_t G, int64_t D, const float* row, float* acc) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) acc[g * D + d] += coef[g] * row[d];
+}
+
+void pv_rows_q4(const float* coef, int64_t ld, int64_t G, int64_t n, const uint8_t* rows, int64_t stride,
+                const int64_t* idx, float scale, int64_t D, float* acc) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint8_t b = rows[(idx ? idx[j] : j) * stride + d / 2];
+        s += coef[g * ld + j] * (float)(d % 2 ? high_nibble(b) : low_nibble(b));
+      }
+      acc[g * D + d] += scale * s;
+    }
 }
 
 float exp_rows(float* x, int64_t n, float shift) {
@@ -116,7 +133,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int
 
 const IsaKernels kScalar = {
     "scalar", 4, 4, 4, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, dot_rows_q4, axpy_rows, exp_rows, tile_w4, tile_w8, nullptr,
+    dot_rows, qk_rows_q4, axpy_rows, pv_rows_q4, exp_rows, tile_w4, tile_w8, nullptr,
 };
 
 }  // namespace
