@@ -13,10 +13,9 @@ operands, the mask). On CUDA the compile mode is "reduce-overhead": the same ste
 The capacity is rounded up to ``CAPACITY_STEP`` tokens, so generate calls of similar lengths share one graph
 (``dynamic=False``: one graph per batch size and capacity). ``timed_compiled_call`` logs the one-time compile.
 
-The step is traced with dynamo's ``inline_inbuilt_nn_modules`` off: the model's ~650 weights, scales and norms are
-then attributes of the graph, guarded by the modules' identity, not ~650 graph inputs each checked (dtype, shape,
-strides) before every step. Measured on SmolLM2 (docs/PERF.md, "Compiled decode step"): compile 64 -> 19 s, the
-wrapper's own time per step 8.7 -> 3.9 ms. The price: a second model instance compiles its own graph.
+The model's weights, scales and norms are graph inputs (dynamo inlines nn.Modules; torch 2.13 has no switch to
+make them graph attributes: ``inline_inbuilt_nn_modules`` is deprecated and does nothing), each guarded
+(dtype, shape, strides) before every step; docs/PERF.md ("Compiled decode step") says what that costs.
 """
 from __future__ import annotations
 
@@ -101,8 +100,7 @@ def timed_compiled_call(orig):
 
         def run(*args, **kwargs):
             try:
-                with torch._dynamo.config.patch(inline_inbuilt_nn_modules=False):
-                    return fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 logger.warning("pqk: torch.compile's recompile limit (%d graphs of the model's forward in this "
                                "process) is reached: this decode step runs eagerly",
