@@ -1,5 +1,6 @@
-"""Smoke tests of benchmarks/e2e.py and benchmarks/kernels.py on toy shapes: the scripts run, write the files they
-promise with the promised schema, and reject bad flags with a clear argparse error. No timing is asserted."""
+"""Smoke tests of the benchmarks/ scripts (e2e.py, kernels.py, profile_decode.py, ...) on toy shapes: the scripts
+run, write the files they promise with the promised schema, and reject bad flags with a clear argparse error. No
+timing is asserted."""
 from __future__ import annotations
 
 import importlib.util
@@ -191,3 +192,20 @@ def test_cpu_peak_quick(tmp_path, int_mm):
             assert ("x_int_mm" in r) == (int_mm == "on")
     md = out.with_suffix(".md").read_text()
     assert ("not timed" in md) == (int_mm == "off")
+
+
+def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
+    """profile_decode.py on tiny-llama (2 layers): per step, 7 GEMVs per layer + the W8A8 lm_head and one
+    decode attention per layer, grouped apart; the JSON and markdown are written."""
+    pytest.importorskip("transformers")
+    if "cpu:scalar" not in pqk.available_backends():
+        pytest.skip("C++ extension not built")
+    prof = _load("profile_decode")
+    out = tmp_path / "prof.json"
+    rec = prof.main(["--model", "tiny-llama", "--ctx", "16", "--steps", "2", "--threads", "1",
+                     "--json", str(out)])
+    assert rec["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 7 + 1)
+    assert rec["group_calls"]["pqk::kv_decode (attention)"] == pytest.approx(2)
+    assert rec["groups_ms"]["pqk::quant_linear"] > 0 and rec["step_wall"]["repeats"] == 2
+    assert json.loads(out.read_text())[0]["args"]["model"] == "tiny-llama"
+    assert "pqk::quant_linear" in (tmp_path / "prof.md").read_text()
