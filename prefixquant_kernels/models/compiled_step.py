@@ -62,8 +62,8 @@ def capacity(tokens: int) -> int:
 # Inductor options of the CPU step. Its Python wrapper checks the size and stride of every graph input and of every
 # custom op's output before use (~900 ``assert_size_stride`` calls per SmolLM2 step): dynamo's guards already
 # check the inputs, and the pqk ops' outputs have their fakes' shapes (tests/ops/test_library.py), so the wrapper's
-# asserts are dropped. Measured on SmolLM2, AVX2, one run interleaved: 27.4 -> 25.2 ms per decode step
-# (docs/PERF.md, "Compiled decode step", change 5).
+# asserts are dropped. Measured on SmolLM2, AVX2, the wrapper's self time per step (torch.profiler, separate
+# processes, 2 rounds each): 7.9-8.3 -> 5.7-7.3 ms (docs/PERF.md, "Compiled decode step", change 7).
 CPU_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
