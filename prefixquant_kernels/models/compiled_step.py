@@ -14,8 +14,9 @@ The capacity is rounded up to ``CAPACITY_STEP`` tokens, so generate calls of sim
 (``dynamic=False``: one graph per batch size and capacity). ``timed_compiled_call`` logs the one-time compile.
 
 The model's weights, scales and norms are graph inputs (dynamo inlines nn.Modules; torch 2.13 has no switch to
-make them graph attributes: ``inline_inbuilt_nn_modules`` is deprecated and does nothing), each guarded
-(dtype, shape, strides) before every step; docs/PERF.md ("Compiled decode step") says what that costs.
+make them graph attributes: ``inline_inbuilt_nn_modules`` is deprecated and does nothing). Dynamo would guard each
+of them (and every module's flags and hook dicts) before every step; ``step_guard_filter`` keeps the guards on the
+step's inputs and cache and replaces those on the model by one number, ``model._pqk_graph_key`` (``refresh_graph_key``).
 """
 from __future__ import annotations
 
@@ -68,17 +69,82 @@ CPU_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scal
 
 
 def compile_config(device: torch.device):
-    """transformers' CompileConfig for the step: fullgraph, static shapes; "reduce-overhead" (CUDA graphs) on
-    CUDA, elsewhere inductor's default mode with CPU_INDUCTOR_OPTIONS (torch.compile takes a mode or options, not
-    both); ``_compile_all_devices`` so a CPU model compiles too."""
+    """transformers' CompileConfig for the step: fullgraph, static shapes, step_guard_filter; "reduce-overhead"
+    (CUDA graphs) on CUDA, elsewhere inductor's default mode with CPU_INDUCTOR_OPTIONS (torch.compile takes a mode
+    or inductor options, not both); ``_compile_all_devices`` so a CPU model compiles too."""
     from transformers import CompileConfig
     if torch.device(device).type == "cuda":
-        cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="reduce-overhead")
+        cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="reduce-overhead",
+                            options={"guard_filter_fn": step_guard_filter})
     else:
         cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode=None,
-                            options=dict(CPU_INDUCTOR_OPTIONS))
+                            options=dict(CPU_INDUCTOR_OPTIONS, guard_filter_fn=step_guard_filter))
     cfg._compile_all_devices = True
     return cfg
+
+
+# ---- guards ------------------------------------------------------------------------------------------------------
+# Before every step dynamo checks the guards of the graph. For SmolLM2 they are ~7000, most on the model: each
+# weight, scale and norm (dtype, shape, strides, aliasing, five attribute lookups), each module's hook dicts, flags
+# and config values: 1.84 of a 10.8 ms step (AVX2, profiled; docs/PERF.md, "Compiled decode step", change 8). The
+# model does not change between the steps of a generate call, so the step keeps dynamo's guards on its inputs (ids,
+# mask, positions, the cache's tensors and flags, globals) and drops those on the model (sources under ``self``),
+# all but one: the value of ``model._pqk_graph_key``, which the traced forward reads (``check_graph_key``).
+# Without that guard (a model compiled without the patched get_compiled_call) the filter keeps every guard.
+# ``refresh_graph_key`` renews that number, once per generate call (get_compiled_call), whenever the model's
+# signature changed: its modules (name, type, training flag, hook counts, int / float / str / bool attributes), their
+# tensors (dtype, shape, strides, device, requires_grad) and its config's plain values. A changed model therefore
+# compiles a new graph, as it would with dynamo's own guards; a model changed between the steps of one generate call
+# (nothing in transformers does) would not be noticed.
+
+def model_signature(model) -> tuple:
+    """What the compiled step assumes of ``model`` beyond its inputs (see the comment above); a tuple to compare."""
+    plain = (int, float, str, bool, type(None))
+    sig = [tuple((k, v) for k, v in vars(model.config).items() if isinstance(v, plain))]
+    for name, m in model.named_modules():
+        attrs = tuple((k, v) for k, v in vars(m).items() if isinstance(v, plain) and k != "_pqk_graph_key")
+        sig.append((name, type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks), attrs))
+        for group in (m._parameters, m._buffers):
+            for k, t in group.items():
+                sig.append((k, None) if t is None else
+                           (k, t.dtype, tuple(t.shape), t.stride(), t.device, t.requires_grad))
+    return tuple(sig)
+
+
+_NEXT_KEY = iter(range(1, 1 << 62))
+
+
+def refresh_graph_key(model) -> int:
+    """Give ``model`` a new ``_pqk_graph_key`` if its signature changed since the last call (the first call always
+    does): graphs compiled for the model as it was no longer match. Returns the key."""
+    sig = model_signature(model)
+    old = getattr(model, "_pqk_graph_signature", None)
+    if old != sig:
+        if old is not None:
+            logger.warning("pqk: the model changed since its decode step was compiled (a module, a tensor's dtype, "
+                           "shape, strides or device, a hook or a setting): the step compiles again")
+        object.__setattr__(model, "_pqk_graph_signature", sig)
+        object.__setattr__(model, "_pqk_graph_key", next(_NEXT_KEY))
+    return model._pqk_graph_key
+
+
+def check_graph_key(model) -> None:
+    """Read in the traced forward: comparing ``model._pqk_graph_key`` makes dynamo guard its value (the one guard
+    on the model that step_guard_filter keeps)."""
+    key = getattr(model, "_pqk_graph_key", None)
+    if key is not None and key < 0:
+        raise RuntimeError(f"pqk: invalid _pqk_graph_key {key}")
+
+
+def step_guard_filter(entries) -> list[bool]:
+    """torch.compile's ``guard_filter_fn``: keep a guard unless its source is the model (``self...``), but keep the
+    guard on ``self._pqk_graph_key``; keep them all where that guard is missing."""
+    if not any(e.name == KEY_SOURCE for e in entries):
+        return [True] * len(entries)
+    return [not e.name.startswith("self.") or e.name == KEY_SOURCE for e in entries]
+
+
+KEY_SOURCE = "self._pqk_graph_key"   # the key's name in dynamo's guard entries (the step's frame calls the model self)
 
 
 RECOMPILE_LIMIT = 64   # dynamo's per-code-object limit (8 by default) is shared by every model of a process
@@ -93,6 +159,10 @@ def timed_compiled_call(orig):
     def get_compiled_call(self, compile_config):
         import torch._dynamo
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        from . import attention
+        if getattr(self, "pqk_state", None) is not None and attention.has_twin(self):
+            attention.use_rotated_attention(self)   # the step's forward switches to the twin anyway (patch.py)
+        refresh_graph_key(self)
         fn = orig(self, compile_config)
         held = getattr(self, "_pqk_timed_call", None)
         if held is not None and held[0] is fn:

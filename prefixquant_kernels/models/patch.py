@@ -67,6 +67,8 @@ def _forward_with_cache(orig):
     @functools.wraps(orig)
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         state = getattr(self, "pqk_state", None)
+        if torch.compiler.is_compiling():
+            compiled_step.check_graph_key(self)
         if state is not None and past_key_values is None and use_cache is not False:
             ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             past_key_values = state.make_cache(ref.shape[0])
@@ -85,6 +87,8 @@ def _forward_with_cache(orig):
         if prealloc and not attention.has_twin(self):
             raise ValueError(f"pqk: a preallocated PrefixQuantCache (max_cache_len) needs attn_implementation 'sdpa' "
                              f"or 'eager', the model uses {self.config._attn_implementation!r}")
+        if prealloc:   # its prefill's mask spans the capacity, its layers return the filled rows: the twin cuts it
+            attention.use_rotated_attention(self)
         fused = ((prealloc or getattr(past_key_values, "fused_decode", False)) and ref is not None
                  and attention.has_twin(self))
         if fused and ref.shape[1] == 1:

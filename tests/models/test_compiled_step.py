@@ -159,3 +159,56 @@ def test_preallocated_crop_and_reset_match_the_growing_cache():
     assert na == nb == model.pqk_state.prefix_len + 11 - 4 + 3 + 1
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_guard_filter_keeps_the_inputs_and_one_guard_on_the_model(monkeypatch):
+    """step_guard_filter drops dynamo's guards on the model's modules and tensors (thousands per step on a real
+    model) but keeps the cache's and the inputs' tensor guards and the one on the model's _pqk_graph_key."""
+    model = _quantized("qwen2")
+    seen, real = [], compiled_step.step_guard_filter
+
+    def recording(entries):
+        keep = real(entries)
+        seen.extend(zip(entries, keep))
+        return keep
+
+    monkeypatch.setattr(compiled_step, "step_guard_filter", recording)
+    _generate(model, *_prompt(batch=1, seed=3), compiled=True, new=3)
+    kept = [e for e, k in seen if k]
+    dropped = [e for e, k in seen if not k]
+    assert any(e.guard_type == "TENSOR_MATCH" and e.name.startswith("self.") for e in dropped)
+    assert not [e.name for e in kept if e.name.startswith("self.") and e.name != compiled_step.KEY_SOURCE]
+    assert any(e.name == compiled_step.KEY_SOURCE for e in kept)
+    tensors = {e.name for e in kept if e.guard_type == "TENSOR_MATCH"}
+    assert "input_ids" in tensors
+    assert any(n.startswith("past_key_values.layers[0].") for n in tensors)
+
+
+def test_a_changed_model_compiles_again(caplog):
+    """With the model's own guards dropped, _pqk_graph_key is what tells a changed model from the one compiled: a norm
+    weight with other strides (same values) must not run in the graph that indexes it densely."""
+    model = _quantized("llama", kv_rotate=False)
+    ids, mask = _prompt(seed=4)
+    _generate(model, ids, mask, compiled=True)
+    key = model._pqk_graph_key
+    assert compiled_step.refresh_graph_key(model) == key, "an unchanged model got a new key"
+    norm = model.model.layers[0].input_layernorm
+    old = norm.weight
+    strided = torch.zeros(2 * old.numel(), dtype=old.dtype)[::2]
+    strided.copy_(old.detach())
+    norm.weight = torch.nn.Parameter(strided, requires_grad=old.requires_grad)
+    try:
+        with caplog.at_level(logging.WARNING, logger="prefixquant_kernels"):
+            comp = _generate(model, ids, mask, compiled=True)
+        assert model._pqk_graph_key != key
+        assert any("step compiles again" in r.getMessage() for r in caplog.records)
+        eager = _generate(model, ids, mask, compiled=False)
+        assert torch.equal(comp.sequences, eager.sequences)
+        for a, b in zip(comp.logits, eager.logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=0.03 * float(b.abs().max()))
+        handle = norm.register_forward_hook(lambda *a: None)     # a hook is a change too
+        k2 = compiled_step.refresh_graph_key(model)
+        handle.remove()
+        assert k2 != key and compiled_step.refresh_graph_key(model) != k2
+    finally:
+        norm.weight = old
