@@ -198,7 +198,92 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   }
 }
 
+// acc int32 [mm, nn] of rows row0.. and columns n0.. -> y = acc * (row scale * w_scale) + bias -> g.out
+inline void store_tile(const GemmArgs& g, int64_t row0, int64_t n0, int mm, int nn, const int32_t* acc,
+                       const float* rscale /* fp32 [mm] */) {
+  for (int i = 0; i < mm; ++i) {
+    for (int j = 0; j < nn; ++j) {
+      float y = dequant_value(acc[i * nn + j], rscale[i], g.w_scale[n0 + j]);
+      if (g.bias) y += g.bias[n0 + j];
+      store_from_f32(g.out, (row0 + i) * g.N + n0 + j, y, g.out_type);
+    }
+  }
+}
+
+// W tiles per parallel task: enough work to amortize scheduling, ~64 KB of W
+inline int64_t decode_tile_grain(int nr, int64_t w_stride) {
+  return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, nr * w_stride));
+}
+
+// Whether b's A row quantizes exactly as a's: the same float source and bits, and the same static scale (or both
+// dynamic per token, which derives the scale from the same row).
+bool same_a_quantization(const GemmArgs& a, const GemmArgs& b) {
+  if (a.a_source != ASource::kFloat || b.a_source != ASource::kFloat || a.a != b.a ||
+      a.a_float_type != b.a_float_type || a.a_bits != b.a_bits || a.K != b.K)
+    return false;
+  if (!a.a_scale || !b.a_scale) return !a.a_scale && !b.a_scale;
+  return a.a_scale[0] == b.a_scale[0];
+}
+
 }  // namespace
+
+void gemm_shared_a(const GemmArgs* gs, int n, Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  bool fused = n > 1;
+  for (int i = 0; i < n && fused; ++i)
+    fused = gs[i].M == 1 && gs[i].N > 0 && gs[i].K == gs[0].K && gs[i].w_bits == gs[0].w_bits &&
+            gs[i].a_source == ASource::kFloat;
+  if (!fused) {
+    for (int i = 0; i < n; ++i) gemm(gs[i], isa);
+    return;
+  }
+  // As gemm()'s decode path (one A row), with the W tiles of all n GEMMs in one parallel region: a small
+  // projection (SmolLM2's k / v: 192 x 576, 55 KB) is one task on one thread when alone, and each call would open
+  // and join its own region; the row is quantized once per distinct scale (q, k, v share their input's).
+  const int64_t K = gs[0].K, kp = round_up(std::max<int64_t>(K, 1), kChunk);
+  const bool w4 = gs[0].w_bits == 4;
+  const int64_t w_stride = w4 ? K / 2 : K;
+  const int nr = w4 ? ker.nr_decode : ker.nr_max;
+  std::vector<int8_t> panel((size_t)(n * kp)), tmp((size_t)std::max<int64_t>(K, 1));
+  std::vector<int32_t> rowsum((size_t)n);
+  std::vector<float> rscale((size_t)n);
+  std::vector<int> src((size_t)n);            // GEMM i reads the A panel row of GEMM src[i] <= i
+  std::vector<int64_t> first((size_t)n + 1);  // GEMM i owns tiles [first[i], first[i + 1])
+  first[0] = 0;
+  for (int i = 0; i < n; ++i) {
+    src[i] = i;
+    for (int j = 0; j < i; ++j) {
+      if (same_a_quantization(gs[j], gs[i])) {
+        src[i] = src[j];
+        break;
+      }
+    }
+    if (src[i] == i) {
+      rscale[i] = build_panel_row(gs[i], ker, 0, kp, panel.data() + i * kp, tmp.data(), w4);
+      rowsum[i] = ker.row_sum(panel.data() + i * kp, kp);
+    }
+    if (gs[i].a_scale_out) gs[i].a_scale_out[0] = rscale[src[i]];
+    first[i + 1] = first[i] + (gs[i].N + nr - 1) / nr;
+  }
+  parallel_for(0, first[n], decode_tile_grain(nr, w_stride), [&](int64_t tb, int64_t te) {
+    int32_t acc[16 * 16];
+    int i = 0;
+    for (int64_t t = tb; t < te; ++t) {
+      while (t >= first[i + 1]) ++i;
+      const GemmArgs& g = gs[i];
+      const int s = src[i];
+      const int64_t n0 = (t - first[i]) * nr;
+      const int nn = (int)std::min<int64_t>(nr, g.N - n0);
+      const void* w_tile = (const char*)g.w + n0 * w_stride;
+      if (w4) {
+        ker.tile_w4(panel.data() + s * kp, kp, &rowsum[s], g.a_bits, (const uint8_t*)w_tile, w_stride, K, 1, nn, acc);
+      } else {
+        ker.tile_w8(panel.data() + s * kp, kp, (const int8_t*)w_tile, w_stride, K, 1, nn, acc);
+      }
+      store_tile(g, 0, n0, 1, nn, acc, &rscale[s]);
+    }
+  });
+}
 
 void gemm(const GemmArgs& g, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);
@@ -224,8 +309,7 @@ void gemm(const GemmArgs& g, Isa isa) {
   std::vector<int32_t> rowsum((size_t)mb_max);
   std::vector<float> rscale((size_t)mb_max);
   const int64_t n_tiles = (N + nr - 1) / nr;
-  // W tiles per task: enough work to amortize scheduling, ~64 KB of W
-  const int64_t tile_grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, nr * w_stride));
+  const int64_t tile_grain = decode_tile_grain(nr, w_stride);
   // W tiles per L2 block (see the loop below)
   const int64_t tiles_per_block = std::max<int64_t>(1, kWBlockBytes / std::max<int64_t>(1, nr * w_stride));
 
@@ -263,14 +347,7 @@ void gemm(const GemmArgs& g, Isa isa) {
             } else {
               ker.tile_w8(a, kp, (const int8_t*)w_tile, w_stride, K, mm, nn, acc);
             }
-            for (int i = 0; i < mm; ++i) {
-              const int64_t row = m0 + i0 + i;
-              for (int j = 0; j < nn; ++j) {
-                float y = dequant_value(acc[i * nn + j], rscale[i0 + i], g.w_scale[n0 + j]);
-                if (g.bias) y += g.bias[n0 + j];
-                store_from_f32(g.out, row * N + n0 + j, y, g.out_type);
-              }
-            }
+            store_tile(g, m0 + i0, n0, mm, nn, acc, rscale.data() + i0);
           }
         }
       }

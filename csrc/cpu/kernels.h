@@ -98,6 +98,10 @@ struct GemmArgs {
   float* a_scale_out = nullptr;           // optional fp32 [M]: the per-row scales actually used
 };
 void gemm(const GemmArgs& args, Isa isa);
+// n GEMMs over the same float A (the q|k|v or gate|up projections of one input; same M, K, a_bits, w_bits): at
+// decode (M == 1) one parallel region over the W tiles of all n, and A quantized once per distinct static scale;
+// otherwise gemm() n times. Each out equals gemm(args[i]) bit for bit.
+void gemm_shared_a(const GemmArgs* args, int n, Isa isa);
 
 // ---- benchmark only ------------------------------------------------------------------------------------
 // The int8 multiply-accumulate peak of `isa` on all parallel_for threads, measured for `seconds`: a throughput loop

@@ -169,6 +169,45 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   return out;
 }
 
+// quant_linear for n weights over one x (q|k|v, gate|up): out[i] == quant_linear(x, w[i], w_scale[i], a_scale[i],
+// a_bits, bias[i]) bit for bit; at decode one parallel region for all (gemm_shared_a).
+std::vector<at::Tensor> quant_linear_multi_cpu(const at::Tensor& x, at::TensorList w, at::TensorList w_scale,
+                                               const c10::List<c10::optional<at::Tensor>>& a_scale, int64_t a_bits,
+                                               const c10::List<c10::optional<at::Tensor>>& bias, int64_t cpu_isa) {
+  check_cpu_2d(x, "x");
+  TORCH_CHECK(a_bits == 4 || a_bits == 8, "pqk: a_bits must be 4 or 8, got ", a_bits);
+  const size_t n = w.size();
+  TORCH_CHECK(n >= 1, "pqk: w must hold at least one weight");
+  TORCH_CHECK(w_scale.size() == n && a_scale.size() == n && bias.size() == n, "pqk: w (", n, "), w_scale (",
+              w_scale.size(), "), a_scale (", a_scale.size(), ") and bias (", bias.size(), ") must be lists of one length");
+  std::vector<GemmArgs> gs(n);
+  std::vector<float> static_scales(n, 0.0f);   // gs[i].a_scale points here
+  std::vector<at::Tensor> outs;
+  outs.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    GemmArgs& g = gs[i];
+    g.a_source = ASource::kFloat;
+    g.a_float_type = float_type(x, "x");
+    g.a_bits = (int)a_bits;
+    g.M = x.size(0);
+    g.K = x.size(1);
+    g.a = x.data_ptr();
+    const c10::optional<at::Tensor> s = a_scale.get(i);
+    if (s.has_value()) {
+      static_scales[i] = scalar_scale(*s);
+      g.a_scale = &static_scales[i];
+    }
+    set_weight(g, w[i], w_scale[i], bias.get(i));
+    TORCH_CHECK(g.w_bits == gs[0].w_bits, "pqk: every w must have one dtype (w[0] ", w[0].scalar_type(), ", w[", i,
+                "] ", w[i].scalar_type(), ")");
+    outs.push_back(at::empty({g.M, g.N}, x.options()));
+    g.out = outs.back().data_ptr();
+    g.out_type = g.a_float_type;
+  }
+  gemm_shared_a(gs.data(), (int)n, to_isa(cpu_isa));
+  return outs;
+}
+
 at::Tensor kv_dequant_static_cpu(const c10::optional<at::Tensor>& prefix, const at::Tensor& body,
                                  const at::Tensor& scale, int64_t bits, at::ScalarType out_dtype, int64_t cpu_isa) {
   TORCH_CHECK(body.device().is_cpu() && body.dim() == 4 && body.is_contiguous(), "pqk: body must be a contiguous 4-D CPU tensor");
@@ -284,6 +323,7 @@ TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int4_matmul", &int4_matmul_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("quant_linear_multi", &quant_linear_multi_cpu);
 }
 
 }  // namespace cpu

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from . import graph_passes
+
 logger = logging.getLogger("prefixquant_kernels")
 
 CAPACITY_STEP = 256   # tokens: the preallocated body is a multiple of this (fewer distinct shapes, fewer compiles)
@@ -65,7 +67,10 @@ def capacity(tokens: int) -> int:
 # check the inputs, and the pqk ops' outputs have their fakes' shapes (tests/ops/test_library.py), so the wrapper's
 # asserts are dropped. Measured on SmolLM2, AVX2, the wrapper's self time per step (torch.profiler, separate
 # processes, 2 rounds each): 7.9-8.3 -> 5.7-7.3 ms (docs/PERF.md, "Compiled decode step", change 7).
-CPU_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+# The post-grad pass (models/graph_passes.py) turns the quant_linear nodes of one input into one
+# quant_linear_multi node (change 9 there).
+CPU_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False,
+                        "post_grad_custom_post_pass": graph_passes.SharedInputLinears()}
 
 
 def compile_config(device: torch.device):

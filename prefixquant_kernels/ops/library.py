@@ -28,6 +28,14 @@ LIB.define(
     "quant_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? a_scale, int a_bits, Tensor? bias, "
     "int cpu_isa=-1) -> Tensor"
 )
+# quant_linear of n weights over one x (the q|k|v or gate|up projections of a layer's input): out[i] equals
+# quant_linear(x, w[i], w_scale[i], a_scale[i], a_bits, bias[i], cpu_isa) bit for bit. The CPU kernel runs a decode
+# step's n GEMVs in one parallel region (gemm_shared_a); other devices loop over quant_linear. Inserted by the
+# compiled step's graph pass (models/graph_passes.py), not called by modules.
+LIB.define(
+    "quant_linear_multi(Tensor x, Tensor[] w, Tensor[] w_scale, Tensor?[] a_scale, int a_bits, Tensor?[] bias, "
+    "int cpu_isa=-1) -> Tensor[]"
+)
 
 LIB.define(
     "int4_matmul_requant(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, float out_scale, "
@@ -99,6 +107,17 @@ def _int4_matmul_fake(a, w, a_scale, w_scale, bias, out_dtype, cpu_isa=-1):
 @torch.library.register_fake("pqk::quant_linear")
 def _quant_linear_fake(x, w, w_scale, a_scale, a_bits, bias, cpu_isa=-1):
     return x.new_empty([x.shape[0], w.shape[0]], dtype=x.dtype)
+
+
+@torch.library.register_fake("pqk::quant_linear_multi")
+def _quant_linear_multi_fake(x, w, w_scale, a_scale, a_bits, bias, cpu_isa=-1):
+    return [x.new_empty([x.shape[0], wi.shape[0]], dtype=x.dtype) for wi in w]
+
+
+@torch.library.impl(LIB, "quant_linear_multi", "CompositeExplicitAutograd")
+def _quant_linear_multi_loop(x, w, w_scale, a_scale, a_bits, bias, cpu_isa=-1):
+    """Every device without its own kernel (CUDA): one quant_linear per weight."""
+    return [torch.ops.pqk.quant_linear(x, *args, a_bits, b, cpu_isa) for *args, b in zip(w, w_scale, a_scale, bias)]
 
 
 @torch.library.register_fake("pqk::kv_dequant_static")
