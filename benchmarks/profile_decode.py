@@ -65,9 +65,25 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--keep-model-guards", action="store_true",
+                   help="A/B: dynamo keeps its guards on the model (compiled_step.step_guard_filter off)")
+    p.add_argument("--no-graph-pass", action="store_true",
+                   help="A/B: no quant_linear_multi grouping (models/graph_passes.py off)")
     args = p.parse_args(argv)
     from prefixquant_kernels.models import compiled_step
+    saved = compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS
+    if args.keep_model_guards:
+        compiled_step.step_guard_filter = lambda entries: [True] * len(entries)
+    if args.no_graph_pass:
+        compiled_step.CPU_INDUCTOR_OPTIONS = {k: v for k, v in compiled_step.CPU_INDUCTOR_OPTIONS.items()
+                                              if k != "post_grad_custom_post_pass"}
+    try:
+        return _run(args, compiled_step)
+    finally:
+        compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS = saved
 
+
+def _run(args, compiled_step) -> dict:
     model, extra = build(args)
     step_fn = model.get_compiled_call(compiled_step.compile_config(torch.device("cpu")))
     cap = compiled_step.capacity(args.ctx + 2 * args.steps + 4)
@@ -99,7 +115,9 @@ def main(argv=None) -> dict:
     wall = summarize(walls)
     rows = sorted(per.items(), key=lambda kv: -kv[1])
     lines = [f"{machine_line(machine_info('cpu'))}; {args.model}, static W4A{args.a_bits}KV4 + prefix, "
-             f"lm_head {args.lm_head}, ctx {args.ctx}, {args.steps} steps",
+             f"lm_head {args.lm_head}, ctx {args.ctx}, {args.steps} steps"
+             + (", model guards kept" if args.keep_model_guards else "")
+             + (", no graph pass" if args.no_graph_pass else ""),
              f"compile {compile_s:.1f} s; step wall (no profiler) median {wall['median_ms']:.2f} ms "
              f"[{wall['min_ms']:.2f}, {wall['max_ms']:.2f}]", "",
              "| where | ms / step (self, profiled) | calls / step |", "|---|---|---|"]

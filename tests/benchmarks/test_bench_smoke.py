@@ -195,8 +195,9 @@ def test_cpu_peak_quick(tmp_path, int_mm):
 
 
 def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
-    """profile_decode.py on tiny-llama (2 layers): per step, 7 GEMVs per layer + the W8A8 lm_head and one
-    decode attention per layer, grouped apart; the JSON and markdown are written."""
+    """profile_decode.py on tiny-llama (2 layers): per step, the 7 GEMVs of a layer in 4 calls (q|k|v and gate|up
+    grouped by the graph pass; 7 with --no-graph-pass) + the W8A8 lm_head, and one decode attention per layer,
+    grouped apart; the JSON and markdown are written."""
     pytest.importorskip("transformers")
     if "cpu:scalar" not in pqk.available_backends():
         pytest.skip("C++ extension not built")
@@ -204,8 +205,11 @@ def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     out = tmp_path / "prof.json"
     rec = prof.main(["--model", "tiny-llama", "--ctx", "16", "--steps", "2", "--threads", "1",
                      "--json", str(out)])
-    assert rec["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 7 + 1)
+    assert rec["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 4 + 1)
     assert rec["group_calls"]["pqk::kv_decode (attention)"] == pytest.approx(2)
     assert rec["groups_ms"]["pqk::quant_linear"] > 0 and rec["step_wall"]["repeats"] == 2
     assert json.loads(out.read_text())[0]["args"]["model"] == "tiny-llama"
     assert "pqk::quant_linear" in (tmp_path / "prof.md").read_text()
+    ab = prof.main(["--model", "tiny-llama", "--ctx", "16", "--steps", "2", "--threads", "1",
+                    "--keep-model-guards", "--no-graph-pass"])
+    assert ab["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 7 + 1)
