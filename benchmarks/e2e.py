@@ -249,6 +249,19 @@ def _record(method, phase, calls: list[tuple[float, float]], tokens: int, mem: i
     return r
 
 
+# On the CPU, before a system takes over the cores (a prefill, a block of decode steps), it waits this long, so that
+# the previous system's worker threads (torch's OpenMP pool, llama.cpp's in its child process) have stopped
+# spin-waiting and gone to sleep. The first call after such a pause pays for waking its own threads (on the 2-vCPU
+# VMs here up to ~10 ms, more than a SmolLM2 decode step), so decode steps are timed in blocks of back-to-back steps,
+# as generate() runs them, after one untimed step per block (docs/PERF.md, change 10).
+PAUSE_S = 0.05
+
+
+def decode_tokens(args) -> int:
+    """Tokens the decode phase appends to a cache: 2 warm-up steps, one untimed step per block, the timed ones."""
+    return 2 + -(-args.decode_steps // args.decode_block) + args.decode_steps
+
+
 class MethodRun:
     """One method's quantized (or float) model, its cache ingredients and its timings (interleaved with the others').
 
@@ -269,7 +282,7 @@ class MethodRun:
         if compiled:
             from prefixquant_kernels.models import compiled_step
             self.step_fn = model.get_compiled_call(compiled_step.compile_config(torch.device(device)))
-            self.capacity = compiled_step.capacity(max(args.prefill, args.decode_ctx) + args.decode_steps + 4)
+            self.capacity = compiled_step.capacity(max(args.prefill, args.decode_ctx) + decode_tokens(args) + 2)
         else:
             self.step_fn, self.capacity = model, None
 
@@ -290,6 +303,7 @@ class MethodRun:
     def timed_prefill(self, ids: torch.Tensor) -> None:
         self.cache = None   # the previous cache is freed before the next is built
         gc.collect()
+        self.pause()
         holder = []   # the timed call's cache, kept for the memory count (and reused by decode)
         with PeakRSS() as rss:
             self.prefill_calls.append(_timed(lambda: holder.append(self.prefill(ids)), self.clock, self.device))
@@ -300,6 +314,10 @@ class MethodRun:
         with PeakRSS() as rss:
             self.decode_calls.append(_timed(lambda: self.step(tok), self.clock, self.device))
         self.decode_rss.append(rss.delta_bytes)
+
+    def pause(self) -> None:
+        if not self.cuda:
+            time.sleep(PAUSE_S)
 
     def records(self) -> list[dict]:
         from prefixquant_kernels.nn import QuantLinear
@@ -358,11 +376,10 @@ class LlamaCppRun:
 
     It runs in a child process: loaded into this one, beside torch, llama.cpp died of an illegal instruction in its
     second prompt eval on this machine (both runtimes set up the CPU their own way). The child times each call
-    itself; the parent waits PAUSE_S before each one so that torch's worker threads are asleep, not spinning on
-    the same two cores (the two runtimes never run at once)."""
+    itself; the parent waits PAUSE_S before each prefill and each block of steps, as for the other systems, so that
+    no runtime's worker threads still spin on the same two cores (the two runtimes never run at once)."""
 
     method = LLAMA_CPP
-    PAUSE_S = 0.05
 
     def __init__(self, path: str, args, n_ctx: int):
         import multiprocessing as mp
@@ -378,8 +395,10 @@ class LlamaCppRun:
         self.prefill_calls, self.decode_calls = [], []
         self.cache = None
 
+    def pause(self) -> None:
+        time.sleep(PAUSE_S)
+
     def _call(self, kind: str, tokens: list[int]) -> float:
-        time.sleep(self.PAUSE_S)
         self.conn.send((kind, tokens))
         return self.conn.recv()
 
@@ -391,6 +410,7 @@ class LlamaCppRun:
         self._call("step", [int(tok)])
 
     def timed_prefill(self, ids: torch.Tensor) -> None:
+        self.pause()
         self.prefill_calls.append((self._call("prefill", ids[0].tolist()), float("nan")))
         self.cache = self
 
@@ -471,15 +491,23 @@ def run_interleaved(runs: list[MethodRun], args, device: str, bar) -> list[dict]
                 run.cache = None
                 gc.collect()
                 run.cache = run.prefill(ids[:, :args.decode_ctx])
-        nxt = torch.randint(0, vocab, (args.decode_steps + 2, 1), generator=gen).to(device)
+        nxt = torch.randint(0, vocab, (decode_tokens(args), 1), generator=gen).to(device)
         for run in runs:
             for t in range(2):   # warm-up steps (a compiled step compiles in the first)
                 run.step(nxt[t:t + 1])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for t in range(2, args.decode_steps + 2):
-            for run in _rounds(runs, t):
-                run.timed_step(nxt[t:t + 1])
+        # blocks of --decode-block back-to-back steps, the systems in turn (reversed every other round); each block
+        # starts after a pause and one untimed step (PAUSE_S)
+        t, done, r = 2, 0, 0
+        while done < args.decode_steps:
+            n = min(args.decode_block, args.decode_steps - done)
+            for run in _rounds(runs, r):
+                run.pause()
+                run.step(nxt[t:t + 1])
+                for i in range(n):
+                    run.timed_step(nxt[t + 1 + i:t + 2 + i])
+            t, done, r = t + 1 + n, done + n, r + 1
         bar.update(1)
         peak_decode = torch.cuda.max_memory_allocated() if cuda else 0
         out = []
@@ -531,7 +559,8 @@ def markdown(records: list[dict], args) -> str:
              f"quantized = W4A4 (KV4; static-a8: W4A8 KV4), float parts in {args.q_dtype}; decode of the static "
              f"methods {'compiled' if args.compile == 'on' else 'eager'}; lm_head of the quantized methods: "
              f"{'W8A8 per token' if args.lm_head == 'int8' else args.fp_dtype}. Median of {args.repeats} prefills / "
-             f"{args.decode_steps} decode steps.",
+             f"{args.decode_steps} decode steps (in blocks of {args.decode_block} back-to-back steps per system, "
+             f"systems in turn).",
              "", "| method | phase | median ms | q1–q3 ms | min–max ms | decoder ms | lm_head ms | tokens/s | "
                  "weights+KV MiB | RSS peak Δ MiB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -607,6 +636,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill", type=_positive, default=2048, help="prompt tokens of the prefill phase")
     p.add_argument("--decode-ctx", type=_positive, default=2048, help="cache length the decode steps run at")
     p.add_argument("--decode-steps", type=_positive, default=10, help="timed decode steps (after 2 warm-up steps)")
+    p.add_argument("--decode-block", type=_positive, default=10,
+                   help="back-to-back decode steps a system runs before the next takes over (one more, untimed)")
     p.add_argument("--repeats", type=_positive, default=3, help="timed prefills per method (after a short warm-up)")
     p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated: fp,dynamic,static")
     p.add_argument("--fp-dtype", choices=tuple(DTYPES), default=None,
@@ -671,7 +702,7 @@ def main(argv=None) -> list[dict]:
     gguf = llama_cpp_path(args)
     if gguf is not None:
         bar.set_description("llama.cpp load")
-        runs.append(LlamaCppRun(gguf, args, n_ctx=max(args.prefill, args.decode_ctx) + args.decode_steps + 16))
+        runs.append(LlamaCppRun(gguf, args, n_ctx=max(args.prefill, args.decode_ctx) + decode_tokens(args) + 16))
     records = [{**r, "build_seconds": run.build_s, "machine": machine, "measured": True, "interleaved": True,
                 "prefix_len": args.prefix_len if r["method"].startswith("static") else 0}
                for run, r in zip([x for x in runs for _ in range(2)], run_interleaved(runs, args, dev, bar))]

@@ -48,10 +48,10 @@ E2E_TINY = ["--device", "cpu", "--layers", "1", "--prefill", "16", "--decode-ctx
             "--decode-steps", "2", "--threads", "1", "--calib-tokens", "16"]
 
 
-@pytest.mark.parametrize("model,compiled", [("tiny-llama", "on"), ("tiny-qwen2", "off")])
-def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model, compiled):
+@pytest.mark.parametrize("model,compiled,block", [("tiny-llama", "on", 10), ("tiny-qwen2", "off", 1)])
+def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model, compiled, block):
     out = tmp_path / "sub" / "out.json"
-    e2e.main(E2E_TINY + ["--model", model, "--compile", compiled, "--json", str(out)])
+    e2e.main(E2E_TINY + ["--model", model, "--compile", compiled, "--decode-block", str(block), "--json", str(out)])
     records = json.loads(out.read_text())
     assert isinstance(records, list)
     assert {(r["method"], r["phase"]) for r in records} == {(m, p) for m in e2e.METHODS for p in e2e.PHASES}
@@ -70,8 +70,10 @@ def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model,
         for key in ("cpu", "threads", "torch", "triton", "transformers"):
             assert key in r["machine"]
         assert r["machine"]["threads"] == 1 and r["measured"] is True
-        # the decode steps ran on a cache of --decode-ctx tokens (+ the static prefix, + warm-up/timed steps)
-        want = (16 + r["prefix_len"]) if r["phase"] == "prefill" else (16 + r["prefix_len"] + 2 + 2)
+        # the decode steps ran on a cache of --decode-ctx tokens (+ the static prefix, + 2 warm-up steps, one
+        # untimed step per block of back-to-back steps, the 2 timed ones)
+        blocks = -(-2 // block)   # 2 timed steps
+        want = (16 + r["prefix_len"]) if r["phase"] == "prefill" else (16 + r["prefix_len"] + 2 + blocks + 2)
         assert r["cache_tokens"] == want, r
         # 7 linears per layer swapped in the quantized methods, none in fp
         assert r["quant_linears"] == (0 if r["method"] == "fp" else 7)
