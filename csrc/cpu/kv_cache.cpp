@@ -74,13 +74,17 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
   const IsaKernels& ker = kernels_for(isa);
   const int64_t G = Hq / Hkv, N = P + T, body_row = bits == 4 ? D / 2 : D;
   // the attended positions of each sequence: all N, or those its mask row allows (left padding)
+  // A sequence whose attended positions are exactly 0..n-1 (no left padding: every row of a batch-1 step) is read
+  // as an unmasked one (dense): its rows by offset, not through the index list.
   std::vector<std::vector<int64_t>> pos((size_t)(mask ? B : 0));
   std::vector<int64_t> n_att((size_t)B, N), chunk0((size_t)B + 1, 0);
+  std::vector<char> dense((size_t)B, 1);
   for (int64_t b = 0; b < B; ++b) {
     if (mask) {
       for (int64_t n = 0; n < N; ++n)
         if (mask[b * mask_stride + n]) pos[(size_t)b].push_back(n);
       n_att[(size_t)b] = (int64_t)pos[(size_t)b].size();
+      dense[(size_t)b] = n_att[(size_t)b] == 0 || pos[(size_t)b].back() == n_att[(size_t)b] - 1;
     }
     chunk0[(size_t)b + 1] = chunk0[(size_t)b] + (n_att[(size_t)b] + kChunkRows - 1) / kChunkRows;
   }
@@ -96,7 +100,8 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       const int64_t b = std::upper_bound(chunk0.begin(), chunk0.end(), c) - chunk0.begin() - 1;
       const int64_t j0 = (c - chunk0[(size_t)b]) * kChunkRows;
       const int64_t nj = std::min(kChunkRows, n_att[(size_t)b] - j0);
-      auto pos_at = [&](int64_t j) { return mask ? pos[(size_t)b][(size_t)j] : j; };
+      const bool masked = mask && !dense[(size_t)b];
+      auto pos_at = [&](int64_t j) { return masked ? pos[(size_t)b][(size_t)j] : j; };
       const int64_t q0 = (b * Hq + h * G) * D;  // first element of query head h*G in q and out
       for (int64_t i = 0; i < G * D; ++i) qf[i] = load_as_f32(q, q0 + i, qt) * sm_scale;
       // row n of K or V (n < P: the prefix, else the body) -> row as fp32; returns the row's scale
@@ -125,7 +130,7 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       int64_t head_off = 0;
       if (jb < nj) {
         const int64_t head = (b * body_sb + h * body_sh) * body_row;
-        if (mask) {  // the body rows this chunk attends to, by index
+        if (masked) {  // the body rows this chunk attends to, by index
           for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = pos_at(j0 + i) - P;
           idx = body_idx.data();
         } else {
