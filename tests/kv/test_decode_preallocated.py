@@ -93,3 +93,36 @@ def test_bad_body_len_and_mask(gen):
         op(q, pk, pv, kp, vp, ks, vs, 4, mask=mask[:, :10])
     with pytest.raises(RuntimeError, match="body_len"):   # past the capacity: the C++ kernel's check
         op(q, pk, pv, kp, vp, ks, vs, 4, body_len=torch.tensor([17]), backend="cpu")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compiled_update_writes_the_ops_bytes(bits, gen):
+    """Compiled, PreallocatedStaticLayer quantizes with kv_format's torch expression (inductor fuses it into the
+    cache write): the buffers must hold the bytes the eager op writes, ties (x = (n + 1/2) * scale), clamped
+    outliers and non-finite values included."""
+    from prefixquant_kernels.cache.modes.static import PreallocatedStaticLayer
+    B, H, D, cap = 2, 3, 64, 16
+    ks, vs = (torch.rand(H, generator=gen) * 0.5 + 0.05 for _ in range(2))
+    layers = [PreallocatedStaticLayer(ks, vs, bits=bits, backend="cpu", max_cache_len=cap) for _ in range(2)]
+
+    def new_kv(t):
+        out = []
+        for s in (ks, vs):
+            x = rand_kv((B, H, t, D), torch.float32, gen)
+            ties = (torch.randint(-9, 9, x.shape, generator=gen) + 0.5) * s.view(1, -1, 1, 1)
+            x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, ties, x)
+            x[0, 0, 0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+            out.append(x)
+        return out
+
+    k0, v0 = new_kv(5)
+    for layer in layers:                              # the prefill: eager in both
+        layer.update(k0.clone(), v0.clone())
+    step = torch.compile(lambda k, v: layers[1].update(k, v), fullgraph=True)
+    for _ in range(3):
+        k, v = new_kv(1)
+        layers[0].update(k.clone(), v.clone())        # the op
+        step(k.clone(), v.clone())                    # compiled: kv_format.quantize_static, fused
+    assert int(layers[0].length) == int(layers[1].length) == 8
+    assert torch.equal(layers[0].k, layers[1].k) and torch.equal(layers[0].v, layers[1].v)
+    assert (layers[1].k[:, :, 5:8] != 0).any()

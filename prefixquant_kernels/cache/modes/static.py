@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import kv_format
 from ...ops import kv as kv_ops
 from ..base import PrefixedLayer, Rows, fail, head_scales, nbytes, per_layer
 from ..registry import register_kv_mode
@@ -153,7 +154,13 @@ class PreallocatedStaticLayer(StaticQuantLayer):
     # are the layer's own buffers (shapes fixed at lazy_initialization). On the CPU that is the C++ op itself, so
     # a compiled step runs no Python between the graph and the kernel (ops/kv.py's composite op would add one call
     # per K, V and attention per layer and step).
+    # Compiled, the quantizer is the format's own torch expression (kv_format.quantize_static: divide, round half
+    # to even, clamp, pack two nibbles), not an op call: with a static scale it is elementwise, so inductor fuses it
+    # into the kernel that applies RoPE and into the cache's index_copy (two op calls and one kernel fewer per layer
+    # and step; bit for bit the op's bytes, tests/kv/test_decode_preallocated.py).
     def _quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return kv_format.quantize_static(x, scale, self.bits)
         if self.kind == "cpu":
             return torch.ops.pqk.kv_quantize_static(x, scale, self.bits)
         return torch.ops.pqk.kv_quantize(x, scale, self.bits, self.kind)
