@@ -61,6 +61,11 @@ class QuantConfig:
              / o_proj's input, per head. It spreads K's channel outliers before the per-head quantizer.
              None (default) = on when ``rotate`` is on, ``kv_bits <= 4`` and the KV mode is "static" or "dynamic"
              (KIVI / LogQuant quantize keys per channel, which a rotation would mix); True / False force it.
+    k_center: subtract a static per-head key offset ``mu [H_kv, D]`` (the mean of the calibration keys after RoPE
+             and the Q/K rotation) from every key before the static KV cache quantizes it, the 16-bit prefix keys
+             included: ``q (k - mu)^T = q k^T - q mu^T`` shifts every score of a query by the same constant, which
+             softmax removes, so the attention is unchanged while the per-head scale no longer spends range on the
+             keys' mean (the slowly rotating RoPE channels). kv_mode "static" only.
     weight_method: "rtn" (per-channel RTN with a clip search), "gptq", or "auto" (GPTQ for 4-bit weights).
     kv_mode: "auto" (static per-head for static activations, dynamic per-token otherwise), or a registered KV
              mode: "static", "dynamic", "kivi", "logquant", "fp16" (docs/KV_CACHE.md).
@@ -80,6 +85,7 @@ class QuantConfig:
     prefix_tokens: list[int] | None = None
     rotate: bool = True
     kv_rotate: bool | None = None
+    k_center: bool = False
     weight_method: str = "auto"
     kv_mode: str = "auto"
     kv_window: int = 32
@@ -121,6 +127,11 @@ class QuantConfig:
             _fail(f"kv_bits={self.kv_bits} is not supported by kv_mode={mode!r} (supported: {allowed})")
         if self.kv_rotate is not None and not isinstance(self.kv_rotate, bool):
             _fail(f"kv_rotate must be True, False or None (auto), got {self.kv_rotate!r}")
+        if not isinstance(self.k_center, bool):
+            _fail(f"k_center must be True or False, got {self.k_center!r}")
+        if self.k_center and self.resolved_kv_mode != "static":
+            _fail(f"k_center=True centers the keys of the static KV cache: it needs kv_mode 'static' (kv_bits < 16 "
+                  f"and static activations, or kv_mode='static'), got kv_mode {mode!r}")
         if not (isinstance(self.eta, (int, float)) and self.eta > 1):
             _fail(f"eta must be a number > 1 (outlier: max|x| > eta x the sequence median), got {self.eta!r}")
         for name in ("kv_window", "max_prefix_len", "calib_samples", "calib_seq_len", "max_calib_rows", "gptq_block"):
@@ -174,7 +185,7 @@ class QuantConfig:
     def name(self) -> str:
         kv = "KV16" if self.kv_bits == 16 else f"KV{self.kv_bits}"
         return (f"W{self.w_bits}A{self.a_bits}{kv} {self.act_quant}" + (" +prefix" if self.prefix else "")
-                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else "")
+                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else "") + (" +kcenter" if self.k_center else "")
                 + ((" +ft" if self.finetune_weights else " +ft-scales") if self.finetune else ""))
 
     def to_dict(self) -> dict:
@@ -182,8 +193,9 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        # written before kv_rotate existed: no KV rotation in that checkpoint (kv_window: its default, 32)
-        d = {"kv_rotate": False, **d}
+        # written before kv_rotate / k_center existed: no KV rotation, no key offsets in that checkpoint (kv_window:
+        # its default, 32)
+        d = {"kv_rotate": False, "k_center": False, **d}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -91,6 +91,12 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     ("W4A8KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=8, kv_bits=4,
                                                                             finetune=True)),
     ("W8A8KV8 static + prefix + fine-tuned scales and weights", dict(w_bits=8, a_bits=8, kv_bits=8, finetune=True)),
+    # centered keys (QuantConfig.k_center: a static per-head offset subtracted before the KV quantizer)
+    ("W4A8KV4 static + prefix (GPTQ) + centered keys", dict(w_bits=4, a_bits=8, kv_bits=4, k_center=True)),
+    ("W4A4KV4 static + prefix (GPTQ) + centered keys", dict(w_bits=4, a_bits=4, kv_bits=4, k_center=True)),
+    ("W8A8 + KV4 static per-head, static + prefix + centered keys", dict(w_bits=8, a_bits=8, kv_bits=4,
+                                                                        k_center=True)),
+    ("W8A8KV8 static + prefix + centered keys", dict(w_bits=8, a_bits=8, kv_bits=8, k_center=True)),
 ]
 
 

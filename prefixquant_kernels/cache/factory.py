@@ -1,6 +1,7 @@
 """The cache a quantized model runs with, by mode name: ``build_cache(num_layers, mode, bits, ...)`` -> a
-PrefixQuantCache (or, with ``key_rotation``, a KeyRotatingCache: the keys rotated per head, ``K H``, before the
-mode quantizes them; models/attention.py rotates the queries to match). Any registered mode (registry.py), with
+PrefixQuantCache (or, with ``key_rotation`` / ``key_offsets``, a KeyRotatingCache: the keys rotated per head,
+``K H``, and / or centered, ``- mu``, before the mode quantizes them; models/attention.py rotates the queries to
+match). Any registered mode (registry.py), with
 the keyword arguments that mode takes.
 """
 from __future__ import annotations
@@ -20,25 +21,44 @@ def rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class KeyRotatingCache(PrefixQuantCache):
-    """A PrefixQuantCache that rotates the new keys, ``K @ key_rotation`` per head, before its layer quantizes them
-    (the online Hadamard on K after RoPE). key_rotation: float32 [D, D] orthogonal; the prefix keys given to it
-    must already be rotated. The patched model forward reads ``key_rotation`` and rotates the queries to match."""
+    """A PrefixQuantCache that transforms the new keys before its layer quantizes them: ``K @ key_rotation`` per
+    head (the online Hadamard on K after RoPE; the patched model forward reads ``key_rotation`` and rotates the
+    queries to match), then ``- key_offsets[layer]`` (QuantConfig.k_center: a static per-head offset, which leaves
+    softmax(q K^T) unchanged, so the queries need nothing). key_rotation: float32 [D, D] orthogonal or None;
+    key_offsets: per layer float32 [H_kv, D], or None. The prefix keys given to it must already be transformed."""
 
-    def __init__(self, *args, key_rotation: torch.Tensor, **kwargs):
+    def __init__(self, *args, key_rotation: torch.Tensor | None = None,
+                 key_offsets: list[torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.key_rotation = key_rotation
+        if key_offsets is not None:
+            key_offsets = list(key_offsets)
+            if len(key_offsets) != len(self.layers):
+                raise ValueError(f"pqk.KeyRotatingCache: key_offsets has {len(key_offsets)} layers, the cache "
+                                 f"{len(self.layers)}")
+            for i, mu in enumerate(key_offsets):
+                if not isinstance(mu, torch.Tensor) or not mu.is_floating_point() or mu.dim() != 2:
+                    raise ValueError(f"pqk.KeyRotatingCache: key_offsets[{i}] must be a float tensor [H_kv, D], got "
+                                     f"{getattr(mu, 'shape', type(mu).__name__)}")
+        self.key_rotation, self.key_offsets = key_rotation, key_offsets
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(rotate_heads(key_states, self.key_rotation), value_states, layer_idx, *args, **kwargs)
+        if self.key_rotation is not None:
+            key_states = rotate_heads(key_states, self.key_rotation)
+        if self.key_offsets is not None:
+            mu = self.key_offsets[layer_idx]                     # [H_kv, D] -> [1, H_kv, 1, D]
+            key_states = (key_states.float() - mu.to(key_states.device)[None, :, None]).to(key_states.dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def build_cache(num_layers: int, mode: str, bits: int | None = None, *, key_rotation: torch.Tensor | None = None,
-                backend: str = "auto", **options) -> PrefixQuantCache:
+                key_offsets: list[torch.Tensor] | None = None, backend: str = "auto", **options) -> PrefixQuantCache:
     """A fresh cache for one forward / generate call (the prefix tensors are shared, never copied).
 
     mode: a registered mode (QuantConfig.resolved_kv_mode); bits: one of its widths (None: its default);
-    key_rotation: float32 [D, D] or None; options: PrefixQuantCache's keyword arguments (prefix_keys,
-    prefix_values, and the mode's own: key_scales / value_scales, window, group_size, ...)."""
-    if key_rotation is None:
+    key_rotation: float32 [D, D] or None; key_offsets: per layer float32 [H_kv, D] or None (KeyRotatingCache);
+    options: PrefixQuantCache's keyword arguments (prefix_keys, prefix_values, and the mode's own: key_scales /
+    value_scales, window, group_size, ...)."""
+    if key_rotation is None and key_offsets is None:
         return PrefixQuantCache(num_layers, mode, bits=bits, backend=backend, **options)
-    return KeyRotatingCache(num_layers, mode, bits=bits, backend=backend, key_rotation=key_rotation, **options)
+    return KeyRotatingCache(num_layers, mode, bits=bits, backend=backend, key_rotation=key_rotation,
+                            key_offsets=key_offsets, **options)

@@ -97,19 +97,23 @@ class PrefixKV:
     16-bit prefix K/V [1, H, P, D] followed by the new K/V [B, H, T, D], the new ones through the static per-head
     KV quantizer when scales are given (K in the Q/K-rotated space when ``rotation`` is given, rotated back after)."""
 
-    def __init__(self, pk, pv, k_scale=None, v_scale=None, bits: int = 4, rotation: torch.Tensor | None = None):
+    def __init__(self, pk, pv, k_scale=None, v_scale=None, bits: int = 4, rotation: torch.Tensor | None = None,
+                 k_offset: torch.Tensor | None = None):
         self.pk, self.pv = pk, pv
         self.k_scale = None if k_scale is None else k_scale.float().reshape(1, -1, 1, 1)
         self.v_scale = None if v_scale is None else v_scale.float().reshape(1, -1, 1, 1)
         self.bits, self.rotation = bits, rotation
+        # QuantConfig.k_center: the cache quantizes K H - mu; added back after (softmax does not see it)
+        self.k_offset = None if k_offset is None else k_offset.float()[None, :, None]
 
     def update(self, k, v, layer_idx=None, cache_kwargs=None):
         if self.k_scale is not None:
-            if self.rotation is not None:
-                k = rotate_heads(fake_quant(rotate_heads(k, self.rotation), self.k_scale, self.bits),
-                                 self.rotation.T).to(k.dtype)
+            kr = k if self.rotation is None else rotate_heads(k, self.rotation)
+            if self.k_offset is None:
+                kq = fake_quant(kr, self.k_scale, self.bits)
             else:
-                k = fake_quant(k, self.k_scale, self.bits).to(k.dtype)
+                kq = fake_quant(kr - self.k_offset.to(kr.dtype), self.k_scale, self.bits) + self.k_offset
+            k = (kq if self.rotation is None else rotate_heads(kq, self.rotation.T)).to(k.dtype)
             v = fake_quant(v, self.v_scale, self.bits).to(v.dtype)
         if self.pk is None:
             return k, v
@@ -135,12 +139,13 @@ def _learned(acts: dict, fq: dict) -> list[torch.Tensor]:
 
 
 def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv, kv_scales, w_init: dict,
-                    act_scales: dict, *, qk_rotation=None, progress=None) -> tuple[dict, dict, list]:
+                    act_scales: dict, *, qk_rotation=None, k_offsets=None, progress=None) -> tuple[dict, dict, list]:
     """Fine-tune every decoder block of the (float, possibly rotated) model in order; the model is left as it was.
 
     samples: int64 [S, T] token ids (the calibration samples, without the prefix). prefix_kv: (per-layer K, per-layer
     V) [1, H, P, D] float, K *not* rotated; or None (no prefix: the samples start with their own BOS). kv_scales:
-    (per-layer k_scale, per-layer v_scale) float32 [H] of the static KV mode, or None. w_init: linear name (resolved)
+    (per-layer k_scale, per-layer v_scale) float32 [H] of the static KV mode, or None; k_offsets: per layer float32
+    [H, D] (QuantConfig.k_center) or None. w_init: linear name (resolved)
     -> (W float [N, K], w_scale float32 [N]) from the training-free step. act_scales: "layer.point" -> float.
     Returns (name -> (W, w_scale, act scale) to export, "layer.point" -> learned act scale, per layer the mean block
     MSE over the samples: "before" (the training-free block), "first_epoch" / "last_epoch" (during training),
@@ -178,7 +183,8 @@ def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv
                 fq[full] = FakeQuantLinear(w, ws, lin.bias, acts[p], cfg.w_bits, cfg.a_bits, cfg.finetune_weights)
                 originals[full] = lin
         kv = PrefixKV(pk, pv) if kv_scales is None else PrefixKV(pk, pv, kv_scales[0][i], kv_scales[1][i],
-                                                                  cfg.kv_bits, qk_rotation)
+                                                                  cfg.kv_bits, qk_rotation,
+                                                                  None if k_offsets is None else k_offsets[i])
         try:
             for full, m in fq.items():
                 set_module(model, full, m)

@@ -158,7 +158,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         replacements: dict[str, QuantLinear] = {}
         w_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # the fine-tuning's start (cfg.finetune)
         act_scales: dict[str, float] = {}
-        k_scales, v_scales = [], []
+        k_scales, v_scales, k_offsets = [], [], []
         secs = {"weights": 0.0, "act_scales": 0.0, "kv_scales": 0.0}
         bar = _bar(progress, n_layers, "quantize layer", "layer")
         with bar, _one_thread():
@@ -189,7 +189,12 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                         off += m.out_features
                 if static_kv:
                     t_ = time.perf_counter()
-                    ks, vs = sc.search_kv_scales(st.q, st.k, st.v, cfg.kv_bits)
+                    keys = st.k
+                    if cfg.k_center:   # the keys' mean over the calibration tokens, per head and channel
+                        mu = torch.cat(keys, 1).mean(1)                                   # [H_kv, D]
+                        k_offsets.append(mu)
+                        keys = [k - mu[:, None] for k in keys]
+                    ks, vs = sc.search_kv_scales(st.q, keys, st.v, cfg.kv_bits)
                     k_scales.append(ks)
                     v_scales.append(vs)
                     secs["kv_scales"] += time.perf_counter() - t_
@@ -205,7 +210,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                 learned, learned_act, losses = ft.finetune_blocks(
                     model, spec, cfg, samples if prefix_ids else inputs,
                     (pk_unrotated, pv) if prefix_ids else None, (k_scales, v_scales) if static_kv else None,
-                    w_init, act_scales, qk_rotation=h_qk, progress=bar)
+                    w_init, act_scales, qk_rotation=h_qk, k_offsets=k_offsets or None, progress=bar)
             for n, (w, ws, a_s) in learned.items():
                 replacements[n] = _quant_linear(linears[n], w, ws, cfg, a_s)
             act_scales.update(learned_act)
@@ -216,11 +221,15 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
         state = PrefixQuantState(cfg, n_layers, h_kv, head_dim, len(prefix_ids), end if cfg.prefix else None, info)
         if prefix_ids:
             state.prefix_ids.copy_(torch.tensor(prefix_ids))
+            if k_offsets:   # stored as the cache holds every key: centered
+                pk = [k - mu[None, :, None] for k, mu in zip(pk, k_offsets)]
             state.set_prefix([k.to(torch.float16) for k in pk], [v.to(torch.float16) for v in pv])
         if static_kv:
             state.set_kv_scales(k_scales, v_scales)
         if h_qk is not None:
             state.set_qk_rotation(h_qk)
+        if k_offsets:
+            state.set_key_offsets(k_offsets)
         state.act_scales = act_scales
         state.info["seconds"] = time.perf_counter() - t_all     # the state holds a copy of info
         state.to(next(model.parameters()).device)

@@ -16,7 +16,8 @@ class PrefixQuantState(nn.Module):
     """Buffers (per decoder layer i): ``prefix_keys_i`` / ``prefix_values_i`` fp16 [1, H_kv, P, D] (if P > 0),
     ``key_scales_i`` / ``value_scales_i`` fp32 [H_kv] (static KV mode); ``prefix_ids`` int64 [P]; ``qk_rotation``
     fp32 [D, D] (cfg.resolved_kv_rotate: the online Hadamard on Q/K after RoPE, shared by every layer; the prefix
-    keys are stored already rotated).
+    keys are stored already rotated); ``key_offsets_i`` fp32 [H_kv, D] (cfg.k_center: subtracted from every key
+    after the rotation, the stored prefix keys included).
 
     cfg: the QuantConfig; bos_id: the BOS the prefix ends with (dropped from a user's input, not doubled);
     info: discovery report (prefix tokens, outlier count, seconds), JSON-serializable.
@@ -41,6 +42,9 @@ class PrefixQuantState(nn.Module):
                     self.register_buffer(f"{n}_{i}", torch.ones(num_kv_heads, dtype=torch.float32))
         if cfg.resolved_kv_rotate:
             self.register_buffer("qk_rotation", torch.eye(head_dim, dtype=torch.float32))
+        if cfg.k_center:
+            for i in range(num_layers):
+                self.register_buffer(f"key_offsets_{i}", torch.zeros(num_kv_heads, head_dim, dtype=torch.float32))
 
     @property
     def prefix_len(self) -> int:
@@ -58,6 +62,10 @@ class PrefixQuantState(nn.Module):
         for i, (k, v) in enumerate(zip(key_scales, value_scales)):
             getattr(self, f"key_scales_{i}").copy_(k)
             getattr(self, f"value_scales_{i}").copy_(v)
+
+    def set_key_offsets(self, offsets: list[torch.Tensor]) -> None:
+        for i, mu in enumerate(offsets):
+            getattr(self, f"key_offsets_{i}").copy_(mu)
 
     @property
     def rotates_qk(self) -> bool:
@@ -79,6 +87,8 @@ class PrefixQuantState(nn.Module):
             kw.update(key_scales=self._list("key_scales"), value_scales=self._list("value_scales"))
         if self.rotates_qk:
             kw.update(key_rotation=self.qk_rotation)
+        if self.cfg.k_center:
+            kw.update(key_offsets=self._list("key_offsets"))
         return build_cache(self.num_layers, mode, self.cfg.kv_bits, window=self.cfg.kv_window, backend=backend, **kw)
 
     @property

@@ -14,8 +14,9 @@ Two pieces, both active only for a model whose quantization_config is this packa
   own cache write (``layer.impl.do_kv_cache_update``: the layout and the cache dtype are the backend's).
 
 What is written: K after RoPE (as vLLM caches it). A checkpoint with ``kv_rotate`` stores K rotated by the Q/K
-Hadamard ``R`` (``pqk_state.qk_rotation``); vLLM's attention does not rotate Q, so the connector stores
-``K R^T`` (R is orthogonal: ``q . k`` is the same either way). Each tensor-parallel rank writes its own KV heads.
+Hadamard ``R`` (``pqk_state.qk_rotation``; with ``k_center`` minus a per-head offset too, added back first);
+vLLM's attention does not rotate Q, so the connector stores ``K R^T`` (R is orthogonal: ``q . k`` is the same
+either way). Each tensor-parallel rank writes its own KV heads.
 
 vLLM's automatic prefix caching stays correct: a cached block holds the same prefix K / V the connector writes.
 """
@@ -62,6 +63,9 @@ class Prefix:
                 if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != len(self.ids):
                     _fail(f"{key} has shape {tuple(t.shape)}, expected [1, H_kv, {len(self.ids)}, D]")
                 out.append(t[0].transpose(0, 1).contiguous())      # [P, H_kv, D]
+            offset = f"pqk_state.key_offsets_{layer}"
+            if offset in names:                                   # k_center: K was stored as K R - mu: add mu back
+                out[0] = out[0] + f.get_tensor(offset).float()    # [H_kv, D] over [P, H_kv, D]
             if "pqk_state.qk_rotation" in names:                   # K was stored as K R: undo it
                 r = f.get_tensor("pqk_state.qk_rotation").float()
                 out[0] = out[0] @ r.T

@@ -20,6 +20,9 @@ import prefixquant_kernels as pqk
     (dict(prefix_tokens=[-1]), "prefix_tokens must be a non-empty list"),
     (dict(kv_window=0), "kv_window must be a positive int"),
     (dict(kv_rotate=1), r"kv_rotate must be True, False or None \(auto\), got 1"),
+    (dict(k_center=1), "k_center must be True or False, got 1"),
+    (dict(k_center=True, kv_bits=16), "k_center=True centers the keys of the static KV cache.*got kv_mode 'fp16'"),
+    (dict(k_center=True, act_quant="dynamic"), "k_center=True .*got kv_mode 'dynamic'"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=r"^pqk\.QuantConfig: .*" + match):
@@ -100,3 +103,12 @@ assert "transformers" not in sys.modules and "prefixquant_kernels.calibration.pi
     src = (pathlib.Path(pqk.__file__).parent / "models" / "state.py").read_text()
     mods = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
     assert not any(m and m.startswith("calibration") for m in mods), mods      # no upward import
+
+
+def test_k_center_name_and_checkpoints_written_before_it():
+    cfg = pqk.QuantConfig(kv_bits=4, k_center=True)
+    assert "+kcenter" in cfg.name and "+kcenter" not in pqk.QuantConfig(kv_bits=4).name
+    assert pqk.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["k_center"]                                   # a checkpoint from before the option: no key offsets
+    assert pqk.QuantConfig.from_dict(old).k_center is False

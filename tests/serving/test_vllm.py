@@ -63,7 +63,9 @@ def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS, float_kv: boo
     if float_kv:
         st = model.pqk_state
         assert st.rotates_qk
-        st.cfg = dataclasses.replace(st.cfg, kv_bits=16, kv_mode="fp16", kv_rotate=True)
+        k_center = st.cfg.k_center     # the centered prefix stays: the 16-bit cache centers new keys alike
+        st.cfg = dataclasses.replace(st.cfg, kv_bits=16, kv_mode="fp16", kv_rotate=True, k_center=False)
+        st.cfg.k_center = k_center     # (set after: the config alone refuses it without a static KV mode)
         st._has_kv_scales = False
     res = []
     for p in prompts:
@@ -122,6 +124,16 @@ def test_a_rotated_prefix_is_unrotated_for_vllm(tmp_path):
     the connector writes K R^T: vLLM (16-bit KV) equals the HF path with a float KV body and the rotation kept."""
     path = str(tmp_path / "w4a8kv4")
     write(path, w_bits=4, a_bits=8, kv_bits=4)
+    got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
+    want = hf_reference(path, PROMPTS[:2], 16, float_kv=True)
+    assert_same_generation(got, want)
+
+
+def test_a_centered_prefix_is_restored_for_vllm(tmp_path):
+    """k_center: the prefix keys are stored as K R - mu; the connector adds mu back before undoing R, so vLLM
+    (uncentered keys, softmax-invariant) equals the HF path with a float KV body that centers its keys."""
+    path = str(tmp_path / "w4a8kv4c")
+    write(path, w_bits=4, a_bits=8, kv_bits=4, k_center=True)
     got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
     want = hf_reference(path, PROMPTS[:2], 16, float_kv=True)
     assert_same_generation(got, want)
