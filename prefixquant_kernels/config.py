@@ -65,7 +65,9 @@ class QuantConfig:
              and the Q/K rotation) from every key before the static KV cache quantizes it, the 16-bit prefix keys
              included: ``q (k - mu)^T = q k^T - q mu^T`` shifts every score of a query by the same constant, which
              softmax removes, so the attention is unchanged while the per-head scale no longer spends range on the
-             keys' mean (the slowly rotating RoPE channels). kv_mode "static" only.
+             keys' mean (the slowly rotating RoPE channels). None (default) = on for the "static" KV mode at
+             kv_bits <= 4 (docs/ACCURACY.md: W4A8KV4 18.74 -> 17.92; at KV8 it changes nothing measurable);
+             True / False force it (True: kv_mode "static" only).
     weight_method: "rtn" (per-channel RTN with a clip search), "gptq", or "auto" (GPTQ for 4-bit weights).
     kv_mode: "auto" (static per-head for static activations, dynamic per-token otherwise), or a registered KV
              mode: "static", "dynamic", "kivi", "logquant", "fp16" (docs/KV_CACHE.md).
@@ -85,7 +87,7 @@ class QuantConfig:
     prefix_tokens: list[int] | None = None
     rotate: bool = True
     kv_rotate: bool | None = None
-    k_center: bool = False
+    k_center: bool | None = None
     weight_method: str = "auto"
     kv_mode: str = "auto"
     kv_window: int = 32
@@ -127,8 +129,8 @@ class QuantConfig:
             _fail(f"kv_bits={self.kv_bits} is not supported by kv_mode={mode!r} (supported: {allowed})")
         if self.kv_rotate is not None and not isinstance(self.kv_rotate, bool):
             _fail(f"kv_rotate must be True, False or None (auto), got {self.kv_rotate!r}")
-        if not isinstance(self.k_center, bool):
-            _fail(f"k_center must be True or False, got {self.k_center!r}")
+        if self.k_center is not None and not isinstance(self.k_center, bool):
+            _fail(f"k_center must be True, False or None (auto), got {self.k_center!r}")
         if self.k_center and self.resolved_kv_mode != "static":
             _fail(f"k_center=True centers the keys of the static KV cache: it needs kv_mode 'static' (kv_bits < 16 "
                   f"and static activations, or kv_mode='static'), got kv_mode {mode!r}")
@@ -176,6 +178,12 @@ class QuantConfig:
         return self.kv_rotate
 
     @property
+    def resolved_k_center(self) -> bool:
+        if self.k_center is None:
+            return self.resolved_kv_mode == "static" and self.kv_bits <= 4
+        return self.k_center
+
+    @property
     def resolved_weight_method(self) -> str:
         if self.weight_method == "auto":
             return "gptq" if self.w_bits == 4 else "rtn"
@@ -185,7 +193,8 @@ class QuantConfig:
     def name(self) -> str:
         kv = "KV16" if self.kv_bits == 16 else f"KV{self.kv_bits}"
         return (f"W{self.w_bits}A{self.a_bits}{kv} {self.act_quant}" + (" +prefix" if self.prefix else "")
-                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else "") + (" +kcenter" if self.k_center else "")
+                + (" +rot" if self.rotate else "") + (" +kvrot" if self.resolved_kv_rotate else "")
+                + (" +kcenter" if self.resolved_k_center else "")
                 + ((" +ft" if self.finetune_weights else " +ft-scales") if self.finetune else ""))
 
     def to_dict(self) -> dict:

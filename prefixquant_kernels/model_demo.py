@@ -59,7 +59,8 @@ def load_smollm2_tokenizer():
 
 
 TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the float model; context 512 unless given.
-    # rotate=True (the default) unless said; kv_rotate (Q/K Hadamard after RoPE, V rotated) on for KV4 unless said.
+    # rotate=True (the default) unless said; kv_rotate (Q/K Hadamard after RoPE, V rotated) on for KV4 unless said;
+    # k_center (keys centered by a static per-head offset) on for static KV4 unless said.
     ("FP32 (no quantization)", None),
     ("W8A8KV8 static + prefix", dict(w_bits=8, a_bits=8, kv_bits=8)),
     ("W8A8KV8 static, no prefix", dict(w_bits=8, a_bits=8, kv_bits=8, prefix=False)),
@@ -91,11 +92,11 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     ("W4A8KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=8, kv_bits=4,
                                                                             finetune=True)),
     ("W8A8KV8 static + prefix + fine-tuned scales and weights", dict(w_bits=8, a_bits=8, kv_bits=8, finetune=True)),
-    # centered keys (QuantConfig.k_center: a static per-head offset subtracted before the KV quantizer)
-    ("W4A8KV4 static + prefix (GPTQ) + centered keys", dict(w_bits=4, a_bits=8, kv_bits=4, k_center=True)),
-    ("W4A4KV4 static + prefix (GPTQ) + centered keys", dict(w_bits=4, a_bits=4, kv_bits=4, k_center=True)),
-    ("W8A8 + KV4 static per-head, static + prefix + centered keys", dict(w_bits=8, a_bits=8, kv_bits=4,
-                                                                        k_center=True)),
+    # keys not centered (QuantConfig(k_center=False); the default centers them for the static KV4 rows above)
+    ("W4A8KV4 static + prefix (GPTQ), keys not centered", dict(w_bits=4, a_bits=8, kv_bits=4, k_center=False)),
+    ("W4A4KV4 static + prefix (GPTQ), keys not centered", dict(w_bits=4, a_bits=4, kv_bits=4, k_center=False)),
+    ("W8A8 + KV4 static per-head, static + prefix, keys not centered", dict(w_bits=8, a_bits=8, kv_bits=4,
+                                                                           k_center=False)),
     ("W8A8KV8 static + prefix + centered keys", dict(w_bits=8, a_bits=8, kv_bits=8, k_center=True)),
 ]
 

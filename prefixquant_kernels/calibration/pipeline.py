@@ -190,7 +190,7 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
                 if static_kv:
                     t_ = time.perf_counter()
                     keys = st.k
-                    if cfg.k_center:   # the keys' mean over the calibration tokens, per head and channel
+                    if cfg.resolved_k_center:   # the keys' mean over the calibration tokens, per head, channel
                         mu = torch.cat(keys, 1).mean(1)                                   # [H_kv, D]
                         k_offsets.append(mu)
                         keys = [k - mu[:, None] for k in keys]

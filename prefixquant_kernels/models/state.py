@@ -16,8 +16,8 @@ class PrefixQuantState(nn.Module):
     """Buffers (per decoder layer i): ``prefix_keys_i`` / ``prefix_values_i`` fp16 [1, H_kv, P, D] (if P > 0),
     ``key_scales_i`` / ``value_scales_i`` fp32 [H_kv] (static KV mode); ``prefix_ids`` int64 [P]; ``qk_rotation``
     fp32 [D, D] (cfg.resolved_kv_rotate: the online Hadamard on Q/K after RoPE, shared by every layer; the prefix
-    keys are stored already rotated); ``key_offsets_i`` fp32 [H_kv, D] (cfg.k_center: subtracted from every key
-    after the rotation, the stored prefix keys included).
+    keys are stored already rotated); ``key_offsets_i`` fp32 [H_kv, D] (cfg.resolved_k_center: subtracted from
+    every key after the rotation, the stored prefix keys included).
 
     cfg: the QuantConfig; bos_id: the BOS the prefix ends with (dropped from a user's input, not doubled);
     info: discovery report (prefix tokens, outlier count, seconds), JSON-serializable.
@@ -42,7 +42,7 @@ class PrefixQuantState(nn.Module):
                     self.register_buffer(f"{n}_{i}", torch.ones(num_kv_heads, dtype=torch.float32))
         if cfg.resolved_kv_rotate:
             self.register_buffer("qk_rotation", torch.eye(head_dim, dtype=torch.float32))
-        if cfg.k_center:
+        if cfg.resolved_k_center:
             for i in range(num_layers):
                 self.register_buffer(f"key_offsets_{i}", torch.zeros(num_kv_heads, head_dim, dtype=torch.float32))
 
@@ -87,7 +87,7 @@ class PrefixQuantState(nn.Module):
             kw.update(key_scales=self._list("key_scales"), value_scales=self._list("value_scales"))
         if self.rotates_qk:
             kw.update(key_rotation=self.qk_rotation)
-        if self.cfg.k_center:
+        if self.cfg.resolved_k_center:
             kw.update(key_offsets=self._list("key_offsets"))
         return build_cache(self.num_layers, mode, self.cfg.kv_bits, window=self.cfg.kv_window, backend=backend, **kw)
 

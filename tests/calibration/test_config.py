@@ -20,7 +20,7 @@ import prefixquant_kernels as pqk
     (dict(prefix_tokens=[-1]), "prefix_tokens must be a non-empty list"),
     (dict(kv_window=0), "kv_window must be a positive int"),
     (dict(kv_rotate=1), r"kv_rotate must be True, False or None \(auto\), got 1"),
-    (dict(k_center=1), "k_center must be True or False, got 1"),
+    (dict(k_center=1), r"k_center must be True, False or None \(auto\), got 1"),
     (dict(k_center=True, kv_bits=16), "k_center=True centers the keys of the static KV cache.*got kv_mode 'fp16'"),
     (dict(k_center=True, act_quant="dynamic"), "k_center=True .*got kv_mode 'dynamic'"),
 ])
@@ -105,9 +105,14 @@ assert "transformers" not in sys.modules and "prefixquant_kernels.calibration.pi
     assert not any(m and m.startswith("calibration") for m in mods), mods      # no upward import
 
 
-def test_k_center_name_and_checkpoints_written_before_it():
-    cfg = pqk.QuantConfig(kv_bits=4, k_center=True)
-    assert "+kcenter" in cfg.name and "+kcenter" not in pqk.QuantConfig(kv_bits=4).name
+def test_k_center_auto_name_and_checkpoints_written_before_it():
+    assert pqk.QuantConfig(kv_bits=4).resolved_k_center                                     # static KV4
+    assert not pqk.QuantConfig(kv_bits=8).resolved_k_center
+    assert not pqk.QuantConfig(kv_bits=4, act_quant="dynamic").resolved_k_center            # dynamic KV
+    assert not pqk.QuantConfig(kv_bits=4, k_center=False).resolved_k_center
+    assert pqk.QuantConfig(kv_bits=8, k_center=True).resolved_k_center
+    cfg = pqk.QuantConfig(kv_bits=4)
+    assert "+kcenter" in cfg.name and "+kcenter" not in pqk.QuantConfig(kv_bits=4, k_center=False).name
     assert pqk.QuantConfig.from_dict(cfg.to_dict()) == cfg
     old = cfg.to_dict()
     del old["k_center"]                                   # a checkpoint from before the option: no key offsets

@@ -30,9 +30,10 @@ def rounded(model, dtype=torch.bfloat16):
     out = copy.deepcopy(model)
     exact = tuple(n + "." for n, m in out.named_modules() if isinstance(m, (pqk.nn.QuantLinear, RotatedLinear,
                                                                              PrefixQuantState)))
+    stored = set(out.state_dict())      # not RoPE's inv_freq: a non-persistent buffer, recomputed at load
     with torch.no_grad():
         for k, t in {**dict(out.named_parameters()), **dict(out.named_buffers())}.items():
-            if t.dtype == torch.float32 and not k.startswith(exact):
+            if t.dtype == torch.float32 and k in stored and not k.startswith(exact):
                 t.copy_(t.to(dtype).float())
     return out
 

@@ -63,7 +63,7 @@ def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS, float_kv: boo
     if float_kv:
         st = model.pqk_state
         assert st.rotates_qk
-        k_center = st.cfg.k_center     # the centered prefix stays: the 16-bit cache centers new keys alike
+        k_center = st.cfg.resolved_k_center     # the centered prefix stays: the 16-bit cache centers new keys alike
         st.cfg = dataclasses.replace(st.cfg, kv_bits=16, kv_mode="fp16", kv_rotate=True, k_center=False)
         st.cfg.k_center = k_center     # (set after: the config alone refuses it without a static KV mode)
         st._has_kv_scales = False
