@@ -66,7 +66,7 @@ class QuantConfig:
              included: ``q (k - mu)^T = q k^T - q mu^T`` shifts every score of a query by the same constant, which
              softmax removes, so the attention is unchanged while the per-head scale no longer spends range on the
              keys' mean (the slowly rotating RoPE channels). None (default) = on for the "static" KV mode at
-             kv_bits <= 4 (docs/ACCURACY.md: W4A8KV4 18.74 -> 17.92; at KV8 it changes nothing measurable);
+             kv_bits <= 4 (docs/ACCURACY.md: W4A8KV4 18.72 -> 17.92; at KV8 it changes nothing measurable);
              True / False force it (True: kv_mode "static" only).
     weight_method: "rtn" (per-channel RTN with a clip search), "gptq", or "auto" (GPTQ for 4-bit weights).
     kv_mode: "auto" (static per-head for static activations, dynamic per-token otherwise), or a registered KV

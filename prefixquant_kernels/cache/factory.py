@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import per_layer
 from .prefix_quant_cache import PrefixQuantCache
 
 
@@ -31,10 +32,7 @@ class KeyRotatingCache(PrefixQuantCache):
                  key_offsets: list[torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if key_offsets is not None:
-            key_offsets = list(key_offsets)
-            if len(key_offsets) != len(self.layers):
-                raise ValueError(f"pqk.KeyRotatingCache: key_offsets has {len(key_offsets)} layers, the cache "
-                                 f"{len(self.layers)}")
+            key_offsets = per_layer(key_offsets, len(self.layers), "key_offsets")
             for i, mu in enumerate(key_offsets):
                 if not isinstance(mu, torch.Tensor) or not mu.is_floating_point() or mu.dim() != 2:
                     raise ValueError(f"pqk.KeyRotatingCache: key_offsets[{i}] must be a float tensor [H_kv, D], got "

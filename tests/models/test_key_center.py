@@ -32,22 +32,31 @@ def _ids(batch=2, t=23, seed=1):
     return ids
 
 
-def test_the_cache_quantizes_rotated_keys_minus_the_offset():
-    g = torch.Generator().manual_seed(0)
-    h, d = 2, 32
-    k, v = torch.randn(1, h, 19, d, generator=g) * 3, torch.randn(1, h, 19, d, generator=g)
+def _keys(seed, b, t, h, d):
+    """Random K / V [b, h, t, D], a key offset mu [h, D], a rotation [D, D] and per-head K / V scales."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, h, t, d, generator=g) * 3, torch.randn(b, h, t, d, generator=g)
     mu = torch.randn(h, d, generator=g)
-    rot = random_orthogonal(d, 0).float()
     ks, vs = torch.rand(h, generator=g) + 0.2, torch.rand(h, generator=g) + 0.2
+    return k, v, mu, random_orthogonal(d, seed).float(), ks, vs
+
+
+def _centered_codes(k, rot, mu, ks):
+    """What the cache stores for k, dequantized: the static 4-bit quantizer on ``K rot - mu``."""
+    return kvf.dequantize_static(kvf.quantize_static(k @ rot - mu[None, :, None], ks, 4), ks, 4)
+
+
+def test_the_cache_quantizes_rotated_keys_minus_the_offset():
+    k, v, mu, rot, ks, vs = _keys(0, 1, 19, 2, 32)
     cache = build_cache(1, "static", 4, key_scales=[ks], value_scales=[vs], key_rotation=rot, key_offsets=[mu])
     assert isinstance(cache, KeyRotatingCache)
     k_hat, _ = cache.update(k, v, 0)
-    want = kvf.dequantize_static(kvf.quantize_static(k @ rot - mu[None, :, None], ks, 4), ks, 4)
-    torch.testing.assert_close(k_hat, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(k_hat, _centered_codes(k, rot, mu, ks), atol=1e-6, rtol=0)
     # offsets alone (no rotation) also make a KeyRotatingCache
     only = build_cache(1, "static", 4, key_scales=[ks], value_scales=[vs], key_offsets=[mu])
     assert isinstance(only, KeyRotatingCache) and only.key_rotation is None
-    with pytest.raises(ValueError, match="key_offsets has 2 layers, the cache 1"):
+    with pytest.raises(TypeError, match=r"key_offsets must be a list with one entry per layer \(1\), got list of "
+                                        r"length 2"):
         build_cache(1, "static", 4, key_scales=[ks], value_scales=[vs], key_offsets=[mu, mu])
     with pytest.raises(ValueError, match=r"key_offsets\[0\] must be a float tensor \[H_kv, D\]"):
         build_cache(1, "static", 4, key_scales=[ks], value_scales=[vs], key_offsets=[mu[0]])
@@ -114,12 +123,6 @@ def test_compiled_generate_equals_eager_with_centered_keys():
 
 
 def test_finetune_kv_quantizer_centers_in_the_rotated_space():
-    g = torch.Generator().manual_seed(2)
-    h, d = 2, 16
-    k, v = torch.randn(3, h, 7, d, generator=g) * 2, torch.randn(3, h, 7, d, generator=g)
-    mu = torch.randn(h, d, generator=g)
-    rot = random_orthogonal(d, 1).float()
-    ks, vs = torch.rand(h, generator=g) + 0.2, torch.rand(h, generator=g) + 0.2
+    k, v, mu, rot, ks, vs = _keys(2, 3, 7, 2, 16)
     k_hat, _ = PrefixKV(None, None, ks, vs, 4, rot, mu).update(k, v)
-    want = kvf.dequantize_static(kvf.quantize_static(k @ rot - mu[None, :, None], ks, 4), ks, 4)
-    torch.testing.assert_close(k_hat @ rot - mu[None, :, None], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(k_hat @ rot - mu[None, :, None], _centered_codes(k, rot, mu, ks), atol=1e-5, rtol=0)
