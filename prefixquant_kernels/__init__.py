@@ -32,7 +32,7 @@ from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quan
 
 
 _CALIBRATION_EXPORTS = ("QuantConfig", "quantize_model", "find_prefix_tokens", "evaluate_perplexity",
-                        "evaluate_perplexity_decode",
+                        "evaluate_perplexity_decode", "window_nlls", "paired_ratio",
                         "save_quantized", "load_quantized", "export_hf", "import_prefixquant", "load_prefixquant")
 
 # AutoModelForCausalLM.from_pretrained(path) of a pqk.export_hf checkpoint: our quantizer is registered with
@@ -90,6 +90,7 @@ __all__ = [
     "nn",
     "ops",
     "pack_int4",
+    "paired_ratio",
     "PrefixQuantCache",
     "QuantConfig",
     "quantize_model",
@@ -100,4 +101,5 @@ __all__ = [
     "reference",
     "save_quantized",
     "unpack_int4",
+    "window_nlls",
 ]

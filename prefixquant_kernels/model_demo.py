@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -110,13 +111,14 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
 
     from . import data
     from .calibration import QuantConfig
-    from .calibration.evaluate import evaluate_perplexity
+    from .calibration.evaluate import window_nlls
     from .calibration.pipeline import quantize_model
 
     base, tok = load_smollm2()
     calib, text = data.calibration_texts(), data.evaluation_text()
     results = []
-    for label, kw, *ctx in TABLE_ROWS if rows is None else [TABLE_ROWS[i] for i in rows]:
+    for index in range(len(TABLE_ROWS)) if rows is None else rows:
+        label, kw, *ctx = TABLE_ROWS[index]
         seq_len = ctx[0] if ctx else 512
         n_win = max(1, windows * 512 // seq_len)
         t = time.perf_counter()
@@ -125,10 +127,12 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
         if kw is not None:
             quantize_model(model, tok, calib, QuantConfig(**kw), progress=False)
             info = model.pqk_state.info
-        ppl = evaluate_perplexity(model, tok, text, seq_len, max_windows=n_win)
-        r = {"row": label, "ppl": ppl, "seq_len": seq_len, "windows": n_win, "prefix": info.get("prefix_tokens"),
-             "o": info.get("o"), "quantize_s": info.get("seconds"), "finetune_s": info.get("finetune_seconds"),
-             "finetune_loss": info.get("finetune_loss"), "total_s": time.perf_counter() - t}
+        nlls = window_nlls(model, tok, text, seq_len, max_windows=n_win)
+        ppl = math.exp(sum(nlls) / len(nlls))
+        r = {"row": label, "index": index, "ppl": ppl, "seq_len": seq_len, "windows": n_win,
+             "prefix": info.get("prefix_tokens"), "o": info.get("o"), "quantize_s": info.get("seconds"),
+             "finetune_s": info.get("finetune_seconds"), "finetune_loss": info.get("finetune_loss"),
+             "total_s": time.perf_counter() - t, "window_nll": nlls}
         results.append(r)
         print(f"| {label} | {ppl:.2f} | {r['prefix'] or '-'} | {time.perf_counter() - t:.0f} s |", flush=True)
         if out:
@@ -136,6 +140,34 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
                 f.write(json.dumps(r, default=str) + "\n")
         del model
     return results
+
+
+def compare_rows(path: str, a: int, b: int) -> tuple[float, float, float]:
+    """Row a's perplexity over row b's, paired window by window (calibration/evaluate.py paired_ratio), from the
+    JSON lines ``accuracy_table(out=path)`` wrote (the last line of each index counts); prints and returns
+    (ratio, low, high) of the 95 % interval. ValueError naming what is missing or does not match."""
+    import json
+
+    from .calibration.evaluate import paired_ratio
+
+    found = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                if "index" in r and "window_nll" in r:
+                    found[r["index"]] = r
+    for i in (a, b):
+        if i not in found:
+            raise ValueError(f"compare: {path} has no row {i} with window NLLs (rows there: {sorted(found)})")
+    ra, rb = found[a], found[b]
+    if ra["seq_len"] != rb["seq_len"] or ra["windows"] != rb["windows"]:
+        raise ValueError(f"compare: rows {a} and {b} were scored on different windows ({ra['windows']} x "
+                         f"{ra['seq_len']} vs {rb['windows']} x {rb['seq_len']})")
+    ratio, lo, hi = paired_ratio(ra["window_nll"], rb["window_nll"])
+    print(f"{ra['row']} ({ra['ppl']:.3f}) / {rb['row']} ({rb['ppl']:.3f}): {ratio:.4f}x, 95 % interval "
+          f"[{lo:.4f}, {hi:.4f}] over {ra['windows']} windows of {ra['seq_len']} tokens")
+    return ratio, lo, hi
 
 
 KV_TABLE_ROWS = [  # (label, QuantConfig kwargs or None = the float model): the 2-bit KV modes at equal 16-bit budgets
@@ -204,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rows", type=int, nargs="*", metavar="I", help=f"--table: only these row indices "
                                                                      f"(0..{len(TABLE_ROWS) - 1}; default all)")
     ap.add_argument("--out", metavar="FILE", help="--table: append each row as JSON to this file")
+    ap.add_argument("--compare", nargs=3, metavar=("FILE", "A", "B"),
+                    help="row A's perplexity over row B's, paired by window, with a 95 %% interval, from the JSON "
+                         "lines a --table --out FILE run wrote (no model needed)")
     ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return ap
 
@@ -221,6 +256,13 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from .cli import UsageError
 
+    if args.compare:
+        path, a, b = args.compare
+        try:
+            compare_rows(path, int(a), int(b))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--compare: {e}") from None
+        return 0
     n_rows = len(KV_TABLE_ROWS) if args.kv_table else len(TABLE_ROWS)
     if args.rows is not None and any(not 0 <= i < n_rows for i in args.rows):
         raise UsageError(f"--rows: indices must be in 0..{n_rows - 1}, got {args.rows}")

@@ -17,7 +17,7 @@ def __getattr__(name):
     if name == "find_prefix_tokens":
         from .prefix import find_prefix_tokens
         return find_prefix_tokens
-    if name in ("evaluate_perplexity", "evaluate_perplexity_decode"):
+    if name in ("evaluate_perplexity", "evaluate_perplexity_decode", "window_nlls", "paired_ratio"):
         from . import evaluate
         return getattr(evaluate, name)
     if name in ("save_quantized", "load_quantized"):
