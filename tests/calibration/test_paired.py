@@ -90,3 +90,11 @@ def test_compare_rows_from_a_table_file(tmp_path, capsys):
         model_demo.main(["--compare", str(f), "3", "4"])
     with pytest.raises(UsageError, match="--compare"):
         model_demo.main(["--compare", str(tmp_path / "missing.jsonl"), "4", "5"])
+
+
+def test_every_table_row_is_a_valid_config():
+    """The accuracy tables' rows (run only by hand: minutes each) at least build their QuantConfig."""
+    rows = [r[1] for r in model_demo.TABLE_ROWS + model_demo.KV_TABLE_ROWS if r[1] is not None]
+    assert len(rows) == len(model_demo.TABLE_ROWS) + len(model_demo.KV_TABLE_ROWS) - 3   # three float rows
+    for kw in rows:
+        pqk.QuantConfig(**kw)                                  # raises on a field or value it does not take
