@@ -101,6 +101,8 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     ("W8A8KV8 static + prefix + centered keys", dict(w_bits=8, a_bits=8, kv_bits=8, k_center=True)),
     # the prefix's own cost: SmolLM2's BOS (<|im_start|>, id 1) alone, not the found [' the', BOS]
     ("W8A8KV8 static + prefix [BOS] alone", dict(w_bits=8, a_bits=8, kv_bits=8, prefix_tokens=[1])),
+    ("W4A8KV4 static + prefix [BOS] alone (GPTQ)", dict(w_bits=4, a_bits=8, kv_bits=4, prefix_tokens=[1])),
+    ("W4A4KV4 static + prefix [BOS] alone (GPTQ)", dict(w_bits=4, a_bits=4, kv_bits=4, prefix_tokens=[1])),
 ]
 
 
