@@ -14,6 +14,7 @@ import argparse
 import collections
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -40,6 +41,27 @@ def group_of(name: str) -> str:
         if pred(name):
             return label
     return "other (Python, dispatcher)"
+
+
+COMPILE_PHASES = (   # (label, dynamo_timed names whose seconds add up to it); nested phases are listed apart
+    ("whole compile (dynamo's compile_inner)", ("_compile.compile_inner",)),
+    ("  the backend (AOT autograd + inductor)", ("OutputGraph.call_user_compiler",)),
+    ("    inductor: lowering to its IR", ("GraphLowering.run",)),
+    ("    inductor: kernel + wrapper codegen", ("Scheduler.codegen", "PythonWrapperCodegen.generate")),
+    ("    inductor: C++ kernels compiled (g++, summed over workers)", ("compile_file",)),
+    ("    inductor: wrapper module loaded (waits on the kernels)", ("PyCodeCache.load_by_key_path",)),
+)
+
+
+def compile_phases(before: dict) -> dict:
+    """Seconds per COMPILE_PHASES label spent since ``before`` (a copy of dynamo's compilation_time_metrics), plus
+    "dynamo tracing" = the whole compile minus the backend (bytecode -> FX graph, guards)."""
+    from torch._dynamo.utils import compilation_time_metrics as now
+    spent = {k: sum(v) - sum(before.get(k, [])) for k, v in now.items()}
+    out = {label: sum(spent.get(n, 0.0) for n in names) for label, names in COMPILE_PHASES}
+    out["  dynamo tracing (bytecode -> FX graph, guards)"] = (out[COMPILE_PHASES[0][0]]
+                                                           - out[COMPILE_PHASES[1][0]])
+    return out
 
 
 def build(args):
@@ -69,6 +91,9 @@ def main(argv=None) -> dict:
                    help="A/B: dynamo keeps its guards on the model (compiled_step.step_guard_filter off)")
     p.add_argument("--no-graph-pass", action="store_true",
                    help="A/B: no quant_linear_multi grouping (models/graph_passes.py off)")
+    p.add_argument("--fresh-compile-cache", action="store_true",
+                   help="compile with an empty inductor cache (a temporary TORCHINDUCTOR_CACHE_DIR): a first "
+                        "compile on a new machine, not one that reuses kernels an earlier run left")
     args = p.parse_args(argv)
     from prefixquant_kernels.models import compiled_step
     saved = compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS
@@ -77,10 +102,20 @@ def main(argv=None) -> dict:
     if args.no_graph_pass:
         compiled_step.CPU_INDUCTOR_OPTIONS = {k: v for k, v in compiled_step.CPU_INDUCTOR_OPTIONS.items()
                                               if k != "post_grad_custom_post_pass"}
+    saved_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    tmp = tempfile.TemporaryDirectory(prefix="pqk_inductor_") if args.fresh_compile_cache else None
+    if tmp is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp.name    # read by inductor at each cache lookup
     try:
         return _run(args, compiled_step)
     finally:
         compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS = saved
+        if tmp is not None:
+            if saved_dir is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_dir
+            tmp.cleanup()
 
 
 def _run(args, compiled_step) -> dict:
@@ -93,9 +128,12 @@ def _run(args, compiled_step) -> dict:
     cache = e2e.make_cache("static", model, extra, max_cache_len=cap)
     model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     tok = ids[:, -1:]
+    from torch._dynamo.utils import compilation_time_metrics
+    before = {k: list(v) for k, v in compilation_time_metrics.items()}
     t0 = time.perf_counter()
     step_fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)   # compiles
     compile_s = time.perf_counter() - t0
+    phases = compile_phases(before)
     for _ in range(2):
         step_fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
     walls = []
@@ -118,18 +156,24 @@ def _run(args, compiled_step) -> dict:
              f"lm_head {args.lm_head}, ctx {args.ctx}, {args.steps} steps"
              + (", model guards kept" if args.keep_model_guards else "")
              + (", no graph pass" if args.no_graph_pass else ""),
-             f"compile {compile_s:.1f} s; step wall (no profiler) median {wall['median_ms']:.2f} ms "
+             f"compile {compile_s:.1f} s ({'empty' if args.fresh_compile_cache else 'existing'} inductor cache); "
+             f"step wall (no profiler) median {wall['median_ms']:.2f} ms "
              f"[{wall['min_ms']:.2f}, {wall['max_ms']:.2f}]", "",
              "| where | ms / step (self, profiled) | calls / step |", "|---|---|---|"]
     lines += [f"| {g} | {ms:.2f} | {calls[g]:.0f} |" for g, ms in rows]
     lines.append(f"| **total profiled** | **{sum(per.values()):.2f}** | |")
+    lines += ["", "the compile (dynamo's own timers; nested rows are parts of the row above):",
+              "| phase | s |", "|---|---|"]
+    lines += [f"| {label.replace('  ', '&nbsp;&nbsp;')} | {sec:.1f} |" for label, sec in phases.items()]
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
     lines += ["", "top events:", "| event | ms / step | calls / step |", "|---|---|---|"]
     lines += [f"| `{e.key[:70]}` | {e.self_cpu_time_total / args.steps / 1e3:.3f} | {e.count / args.steps:.0f} |"
               for e in top]
     md = "\n".join(lines)
     print(md)
-    rec = {"args": vars(args), "compile_seconds": compile_s, "step_wall": wall, "groups_ms": dict(per),
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    rec = {"args": vars(args), "compile_seconds": compile_s, "compile_phases_s": phases,
+           "inductor_cache_dir": cache_dir(), "step_wall": wall, "groups_ms": dict(per),
            "group_calls": dict(calls)}
     if args.json:
         write_outputs(args.json, [rec], md)

@@ -212,6 +212,16 @@ def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     assert rec["groups_ms"]["pqk::quant_linear"] > 0 and rec["step_wall"]["repeats"] == 2
     assert json.loads(out.read_text())[0]["args"]["model"] == "tiny-llama"
     assert "pqk::quant_linear" in (tmp_path / "prof.md").read_text()
+    # the compile's phases: inside the compile's wall time, the backend inside the whole
+    ph = rec["compile_phases_s"]
+    whole = ph["whole compile (dynamo's compile_inner)"]
+    assert 0 < ph["  the backend (AOT autograd + inductor)"] <= whole <= rec["compile_seconds"] * 1.01
+    assert ph["  dynamo tracing (bytecode -> FX graph, guards)"] > 0
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     ab = prof.main(["--model", "tiny-llama", "--ctx", "16", "--steps", "2", "--threads", "1",
-                    "--keep-model-guards", "--no-graph-pass"])
+                    "--keep-model-guards", "--no-graph-pass", "--fresh-compile-cache"])
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before          # the temporary cache dir is undone
+    # the compile ran in an empty, temporary inductor cache, removed after
+    assert "pqk_inductor_" in ab["inductor_cache_dir"] and not os.path.exists(ab["inductor_cache_dir"])
+    assert "pqk_inductor_" not in rec["inductor_cache_dir"]
     assert ab["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 7 + 1)
