@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -115,7 +114,7 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
 
     from . import data
     from .calibration import QuantConfig
-    from .calibration.evaluate import window_nlls
+    from .calibration.evaluate import perplexity, window_nlls
     from .calibration.pipeline import quantize_model
 
     base, tok = load_smollm2()
@@ -132,7 +131,7 @@ def accuracy_table(windows: int = 8, rows=None, out=None) -> list[dict]:
             quantize_model(model, tok, calib, QuantConfig(**kw), progress=False)
             info = model.pqk_state.info
         nlls = window_nlls(model, tok, text, seq_len, max_windows=n_win)
-        ppl = math.exp(sum(nlls) / len(nlls))
+        ppl = perplexity(nlls)
         r = {"row": label, "index": index, "ppl": ppl, "seq_len": seq_len, "windows": n_win,
              "prefix": info.get("prefix_tokens"), "o": info.get("o"), "quantize_s": info.get("seconds"),
              "finetune_s": info.get("finetune_seconds"), "finetune_loss": info.get("finetune_loss"),

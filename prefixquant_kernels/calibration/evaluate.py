@@ -65,7 +65,11 @@ def evaluate_perplexity(model, tokenizer, text: str, seq_len: int = 512, *, max_
                         progress: bool = True) -> float:
     """exp(mean NLL) over the windows (module doc; every window scores seq_len - 1 tokens, so the mean of
     ``window_nlls`` is the mean over all tokens)."""
-    nlls = window_nlls(model, tokenizer, text, seq_len, max_windows=max_windows, progress=progress)
+    return perplexity(window_nlls(model, tokenizer, text, seq_len, max_windows=max_windows, progress=progress))
+
+
+def perplexity(nlls: list[float]) -> float:
+    """exp of the mean of ``window_nlls`` (equal-length windows: the mean over all their tokens)."""
     return math.exp(sum(nlls) / len(nlls))
 
 
