@@ -91,12 +91,15 @@ def main(argv=None) -> dict:
                    help="A/B: dynamo keeps its guards on the model (compiled_step.step_guard_filter off)")
     p.add_argument("--no-graph-pass", action="store_true",
                    help="A/B: no quant_linear_multi grouping (models/graph_passes.py off)")
+    p.add_argument("--no-layer-regions", action="store_true",
+                   help="A/B: trace all layers into the step's graph (models/layer_region.py off)")
     p.add_argument("--fresh-compile-cache", action="store_true",
                    help="compile with an empty inductor cache (a temporary TORCHINDUCTOR_CACHE_DIR): a first "
                         "compile on a new machine, not one that reuses kernels an earlier run left")
     args = p.parse_args(argv)
     from prefixquant_kernels.models import compiled_step
-    saved = compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS
+    saved = compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS, compiled_step.LAYER_REGIONS
+    compiled_step.LAYER_REGIONS = not args.no_layer_regions
     if args.keep_model_guards:
         compiled_step.step_guard_filter = lambda entries: [True] * len(entries)
     if args.no_graph_pass:
@@ -109,7 +112,7 @@ def main(argv=None) -> dict:
     try:
         return _run(args, compiled_step)
     finally:
-        compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS = saved
+        compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS, compiled_step.LAYER_REGIONS = saved
         if tmp is not None:
             if saved_dir is None:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -155,7 +158,8 @@ def _run(args, compiled_step) -> dict:
     lines = [f"{machine_line(machine_info('cpu'))}; {args.model}, static W4A{args.a_bits}KV4 + prefix, "
              f"lm_head {args.lm_head}, ctx {args.ctx}, {args.steps} steps"
              + (", model guards kept" if args.keep_model_guards else "")
-             + (", no graph pass" if args.no_graph_pass else ""),
+             + (", no graph pass" if args.no_graph_pass else "")
+             + (", no layer regions" if args.no_layer_regions else ""),
              f"compile {compile_s:.1f} s ({'empty' if args.fresh_compile_cache else 'existing'} inductor cache); "
              f"step wall (no profiler) median {wall['median_ms']:.2f} ms "
              f"[{wall['min_ms']:.2f}, {wall['max_ms']:.2f}]", "",

@@ -21,6 +21,17 @@ def rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return (x.float() @ rotation.to(device=x.device, dtype=torch.float32)).to(x.dtype)
 
 
+def transform_keys(key_states: torch.Tensor, rotation: torch.Tensor | None, offset: torch.Tensor | None):
+    """What KeyRotatingCache does to new keys before they are quantized: key_states [B, H_kv, T, D] ->
+    ``key_states @ rotation`` (float [D, D], or None: not rotated) ``- offset`` (float [H_kv, D] per head, or None),
+    in key_states' dtype."""
+    if rotation is not None:
+        key_states = rotate_heads(key_states, rotation)
+    if offset is not None:                                   # [H_kv, D] -> [1, H_kv, 1, D]
+        key_states = (key_states.float() - offset.to(key_states.device)[None, :, None]).to(key_states.dtype)
+    return key_states
+
+
 class KeyRotatingCache(PrefixQuantCache):
     """A PrefixQuantCache that transforms the new keys before its layer quantizes them: ``K @ key_rotation`` per
     head (the online Hadamard on K after RoPE; the patched model forward reads ``key_rotation`` and rotates the
@@ -40,11 +51,8 @@ class KeyRotatingCache(PrefixQuantCache):
         self.key_rotation, self.key_offsets = key_rotation, key_offsets
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.key_rotation is not None:
-            key_states = rotate_heads(key_states, self.key_rotation)
-        if self.key_offsets is not None:
-            mu = self.key_offsets[layer_idx]                     # [H_kv, D] -> [1, H_kv, 1, D]
-            key_states = (key_states.float() - mu.to(key_states.device)[None, :, None]).to(key_states.dtype)
+        key_states = transform_keys(key_states, self.key_rotation,
+                                    None if self.key_offsets is None else self.key_offsets[layer_idx])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 

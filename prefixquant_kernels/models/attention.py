@@ -71,7 +71,9 @@ def _rotated_attention(base: str):
         if pqk_query_rotation is not None:
             query = rotate_heads(query, pqk_query_rotation)
         if pqk_cache is not None and key.shape[-2] == 0:
-            layer = pqk_cache.layers[module.layer_idx]
+            # a decode step's layer region passes a cache of its one layer (models/layer_region.py): the layer
+            # index, a different constant in every layer, is not read inside the region
+            layer = pqk_cache if getattr(pqk_cache, "is_one_layer", False) else pqk_cache.layers[module.layer_idx]
             if layer.is_compileable and query.shape[2] == 1 and _no_extras(kwargs):
                 # a preallocated cache (a compiled step): the kernel takes the padding mask, no host check
                 out = layer.decode_attention(query, _scaling(query, kwargs), _key_mask(attention_mask))

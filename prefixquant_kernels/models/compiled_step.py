@@ -10,6 +10,9 @@ traced step the pqk:: custom ops (QuantLinear's GEMM, kv_quantize, kv_decode_att
 fakes are in ops/library.py) and inductor fuses the glue (RMSNorm, RoPE, residuals, the Q/K rotation's matmul
 operands, the mask). On CUDA the compile mode is "reduce-overhead": the same step replayed as a CUDA graph.
 
+Each decoder layer of the step is one ``torch.compiler.nested_compile_region`` (models/layer_region.py): dynamo
+traces one layer and reuses its graph for the others, so the cold compile walks one layer's nodes, not all of them.
+
 The capacity is rounded up to ``CAPACITY_STEP`` tokens, so generate calls of similar lengths share one graph
 (``dynamic=False``: one graph per batch size and capacity). ``timed_compiled_call`` logs the one-time compile.
 
@@ -152,6 +155,8 @@ def step_guard_filter(entries) -> list[bool]:
 KEY_SOURCE = "self._pqk_graph_key"   # the key's name in dynamo's guard entries (the step's frame calls the model self)
 
 
+LAYER_REGIONS = True   # trace one decoder layer and reuse its graph for all (models/layer_region.py); False: A/B
+
 RECOMPILE_LIMIT = 64   # dynamo's per-code-object limit (8 by default) is shared by every model of a process
 
 
@@ -167,6 +172,9 @@ def timed_compiled_call(orig):
         from . import attention
         if getattr(self, "pqk_state", None) is not None and attention.has_twin(self):
             attention.use_rotated_attention(self)   # the step's forward switches to the twin anyway (patch.py)
+        if LAYER_REGIONS:
+            from . import layer_region
+            layer_region.install(self)
         refresh_graph_key(self)
         fn = orig(self, compile_config)
         held = getattr(self, "_pqk_timed_call", None)
