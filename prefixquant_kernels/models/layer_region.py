@@ -11,8 +11,8 @@ that takes a Python object such as the cache. So a decode step's layer call pass
 packed K/V buffers, the filled length, scales, prefix, the key rotation and offset) and, inside the region,
 ``StepLayerCache`` stands in for the PrefixQuantCache: the same ``update`` (the keys transformed as
 KeyRotatingCache does, then PreallocatedStaticLayer's quantize + index_copy) and the same ``decode_attention``,
-for whatever layer index the attention passes. What is the same for every layer (bits, prefix length, kernel
-kind) is a constant of the region's code; the layer index is never read inside it.
+for whatever layer index the attention passes. What is the same for every layer (bits, kernel kind, whether
+there is a prefix) is a constant of the region's code; the layer index is never read inside it.
 
 ``install(model)`` wraps the forward of each decoder layer (instance attributes, idempotent); the wrapper takes
 the region only while dynamo traces a one-token step over a preallocated PrefixQuantCache, and otherwise calls the
