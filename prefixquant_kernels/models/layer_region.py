@@ -64,7 +64,10 @@ def layer_tensors(cache, i: int) -> tuple:
 
 
 def _make_step(consts: tuple):
-    @torch.compiler.nested_compile_region
+    # Layers that differ in a traced constant (a per-layer softmax scale, a layer kept at other bits) get one traced
+    # subgraph each; torch's default cache of 8 then raises. No model has more layers than this: at worst every
+    # layer is traced once, as without regions.
+    @torch.compiler.nested_compile_region(max_reuse_entries=4096)
     def step(layer, hidden_states, attention_mask, cos, sin, position_ids, query_rotation, *tensors):
         cache = StepLayerCache(consts, *tensors)
         kw = {} if query_rotation is None else {"pqk_query_rotation": query_rotation}
@@ -83,14 +86,13 @@ def _takes_region(past_key_values, hidden_states, kwargs) -> bool:
     layers = getattr(past_key_values, "layers", None)
     return (torch.compiler.is_compiling() and hidden_states.shape[1] == 1 and bool(layers)
             and all(type(l) is PreallocatedStaticLayer for l in layers)
-            and kwargs.get("pqk_cache") is past_key_values)
+            and kwargs.get("pqk_cache") is past_key_values and not set(kwargs) - {"pqk_cache", "pqk_query_rotation"})
 
 
 def _region_forward(layer, orig):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        if not _takes_region(past_key_values, hidden_states, kwargs) or set(kwargs) - {"pqk_cache",
-                                                                                      "pqk_query_rotation"}:
+        if not _takes_region(past_key_values, hidden_states, kwargs):
             return orig(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, use_cache=use_cache,
                         position_embeddings=position_embeddings, **kwargs)

@@ -83,3 +83,22 @@ def test_the_wrapper_is_the_layer_itself_outside_a_compiled_step():
     torch.testing.assert_close(layer(x, position_embeddings=emb, position_ids=pos),
                                type(layer).forward(layer, x, position_embeddings=emb, position_ids=pos),
                                rtol=0, atol=0)
+
+
+def test_more_distinct_layers_than_torch_reuses_by_default(monkeypatch):
+    """Layers that differ in a constant (here each attention's softmax scale) trace one subgraph each: a model with more
+    such layers than nested_compile_region's default reuse cache (8 entries, then a RuntimeError in torch 2.13) still
+    compiles and equals eager."""
+    graphs = _capturing(monkeypatch)
+    layers = 10
+    cfg = pqk.QuantConfig(w_bits=4, a_bits=8, kv_bits=4, calib_samples=2, calib_seq_len=64)
+    model = quantize_model(tiny_model("llama", layers=layers), StubTokenizer(), text(), cfg, progress=False)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.scaling = layer.self_attn.scaling * (1.0 + 0.01 * i)
+    ids, mask = _prompt(batch=1)
+    eager = _generate(model, ids, mask, compiled=False, new=3)
+    comp = _generate(model, ids, mask, compiled=True, new=3)
+    assert len(graphs) == 1     # one subgraph per layer, each used once (dynamo then inlines it): one step graph
+    assert torch.equal(comp.sequences, eager.sequences)
+    for a, b in zip(comp.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
