@@ -225,3 +225,25 @@ def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     assert "pqk_inductor_" in ab["inductor_cache_dir"] and not os.path.exists(ab["inductor_cache_dir"])
     assert "pqk_inductor_" not in rec["inductor_cache_dir"]
     assert ab["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 7 + 1)
+
+
+def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
+    """step_options_ab.py on tiny-llama: two variants (the step as generate() compiles it, and one with an option
+    that does not change the math) each time rounds x steps steps, their logits equal, the files written; a
+    variant that is not NAME=JSON is refused."""
+    pytest.importorskip("transformers")
+    if "cpu:scalar" not in pqk.available_backends():
+        pytest.skip("C++ extension not built")
+    ab = _load("step_options_ab")
+    out = tmp_path / "ab.json"
+    rec = ab.main(["--model", "tiny-llama", "--ctx", "16", "--rounds", "2", "--steps", "3", "--threads", "1",
+                   "--variants", "base={}", 'serial={"cpp.min_chunk_size": 100000}', "--json", str(out)])
+    assert list(rec["variants"]) == ["base", "serial"]
+    for v in rec["variants"].values():
+        assert v["step"]["repeats"] == 2 * 3 and v["step"]["median_ms"] > 0
+        assert v["logit_diff"] == 0.0
+    assert rec["variants"]["serial"]["options"] == {"cpp.min_chunk_size": 100000}
+    assert json.loads(out.read_text())[0]["args"]["rounds"] == 2
+    assert "cpp.min_chunk_size" in (tmp_path / "ab.md").read_text()
+    with pytest.raises(SystemExit, match="NAME=JSON"):
+        ab.main(["--model", "tiny-llama", "--variants", "base"])
