@@ -244,6 +244,6 @@ def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
         assert v["logit_diff"] == 0.0
     assert rec["variants"]["serial"]["options"] == {"cpp.min_chunk_size": 100000}
     assert json.loads(out.read_text())[0]["args"]["rounds"] == 2
-    assert "cpp.min_chunk_size" in (tmp_path / "ab.md").read_text()
+    assert "cpp.min_chunk_size" in (out.parent / (out.stem + ".md")).read_text()
     with pytest.raises(SystemExit, match="NAME=JSON"):
         ab.main(["--model", "tiny-llama", "--variants", "base"])
