@@ -103,6 +103,59 @@ void gemm(const GemmArgs& args, Isa isa);
 // otherwise gemm() n times. Each out equals gemm(args[i]) bit for bit.
 void gemm_shared_a(const GemmArgs* args, int n, Isa isa);
 
+// ---- one decoder layer of a decode step ----------------------------------------------------------------
+// A static quantized linear of the layer: y = quant_linear(x, w, w_scale, a_scale (static), a_bits, bias).
+struct LayerLinear {
+  const void* w = nullptr;          // w_bits 4: uint8 [N, K/2];  w_bits 8: int8 [N, K]
+  int w_bits = 4, a_bits = 4;
+  const float* w_scale = nullptr;   // fp32 [N]
+  float a_scale = 1.0f;             // the static per-tensor activation scale, finite and > 0
+  const float* bias = nullptr;      // fp32 [N] or nullptr
+  int64_t N = 0, K = 0;
+};
+
+// A Llama / Qwen2 / Qwen3 decoder layer for one new token per sequence over a static preallocated cache, as the
+// model's eager forward computes it (decode_layer.cpp): every tensor fp32 unless said otherwise, rows contiguous.
+struct DecodeLayerArgs {
+  int64_t B = 0, H = 0, Hq = 0, Hkv = 0, D = 0, I = 0;  // sequences, hidden, q heads, kv heads, head dim, MLP width
+  const float* x = nullptr;         // [B, H] the residual stream in
+  const float* cos = nullptr;       // [B, D] RoPE at each sequence's position (row stride cos_stride: D, or 0
+  const float* sin = nullptr;       //   when all sequences share one position)
+  int64_t cos_stride = 0;
+  const float* norm1 = nullptr;     // [H] input RMSNorm weight
+  float eps1 = 1e-6f;
+  LayerLinear q, k, v;              // N = Hq*D, Hkv*D, Hkv*D; K = H
+  const float* q_norm = nullptr;    // [D] Qwen3's per-head RMSNorm on q and k before RoPE, or nullptr
+  const float* k_norm = nullptr;    // [D]
+  float qk_eps = 1e-6f;
+  const float* key_rotation = nullptr;  // [D, D]: q and k (after RoPE) -> x @ R, or nullptr
+  const float* key_offset = nullptr;    // [Hkv, D]: k -= offset[h] after the rotation (key centering), or nullptr
+  void* k_cache = nullptr;          // the body buffers: uint8 [.., capacity, D/2] (kv_bits 4) or int8 [.., D];
+  void* v_cache = nullptr;          //   row (b, h, t) at (b * cache_sb + h * cache_sh + t) rows
+  int64_t cache_sb = 0, cache_sh = 0;
+  int kv_bits = 4;
+  int64_t pos = 0;                  // filled body rows: the new K/V go to row pos, attention reads pos + 1
+  const float* k_scale = nullptr;   // [Hkv]
+  const float* v_scale = nullptr;   // [Hkv]
+  const void* prefix_k = nullptr;   // [prefix_batch, Hkv, P, D] of type pt, or nullptr with P = 0
+  const void* prefix_v = nullptr;
+  FloatType pt = FloatType::kFloat32;
+  int64_t prefix_batch = 1, P = 0;
+  const bool* mask = nullptr;       // bool [B, >= P + pos + 1] (stride mask_stride), true = attend, or nullptr
+  int64_t mask_stride = 0;
+  float sm_scale = 1.0f;
+  LayerLinear o;                    // N = H, K = Hq*D
+  const float* norm2 = nullptr;     // [H] post-attention RMSNorm weight
+  float eps2 = 1e-6f;
+  LayerLinear gate, up;             // N = I, K = H
+  const float* down_signs = nullptr;  // [I]: down's input -> hadamard(x * signs) (RotatedLinear), or nullptr
+  const float* had_m = nullptr;       // [had_n, had_n] +-1: the H_m of I = had_n * 2^p (hadamard.py's factor)
+  int64_t had_n = 1;
+  LayerLinear down;                 // N = H, K = I
+  float* out = nullptr;             // [B, H] the residual stream out (may not alias x)
+};
+void decode_layer(const DecodeLayerArgs& args, Isa isa);
+
 // ---- benchmark only ------------------------------------------------------------------------------------
 // The int8 multiply-accumulate peak of `isa` on all parallel_for threads, measured for `seconds`: a throughput loop
 // of vpdpbusd zmm (avx512vnni) / vpdpbusd ymm (avxvnni) / vpmaddubsw ymm (avx2), in int ops (2 per MAC) / s / 1e12;

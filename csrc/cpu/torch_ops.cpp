@@ -311,6 +311,172 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
   return out;
 }
 
+// ---- decode_layer ------------------------------------------------------------------------------------------------
+// The op's schema and argument meanings: ops/library.py; the kernel: decode_layer.cpp. Checked here in full (the
+// compiled step calls it with a layer's own buffers, but torch.ops.pqk.decode_layer is callable by anyone).
+
+const float* f32(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
+              "pqk.decode_layer: ", name, " must be a contiguous float32 CPU tensor of ", n, " elements, got ",
+              t.scalar_type(), " ", t.sizes());
+  return t.data_ptr<float>();
+}
+
+const float* f32_opt(const c10::optional<at::Tensor>& t, int64_t n, const char* name) {
+  return t.has_value() ? f32(*t, n, name) : nullptr;
+}
+
+LayerLinear layer_linear(const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& a_scale,
+                         const c10::optional<at::Tensor>& bias, int64_t a_bits, int64_t N, int64_t K,
+                         const char* name) {
+  TORCH_CHECK(a_bits == 4 || a_bits == 8, "pqk.decode_layer: ", name, "'s a_bits must be 4 or 8, got ", a_bits);
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                  ((w.scalar_type() == at::kByte && w.size(1) * 2 == K) ||
+                   (w.scalar_type() == at::kChar && w.size(1) == K)) && w.size(0) == N,
+              "pqk.decode_layer: ", name, "'s weight must be a contiguous [", N, ", ", K / 2, "] uint8 (int4) or [", N,
+              ", ", K, "] int8 CPU tensor, got ", w.scalar_type(), " ", w.sizes());
+  LayerLinear l;
+  l.w = w.data_ptr();
+  l.w_bits = w.scalar_type() == at::kByte ? 4 : 8;
+  l.a_bits = (int)a_bits;
+  l.w_scale = f32(w_scale, N, "a w_scale");
+  TORCH_CHECK(a_scale.device().is_cpu(), "pqk.decode_layer: ", name, "'s a_scale must be on the CPU");
+  l.a_scale = scalar_scale(a_scale);
+  l.bias = f32_opt(bias, N, "a bias");
+  l.N = N;
+  l.K = K;
+  return l;
+}
+
+at::Tensor decode_layer_cpu(
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& norm1, double eps1, at::TensorList qkv_w, at::TensorList qkv_w_scale,
+    at::TensorList qkv_a_scale, const c10::List<c10::optional<at::Tensor>>& qkv_bias, int64_t qkv_a_bits,
+    const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm, double qk_eps,
+    const c10::optional<at::Tensor>& key_rotation, const c10::optional<at::Tensor>& key_offset,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& length, const at::Tensor& k_scale,
+    const at::Tensor& v_scale, const c10::optional<at::Tensor>& prefix_k, const c10::optional<at::Tensor>& prefix_v,
+    int64_t kv_bits, double sm_scale, const at::Tensor& o_w, const at::Tensor& o_w_scale,
+    const at::Tensor& o_a_scale, const c10::optional<at::Tensor>& o_bias, int64_t o_a_bits, const at::Tensor& norm2,
+    double eps2, at::TensorList gate_up_w, at::TensorList gate_up_w_scale, at::TensorList gate_up_a_scale,
+    const c10::List<c10::optional<at::Tensor>>& gate_up_bias, int64_t gate_up_a_bits,
+    const c10::optional<at::Tensor>& down_signs, const c10::optional<at::Tensor>& down_had, const at::Tensor& down_w,
+    const at::Tensor& down_w_scale, const at::Tensor& down_a_scale, const c10::optional<at::Tensor>& down_bias,
+    int64_t down_a_bits, int64_t cpu_isa) {
+  const char* op = "pqk.decode_layer: ";
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 &&
+                  x.is_contiguous(), op, "x must be a contiguous float32 [B, 1, hidden] CPU tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(kv_bits == 4 || kv_bits == 8, op, "kv_bits must be 4 or 8, got ", kv_bits);
+  TORCH_CHECK(qkv_w.size() == 3 && qkv_w_scale.size() == 3 && qkv_a_scale.size() == 3 && qkv_bias.size() == 3,
+              op, "qkv_w, qkv_w_scale, qkv_a_scale and qkv_bias must hold 3 tensors each (q, k, v)");
+  TORCH_CHECK(gate_up_w.size() == 2 && gate_up_w_scale.size() == 2 && gate_up_a_scale.size() == 2 &&
+                  gate_up_bias.size() == 2, op, "gate_up_w, gate_up_w_scale, gate_up_a_scale and gate_up_bias must "
+              "hold 2 tensors each (gate, up)");
+  const at::ScalarType bt = kv_bits == 4 ? at::kByte : at::kChar;
+  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.dim() == 4 && k_cache.scalar_type() == bt &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == bt && v_cache.device().is_cpu(),
+              op, "k_cache and v_cache must be contiguous CPU tensors [B, Hkv, capacity, D/2] uint8 (kv_bits 4) or "
+              "[..., D] int8 (kv_bits 8) of one shape, got ", k_cache.scalar_type(), " ", k_cache.sizes(), " and ",
+              v_cache.scalar_type(), " ", v_cache.sizes());
+  DecodeLayerArgs a;
+  a.B = x.size(0);
+  a.H = x.size(2);
+  a.Hkv = k_cache.size(1);
+  a.D = k_cache.size(3) * (kv_bits == 4 ? 2 : 1);
+  TORCH_CHECK(k_cache.size(0) == a.B, op, "k_cache holds ", k_cache.size(0), " sequences, x ", a.B);
+  TORCH_CHECK(a.D % 2 == 0 && a.D > 0, op, "the head dim must be even, got ", a.D);
+  const int64_t QN = qkv_w[0].size(0);
+  TORCH_CHECK(QN % a.D == 0 && (QN / a.D) % a.Hkv == 0, op, "q's ", QN, " outputs are not a multiple of Hkv (",
+              a.Hkv, ") heads of ", a.D);
+  a.Hq = QN / a.D;
+  const int64_t KN = a.Hkv * a.D;
+  a.I = gate_up_w[0].size(0);
+  a.x = x.data_ptr<float>();
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && (cos.size(0) == a.B || cos.size(0) == 1) &&
+                  cos.size(1) == 1, op, "cos and sin must be [B or 1, 1, D], got ", cos.sizes(), " and ", sin.sizes());
+  a.cos = f32(cos, cos.size(0) * a.D, "cos");
+  a.sin = f32(sin, cos.size(0) * a.D, "sin");
+  a.cos_stride = cos.size(0) == 1 ? 0 : a.D;
+  a.norm1 = f32(norm1, a.H, "norm1");
+  a.norm2 = f32(norm2, a.H, "norm2");
+  a.eps1 = (float)eps1;
+  a.eps2 = (float)eps2;
+  a.q = layer_linear(qkv_w[0], qkv_w_scale[0], qkv_a_scale[0], qkv_bias.get(0), qkv_a_bits, QN, a.H, "q");
+  a.k = layer_linear(qkv_w[1], qkv_w_scale[1], qkv_a_scale[1], qkv_bias.get(1), qkv_a_bits, KN, a.H, "k");
+  a.v = layer_linear(qkv_w[2], qkv_w_scale[2], qkv_a_scale[2], qkv_bias.get(2), qkv_a_bits, KN, a.H, "v");
+  a.q_norm = f32_opt(q_norm, a.D, "q_norm");
+  a.k_norm = f32_opt(k_norm, a.D, "k_norm");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), op, "q_norm and k_norm go together");
+  a.qk_eps = (float)qk_eps;
+  a.key_rotation = f32_opt(key_rotation, a.D * a.D, "key_rotation");
+  a.key_offset = f32_opt(key_offset, KN, "key_offset");
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  const int64_t row = k_cache.size(3);
+  a.cache_sb = k_cache.stride(0) / row;
+  a.cache_sh = k_cache.stride(1) / row;
+  a.kv_bits = (int)kv_bits;
+  TORCH_CHECK(length.device().is_cpu() && length.scalar_type() == at::kLong && length.numel() == 1,
+              op, "length must be a one-element int64 CPU tensor");
+  a.pos = *length.data_ptr<int64_t>();
+  const int64_t capacity = k_cache.size(2);
+  TORCH_CHECK(a.pos >= 0 && a.pos < capacity, op, "the preallocated cache holds ", capacity,
+              " tokens after the prefix and length says ", a.pos, " are filled: no row is left for this token");
+  a.k_scale = f32(k_scale, a.Hkv, "k_scale");
+  a.v_scale = f32(v_scale, a.Hkv, "v_scale");
+  for (const at::Tensor* s : {&k_scale, &v_scale})
+    for (int64_t h = 0; h < a.Hkv; ++h) {
+      const float vh = s->data_ptr<float>()[h];
+      TORCH_CHECK(std::isfinite(vh) && vh > 0.0f, op, "k_scale / v_scale must be finite and > 0, got ", vh);
+    }
+  TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(), op, "prefix_k and prefix_v go together");
+  if (prefix_k.has_value()) {
+    const at::Tensor &pk = *prefix_k, &pv = *prefix_v;
+    TORCH_CHECK(pk.device().is_cpu() && pk.dim() == 4 && pk.is_contiguous() && pv.is_contiguous() &&
+                    pk.sizes() == pv.sizes() && pk.scalar_type() == pv.scalar_type() &&
+                    (pk.size(0) == 1 || pk.size(0) == a.B) && pk.size(1) == a.Hkv && pk.size(3) == a.D,
+                op, "prefix_k / prefix_v must be contiguous [1 or B, Hkv, P, D] CPU tensors of one dtype, got ",
+                pk.sizes(), " and ", pv.sizes());
+    a.prefix_k = pk.data_ptr();
+    a.prefix_v = pv.data_ptr();
+    a.pt = float_type(pk, "prefix_k");
+    a.prefix_batch = pk.size(0);
+    a.P = pk.size(2);
+  }
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == a.B &&
+                    m.size(1) >= a.P + a.pos + 1 && m.stride(1) == 1,
+                op, "mask must be a bool [B, >= P + length + 1] CPU tensor with contiguous rows, got ",
+                m.scalar_type(), " ", m.sizes());
+    a.mask = m.data_ptr<bool>();
+    a.mask_stride = m.stride(0);
+  }
+  a.sm_scale = (float)sm_scale;
+  a.o = layer_linear(o_w, o_w_scale, o_a_scale, o_bias, o_a_bits, a.H, QN, "o");
+  a.gate = layer_linear(gate_up_w[0], gate_up_w_scale[0], gate_up_a_scale[0], gate_up_bias.get(0), gate_up_a_bits,
+                        a.I, a.H, "gate");
+  a.up = layer_linear(gate_up_w[1], gate_up_w_scale[1], gate_up_a_scale[1], gate_up_bias.get(1), gate_up_a_bits,
+                      a.I, a.H, "up");
+  TORCH_CHECK(down_signs.has_value() == down_had.has_value(), op, "down_signs and down_had go together");
+  a.down_signs = f32_opt(down_signs, a.I, "down_signs");
+  if (down_had.has_value()) {
+    const at::Tensor& hm = *down_had;
+    TORCH_CHECK(hm.dim() == 2 && hm.size(0) == hm.size(1) && hm.size(0) > 0 && a.I % hm.size(0) == 0 &&
+                    ((a.I / hm.size(0)) & (a.I / hm.size(0) - 1)) == 0,
+                op, "down_had must be a square [m, m] with ", a.I, " = m * 2^p, got ", hm.sizes());
+    a.had_n = hm.size(0);
+    a.had_m = f32(hm, a.had_n * a.had_n, "down_had");
+  }
+  a.down = layer_linear(down_w, down_w_scale, down_a_scale, down_bias, down_a_bits, a.H, a.I, "down");
+  at::Tensor out = at::empty_like(x);
+  a.out = out.data_ptr<float>();
+  decode_layer(a, to_isa(cpu_isa));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pqk, CPU, m) {
@@ -324,6 +490,7 @@ TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("int4_matmul", &int4_matmul_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("quant_linear_multi", &quant_linear_multi_cpu);
+  m.impl("decode_layer", &decode_layer_cpu);
 }
 
 }  // namespace cpu

@@ -157,6 +157,8 @@ KEY_SOURCE = "self._pqk_graph_key"   # the key's name in dynamo's guard entries 
 
 LAYER_REGIONS = True   # trace one decoder layer and reuse its graph for all (models/layer_region.py); False: A/B
 
+DECODE_LAYER_OP = True   # on the CPU, a supported layer is one pqk::decode_layer call (models/decode_layer.py)
+
 RECOMPILE_LIMIT = 64   # dynamo's per-code-object limit (8 by default) is shared by every model of a process
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ..cache.factory import transform_keys
 from ..cache.modes.static import PreallocatedStaticLayer
+from . import compiled_step, decode_layer
 
 
 class StepLayerCache(PreallocatedStaticLayer):
@@ -98,10 +99,16 @@ def _region_forward(layer, orig):
                         position_embeddings=position_embeddings, **kwargs)
         i = self.self_attn.layer_idx
         like = past_key_values.layers[i]
-        step = STEPS[(like.bits, like.kind, like._pk_cpu is not None)]
         cos, sin = position_embeddings
-        return step(self, hidden_states, attention_mask, cos, sin, position_ids, kwargs.get("pqk_query_rotation"),
-                    *layer_tensors(past_key_values, i))
+        tensors = layer_tensors(past_key_values, i)
+        query_rotation = kwargs.get("pqk_query_rotation")
+        if compiled_step.DECODE_LAYER_OP and (query_rotation is None) == (tensors[7] is None):
+            mods = decode_layer.op_inputs(self, like, hidden_states)
+            if mods is not None:   # the whole layer as one C++ op (models/decode_layer.py)
+                return decode_layer.forward(mods, hidden_states, attention_mask, cos, sin, tensors[7], (like.bits,),
+                                            *tensors[:7], tensors[8])
+        step = STEPS[(like.bits, like.kind, like._pk_cpu is not None)]
+        return step(self, hidden_states, attention_mask, cos, sin, position_ids, query_rotation, *tensors)
     forward._pqk_region = True
     return types.MethodType(forward, layer)
 
@@ -110,5 +117,6 @@ def install(model) -> None:
     """Wrap every decoder layer's forward (idempotent); see the module docstring."""
     from .arch import decoder_layers
     for layer in decoder_layers(model):
+        decode_layer.prepare(layer)
         if not getattr(layer.forward, "_pqk_region", False):
             object.__setattr__(layer, "forward", _region_forward(layer, layer.forward))

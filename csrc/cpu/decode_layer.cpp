@@ -1,0 +1,185 @@
+// One decoder layer of a decode step in one call: what a compiled step otherwise runs as ~6 op calls and 4 inductor
+// kernels, stitched by ~60 Python statements of inductor's wrapper (docs/PERF.md, change 15).
+//
+//   x -> RMSNorm -> q|k|v (one parallel region, gemm_shared_a) -> [Qwen3: q/k RMSNorm per head] -> RoPE
+//     -> [q, k @ key_rotation] -> [k - key_offset] -> k, v quantized into cache row `pos`
+//     -> decode attention over [prefix | body rows 0..pos] -> o -> + x
+//     -> RMSNorm -> gate|up (one region) -> SiLU(gate) * up -> [hadamard(. * signs)] -> down -> + residual
+//
+// The GEMMs quantize their float input with the static scale while packing it (gemm.cpp); the attention reads the
+// packed cache in place (kv_cache.cpp). The glue between them is elementwise on a few KB and runs serially here:
+// at decode it is ~1 % of the layer, and a parallel region costs ~1 us. Each step follows the eager module's
+// formula (HF's LlamaRMSNorm, apply_rotary_pos_emb, act_fn; RotatedLinear's transform), in fp32; sums may differ
+// from torch's in order, so the result equals eager to float rounding (a static quantizer downstream can turn
+// that into one level, as inductor's fused kernels can: tests/models/test_decode_layer.py).
+#include <math.h>
+
+#include <vector>
+
+#include "kernels_internal.h"
+
+namespace pqk {
+namespace cpu {
+
+namespace {
+
+// out[i] = w[i] * (x[i] * rsqrt(mean(x^2) + eps)): HF's RMSNorm in fp32 (variance summed in double)
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+  const float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// x[d] <- x[d] cos[d] + rotate_half(x)[d] sin[d], rotate_half(x) = [-x[D/2:], x[:D/2]]: one head, in place
+void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < D; ++d) tmp[d] = x[d] * cos[d] + (d < h ? -x[d + h] : x[d - h]) * sin[d];
+  for (int64_t d = 0; d < D; ++d) x[d] = tmp[d];
+}
+
+// x [D] <- x @ R (R [D, D] row-major): out[j] = sum_i x[i] R[i, j]
+void rotate_row(float* x, const float* R, int64_t D, float* tmp) {
+  for (int64_t j = 0; j < D; ++j) tmp[j] = 0.0f;
+  for (int64_t i = 0; i < D; ++i) {
+    const float xi = x[i];
+    const float* r = R + i * D;
+    for (int64_t j = 0; j < D; ++j) tmp[j] += xi * r[j];
+  }
+  for (int64_t j = 0; j < D; ++j) x[j] = tmp[j];
+}
+
+// x [n] <- (H_m (x) H_{2^p}) x / sqrt(n), n = m 2^p: hadamard.py's transform. x viewed [m, 2^p]: radix-2 butterflies
+// along each row (stage j pairs the elements whose index differs in bit j), then each column mixed by H_m, summed
+// in k order (hadamard.py's "sequential" form), then the scale.
+void hadamard(float* x, int64_t n, const float* hm, int64_t m, float* tmp) {
+  const int64_t P = n / m;
+  for (int64_t r = 0; r < m; ++r) {
+    float* v = x + r * P;
+    for (int64_t h = 1; h < P; h <<= 1)
+      for (int64_t i = 0; i < P; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float u = v[j], w = v[j + h];
+          v[j] = u + w;
+          v[j + h] = u - w;
+        }
+  }
+  if (m > 1) {
+    for (int64_t i = 0; i < n; ++i) tmp[i] = 0.0f;
+    for (int64_t a = 0; a < m; ++a)
+      for (int64_t k = 0; k < m; ++k) {
+        const float c = hm[a * m + k];
+        for (int64_t b = 0; b < P; ++b) tmp[a * P + b] += c * x[k * P + b];
+      }
+    for (int64_t i = 0; i < n; ++i) x[i] = tmp[i];
+  }
+  const float s = (float)(1.0 / sqrt((double)n));
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+GemmArgs gemm_args(const LayerLinear& l, int64_t M, const float* a, float* out) {
+  GemmArgs g;
+  g.M = M;
+  g.N = l.N;
+  g.K = l.K;
+  g.a_source = ASource::kFloat;
+  g.a = a;
+  g.a_float_type = FloatType::kFloat32;
+  g.a_bits = l.a_bits;
+  g.a_scale = &l.a_scale;
+  g.w = l.w;
+  g.w_bits = l.w_bits;
+  g.w_scale = l.w_scale;
+  g.bias = l.bias;
+  g.out = out;
+  g.out_type = FloatType::kFloat32;
+  return g;
+}
+
+// n linears over one input: one parallel region when their bits agree (gemm_shared_a's condition), else one by one
+void linears(const GemmArgs* g, int n, Isa isa) {
+  bool same = true;
+  for (int i = 1; i < n; ++i) same = same && g[i].a_bits == g[0].a_bits && g[i].w_bits == g[0].w_bits;
+  if (same) {
+    gemm_shared_a(g, n, isa);
+  } else {
+    for (int i = 0; i < n; ++i) gemm(g[i], isa);
+  }
+}
+
+}  // namespace
+
+void decode_layer(const DecodeLayerArgs& a, Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  const int64_t B = a.B, H = a.H, D = a.D, Hq = a.Hq, Hkv = a.Hkv, I = a.I;
+  const int64_t QN = Hq * D, KN = Hkv * D;
+  std::vector<float> t((size_t)(B * H)), q((size_t)(B * QN)), k((size_t)(B * KN)), v((size_t)(B * KN));
+  std::vector<float> attn((size_t)(B * QN)), h1((size_t)(B * H)), o((size_t)(B * H));
+  std::vector<float> gt((size_t)(B * I)), up((size_t)(B * I)), tmp((size_t)(I > D ? I : D));
+  std::vector<int8_t> qrow((size_t)D);
+
+  // ---- attention ----
+  for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm1, H, a.eps1, t.data() + b * H);
+  const GemmArgs qkv[3] = {gemm_args(a.q, B, t.data(), q.data()), gemm_args(a.k, B, t.data(), k.data()),
+                           gemm_args(a.v, B, t.data(), v.data())};
+  linears(qkv, 3, isa);
+
+  const int64_t row_bytes = a.kv_bits == 4 ? D / 2 : D;
+  const int qmin = qmin_for_bits(a.kv_bits), qmax = qmax_for_bits(a.kv_bits);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* cos = a.cos + b * a.cos_stride;
+    const float* sin = a.sin + b * a.cos_stride;
+    for (int64_t h = 0; h < Hq; ++h) {
+      float* x = q.data() + (b * Hq + h) * D;
+      if (a.q_norm) rms_norm(x, a.q_norm, D, a.qk_eps, x);
+      rope(x, cos, sin, D, tmp.data());
+      if (a.key_rotation) rotate_row(x, a.key_rotation, D, tmp.data());
+    }
+    for (int64_t h = 0; h < Hkv; ++h) {
+      float* x = k.data() + (b * Hkv + h) * D;
+      if (a.k_norm) rms_norm(x, a.k_norm, D, a.qk_eps, x);
+      rope(x, cos, sin, D, tmp.data());
+      if (a.key_rotation) rotate_row(x, a.key_rotation, D, tmp.data());
+      if (a.key_offset)
+        for (int64_t d = 0; d < D; ++d) x[d] -= a.key_offset[h * D + d];
+      // the new K/V rows into the cache's row pos, quantized with the head's static scale (kv_quantize_static)
+      const int64_t r = (b * a.cache_sb + h * a.cache_sh + a.pos) * row_bytes;
+      const float* src[2] = {x, v.data() + (b * Hkv + h) * D};
+      void* dst[2] = {(char*)a.k_cache + r, (char*)a.v_cache + r};
+      const float scale[2] = {a.k_scale[h], a.v_scale[h]};
+      for (int s = 0; s < 2; ++s) {
+        int8_t* qd = a.kv_bits == 4 ? qrow.data() : (int8_t*)dst[s];
+        ker.quantize_row(src[s], FloatType::kFloat32, D, scale[s], qmin, qmax, qd);
+        if (a.kv_bits == 4) ker.pack_row(qrow.data(), D, (uint8_t*)dst[s]);
+      }
+    }
+  }
+  kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, a.prefix_k, a.prefix_v, a.pt, a.prefix_batch,
+                             a.P, a.k_cache, a.v_cache, a.cache_sb, a.cache_sh, a.kv_bits, a.k_scale, a.v_scale, Hkv,
+                             a.pos + 1, a.mask, a.mask_stride, a.sm_scale, attn.data(), isa);
+  const GemmArgs og = gemm_args(a.o, B, attn.data(), o.data());
+  gemm(og, isa);
+  for (int64_t i = 0; i < B * H; ++i) h1[i] = a.x[i] + o[i];
+
+  // ---- MLP ----
+  for (int64_t b = 0; b < B; ++b) rms_norm(h1.data() + b * H, a.norm2, H, a.eps2, t.data() + b * H);
+  const GemmArgs gu[2] = {gemm_args(a.gate, B, t.data(), gt.data()), gemm_args(a.up, B, t.data(), up.data())};
+  linears(gu, 2, isa);
+  for (int64_t i = 0; i < B * I; ++i) {
+    const float g = gt[i];
+    gt[i] = g / (1.0f + expf(-g)) * up[i];   // SiLU(gate) * up (torch's silu: x / (1 + e^-x))
+  }
+  if (a.down_signs) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* x = gt.data() + b * I;
+      for (int64_t i = 0; i < I; ++i) x[i] *= a.down_signs[i];
+      hadamard(x, I, a.had_m, a.had_n, tmp.data());
+    }
+  }
+  const GemmArgs dg = gemm_args(a.down, B, gt.data(), o.data());
+  gemm(dg, isa);
+  for (int64_t i = 0; i < B * H; ++i) a.out[i] = h1[i] + o[i];
+}
+
+}  // namespace cpu
+}  // namespace pqk

@@ -1,0 +1,207 @@
+"""pqk::decode_layer (models/decode_layer.py, csrc/cpu/decode_layer.cpp): one decoder layer of a CPU decode step in
+one op. Against the layer's own eager forward over the same preallocated cache, layer by layer (Llama / Qwen2 /
+Qwen3; Hadamard-form down_proj with m = 1 and m = 12; rotated and centered keys; W4A4 and W4A8; KV 4 and 8 bits;
+left padding): the output to float rounding, the cache row written, the length advanced. The compiled step calls
+it once per layer; bad inputs raise naming the argument and leave the cache as it was."""
+import pytest
+import torch
+
+import prefixquant_kernels as pqk
+from prefixquant_kernels.calibration.pipeline import quantize_model
+from prefixquant_kernels.models import compiled_step, decode_layer, layer_region
+from prefixquant_kernels.models.rotated_linear import RotatedLinear
+
+from .test_compiled_step import _generate, _prompt
+from .tiny import StubTokenizer, text, tiny_model
+
+_MODELS: dict = {}
+
+
+def _model(arch, a_bits=4, kv_bits=4, intermediate=128):
+    key = (arch, a_bits, kv_bits, intermediate)
+    if key not in _MODELS:
+        cfg = pqk.QuantConfig(w_bits=4, a_bits=a_bits, kv_bits=kv_bits, kv_rotate=kv_bits == 4, k_center=kv_bits == 4,
+                              calib_samples=2, calib_seq_len=64)
+        _MODELS[key] = quantize_model(tiny_model(arch, layers=2, intermediate=intermediate), StubTokenizer(), text(),
+                                      cfg, progress=False)
+    return _MODELS[key]
+
+
+def _layer_inputs(model, batch, seed):
+    """Prefill a preallocated cache eagerly, then run one eager decode step capturing each layer's inputs and output
+    and the cache tensors before it. Returns (captured per layer, cache after the step)."""
+    state = model.pqk_state
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (batch, 7), generator=g)
+    cache = state.make_cache(batch, max_cache_len=16)
+    p = state.prefix_len
+    mask = torch.ones(batch, p + 8, dtype=torch.long)
+    if batch > 1:
+        mask[1, p:p + 2] = 0                            # left padding after the prefix
+    model(ids, attention_mask=mask[:, :p + 7], past_key_values=cache, use_cache=True)
+    seen, handles = [], []
+    for i, layer in enumerate(model.model.layers):
+        def pre(mod, args, kwargs, i=i):
+            t = layer_region.layer_tensors(cache, i)
+            seen.append({"hidden": (args[0] if args else kwargs["hidden_states"]).clone(),
+                         "mask": kwargs.get("attention_mask"), "emb": kwargs["position_embeddings"],
+                         "tensors": [x.clone() if isinstance(x, torch.Tensor) else x for x in t]})
+
+        def post(mod, args, kwargs, out, i=i):
+            seen[i]["out"] = (out[0] if isinstance(out, tuple) else out).clone()
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
+                    layer.register_forward_hook(post, with_kwargs=True)]
+    try:
+        model(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, cache
+
+
+CASES = [("llama", 4, 4, 128), ("qwen2", 4, 4, 96), ("qwen3", 8, 4, 128), ("llama", 8, 8, 96)]
+
+
+@pytest.mark.parametrize("arch,a_bits,kv_bits,intermediate", CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_op_equals_the_layers_eager_forward(arch, a_bits, kv_bits, intermediate, batch):
+    model = _model(arch, a_bits, kv_bits, intermediate)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, RotatedLinear) and down.form == "hadamard"   # the online Hadamard is exercised
+    seen, cache = _layer_inputs(model, batch, seed=batch)
+    for i, (layer, s) in enumerate(zip(model.model.layers, seen)):
+        decode_layer.prepare(layer)
+        like = cache.layers[i]
+        mods = decode_layer.op_inputs(layer, like, s["hidden"])
+        assert mods is not None, f"layer {i} of {arch} is not one the op computes"
+        k, v, length, ks, vs, pk, pv, rot, off = s["tensors"]
+        assert (rot is not None) == (kv_bits == 4) and (off is not None) == (kv_bits == 4)
+        k0, n0 = k.clone(), int(length)
+        hidden = s["hidden"].clone()
+        out = decode_layer.forward(mods, hidden, s["mask"], *s["emb"], rot, (like.bits,), k, v, length, ks, vs, pk,
+                                   pv, off)
+        assert torch.equal(hidden, s["hidden"]), "the op changed its input"
+        assert int(length) == n0 + 1
+        # the output, measured against what the layer adds to the residual stream: mostly bit for bit (seen: every
+        # case but one layer); the sums' order differs from torch's, so a static quantizer downstream may flip one
+        # level of an element (seen: 3e-3 of the layer's output at most, 6e-4 on average)
+        ref = s["out"].detach()
+        err, scale = (out - ref).abs(), float((ref - s["hidden"]).abs().max())
+        assert float(err.max()) <= 0.02 * scale and float(err.mean()) <= 2e-3 * scale, (i, float(err.max()) / scale)
+        # the cache: only row n0 written, and it holds what the eager step wrote (a code off by one at most)
+        assert torch.equal(k[:, :, :n0], k0[:, :, :n0]) and torch.equal(k[:, :, n0 + 1:], k0[:, :, n0 + 1:])
+        for mine, theirs in ((k, like.k), (v, like.v)):
+            a, b = mine[:, :, n0], theirs[:, :, n0]
+            if kv_bits == 4:
+                a, b = pqk.unpack_int4(a), pqk.unpack_int4(b)
+            diff = (a.int() - b.int()).abs()
+            assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.95
+
+
+def test_the_compiled_step_calls_it_once_per_layer(monkeypatch):
+    """dynamo's graph of a step holds one pqk::decode_layer node per layer and no layer region; generate's tokens
+    equal the eager ones."""
+    from transformers import CompileConfig
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def config(device):
+        cfg = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None,
+                            options={"guard_filter_fn": compiled_step.step_guard_filter})
+        cfg._compile_all_devices = True
+        return cfg
+
+    monkeypatch.setattr(compiled_step, "compile_config", config)
+    torch._dynamo.reset()
+    model = _model("qwen2", 4, 4, 96)
+    ids, mask = _prompt()
+    eager = _generate(model, ids, mask, compiled=False, new=4)
+    comp = _generate(model, ids, mask, compiled=True, new=4)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    ops = [t for t in targets if t.startswith("pqk.")]
+    assert ops.count("pqk.decode_layer") == len(model.model.layers), ops   # dynamo names the overload packet
+    assert not any("invoke_subgraph" in t for t in targets)
+    assert torch.equal(comp.sequences, eager.sequences)
+    for a, b in zip(comp.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.03 * float(b.abs().max()))
+
+
+def test_layers_it_does_not_compute_keep_their_forward():
+    model = _model("llama")
+    layer = model.model.layers[0]
+    decode_layer.prepare(layer)
+    seen, cache = _layer_inputs(model, 1, seed=0)
+    like, x = cache.layers[0], seen[0]["hidden"]
+    assert decode_layer.op_inputs(layer, like, x) is not None
+    assert decode_layer.op_inputs(layer, like, x.bfloat16()) is None          # the op is float32
+    h = layer.post_attention_layernorm.register_forward_hook(lambda *a: None)
+    try:
+        assert decode_layer.op_inputs(layer, like, x) is None                 # a hook must run: the modules do
+    finally:
+        h.remove()
+    q = layer.self_attn.q_proj
+    q.backend = "reference"
+    try:
+        assert decode_layer.op_inputs(layer, like, x) is None
+    finally:
+        q.backend = "auto"
+
+
+def _call(s, mods, like, **change):
+    k, v, length, ks, vs, pk, pv, rot, off = s["tensors"]
+    args = dict(hidden=s["hidden"], k=k, v=v, length=length)
+    args.update(change)
+    return decode_layer.forward(mods, args["hidden"], s["mask"], *s["emb"], rot, (like.bits,), args["k"], args["v"],
+                                args["length"], ks, vs, pk, pv, off)
+
+
+def test_bad_inputs_raise_and_leave_the_cache_as_it_was():
+    model = _model("llama")
+    layer = model.model.layers[0]
+    seen, cache = _layer_inputs(model, 1, seed=0)
+    s, like = seen[0], cache.layers[0]
+    mods = decode_layer.op_inputs(layer, like, s["hidden"])
+    k, v, length = s["tensors"][:3]
+    k0, v0, n0 = k.clone(), v.clone(), int(length)
+    full = torch.tensor([k.shape[2]], dtype=torch.long)
+    with pytest.raises(RuntimeError, match="no row is left"):
+        _call(s, mods, like, length=full)
+    assert int(full) == k.shape[2]
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        _call(s, mods, like, hidden=s["hidden"].double())
+    with pytest.raises(RuntimeError, match="k_cache and v_cache"):
+        _call(s, mods, like, v=v[..., :-1].contiguous())
+    with pytest.raises(RuntimeError, match="k_cache and v_cache"):
+        _call(s, mods, like, k=k.to(torch.int8))
+    assert torch.equal(k, k0) and torch.equal(v, v0) and int(length) == n0
+
+
+def test_compiled_step_equals_eager_when_positions_come_from_the_cache():
+    """A step called without position_ids (the positions, RoPE and mask read from the cache's length, as a direct
+    model call does): compiled with inductor, each layer's output and cache row equal the eager step's. (With the
+    op advancing the length itself, inductor recomputed layer 1's RoPE from layer 0's advanced length.)"""
+    model = _model("llama")
+    state = model.pqk_state
+    ids = torch.randint(3, 120, (1, 9), generator=torch.Generator().manual_seed(5))
+    cache = state.make_cache(1, max_cache_len=compiled_step.capacity(12))
+    model(ids, past_key_values=cache, use_cache=True)
+    before = [(l.k.clone(), l.v.clone(), l.length.clone()) for l in cache.layers]
+
+    def restore():
+        for l, (k, v, n) in zip(cache.layers, before):
+            l.k.copy_(k), l.v.copy_(v), l.length.copy_(n)
+
+    tok = ids[:, -1:]
+    with torch.no_grad():
+        eager = model(tok, past_key_values=cache, use_cache=True).logits
+        rows = [l.k.clone() for l in cache.layers]
+        restore()
+        step = model.get_compiled_call(compiled_step.compile_config(torch.device("cpu")))
+        comp = step(tok, past_key_values=cache, use_cache=True).logits
+    assert [int(l.length) for l in cache.layers] == [int(n) + 1 for _, _, n in before]
+    assert all(torch.equal(l.k, k) for l, k in zip(cache.layers, rows))
+    torch.testing.assert_close(comp, eager, rtol=0, atol=1e-4 * float(eager.abs().max()))
