@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "kernels.h"
@@ -312,8 +314,11 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
 }
 
 // ---- decode_layer ------------------------------------------------------------------------------------------------
-// The op's schema and argument meanings: ops/library.py; the kernel: decode_layer.cpp. Checked here in full (the
-// compiled step calls it with a layer's own buffers, but torch.ops.pqk.decode_layer is callable by anyone).
+// The op's schema: ops/library.py; the kernel: decode_layer.cpp; the Python side: models/decode_layer.py.
+// A layer's module-side arguments (norms, seven linears, q/k norms, down's Hadamard: ~40 values, fixed while a model
+// generates) are registered into a slot by decode_layer_register, from Python outside the traced step (once per
+// generate call), and the op names its layer by slot: converting them from Python at every call cost ~25 us of a
+// ~190 us layer (docs/PERF.md, change 15). The cache-side tensors, which differ per cache, are the op's arguments.
 
 const float* f32(const at::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
@@ -326,98 +331,157 @@ const float* f32_opt(const c10::optional<at::Tensor>& t, int64_t n, const char* 
   return t.has_value() ? f32(*t, n, name) : nullptr;
 }
 
-LayerLinear layer_linear(const at::Tensor& w, const at::Tensor& w_scale, const at::Tensor& a_scale,
-                         const c10::optional<at::Tensor>& bias, int64_t a_bits, int64_t N, int64_t K,
+// w, w_scale, a_scale (static, 0-dim), bias or None: one linear as registered
+LayerLinear layer_linear(const std::vector<c10::optional<at::Tensor>>& l, int64_t a_bits, int64_t N, int64_t K,
                          const char* name) {
+  TORCH_CHECK(l.size() == 4 && l[0].has_value() && l[1].has_value() && l[2].has_value(), "pqk.decode_layer: ", name,
+              " must be [w, w_scale, a_scale, bias or None]");
+  const at::Tensor &w = *l[0], &a_scale = *l[2];
   TORCH_CHECK(a_bits == 4 || a_bits == 8, "pqk.decode_layer: ", name, "'s a_bits must be 4 or 8, got ", a_bits);
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
                   ((w.scalar_type() == at::kByte && w.size(1) * 2 == K) ||
                    (w.scalar_type() == at::kChar && w.size(1) == K)) && w.size(0) == N,
               "pqk.decode_layer: ", name, "'s weight must be a contiguous [", N, ", ", K / 2, "] uint8 (int4) or [", N,
               ", ", K, "] int8 CPU tensor, got ", w.scalar_type(), " ", w.sizes());
-  LayerLinear l;
-  l.w = w.data_ptr();
-  l.w_bits = w.scalar_type() == at::kByte ? 4 : 8;
-  l.a_bits = (int)a_bits;
-  l.w_scale = f32(w_scale, N, "a w_scale");
   TORCH_CHECK(a_scale.device().is_cpu(), "pqk.decode_layer: ", name, "'s a_scale must be on the CPU");
-  l.a_scale = scalar_scale(a_scale);
-  l.bias = f32_opt(bias, N, "a bias");
-  l.N = N;
-  l.K = K;
-  return l;
+  LayerLinear r;
+  r.w = w.data_ptr();
+  r.w_bits = w.scalar_type() == at::kByte ? 4 : 8;
+  r.a_bits = (int)a_bits;
+  r.w_scale = f32(*l[1], N, "a w_scale");
+  r.a_scale = scalar_scale(a_scale);
+  r.bias = f32_opt(l[3], N, "a bias");
+  r.N = N;
+  r.K = K;
+  return r;
 }
 
-at::Tensor decode_layer_cpu(
-    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
-    const at::Tensor& norm1, double eps1, at::TensorList qkv_w, at::TensorList qkv_w_scale,
-    at::TensorList qkv_a_scale, const c10::List<c10::optional<at::Tensor>>& qkv_bias, int64_t qkv_a_bits,
-    const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm, double qk_eps,
-    const c10::optional<at::Tensor>& key_rotation, const c10::optional<at::Tensor>& key_offset,
-    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& length, const at::Tensor& k_scale,
-    const at::Tensor& v_scale, const c10::optional<at::Tensor>& prefix_k, const c10::optional<at::Tensor>& prefix_v,
-    int64_t kv_bits, double sm_scale, const at::Tensor& o_w, const at::Tensor& o_w_scale,
-    const at::Tensor& o_a_scale, const c10::optional<at::Tensor>& o_bias, int64_t o_a_bits, const at::Tensor& norm2,
-    double eps2, at::TensorList gate_up_w, at::TensorList gate_up_w_scale, at::TensorList gate_up_a_scale,
-    const c10::List<c10::optional<at::Tensor>>& gate_up_bias, int64_t gate_up_a_bits,
-    const c10::optional<at::Tensor>& down_signs, const c10::optional<at::Tensor>& down_had, const at::Tensor& down_w,
-    const at::Tensor& down_w_scale, const at::Tensor& down_a_scale, const c10::optional<at::Tensor>& down_bias,
-    int64_t down_a_bits, int64_t cpu_isa) {
-  const char* op = "pqk.decode_layer: ";
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 &&
-                  x.is_contiguous(), op, "x must be a contiguous float32 [B, 1, hidden] CPU tensor, got ",
-              x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(kv_bits == 4 || kv_bits == 8, op, "kv_bits must be 4 or 8, got ", kv_bits);
-  TORCH_CHECK(qkv_w.size() == 3 && qkv_w_scale.size() == 3 && qkv_a_scale.size() == 3 && qkv_bias.size() == 3,
-              op, "qkv_w, qkv_w_scale, qkv_a_scale and qkv_bias must hold 3 tensors each (q, k, v)");
-  TORCH_CHECK(gate_up_w.size() == 2 && gate_up_w_scale.size() == 2 && gate_up_a_scale.size() == 2 &&
-                  gate_up_bias.size() == 2, op, "gate_up_w, gate_up_w_scale, gate_up_a_scale and gate_up_bias must "
-              "hold 2 tensors each (gate, up)");
-  const at::ScalarType bt = kv_bits == 4 ? at::kByte : at::kChar;
-  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.dim() == 4 && k_cache.scalar_type() == bt &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == bt && v_cache.device().is_cpu(),
-              op, "k_cache and v_cache must be contiguous CPU tensors [B, Hkv, capacity, D/2] uint8 (kv_bits 4) or "
-              "[..., D] int8 (kv_bits 8) of one shape, got ", k_cache.scalar_type(), " ", k_cache.sizes(), " and ",
-              v_cache.scalar_type(), " ", v_cache.sizes());
-  DecodeLayerArgs a;
-  a.B = x.size(0);
-  a.H = x.size(2);
-  a.Hkv = k_cache.size(1);
-  a.D = k_cache.size(3) * (kv_bits == 4 ? 2 : 1);
-  TORCH_CHECK(k_cache.size(0) == a.B, op, "k_cache holds ", k_cache.size(0), " sequences, x ", a.B);
-  TORCH_CHECK(a.D % 2 == 0 && a.D > 0, op, "the head dim must be even, got ", a.D);
-  const int64_t QN = qkv_w[0].size(0);
-  TORCH_CHECK(QN % a.D == 0 && (QN / a.D) % a.Hkv == 0, op, "q's ", QN, " outputs are not a multiple of Hkv (",
-              a.Hkv, ") heads of ", a.D);
+struct LayerEntry {
+  std::vector<at::Tensor> keep;   // the registered tensors: alive while the entry is
+  DecodeLayerArgs args;           // the module-side fields; the op fills in the rest per call
+  Isa isa = Isa::kAuto;
+};
+
+std::mutex g_layers_mu;
+std::vector<std::shared_ptr<const LayerEntry>> g_layers;   // slot -> entry, nullptr once released
+
+// Registers one layer (slot < 0: a new slot, else that slot is refreshed) and returns its slot. linears: q, k, v, o,
+// gate, up, down, each [w, w_scale, a_scale, bias or None]; a_bits: q|k|v, o, gate|up, down; norms: [norm1, norm2,
+// q_norm or None, k_norm or None]; eps: [eps1, eps2, qk_eps]; down_rotation: [signs [I], H_m [m, m]] or None.
+int64_t decode_layer_register(int64_t slot, int64_t head_dim, const std::vector<c10::optional<at::Tensor>>& norms,
+                              const std::vector<double>& eps,
+                              const std::vector<std::vector<c10::optional<at::Tensor>>>& linears,
+                              const std::vector<int64_t>& a_bits,
+                              const std::vector<c10::optional<at::Tensor>>& down_rotation, double sm_scale,
+                              int64_t cpu_isa) {
+  const char* op = "pqk.decode_layer_register: ";
+  TORCH_CHECK(norms.size() == 4 && norms[0].has_value() && norms[1].has_value() && eps.size() == 3 &&
+                  linears.size() == 7 && a_bits.size() == 4 && (down_rotation.empty() || down_rotation.size() == 2),
+              op, "norms must hold 4, eps 3, linears 7, a_bits 4 and down_rotation 0 or 2 entries");
+  auto e = std::make_shared<LayerEntry>();
+  DecodeLayerArgs& a = e->args;
+  for (const auto* group : {&norms, &down_rotation})
+    for (const auto& t : *group)
+      if (t.has_value()) e->keep.push_back(*t);
+  for (const auto& l : linears)
+    for (const auto& t : l)
+      if (t.has_value()) e->keep.push_back(*t);
+  TORCH_CHECK(linears[0].size() == 4 && linears[0][0].has_value() && linears[1].size() == 4 &&
+                  linears[1][0].has_value() && linears[4].size() == 4 && linears[4][0].has_value(),
+              op, "each linear must be [w, w_scale, a_scale, bias or None]");
+  a.D = head_dim;
+  a.H = norms[0]->numel();
+  const int64_t QN = linears[0][0]->size(0), KN = linears[1][0]->size(0);
+  TORCH_CHECK(a.D > 0 && a.D % 2 == 0 && QN % a.D == 0 && KN % a.D == 0 && (QN / a.D) % (KN / a.D) == 0, op,
+              "head_dim ", a.D, " must be even and divide q's ", QN, " and k's ", KN,
+              " outputs into a multiple of the KV heads");
   a.Hq = QN / a.D;
-  const int64_t KN = a.Hkv * a.D;
-  a.I = gate_up_w[0].size(0);
-  a.x = x.data_ptr<float>();
+  a.Hkv = KN / a.D;
+  a.I = linears[4][0]->size(0);
+  a.norm1 = f32(*norms[0], a.H, "norm1");
+  a.norm2 = f32(*norms[1], a.H, "norm2");
+  TORCH_CHECK(norms[2].has_value() == norms[3].has_value(), op, "q_norm and k_norm go together");
+  a.q_norm = f32_opt(norms[2], a.D, "q_norm");
+  a.k_norm = f32_opt(norms[3], a.D, "k_norm");
+  a.eps1 = (float)eps[0];
+  a.eps2 = (float)eps[1];
+  a.qk_eps = (float)eps[2];
+  a.q = layer_linear(linears[0], a_bits[0], QN, a.H, "q");
+  a.k = layer_linear(linears[1], a_bits[0], KN, a.H, "k");
+  a.v = layer_linear(linears[2], a_bits[0], KN, a.H, "v");
+  a.o = layer_linear(linears[3], a_bits[1], a.H, QN, "o");
+  a.gate = layer_linear(linears[4], a_bits[2], a.I, a.H, "gate");
+  a.up = layer_linear(linears[5], a_bits[2], a.I, a.H, "up");
+  a.down = layer_linear(linears[6], a_bits[3], a.H, a.I, "down");
+  if (!down_rotation.empty()) {
+    TORCH_CHECK(down_rotation[0].has_value() && down_rotation[1].has_value(), op, "down_rotation is [signs, H_m]");
+    const at::Tensor& hm = *down_rotation[1];
+    TORCH_CHECK(hm.dim() == 2 && hm.size(0) == hm.size(1) && hm.size(0) > 0 && a.I % hm.size(0) == 0 &&
+                    ((a.I / hm.size(0)) & (a.I / hm.size(0) - 1)) == 0,
+                op, "down_rotation's H_m must be square [m, m] with ", a.I, " = m * 2^p, got ", hm.sizes());
+    a.down_signs = f32(*down_rotation[0], a.I, "down_rotation's signs");
+    a.had_n = hm.size(0);
+    a.had_m = f32(hm, a.had_n * a.had_n, "down_rotation's H_m");
+  }
+  a.sm_scale = (float)sm_scale;
+  e->isa = to_isa(cpu_isa);
+  std::lock_guard<std::mutex> lock(g_layers_mu);
+  if (slot < 0) {
+    g_layers.push_back(std::move(e));
+    return (int64_t)g_layers.size() - 1;
+  }
+  TORCH_CHECK(slot < (int64_t)g_layers.size(), op, "slot ", slot, " was never registered");
+  g_layers[slot] = std::move(e);
+  return slot;
+}
+
+// Drops a slot's tensors (the layer's module is gone); the slot number is not reused.
+void decode_layer_release(int64_t slot) {
+  std::lock_guard<std::mutex> lock(g_layers_mu);
+  if (slot >= 0 && slot < (int64_t)g_layers.size()) g_layers[slot].reset();
+}
+
+at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            const c10::optional<at::Tensor>& mask, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& length, const at::Tensor& k_scale,
+                            const at::Tensor& v_scale, const c10::optional<at::Tensor>& prefix_k,
+                            const c10::optional<at::Tensor>& prefix_v, const c10::optional<at::Tensor>& key_rotation,
+                            const c10::optional<at::Tensor>& key_offset, int64_t layer) {
+  const char* op = "pqk.decode_layer: ";
+  std::shared_ptr<const LayerEntry> entry;
+  {
+    std::lock_guard<std::mutex> lock(g_layers_mu);
+    TORCH_CHECK(layer >= 0 && layer < (int64_t)g_layers.size() && g_layers[layer], op, "layer ", layer,
+                " is not a registered slot (models/decode_layer.py registers a model's layers)");
+    entry = g_layers[layer];
+  }
+  DecodeLayerArgs a = entry->args;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 &&
+                  x.size(2) == a.H && x.is_contiguous(), op, "x must be a contiguous float32 [B, 1, ", a.H,
+              "] CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  a.B = x.size(0);
+  const int64_t row = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+  const at::ScalarType bt = row == a.D / 2 ? at::kByte : at::kChar;
+  TORCH_CHECK(k_cache.device().is_cpu() && k_cache.dim() == 4 && k_cache.size(0) == a.B && k_cache.size(1) == a.Hkv &&
+                  (row == a.D / 2 || row == a.D) && k_cache.scalar_type() == bt && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == bt &&
+                  v_cache.device().is_cpu(),
+              op, "k_cache and v_cache must be contiguous CPU tensors [", a.B, ", ", a.Hkv, ", capacity, ", a.D / 2,
+              "] uint8 (4-bit KV) or [..., ", a.D, "] int8 (8-bit) of one shape, got ", k_cache.scalar_type(), " ",
+              k_cache.sizes(), " and ", v_cache.scalar_type(), " ", v_cache.sizes());
+  a.kv_bits = bt == at::kByte ? 4 : 8;
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && (cos.size(0) == a.B || cos.size(0) == 1) &&
                   cos.size(1) == 1, op, "cos and sin must be [B or 1, 1, D], got ", cos.sizes(), " and ", sin.sizes());
+  a.x = x.data_ptr<float>();
   a.cos = f32(cos, cos.size(0) * a.D, "cos");
   a.sin = f32(sin, cos.size(0) * a.D, "sin");
   a.cos_stride = cos.size(0) == 1 ? 0 : a.D;
-  a.norm1 = f32(norm1, a.H, "norm1");
-  a.norm2 = f32(norm2, a.H, "norm2");
-  a.eps1 = (float)eps1;
-  a.eps2 = (float)eps2;
-  a.q = layer_linear(qkv_w[0], qkv_w_scale[0], qkv_a_scale[0], qkv_bias.get(0), qkv_a_bits, QN, a.H, "q");
-  a.k = layer_linear(qkv_w[1], qkv_w_scale[1], qkv_a_scale[1], qkv_bias.get(1), qkv_a_bits, KN, a.H, "k");
-  a.v = layer_linear(qkv_w[2], qkv_w_scale[2], qkv_a_scale[2], qkv_bias.get(2), qkv_a_bits, KN, a.H, "v");
-  a.q_norm = f32_opt(q_norm, a.D, "q_norm");
-  a.k_norm = f32_opt(k_norm, a.D, "k_norm");
-  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), op, "q_norm and k_norm go together");
-  a.qk_eps = (float)qk_eps;
   a.key_rotation = f32_opt(key_rotation, a.D * a.D, "key_rotation");
-  a.key_offset = f32_opt(key_offset, KN, "key_offset");
+  a.key_offset = f32_opt(key_offset, a.Hkv * a.D, "key_offset");
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
-  const int64_t row = k_cache.size(3);
   a.cache_sb = k_cache.stride(0) / row;
   a.cache_sh = k_cache.stride(1) / row;
-  a.kv_bits = (int)kv_bits;
   TORCH_CHECK(length.device().is_cpu() && length.scalar_type() == at::kLong && length.numel() == 1,
               op, "length must be a one-element int64 CPU tensor");
   a.pos = *length.data_ptr<int64_t>();
@@ -426,11 +490,9 @@ at::Tensor decode_layer_cpu(
               " tokens after the prefix and length says ", a.pos, " are filled: no row is left for this token");
   a.k_scale = f32(k_scale, a.Hkv, "k_scale");
   a.v_scale = f32(v_scale, a.Hkv, "v_scale");
-  for (const at::Tensor* s : {&k_scale, &v_scale})
-    for (int64_t h = 0; h < a.Hkv; ++h) {
-      const float vh = s->data_ptr<float>()[h];
-      TORCH_CHECK(std::isfinite(vh) && vh > 0.0f, op, "k_scale / v_scale must be finite and > 0, got ", vh);
-    }
+  for (const float* s : {a.k_scale, a.v_scale})
+    for (int64_t h = 0; h < a.Hkv; ++h)
+      TORCH_CHECK(std::isfinite(s[h]) && s[h] > 0.0f, op, "k_scale / v_scale must be finite and > 0, got ", s[h]);
   TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(), op, "prefix_k and prefix_v go together");
   if (prefix_k.has_value()) {
     const at::Tensor &pk = *prefix_k, &pv = *prefix_v;
@@ -454,26 +516,9 @@ at::Tensor decode_layer_cpu(
     a.mask = m.data_ptr<bool>();
     a.mask_stride = m.stride(0);
   }
-  a.sm_scale = (float)sm_scale;
-  a.o = layer_linear(o_w, o_w_scale, o_a_scale, o_bias, o_a_bits, a.H, QN, "o");
-  a.gate = layer_linear(gate_up_w[0], gate_up_w_scale[0], gate_up_a_scale[0], gate_up_bias.get(0), gate_up_a_bits,
-                        a.I, a.H, "gate");
-  a.up = layer_linear(gate_up_w[1], gate_up_w_scale[1], gate_up_a_scale[1], gate_up_bias.get(1), gate_up_a_bits,
-                      a.I, a.H, "up");
-  TORCH_CHECK(down_signs.has_value() == down_had.has_value(), op, "down_signs and down_had go together");
-  a.down_signs = f32_opt(down_signs, a.I, "down_signs");
-  if (down_had.has_value()) {
-    const at::Tensor& hm = *down_had;
-    TORCH_CHECK(hm.dim() == 2 && hm.size(0) == hm.size(1) && hm.size(0) > 0 && a.I % hm.size(0) == 0 &&
-                    ((a.I / hm.size(0)) & (a.I / hm.size(0) - 1)) == 0,
-                op, "down_had must be a square [m, m] with ", a.I, " = m * 2^p, got ", hm.sizes());
-    a.had_n = hm.size(0);
-    a.had_m = f32(hm, a.had_n * a.had_n, "down_had");
-  }
-  a.down = layer_linear(down_w, down_w_scale, down_a_scale, down_bias, down_a_bits, a.H, a.I, "down");
   at::Tensor out = at::empty_like(x);
   a.out = out.data_ptr<float>();
-  decode_layer(a, to_isa(cpu_isa));
+  decode_layer(a, entry->isa);
   return out;
 }
 
@@ -503,6 +548,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_peak_tops", [](int isa, double seconds) {
     return pqk::cpu::int8_peak_tops(static_cast<pqk::cpu::Isa>(isa), seconds);
   });
+  // models/decode_layer.py: a layer's module-side arguments of pqk::decode_layer, by slot (see decode_layer_register)
+  m.def("decode_layer_register", &pqk::cpu::decode_layer_register);
+  m.def("decode_layer_release", &pqk::cpu::decode_layer_release);
   m.def("cpu_isa_supported", [](int isa) { return pqk::cpu::isa_supported(static_cast<pqk::cpu::Isa>(isa)); });
   // How many distinct threads ran the chunks of one kernels' parallel_for over `n` items (grain 1): equals
   // torch.get_num_threads() when the threading hook really is parallel (tests/cpu/test_threads.py; a build without

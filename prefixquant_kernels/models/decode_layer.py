@@ -1,22 +1,26 @@
 """A decoder layer of the compiled CPU decode step as one op: ``pqk::decode_layer`` (csrc/cpu/decode_layer.cpp).
 
 Traced as the model's code, one decode layer is ~6 pqk op calls and 4 inductor kernels stitched by ~60 Python
-statements of inductor's wrapper: ~115 us a layer on 2 AVX2 cores around ~200 us of GEMV and attention (SmolLM2,
-docs/PERF.md, change 15). The op runs the same layer in one C++ call: RMSNorm, q|k|v, Qwen3's q/k norms, RoPE, the
-cache's key rotation and offset, the quantized cache write, the decode attention, o, the residuals, gate|up,
-SiLU-mul, down_proj's online Hadamard and down.
+statements of inductor's wrapper. The op runs the same layer in one C++ call: RMSNorm, q|k|v, Qwen3's q/k norms,
+RoPE, the cache's key rotation and offset, the quantized cache write, the decode attention, o, the residuals,
+gate|up, SiLU-mul, down_proj's online Hadamard and down (docs/PERF.md, change 15).
 
-``op_inputs(layer, cache_layer, hidden)`` says whether a layer is one the op computes exactly as its modules do, and
-collects the modules' tensors if so: a Llama / Qwen2 / Qwen3 decoder layer (no sliding window) whose seven linears
-are static ``QuantLinear``s on the CPU kernels (down_proj may be a Hadamard-form ``RotatedLinear`` around one), with
-RMSNorms, a SiLU MLP, float32 hidden states and a static cache on the CPU kernels. Any other layer (a fused
-QuantGatedMLP, a dense rotation, dynamic activations, bf16, the reference backend) keeps its traced forward
-(models/layer_region.py). Read while dynamo traces; the step's graph then holds one op node per layer.
+Which layers: a Llama / Qwen2 / Qwen3 decoder layer (no sliding window) whose seven linears are static
+``QuantLinear``s on the CPU kernels (down_proj may be a Hadamard-form ``RotatedLinear`` around one), with RMSNorms
+and a SiLU MLP, run with float32 hidden states over a static cache on the CPU kernels, no hooks. Any other layer (a
+fused QuantGatedMLP, a dense rotation, dynamic activations, bf16, the reference backend) keeps its traced forward
+(models/layer_region.py).
+
+The module side of a layer (its norms, linears and rotation, ~40 values) is registered into a C++ slot by
+``register`` (layer_region.install, outside the trace, at every ``get_compiled_call``: a generate call sees the
+model's current tensors); the traced step passes the slot number and the cache's tensors. ``_Slot`` releases the slot
+when its layer is garbage-collected, so the registry holds no model's weights longer than the model lives.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _extension
 from ..hadamard import hadamard_factor, hadamard_matrix
 from ..nn.quant_linear import QuantLinear
 from ..ops.backend import resolve
@@ -25,7 +29,17 @@ from .rotated_linear import RotatedLinear
 
 LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
-_HADAMARD: dict[int, torch.Tensor] = {}   # m -> float32 [m, m] H_m (down_proj's online Hadamard), made once
+
+class _Slot:
+    """A registered slot, held by its layer (``layer._pqk_decode_slot``); released with the layer."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __del__(self):
+        c = getattr(_extension, "_C", None)    # at interpreter exit the module may be gone
+        if c is not None:
+            c.decode_layer_release(self.index)
 
 
 def _is_rms_norm(mod) -> bool:
@@ -34,76 +48,76 @@ def _is_rms_norm(mod) -> bool:
 
 
 def _linear(mod, device) -> tuple | None:
-    """(cpu_isa, (w, w_scale, a_scale, bias, a_bits)) of a static QuantLinear that runs on the CPU kernels."""
+    """(cpu_isa, [w, w_scale, a_scale, bias], a_bits) of a static QuantLinear that runs on the CPU kernels."""
     if type(mod) is not QuantLinear or not mod.is_static:
         return None
     be = resolve(mod.backend, device, "quant_linear")
-    return (be.cpu_isa, (mod.weight, mod.w_scale, mod.act_scale, mod.bias, mod.a_bits)) if be.kind == "cpu" else None
-
-
-def prepare(layer) -> None:
-    """Before tracing: build the H_m a layer's Hadamard-form down_proj needs (outside the trace: hadamard_matrix
-    checks its construction with data-dependent asserts)."""
-    down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-    if isinstance(down, RotatedLinear) and down.form == "hadamard":
-        m, _ = hadamard_factor(down.in_features)
-        if m not in _HADAMARD:
-            _HADAMARD[m] = hadamard_matrix(m, torch.float32)
-
-
-def op_inputs(layer, cache_layer, hidden: torch.Tensor) -> dict | None:
-    """The module side of one layer's pqk::decode_layer call, or None when the op does not compute this layer (the
-    module docstring says which do)."""
-    if (type(layer).__name__ not in LAYERS or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
-            or getattr(cache_layer, "kind", None) != "cpu"):
+    if be.kind != "cpu":
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
-        return None                     # the op calls no module: a hook would not run
+    return be.cpu_isa, [mod.weight, mod.w_scale, mod.act_scale, mod.bias], mod.a_bits
+
+
+def _module_args(layer) -> tuple | None:
+    """decode_layer_register's arguments after the slot for this layer, or None when the op does not compute it."""
+    if type(layer).__name__ not in LAYERS:
+        return None
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(attn, "sliding_window", None) is not None or type(getattr(mlp, "act_fn", None)).__name__ not in (
             "SiLUActivation", "SiLU"):
         return None
-    if not (_is_rms_norm(layer.input_layernorm) and _is_rms_norm(layer.post_attention_layernorm)):
+    norms = [layer.input_layernorm, layer.post_attention_layernorm,
+             getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+    if not all(_is_rms_norm(n) for n in norms[:2]) or not (
+            (norms[2] is None and norms[3] is None) or all(_is_rms_norm(n) for n in norms[2:])):
         return None
-    qk_norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
-    if any(n is not None for n in qk_norms) and not all(n is not None and _is_rms_norm(n) for n in qk_norms):
-        return None
-    down = getattr(mlp, "down_proj", None)
-    signs = had = None
+    down, rotation = getattr(mlp, "down_proj", None), []
     if isinstance(down, RotatedLinear):
         if down.form != "hadamard":
             return None
         m, _ = hadamard_factor(down.in_features)
-        if m not in _HADAMARD:   # made by prepare() before the trace (its construction is not traceable)
-            return None
-        signs, had, down = down.signs, _HADAMARD[m], down.linear
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
-    lins = [_linear(getattr(attn if i < 4 else mlp, n, None), hidden.device) for i, n in enumerate(names)]
-    lins.append(_linear(down, hidden.device))
-    if any(l is None for l in lins) or len({isa for isa, _ in lins}) != 1:
+        rotation, down = [down.signs.contiguous(), hadamard_matrix(m, torch.float32)], down.linear
+    device = layer.input_layernorm.weight.device
+    lins = [_linear(getattr(attn, n, None), device) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    lins += [_linear(getattr(mlp, n, None), device) for n in ("gate_proj", "up_proj")] + [_linear(down, device)]
+    if any(l is None for l in lins) or len({l[0] for l in lins}) != 1:
         return None
-    (q, k, v, o, g, u, d) = [args for _, args in lins]
-    if len({q[4], k[4], v[4]}) != 1 or g[4] != u[4]:
+    bits = [l[2] for l in lins]
+    if len(set(bits[:3])) != 1 or bits[4] != bits[5]:
         return None                     # the shared-input linears quantize their input once: one a_bits each
-    return {"norm1": layer.input_layernorm, "norm2": layer.post_attention_layernorm, "q_norm": qk_norms[0],
-            "k_norm": qk_norms[1], "qkv": (q, k, v), "o": o, "gate_up": (g, u), "down": d, "down_signs": signs,
-            "down_had": had, "sm_scale": attn.scaling, "cpu_isa": lins[0][0]}
+    return (attn.head_dim, [None if n is None else n.weight.contiguous() for n in norms],
+            [norms[0].variance_epsilon, norms[1].variance_epsilon,
+             1e-6 if norms[2] is None else norms[2].variance_epsilon],
+            [l[1] for l in lins], [bits[0], bits[3], bits[4], bits[6]], rotation, float(attn.scaling), lins[0][0])
 
 
-def forward(mods: dict, hidden, attention_mask, cos, sin, key_rotation, consts, k, v, length, key_scale,
-            value_scale, pk, pv, key_offset) -> torch.Tensor:
+def register(layer) -> None:
+    """Register (or refresh) the layer's module side in its slot; a layer the op does not compute loses its slot."""
+    args = _module_args(layer) if _extension.cpu_available() else None
+    slot = layer.__dict__.get("_pqk_decode_slot")
+    if args is None:
+        layer.__dict__.pop("_pqk_decode_slot", None)
+        return
+    index = _extension._C.decode_layer_register(-1 if slot is None else slot.index, *args)
+    if slot is None:
+        layer.__dict__["_pqk_decode_slot"] = _Slot(index)
+
+
+def slot_of(layer, cache_layer, hidden: torch.Tensor) -> int | None:
+    """The layer's slot when this call can take the op (read while dynamo traces the step), else None."""
+    slot = layer.__dict__.get("_pqk_decode_slot")
+    if (slot is None or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
+            or getattr(cache_layer, "kind", None) != "cpu"):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+        return None                     # the op calls no module: a hook would not run
+    return slot.index
+
+
+def forward(slot: int, hidden, attention_mask, cos, sin, k, v, length, key_scale, value_scale, pk, pv, key_rotation,
+            key_offset) -> torch.Tensor:
     """hidden float32 [B, 1, hidden] -> the layer's output; the cache tensors as layer_region.layer_tensors gives
-    them (k, v: the body buffers, length: int64 [1], pk / pv: the prefix or None); consts: (kv bits, ...)."""
-    qn, kn = mods["q_norm"], mods["k_norm"]
-    (q, k_, v_), (g, u), o, d = mods["qkv"], mods["gate_up"], mods["o"], mods["down"]
-    out = torch.ops.pqk.decode_layer(
-        hidden, cos.contiguous(), sin.contiguous(), _key_mask(attention_mask), mods["norm1"].weight.contiguous(),
-        mods["norm1"].variance_epsilon, [q[0], k_[0], v_[0]], [q[1], k_[1], v_[1]], [q[2], k_[2], v_[2]],
-        [q[3], k_[3], v_[3]], q[4], None if qn is None else qn.weight.contiguous(),
-        None if kn is None else kn.weight.contiguous(),
-        1e-6 if qn is None else qn.variance_epsilon, key_rotation, key_offset, k, v, length, key_scale, value_scale,
-        pk, pv, consts[0], mods["sm_scale"], o[0], o[1], o[2], o[3], o[4], mods["norm2"].weight.contiguous(),
-        mods["norm2"].variance_epsilon, [g[0], u[0]], [g[1], u[1]], [g[2], u[2]], [g[3], u[3]], g[4],
-        mods["down_signs"], mods["down_had"], d[0], d[1], d[2], d[3], d[4], cpu_isa=mods["cpu_isa"])
+    them (k, v: the body buffers, length: int64 [1], advanced here; pk / pv: the prefix or None)."""
+    out = torch.ops.pqk.decode_layer(hidden, cos.contiguous(), sin.contiguous(), _key_mask(attention_mask), k, v,
+                                     length, key_scale, value_scale, pk, pv, key_rotation, key_offset, slot)
     length.add_(1)   # here, not in the op (ops/library.py says why)
     return out

@@ -103,10 +103,9 @@ def _region_forward(layer, orig):
         tensors = layer_tensors(past_key_values, i)
         query_rotation = kwargs.get("pqk_query_rotation")
         if compiled_step.DECODE_LAYER_OP and (query_rotation is None) == (tensors[7] is None):
-            mods = decode_layer.op_inputs(self, like, hidden_states)
-            if mods is not None:   # the whole layer as one C++ op (models/decode_layer.py)
-                return decode_layer.forward(mods, hidden_states, attention_mask, cos, sin, tensors[7], (like.bits,),
-                                            *tensors[:7], tensors[8])
+            slot = decode_layer.slot_of(self, like, hidden_states)
+            if slot is not None:   # the whole layer as one C++ op (models/decode_layer.py)
+                return decode_layer.forward(slot, hidden_states, attention_mask, cos, sin, *tensors)
         step = STEPS[(like.bits, like.kind, like._pk_cpu is not None)]
         return step(self, hidden_states, attention_mask, cos, sin, position_ids, query_rotation, *tensors)
     forward._pqk_region = True
@@ -117,6 +116,6 @@ def install(model) -> None:
     """Wrap every decoder layer's forward (idempotent); see the module docstring."""
     from .arch import decoder_layers
     for layer in decoder_layers(model):
-        decode_layer.prepare(layer)
+        decode_layer.register(layer)
         if not getattr(layer.forward, "_pqk_region", False):
             object.__setattr__(layer, "forward", _region_forward(layer, layer.forward))

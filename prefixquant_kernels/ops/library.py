@@ -62,23 +62,17 @@ LIB.define(
 
 
 # One decoder layer (Llama / Qwen2 / Qwen3) of a decode step on the CPU, over a static preallocated cache: x float32
-# [B, 1, hidden] -> the layer's output [B, 1, hidden]; K/V of the new token written (quantized) into row `length` of
-# k_cache / v_cache. The caller advances length: were the op to mutate it, inductor may recompute a later layer's
-# RoPE / mask from it after this call (seen in torch 2.13: a fused kernel that re-reads layer 0's length, already
-# advanced, for layer 1's positions), while an in-graph add_ is ordered with its readers. Each linear is (w, w_scale, a_scale: a static 0-dim scale, bias); q_norm / k_norm:
-# Qwen3's per-head norms; key_rotation [D, D] / key_offset [Hkv, D]: the cache's key transform (q rotated too);
-# down_signs [I] + down_had [m, m]: down_proj's online Hadamard. Called by the compiled step (models/decode_layer.py)
-# in place of the layer's traced forward; csrc/cpu/decode_layer.cpp.
+# [B, 1, hidden] -> the layer's output [B, 1, hidden]; the new token's K/V written (quantized) into row `length` of
+# k_cache / v_cache. `layer`: the slot its module-side tensors were registered in (models/decode_layer.py, outside
+# the traced step). The cache side: k_scale / v_scale [Hkv], the prefix [1 or B, Hkv, P, D] or None, the cache's
+# key_rotation [D, D] (q rotated too) and key_offset [Hkv, D] or None, mask bool [B, >= P + length + 1] or None.
+# The caller advances length: were the op to mutate it, inductor may recompute a later layer's RoPE / mask from it
+# after this call (seen in torch 2.13: a fused kernel that re-read layer 0's advanced length for layer 1's
+# positions), while an in-graph add_ is ordered with its readers. csrc/cpu/decode_layer.cpp.
 LIB.define(
-    "decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor norm1, float eps1, "
-    "Tensor[] qkv_w, Tensor[] qkv_w_scale, Tensor[] qkv_a_scale, Tensor?[] qkv_bias, int qkv_a_bits, "
-    "Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor? key_rotation, Tensor? key_offset, "
-    "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor length, Tensor k_scale, Tensor v_scale, "
-    "Tensor? prefix_k, Tensor? prefix_v, int kv_bits, float sm_scale, "
-    "Tensor o_w, Tensor o_w_scale, Tensor o_a_scale, Tensor? o_bias, int o_a_bits, Tensor norm2, float eps2, "
-    "Tensor[] gate_up_w, Tensor[] gate_up_w_scale, Tensor[] gate_up_a_scale, Tensor?[] gate_up_bias, "
-    "int gate_up_a_bits, Tensor? down_signs, Tensor? down_had, Tensor down_w, Tensor down_w_scale, "
-    "Tensor down_a_scale, Tensor? down_bias, int down_a_bits, int cpu_isa=-1) -> Tensor"
+    "decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor length, Tensor k_scale, Tensor v_scale, Tensor? prefix_k, Tensor? prefix_v, Tensor? key_rotation, "
+    "Tensor? key_offset, int layer) -> Tensor"
 )
 
 def _quantized_shape(x: torch.Tensor, bits: int) -> tuple[list[int], torch.dtype]:

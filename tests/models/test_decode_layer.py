@@ -70,16 +70,15 @@ def test_op_equals_the_layers_eager_forward(arch, a_bits, kv_bits, intermediate,
     assert isinstance(down, RotatedLinear) and down.form == "hadamard"   # the online Hadamard is exercised
     seen, cache = _layer_inputs(model, batch, seed=batch)
     for i, (layer, s) in enumerate(zip(model.model.layers, seen)):
-        decode_layer.prepare(layer)
+        decode_layer.register(layer)
         like = cache.layers[i]
-        mods = decode_layer.op_inputs(layer, like, s["hidden"])
-        assert mods is not None, f"layer {i} of {arch} is not one the op computes"
+        slot = decode_layer.slot_of(layer, like, s["hidden"])
+        assert slot is not None, f"layer {i} of {arch} is not one the op computes"
         k, v, length, ks, vs, pk, pv, rot, off = s["tensors"]
         assert (rot is not None) == (kv_bits == 4) and (off is not None) == (kv_bits == 4)
         k0, n0 = k.clone(), int(length)
         hidden = s["hidden"].clone()
-        out = decode_layer.forward(mods, hidden, s["mask"], *s["emb"], rot, (like.bits,), k, v, length, ks, vs, pk,
-                                   pv, off)
+        out = decode_layer.forward(slot, hidden, s["mask"], *s["emb"], *s["tensors"])
         assert torch.equal(hidden, s["hidden"]), "the op changed its input"
         assert int(length) == n0 + 1
         # the output, measured against what the layer adds to the residual stream: mostly bit for bit (seen: every
@@ -133,30 +132,71 @@ def test_the_compiled_step_calls_it_once_per_layer(monkeypatch):
 def test_layers_it_does_not_compute_keep_their_forward():
     model = _model("llama")
     layer = model.model.layers[0]
-    decode_layer.prepare(layer)
     seen, cache = _layer_inputs(model, 1, seed=0)
     like, x = cache.layers[0], seen[0]["hidden"]
-    assert decode_layer.op_inputs(layer, like, x) is not None
-    assert decode_layer.op_inputs(layer, like, x.bfloat16()) is None          # the op is float32
+    decode_layer.register(layer)
+    assert decode_layer.slot_of(layer, like, x) is not None
+    assert decode_layer.slot_of(layer, like, x.bfloat16()) is None           # the op is float32
     h = layer.post_attention_layernorm.register_forward_hook(lambda *a: None)
     try:
-        assert decode_layer.op_inputs(layer, like, x) is None                 # a hook must run: the modules do
+        assert decode_layer.slot_of(layer, like, x) is None                  # a hook must run: the modules do
     finally:
         h.remove()
     q = layer.self_attn.q_proj
     q.backend = "reference"
     try:
-        assert decode_layer.op_inputs(layer, like, x) is None
+        decode_layer.register(layer)                                         # the next generate call's refresh
+        assert decode_layer.slot_of(layer, like, x) is None
     finally:
         q.backend = "auto"
+        decode_layer.register(layer)
+    assert decode_layer.slot_of(layer, like, x) is not None
 
 
-def _call(s, mods, like, **change):
+def _cloned(s):
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in s["tensors"]]
+
+
+def test_a_slot_follows_its_layer():
+    """Registering again refreshes the same slot with the layer's current tensors (a replaced weight is used); a
+    collected layer releases its slot (the registry keeps no weights alive), and a released slot raises."""
+    model = _model("llama")
+    seen, cache = _layer_inputs(model, 1, seed=0)
+    s, like, layer = seen[0], cache.layers[0], model.model.layers[0]
+    decode_layer.register(layer)
+    slot = decode_layer.slot_of(layer, like, s["hidden"])
+
+    def call(index=slot):
+        return decode_layer.forward(index, s["hidden"], s["mask"], *s["emb"], *_cloned(s))
+
+    before = call()
+    o = layer.self_attn.o_proj
+    old = o.w_scale
+    o.w_scale = old * 2                           # a new tensor, not an in-place change
+    try:
+        assert torch.equal(call(), before), "the slot holds the tensors of its registration"
+        decode_layer.register(layer)
+        assert decode_layer.slot_of(layer, like, s["hidden"]) == slot
+        assert not torch.equal(call(), before)
+    finally:
+        o.w_scale = old
+        decode_layer.register(layer)
+    assert torch.equal(call(), before)
+    held = layer.__dict__.pop("_pqk_decode_slot")
+    del held                                      # what the layer's collection does
+    with pytest.raises(RuntimeError, match="not a registered slot"):
+        call()
+    decode_layer.register(layer)                  # a new slot for the layer
+    fresh = decode_layer.slot_of(layer, like, s["hidden"])
+    assert fresh != slot and torch.equal(call(fresh), before)
+
+
+def _call(s, slot, **change):
     k, v, length, ks, vs, pk, pv, rot, off = s["tensors"]
     args = dict(hidden=s["hidden"], k=k, v=v, length=length)
     args.update(change)
-    return decode_layer.forward(mods, args["hidden"], s["mask"], *s["emb"], rot, (like.bits,), args["k"], args["v"],
-                                args["length"], ks, vs, pk, pv, off)
+    return decode_layer.forward(slot, args["hidden"], s["mask"], *s["emb"], args["k"], args["v"], args["length"], ks,
+                                vs, pk, pv, rot, off)
 
 
 def test_bad_inputs_raise_and_leave_the_cache_as_it_was():
@@ -164,20 +204,31 @@ def test_bad_inputs_raise_and_leave_the_cache_as_it_was():
     layer = model.model.layers[0]
     seen, cache = _layer_inputs(model, 1, seed=0)
     s, like = seen[0], cache.layers[0]
-    mods = decode_layer.op_inputs(layer, like, s["hidden"])
+    decode_layer.register(layer)
+    slot = decode_layer.slot_of(layer, like, s["hidden"])
     k, v, length = s["tensors"][:3]
     k0, v0, n0 = k.clone(), v.clone(), int(length)
     full = torch.tensor([k.shape[2]], dtype=torch.long)
     with pytest.raises(RuntimeError, match="no row is left"):
-        _call(s, mods, like, length=full)
+        _call(s, slot, length=full)
     assert int(full) == k.shape[2]
     with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
-        _call(s, mods, like, hidden=s["hidden"].double())
+        _call(s, slot, hidden=s["hidden"].double())
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        _call(s, slot, hidden=s["hidden"][..., :-1].contiguous())
     with pytest.raises(RuntimeError, match="k_cache and v_cache"):
-        _call(s, mods, like, v=v[..., :-1].contiguous())
+        _call(s, slot, v=v[..., :-1].contiguous())
     with pytest.raises(RuntimeError, match="k_cache and v_cache"):
-        _call(s, mods, like, k=k.to(torch.int8))
+        _call(s, slot, k=k.to(torch.int8))
+    with pytest.raises(RuntimeError, match="not a registered slot"):
+        _call(s, 10 ** 6)
     assert torch.equal(k, k0) and torch.equal(v, v0) and int(length) == n0
+    from prefixquant_kernels import _extension
+    args = list(decode_layer._module_args(layer))
+    args[3] = [list(lin) for lin in args[3]]
+    args[3][0][0] = args[3][0][0][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match="q's weight"):     # registration checks the module side
+        _extension._C.decode_layer_register(-1, *args)
 
 
 def test_compiled_step_equals_eager_when_positions_come_from_the_cache():
