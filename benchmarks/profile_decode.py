@@ -25,6 +25,7 @@ from common import machine_info, machine_line, summarize, write_outputs  # noqa:
 
 GROUPS = (   # (label, predicate on the event name), first match wins
     ("pqk::quant_linear", lambda n: n.startswith("pqk::quant_linear")),
+    ("pqk::decode_layer (a whole layer)", lambda n: n.startswith("pqk::decode_layer")),
     ("pqk::kv_decode (attention)", lambda n: n.startswith("pqk::kv_decode")),
     ("pqk::kv_quantize / cache write", lambda n: n.startswith("pqk::kv_quantize") or "index_copy" in n
      or "index_put" in n),
@@ -91,6 +92,8 @@ def main(argv=None) -> dict:
                    help="A/B: dynamo keeps its guards on the model (compiled_step.step_guard_filter off)")
     p.add_argument("--no-graph-pass", action="store_true",
                    help="A/B: no quant_linear_multi grouping (models/graph_passes.py off)")
+    p.add_argument("--no-decode-layer-op", action="store_true",
+                   help="A/B: each layer traced, not one pqk::decode_layer call (models/decode_layer.py off)")
     p.add_argument("--no-layer-regions", action="store_true",
                    help="A/B: trace all layers into the step's graph (models/layer_region.py off)")
     p.add_argument("--fresh-compile-cache", action="store_true",
@@ -98,8 +101,10 @@ def main(argv=None) -> dict:
                         "compile on a new machine, not one that reuses kernels an earlier run left")
     args = p.parse_args(argv)
     from prefixquant_kernels.models import compiled_step
-    saved = compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS, compiled_step.LAYER_REGIONS
+    saved = (compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS, compiled_step.LAYER_REGIONS,
+             compiled_step.DECODE_LAYER_OP)
     compiled_step.LAYER_REGIONS = not args.no_layer_regions
+    compiled_step.DECODE_LAYER_OP = not args.no_decode_layer_op
     if args.keep_model_guards:
         compiled_step.step_guard_filter = lambda entries: [True] * len(entries)
     if args.no_graph_pass:
@@ -112,7 +117,8 @@ def main(argv=None) -> dict:
     try:
         return _run(args, compiled_step)
     finally:
-        compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS, compiled_step.LAYER_REGIONS = saved
+        (compiled_step.step_guard_filter, compiled_step.CPU_INDUCTOR_OPTIONS, compiled_step.LAYER_REGIONS,
+         compiled_step.DECODE_LAYER_OP) = saved
         if tmp is not None:
             if saved_dir is None:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -159,7 +165,8 @@ def _run(args, compiled_step) -> dict:
              f"lm_head {args.lm_head}, ctx {args.ctx}, {args.steps} steps"
              + (", model guards kept" if args.keep_model_guards else "")
              + (", no graph pass" if args.no_graph_pass else "")
-             + (", no layer regions" if args.no_layer_regions else ""),
+             + (", no layer regions" if args.no_layer_regions else "")
+             + (", no decode_layer op" if args.no_decode_layer_op else ""),
              f"compile {compile_s:.1f} s ({'empty' if args.fresh_compile_cache else 'existing'} inductor cache); "
              f"step wall (no profiler) median {wall['median_ms']:.2f} ms "
              f"[{wall['min_ms']:.2f}, {wall['max_ms']:.2f}]", "",

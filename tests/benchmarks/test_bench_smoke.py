@@ -197,9 +197,9 @@ def test_cpu_peak_quick(tmp_path, int_mm):
 
 
 def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
-    """profile_decode.py on tiny-llama (2 layers): per step, the 7 GEMVs of a layer in 4 calls (q|k|v and gate|up
-    grouped by the graph pass; 7 with --no-graph-pass) + the W8A8 lm_head, and one decode attention per layer,
-    grouped apart; the JSON and markdown are written."""
+    """profile_decode.py on tiny-llama (2 layers): per step one pqk::decode_layer call per layer + the W8A8 lm_head;
+    with --no-decode-layer-op --no-graph-pass the 7 GEMVs of a layer in 7 calls + the lm_head and one decode attention
+    per layer, grouped apart; the JSON and markdown are written."""
     pytest.importorskip("transformers")
     if "cpu:scalar" not in pqk.available_backends():
         pytest.skip("C++ extension not built")
@@ -207,8 +207,8 @@ def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     out = tmp_path / "prof.json"
     rec = prof.main(["--model", "tiny-llama", "--ctx", "16", "--steps", "2", "--threads", "1",
                      "--json", str(out)])
-    assert rec["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 4 + 1)
-    assert rec["group_calls"]["pqk::kv_decode (attention)"] == pytest.approx(2)
+    assert rec["group_calls"]["pqk::quant_linear"] == pytest.approx(1)
+    assert rec["group_calls"]["pqk::decode_layer (a whole layer)"] == pytest.approx(2)
     assert rec["groups_ms"]["pqk::quant_linear"] > 0 and rec["step_wall"]["repeats"] == 2
     assert json.loads(out.read_text())[0]["args"]["model"] == "tiny-llama"
     assert "pqk::quant_linear" in (tmp_path / "prof.md").read_text()
@@ -219,12 +219,14 @@ def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     assert ph["  dynamo tracing (bytecode -> FX graph, guards)"] > 0
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     ab = prof.main(["--model", "tiny-llama", "--ctx", "16", "--steps", "2", "--threads", "1",
-                    "--keep-model-guards", "--no-graph-pass", "--fresh-compile-cache"])
+                    "--keep-model-guards", "--no-graph-pass", "--no-decode-layer-op", "--fresh-compile-cache"])
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before          # the temporary cache dir is undone
     # the compile ran in an empty, temporary inductor cache, removed after
     assert "pqk_inductor_" in ab["inductor_cache_dir"] and not os.path.exists(ab["inductor_cache_dir"])
     assert "pqk_inductor_" not in rec["inductor_cache_dir"]
     assert ab["group_calls"]["pqk::quant_linear"] == pytest.approx(2 * 7 + 1)
+    assert ab["group_calls"]["pqk::kv_decode (attention)"] == pytest.approx(2)
+    assert "pqk::decode_layer (a whole layer)" not in ab["group_calls"]
 
 
 def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
