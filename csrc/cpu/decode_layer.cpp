@@ -16,7 +16,7 @@
 
 #include <vector>
 
-#include "kernels_internal.h"
+#include "kernels.h"
 
 namespace pqk {
 namespace cpu {
@@ -110,13 +110,11 @@ void linears(const GemmArgs* g, int n, Isa isa) {
 }  // namespace
 
 void decode_layer(const DecodeLayerArgs& a, Isa isa) {
-  const IsaKernels& ker = kernels_for(isa);
   const int64_t B = a.B, H = a.H, D = a.D, Hq = a.Hq, Hkv = a.Hkv, I = a.I;
   const int64_t QN = Hq * D, KN = Hkv * D;
   std::vector<float> t((size_t)(B * H)), q((size_t)(B * QN)), k((size_t)(B * KN)), v((size_t)(B * KN));
   std::vector<float> attn((size_t)(B * QN)), h1((size_t)(B * H)), o((size_t)(B * H));
   std::vector<float> gt((size_t)(B * I)), up((size_t)(B * I)), tmp((size_t)(I > D ? I : D));
-  std::vector<int8_t> qrow((size_t)D);
 
   // ---- attention ----
   for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm1, H, a.eps1, t.data() + b * H);
@@ -125,7 +123,6 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
   linears(qkv, 3, isa);
 
   const int64_t row_bytes = a.kv_bits == 4 ? D / 2 : D;
-  const int qmin = qmin_for_bits(a.kv_bits), qmax = qmax_for_bits(a.kv_bits);
   for (int64_t b = 0; b < B; ++b) {
     const float* cos = a.cos + b * a.cos_stride;
     const float* sin = a.sin + b * a.cos_stride;
@@ -142,16 +139,11 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
       if (a.key_rotation) rotate_row(x, a.key_rotation, D, tmp.data());
       if (a.key_offset)
         for (int64_t d = 0; d < D; ++d) x[d] -= a.key_offset[h * D + d];
-      // the new K/V rows into the cache's row pos, quantized with the head's static scale (kv_quantize_static)
+      // the new K/V rows into the cache's row pos, quantized with the head's static scale (one row: no region)
       const int64_t r = (b * a.cache_sb + h * a.cache_sh + a.pos) * row_bytes;
-      const float* src[2] = {x, v.data() + (b * Hkv + h) * D};
-      void* dst[2] = {(char*)a.k_cache + r, (char*)a.v_cache + r};
-      const float scale[2] = {a.k_scale[h], a.v_scale[h]};
-      for (int s = 0; s < 2; ++s) {
-        int8_t* qd = a.kv_bits == 4 ? qrow.data() : (int8_t*)dst[s];
-        ker.quantize_row(src[s], FloatType::kFloat32, D, scale[s], qmin, qmax, qd);
-        if (a.kv_bits == 4) ker.pack_row(qrow.data(), D, (uint8_t*)dst[s]);
-      }
+      kv_quantize_static(x, FloatType::kFloat32, a.k_scale + h, a.kv_bits, 1, 1, 1, D, (char*)a.k_cache + r, isa);
+      kv_quantize_static(v.data() + (b * Hkv + h) * D, FloatType::kFloat32, a.v_scale + h, a.kv_bits, 1, 1, 1, D,
+                         (char*)a.v_cache + r, isa);
     }
   }
   kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, a.prefix_k, a.prefix_v, a.pt, a.prefix_batch,

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -248,6 +250,47 @@ at::Tensor kv_quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, 
   return out;
 }
 
+// The decode attention's cache side, checked alike for kv_decode_static and decode_layer (op: the messages' prefix):
+// the prefix K/V [1 or B, Hkv, P, D], contiguous, one dtype (both or neither; P = 0 without), and the padding mask,
+// bool [B, >= positions] with contiguous rows (true = attend), or none.
+struct PrefixArgs {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  FloatType type = FloatType::kFloat32;
+  int64_t batch = 1, P = 0;
+};
+
+PrefixArgs prefix_args(const c10::optional<at::Tensor>& prefix_k, const c10::optional<at::Tensor>& prefix_v,
+                       int64_t B, int64_t Hkv, int64_t D, const char* op) {
+  TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(), op, "prefix_k and prefix_v go together");
+  PrefixArgs r;
+  if (!prefix_k.has_value()) return r;
+  const at::Tensor &pk = *prefix_k, &pv = *prefix_v;
+  TORCH_CHECK(pk.device().is_cpu() && pk.dim() == 4 && pk.is_contiguous() && pv.is_contiguous() &&
+                  pk.sizes() == pv.sizes() && pk.scalar_type() == pv.scalar_type() &&
+                  (pk.size(0) == 1 || pk.size(0) == B) && pk.size(1) == Hkv && pk.size(3) == D,
+              op, "prefix_k / prefix_v must be contiguous [1 or B, Hkv, P, D] CPU tensors of one dtype, got ",
+              pk.sizes(), " and ", pv.sizes());
+  r.k = pk.data_ptr();
+  r.v = pv.data_ptr();
+  r.type = float_type(pk, "prefix_k");
+  r.batch = pk.size(0);
+  r.P = pk.size(2);
+  return r;
+}
+
+// (data, row stride) of the mask; (nullptr, 0) without one
+std::pair<const bool*, int64_t> mask_args(const c10::optional<at::Tensor>& mask, int64_t B, int64_t positions,
+                                          const char* op) {
+  if (!mask.has_value()) return {nullptr, 0};
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
+                  m.size(1) >= positions && m.stride(1) == 1,
+              op, "mask must be a bool [", B, ", >= ", positions, "] CPU tensor with contiguous rows, got ",
+              m.scalar_type(), " ", m.sizes());
+  return {m.data_ptr<bool>(), m.stride(0)};
+}
+
 at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& prefix_k,
                                 const c10::optional<at::Tensor>& prefix_v, const at::Tensor& k_body,
                                 const at::Tensor& v_body, const at::Tensor& k_scale, const at::Tensor& v_scale,
@@ -269,21 +312,8 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
   for (const at::Tensor* t : {&k_scale, &v_scale})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == Hkv,
                 "pqk: k_scale/v_scale must be contiguous float32 tensors of ", Hkv, " elements");
-  TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(), "pqk: prefix_k and prefix_v go together");
-  int64_t P = 0, pb = 1;
-  const void *pk = nullptr, *pv = nullptr;
-  FloatType pt = FloatType::kFloat32;
-  if (prefix_k.has_value()) {
-    const at::Tensor &a = *prefix_k, &v = *prefix_v;
-    TORCH_CHECK(a.dim() == 4 && a.is_contiguous() && v.is_contiguous() && a.sizes() == v.sizes() &&
-                    a.scalar_type() == v.scalar_type() && (a.size(0) == 1 || a.size(0) == B) && a.size(1) == Hkv &&
-                    a.size(3) == D, "pqk: prefix_k/v must be contiguous [1 or B, Hkv, P, D] of one dtype");
-    P = a.size(2);
-    pb = a.size(0);
-    pk = a.data_ptr();
-    pv = v.data_ptr();
-    pt = float_type(a, "prefix_k");
-  }
+  const PrefixArgs pre = prefix_args(prefix_k, prefix_v, B, Hkv, D, "pqk: ");
+  const int64_t P = pre.P;
   // A preallocated cache (cache/modes/static.py) passes its whole buffer as the body and the filled length as a
   // tensor, so a compiled step needs no host-side int: here, on the CPU, it is read directly.
   int64_t T_used = T;
@@ -294,20 +324,12 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
     T_used = *n.data_ptr<int64_t>();   // in place, as scalar_scale reads a scale (no dispatcher call)
     TORCH_CHECK(T_used >= 0 && T_used <= T, "pqk: body_len ", T_used, " is outside the body's capacity [0, ", T, "]");
   }
-  const bool* mask_ptr = nullptr;
-  int64_t mask_stride = 0;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
-                    m.size(1) >= P + T_used && m.stride(1) == 1,
-                "pqk: mask must be a bool [B, >= P + T] CPU tensor with contiguous rows");
-    mask_ptr = m.data_ptr<bool>();
-    mask_stride = m.stride(0);
-  }
+  const auto [mask_ptr, mask_stride] = mask_args(mask, B, P + T_used, "pqk: ");
   TORCH_CHECK(P + T_used > 0, "pqk: the cache is empty");
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   const int64_t row = k_body.size(3);
-  kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pk, pv, pt, pb, P, k_body.data_ptr(),
+  kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pre.k, pre.v, pre.type, pre.batch, P,
+                             k_body.data_ptr(),
                              v_body.data_ptr(), k_body.stride(0) / row, k_body.stride(1) / row, (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv,
                              T_used, mask_ptr, mask_stride, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
   return out;
@@ -493,29 +515,13 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& cos, const at
   for (const float* s : {a.k_scale, a.v_scale})
     for (int64_t h = 0; h < a.Hkv; ++h)
       TORCH_CHECK(std::isfinite(s[h]) && s[h] > 0.0f, op, "k_scale / v_scale must be finite and > 0, got ", s[h]);
-  TORCH_CHECK(prefix_k.has_value() == prefix_v.has_value(), op, "prefix_k and prefix_v go together");
-  if (prefix_k.has_value()) {
-    const at::Tensor &pk = *prefix_k, &pv = *prefix_v;
-    TORCH_CHECK(pk.device().is_cpu() && pk.dim() == 4 && pk.is_contiguous() && pv.is_contiguous() &&
-                    pk.sizes() == pv.sizes() && pk.scalar_type() == pv.scalar_type() &&
-                    (pk.size(0) == 1 || pk.size(0) == a.B) && pk.size(1) == a.Hkv && pk.size(3) == a.D,
-                op, "prefix_k / prefix_v must be contiguous [1 or B, Hkv, P, D] CPU tensors of one dtype, got ",
-                pk.sizes(), " and ", pv.sizes());
-    a.prefix_k = pk.data_ptr();
-    a.prefix_v = pv.data_ptr();
-    a.pt = float_type(pk, "prefix_k");
-    a.prefix_batch = pk.size(0);
-    a.P = pk.size(2);
-  }
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == a.B &&
-                    m.size(1) >= a.P + a.pos + 1 && m.stride(1) == 1,
-                op, "mask must be a bool [B, >= P + length + 1] CPU tensor with contiguous rows, got ",
-                m.scalar_type(), " ", m.sizes());
-    a.mask = m.data_ptr<bool>();
-    a.mask_stride = m.stride(0);
-  }
+  const PrefixArgs pre = prefix_args(prefix_k, prefix_v, a.B, a.Hkv, a.D, op);
+  a.prefix_k = pre.k;
+  a.prefix_v = pre.v;
+  a.pt = pre.type;
+  a.prefix_batch = pre.batch;
+  a.P = pre.P;
+  std::tie(a.mask, a.mask_stride) = mask_args(mask, a.B, a.P + a.pos + 1, op);
   at::Tensor out = at::empty_like(x);
   a.out = out.data_ptr<float>();
   decode_layer(a, entry->isa);
