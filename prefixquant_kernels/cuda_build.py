@@ -171,6 +171,8 @@ def build_library(archs=ARCHS, out_dir: str | None = None) -> Build:
             continue
         obj = os.path.join(d, f"{os.path.basename(src)}.{os.getpid()}.o")  # nvcc needs the .o suffix
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in src_archs]
+        if max(archs) in src_archs:  # + PTX of the highest arch: a newer GPU JIT-compiles it (ptx_archs below)
+            gencode.append(f"-gencode=arch=compute_{max(archs)},code=compute_{max(archs)}")
         # -isystem: CUTLASS's own headers are not held to this project's warning flags.
         cmd = [nvcc, *NVCC_FLAGS, *gencode, "-isystem", cutlass, "--threads", "2", "-c", src, "-o", obj]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -231,6 +233,21 @@ def sass(lib: str, arch: int) -> str:
         raise FileNotFoundError("cuobjdump not found (CUDA toolkit or pip nvidia-cuda-cuobjdump)")
     r = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", lib], capture_output=True, text=True, check=True)
     return r.stdout
+
+
+def ptx_entries(lib: str) -> dict[int, set[str]]:
+    """{XX: mangled kernel names} of the PTX for compute_XX embedded in the library (``cuobjdump -ptx``): the driver
+    JIT-compiles it for a GPU no cubin was built for."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (CUDA toolkit or pip nvidia-cuda-cuobjdump)")
+    r = subprocess.run([tool, "-ptx", lib], capture_output=True, text=True, check=True)
+    out: dict[int, set[str]] = {}
+    for part in re.split(r"\n(?=\.version )", r.stdout):
+        m = re.search(r"^\.target sm_(\d+)", part, re.M)
+        if m:
+            out.setdefault(int(m.group(1)), set()).update(re.findall(r"\.entry (\S+?)\(", part))
+    return out
 
 
 def sass_by_function(text: str) -> dict[str, str]:

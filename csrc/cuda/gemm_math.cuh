@@ -107,10 +107,11 @@ PQK_HD int warp_col0(int warp) { return (warp % Cfg::WN) * Cfg::WTN; }
 
 // Step 1 of the kernel as a plan: every 16-byte copy thread `tid` issues for K tile kt, handed to
 // copy(is_w, smem_byte_offset, global_byte_offset, valid) — cp.async on the device, memcpy in the host harness.
-template <class Cfg, class Copy>
+// kWithA = false: the W chunks only (the A part of the stage is filled by the quantizing load below).
+template <class Cfg, bool kWithA = true, class Copy>
 PQK_HD void load_stage_plan(int tid, int m0, int n0, int kt, int prob_m, int prob_n, int k_bytes, Copy&& copy) {
   const int k_byte = kt * kRowBytes;
-  for (int i = tid; i < Cfg::kAChunks + Cfg::kBChunks; i += Cfg::kThreads) {
+  for (int i = (kWithA ? 0 : Cfg::kAChunks) + tid; i < Cfg::kAChunks + Cfg::kBChunks; i += Cfg::kThreads) {
     const bool is_w = i >= Cfg::kAChunks;
     const int ci = is_w ? i - Cfg::kAChunks : i;
     const int r = load_chunk_row(ci), c = load_chunk_col(ci);
@@ -119,6 +120,41 @@ PQK_HD void load_stage_plan(int tid, int m0, int n0, int kt, int prob_m, int pro
     copy(is_w, (is_w ? Cfg::BM * kRowBytes : 0) + smem_chunk_offset(r, c),
          ok ? (long)row_g * k_bytes + k_byte + c * kChunkBytes : 0L, ok);
   }
+}
+
+// ---- static quantize in the A load (pqk_quant_gemm_static: float x in, no quantize launch before the GEMM) -------
+// A static per-tensor scale makes quantizing A elementwise, so the GEMM does it while loading: A chunk (r, c) of a
+// stage (16 packed bytes = 32 int4 elements of row m0 + r) is read as the 32 floats x[m0 + r, k0 .. k0 + 31],
+// k0 = kt * kBK + c * 32, into registers, quantized with quant_math.h's quantize_value (the function
+// pqk_quantize_static runs, so the bits equal quantize-then-GEMM's), packed (element 2i in the low nibble) and stored
+// where cp.async would have put the packed chunk. The W half of the stage still goes by cp.async. Every tile config
+// has at most one A chunk per thread, so thread tid owns chunk tid (same row/column split as load_stage_plan).
+constexpr int kChunkElems = 2 * kChunkBytes;  // int4 elements per 16-byte chunk
+
+struct AChunk {
+  bool owner;     // the thread owns an A chunk of the stage (tid < kAChunks)
+  bool valid;     // ... inside the matrix; else the stage gets zero bytes (as cp.async's src-size 0)
+  long x_off;     // element offset of x[row, k0] (0 when !valid)
+  int smem_off;   // byte offset in the stage's A part
+};
+
+template <class Cfg>
+PQK_HD AChunk a_chunk_plan(int tid, int m0, int kt, int prob_m, int prob_k) {
+  static_assert(Cfg::kAChunks <= Cfg::kThreads, "the quantizing A load gives each thread at most one chunk");
+  const int r = load_chunk_row(tid), c = load_chunk_col(tid), row_g = m0 + r;
+  const bool owner = tid < Cfg::kAChunks;
+  const bool ok = owner && load_chunk_valid(row_g, prob_m, kt * kRowBytes, c, prob_k / 2);
+  return AChunk{owner, ok, ok ? (long)row_g * prob_k + kt * kBK + c * kChunkElems : 0L, smem_chunk_offset(r, c)};
+}
+
+// 8 floats -> one little-endian word of 4 packed bytes (element 2b in the low nibble of byte b).
+PQK_HD uint32_t quantize_pack8(const float (&v)[8], float scale) {
+  uint32_t wd = 0;
+  PQK_UNROLL
+  for (int b = 0; b < 4; ++b)
+    wd |= (uint32_t)pack_nibbles(quantize_value(v[2 * b], scale, -8, 7), quantize_value(v[2 * b + 1], scale, -8, 7))
+          << (8 * b);
+  return wd;
 }
 
 // Step 2a: lane's fragment registers of the warp tile (origin wr0, wc0) from one stage (A part at stage,

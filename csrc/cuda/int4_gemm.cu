@@ -2,6 +2,9 @@
 //
 //   out[m, n] = epilogue( sum_k A[m, k] * W[n, k] )        A uint8 [M, K/2], W uint8 [N, K/2] (packed int4)
 //
+// or, with a static activation scale (pqk_quant_gemm_static), A = quantize(x, x_scale) computed in the kernel's A
+// load from the float activation x [M, K]: the linear layer in one launch, no quantized copy of x in global memory.
+//
 // Read top to bottom: PTX MMA wrappers -> the kernel in named steps (load_stage, mma_stage, epilogue) -> the
 // dispatch over tile configs and epilogues -> the extern "C" launcher. Index math lives in gemm_math.cuh (PQK_HD)
 // and is executed on the host by csrc/cuda/tests/gemm_harness.cpp.
@@ -19,6 +22,7 @@
 //     N % 8 != 0, and sm_90. The packed format already is the s4 register format, and the host harness executes
 //     every index computation of this file.
 #include <atomic>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "gemm_cutlass.h"
@@ -73,6 +77,66 @@ __device__ __forceinline__ void mma_stage(const uint8_t* stage, int wr0, int wc0
     for (int j = 0; j < Cfg::NT; ++j) mma_k64(af[i], bf[j], acc[i][j]);
 }
 
+// Step 1' (float A, pqk_quant_gemm_static): the thread's A chunk of a tile, raw from global memory into registers
+// (16-byte loads: 4 for fp16/bf16, 8 for fp32; rows are 64-byte multiples since K % 32 == 0), issued before the MMAs
+// of the current tile and quantized + stored after them, so the load latency hides behind the tensor-core work.
+template <class XT>
+struct AChunkRegs {
+  static constexpr int kVecs = kChunkElems * (int)sizeof(XT) / 16;
+  uint4 raw[kVecs];
+  AChunk ch;
+};
+
+template <class Cfg, class XT>
+__device__ __forceinline__ void fetch_a_chunk(AChunkRegs<XT>& r, const XT* x, int m0, int kt, int prob_m, int prob_k) {
+  r.ch = a_chunk_plan<Cfg>(threadIdx.x, m0, kt, prob_m, prob_k);
+  if (r.ch.valid) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + r.ch.x_off);
+#pragma unroll
+    for (int q = 0; q < AChunkRegs<XT>::kVecs; ++q) r.raw[q] = __ldg(src + q);
+  }
+}
+
+// Word j of the packed chunk = elements 8j .. 8j + 7 = 16 bytes of fp16/bf16 (raw[j]) or 32 of fp32 (raw[2j],
+// raw[2j + 1]), converted exactly and quantized 8 at a time (fewer live registers than all 32 floats at once: at 32
+// the 256-thread prefill tile spilled). Register arithmetic only.
+__device__ __forceinline__ float half_bits_to_float(uint32_t h) {  // cvt.f32.f16 on the raw bits: exact
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+  return f;
+}
+__device__ __forceinline__ void to_floats(const uint4& r, float* v, const __half*) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { v[2 * i] = half_bits_to_float(w[i] & 0xFFFFu); v[2 * i + 1] = half_bits_to_float(w[i] >> 16); }
+}
+__device__ __forceinline__ void to_floats(const uint4& r, float* v, const __nv_bfloat16*) {
+  // bf16 is the top half of an fp32: the conversion is a shift.
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { v[2 * i] = __uint_as_float(w[i] << 16); v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u); }
+}
+__device__ __forceinline__ void to_floats(const uint4& r, float* v, const float*) {
+  v[0] = __uint_as_float(r.x); v[1] = __uint_as_float(r.y); v[2] = __uint_as_float(r.z); v[3] = __uint_as_float(r.w);
+}
+
+template <class XT>
+__device__ __forceinline__ void store_a_chunk(const AChunkRegs<XT>& r, uint8_t* stage, float x_scale) {
+  if (!r.ch.owner) return;
+  constexpr int kVecsPerWord = AChunkRegs<XT>::kVecs / 4;  // 1 (fp16/bf16) or 2 (fp32)
+  uint32_t words[4] = {0u, 0u, 0u, 0u};  // out of the matrix: zeros, as cp.async with src-size 0
+  if (r.ch.valid) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float v[8];
+#pragma unroll
+      for (int q = 0; q < kVecsPerWord; ++q) to_floats(r.raw[j * kVecsPerWord + q], v + q * (8 / kVecsPerWord), (const XT*)nullptr);
+      words[j] = quantize_pack8(v, x_scale);
+    }
+  }
+  *reinterpret_cast<uint4*>(stage + r.ch.smem_off) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 template <int EPI>
 struct OutType { using T = uint8_t; };
 template <> struct OutType<kEpiF16> { using T = __half; };
@@ -101,20 +165,24 @@ __device__ __forceinline__ void epilogue(const int32_t (&acc)[Cfg::MT][Cfg::NT][
   });
 }
 
-template <class Cfg, int EPI>
+// XT = uint8_t: A is packed int4 (pqk_int4_gemm). XT = __half / __nv_bfloat16 / float: A is the float activation x,
+// quantized in the load with the static scale ep.a_scale[0] (pqk_quant_gemm_static; steps 1' above).
+template <class Cfg, int EPI, class XT>
 __global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
-    const uint8_t* __restrict__ a,  // uint8 [prob_m, prob_k / 2]: packed int4 activations, row-major
+    const XT* __restrict__ a,       // uint8 [prob_m, prob_k / 2] packed int4, or fp16/bf16/fp32 [prob_m, prob_k]
     const uint8_t* __restrict__ w,  // uint8 [prob_n, prob_k / 2]: packed int4 weights, one row per output channel
     void* __restrict__ out,         // EPI 0/1/2: fp16/bf16/fp32 [prob_m, prob_n]; 3: uint8 [prob_m, prob_n / 2];
                                     //   4: uint8 [prob_m, prob_n / 4]
     EpilogueParams ep,              // scales (fp32 device pointers), bias, requant scale
     int prob_m, int prob_n, int prob_k) {  // prob_k % 32 == 0
+  constexpr bool kFloatA = !std::is_same<XT, uint8_t>::value;
   __shared__ __align__(16) uint8_t smem[Cfg::STAGES * Cfg::kStageBytes];
   const int k_bytes = prob_k / 2;
   const int k_tiles = (prob_k + kBK - 1) / kBK;  // the last one may be half zero-filled (K % 64 == 32)
   const int m0 = blockIdx.y * Cfg::BM, n0 = blockIdx.x * Cfg::BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wr0 = warp_row0<Cfg>(warp), wc0 = warp_col0<Cfg>(warp);
+  const float x_scale = kFloatA ? ep.a_scale[0] : 0.0f;  // the static scale (float A: per-tensor only)
 
   int32_t acc[Cfg::MT][Cfg::NT][4];
 #pragma unroll
@@ -124,32 +192,50 @@ __global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
+  // Issues tile t's copies into stage st (float A: W by cp.async, A into the registers xr).
+  auto load = [&](int t, uint8_t* st, AChunkRegs<XT>& xr) {
+    if constexpr (kFloatA) {
+      load_stage_plan<Cfg, false>(threadIdx.x, m0, n0, t, prob_m, prob_n, k_bytes,
+                                  [&](bool, int sh_off, long gl_off, bool ok) { cp_async16(st + sh_off, w + gl_off, ok); });
+      fetch_a_chunk<Cfg>(xr, a, m0, t, prob_m, prob_k);
+    } else {
+      load_stage<Cfg>(st, a, w, m0, n0, t, prob_m, prob_n, k_bytes);
+    }
+  };
+  AChunkRegs<XT> xr;
 
   // Prologue: STAGES-1 tiles in flight. A group is committed even when empty so wait_group counts stay uniform.
 #pragma unroll
   for (int s = 0; s < Cfg::STAGES - 1; ++s) {
-    if (s < k_tiles) load_stage<Cfg>(smem + s * Cfg::kStageBytes, a, w, m0, n0, s, prob_m, prob_n, k_bytes);
+    if (s < k_tiles) {
+      load(s, smem + s * Cfg::kStageBytes, xr);
+      if constexpr (kFloatA) store_a_chunk(xr, smem + s * Cfg::kStageBytes, x_scale);
+    }
     cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<Cfg::STAGES - 2>();  // tile kt has landed (for this thread) ...
     __syncthreads();                   // ... for all threads; and everyone finished reading tile kt-1's stage
     const int pf = kt + Cfg::STAGES - 1;  // refill the stage tile kt-1 used
-    if (pf < k_tiles)
-      load_stage<Cfg>(smem + (pf % Cfg::STAGES) * Cfg::kStageBytes, a, w, m0, n0, pf, prob_m, prob_n, k_bytes);
+    uint8_t* pf_stage = smem + (pf % Cfg::STAGES) * Cfg::kStageBytes;
+    if (pf < k_tiles) load(pf, pf_stage, xr);
     cp_async_commit();
     mma_stage<Cfg>(smem + (kt % Cfg::STAGES) * Cfg::kStageBytes, wr0, wc0, lane, acc);
+    // Float A: quantize tile pf's chunk now (its loads had the MMAs to land). Stage pf is read at iteration pf, after
+    // at least one more barrier; its last reader (tile kt-1) finished before this iteration's barrier.
+    if constexpr (kFloatA)
+      if (pf < k_tiles) store_a_chunk(xr, pf_stage, x_scale);
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
   epilogue<Cfg, EPI>(acc, out, ep, m0 + wr0, n0 + wc0, lane, prob_m, prob_n);
 }
 
-template <class Cfg, int EPI>
-int launch(const uint8_t* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k,
+template <class Cfg, int EPI, class XT = uint8_t>
+int launch(const XT* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k,
            cudaStream_t stream) {
   dim3 grid((n + Cfg::BN - 1) / Cfg::BN, (m + Cfg::BM - 1) / Cfg::BM);
-  int4_gemm_kernel<Cfg, EPI><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k);
+  int4_gemm_kernel<Cfg, EPI, XT><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k);
   return launch_status();
 }
 
@@ -162,6 +248,28 @@ int dispatch_epilogue(int epi, const uint8_t* a, const uint8_t* w, void* out, co
     case kEpiF32: return launch<Cfg, kEpiF32>(a, w, out, ep, m, n, k, s);
     case kEpiRequant: return launch<Cfg, kEpiRequant>(a, w, out, ep, m, n, k, s);
     case kEpiSiluMulRequant: return launch<Cfg, kEpiSiluMulRequant>(a, w, out, ep, m, n, k, s);
+    default: return PQK_ERR_ARG;
+  }
+}
+
+// pqk_quant_gemm_static: x of type XT, dequant to XT's own dtype (the linear's output) or the silu-mul requant.
+template <class Cfg, class XT>
+int dispatch_float_a(int epi, const void* x, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n,
+                     int k, cudaStream_t s) {
+  constexpr int kSame = std::is_same<XT, __half>::value ? kEpiF16 : std::is_same<XT, float>::value ? kEpiF32 : kEpiBF16;
+  const XT* a = static_cast<const XT*>(x);
+  if (epi == kSame) return launch<Cfg, kSame, XT>(a, w, out, ep, m, n, k, s);
+  if (epi == kEpiSiluMulRequant) return launch<Cfg, kEpiSiluMulRequant, XT>(a, w, out, ep, m, n, k, s);
+  return PQK_ERR_ARG;
+}
+
+template <class Cfg>
+int dispatch_x_dtype(int x_dtype, int epi, const void* x, const uint8_t* w, void* out, const EpilogueParams& ep,
+                     int m, int n, int k, cudaStream_t s) {
+  switch (x_dtype) {
+    case kF16: return dispatch_float_a<Cfg, __half>(epi, x, w, out, ep, m, n, k, s);
+    case kBF16: return dispatch_float_a<Cfg, __nv_bfloat16>(epi, x, w, out, ep, m, n, k, s);
+    case kF32: return dispatch_float_a<Cfg, float>(epi, x, w, out, ep, m, n, k, s);
     default: return PQK_ERR_ARG;
   }
 }
@@ -215,6 +323,27 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   if (config == 0) return dispatch_epilogue<DecodeConfig>(epilogue, a, w, out, ep, m, n, k, s);
   if (config == 1) return dispatch_epilogue<MidConfig>(epilogue, a, w, out, ep, m, n, k, s);
   return dispatch_epilogue<PrefillConfig>(epilogue, a, w, out, ep, m, n, k, s);
+}
+
+extern "C" int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_scale, const uint8_t* w, void* out,
+                                     const float* w_scale, const float* bias, float out_scale, int m, int n, int k,
+                                     int epilogue, int config, pqk_stream_t stream) {
+  using namespace pqk::cuda;
+  if (m <= 0 || n <= 0 || k <= 0) return PQK_ERR_SHAPE;
+  if (k % 32 != 0) return PQK_ERR_K_ALIGN;
+  if (!aligned(x, 16) || !aligned(w, 16)) return PQK_ERR_PTR_ALIGN;
+  if (x_dtype < kF16 || x_dtype > kF32 || !(epilogue == x_dtype || epilogue == kEpiSiluMulRequant)) return PQK_ERR_ARG;
+  if (config >= kCutlassDecode && config <= kCutlassPrefill) return PQK_ERR_UNSUPPORTED;  // CUTLASS reads packed A
+  if (config < -1 || config > 2) return PQK_ERR_ARG;
+  if (epilogue == kEpiSiluMulRequant && n % 4 != 0) return PQK_ERR_N_ALIGN;
+  if (epilogue == kEpiSiluMulRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
+  if (x_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  EpilogueParams ep{x_scale, 0, w_scale, bias, out_scale};
+  if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
+  if (config == 0) return dispatch_x_dtype<DecodeConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, s);
+  if (config == 1) return dispatch_x_dtype<MidConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, s);
+  return dispatch_x_dtype<PrefillConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, s);
 }
 
 extern "C" const char* pqk_int4_gemm_path(int sm) {

@@ -42,6 +42,16 @@ int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_
                   const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,
                   int config, pqk_stream_t stream);
 
+// The static-scale linear in one launch: y = epilogue(quantize(x, *x_scale) x W^T), the int4 quantize done inside the
+// GEMM's A load (int4_gemm.cu), bit-exact with pqk_quantize_static followed by pqk_int4_gemm. x fp16 (x_dtype 0) /
+// bf16 (1) / fp32 (2) [M, K], 16-byte aligned; w uint8 [N, K/2]; K % 32 == 0. x_scale: fp32 [1] on the device (the
+// static per-tensor scale, > 0). epilogue: x_dtype's own dequant code (0 / 1 / 2: out x.dtype [M, N]) or 4 (silu-mul
+// requant with out_scale, W rows interleaved gate/up -> uint8 [M, N/4]); others PQK_ERR_ARG. config: -1 auto, 0 / 1 / 2
+// forced own decode / mid / prefill tile; the CUTLASS codes 10..12 -> PQK_ERR_UNSUPPORTED (CUTLASS reads packed A).
+int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_scale, const uint8_t* w, void* out,
+                          const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,
+                          int config, pqk_stream_t stream);
+
 // Static quantize: x fp16 (x_dtype 0) / bf16 (1) / fp32 (2) [rows, cols] -> bits 4: uint8 [rows, cols/2],
 // bits 8: int8 [rows, cols]. scale: fp32 [1] on the device.
 int pqk_quantize_static(const void* x, int x_dtype, void* out, const float* scale, int bits, int rows, int cols,

@@ -33,6 +33,8 @@ SIGNATURES: dict[str, tuple] = {
     "pqk_cuda_error_string": (ctypes.c_char_p, [_I]),
     # a, w, out, a_scale, a_scale_per_token, w_scale, bias, out_scale, m, n, k, epilogue, config, stream
     "pqk_int4_gemm": (_I, [_P, _P, _P, _P, _I, _P, _P, _F, _I, _I, _I, _I, _I, _P]),
+    # x, x_dtype, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epilogue, config, stream
+    "pqk_quant_gemm_static": (_I, [_P, _I, _P, _P, _P, _P, _P, _F, _I, _I, _I, _I, _I, _P]),
     # x, x_dtype, out, scale, bits, rows, cols, stream
     "pqk_quantize_static": (_I, [_P, _I, _P, _P, _I, _I, _I, _P]),
     # x, x_dtype, out, scales_out, bits, rows, cols, stream

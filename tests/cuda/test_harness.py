@@ -46,6 +46,9 @@ MUTATIONS = [
     ("gemm_math.cuh", "if (p.bias != nullptr) y = y + p.bias[col];", "", "gemm_harness"),  # bias dropped
     ("gemm_math.cuh", "y[i] = acc[i] * (a_scale[i] * w_scale[i]) + bias[i];",
      "y[i] = acc[i] * a_scale[i] * w_scale[i] + bias[i];", "gemm_harness"),               # CUTLASS EVT: fp32 order
+    ("gemm_math.cuh", "kt * kBK + c * kChunkElems", "kt * kBK + c * kChunkBytes", "gemm_harness"),  # float-A x offset
+    ("gemm_math.cuh", "quantize_value(v[2 * b], scale, -8, 7), quantize_value(v[2 * b + 1], scale, -8, 7)",
+     "quantize_value(v[2 * b + 1], scale, -8, 7), quantize_value(v[2 * b], scale, -8, 7)", "gemm_harness"),  # nibbles
     ("quantize_math.cuh", "return 16 >> step;", "return 8 >> step;", "quantize_harness"),   # butterfly too short
     ("quantize_math.cuh", "return (a <= FLT_MAX && a > acc) ? a : acc;", "return a > acc ? a : acc;",
      "quantize_harness"),                                                                 # Inf poisons the scale

@@ -2,7 +2,8 @@
 // gemm_math.cuh functions do every copy plan, swizzle, fragment address, register split (sm_90), output index and
 // epilogue; the instructions (cp.async, mma.sync, shfl) are the emulators of harness.h. The result must equal a
 // naive int GEMM + the quant_math.h epilogue bit for bit, for every tile config x epilogue x {sm_80, sm_90} path
-// on odd M/N and K % 64 == 32 shapes. Shared memory is poisoned before every stage, so a fragment that reads a byte
+// on odd M/N and K % 64 == 32 shapes, and for the float-A kernel (pqk_quant_gemm_static: x quantized in the A load)
+// against quantize-then-GEMM. Shared memory is poisoned before every stage, so a fragment that reads a byte
 // the copy plan did not write gives garbage.
 //
 // What it does not cover: timing (the cp.async pipeline's wait counts and barriers: on the host each stage is
@@ -28,10 +29,11 @@ struct Problem {
   std::vector<float> a_scale, w_scale, bias;
   bool per_token, has_bias;
   float out_scale;
+  std::vector<float> x;       // float-A problems (pqk_quant_gemm_static): x [m, k]; a = quantize(x, a_scale[0])
 };
 
 Problem make_problem(int m, int n, int k, bool per_token, bool has_bias, Rng& rng) {
-  Problem p{m, n, k, {}, {}, {}, {}, {}, per_token, has_bias, 0.0f};
+  Problem p{m, n, k, {}, {}, {}, {}, {}, per_token, has_bias, 0.0f, {}};
   p.a.resize((size_t)m * k / 2);
   p.w.resize((size_t)n * k / 2);
   for (auto& x : p.a) x = rng.byte();  // every nibble value -8..7, not CUTLASS's [-1, 1]
@@ -43,6 +45,20 @@ Problem make_problem(int m, int n, int k, bool per_token, bool has_bias, Rng& rn
   p.bias.resize(n);
   for (auto& b : p.bias) b = rng.uniform(-2.0f, 2.0f);
   p.out_scale = rng.uniform(0.5f, 3.0f);
+  return p;
+}
+
+// A float-A problem: x over the whole int4 range and past it (clamped), a few NaN / +-Inf / huge values; A is
+// x quantized element by element with the static scale (quant_math.h written out here, not quantize_pack8).
+Problem make_float_problem(int m, int n, int k, bool has_bias, Rng& rng) {
+  Problem p = make_problem(m, n, k, false, has_bias, rng);
+  const float s = p.a_scale[0];
+  p.x.resize((size_t)m * k);
+  for (auto& v : p.x) v = rng.uniform(-10.0f, 10.0f) * s;
+  const float specials[] = {NAN, INFINITY, -INFINITY, 3e38f, -3e38f, 7.5f * s, -8.5f * s, 0.5f * s};
+  for (int i = 0; i < 8 && i < m * k; ++i) p.x[(size_t)(rng.next() % ((uint64_t)m * k))] = specials[i];
+  for (size_t i = 0; i < p.a.size(); ++i)
+    p.a[i] = pack_nibbles(quantize_value(p.x[2 * i], s, -8, 7), quantize_value(p.x[2 * i + 1], s, -8, 7));
   return p;
 }
 
@@ -92,11 +108,28 @@ void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, st
       for (int kt = 0; kt < k_tiles; ++kt) {
         uint8_t* stage = smem.data() + (kt % Cfg::STAGES) * Cfg::kStageBytes;
         std::memset(stage, 0xCD, Cfg::kStageBytes);  // poison: unwritten bytes are not zero
-        for (int tid = 0; tid < Cfg::kThreads; ++tid)
-          load_stage_plan<Cfg>(tid, m0, n0, kt, p.m, p.n, k_bytes, [&](bool is_w, int sh, long gl, bool ok) {
-            if (ok) std::memcpy(stage + sh, (is_w ? p.w.data() : p.a.data()) + gl, 16);
-            else std::memset(stage + sh, 0, 16);  // cp.async with src-size 0
-          });
+        const bool float_a = !p.x.empty();
+        auto copy = [&](bool is_w, int sh, long gl, bool ok) {
+          if (ok) std::memcpy(stage + sh, (is_w ? p.w.data() : p.a.data()) + gl, 16);
+          else std::memset(stage + sh, 0, 16);  // cp.async with src-size 0
+        };
+        for (int tid = 0; tid < Cfg::kThreads; ++tid) {
+          if (!float_a) {
+            load_stage_plan<Cfg>(tid, m0, n0, kt, p.m, p.n, k_bytes, copy);
+            continue;
+          }
+          // The quantizing A load (int4_gemm.cu: fetch_a_chunk + store_a_chunk): W by "cp.async", A from x.
+          load_stage_plan<Cfg, false>(tid, m0, n0, kt, p.m, p.n, k_bytes, copy);
+          const AChunk ch = a_chunk_plan<Cfg>(tid, m0, kt, p.m, p.k);
+          if (!ch.owner) continue;
+          uint32_t words[4] = {0, 0, 0, 0};
+          for (int j = 0; ch.valid && j < 4; ++j) {
+            float v[8];
+            std::memcpy(v, p.x.data() + ch.x_off + 8 * j, sizeof v);
+            words[j] = quantize_pack8(v, p.a_scale[0]);
+          }
+          std::memcpy(stage + ch.smem_off, words, 16);
+        }
         for (int warp = 0; warp < warps; ++warp) {
           uint32_t af[32][Cfg::MT][4], bf[32][Cfg::NT][2];
           for (int lane = 0; lane < 32; ++lane)
@@ -162,8 +195,8 @@ void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, st
 
 template <class Cfg>
 void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, bool per_token, bool has_bias,
-                Rng& rng, Counter& cnt) {
-  Problem p = make_problem(m, n, k, per_token, has_bias, rng);
+                Rng& rng, Counter& cnt, bool float_a = false) {
+  Problem p = float_a ? make_float_problem(m, n, k, has_bias, rng) : make_problem(m, n, k, per_token, has_bias, rng);
   std::vector<int32_t> acc = naive_acc(p);
   std::vector<float> yf;
   std::vector<uint8_t> yq;
@@ -193,7 +226,7 @@ void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, b
   }
   std::string what = std::string(cfg_name) + " m=" + std::to_string(m) + " n=" + std::to_string(n) +
                      " k=" + std::to_string(k) + " epi=" + std::to_string(epi) + (sm90 ? " sm90" : " sm80") +
-                     (per_token ? " per-token" : " per-tensor") + (has_bias ? " bias" : "") + " mismatches=" +
+                     (float_a ? " float-A" : per_token ? " per-token" : " per-tensor") + (has_bias ? " bias" : "") + " mismatches=" +
                      std::to_string(bad) + " first(flat)=" + std::to_string(first);
   cnt.check(bad == 0, what.c_str());
 }
@@ -284,8 +317,12 @@ void sweep(const char* name, Rng& rng, Counter& cnt) {
     for (int epi = kEpiF16; epi <= kEpiSiluMulRequant; ++epi) {
       if (epi == kEpiBF16) continue;  // fp32 value identical to kEpiF16 before the device cast
       int n = epi == kEpiRequant ? (s[1] + 1) / 2 * 2 : epi == kEpiSiluMulRequant ? (s[1] + 3) / 4 * 4 : s[1];
-      for (int sm90 = 0; sm90 < 2; ++sm90)
+      for (int sm90 = 0; sm90 < 2; ++sm90) {
         check_case<Cfg>(name, s[0], n, s[2], epi, sm90 == 1, (epi + s[0]) % 2 == 0, (epi + s[1]) % 2 == 1, rng, cnt);
+        // pqk_quant_gemm_static: the float-x dequant (fp32 value before the output cast) and silu-mul epilogues
+        if (epi == kEpiF32 || epi == kEpiSiluMulRequant)
+          check_case<Cfg>(name, s[0], n, s[2], epi, sm90 == 1, false, (epi + s[0]) % 2 == 1, rng, cnt, true);
+      }
     }
 }
 
