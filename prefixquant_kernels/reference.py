@@ -73,6 +73,13 @@ def int4_matmul_silu_mul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torc
     return fmt.pack_int4(fmt.quantize(h, torch.tensor(out_scale, dtype=torch.float32), 4))
 
 
+def quant_linear_silu_mul_requant(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                                  bias: torch.Tensor | None, out_scale: float) -> torch.Tensor:
+    """x float [M, K] quantized to int4 with the static a_scale, then int4_matmul_silu_mul_requant: uint8 [M, N/4]."""
+    a = fmt.pack_int4(fmt.quantize(x, a_scale, 4))
+    return int4_matmul_silu_mul_requant(a, w, a_scale, w_scale, bias, out_scale)
+
+
 def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None,
                  a_bits: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x float [M, K] -> x.dtype [M, N]: quantize x (static if a_scale is given, else per token), then

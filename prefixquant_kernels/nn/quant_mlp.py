@@ -1,12 +1,12 @@
-"""QuantGatedMLP: a Llama/Qwen MLP, ``down(SiLU(gate(x)) * up(x))``, as three launches for static W4A4.
+"""QuantGatedMLP: a Llama/Qwen MLP, ``down(SiLU(gate(x)) * up(x))``, as two launches for static W4A4.
 
 Static scales make the whole chain elementwise between GEMMs, so each quantize folds into a neighbour:
 
-    a = quantize_static(x, act_scale)                                   int4 [M, K/2]
-    h = int4_matmul_silu_mul_requant(a, gate_up, ..., down_act_scale)   int4 [M, I/2]: gate and up in ONE GEMM
-                                                                        (rows interleaved), SiLU(g) * u and the
-                                                                        down_proj quantize in its epilogue
-    y = int4_matmul(h, down, down_act_scale, ...)                       x.dtype [M, H]
+    h = quant_linear_silu_mul_requant(x, gate_up, ..., act_scale,      int4 [M, I/2]: x quantized in the GEMM's A
+                                      down_act_scale)                  load, gate and up in ONE GEMM (rows
+                                                                       interleaved), SiLU(g) * u and the down_proj
+                                                                       quantize in its epilogue
+    y = int4_matmul(h, down, down_act_scale, ...)                      x.dtype [M, H]
 
 versus the unfused path's two quantizes, three GEMMs and the float SiLU·mul between them (with the float h
 written and read back). A per-token (dynamic) down_proj scale cannot do this: it needs all of h's row first.
@@ -19,8 +19,7 @@ from torch import nn
 
 from .. import format as fmt
 from ..ops import checks
-from ..ops.linear import int4_matmul, int4_matmul_silu_mul_requant
-from ..ops.quantize import quantize_static
+from ..ops.linear import int4_matmul, quant_linear_silu_mul_requant
 from .quant_linear import QuantLinear
 
 
@@ -96,9 +95,8 @@ class QuantGatedMLP(nn.Module):
         checks.float_tensor(x, "x", op)
         if x.shape[-1] != self.in_features:
             checks.fail(op, f"x's last dim must be {self.in_features}, got shape {tuple(x.shape)}")
-        a = quantize_static(x, self.act_scale, 4, backend=self.backend)
-        h = int4_matmul_silu_mul_requant(a, self.gate_up_weight, self.act_scale, self.gate_up_scale,
-                                         self._down_act_scale, backend=self.backend)
+        h = quant_linear_silu_mul_requant(x, self.gate_up_weight, self.gate_up_scale, self.act_scale,
+                                          self._down_act_scale, backend=self.backend)
         return int4_matmul(h, self.down_weight, self.down_act_scale, self.down_scale, None, x.dtype,
                            backend=self.backend)
 

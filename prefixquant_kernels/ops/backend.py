@@ -55,7 +55,8 @@ _FORMAT = "{} (a format conversion without a CUDA kernel)"
 
 OPS: dict[str, Op] = {
     **{name: Op(BACKENDS, _GEMM) for name in (
-        "int4_matmul", "quant_linear", "int4_matmul_requant", "int4_matmul_silu_mul_requant", "quantize_static",
+        "int4_matmul", "quant_linear", "int4_matmul_requant", "int4_matmul_silu_mul_requant",
+        "quant_linear_silu_mul_requant", "quantize_static",
         "quantize_per_token", "rmsnorm_quantize", "hadamard_transform")},
     "pack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("pack_int4")}),
     "unpack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("unpack_int4")}),

@@ -5,9 +5,12 @@ the "cuda" dispatch key at the bottom of this module (pure bookkeeping: no GPU n
     pqk::quantize_static     pqk_quantize_static        x fp16/bf16/fp32, bits 4 or 8
     pqk::quantize_per_token  pqk_quantize_per_token     x fp16/bf16/fp32, bits 4 or 8
     pqk::int4_matmul         pqk_int4_gemm              W4A4 only: a and w packed uint8
-    pqk::quant_linear        pqk_quantize_* + pqk_int4_gemm (two launches)   W4A4 only: w uint8, a_bits 4
+    pqk::quant_linear        static a_scale: pqk_quant_gemm_static (one launch: the quantize in the GEMM's A load)
+                             per token: pqk_quantize_per_token + pqk_int4_gemm   W4A4 only: w uint8, a_bits 4
     pqk::int4_matmul_requant / pqk::int4_matmul_silu_mul_requant
                              pqk_int4_gemm epilogue 3 / 4 (packed int4 out)     W4A4 only
+    pqk::quant_linear_silu_mul_requant
+                             pqk_quant_gemm_static epilogue 4 (float x in, packed int4 out: one launch)
     pqk::rmsnorm_quantize    pqk_rmsnorm_quantize       x fp16/bf16/fp32 (weight cast to x.dtype by ops/transform.py)
     pqk::hadamard_transform  pqk_hadamard               x fp16/bf16/fp32, n = m * 2^p (hadamard.hadamard_factor)
     pqk::pack_int4 / unpack_int4, W4A8 / W8A8: no CUDA kernel (ops/backend.py: "auto" runs the reference there,
@@ -231,11 +234,35 @@ def int4_matmul_silu_mul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torc
     return _requant("int4_matmul_silu_mul_requant", EPI_SILU_MUL_REQUANT, a, w, a_scale, w_scale, bias, out_scale)
 
 
+def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None, epilogue: int, out_scale: float = 1.0) -> torch.Tensor:
+    """One pqk_quant_gemm_static launch for checked x [M, K] (2-D), w uint8 [N, K/2], a_scale the static 0-dim
+    scale on x's device: epilogue = x.dtype's dequant code (out x.dtype [M, N]) or EPI_SILU_MUL_REQUANT (uint8
+    [M, N/4]). K not a multiple of 32: x is padded with zeros (quantized to 0: the sums are unchanged) and w with zero
+    bytes, as in _gemm."""
+    m, k, n = x.shape[0], x.shape[1], w.shape[0]
+    checks.channel_vector(w_scale, "w_scale", op, n, x.device, positive=True)
+    if bias is not None:
+        checks.channel_vector(bias, "bias", op, n, x.device, positive=False)
+    silu = epilogue == EPI_SILU_MUL_REQUANT
+    out = torch.empty(m, n // 4 if silu else n, dtype=torch.uint8 if silu else x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    checks.launch_sizes(op, M=m, N=n, K=padded_k(k))
+    kp = padded_k(k)
+    x = contiguous_aligned(F.pad(x, (0, kp - k)) if kp != k else x, GEMM_ALIGN)
+    w = contiguous_aligned(pad_packed_k(w.contiguous(), k), GEMM_ALIGN)
+    s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
+    with _on_device(x):
+        _launch(op, "pqk_quant_gemm_static", x.data_ptr(), DTYPE_CODES[x.dtype], s.data_ptr(), w.data_ptr(),
+                out.data_ptr(), w_s.data_ptr(), _ptr(b), out_scale, m, n, kp, epilogue, -1, _stream(x))
+    return out
+
+
 def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None, a_bits: int,
                  bias: torch.Tensor | None, cpu_isa: int = -1) -> torch.Tensor:
-    """pqk::quant_linear on CUDA (W4A4): quantize x to packed int4 (static scale: pqk_quantize_static; None:
-    pqk_quantize_per_token), then pqk_int4_gemm with the x.dtype epilogue. Two launches: the single-launch fusion
-    for static scales is pqk_rmsnorm_quantize feeding the GEMM (rmsnorm_quantize below)."""
+    """pqk::quant_linear on CUDA (W4A4). Static a_scale: one launch of pqk_quant_gemm_static (x quantized inside the
+    GEMM's A load, dequant to x.dtype). None (per token, the baseline): pqk_quantize_per_token, then pqk_int4_gemm."""
     op = "quant_linear"
     rows, cols = check_rows(op, x, a_bits, "a_bits")
     checks.tensor(w, "w", op, (torch.uint8, torch.int8), dim=2)
@@ -246,13 +273,28 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scal
     if x.dim() != 2:
         checks.fail(op, f"x must be 2-D [M, K] (the public op flattens), got shape {tuple(x.shape)}")
     checks.weight_k(w, cols, op)
-    if a_scale is None:
-        q, s = _quantize_per_token(op, x, 4)      # s: fp32 [M], one scale per row
-    else:
+    if a_scale is not None:
         s = checks.static_scale(a_scale, "a_scale", op, x.device)
-        q = _quantize_static(op, x, s, 4)
+        return _quant_gemm_static(op, x, w, s, w_scale, bias, GEMM_EPILOGUES[x.dtype])
+    q, s = _quantize_per_token(op, x, 4)      # s: fp32 [M], one scale per row
     g = check_gemm(op, q, w, s, w_scale, bias, x.dtype)
     return _gemm(op, g, q, w, s, w_scale, bias, x.dtype)
+
+
+def quant_linear_silu_mul_requant(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                                  bias: torch.Tensor | None, out_scale: float, cpu_isa: int = -1) -> torch.Tensor:
+    """pqk::quant_linear_silu_mul_requant on CUDA: one pqk_quant_gemm_static launch, epilogue 4 (w rows interleaved
+    gate/up, x quantized in the A load with the static a_scale)."""
+    op = "quant_linear_silu_mul_requant"
+    check_rows(op, x, 4)
+    if x.dim() != 2:
+        checks.fail(op, f"x must be 2-D [M, K] (the public op flattens), got shape {tuple(x.shape)}")
+    checks.tensor(w, "w", op, (torch.uint8,), dim=2)
+    checks.same_device(op, x.device, w=w)
+    checks.weight_k(w, x.shape[1], op)
+    checks.requant_n(w.shape[0], 4, op)
+    s = checks.static_scale(a_scale, "a_scale", op, x.device)
+    return _quant_gemm_static(op, x, w, s, w_scale, bias, EPI_SILU_MUL_REQUANT, checks.out_scale(out_scale, op))
 
 
 # ---- rmsnorm_quantize, hadamard_transform: also callable directly on CUDA tensors ----------------------------------
@@ -335,6 +377,7 @@ REGISTERED = {
     "pqk::quant_linear": quant_linear,
     "pqk::int4_matmul_requant": int4_matmul_requant,
     "pqk::int4_matmul_silu_mul_requant": int4_matmul_silu_mul_requant,
+    "pqk::quant_linear_silu_mul_requant": quant_linear_silu_mul_requant,
     "pqk::rmsnorm_quantize": _rmsnorm_quantize_op,
     "pqk::hadamard_transform": _hadamard_transform_op,
 }

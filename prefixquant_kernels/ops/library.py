@@ -46,6 +46,13 @@ LIB.define(
     "float out_scale, int cpu_isa=-1) -> Tensor"
 )
 
+# The gated MLP's gate|up GEMM on the float input: quantize_static(x, a_scale, 4) then int4_matmul_silu_mul_requant,
+# as one op (CUDA: one launch, the quantize in the GEMM's A load).
+LIB.define(
+    "quant_linear_silu_mul_requant(Tensor x, Tensor w, Tensor w_scale, Tensor a_scale, Tensor? bias, float out_scale, "
+    "int cpu_isa=-1) -> Tensor"
+)
+
 LIB.define("rmsnorm_quantize(Tensor x, Tensor weight, Tensor scale, int bits, float eps, bool return_normed) "
            "-> (Tensor, Tensor)")
 LIB.define("hadamard_transform(Tensor x, bool inverse) -> Tensor")
@@ -99,6 +106,11 @@ def _int4_matmul_requant_fake(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-
 @torch.library.register_fake("pqk::int4_matmul_silu_mul_requant")
 def _int4_matmul_silu_mul_requant_fake(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-1):
     return a.new_empty([a.shape[0], w.shape[0] // 4], dtype=torch.uint8)
+
+
+@torch.library.register_fake("pqk::quant_linear_silu_mul_requant")
+def _quant_linear_silu_mul_requant_fake(x, w, w_scale, a_scale, bias, out_scale, cpu_isa=-1):
+    return x.new_empty([x.shape[0], w.shape[0] // 4], dtype=torch.uint8)
 
 
 @torch.library.register_fake("pqk::quantize_static")

@@ -6,6 +6,9 @@ Validation -> backend choice -> reference or kernel.
 
     pqk::int4_matmul_requant / _silu_mul_requant   CPU: the C++ GEMM (fp32 out) + the C++ static quantize
                                                    CUDA: pqk_int4_gemm epilogue 3 / 4 (one launch, ops/cuda_ops.py)
+    pqk::quant_linear (static a_scale) / pqk::quant_linear_silu_mul_requant
+                                                   CUDA: pqk_quant_gemm_static (the quantize in the GEMM's A load:
+                                                   one launch); CPU: the C++ quantize + GEMM
 """
 from __future__ import annotations
 
@@ -153,6 +156,36 @@ def int4_matmul_silu_mul_requant(a_packed: torch.Tensor, w_gate_up: torch.Tensor
                     4)
 
 
+def quant_linear_silu_mul_requant(x: torch.Tensor, w_gate_up: torch.Tensor, w_scale: torch.Tensor, a_scale,
+                                  out_scale: float, bias: torch.Tensor | None = None, *,
+                                  backend: str = "auto") -> torch.Tensor:
+    """int4_matmul_silu_mul_requant on the float input: x quantized to int4 with the static a_scale inside the op
+    (CUDA: inside the GEMM's A load, one launch; no int4 copy of x in memory).
+
+    Args:
+        x: float32/bfloat16/float16 [..., K]; a_scale: the static per-tensor scale (number or 1-element tensor).
+        w_gate_up, w_scale, bias, out_scale: as int4_matmul_silu_mul_requant (W4: w uint8 [2I, K // 2], I even).
+    Returns uint8 [..., I // 2] packed int4, bit-exact with quantize_static + int4_matmul_silu_mul_requant (the
+    CUDA kernel's expf caveat of that op applies).
+    """
+    op = "quant_linear_silu_mul_requant"
+    checks.float_tensor(x, "x", op)
+    checks.nonempty_last_dim(x, "x", op)
+    dev = x.device
+    a_s = checks.static_scale(a_scale, "a_scale", op, dev)
+    checks.tensor(w_gate_up, "w_gate_up", op, (torch.uint8,), dim=2)
+    w, w_s, b = _weight(op, w_gate_up, w_scale, bias, x.shape[-1], dev)
+    checks.requant_n(w.shape[0], 4, op)
+    s_out = checks.out_scale(out_scale, op)
+    be = resolve(backend, dev, op)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if be.kind == "reference":
+        y = reference.quant_linear_silu_mul_requant(x2, w, w_s, a_s, b, s_out)
+    else:
+        y = torch.ops.pqk.quant_linear_silu_mul_requant(x2, w, w_s, a_s, b, s_out, be.cpu_isa)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _int4_matmul_requant_cpu(a, w, a_scale, w_scale, bias, out_scale, cpu_isa=-1):
     # The C++ GEMM's fp32 output is bit-exact with the reference's, and so is its static quantize.
     y = torch.ops.pqk.int4_matmul(a, w, a_scale, w_scale, bias, torch.float32, cpu_isa)
@@ -165,5 +198,11 @@ def _int4_matmul_silu_mul_requant_cpu(a, w, a_scale, w_scale, bias, out_scale, c
     return torch.ops.pqk.quantize_static(h, torch.tensor(out_scale, dtype=torch.float32), 4, cpu_isa)
 
 
+def _quant_linear_silu_mul_requant_cpu(x, w, w_scale, a_scale, bias, out_scale, cpu_isa=-1):
+    a = torch.ops.pqk.quantize_static(x, a_scale, 4, cpu_isa)
+    return _int4_matmul_silu_mul_requant_cpu(a, w, a_scale, w_scale, bias, out_scale, cpu_isa)
+
+
 torch.library.register_kernel("pqk::int4_matmul_requant", "cpu", _int4_matmul_requant_cpu)
+torch.library.register_kernel("pqk::quant_linear_silu_mul_requant", "cpu", _quant_linear_silu_mul_requant_cpu)
 torch.library.register_kernel("pqk::int4_matmul_silu_mul_requant", "cpu", _int4_matmul_silu_mul_requant_cpu)

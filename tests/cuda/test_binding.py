@@ -81,6 +81,14 @@ P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every 
     (lambda L: L.pqk_int4_gemm(P, P, P + 8, P, 0, P, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: out align
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P + 4, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: w_scale
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, P + 4, 1.0, 4, 8, 64, 1, 12, None), -7),    # CUTLASS: bias align
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 48, 0, -1, None), -2),   # K % 32
+    (lambda L: L.pqk_quant_gemm_static(P + 2, 0, P, P, P, P, None, 1.0, 4, 8, 64, 0, -1, None), -3),  # x align
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 64, 1, -1, None), -5),   # out != x dtype
+    (lambda L: L.pqk_quant_gemm_static(P, 3, P, P, P, P, None, 1.0, 4, 8, 64, 3, -1, None), -5),   # x_dtype code
+    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 1.0, 4, 8, 64, 1, 11, None), -7),   # CUTLASS tile
+    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 1.0, 4, 10, 64, 4, -1, None), -4),  # silu: N % 4
+    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 0.0, 4, 8, 64, 4, -1, None), -5),   # out_scale 0
+    (lambda L: L.pqk_quant_gemm_static(P, 2, None, P, P, P, None, 1.0, 4, 8, 64, 2, -1, None), -5),  # no x_scale
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 0, 64, None), -1),                       # rows 0
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 3, 63, None), -1),                       # odd cols for int4
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 3, 3, 64, None), -5),                       # bits 3
@@ -171,6 +179,30 @@ class EmulatedLib:
             return 0
         dt = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32}[epi]
         view(out, (m, n), dt).copy_(reference.int4_matmul(*args, dt))
+        return 0
+
+    def pqk_quant_gemm_static(self, x, code, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epi, config, stream):
+        self.calls.append(("pqk_quant_gemm_static", m, n, k, code, epi))
+        if m <= 0 or n <= 0 or k <= 0:
+            return -1
+        if k % 32:
+            return -2
+        if x % 16 or w % 16:
+            return -3
+        if code not in _CODE_DTYPE or epi not in (code, 4) or not out or not x_scale or not w_scale:
+            return -5
+        if epi == 4 and n % 4:
+            return -4
+        xv = view(x, (m, k), _CODE_DTYPE[code])
+        args = (view(w, (n, k // 2), torch.uint8), view(w_scale, (n,), torch.float32))
+        s = view(x_scale, (1,), torch.float32).reshape(())
+        b = view(bias, (n,), torch.float32) if bias else None
+        if epi == 4:
+            self.calls[-1] += (out_scale,)
+            view(out, (m, n // 4), torch.uint8).copy_(
+                reference.quant_linear_silu_mul_requant(xv, args[0], args[1], s, b, out_scale))
+        else:
+            view(out, (m, n), xv.dtype).copy_(reference.quant_linear(xv, args[0], args[1], s, 4, b))
         return 0
 
     def _rows(self, x, code, bits, rows, cols):
@@ -309,9 +341,32 @@ def test_quant_linear_plumbing(emu, gen, m, n, k, dtype, static):
     w = fmt.pack_int4(rand_int((n, k), 4, gen))
     w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
     a_s = torch.tensor(0.21) if static else None
+    saved = x.clone()
     got = cuda.quant_linear(x, w, w_s, a_s, 4, b)
-    assert torch.equal(got, reference.quant_linear(x, w, w_s, a_s, 4, b))
-    assert [c[0] for c in emu.calls] == ["pqk_quantize_static" if static else "pqk_quantize_per_token", "pqk_int4_gemm"]
+    assert torch.equal(got, reference.quant_linear(x, w, w_s, a_s, 4, b)) and torch.equal(x, saved)
+    # static: ONE launch, the quantize inside the GEMM's A load; per token: the max-reduction first, then the GEMM
+    assert [c[0] for c in emu.calls] == (["pqk_quant_gemm_static"] if static else
+                                         ["pqk_quantize_per_token", "pqk_int4_gemm"])
+    if static:
+        assert emu.calls[0] == ("pqk_quant_gemm_static", m, n, cuda.padded_k(k), cuda.DTYPE_CODES[dtype],
+                                cuda.GEMM_EPILOGUES[dtype])
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (3, 132, 96), (17, 8, 160), (7, 36, 62)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quant_linear_silu_mul_requant_plumbing(emu, gen, m, n, k, dtype):
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    x[0, 0] = float("inf")  # clamps to 7
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    a_s, w_s, b = torch.tensor(0.3), torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    got = cuda.quant_linear_silu_mul_requant(x, w, w_s, a_s, b, 0.37)
+    want = reference.int4_matmul_silu_mul_requant(reference.quantize_static(x, a_s, 4), w, a_s, w_s, b, 0.37)
+    assert got.shape == (m, n // 4) and torch.equal(got, want)
+    assert emu.calls == [("pqk_quant_gemm_static", m, n, cuda.padded_k(k), cuda.DTYPE_CODES[dtype], 4, 0.37)]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cuda.quant_linear_silu_mul_requant(x, w[:n - 2], w_s[:n - 2], a_s, None, 0.37)
+    with pytest.raises(ValueError, match="a_scale must be finite"):
+        cuda.quant_linear_silu_mul_requant(x, w, w_s, torch.tensor(float("nan")), None, 0.37)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,4 +1,5 @@
-"""int4_matmul_requant and int4_matmul_silu_mul_requant (packed int4 out with the next layer's static scale): every
+"""int4_matmul_requant, int4_matmul_silu_mul_requant and quant_linear_silu_mul_requant (its float-input form: the
+static quantize inside the op) (packed int4 out with the next layer's static scale): every
 backend bit-exact with the reference, the reference against an independent float64 computation, the gate/up
 interleave, bad input, opcheck and torch.compile. (The CUDA epilogues: tests/cuda.)"""
 from __future__ import annotations
@@ -55,6 +56,50 @@ def test_backends_bit_exact(gen, backend, lead, n, k, per_token, bias, bits):
     assert torch.equal(h.reshape(m, n // 4), reference.int4_matmul_silu_mul_requant(a2, w, a_s.reshape(-1), w_s, b, h_s))
     for t, t0 in zip((a, w, a_s, w_s) + ((b,) if b is not None else ()), saved):
         assert torch.equal(t, t0)  # nothing the caller gave is modified
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quant_linear_silu_mul_requant_is_quantize_then_silu_mul_requant(gen, backend, lead, n, k, dtype):
+    """The float-input op equals quantize_static + int4_matmul_silu_mul_requant bit for bit (every backend), on x
+    spanning the int4 range and past it, with NaN / +-Inf among the values; x is not modified."""
+    _, w, _, w_s, b, m = _problem(gen, lead, n, k)
+    x = (torch.randn((*lead, k), generator=gen) * 0.4).to(dtype)
+    if x.numel() > 3:
+        x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+    a_s = torch.tensor(0.05)
+    a = reference.quantize_static(x.reshape(m, k), a_s, 4)
+    y = reference.int4_matmul(a, w, a_s, w_s, b, torch.float32)
+    h_s = _scale_for(reference.silu_mul(y[:, 0::2], y[:, 1::2]).nan_to_num(0, 0, 0))
+    saved = x.clone()
+    poison_heap(m * n)
+    h = pqk.quant_linear_silu_mul_requant(x, w, w_s, a_s, h_s, b, backend=backend)
+    assert h.dtype == torch.uint8 and h.shape == (*lead, n // 4)
+    assert torch.equal(h.reshape(m, n // 4), reference.int4_matmul_silu_mul_requant(a, w, a_s, w_s, b, h_s))
+    assert torch.equal(x.nan_to_num(0), saved.nan_to_num(0)) and torch.equal(x.isnan(), saved.isnan())
+
+
+def test_quant_linear_silu_mul_requant_bad_input(gen):
+    _, w, _, w_s, b, _ = _problem(gen, (3,), 8, 64)
+    x = torch.randn(3, 64, generator=gen)
+    op = pqk.quant_linear_silu_mul_requant
+    for bad, exc, msg in [(None, TypeError, "a_scale"), (0.0, ValueError, "a_scale"),
+                          (float("nan"), ValueError, "a_scale"), (torch.tensor([0.1, 0.2]), ValueError, "a_scale")]:
+        with pytest.raises(exc, match=msg):
+            op(x, w, w_s, bad, 0.1, b)
+    with pytest.raises(ValueError, match="out_scale"):
+        op(x, w, w_s, 0.05, 0.0, b)
+    with pytest.raises(TypeError, match="x must"):
+        op(x.to(torch.uint8), w, w_s, 0.05, 0.1)
+    with pytest.raises(TypeError, match="w_gate_up"):
+        op(x, w.to(torch.int8), w_s, 0.05, 0.1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        op(x, w[:6], w_s[:6], 0.05, 0.1)
+    with pytest.raises(ValueError, match="in_features"):
+        op(x, w[:, :-16], w_s, 0.05, 0.1)
+    with pytest.raises(ValueError, match="w_scale"):
+        op(x, w, w_s[:4], 0.05, 0.1)
 
 
 def test_reference_against_float64(gen):
@@ -128,6 +173,8 @@ def test_opcheck_and_compile(gen):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm
 
+    x = torch.randn(5, 128, generator=gen)
+    torch.library.opcheck(torch.ops.pqk.quant_linear_silu_mul_requant.default, (x, w, w_s, torch.tensor(0.05), b, 0.2))
     fn = lambda x: pqk.int4_matmul_silu_mul_requant(x, w, 0.05, w_s, 0.2, b)  # noqa: E731
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     assert torch.equal(compiled(a), fn(a))
