@@ -106,10 +106,8 @@ def _ops_rows(rows):
             add(f"int4_matmul {str(dt)[6:]}", shape, _err(got, ops.int4_matmul(a, w, a_s, w_s, b, dt,
                                                                                 backend="reference")))
         y = reference.int4_matmul(a, w, a_s, w_s, b, torch.float32)
-        for op_name, v in (("int4_matmul_requant", y), ("int4_matmul_silu_mul_requant",
-                                                         reference.silu_mul(y[:, 0::2], y[:, 1::2]))):
-            if n % 4:
-                continue
+        for op_name in ("int4_matmul_requant", "int4_matmul_silu_mul_requant") if n % 4 == 0 else ():
+            v = reference.silu_mul(y[:, 0::2], y[:, 1::2]) if "silu" in op_name else y  # (n odd: no pairs)
             s = float(v.abs().max()) / 9
             got = getattr(ops, op_name)(a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), s, b.cuda(), backend="cuda")
             want = getattr(ops, op_name)(a, w, a_s, w_s, s, b, backend="reference")
@@ -119,7 +117,18 @@ def _ops_rows(rows):
         for a_scale in (0.05, None):
             got = ops.quant_linear(xh.cuda(), w.cuda(), w_s.cuda(), a_scale, 4, b.cuda(), backend="cuda")
             want = ops.quant_linear(xh, w, w_s, a_scale, 4, b, backend="reference")
-            add(f"quant_linear W4A4 {'static' if a_scale else 'per-token'}", shape, _err(got, want))
+            add(f"quant_linear W4A4 {'static (fused)' if a_scale else 'per-token'}", shape, _err(got, want))
+        for dt in (torch.bfloat16, torch.float32):  # the fused kernel's other x dtypes
+            xd = x.to(dt)
+            got = ops.quant_linear(xd.cuda(), w.cuda(), w_s.cuda(), 0.05, 4, b.cuda(), backend="cuda")
+            add(f"quant_linear W4A4 static (fused) {str(dt)[6:]}", shape,
+                _err(got, ops.quant_linear(xd, w, w_s, 0.05, 4, b, backend="reference")))
+        if n % 4 == 0:
+            hs = float(reference.silu_mul(y[:, 0::2], y[:, 1::2]).abs().max()) / 9
+            got = ops.quant_linear_silu_mul_requant(xh.cuda(), w.cuda(), w_s.cuda(), 0.05, hs, b.cuda(), backend="cuda")
+            want = ops.quant_linear_silu_mul_requant(xh, w, w_s, 0.05, hs, b, backend="reference")
+            add("quant_linear_silu_mul_requant (fused)", shape, _err(fmt.unpack_int4(got.cpu()), fmt.unpack_int4(want)),
+                1)
     for rows_, cols in [(7, 4096), (33, 1000)]:
         x = (torch.randn(rows_, cols, generator=g) * 4).half()
         wt = (torch.rand(cols, generator=g) + 0.5).half()
@@ -171,6 +180,14 @@ def _tops_rows(rows, lib):
             cells.append(f"CUTLASS {tops(t_cut):.1f}")
         rows.append((f"TOPS (measured, {name})", f"{m}x{n}x{k}",
                      " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)", "-"))
+        # the static linear from fp16 x: fused (quantize in the A load, one launch) vs quantize + int4_matmul (auto)
+        s0 = a_s[0]
+        t_fused = _time(lambda: ops.quant_linear(x16, w, w_s, s0, 4, None, backend="cuda"))
+        t_two = _time(lambda: ops.int4_matmul(ops.quantize_static(x16, s0, 4, backend="cuda"), w, s0, w_s, None,
+                                              torch.float16, backend="cuda"))
+        rows.append((f"static linear us (measured, {name})", f"{m}x{n}x{k}",
+                     f"fused {t_fused * 1e6:.1f} / quantize + int4_matmul {t_two * 1e6:.1f} ({t_two / t_fused:.2f}x)",
+                     "-"))
 
 
 def _gpu(rows, lib_path):

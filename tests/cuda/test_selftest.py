@@ -17,3 +17,27 @@ def test_selftest_without_gpu(cuda_lib, capsys, monkeypatch):
         assert any(line.startswith(name) and line.rstrip().endswith("pass") for line in out.splitlines()), out
     assert "skipped (no CUDA GPU here)" in out
     assert "TOPS" not in out  # never a GPU speed without a GPU
+
+
+def test_gpu_ops_table_runs_off_the_gpu(monkeypatch):
+    """The GPU part's op table (selftest._ops_rows) executed here: `.cuda()` is the identity, backend="cuda" resolves
+    on CPU tensors, and every pqk:: op goes to its CUDA implementation over the emulated library (test_fused_path's
+    dispatch mode), so a GPU owner's first run does not die in the table's own Python (it once did: silu-mul pairs of
+    an odd N). Every row must pass: the emulator computes with the reference."""
+    from prefixquant_kernels.ops import backend as backend_mod
+
+    from .test_binding import EmulatedLib, _binding_on_cpu
+    from .test_fused_path import CudaShaped
+
+    resolve = backend_mod.resolve
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    for mod in ("linear", "quantize", "transform"):
+        monkeypatch.setattr(f"prefixquant_kernels.ops.{mod}.resolve",
+                            lambda b, d, op, u=None: resolve("cpu" if b == "cuda" else b, d, op, u))
+    rows = []
+    emu = EmulatedLib()
+    with _binding_on_cpu(emu), CudaShaped():
+        selftest._ops_rows(rows)
+    assert rows and all(r[3] == "pass" for r in rows), [r for r in rows if r[3] != "pass"]
+    launched = {c[0] for c in emu.calls}
+    assert {"pqk_quant_gemm_static", "pqk_int4_gemm", "pqk_quantize_static", "pqk_hadamard"} <= launched, launched
