@@ -174,6 +174,20 @@ def test_quant_linear_matches_reference(gen, m, n, k, dtype, static):
 
 
 @needs_binding
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (3, 132, 96), (118, 76, 62), (300, 264, 1024)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_silu_mul_linear_matches_reference(gen, m, n, k, dtype):
+    """quant_linear_silu_mul_requant: x quantized in the GEMM's A load (pqk_quant_gemm_static epilogue 4)."""
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen) * 0.1
+    want = pqk.quant_linear_silu_mul_requant(x, w, w_s, 0.21, 0.05, b, backend="reference")
+    got = pqk.quant_linear_silu_mul_requant(x.cuda(), w.cuda(), w_s.cuda(), 0.21, 0.05, b.cuda(), backend="cuda")
+    d = (fmt.unpack_int4(got.cpu()).int() - fmt.unpack_int4(want).int()).abs()  # device expf: one step at a boundary
+    assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3
+
+
+@needs_binding
 def test_w8_and_a8_have_no_cuda_kernel():
     x, w8 = torch.randn(3, 64, device="cuda"), torch.zeros(4, 64, dtype=torch.int8, device="cuda")
     with pytest.raises(NotImplementedError, match=r"backend='cuda' has no CUDA kernel for W8A4"):
