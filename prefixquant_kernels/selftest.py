@@ -34,13 +34,18 @@ def load_library(path: str) -> ctypes.CDLL:
     return cuda_library.open_library(path)
 
 
-def gemm(lib, a, w, a_scale, w_scale, bias, out, epilogue=0, config=-1, out_scale=1.0):
-    """Calls pqk_int4_gemm on CUDA tensors (current stream); raises RuntimeError naming the op on a bad status."""
+def gemm(lib, a, w, a_scale, w_scale, bias, out, epilogue=0, config=-1, out_scale=1.0, split_k=1):
+    """Calls pqk_int4_gemm on CUDA tensors (current stream); raises RuntimeError naming the op on a bad status.
+    split_k > 1: a zeroed workspace is allocated here (decode tile only)."""
     import torch
 
+    m, n = a.shape[0], w.shape[0]
+    ws = (torch.zeros(lib.pqk_gemm_split_k_workspace(m, n), dtype=torch.int32, device=a.device) if split_k > 1
+          else None)
     st = lib.pqk_int4_gemm(a.data_ptr(), w.data_ptr(), out.data_ptr(), a_scale.data_ptr(), int(a_scale.numel() > 1),
-                           w_scale.data_ptr(), None if bias is None else bias.data_ptr(), out_scale, a.shape[0],
-                           w.shape[0], a.shape[1] * 2, epilogue, config, torch.cuda.current_stream().cuda_stream)
+                           w_scale.data_ptr(), None if bias is None else bias.data_ptr(), out_scale, m, n,
+                           a.shape[1] * 2, epilogue, config, split_k, None if ws is None else ws.data_ptr(),
+                           torch.cuda.current_stream().cuda_stream)
     if st != 0:
         raise RuntimeError(f"pqk_int4_gemm: {lib.pqk_cuda_error_string(st).decode()} (status {st})")
     return out
@@ -144,6 +149,21 @@ def _ops_rows(rows):
             1e-4)
 
 
+def _sms() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _dram_peak() -> float | None:
+    """Bytes/s of the GPU's memory: 2 (double data rate) x clock x bus width, where torch reports them."""
+    import torch
+
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(p, "memory_clock_rate", 0), getattr(p, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
 def _has_cutlass() -> bool:
     """The CUTLASS GEMM is built for sm_80/86/89 (cuda_build.FILE_ARCHS) and runs on every 8.x device."""
     import torch
@@ -162,7 +182,8 @@ def _tops_rows(rows, lib):
 
     name = torch.cuda.get_device_name()
     has_cutlass = _has_cutlass()
-    for m, n, k in [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (2048, 4096, 4096), (4096, 11008, 4096)]:
+    for m, n, k in [(1, 1024, 4096), (1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096), (256, 4096, 4096),
+                    (2048, 4096, 4096), (4096, 11008, 4096)]:
         a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device="cuda")
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
         a_s, w_s = torch.tensor([0.05], device="cuda"), torch.rand(n, device="cuda") + 0.01
@@ -180,6 +201,13 @@ def _tops_rows(rows, lib):
             cells.append(f"CUTLASS {tops(t_cut):.1f}")
         rows.append((f"TOPS (measured, {name})", f"{m}x{n}x{k}",
                      " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)", "-"))
+        if m <= 16:  # decode is a read of W: achieved DRAM bandwidth of auto (split-K where N is narrow)
+            moved = n * k // 2 + m * k // 2 + 2 * m * n + 4 * n
+            peak = _dram_peak()
+            rows.append((f"decode DRAM GB/s (measured, {name})", f"{m}x{n}x{k}",
+                         f"{moved / t_auto / 1e9:.0f}" + (f" = {100 * moved / t_auto / peak:.0f} % of {peak / 1e9:.0f}"
+                                                          if peak else "") +
+                         f" (split_k {lib.pqk_gemm_split_k(m, n, k, _sms())})", "-"))
         # the static linear from fp16 x: fused (quantize in the A load, one launch) vs quantize + int4_matmul (auto)
         s0 = a_s[0]
         t_fused = _time(lambda: ops.quant_linear(x16, w, w_s, s0, 4, None, backend="cuda"))
@@ -215,6 +243,12 @@ def _gpu(rows, lib_path):
             gemm(lib, a, w, a_s, w_s, None, out16, epilogue=0, config=config)
             err = _err(out16, ref.half())
             rows.append((f"pqk_int4_gemm (ctypes) fp16 config {config}", f"{m}x{n}x{k}", f"{err:.3g}",
+                         "pass" if err == 0 else "FAIL"))
+        for splits in ((3, 16) if m <= 16 and k >= 16 * 64 else ()):  # split-K on the decode tile: the same bits
+            out16 = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+            gemm(lib, a, w, a_s, w_s, None, out16, epilogue=0, config=0, split_k=splits)
+            err = _err(out16, ref.half())
+            rows.append((f"pqk_int4_gemm (ctypes) fp16 split_k {splits}", f"{m}x{n}x{k}", f"{err:.3g}",
                          "pass" if err == 0 else "FAIL"))
     if not pqk_cuda.cuda_available():
         rows.append(("torch binding (backend='cuda')", "-", "-", f"FAIL ({pqk_cuda.unavailable_reason()})"))

@@ -185,6 +185,62 @@ PQK_HD void for_each_acc_pair(int row0, int col0, int lane, Fn&& fn) {
       for (int h = 0; h < 2; ++h) fn(i, j, h, row0 + i * 16 + c_frag_row(lane, 2 * h), col0 + j * 8 + c_frag_col(lane, 2 * h));
 }
 
+// ---- split-K (decode: too few blocks along N to fill the GPU) -------------------------------------------------
+// At M <= 16 the grid is ceil(N / BN) blocks: 32 for a Llama-3-8B k/v projection (N = 1024) on a 108-SM A100. With
+// gridDim.z = splits > 1, block z computes the K tiles [split_k_begin(z), split_k_begin(z + 1)) and adds its int32
+// partial sums into a workspace with atomics; integer addition is associative, so the sums, and everything the
+// epilogue computes from them, are bit-identical in any arrival order. The last block of an output tile to arrive
+// (a per-tile counter) reads the sums back and runs the epilogue; the others write nothing else.
+constexpr int kMinSplitTiles = 4;   // at least 4 K tiles (256 of K) per split: the pipeline needs a few stages
+constexpr int kMaxSplits = 16;
+
+// First K tile of split z: an even share, the first k_tiles % splits splits one tile more.
+PQK_HD int split_k_begin(int k_tiles, int splits, int z) {
+  const int q = k_tiles / splits, r = k_tiles % splits;
+  return z * q + (z < r ? z : r);
+}
+
+// The auto policy (pqk_gemm_split_k): the decode tile only (M <= 16), enough blocks for two per SM.
+template <class Cfg>
+PQK_HD int auto_split_k(int m, int n, int k, int sms) {
+  if (m > 16 || sms <= 0) return 1;
+  const int blocks = (n + Cfg::BN - 1) / Cfg::BN, k_tiles = (k + kBK - 1) / kBK;
+  if (blocks >= 2 * sms) return 1;
+  int splits = (2 * sms + blocks - 1) / blocks;
+  const int most = k_tiles / kMinSplitTiles;
+  if (splits > most) splits = most;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  return splits < 1 ? 1 : splits;
+}
+
+// The workspace a split launch needs: int32 sums [M, N] then one uint32 counter per output tile; all zero at
+// launch (the caller allocates it zeroed).
+template <class Cfg>
+PQK_HD long split_k_workspace_words(int m, int n) {
+  return (long)m * n + (long)((m + Cfg::BM - 1) / Cfg::BM) * ((n + Cfg::BN - 1) / Cfg::BN);
+}
+
+// Publish (every split) and collect (the last one): the lane's accumulators in the sums [M, N] at ws. add(ptr, v)
+// is atomicAdd on the device; load(ptr) an L2 read (__ldcg) after the counter said every split has added.
+template <class Cfg, class Add>
+PQK_HD void split_k_publish(const int32_t (&acc)[Cfg::MT][Cfg::NT][4], int32_t* ws, int row0, int col0, int lane,
+                            int prob_m, int prob_n, Add&& add) {
+  for_each_acc_pair<Cfg>(row0, col0, lane, [&](int i, int j, int h, int row, int col) {
+    if (row >= prob_m) return;
+    if (col < prob_n) add(ws + (long)row * prob_n + col, acc[i][j][2 * h]);
+    if (col + 1 < prob_n) add(ws + (long)row * prob_n + col + 1, acc[i][j][2 * h + 1]);
+  });
+}
+template <class Cfg, class Load>
+PQK_HD void split_k_collect(int32_t (&acc)[Cfg::MT][Cfg::NT][4], const int32_t* ws, int row0, int col0, int lane,
+                            int prob_m, int prob_n, Load&& load) {
+  for_each_acc_pair<Cfg>(row0, col0, lane, [&](int i, int j, int h, int row, int col) {
+    const bool in_row = row < prob_m;
+    acc[i][j][2 * h] = in_row && col < prob_n ? load(ws + (long)row * prob_n + col) : 0;
+    acc[i][j][2 * h + 1] = in_row && col + 1 < prob_n ? load(ws + (long)row * prob_n + col + 1) : 0;
+  });
+}
+
 // ---- sm_90: no INT4 MMA. Unpack one s4 register (8 nibbles) into two s8 registers for mma.m16n8k32.s8 --------
 // A k32 s8 fragment gives thread t the K elements t*4..t*4+3 in reg 0 (A: a0/a1, B: b0) and 16+t*4.. in reg 2 (A)
 // / reg 1 (B). A k64 s4 register of thread t holds K = t*8..t*8+7. Feeding its even nibbles as the "t*4" register

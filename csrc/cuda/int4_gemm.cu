@@ -165,6 +165,26 @@ __device__ __forceinline__ void epilogue(const int32_t (&acc)[Cfg::MT][Cfg::NT][
   });
 }
 
+// Step 3' (split-K, gridDim.z > 1): add this block's int32 partial sums into the workspace; the tile's last block
+// to arrive (counter) loads the full sums into acc and returns true (it runs the epilogue), the others false.
+// Integer sums: bit-identical in any order. __threadfence before the counter makes this block's adds visible to
+// the block that sees the final count; the last block's fence orders its loads after that observation.
+template <class Cfg>
+__device__ __forceinline__ bool split_k_reduce(int32_t (&acc)[Cfg::MT][Cfg::NT][4], int32_t* ws, int row0, int col0,
+                                               int lane, int prob_m, int prob_n) {
+  __shared__ int last;
+  split_k_publish<Cfg>(acc, ws, row0, col0, lane, prob_m, prob_n, [](int32_t* p, int32_t v) { atomicAdd(p, v); });
+  __threadfence();
+  __syncthreads();
+  unsigned* counter = reinterpret_cast<unsigned*>(ws + (long)prob_m * prob_n) + blockIdx.y * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.z - 1;
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+  split_k_collect<Cfg>(acc, ws, row0, col0, lane, prob_m, prob_n, [](const int32_t* p) { return __ldcg(p); });
+  return true;
+}
+
 // XT = uint8_t: A is packed int4 (pqk_int4_gemm). XT = __half / __nv_bfloat16 / float: A is the float activation x,
 // quantized in the load with the static scale ep.a_scale[0] (pqk_quant_gemm_static; steps 1' above).
 template <class Cfg, int EPI, class XT>
@@ -174,11 +194,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
     void* __restrict__ out,         // EPI 0/1/2: fp16/bf16/fp32 [prob_m, prob_n]; 3: uint8 [prob_m, prob_n / 2];
                                     //   4: uint8 [prob_m, prob_n / 4]
     EpilogueParams ep,              // scales (fp32 device pointers), bias, requant scale
-    int prob_m, int prob_n, int prob_k) {  // prob_k % 32 == 0
+    int prob_m, int prob_n, int prob_k,  // prob_k % 32 == 0
+    int32_t* __restrict__ split_ws) {    // gridDim.z > 1 (split-K): int32 [M, N] sums + uint32 per-tile counters,
+                                         //   all zero at launch (gemm_math.cuh: split_k_workspace_words); else null
   constexpr bool kFloatA = !std::is_same<XT, uint8_t>::value;
   __shared__ __align__(16) uint8_t smem[Cfg::STAGES * Cfg::kStageBytes];
   const int k_bytes = prob_k / 2;
-  const int k_tiles = (prob_k + kBK - 1) / kBK;  // the last one may be half zero-filled (K % 64 == 32)
+  // This block's K tiles [kt0, kt0 + k_tiles) (all of K unless split): the last one of K may be half zero-filled
+  // (K % 64 == 32). Tile indices below are relative to kt0.
+  // Only the decode tile splits (compile time: the split code in the 256-thread prefill tile made it spill).
+  constexpr bool kSplit = std::is_same<Cfg, DecodeConfig>::value;
+  const int splits = kSplit ? (int)gridDim.z : 1, z = kSplit ? (int)blockIdx.z : 0;
+  const int k_tiles_all = (prob_k + kBK - 1) / kBK;
+  const int kt0 = split_k_begin(k_tiles_all, splits, z);
+  const int k_tiles = split_k_begin(k_tiles_all, splits, z + 1) - kt0;
   const int m0 = blockIdx.y * Cfg::BM, n0 = blockIdx.x * Cfg::BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wr0 = warp_row0<Cfg>(warp), wc0 = warp_col0<Cfg>(warp);
@@ -192,8 +221,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
-  // Issues tile t's copies into stage st (float A: W by cp.async, A into the registers xr).
+  // Issues (relative) tile t's copies into stage st (float A: W by cp.async, A into the registers xr).
   auto load = [&](int t, uint8_t* st, AChunkRegs<XT>& xr) {
+    t += kt0;
     if constexpr (kFloatA) {
       load_stage_plan<Cfg, false>(threadIdx.x, m0, n0, t, prob_m, prob_n, k_bytes,
                                   [&](bool, int sh_off, long gl_off, bool ok) { cp_async16(st + sh_off, w + gl_off, ok); });
@@ -228,26 +258,28 @@ __global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
+  if constexpr (kSplit)
+    if (splits > 1 && !split_k_reduce<Cfg>(acc, split_ws, m0 + wr0, n0 + wc0, lane, prob_m, prob_n)) return;
   epilogue<Cfg, EPI>(acc, out, ep, m0 + wr0, n0 + wc0, lane, prob_m, prob_n);
 }
 
 template <class Cfg, int EPI, class XT = uint8_t>
-int launch(const XT* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k,
-           cudaStream_t stream) {
-  dim3 grid((n + Cfg::BN - 1) / Cfg::BN, (m + Cfg::BM - 1) / Cfg::BM);
-  int4_gemm_kernel<Cfg, EPI, XT><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k);
+int launch(const XT* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k, int splits,
+           int32_t* split_ws, cudaStream_t stream) {
+  dim3 grid((n + Cfg::BN - 1) / Cfg::BN, (m + Cfg::BM - 1) / Cfg::BM, splits);
+  int4_gemm_kernel<Cfg, EPI, XT><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k, split_ws);
   return launch_status();
 }
 
 template <class Cfg>
 int dispatch_epilogue(int epi, const uint8_t* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n,
-                      int k, cudaStream_t s) {
+                      int k, int sp, int32_t* ws, cudaStream_t s) {
   switch (epi) {
-    case kEpiF16: return launch<Cfg, kEpiF16>(a, w, out, ep, m, n, k, s);
-    case kEpiBF16: return launch<Cfg, kEpiBF16>(a, w, out, ep, m, n, k, s);
-    case kEpiF32: return launch<Cfg, kEpiF32>(a, w, out, ep, m, n, k, s);
-    case kEpiRequant: return launch<Cfg, kEpiRequant>(a, w, out, ep, m, n, k, s);
-    case kEpiSiluMulRequant: return launch<Cfg, kEpiSiluMulRequant>(a, w, out, ep, m, n, k, s);
+    case kEpiF16: return launch<Cfg, kEpiF16>(a, w, out, ep, m, n, k, sp, ws, s);
+    case kEpiBF16: return launch<Cfg, kEpiBF16>(a, w, out, ep, m, n, k, sp, ws, s);
+    case kEpiF32: return launch<Cfg, kEpiF32>(a, w, out, ep, m, n, k, sp, ws, s);
+    case kEpiRequant: return launch<Cfg, kEpiRequant>(a, w, out, ep, m, n, k, sp, ws, s);
+    case kEpiSiluMulRequant: return launch<Cfg, kEpiSiluMulRequant>(a, w, out, ep, m, n, k, sp, ws, s);
     default: return PQK_ERR_ARG;
   }
 }
@@ -255,21 +287,21 @@ int dispatch_epilogue(int epi, const uint8_t* a, const uint8_t* w, void* out, co
 // pqk_quant_gemm_static: x of type XT, dequant to XT's own dtype (the linear's output) or the silu-mul requant.
 template <class Cfg, class XT>
 int dispatch_float_a(int epi, const void* x, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n,
-                     int k, cudaStream_t s) {
+                     int k, int sp, int32_t* ws, cudaStream_t s) {
   constexpr int kSame = std::is_same<XT, __half>::value ? kEpiF16 : std::is_same<XT, float>::value ? kEpiF32 : kEpiBF16;
   const XT* a = static_cast<const XT*>(x);
-  if (epi == kSame) return launch<Cfg, kSame, XT>(a, w, out, ep, m, n, k, s);
-  if (epi == kEpiSiluMulRequant) return launch<Cfg, kEpiSiluMulRequant, XT>(a, w, out, ep, m, n, k, s);
+  if (epi == kSame) return launch<Cfg, kSame, XT>(a, w, out, ep, m, n, k, sp, ws, s);
+  if (epi == kEpiSiluMulRequant) return launch<Cfg, kEpiSiluMulRequant, XT>(a, w, out, ep, m, n, k, sp, ws, s);
   return PQK_ERR_ARG;
 }
 
 template <class Cfg>
 int dispatch_x_dtype(int x_dtype, int epi, const void* x, const uint8_t* w, void* out, const EpilogueParams& ep,
-                     int m, int n, int k, cudaStream_t s) {
+                     int m, int n, int k, int sp, int32_t* ws, cudaStream_t s) {
   switch (x_dtype) {
-    case kF16: return dispatch_float_a<Cfg, __half>(epi, x, w, out, ep, m, n, k, s);
-    case kBF16: return dispatch_float_a<Cfg, __nv_bfloat16>(epi, x, w, out, ep, m, n, k, s);
-    case kF32: return dispatch_float_a<Cfg, float>(epi, x, w, out, ep, m, n, k, s);
+    case kF16: return dispatch_float_a<Cfg, __half>(epi, x, w, out, ep, m, n, k, sp, ws, s);
+    case kBF16: return dispatch_float_a<Cfg, __nv_bfloat16>(epi, x, w, out, ep, m, n, k, sp, ws, s);
+    case kF32: return dispatch_float_a<Cfg, float>(epi, x, w, out, ep, m, n, k, sp, ws, s);
     default: return PQK_ERR_ARG;
   }
 }
@@ -297,9 +329,27 @@ bool cutlass_arch(int sm) { return sm >= 80 && sm < 90; }
 }  // namespace cuda
 }  // namespace pqk
 
+namespace pqk {
+namespace cuda {
+namespace {
+// The split-K arguments, checked: 1 = no split; > 1 only on the own decode tile (config 0 or auto at M <= 16),
+// with a 4-byte aligned workspace, and at most one split per K tile. Sets config to 0 for a split. 0 if fine.
+int check_split(int split_k, const int32_t* ws, int m, int k, int& config) {
+  if (split_k < 1 || split_k > (k + kBK - 1) / kBK) return PQK_ERR_ARG;
+  if (split_k == 1) return PQK_OK;
+  if (ws == nullptr || !aligned(ws, 4)) return PQK_ERR_ARG;
+  if (!(config == 0 || (config == -1 && m <= 16))) return PQK_ERR_UNSUPPORTED;
+  config = 0;
+  return PQK_OK;
+}
+}  // namespace
+}  // namespace cuda
+}  // namespace pqk
+
 extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_scale,
                              int a_scale_per_token, const float* w_scale, const float* bias, float out_scale, int m,
-                             int n, int k, int epilogue, int config, pqk_stream_t stream) {
+                             int n, int k, int epilogue, int config, int split_k, int32_t* split_ws,
+                             pqk_stream_t stream) {
   using namespace pqk::cuda;
   if (m <= 0 || n <= 0 || k <= 0) return PQK_ERR_SHAPE;
   if (k % 32 != 0) return PQK_ERR_K_ALIGN;
@@ -309,6 +359,7 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   if ((epilogue == kEpiRequant && n % 2 != 0) || (epilogue == kEpiSiluMulRequant && n % 4 != 0)) return PQK_ERR_N_ALIGN;
   if (epilogue >= kEpiRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
   if (a_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
+  if (const int st = check_split(split_k, split_ws, m, k, config)) return st;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool cutlass_ok = (epilogue == kEpiF16 || epilogue == kEpiBF16) && cutlass_takes(n, k, out, w_scale, bias);
   if (config == -1 && cutlass_ok && cutlass_arch(current_sm()))
@@ -320,14 +371,14 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   }
   EpilogueParams ep{a_scale, a_scale_per_token ? 1 : 0, w_scale, bias, out_scale};
   if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
-  if (config == 0) return dispatch_epilogue<DecodeConfig>(epilogue, a, w, out, ep, m, n, k, s);
-  if (config == 1) return dispatch_epilogue<MidConfig>(epilogue, a, w, out, ep, m, n, k, s);
-  return dispatch_epilogue<PrefillConfig>(epilogue, a, w, out, ep, m, n, k, s);
+  if (config == 0) return dispatch_epilogue<DecodeConfig>(epilogue, a, w, out, ep, m, n, k, split_k, split_ws, s);
+  if (config == 1) return dispatch_epilogue<MidConfig>(epilogue, a, w, out, ep, m, n, k, 1, nullptr, s);
+  return dispatch_epilogue<PrefillConfig>(epilogue, a, w, out, ep, m, n, k, 1, nullptr, s);
 }
 
 extern "C" int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_scale, const uint8_t* w, void* out,
                                      const float* w_scale, const float* bias, float out_scale, int m, int n, int k,
-                                     int epilogue, int config, pqk_stream_t stream) {
+                                     int epilogue, int config, int split_k, int32_t* split_ws, pqk_stream_t stream) {
   using namespace pqk::cuda;
   if (m <= 0 || n <= 0 || k <= 0) return PQK_ERR_SHAPE;
   if (k % 32 != 0) return PQK_ERR_K_ALIGN;
@@ -338,12 +389,21 @@ extern "C" int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_
   if (epilogue == kEpiSiluMulRequant && n % 4 != 0) return PQK_ERR_N_ALIGN;
   if (epilogue == kEpiSiluMulRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
   if (x_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
+  if (const int st = check_split(split_k, split_ws, m, k, config)) return st;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   EpilogueParams ep{x_scale, 0, w_scale, bias, out_scale};
   if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
-  if (config == 0) return dispatch_x_dtype<DecodeConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, s);
-  if (config == 1) return dispatch_x_dtype<MidConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, s);
-  return dispatch_x_dtype<PrefillConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, s);
+  if (config == 0) return dispatch_x_dtype<DecodeConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, split_k, split_ws, s);
+  if (config == 1) return dispatch_x_dtype<MidConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, 1, nullptr, s);
+  return dispatch_x_dtype<PrefillConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, 1, nullptr, s);
+}
+
+extern "C" int pqk_gemm_split_k(int m, int n, int k, int sms) {
+  return pqk::cuda::auto_split_k<pqk::cuda::DecodeConfig>(m, n, k, sms);
+}
+
+extern "C" long pqk_gemm_split_k_workspace(int m, int n) {
+  return pqk::cuda::split_k_workspace_words<pqk::cuda::DecodeConfig>(m, n);
 }
 
 extern "C" const char* pqk_int4_gemm_path(int sm) {

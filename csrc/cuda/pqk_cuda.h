@@ -38,9 +38,19 @@ const char* pqk_cuda_error_string(int status);
 // and bias are 16-byte aligned, else this library's own kernel; tile by M (<= 16 decode, <= 256 mid, else prefill). Forced: 0 / 1 / 2 =
 // own decode / mid / prefill tile; 10 / 11 / 12 = CUTLASS decode / mid / prefill (PQK_ERR_UNSUPPORTED where it
 // cannot run).
+// split_k: 1 = none; > 1 splits K over gridDim.z blocks of the own decode tile (config 0, or -1 at M <= 16, which
+// then skips CUTLASS; other configs PQK_ERR_UNSUPPORTED), at most one split per 64 of K (PQK_ERR_ARG), with
+// split_ws: int32, pqk_gemm_split_k_workspace(m, n) words, 4-byte aligned, ALL ZERO at launch (the caller allocates
+// it zeroed; the kernel leaves partial sums in it). Bit-identical to split_k = 1 (exact int32 sums).
 int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_scale, int a_scale_per_token,
                   const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,
-                  int config, pqk_stream_t stream);
+                  int config, int split_k, int32_t* split_ws, pqk_stream_t stream);
+
+// The split-K count auto-dispatch should use for an M x N x K GEMM on a GPU with `sms` multiprocessors (1 at M > 16
+// or when ceil(N / 32) blocks already give two per SM; else enough splits for that, each >= 256 of K, at most 16),
+// and the workspace (int32 words) a split launch needs. Pure functions: no CUDA call.
+int pqk_gemm_split_k(int m, int n, int k, int sms);
+long pqk_gemm_split_k_workspace(int m, int n);
 
 // The static-scale linear in one launch: y = epilogue(quantize(x, *x_scale) x W^T), the int4 quantize done inside the
 // GEMM's A load (int4_gemm.cu), bit-exact with pqk_quantize_static followed by pqk_int4_gemm. x fp16 (x_dtype 0) /
@@ -48,9 +58,10 @@ int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, const float* a_
 // static per-tensor scale, > 0). epilogue: x_dtype's own dequant code (0 / 1 / 2: out x.dtype [M, N]) or 4 (silu-mul
 // requant with out_scale, W rows interleaved gate/up -> uint8 [M, N/4]); others PQK_ERR_ARG. config: -1 auto, 0 / 1 / 2
 // forced own decode / mid / prefill tile; the CUTLASS codes 10..12 -> PQK_ERR_UNSUPPORTED (CUTLASS reads packed A).
+// split_k, split_ws: as pqk_int4_gemm.
 int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_scale, const uint8_t* w, void* out,
                           const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,
-                          int config, pqk_stream_t stream);
+                          int config, int split_k, int32_t* split_ws, pqk_stream_t stream);
 
 // Static quantize: x fp16 (x_dtype 0) / bf16 (1) / fp32 (2) [rows, cols] -> bits 4: uint8 [rows, cols/2],
 // bits 8: int8 [rows, cols]. scale: fp32 [1] on the device.

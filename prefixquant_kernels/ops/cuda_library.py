@@ -31,10 +31,15 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # checks that every declared function is here with the same parameter types).
 SIGNATURES: dict[str, tuple] = {
     "pqk_cuda_error_string": (ctypes.c_char_p, [_I]),
-    # a, w, out, a_scale, a_scale_per_token, w_scale, bias, out_scale, m, n, k, epilogue, config, stream
-    "pqk_int4_gemm": (_I, [_P, _P, _P, _P, _I, _P, _P, _F, _I, _I, _I, _I, _I, _P]),
-    # x, x_dtype, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epilogue, config, stream
-    "pqk_quant_gemm_static": (_I, [_P, _I, _P, _P, _P, _P, _P, _F, _I, _I, _I, _I, _I, _P]),
+    # a, w, out, a_scale, a_scale_per_token, w_scale, bias, out_scale, m, n, k, epilogue, config, split_k, split_ws,
+    # stream
+    "pqk_int4_gemm": (_I, [_P, _P, _P, _P, _I, _P, _P, _F, _I, _I, _I, _I, _I, _I, _P, _P]),
+    # m, n, k, sms
+    "pqk_gemm_split_k": (_I, [_I, _I, _I, _I]),
+    # m, n
+    "pqk_gemm_split_k_workspace": (ctypes.c_long, [_I, _I]),
+    # x, x_dtype, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epilogue, config, split_k, split_ws, stream
+    "pqk_quant_gemm_static": (_I, [_P, _I, _P, _P, _P, _P, _P, _F, _I, _I, _I, _I, _I, _I, _P, _P]),
     # x, x_dtype, out, scale, bits, rows, cols, stream
     "pqk_quantize_static": (_I, [_P, _I, _P, _P, _I, _I, _I, _P]),
     # x, x_dtype, out, scales_out, bits, rows, cols, stream

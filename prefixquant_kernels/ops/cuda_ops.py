@@ -16,6 +16,9 @@ the "cuda" dispatch key at the bottom of this module (pure bookkeeping: no GPU n
     pqk::pack_int4 / unpack_int4, W4A8 / W8A8: no CUDA kernel (ops/backend.py: "auto" runs the reference there,
         "cuda" raises NotImplementedError).
 
+Decode GEMMs (M <= 16) whose ceil(N / 32) blocks would not fill the GPU split K (pqk_gemm_split_k decides from the
+SM count; a zeroed int32 workspace from torch per call; the exact int32 sums make it bit-identical).
+
 CUDA graphs: every launch goes to ``torch.cuda.current_stream()``, nothing synchronizes or copies host data, and every
 buffer (outputs, temporaries, K padding) comes from torch's caching allocator. torch.compile sees each op as one
 opaque node traced with its fake (ops/library.py); these functions run only when the compiled graph executes.
@@ -64,6 +67,27 @@ def _on_device(t: torch.Tensor):
     """Makes t's GPU current: torch's cudaSetDevice makes that device's primary context current on this thread, and
     the library's own (static) CUDA runtime launches into the thread's current context."""
     return torch.cuda.device(t.device)
+
+
+_SMS: dict = {}
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    """Multiprocessors of t's GPU (read once per device: the split-K policy's input)."""
+    if t.device not in _SMS:
+        _SMS[t.device] = torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _SMS[t.device]
+
+
+def _split_k(op: str, t: torch.Tensor, m: int, n: int, k: int) -> tuple[int, torch.Tensor | None]:
+    """(split_k, zeroed int32 workspace or None) for an auto-config GEMM: the library's policy (pqk_gemm_split_k:
+    split K only at M <= 16 when ceil(N / 32) blocks would not fill the GPU); the workspace comes from torch's
+    allocator (graph capturable: torch.zeros is a memset on the current stream)."""
+    lib = cuda_library.require(op)
+    splits = lib.pqk_gemm_split_k(m, n, k, _sm_count(t))
+    if splits <= 1:
+        return 1, None
+    return splits, torch.zeros(lib.pqk_gemm_split_k_workspace(m, n), dtype=torch.int32, device=t.device)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -201,9 +225,10 @@ def _gemm(op: str, g: GemmArgs, a: torch.Tensor, w: torch.Tensor, a_scale: torch
     w = contiguous_aligned(pad_packed_k(w.contiguous(), g.k), GEMM_ALIGN)
     a_s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
     with _on_device(a):
+        splits, ws = _split_k(op, a, g.m, g.n, g.k_launch)
         _launch(op, "pqk_int4_gemm", a.data_ptr(), w.data_ptr(), out.data_ptr(), a_s.data_ptr(), int(g.per_token),
                 w_s.data_ptr(), _ptr(b), out_scale, g.m, g.n, g.k_launch,
-                g.epilogue if epilogue is None else epilogue, -1, _stream(a))
+                g.epilogue if epilogue is None else epilogue, -1, splits, _ptr(ws), _stream(a))
     return out
 
 
@@ -254,8 +279,10 @@ def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch
     w = contiguous_aligned(pad_packed_k(w.contiguous(), k), GEMM_ALIGN)
     s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
     with _on_device(x):
+        splits, ws = _split_k(op, x, m, n, kp)
         _launch(op, "pqk_quant_gemm_static", x.data_ptr(), DTYPE_CODES[x.dtype], s.data_ptr(), w.data_ptr(),
-                out.data_ptr(), w_s.data_ptr(), _ptr(b), out_scale, m, n, kp, epilogue, -1, _stream(x))
+                out.data_ptr(), w_s.data_ptr(), _ptr(b), out_scale, m, n, kp, epilogue, -1, splits, _ptr(ws),
+                _stream(x))
     return out
 
 

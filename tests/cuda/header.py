@@ -10,7 +10,7 @@ def header_signatures(header: str) -> dict[str, list[str]]:
     with open(header) as f:
         text = re.sub(r"//[^\n]*", "", f.read())
     out = {}
-    for m in re.finditer(r"(?:int|const char\s*\*)\s+(pqk_\w+)\s*\(([^)]*)\)\s*;", text):
+    for m in re.finditer(r"(?:int|long|const char\s*\*)\s+(pqk_\w+)\s*\(([^)]*)\)\s*;", text):
         params = [" ".join(p.split()) for p in m.group(2).split(",")]
         out[m.group(1)] = [re.sub(r"\s*\b\w+$", "", p) for p in params]
     return out

@@ -39,7 +39,7 @@ def real_lib(cuda_lib):
 def _ctype(c: str):
     if c.endswith("*") or c == "pqk_stream_t":
         return ctypes.c_void_p
-    return {"int": ctypes.c_int, "float": ctypes.c_float}[c]
+    return {"int": ctypes.c_int, "float": ctypes.c_float, "long": ctypes.c_long}[c]
 
 
 def test_signatures_match_the_header():
@@ -71,24 +71,32 @@ P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every 
 
 
 @pytest.mark.parametrize("call,want", [
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 48, 0, -1, None), -2),   # K % 32
-    (lambda L: L.pqk_int4_gemm(P + 8, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, None), -3),  # misaligned A
-    (lambda L: L.pqk_int4_gemm(P, P, None, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, None), -5),  # null out
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 3, None), -5),     # config out of range
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 13, None), -5),    # past the CUTLASS codes
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 3, 10, None), -7),    # CUTLASS: no requant
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 12, 64, 0, 11, None), -7),   # CUTLASS: N % 8
-    (lambda L: L.pqk_int4_gemm(P, P, P + 8, P, 0, P, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: out align
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P + 4, None, 1.0, 4, 8, 64, 1, 12, None), -7),  # CUTLASS: w_scale
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, P + 4, 1.0, 4, 8, 64, 1, 12, None), -7),    # CUTLASS: bias align
-    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 48, 0, -1, None), -2),   # K % 32
-    (lambda L: L.pqk_quant_gemm_static(P + 2, 0, P, P, P, P, None, 1.0, 4, 8, 64, 0, -1, None), -3),  # x align
-    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 64, 1, -1, None), -5),   # out != x dtype
-    (lambda L: L.pqk_quant_gemm_static(P, 3, P, P, P, P, None, 1.0, 4, 8, 64, 3, -1, None), -5),   # x_dtype code
-    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 1.0, 4, 8, 64, 1, 11, None), -7),   # CUTLASS tile
-    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 1.0, 4, 10, 64, 4, -1, None), -4),  # silu: N % 4
-    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 0.0, 4, 8, 64, 4, -1, None), -5),   # out_scale 0
-    (lambda L: L.pqk_quant_gemm_static(P, 2, None, P, P, P, None, 1.0, 4, 8, 64, 2, -1, None), -5),  # no x_scale
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 48, 0, -1, 1, None, None), -2),   # K % 32
+    (lambda L: L.pqk_int4_gemm(P + 8, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, 1, None, None), -3),  # misaligned A
+    (lambda L: L.pqk_int4_gemm(P, P, None, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, 1, None, None), -5),  # null out
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 3, 1, None, None), -5),     # config out of range
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 13, 1, None, None), -5),    # past the CUTLASS codes
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 3, 10, 1, None, None), -7),    # CUTLASS: no requant
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 12, 64, 0, 11, 1, None, None), -7),   # CUTLASS: N % 8
+    (lambda L: L.pqk_int4_gemm(P, P, P + 8, P, 0, P, None, 1.0, 4, 8, 64, 1, 12, 1, None, None), -7),  # CUTLASS: out align
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P + 4, None, 1.0, 4, 8, 64, 1, 12, 1, None, None), -7),  # CUTLASS: w_scale
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, P + 4, 1.0, 4, 8, 64, 1, 12, 1, None, None), -7),    # CUTLASS: bias align
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 48, 0, -1, 1, None, None), -2),   # K % 32
+    (lambda L: L.pqk_quant_gemm_static(P + 2, 0, P, P, P, P, None, 1.0, 4, 8, 64, 0, -1, 1, None, None), -3),  # x align
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 64, 1, -1, 1, None, None), -5),   # out != x dtype
+    (lambda L: L.pqk_quant_gemm_static(P, 3, P, P, P, P, None, 1.0, 4, 8, 64, 3, -1, 1, None, None), -5),   # x_dtype code
+    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 1.0, 4, 8, 64, 1, 11, 1, None, None), -7),   # CUTLASS tile
+    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 1.0, 4, 10, 64, 4, -1, 1, None, None), -4),  # silu: N % 4
+    (lambda L: L.pqk_quant_gemm_static(P, 1, P, P, P, P, None, 0.0, 4, 8, 64, 4, -1, 1, None, None), -5),   # out_scale 0
+    (lambda L: L.pqk_quant_gemm_static(P, 2, None, P, P, P, None, 1.0, 4, 8, 64, 2, -1, 1, None, None), -5),  # no x_scale
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 512, 0, -1, 0, None, None), -5),   # split_k 0
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 512, 0, -1, 2, None, None), -5),   # no workspace
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 512, 0, -1, 2, P + 2, None), -5),  # ws align
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 128, 0, -1, 3, P, None), -5),      # > K tiles
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 512, 0, 1, 2, P, None), -7),       # mid tile
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 512, 0, 10, 2, P, None), -7),      # CUTLASS
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 17, 8, 512, 0, -1, 2, P, None), -7),     # auto, M > 16
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 1, 8, 512, 0, -1, 2, None, None), -5),
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 0, 64, None), -1),                       # rows 0
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 4, 3, 63, None), -1),                       # odd cols for int4
     (lambda L: L.pqk_quantize_static(P, 0, P, P, 3, 3, 64, None), -5),                       # bits 3
@@ -103,11 +111,24 @@ def test_bad_arguments_return_status_before_cuda(real_lib, call, want):
     assert real_lib.pqk_cuda_error_string(st).decode() not in ("", "unknown pqk status")
 
 
+def test_split_k_policy_and_workspace(real_lib):
+    """pqk_gemm_split_k / _workspace (pure functions) agree with the emulator's independent statement of the policy
+    over a grid of shapes and SM counts (the host harness checks the kernel's split-K sums)."""
+    emu = EmulatedLib()
+    for m in (1, 4, 16, 17):
+        for n in (32, 1024, 4096, 14336):
+            for k in (64, 512, 4096, 14336):
+                for sms in (28, 108, 132):
+                    assert real_lib.pqk_gemm_split_k(m, n, k, sms) == emu.pqk_gemm_split_k(m, n, k, sms), (m, n, k, sms)
+            assert real_lib.pqk_gemm_split_k_workspace(m, n) == emu.pqk_gemm_split_k_workspace(m, n)
+    assert real_lib.pqk_gemm_split_k(1, 1024, 4096, 108) == 7   # Llama-3-8B k/v on an A100: 32 blocks -> 224
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU dispatch")
 @pytest.mark.parametrize("config", [10, 11, 12])
 def test_cutlass_config_without_an_sm80_device_is_refused(real_lib, config):
     # A forced CUTLASS tile on a shape it takes still needs an sm_80..89 device: without one, a status, not a launch.
-    assert real_lib.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, config, None) == -7
+    assert real_lib.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, config, 1, None, None) == -7
 
 
 @contextlib.contextmanager
@@ -119,6 +140,7 @@ def _binding_on_cpu(lib):
     mp.setattr(cuda_library, "_CHECKED", True)
     mp.setattr(cuda, "_on_device", lambda t: contextlib.nullcontext())
     mp.setattr(cuda, "_stream", lambda t: 0)
+    mp.setattr(cuda, "_sm_count", lambda t: 108)   # an A100's, for the split-K policy
     try:
         yield
     finally:
@@ -138,7 +160,7 @@ def test_launch_without_gpu_is_a_runtime_error_naming_the_op(real_lib):
 
 # ---- 2. the plumbing, with an emulated library -------------------------------------------------------------------
 
-_ITEM = {torch.uint8: 1, torch.int8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+_ITEM = {torch.uint8: 1, torch.int8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.int32: 4}
 _CODE_DTYPE = {v: k for k, v in cuda.DTYPE_CODES.items()}
 
 
@@ -153,14 +175,36 @@ class EmulatedLib:
 
     def __init__(self):
         self.calls = []
+        self.splits = []   # split_k of each GEMM launch
 
     def pqk_cuda_error_string(self, st):
         return b"emulated error"
 
-    def pqk_int4_gemm(self, a, w, out, a_scale, per_token, w_scale, bias, out_scale, m, n, k, epi, config, stream):
+    # The split-K policy and workspace size, written out independently of gemm_math.cuh (tile 16 x 32, 64 of K per
+    # tile, >= 4 tiles per split, <= 16 splits, two blocks per SM).
+    def pqk_gemm_split_k(self, m, n, k, sms):
+        blocks, k_tiles = -(-n // 32), -(-k // 64)
+        if m > 16 or blocks >= 2 * sms:
+            return 1
+        return max(1, min(-(-2 * sms // blocks), k_tiles // 4, 16))
+
+    def pqk_gemm_split_k_workspace(self, m, n):
+        return m * n + -(-m // 16) * -(-n // 32)
+
+    def _split_ok(self, split_k, ws, m, n, k):
+        """The launchers' split-K preconditions; a split launch's workspace must be all zero."""
+        if split_k < 1 or split_k > -(-k // 64) or (split_k > 1 and (not ws or m > 16)):
+            return False
+        return split_k == 1 or not view(ws, (self.pqk_gemm_split_k_workspace(m, n),), torch.int32).any()
+
+    def pqk_int4_gemm(self, a, w, out, a_scale, per_token, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
+                      split_ws, stream):
         self.calls.append(("pqk_int4_gemm", m, n, k, epi, per_token))
+        self.splits.append(split_k)
         if m <= 0 or n <= 0 or k <= 0:
             return -1
+        if not self._split_ok(split_k, split_ws, m, n, k):
+            return -5
         if k % 32:
             return -2
         if a % 16 or w % 16:
@@ -181,10 +225,14 @@ class EmulatedLib:
         view(out, (m, n), dt).copy_(reference.int4_matmul(*args, dt))
         return 0
 
-    def pqk_quant_gemm_static(self, x, code, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epi, config, stream):
+    def pqk_quant_gemm_static(self, x, code, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
+                              split_ws, stream):
         self.calls.append(("pqk_quant_gemm_static", m, n, k, code, epi))
+        self.splits.append(split_k)
         if m <= 0 or n <= 0 or k <= 0:
             return -1
+        if not self._split_ok(split_k, split_ws, m, n, k):
+            return -5
         if k % 32:
             return -2
         if x % 16 or w % 16:
@@ -289,6 +337,24 @@ def test_int4_matmul_plumbing(emu, gen, m, n, k, out_dtype, per_token):
                              int(per_token and m > 1))
     for t, s in zip((a, w, a_s, w_s, b), saved):
         assert torch.equal(t, s)  # the K padding copies; the caller's tensors are untouched
+
+
+@pytest.mark.parametrize("m,n,k,splits", [(1, 64, 1024, 4), (16, 40, 4096, 16), (1, 8192, 4096, 1), (17, 64, 1024, 1)])
+@pytest.mark.parametrize("static_x", [False, True])
+def test_decode_gemm_splits_k_with_a_zeroed_workspace(emu, gen, m, n, k, splits, static_x):
+    """A decode GEMM too narrow to fill the (emulated 108-SM) GPU splits K; the emulator refuses a workspace that is
+    not all zero. The result is the reference's either way."""
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    if static_x:
+        x = torch.randn(m, k, generator=gen).half()
+        got, want = cuda.quant_linear(x, w, w_s, torch.tensor(0.1), 4, b), reference.quant_linear(x, w, w_s,
+                                                                                                 torch.tensor(0.1), 4, b)
+    else:
+        a = fmt.pack_int4(rand_int((m, k), 4, gen))
+        got = cuda.int4_matmul(a, w, torch.tensor(0.1), w_s, b, torch.float16)
+        want = reference.int4_matmul(a, w, torch.tensor(0.1), w_s, b, torch.float16)
+    assert torch.equal(got, want) and emu.splits == [splits]
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 32), (3, 132, 96), (17, 8, 160), (7, 36, 62)])

@@ -51,6 +51,9 @@ def test_sass(cuda_lib, arch):
     for name, text in gemms.items():
         assert want in text, f"sm_{arch} {name}: no {want}"
         assert "HMMA" not in text  # the integer tensor-core path, not an fp16 one
+    for name, text in gemms.items():  # split-K (atomic adds of the int32 sums) only in the decode tile's kernels
+        decode = "TileConfigILi16ELi32E" in name
+        assert bool(re.search(r"\b(RED|ATOM)G?\b", text)) == decode, f"sm_{arch} {name}: split-K atomics"
     cutlass = {n: s for n, s in funcs.items() if CUTLASS_GEMM in n}
     assert len(cutlass) == (6 if arch in INT4_ARCHS else 0)
     for name, text in cutlass.items():

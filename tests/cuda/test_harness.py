@@ -49,6 +49,9 @@ MUTATIONS = [
     ("gemm_math.cuh", "kt * kBK + c * kChunkElems", "kt * kBK + c * kChunkBytes", "gemm_harness"),  # float-A x offset
     ("gemm_math.cuh", "quantize_value(v[2 * b], scale, -8, 7), quantize_value(v[2 * b + 1], scale, -8, 7)",
      "quantize_value(v[2 * b + 1], scale, -8, 7), quantize_value(v[2 * b], scale, -8, 7)", "gemm_harness"),  # nibbles
+    ("gemm_math.cuh", "return z * q + (z < r ? z : r);", "return z * q;", "gemm_harness"),  # split-K drops K tiles
+    ("gemm_math.cuh", "if (col + 1 < prob_n) add(ws + (long)row * prob_n + col + 1, acc[i][j][2 * h + 1]);", "",
+     "gemm_harness"),                                                                     # split-K: odd column lost
     ("quantize_math.cuh", "return 16 >> step;", "return 8 >> step;", "quantize_harness"),   # butterfly too short
     ("quantize_math.cuh", "return (a <= FLT_MAX && a > acc) ? a : acc;", "return a > acc ? a : acc;",
      "quantize_harness"),                                                                 # Inf poisons the scale

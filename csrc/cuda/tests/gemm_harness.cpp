@@ -91,21 +91,27 @@ float ref_y(const Problem& p, const std::vector<int32_t>& acc, int r, int c) {
 
 // Runs the kernel's code for every block, warp and lane. Returns the fp32 values (EPI 0-2: [m, n]) or the bytes
 // (EPI 3: [m, n/2], 4: [m, n/4]) it would store; untouched outputs keep a sentinel so missing stores show.
+// splits > 1: split-K (int4_gemm.cu: split_k_reduce): the splits of a tile run in reverse order (any order must give
+// the same bits), each publishes its partial sums into the workspace; the last one collects and runs the epilogue.
 template <class Cfg>
-void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, std::vector<uint8_t>& yq) {
+void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, std::vector<uint8_t>& yq,
+                int splits = 1) {
   const EpilogueParams ep = params(p);
-  const int k_bytes = p.k / 2, k_tiles = (p.k + kBK - 1) / kBK;
+  const int k_bytes = p.k / 2, k_tiles_all = (p.k + kBK - 1) / kBK;
   const int warps = Cfg::kThreads / 32;
   yf.assign((size_t)p.m * p.n, NAN);
   yq.assign((size_t)p.m * (epi == kEpiRequant ? p.n / 2 : p.n / 4), 0xEE);
   std::vector<uint8_t> smem(Cfg::STAGES * Cfg::kStageBytes);
   using Acc = int32_t[Cfg::MT][Cfg::NT][4];
   std::vector<Acc> acc((size_t)warps * 32);
+  std::vector<int32_t> ws(splits > 1 ? split_k_workspace_words<Cfg>(p.m, p.n) : 0, 0);
+  const int grid_x = (p.n + Cfg::BN - 1) / Cfg::BN;
   for (int by = 0; by < (p.m + Cfg::BM - 1) / Cfg::BM; ++by)
-    for (int bx = 0; bx < (p.n + Cfg::BN - 1) / Cfg::BN; ++bx) {
+    for (int bx = 0; bx < grid_x; ++bx)
+     for (int z = splits - 1; z >= 0; --z) {
       const int m0 = by * Cfg::BM, n0 = bx * Cfg::BN;
       std::memset(acc.data(), 0, acc.size() * sizeof(Acc));
-      for (int kt = 0; kt < k_tiles; ++kt) {
+      for (int kt = split_k_begin(k_tiles_all, splits, z); kt < split_k_begin(k_tiles_all, splits, z + 1); ++kt) {
         uint8_t* stage = smem.data() + (kt % Cfg::STAGES) * Cfg::kStageBytes;
         std::memset(stage, 0xCD, Cfg::kStageBytes);  // poison: unwritten bytes are not zero
         const bool float_a = !p.x.empty();
@@ -161,6 +167,18 @@ void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, st
             }
         }
       }
+      if (splits > 1) {  // split_k_reduce: publish, count, the last split collects
+        for (int warp = 0; warp < warps; ++warp)
+          for (int lane = 0; lane < 32; ++lane)
+            split_k_publish<Cfg>(acc[warp * 32 + lane], ws.data(), m0 + warp_row0<Cfg>(warp), n0 + warp_col0<Cfg>(warp),
+                                 lane, p.m, p.n, [](int32_t* q, int32_t v) { *q += v; });
+        int32_t& counter = ws[(size_t)p.m * p.n + by * grid_x + bx];
+        if (++counter != splits) continue;
+        for (int warp = 0; warp < warps; ++warp)
+          for (int lane = 0; lane < 32; ++lane)
+            split_k_collect<Cfg>(acc[warp * 32 + lane], ws.data(), m0 + warp_row0<Cfg>(warp), n0 + warp_col0<Cfg>(warp),
+                                 lane, p.m, p.n, [](const int32_t* q) { return *q; });
+      }
       // Epilogue, per warp; the silu-mul one in two phases around the emulated shuffle.
       for (int warp = 0; warp < warps; ++warp) {
         const int row0 = m0 + warp_row0<Cfg>(warp), col0 = n0 + warp_col0<Cfg>(warp);
@@ -195,12 +213,12 @@ void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, st
 
 template <class Cfg>
 void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, bool per_token, bool has_bias,
-                Rng& rng, Counter& cnt, bool float_a = false) {
+                Rng& rng, Counter& cnt, bool float_a = false, int splits = 1) {
   Problem p = float_a ? make_float_problem(m, n, k, has_bias, rng) : make_problem(m, n, k, per_token, has_bias, rng);
   std::vector<int32_t> acc = naive_acc(p);
   std::vector<float> yf;
   std::vector<uint8_t> yq;
-  run_kernel<Cfg>(p, epi, sm90, yf, yq);
+  run_kernel<Cfg>(p, epi, sm90, yf, yq, splits);
   long bad = 0, first = -1;
   if (epi <= kEpiF32) {
     for (int r = 0; r < m; ++r)
@@ -226,7 +244,8 @@ void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, b
   }
   std::string what = std::string(cfg_name) + " m=" + std::to_string(m) + " n=" + std::to_string(n) +
                      " k=" + std::to_string(k) + " epi=" + std::to_string(epi) + (sm90 ? " sm90" : " sm80") +
-                     (float_a ? " float-A" : per_token ? " per-token" : " per-tensor") + (has_bias ? " bias" : "") + " mismatches=" +
+                     (float_a ? " float-A" : per_token ? " per-token" : " per-tensor") + (has_bias ? " bias" : "") +
+                     " splits=" + std::to_string(splits) + " mismatches=" +
                      std::to_string(bad) + " first(flat)=" + std::to_string(first);
   cnt.check(bad == 0, what.c_str());
 }
@@ -328,6 +347,31 @@ void sweep(const char* name, Rng& rng, Counter& cnt) {
 
 }  // namespace
 
+// Split-K on the decode tile: every split count up to one per K tile (uneven shares included), packed and float A,
+// every epilogue; and the auto policy's choices.
+void split_sweep(Rng& rng, Counter& cnt) {
+  const int shapes[][3] = {{1, 40, 288}, {5, 36, 640}, {16, 68, 96}};  // (m, n, k): 5, 10, 2 K tiles (K % 64 == 32)
+  for (auto& s : shapes) {
+    const int k_tiles = (s[2] + kBK - 1) / kBK;
+    for (int splits = 2; splits <= k_tiles; ++splits)
+      for (int epi = kEpiF16; epi <= kEpiSiluMulRequant; ++epi) {
+        if (epi == kEpiBF16) continue;
+        int n = epi == kEpiRequant ? (s[1] + 1) / 2 * 2 : epi == kEpiSiluMulRequant ? (s[1] + 3) / 4 * 4 : s[1];
+        check_case<DecodeConfig>("decode", s[0], n, s[2], epi, splits % 2 == 0, (epi + splits) % 2 == 0, epi % 2 == 0,
+                                 rng, cnt, false, splits);
+        if (epi == kEpiF32 || epi == kEpiSiluMulRequant)
+          check_case<DecodeConfig>("decode", s[0], n, s[2], epi, splits % 2 == 1, false, true, rng, cnt, true, splits);
+      }
+  }
+  // auto policy: no split at M > 16 or with enough blocks; k/v of Llama-3-8B on 108 SMs splits 7 ways; a short K
+  // caps the splits at K / 256.
+  bool ok = auto_split_k<DecodeConfig>(17, 1024, 4096, 108) == 1 && auto_split_k<DecodeConfig>(1, 14336, 4096, 108) == 1 &&
+            auto_split_k<DecodeConfig>(1, 1024, 4096, 108) == 7 && auto_split_k<DecodeConfig>(1, 4096, 4096, 108) == 2 &&
+            auto_split_k<DecodeConfig>(1, 1024, 512, 108) == 2 && auto_split_k<DecodeConfig>(1, 64, 8192, 132) == 16 &&
+            auto_split_k<DecodeConfig>(1, 64, 128, 132) == 1;
+  cnt.check(ok, "auto_split_k policy");
+}
+
 int main(int argc, char** argv) {
   Rng rng(argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 1);
   Counter cnt;
@@ -336,5 +380,6 @@ int main(int argc, char** argv) {
   sweep<DecodeConfig>("decode", rng, cnt);
   sweep<MidConfig>("mid", rng, cnt);
   sweep<PrefillConfig>("prefill", rng, cnt);
+  split_sweep(rng, cnt);
   return cnt.finish("gemm_harness");
 }
