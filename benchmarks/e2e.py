@@ -109,6 +109,29 @@ def copy_sharing_embeddings(model):
     return copy.deepcopy(model, memo={id(p): p for p in shared})
 
 
+def copy_sharing_tensors(model):
+    """A copy of the module tree that shares EVERY parameter and buffer with ``model``: the quantized swap replaces
+    the copy's linears with QuantLinears built from the shared float weights (never written), so no second float
+    model exists — how a 24 GB card holds Llama-3-8B's fp16 layers next to the int4 copies. Only when the quantized
+    methods keep the float dtype (set_compute_dtype would convert shared tensors in place)."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
+def fit_layers(name: str, methods, budget_bytes: float, ctx: int) -> int:
+    """Decoder layers of config ``name`` whose fp16 weights (shared by every method: copy_sharing_tensors), the int4
+    copies of the quantized methods, fp16 KV at ``ctx`` per method and fp16 embeddings + lm_head fit ``budget_bytes``,
+    with 3 GB kept for activations and logits; at most the model's own count (an estimate, not a measurement)."""
+    c = CONFIGS[name]
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    hd = h // c["num_attention_heads"]
+    params = h * (h + 2 * c["num_key_value_heads"] * hd) + h * h + 3 * h * inter   # q|k|v, o, gate|up|down
+    quantized = sum(m != "fp" for m in methods)
+    per_layer = 2 * params + quantized * (params // 2 + 4 * (h + inter) * 2) \
+        + len(methods) * 2 * ctx * c["num_key_value_heads"] * hd * 2
+    fixed = 2 * 2 * c["vocab_size"] * h + 3e9
+    return max(1, min(layers, int((budget_bytes - fixed) // per_layer)))
+
+
 def set_compute_dtype(model, dtype: torch.dtype) -> None:
     """Decoder layers, final norm and rotary embedding in ``dtype``; the (shared) embedding and lm_head keep theirs,
     with a cast after the embedding and before the lm_head."""
@@ -632,7 +655,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model", choices=(*CONFIGS, *REAL_MODELS), default="llama-3-8b")
-    p.add_argument("--layers", type=_positive, default=None, help="keep the first N decoder layers (default: all)")
+    p.add_argument("--layers", type=_positive, default=None,
+                   help="keep the first N decoder layers (default: all; on CUDA as many as fit the card: fit_layers)")
     p.add_argument("--prefill", type=_positive, default=2048, help="prompt tokens of the prefill phase")
     p.add_argument("--decode-ctx", type=_positive, default=2048, help="cache length the decode steps run at")
     p.add_argument("--decode-steps", type=_positive, default=10, help="timed decode steps (after 2 warm-up steps)")
@@ -678,14 +702,18 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     dev, dtype = args.device, DTYPES[args.fp_dtype]
     machine = machine_info(dev)
+    if dev == "cuda" and args.layers is None and args.model in CONFIGS:  # the default fits the card (estimate)
+        args.layers = fit_layers(args.model, args.methods, 0.9 * torch.cuda.get_device_properties(0).total_memory,
+                                 max(args.prefill, args.decode_ctx) + decode_tokens(args))
     base, bos = build_float_model(args.model, args.layers, dtype, dev, args.seed)
+    share = DTYPES[args.q_dtype] == dtype   # no dtype change: the quantized copies share every float tensor
     prefix_ids = [int(bos)] * args.prefix_len
     bar = tqdm(total=args.repeats + 1, desc="e2e", unit="round")
     runs = []
     for method in args.methods:
         bar.set_description(f"{method} build")
         t0 = time.perf_counter()
-        model = base if method == "fp" else copy_sharing_embeddings(base)
+        model = base if method == "fp" else copy_sharing_tensors(base) if share else copy_sharing_embeddings(base)
         if method != "fp":
             set_compute_dtype(model, DTYPES[args.q_dtype])
         extra = {} if method == "fp" else quantize_for_benchmark(

@@ -249,3 +249,38 @@ def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
     assert "cpp.min_chunk_size" in (out.parent / (out.stem + ".md")).read_text()
     with pytest.raises(SystemExit, match="NAME=JSON"):
         ab.main(["--model", "tiny-llama", "--variants", "base"])
+
+
+def test_e2e_fit_layers_fits_a_24gb_card(e2e):
+    """The CUDA default layer count (an estimate): Llama-3-8B's 32 layers with fp16 + three int4 copies do not fit a
+    24 GB card, so fewer are kept; an 80 GB card keeps all; a bigger context or more methods never keep more."""
+    gib = 2 ** 30
+    on_3090 = e2e.fit_layers("llama-3-8b", e2e.METHODS, 0.9 * 24 * gib, 2100)
+    assert 8 <= on_3090 < 32
+    assert e2e.fit_layers("llama-3-8b", e2e.METHODS, 0.9 * 80 * gib, 2100) == 32
+    assert e2e.fit_layers("llama-3-8b", e2e.METHODS, 0.9 * 24 * gib, 8192) <= on_3090
+    assert e2e.fit_layers("llama-3-8b", ("fp",), 0.9 * 24 * gib, 2100) >= on_3090
+    assert e2e.fit_layers("llama-3-8b", e2e.METHODS, 1 * gib, 2100) == 1
+
+
+def test_e2e_quantized_copy_shares_every_float_tensor(e2e):
+    """copy_sharing_tensors + the quantized swap: no second float model in memory (every float tensor of the copy is
+    one of the base's), and the base is untouched (its linears and its output)."""
+    import torch
+    from torch import nn
+
+    base, bos = e2e.build_float_model("tiny-llama", None, torch.float32, "cpu")
+    ids = torch.tensor([[bos, 5, 9, 17, 3]])
+    with torch.no_grad():
+        before = base(ids).logits
+    model = e2e.copy_sharing_tensors(base)
+    e2e.quantize_for_benchmark(model, "static", prefix_ids=[bos], calib_tokens=16)
+    base_ptrs = {t.data_ptr() for t in (*base.parameters(), *base.buffers())}
+    floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dim() > 1
+              and t.numel() > 4096]
+    assert floats and all(t.data_ptr() in base_ptrs for t in floats)   # embeddings, lm_head: the base's
+    assert any(isinstance(m, pqk.nn.QuantLinear) for m in model.modules())
+    assert not any(isinstance(m, pqk.nn.QuantLinear) for m in base.modules())
+    assert sum(isinstance(m, nn.Linear) for m in base.modules()) == 7 * base.config.num_hidden_layers + 1
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, before)
