@@ -142,3 +142,20 @@ def test_compiled_variants_do_not_depend_on_the_context_length(monkeypatch):
         da.decode_attention(q, pk, pk, body, body, s, s, 4, 0.1)
     assert len(split.constexprs) == 1 and len(merge.constexprs) == 1
     assert dict(next(iter(merge.constexprs)))["BLOCK_S"] == da.MERGE_BLOCK_S
+
+
+@needs_triton
+def test_auto_split_len_covers_the_sms():
+    """At batch 1 the (batch x KV head) rows are few: the slices shorten until the grid has two programs per SM
+    (not below MIN_SPLIT_LEN); with enough rows the slices stay MAX_SPLIT_LEN long; always a multiple of BLOCK_N."""
+    from prefixquant_kernels.triton import decode_attention as da
+
+    def programs(rows, n, sms, bn=16):
+        length = da.auto_split_len(rows, n, sms, bn)
+        assert length % bn == 0 and da.MIN_SPLIT_LEN <= length <= da.MAX_SPLIT_LEN
+        return rows * -(-n // length)
+    assert programs(8, 2048, 108) >= 2 * 108 > 8 * (2048 // 256)     # Llama-3-8B, batch 1, 2K, A100
+    assert programs(8, 8192, 132) >= 2 * 132
+    assert da.auto_split_len(64, 2048, 108, 16) == da.MAX_SPLIT_LEN    # batch 8: the rows fill the GPU already
+    assert da.auto_split_len(8, 100, 108, 16) == da.MIN_SPLIT_LEN      # short context: the floor binds
+    assert da.auto_split_len(1, 4096, 1, 8) == da.MAX_SPLIT_LEN        # the interpreter (no GPU): as before
