@@ -193,6 +193,11 @@ def _tops_rows(rows, lib):
         tile = 0 if m <= 16 else 1 if m <= 256 else 2
         tops = lambda s: 2 * m * n * k / s / 1e12  # noqa: E731
         t_cublas = _time(lambda: x16 @ y16.T)
+        t_int8 = None
+        if m > 16:   # torch._int_mm (cuBLASLt int8, the int8 peer): needs M > 16 and K, N multiples of 8
+            a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+            w8 = torch.randint(-128, 128, (k, n), dtype=torch.int8, device="cuda")
+            t_int8 = _time(lambda: torch._int_mm(a8, w8))
         t_auto = _time(lambda: ops.int4_matmul(a, w, a_s[0], w_s, None, torch.float16, backend="cuda"))
         t_own = _time(lambda: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=tile))
         cells = [f"auto {tops(t_auto):.1f}", f"pqk {tops(t_own):.1f}"]
@@ -200,7 +205,8 @@ def _tops_rows(rows, lib):
             t_cut = _time(lambda: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=10 + tile))
             cells.append(f"CUTLASS {tops(t_cut):.1f}")
         rows.append((f"TOPS (measured, {name})", f"{m}x{n}x{k}",
-                     " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)", "-"))
+                     " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)"
+                     + (f" / _int_mm int8 {tops(t_int8):.1f} ({t_int8 / t_auto:.2f}x)" if t_int8 else ""), "-"))
         if m <= 16:  # decode is a read of W: achieved DRAM bandwidth of auto (split-K where N is narrow)
             moved = n * k // 2 + m * k // 2 + 2 * m * n + 4 * n
             peak = _dram_peak()
