@@ -201,6 +201,9 @@ def make_cache(method: str, model, extra: dict, kv_bits: int = 4, max_cache_len:
 
     n = len(_decoder_layers(model))
     if method == "fp":
+        if max_cache_len is not None:   # the compiled fp step (--compile-fp): transformers' own static cache
+            from transformers import StaticCache
+            return StaticCache(config=model.config, max_cache_len=max_cache_len)
         return DynamicCache(config=model.config)
     if method.startswith("static"):
         return pqk.PrefixQuantCache(n, "static", backend="auto", max_cache_len=max_cache_len, **extra)
@@ -580,7 +583,8 @@ def markdown(records: list[dict], args) -> str:
              f"{'' if args.model not in REAL_MODELS else ' replaced by the real checkpoint'}), batch 1, "
              f"prefill {args.prefill} tokens, decode at {args.decode_ctx} tokens of cache; fp = {args.fp_dtype}; "
              f"quantized = W4A4 (KV4; static-a8: W4A8 KV4), float parts in {args.q_dtype}; decode of the static "
-             f"methods {'compiled' if args.compile == 'on' else 'eager'}; lm_head of the quantized methods: "
+             f"methods {'compiled' if args.compile == 'on' else 'eager'}, of fp {'compiled' if args.compile_fp == 'on' else 'eager'}; "
+             f"lm_head of the quantized methods: "
              f"{'W8A8 per token' if args.lm_head == 'int8' else args.fp_dtype}. Median of {args.repeats} prefills / "
              f"{args.decode_steps} decode steps (in blocks of {args.decode_block} back-to-back steps per system, "
              f"systems in turn).",
@@ -673,6 +677,10 @@ def parse_args(argv=None):
     p.add_argument("--calib-tokens", type=_positive, default=64, help="static: tokens of the calibration forward")
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="static methods: decode with the compiled step generate() uses (default on)")
+    p.add_argument("--compile-fp", choices=("auto", "on", "off"), default="auto",
+                   help="fp method: decode with the same compiled step over transformers' StaticCache (auto: on for "
+                        "CUDA, where it is a CUDA graph like the static methods', so the ratio compares kernels; off "
+                        "on CPU, where eager bf16 is the anchor)")
     p.add_argument("--llama-cpp", choices=("auto", "on", "off"), default="auto",
                    help="smollm2: time llama.cpp on the wheel's GGUF too (auto: when llama-cpp-python is installed)")
     p.add_argument("--lm-head", choices=("float", "int8"), default="float",
@@ -685,6 +693,8 @@ def parse_args(argv=None):
         p.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
     if args.fp_dtype is None:
         args.fp_dtype = "bf16" if args.device == "cpu" else "fp16"
+    if args.compile_fp == "auto":
+        args.compile_fp = "on" if args.device == "cuda" and args.compile == "on" else "off"
     if args.q_dtype is None:
         args.q_dtype = "fp32" if args.device == "cpu" else args.fp_dtype
     if not args.json.endswith(".json"):
@@ -725,7 +735,8 @@ def main(argv=None) -> list[dict]:
         runs.append((method, model, extra, time.perf_counter() - t0))
     # the runs (and their lm_head hooks) only once every copy is made: a deep copy would carry the hooks along
     runs = [MethodRun(method, model, extra, args, dev, build_s,
-                      compiled=method.startswith("static") and args.compile == "on")
+                      compiled=(method.startswith("static") and args.compile == "on")
+                      or (method == "fp" and args.compile_fp == "on"))
             for method, model, extra, build_s in runs]
     gguf = llama_cpp_path(args)
     if gguf is not None:

@@ -284,3 +284,14 @@ def test_e2e_quantized_copy_shares_every_float_tensor(e2e):
     assert sum(isinstance(m, nn.Linear) for m in base.modules()) == 7 * base.config.num_hidden_layers + 1
     with torch.no_grad():
         assert torch.equal(base(ids).logits, before)
+
+
+def test_e2e_fp_compiled_over_a_static_cache(e2e, tmp_path, no_interpreter):
+    """--compile-fp on (the CUDA default): the fp baseline's decode runs the same compiled step as the static
+    methods, over transformers' StaticCache; its records say so and its steps produce tokens."""
+    out = tmp_path / "e2e.json"
+    e2e.main(E2E_TINY + ["--model", "tiny-llama", "--methods", "fp,static", "--compile-fp", "on", "--json", str(out)])
+    records = json.loads(out.read_text())
+    fp = [r for r in records if r["method"] == "fp" and r["phase"] == "decode"]
+    assert fp and fp[0]["compiled_decode"] is True and fp[0]["compile_seconds"] is not None
+    assert "of fp compiled" in (tmp_path / "e2e.md").read_text()
