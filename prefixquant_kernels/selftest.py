@@ -5,6 +5,12 @@ epilogues (csrc/cuda/tests) against naive references. With nvcc: the build for s
 register/spill numbers. With a CUDA GPU and a CUDA torch: the kernels themselves through libpqk_cuda.so (ctypes)
 and every op through the torch binding (backend="cuda", ops/cuda_ops.py) against prefixquant_kernels.reference, op x
 shape x max error x pass, and GEMM TOPS vs cuBLAS fp16 — measured there; no GPU number is ever printed without a GPU.
+
+``--bench`` (a source checkout: it runs benchmarks/e2e.py) then times, interleaved per method: one Llama-3-8B layer
+(prefill 2048, decode at 2048 of cache; fp16 vs dynamic W4A4 vs static W4A4KV4, decode compiled — CUDA graphs — for
+fp16 and static alike) and the whole Llama-3-8B that fits the card (random weights, fp16 vs static), and writes
+selftest.json, layer.{json,md,png} and model.{json,md,png} to --out. Without a GPU the same pipeline runs on the CPU
+with a tiny model (a dry run of the command: its numbers are CPU numbers, labelled so).
 """
 from __future__ import annotations
 
@@ -265,6 +271,37 @@ def _gpu(rows, lib_path):
     _tops_rows(rows, lib)
 
 
+E2E_GPU = {  # (name, e2e.py arguments) of --bench on a GPU
+    "layer": ["--device", "cuda", "--model", "llama-3-8b", "--layers", "1", "--prefill", "2048", "--decode-ctx",
+              "2048", "--decode-steps", "50", "--repeats", "5", "--methods", "fp,dynamic,static"],
+    "model": ["--device", "cuda", "--model", "llama-3-8b", "--prefill", "512", "--decode-ctx", "2048",
+              "--decode-steps", "50", "--repeats", "3", "--methods", "fp,static"],
+}
+E2E_CPU = {  # the dry run without a GPU: the same pipeline on a tiny model
+    name: ["--device", "cpu", "--model", "tiny-llama", "--prefill", "32", "--decode-ctx", "32", "--decode-steps", "4",
+           "--repeats", "1", "--calib-tokens", "16", "--methods", argv[argv.index("--methods") + 1]]
+    for name, argv in E2E_GPU.items()
+}
+
+
+def _bench(out_dir: str, has_gpu: bool) -> list[tuple]:
+    """Runs benchmarks/e2e.py for each E2E_GPU (or E2E_CPU) entry -> rows naming what was written."""
+    import os
+    import sys
+
+    e2e = os.path.join(cuda_build.ROOT, "benchmarks", "e2e.py")
+    if not os.path.exists(e2e):
+        return [("bench", "-", "-", "FAIL (benchmarks/e2e.py not found: --bench needs the source checkout)")]
+    rows = []
+    for name, args in (E2E_GPU if has_gpu else E2E_CPU).items():
+        path = os.path.join(out_dir, f"{name}.json")
+        r = subprocess.run([sys.executable, e2e, *args, "--json", path], capture_output=True, text=True)
+        what = "measured on the GPU" if has_gpu else "dry run on the CPU (tiny model)"
+        rows.append((f"bench {name} ({what})", path, "see .md next to it",
+                     "pass" if r.returncode == 0 else f"FAIL ({(r.stderr or r.stdout).strip()[-300:]})"))
+    return rows
+
+
 def main(argv=None) -> int:
     """argv: ["--build"] also compiles this source tree with nvcc (minutes: ~5 on 2 cores, cached) and checks
     that build's spills, even when a library is installed; by default an installed libpqk_cuda.so is what runs."""
@@ -274,6 +311,9 @@ def main(argv=None) -> int:
     ap.add_argument("--build", action="store_true", help="also compile this source tree with nvcc (minutes: ~5 on 2 "
                     "cores, cached) and check that build's spills, even when a library is installed")
     ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    ap.add_argument("--bench", action="store_true", help="then time one Llama-3-8B layer and the whole model that fits "
+                    "(benchmarks/e2e.py, interleaved, decode as CUDA graphs); without a GPU a tiny CPU dry run")
+    ap.add_argument("--out", default="selftest_out", help="--bench: directory of the JSON / Markdown / PNG files")
     args = ap.parse_args(list(argv or []))
     rows: list[tuple] = []
     _host(rows)
@@ -301,8 +341,16 @@ def main(argv=None) -> int:
         _gpu(rows, lib_path)
     else:
         rows.append(("GPU kernels", "-", "-", "skipped (no CUDA GPU here)" if lib_path else "skipped (no nvcc)"))
+    if args.bench:
+        import json
+        import os
+
+        os.makedirs(args.out, exist_ok=True)
+        rows += _bench(args.out, has_gpu and lib_path is not None)
+        with open(os.path.join(args.out, "selftest.json"), "w") as f:
+            json.dump([dict(zip(("op", "shape", "max error", "pass"), map(str, r))) for r in rows], f, indent=1)
     widths = [max(len(str(r[i])) for r in rows + [("op", "shape", "max error", "pass")]) for i in range(4)]
     _row(("op", "shape", "max error", "pass"), widths)
     for r in rows:
         _row(r, widths)
-    return 0 if not any(r[3] == "FAIL" for r in rows) else 1
+    return 0 if not any(str(r[3]).startswith("FAIL") for r in rows) else 1

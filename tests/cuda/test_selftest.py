@@ -41,3 +41,21 @@ def test_gpu_ops_table_runs_off_the_gpu(monkeypatch):
     assert rows and all(r[3] == "pass" for r in rows), [r for r in rows if r[3] != "pass"]
     launched = {c[0] for c in emu.calls}
     assert {"pqk_quant_gemm_static", "pqk_int4_gemm", "pqk_quantize_static", "pqk_hadamard"} <= launched, launched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU dry run")
+def test_selftest_bench_dry_run_without_gpu(cuda_lib, capsys, monkeypatch, tmp_path):
+    """--bench without a GPU runs the same e2e pipeline on the CPU with a tiny model (labelled a dry run) and writes
+    every promised file; still no GPU number."""
+    import json
+
+    monkeypatch.setenv("PQK_CUDA_LIB", cuda_lib.lib)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the benchmark runs as a user runs it
+    assert selftest.main(["--bench", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "dry run on the CPU (tiny model)" in out and "TOPS" not in out
+    for name in ("selftest.json", "layer.json", "layer.md", "model.json", "model.md"):
+        assert (tmp_path / name).exists(), name
+    layer = json.loads((tmp_path / "layer.json").read_text())
+    assert {r["method"] for r in layer} == {"fp", "dynamic", "static"}
+    assert {r["method"] for r in json.loads((tmp_path / "model.json").read_text())} == {"fp", "static"}
