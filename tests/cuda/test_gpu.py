@@ -28,7 +28,7 @@ def lib(cuda_lib):
     (4, 8, 64, 9, -5),     # unknown epilogue
 ])
 def test_bad_arguments_return_status(lib, m, n, k, epi, want):
-    st = lib.pqk_int4_gemm(64, 64, 64, 64, 0, 64, None, 1.0, m, n, k, epi, -1, None)
+    st = lib.pqk_int4_gemm(64, 64, 64, 64, 0, 64, None, 1.0, m, n, k, epi, -1, 1, None, None)
     assert st == want
     assert lib.pqk_cuda_error_string(st).decode()
 
@@ -70,6 +70,36 @@ def test_gemm_16bit_out_every_tile_bit_exact(lib, m, config, out_dtype, per_toke
     torch.cuda.synchronize()
     want = reference.int4_matmul(a, w, a_s if per_token else a_s[0], w_s, b, out_dtype)
     assert torch.equal(out.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("splits", [2, 7, 16])
+@pytest.mark.parametrize("epilogue", [0, 2, 4])
+def test_split_k_decode_bit_exact(lib, m, splits, epilogue):
+    """Split-K (atomic int32 sums, the last block's epilogue) equals the reference bit for bit (silu-mul: the
+    device expf's one-step caveat)."""
+    g = torch.Generator().manual_seed(100 * m + splits)
+    n, k = 264, 1056   # 17 K tiles: uneven shares
+    a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=g)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    a_s, w_s = torch.rand(m, generator=g) * 0.1 + 0.01, torch.rand(n, generator=g) * 0.01 + 1e-3
+    if epilogue == 4:
+        out = torch.full((m, n // 4), 0xEE, dtype=torch.uint8, device="cuda")
+        y = reference.int4_matmul(a, w, a_s, w_s, None, torch.float32)
+        s = float(reference.silu_mul(y[:, 0::2], y[:, 1::2]).abs().max()) / 9
+        selftest.gemm(lib, a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), None, out, epilogue=4, config=0, out_scale=s,
+                      split_k=splits)
+        want = reference.int4_matmul_silu_mul_requant(a, w, a_s, w_s, None, s)
+        d = (fmt.unpack_int4(out.cpu()).int() - fmt.unpack_int4(want).int()).abs()
+        assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-2
+        return
+    dt = torch.float16 if epilogue == 0 else torch.float32
+    out = torch.full((m, n), float("nan"), dtype=dt, device="cuda")
+    selftest.gemm(lib, a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), None, out, epilogue=epilogue, config=0,
+                  split_k=splits)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), reference.int4_matmul(a, w, a_s, w_s, None, dt))
 
 
 # ---- the torch binding (prefixquant_kernels/ops/cuda_ops.py): backend="cuda" through torch.ops.pqk -----------------
@@ -252,7 +282,8 @@ def test_cuda_graph_capture_and_replay(static):
 @needs_binding
 @pytest.mark.parametrize("m", [3, 100, 600])  # the decode / mid / prefill tiles (CUTLASS on sm_80..89)
 def test_cuda_graph_fused_mlp(m):
-    """The fused MLP's three launches (static quantize, silu-mul requant GEMM, CUTLASS dequant GEMM) in one graph."""
+    """The fused MLP's two launches (the silu-mul requant GEMM quantizing x in its A load, the down GEMM) in one
+    graph."""
     from torch import nn
 
     from prefixquant_kernels.nn import QuantGatedMLP, QuantLinear
@@ -261,6 +292,15 @@ def test_cuda_graph_fused_mlp(m):
     lin = lambda i, o, s: QuantLinear.from_float(nn.Linear(i, o, bias=False), 4, 4, act_scale=s)  # noqa: E731
     mlp = QuantGatedMLP.from_quant_linears(lin(512, 1024, 0.05), lin(512, 1024, 0.05), lin(1024, 512, 0.02)).cuda()
     _capture_and_replay(mlp, torch.randn(m, 512, device="cuda", dtype=torch.float16))
+
+
+@needs_binding
+def test_cuda_graph_split_k_decode():
+    """A decode linear narrow enough to split K (its zeroed workspace allocated inside the capture) replays exactly."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 256, bias=False).cuda().half()
+    mod = pqk.nn.QuantLinear.from_float(lin, 4, 4, act_scale=0.05, backend="cuda")
+    _capture_and_replay(mod, torch.randn(1, 4096, device="cuda", dtype=torch.float16))
 
 
 def _capture_and_replay(mod, x):
@@ -282,7 +322,7 @@ def _capture_and_replay(mod, x):
 
 @needs_binding
 def test_fused_mlp_on_cuda(gen):
-    """QuantGatedMLP on CUDA (3 launches) vs the same module on the CPU: h levels may differ by one step where device
+    """QuantGatedMLP on CUDA (2 launches) vs the same module on the CPU: h levels may differ by one step where device
     expf and torch.exp round differently, so the outputs agree to a small tolerance."""
     from torch import nn
 
