@@ -52,6 +52,8 @@ def test_a_readme_python_block_runs_as_written(i, tmp_path, monkeypatch):
 # Commands a test runs in full (the test that does).
 RUN_BY_TESTS = {
     "python -m prefixquant_kernels selftest": "tests/cuda/test_selftest.py",
+    "python -m prefixquant_kernels selftest --bench":
+        "tests/cuda/test_selftest.py::test_selftest_bench_dry_run_without_gpu",
     "python benchmarks/kv_memory.py": "tests/test_readme.py::test_the_kv_memory_command_runs",
 }
 

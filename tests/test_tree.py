@@ -107,7 +107,7 @@ EXTERNAL = {
     "llama.cpp",                                                   # the project (a peer), not a file
 }
 # Output files that tests and benchmarks write (names, not citations).
-WRITTEN = {"out.md", "k.md", "prof.md"}
+WRITTEN = {"out.md", "k.md", "prof.md", "e2e.md", "layer.md", "model.md"}
 CITED = re.compile(r"(?<![\w./<*-])((?:[A-Za-z_][\w.-]*/)*[A-Za-z_][\w-]*\.(?:py|cpp|h|cuh|cu|md|sh|toml))(?![\w/])")
 INCLUDE = re.compile(r"^\s*#\s*include\s*<")
 
