@@ -155,12 +155,6 @@ def _ops_rows(rows):
             1e-4)
 
 
-def _sms() -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
 def _dram_peak() -> float | None:
     """Bytes/s of the GPU's memory: 2 (double data rate) x clock x bus width, where torch reports them."""
     import torch
@@ -219,7 +213,7 @@ def _tops_rows(rows, lib):
             rows.append((f"decode DRAM GB/s (measured, {name})", f"{m}x{n}x{k}",
                          f"{moved / t_auto / 1e9:.0f}" + (f" = {100 * moved / t_auto / peak:.0f} % of {peak / 1e9:.0f}"
                                                           if peak else "") +
-                         f" (split_k {lib.pqk_gemm_split_k(m, n, k, _sms())})", "-"))
+                         f" (split_k {lib.pqk_gemm_split_k(m, n, k, ops.cuda_ops.sm_count(a.device))})", "-"))
         # the static linear from fp16 x: fused (quantize in the A load, one launch) vs quantize + int4_matmul (auto)
         s0 = a_s[0]
         t_fused = _time(lambda: ops.quant_linear(x16, w, w_s, s0, 4, None, backend="cuda"))

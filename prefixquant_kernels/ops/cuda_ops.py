@@ -72,11 +72,14 @@ def _on_device(t: torch.Tensor):
 _SMS: dict = {}
 
 
-def _sm_count(t: torch.Tensor) -> int:
-    """Multiprocessors of t's GPU (read once per device: the split-K policy's input)."""
-    if t.device not in _SMS:
-        _SMS[t.device] = torch.cuda.get_device_properties(t.device).multi_processor_count
-    return _SMS[t.device]
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device, read once per device (the input of the GEMM's split-K policy and of the
+    Triton decode attention's slice length); 1 for other devices (the Triton interpreter on CPU tensors)."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 def _split_k(op: str, t: torch.Tensor, m: int, n: int, k: int) -> tuple[int, torch.Tensor | None]:
@@ -84,7 +87,7 @@ def _split_k(op: str, t: torch.Tensor, m: int, n: int, k: int) -> tuple[int, tor
     split K only at M <= 16 when ceil(N / 32) blocks would not fill the GPU); the workspace comes from torch's
     allocator (graph capturable: torch.zeros is a memset on the current stream)."""
     lib = cuda_library.require(op)
-    splits = lib.pqk_gemm_split_k(m, n, k, _sm_count(t))
+    splits = lib.pqk_gemm_split_k(m, n, k, sm_count(t.device))
     if splits <= 1:
         return 1, None
     return splits, torch.zeros(lib.pqk_gemm_split_k_workspace(m, n), dtype=torch.int32, device=t.device)
@@ -273,8 +276,8 @@ def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch
     out = torch.empty(m, n // 4 if silu else n, dtype=torch.uint8 if silu else x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    checks.launch_sizes(op, M=m, N=n, K=padded_k(k))
     kp = padded_k(k)
+    checks.launch_sizes(op, M=m, N=n, K=kp)
     x = contiguous_aligned(F.pad(x, (0, kp - k)) if kp != k else x, GEMM_ALIGN)
     w = contiguous_aligned(pad_packed_k(w.contiguous(), k), GEMM_ALIGN)
     s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)

@@ -18,7 +18,7 @@ import torch
 
 from .. import kv_format as kvf
 from ..format import FLOAT_DTYPES
-from . import checks
+from . import checks, cuda_ops
 from . import library  # noqa: F401  (defines torch.ops.pqk.kv_*)
 from .backend import KV_BACKENDS, resolve, triton_available, triton_interpreted  # noqa: F401  (re-exported)
 
@@ -352,7 +352,7 @@ def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale
     if backend == "triton":
         from ..triton.decode_attention import decode_attention
         return decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale,
-                                body_len=body_len, mask=mask)
+                                body_len=body_len, mask=mask, sms=cuda_ops.sm_count(q.device))
     if body_len is not None:   # the reference reads the length on the host (it is never in a CUDA graph)
         n = int(body_len)
         k_packed, v_packed = k_packed[:, :, :n], v_packed[:, :, :n]

@@ -180,23 +180,11 @@ MIN_SPLIT_LEN = 64    # ... and the shortest slice used to reach more programs (
 def auto_split_len(rows: int, n_pos: int, sms: int, block_n: int) -> int:
     """Positions per slice: MAX_SPLIT_LEN, shortened (down to MIN_SPLIT_LEN, a multiple of block_n) until the grid of
     rows (= B * H_kv) x slices reaches two programs per SM: at batch 1, 8 KV heads and 2K context 256 gives 64
-    programs on a 108-SM A100, 80 gives 208. SPLIT_LEN and the split count are runtime arguments of the kernel
+    programs on a 108-SM A100, 64 gives 256. SPLIT_LEN and the split count are runtime arguments of the kernel
     (do_not_specialize): a new value never recompiles it."""
     want = -(-2 * max(sms, 1) // max(rows, 1))        # slices per row for two programs per SM
     length = min(MAX_SPLIT_LEN, max(MIN_SPLIT_LEN, -(-n_pos // want)))
     return max(block_n, length // block_n * block_n)  # rounded down: at least `want` slices unless the floor binds
-
-
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (read once per device); 1 elsewhere (the interpreter on CPU tensors)."""
-    if device.type != "cuda":
-        return 1
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
-_SMS: dict = {}
 
 
 def merge_constexprs(D: int) -> dict:
@@ -207,19 +195,21 @@ def merge_constexprs(D: int) -> dict:
 def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, body_k: torch.Tensor,
                      body_v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int,
                      sm_scale: float, split_len: int | None = None, block_n: int = 16,
-                     body_len: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                     body_len: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                     sms: int = 1) -> torch.Tensor:
     """Launch wrapper (inputs validated by ops/kv.py). q [B, H_q, D]; prefix [B|1, H_kv, P, D] (P may be 0);
     body [B, H_kv, T, D//2 or D]; scales float32 [H_kv] -> out [B, H_q, D] in q.dtype. body_len: int64 [1] or
     None, the body rows in use (T is then the capacity: no host read, so a CUDA graph can replay the launch);
     mask: bool [B, >= P + T] (True = attend) or None. split_len: positions per slice (None: auto_split_len for
-    this GPU; with body_len, sized for the capacity, so a captured graph's grid holds as the cache fills)."""
+    `sms`, the GPU's multiprocessors, which the op layer passes; with body_len, sized for the capacity, so a captured
+    graph's grid holds as the cache fills)."""
     B, Hq, D = q.shape
     Hkv, P, T = body_k.shape[1], prefix_k.shape[2], body_k.shape[2]
     G = Hq // Hkv
     split_cx = split_constexprs(G, D, bits, block_n, body_len is not None, mask is not None)
     block_n = split_cx["BLOCK_N"]
     if split_len is None:
-        split_len = auto_split_len(B * Hkv, P + T, _sm_count(q.device), block_n)
+        split_len = auto_split_len(B * Hkv, P + T, sms, block_n)
     split_len = max(block_n, triton.cdiv(split_len, block_n) * block_n)
     n_splits = max(1, triton.cdiv(P + T, split_len))
     m = torch.empty(B, Hq, n_splits, device=q.device, dtype=torch.float32)

@@ -140,7 +140,7 @@ def _binding_on_cpu(lib):
     mp.setattr(cuda_library, "_CHECKED", True)
     mp.setattr(cuda, "_on_device", lambda t: contextlib.nullcontext())
     mp.setattr(cuda, "_stream", lambda t: 0)
-    mp.setattr(cuda, "_sm_count", lambda t: 108)   # an A100's, for the split-K policy
+    mp.setattr(cuda, "sm_count", lambda device: 108)   # an A100's, for the split-K policy
     try:
         yield
     finally:
@@ -197,9 +197,9 @@ class EmulatedLib:
             return False
         return split_k == 1 or not view(ws, (self.pqk_gemm_split_k_workspace(m, n),), torch.int32).any()
 
-    def pqk_int4_gemm(self, a, w, out, a_scale, per_token, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
-                      split_ws, stream):
-        self.calls.append(("pqk_int4_gemm", m, n, k, epi, per_token))
+    def _gemm_status(self, m, n, k, split_k, split_ws, a, w):
+        """The statuses both GEMM launchers share (shape, split-K, K % 32, 16-byte operands), or None; records
+        split_k."""
         self.splits.append(split_k)
         if m <= 0 or n <= 0 or k <= 0:
             return -1
@@ -209,6 +209,13 @@ class EmulatedLib:
             return -2
         if a % 16 or w % 16:
             return -3
+        return None
+
+    def pqk_int4_gemm(self, a, w, out, a_scale, per_token, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
+                      split_ws, stream):
+        self.calls.append(("pqk_int4_gemm", m, n, k, epi, per_token))
+        if (st := self._gemm_status(m, n, k, split_k, split_ws, a, w)) is not None:
+            return st
         if epi not in (0, 1, 2, 3, 4) or not out or not a_scale or not w_scale:
             return -5
         if (epi == 3 and n % 2) or (epi == 4 and n % 4):
@@ -228,15 +235,8 @@ class EmulatedLib:
     def pqk_quant_gemm_static(self, x, code, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
                               split_ws, stream):
         self.calls.append(("pqk_quant_gemm_static", m, n, k, code, epi))
-        self.splits.append(split_k)
-        if m <= 0 or n <= 0 or k <= 0:
-            return -1
-        if not self._split_ok(split_k, split_ws, m, n, k):
-            return -5
-        if k % 32:
-            return -2
-        if x % 16 or w % 16:
-            return -3
+        if (st := self._gemm_status(m, n, k, split_k, split_ws, x, w)) is not None:
+            return st
         if code not in _CODE_DTYPE or epi not in (code, 4) or not out or not x_scale or not w_scale:
             return -5
         if epi == 4 and n % 4:
