@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <new>
 #include <vector>
 
 #include "../common/quant_math.h"
@@ -75,19 +76,26 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
 }
 
 // ---- prefill (M >= kPrefillMinM) on an ISA with PrefillKernels ---------------------------------------------------
-//   for each M-block of up to kPrefillPanelBytes of A (serial):
+//   for each M-block of up to pk.rows rows and pk.panel_bytes of A (serial):
 //     build the uint8 panel (natural order, a + 128; the fused quantize for a float A)     parallel over rows
-//     for each group of kPfGroup micro panels (nr W columns each) of this thread's range:  parallel over N
-//       for each K block of kc:
-//         unpack W [group, K block] once (int4 -> int8 in the kernel's layout, + column sums)
-//         for each micro panel (in L1) x each A tile of mr rows of the M-block: micro-kernel into c (int32)
+//     for each micro panel (nr W columns) of this thread's column range:                   parallel over N
+//       for each K block of up to pk.kc:
+//         unpack W [micro panel, K block] once (int4 -> int8 in the kernel's layout, + column sums)
+//         for each A tile of mr rows of the M-block: micro-kernel into c (int32)
 //         last K block: epilogue of each tile straight after its kernel (c still in L1)
 // W is unpacked once per M-block and reused by all its rows (not once per tile); threads split N, so both share
-// the A panel and each unpacks only its own W.
+// the A panel and each unpacks only its own W. The blocks are as large as the caches allow (docs/PERF.md step 19):
+// on zmm one K block holds up to 16384 k (the unpacked micro panel, 48 x K bytes, streams from L2; no int32 partial
+// sums go back and forth through c), and one M-block up to 2048 rows (W unpacked once per 2048 rows): pk.kc, pk.rows.
 constexpr int64_t kPrefillMinM = 64;
-constexpr int64_t kPrefillPanelBytes = 8 << 20;  // A panel per M-block (L3); W is unpacked once per M-block
-constexpr int64_t kPrefillMaxRows = 1024;         // and the int32 c block (rows x group columns) stays in L2
-constexpr int kPfGroup = 2;                       // micro panels per task step: A tile reuse vs c block size
+constexpr int64_t kPfUnit = 16;                   // columns: the grain of the threads' N split (one zmm of int32)
+
+// n split into the fewest blocks of at most `cap` (>= 1), of equal size rounded up to `mult`: K = 14336 with
+// cap 16384 is one block, M = 2100 with cap 2048 two of 1056 rows (not 2048 + 52, which unpacks W twice for 52 rows).
+int64_t balanced_block(int64_t n, int64_t cap, int64_t mult) {
+  const int64_t blocks = (n + cap - 1) / cap;
+  return round_up((n + blocks - 1) / blocks, mult);
+}
 
 // Tests and tuning only: PQK_PREFILL_KC (k per W block, rounded up to 8) and PQK_PREFILL_ROWS (rows per M-block)
 // replace the defaults, so small shapes cross many block boundaries (tests/ops/test_gemm_blocking.py).
@@ -97,100 +105,121 @@ int64_t env_int(const char* name, int64_t dflt) {
   return x > 0 ? (int64_t)x : dflt;
 }
 
+// Grow-only, 64-byte aligned scratch kept per thread across calls (slot: one buffer per use). A prefill GEMM's A panel
+// (up to PrefillKernels::panel_bytes) and its per-thread c block, allocated afresh per call, were page-faulted in every time:
+// ~2900 faults per 2048x4096->1024 call, a few % of its time (docs/PERF.md step 19). Held until the thread exits.
+enum ScratchSlot { kScratchPanel = 0, kScratchW = 1, kScratchC = 2, kScratchSlots = 3 };
 template <class T>
-struct AlignedBuf {  // 64-byte aligned, uninitialized
-  T* p = nullptr;
-  explicit AlignedBuf(size_t n) { p = (T*)aligned_alloc(64, round_up((int64_t)(n * sizeof(T)), 64)); }
-  ~AlignedBuf() { free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-};
+T* thread_scratch(ScratchSlot slot, size_t n) {
+  struct Buf {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Buf() { free(p); }
+  };
+  static thread_local Buf bufs[kScratchSlots];
+  Buf& b = bufs[slot];
+  const size_t bytes = (size_t)round_up((int64_t)(std::max<size_t>(n, 1) * sizeof(T)), 64);
+  if (bytes > b.bytes) {
+    free(b.p);
+    b.p = aligned_alloc(64, bytes);
+    b.bytes = b.p ? bytes : 0;
+    if (!b.p) throw std::bad_alloc();
+  }
+  return (T*)b.p;
+}
+
+// The portable pack_a_int8 (PrefillKernels): q int8 [K] -> the panel row's K blocks as a + 128, 0x80 past K.
+void pack_a_int8_portable(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst) {
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
+    uint8_t* d = dst + b * bstride;
+    const int64_t n = std::min(kc, K - k0);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {  // 8 bytes at a time: the XOR flips every sign bit
+      uint64_t v;
+      memcpy(&v, q + k0 + k, 8);
+      v ^= 0x8080808080808080ull;
+      memcpy(d + k, &v, 8);
+    }
+    for (; k < n; ++k) d[k] = (uint8_t)q[k0 + k] ^ 0x80;
+    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
+  }
+}
 
 void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const PrefillKernels& pk = *ker.prefill;
   const int64_t M = g.M, N = g.N, K = g.K;
   const int64_t w_stride = g.w_bits == 4 ? K / 2 : K;
   const int mr = pk.mr, nr = pk.nr;
-  const int64_t kc_max = std::min<int64_t>(round_up(env_int("PQK_PREFILL_KC", pk.kc), 8), round_up(K, 8));
+  // block sizes: the environment's as given (tests), else the fewest blocks the caps allow, evened out
+  const int64_t kc_env = env_int("PQK_PREFILL_KC", 0), rows_env = env_int("PQK_PREFILL_ROWS", 0);
+  const int64_t kc_max = kc_env ? std::min(round_up(kc_env, 8), round_up(K, 8)) : balanced_block(K, pk.kc, 8);
   const int64_t n_kb = (K + kc_max - 1) / kc_max, kpad = n_kb * kc_max;
-  int64_t mb_max = std::min<int64_t>(kPrefillMaxRows, std::max<int64_t>(mr, kPrefillPanelBytes / kpad / mr * mr));
-  mb_max = env_int("PQK_PREFILL_ROWS", mb_max);
-  if (mb_max >= M) mb_max = M;
+  const int64_t rows_cap = std::min<int64_t>(pk.rows, std::max<int64_t>(mr, pk.panel_bytes / kpad / mr * mr));
+  const int64_t mb_max = std::min(M, rows_env ? rows_env : balanced_block(M, rows_cap, mr));
   const int64_t kq_max = (kc_max + 3) / 4;
-  const int64_t n_micro = (N + nr - 1) / nr;
-  const int64_t ldc = (int64_t)kPfGroup * nr;
+  const int64_t n_units = (N + kPfUnit - 1) / kPfUnit;
+  const int64_t ldc = nr;
 
   // The A panel of an M-block, blocked by K: block b = rows [mb_max, kc_max] of k in [b kc_max, (b+1) kc_max), so a
   // micro-kernel's A tile (mr x kc_max) is contiguous and one K block of all rows is one sequential stream (rows
   // a full K apart gave the prefetchers mr short streams per kernel call).
-  AlignedBuf<uint8_t> panel((size_t)(mb_max * kpad));
+  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(mb_max * kpad));
+  const int64_t bstride = mb_max * kc_max;
+  const auto pack_a_int8 = pk.pack_a_int8 ? pk.pack_a_int8 : pack_a_int8_portable;
   std::vector<float> rscale((size_t)mb_max);
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
     const int64_t mb = std::min(mb_max, M - m0);
     parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
-      std::vector<int8_t> tmp((size_t)K);
+      std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
       for (int64_t r = b; r < e; ++r) {
         const int64_t m = m0 + r;
-        // the row in natural order: in place for int8, else quantized / unpacked into tmp
-        const int8_t* q = tmp.data();
+        uint8_t* dst = panel + r * kc_max;
         float scale = 0.0f;
         if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
         if (g.a_source == ASource::kInt8) {
-          q = (const int8_t*)g.a + m * K;
+          pack_a_int8((const int8_t*)g.a + m * K, K, kc_max, bstride, dst);
         } else if (g.a_source == ASource::kPacked4) {
+          tmp.resize((size_t)K);
           unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
-        } else {
+          pack_a_int8(tmp.data(), K, kc_max, bstride, dst);
+        } else {  // the fused quantize: the float row is read once, straight into the panel
           const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
-          const int qmax = qmax_for_bits(g.a_bits);
+          const int qmin = qmin_for_bits(g.a_bits), qmax = qmax_for_bits(g.a_bits);
           scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
-          ker.quantize_row(x, g.a_float_type, K, scale, qmin_for_bits(g.a_bits), qmax, tmp.data());
+          if (pk.pack_a_float) {
+            pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc_max, bstride, dst);
+          } else {
+            tmp.resize((size_t)K);
+            ker.quantize_row(x, g.a_float_type, K, scale, qmin, qmax, tmp.data());
+            pack_a_int8(tmp.data(), K, kc_max, bstride, dst);
+          }
         }
         rscale[r] = scale;
-        // a + 128 (vpdpbusd's u8 operand) into the K blocks, 8 bytes at a time; the pad past K is 0x80 (a = 0)
-        for (int64_t kb = 0; kb < n_kb; ++kb) {
-          uint8_t* dst = panel.p + kb * mb_max * kc_max + r * kc_max;
-          const int64_t k0 = kb * kc_max, n = std::min(kc_max, K - k0);
-          int64_t k = 0;
-          for (; k + 8 <= n; k += 8) {
-            uint64_t v;
-            memcpy(&v, q + k0 + k, 8);
-            v ^= 0x8080808080808080ull;
-            memcpy(dst + k, &v, 8);
-          }
-          for (; k < n; ++k) dst[k] = (uint8_t)q[k0 + k] ^ 0x80;
-          if (n < kc_max) memset(dst + n, 0x80, (size_t)(kc_max - n));
-        }
         if (g.a_scale_out) g.a_scale_out[m] = scale;
       }
     });
-    parallel_for(0, n_micro, 1, [&](int64_t pb, int64_t pe) {
-      AlignedBuf<int8_t> wp((size_t)(kPfGroup * kq_max * 4 * nr));
-      AlignedBuf<int32_t> cbuf((size_t)(mb * ldc));
-      int32_t colsum[kPfGroup * 64];
-      for (int64_t p0 = pb; p0 < pe; p0 += kPfGroup) {
-        const int np = (int)std::min<int64_t>(kPfGroup, pe - p0);
+    // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
+    // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial
+    // panel's zero columns, so whole panels per thread left one thread waiting at the barrier).
+    parallel_for(0, n_units, 1, [&](int64_t ub, int64_t ue) {
+      const int64_t nb = ub * kPfUnit, ne = std::min(N, ue * kPfUnit);  // this thread's columns [nb, ne)
+      int8_t* wp = thread_scratch<int8_t>(kScratchW, (size_t)(kq_max * 4 * nr));
+      int32_t* cbuf = thread_scratch<int32_t>(kScratchC, (size_t)(mb * ldc));
+      int32_t colsum[64];
+      for (int64_t n0 = nb; n0 < ne; n0 += nr) {
+        const int nn = (int)std::min<int64_t>(nr, ne - n0);
         memset(colsum, 0, sizeof(colsum));
         for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
           const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
           const bool last = k0 + kc >= K;
-          for (int p = 0; p < np; ++p) {
-            const int64_t n0 = (p0 + p) * nr;
-            pk.pack_w(g.w, g.w_bits, w_stride, n0, (int)std::min<int64_t>(nr, N - n0), k0, kc,
-                      wp.p + p * kq * 4 * nr, colsum + p * nr);
-          }
-          for (int p = 0; p < np; ++p) {
-            const int64_t n0 = (p0 + p) * nr;
-            const int nn = (int)std::min<int64_t>(nr, N - n0);
-            for (int64_t i0 = 0; i0 < mb; i0 += mr) {
-              const int mm = (int)std::min<int64_t>(mr, mb - i0);
-              int32_t* c = cbuf.p + i0 * ldc + p * nr;
-              pk.kernel(panel.p + (k0 / kc_max) * mb_max * kc_max + i0 * kc_max, kc_max, wp.p + p * kq * 4 * nr, kq, mm,
-                        c, ldc, k0 > 0);
-              if (last)
-                pk.epilogue(c, ldc, mm, nn, colsum + p * nr, rscale.data() + i0, g.w_scale + n0,
-                            g.bias ? g.bias + n0 : nullptr,
-                            (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type);
-            }
+          pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, kc, wp, colsum);
+          for (int64_t i0 = 0; i0 < mb; i0 += mr) {
+            const int mm = (int)std::min<int64_t>(mr, mb - i0);
+            int32_t* c = cbuf + i0 * ldc;
+            pk.kernel(panel + (k0 / kc_max) * bstride + i0 * kc_max, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
+            if (last)
+              pk.epilogue(c, ldc, mm, nn, colsum, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
+                          (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type);
           }
         }
       }

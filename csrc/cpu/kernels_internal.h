@@ -31,18 +31,28 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // ISA's own, reused by every A row of an M-block; A panel rows natural-order uint8 (a + 128). x86_gemm_zmm.h.
 struct PrefillKernels {
   int mr, nr;      // micro-kernel tile: A rows x W columns (one micro panel)
-  int64_t kc;      // k per W block (a multiple of 8)
+  int64_t kc;      // k per W block, at most (a multiple of 8)
+  int64_t rows;         // A rows per M-block, at most (W is unpacked once per M-block; the int32 c block is rows x nr)
+  int64_t panel_bytes;  // and A panel bytes per M-block, at most (rows x K)
   bool w8;         // takes 8-bit W too (AVX2's vpmaddubsw pairs would saturate on W8: that table is W4 only)
   // W rows n0 .. n0+nn-1 (nn <= nr), k in [k0, k0 + kc) -> dst (64-byte aligned, panel_bytes(kc) bytes);
   // colsum[0:nr] += the sum of those w (int32)
   void (*pack_w)(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc,
                  int8_t* dst, int32_t* colsum);
-  // c[0:mr, 0:nr] (row stride ldc) = (accumulate ? c : 0) + sum_k (a[i, k] + 128) * w[k, j] over ceil(kc/4)*4 k
-  void (*kernel)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int32_t* c, int64_t ldc,
-                 bool accumulate);
+  // c[0:mr, 0:nr] (row stride ldc) = (accumulate ? c : 0) + sum_k (a[i, k] + 128) * w[k, j] over ceil(kc/4)*4 k;
+  // a table may skip the columns at and past nn (<= nr, the valid columns of the micro panel) or compute them
+  void (*kernel)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
+                 int64_t ldc, bool accumulate);
   // out[i, j] = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t
   void (*epilogue)(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
                    const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t);
+  // One row of A into the panel's K blocks (block b = k in [b kc, (b+1) kc) at dst + b * bstride), each byte
+  // a + 128, zero-valued (0x80) past K to a whole block. nullptr: the driver's portable code (gemm.cpp).
+  //   pack_a_float: x float [K] of type t quantized with scale to [qmin, qmax] (quantize_value, bit for bit)
+  //   pack_a_int8:  q int8 [K]
+  void (*pack_a_float)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
+                       int64_t bstride, uint8_t* dst);
+  void (*pack_a_int8)(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst);
 };
 
 // The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel in the layout

@@ -19,6 +19,8 @@
 constexpr int kPf2Mr = 4;        // A rows per micro-kernel: 4 x 2 int16 accumulators + 2 W + 4 broadcasts + 1 product of 16 ymm
 constexpr int kPf2Nr = 16;       // W columns per micro panel
 constexpr int64_t kPf2Kc = 512;  // k per W block: a micro panel (16 x 512 = 8 KB) stays in L1 across all A rows
+constexpr int64_t kPf2Rows = 1024;            // rows per M-block, at most: one K block of the A panel stays in L2 ...
+constexpr int64_t kPf2PanelBytes = 8 << 20;  // ... and the panel of all K in L3 (K = 14336: 584 rows; 1024 was 1.3x slower)
 constexpr int kPf2Flush = 8;     // vpmaddubsw steps summed in int16 before widening (the bound above)
 
 // One step of the full 4-row micro-kernel in inline asm: GCC compiled the intrinsics with a register copy per
@@ -100,8 +102,8 @@ void pf2_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, i
   }
 }
 
-void pf2_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int32_t* c, int64_t ldc,
-                bool accumulate) {
+void pf2_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int /*nn*/, int32_t* c,
+                int64_t ldc, bool accumulate) {
   switch (mr) {
     case 4: return pf2_kernel_t<4>(a, lda, wp, kq, c, ldc, accumulate);
     case 3: return pf2_kernel_t<3>(a, lda, wp, kq, c, ldc, accumulate);

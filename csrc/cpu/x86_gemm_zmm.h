@@ -15,50 +15,135 @@
 
 constexpr int kPfMr = 8;    // A rows per micro-kernel (8 x 3 = 24 accumulators + 3 W + 1 broadcast of 32 zmm)
 constexpr int kPfNr = 48;   // W columns per micro panel
-constexpr int64_t kPfKc = 512;  // k per W block: a micro panel (48 x 512 = 24 KB) stays in L1 across all A rows
+// k per W block, at most: the unpacked micro panel (48 x 16384 = 768 KB) streams from L2 to every A tile, which the
+// hardware prefetcher keeps up with; 512 (24 KB, in L1) was slower: the int32 partial sums of every tile then went
+// through memory once per 512 k (docs/PERF.md step 19).
+constexpr int64_t kPfKc = 16384;
+constexpr int64_t kPfRows = 2048;             // rows per M-block: c (2048 x 48 int32) is touched once per K block
+constexpr int64_t kPfPanelBytes = 16 << 20;  // A panel per M-block (L3): K = 14336 takes 1024-row M-blocks
 
-// c[0:MR, 0:48] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (one micro panel, kq dwords deep).
-template <int MR>
+// c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq
+// dwords deep). NJ < 3 serves the last micro panel of an N that is not a multiple of 48 (N = 1024: 21 panels and
+// 16 columns), which would otherwise spend a full panel's vpdpbusd on zero columns.
+template <int MR, int NJ>
 void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
                  bool accumulate) {
-  __m512i s[MR][3];
+  __m512i s[MR][NJ];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 3
-    for (int j = 0; j < 3; ++j)
+    for (int j = 0; j < NJ; ++j)
       s[i][j] = accumulate ? _mm512_loadu_si512((const void*)(c + i * ldc + 16 * j)) : _mm512_setzero_si512();
 #pragma GCC unroll 2
   for (int64_t q = 0; q < kq; ++q) {
-    const __m512i w0 = _mm512_load_si512((const void*)(wp + q * 192));
-    const __m512i w1 = _mm512_load_si512((const void*)(wp + q * 192 + 64));
-    const __m512i w2 = _mm512_load_si512((const void*)(wp + q * 192 + 128));
+    __m512i w[NJ];
+#pragma GCC unroll 3
+    for (int j = 0; j < NJ; ++j) w[j] = _mm512_load_si512((const void*)(wp + q * 192 + 64 * j));
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t v;
       memcpy(&v, a + i * lda + 4 * q, 4);
       const __m512i ab = _mm512_set1_epi32(v);
-      s[i][0] = _mm512_dpbusd_epi32(s[i][0], ab, w0);
-      s[i][1] = _mm512_dpbusd_epi32(s[i][1], ab, w1);
-      s[i][2] = _mm512_dpbusd_epi32(s[i][2], ab, w2);
+#pragma GCC unroll 3
+      for (int j = 0; j < NJ; ++j) s[i][j] = _mm512_dpbusd_epi32(s[i][j], ab, w[j]);
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 3
-    for (int j = 0; j < 3; ++j) _mm512_storeu_si512((void*)(c + i * ldc + 16 * j), s[i][j]);
+    for (int j = 0; j < NJ; ++j) _mm512_storeu_si512((void*)(c + i * ldc + 16 * j), s[i][j]);
 }
 
-void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int32_t* c, int64_t ldc,
+template <int MR>
+void pf_kernel_mr(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int nn, int32_t* c, int64_t ldc,
+                  bool accumulate) {
+  if (nn > 32) return pf_kernel_t<MR, 3>(a, lda, wp, kq, c, ldc, accumulate);
+  if (nn > 16) return pf_kernel_t<MR, 2>(a, lda, wp, kq, c, ldc, accumulate);
+  return pf_kernel_t<MR, 1>(a, lda, wp, kq, c, ldc, accumulate);
+}
+
+void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
                bool accumulate) {
   switch (mr) {
-    case 8: return pf_kernel_t<8>(a, lda, wp, kq, c, ldc, accumulate);
-    case 7: return pf_kernel_t<7>(a, lda, wp, kq, c, ldc, accumulate);
-    case 6: return pf_kernel_t<6>(a, lda, wp, kq, c, ldc, accumulate);
-    case 5: return pf_kernel_t<5>(a, lda, wp, kq, c, ldc, accumulate);
-    case 4: return pf_kernel_t<4>(a, lda, wp, kq, c, ldc, accumulate);
-    case 3: return pf_kernel_t<3>(a, lda, wp, kq, c, ldc, accumulate);
-    case 2: return pf_kernel_t<2>(a, lda, wp, kq, c, ldc, accumulate);
-    default: return pf_kernel_t<1>(a, lda, wp, kq, c, ldc, accumulate);
+    case 8: return pf_kernel_mr<8>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    case 7: return pf_kernel_mr<7>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    case 6: return pf_kernel_mr<6>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    case 5: return pf_kernel_mr<5>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    case 4: return pf_kernel_mr<4>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    case 3: return pf_kernel_mr<3>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    case 2: return pf_kernel_mr<2>(a, lda, wp, kq, nn, c, ldc, accumulate);
+    default: return pf_kernel_mr<1>(a, lda, wp, kq, nn, c, ldc, accumulate);
+  }
+}
+
+// ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
+// dst: block b holds k in [b kc, (b + 1) kc) at dst + b * bstride; bytes past K up to a whole block are 0x80 (a = 0).
+
+// 16 quantized lanes -> 16 bytes q + 128, stored at dst. quantize_value (quant_math.h) on 16 lanes, with the
+// division x / scale done as x * (1 / scale) where that cannot change the result (vdivps is the panel build's
+// costliest instruction). Why that is exact: with r = fl(1 / scale), |fl(x * r) - fl(x / scale)| <= 2^-22.4
+// |x / scale|, below 2^-15 wherever |x / scale| <= 128 (beyond, both clamp alike); rounding and clamping give the
+// same integer unless a half-integer lies between the two, so lanes
+// within 2^-13 of a half-integer (about 1 in 4000 random values) are redone with the true division. A clamped lane
+// is an integer and never needs it. `recip` is false for a scale whose reciprocal is not a normal float
+// (scale < 2^-125 or > 2^125): those divide every lane.
+inline void pf_quant16(__m512 x, __m512 s, __m512 r, bool recip, __m512 lo, __m512 hi, uint8_t* dst) {
+  const __m512 half = _mm512_set1_ps(0.5f), tol = _mm512_set1_ps(1.0f / 8192.0f);
+  auto finish = [&](__m512 v) {  // NaN -> 0, clamp (clamping before rounding is exact: qmin, qmax are integers)
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+    return _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+  };
+  __m512 v = finish(recip ? _mm512_mul_ps(x, r) : _mm512_div_ps(x, s));
+  if (recip) {
+    const __m512 f = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)), half);
+    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(f), tol, _CMP_LE_OQ);
+    if (near) v = _mm512_mask_mov_ps(v, near, finish(_mm512_div_ps(x, s)));
+  }
+  const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128((__m128i*)dst, _mm_xor_si128(_mm512_cvtepi32_epi8(q), _mm_set1_epi8((char)0x80)));
+}
+
+// 16 elements of x (type t) from x[k] as fp32 (exact widening); lanes past `cnt` read nothing and are 0
+inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
+  if (t == FloatType::kBFloat16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t*)x + k)), 16));
+  if (t == FloatType::kFloat16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t*)x + k));
+  return _mm512_maskz_loadu_ps(m, (const float*)x + k);
+}
+
+// x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
+void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
+                     int64_t bstride, uint8_t* dst) {
+  const float r = 1.0f / scale;
+  const bool recip = scale >= 0x1p-125f && scale <= 0x1p125f;
+  const __m512 s = _mm512_set1_ps(scale), rv = _mm512_set1_ps(r);
+  const __m512 lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
+    uint8_t* d = dst + b * bstride;
+    const int64_t n = std::min(kc, K - k0);
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), s, rv, recip, lo, hi, d + k);
+    if (k < n) {  // the row's last < 16 elements: quantized into a scratch, then copied
+      alignas(16) uint8_t tail[16];
+      pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), s, rv, recip, lo, hi, tail);
+      memcpy(d + k, tail, (size_t)(n - k));
+      k = n;
+    }
+    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
+  }
+}
+
+// q: int8 [K] (already quantized) -> dst, the panel row (each byte q ^ 0x80).
+void pf_pack_a_int8(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
+    uint8_t* d = dst + b * bstride;
+    const int64_t n = std::min(kc, K - k0);
+    for (int64_t k = 0; k < n; k += 64) {
+      const __mmask64 m = n - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - k)) - 1);
+      _mm512_mask_storeu_epi8(d + k, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k0 + k), flip));
+    }
+    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
   }
 }
 

@@ -94,3 +94,46 @@ def test_prefill_quant_linear_bits(blocks, backend, dtype, a_bits, w_bits, stati
     assert got.dtype == want.dtype
     assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def _near_half_integers(qmin, qmax, scale, dtype):
+    """x with x / scale on and a few ulp either side of every half-integer (and integer) from qmin - 1.5 to qmax + 1.5:
+    where fl(x * (1 / scale)) and fl(x / scale) round to different integers if anywhere."""
+    v = torch.arange(2 * qmin - 3, 2 * qmax + 4, dtype=torch.float64) / 2
+    x0 = (v * scale).to(dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    steps = torch.arange(-3, 4, dtype=bits)
+    x = (x0.view(bits).unsqueeze(1) + steps).view(dtype).flatten()   # the neighbours, by bit pattern
+    return torch.cat([x, -x])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("a_bits", [4, 8])
+@pytest.mark.parametrize("scale", [0.1, 0.0371, 1 / 3, 0.7, 1.7e-3, 2.5e-39, 1.0e38])
+def test_prefill_quantize_near_half_integers(backend, dtype, a_bits, scale):
+    """The fused static quantize of the prefill panel (x86_gemm_zmm.h pf_quant16) divides by multiplying with
+    1 / scale and redoes the lanes near a half-integer with the true division: x / scale on and within 3 ulp of
+    every half-integer of the range, for ordinary scales and for two the reciprocal must not serve (2.5e-39, a
+    subnormal whose reciprocal overflows, and 1e38, whose reciprocal is subnormal), must quantize exactly as the
+    reference's x / scale does. W is the identity, so every output is one quantized value times a power of two: a
+    value off by one shows in any output dtype. Planted bugs: no redo near half-integers -> 11 failures; the
+    reciprocal for every scale -> 2."""
+    qmax = (1 << (a_bits - 1)) - 1
+    if dtype != torch.float32 and not (1e-4 < scale < 1e3):
+        pytest.skip("the scale's range times its half-integers is not representable in a 16-bit float")
+    vals = _near_half_integers(-qmax - 1, qmax, scale, dtype)
+    vals = vals[torch.isfinite(vals)]
+    K = 70                                   # 4 whole zmm of 16 and a masked tail of 6
+    rows = max(64, -(-vals.numel() // K))    # M >= 64: the prefill path
+    x = torch.zeros(rows * K, dtype=dtype)
+    x[: vals.numel()] = vals
+    x = x.view(rows, K)
+    w = fmt.pack_int4(torch.eye(K, dtype=torch.int8))
+    a_scale = torch.tensor(scale, dtype=torch.float32)
+    e = float(torch.clamp(-torch.round(torch.log2(a_scale)), -126, 126))
+    w_scale = torch.full((K,), 2.0 ** e)     # a_scale * w_scale near 1
+    want = reference.quant_linear(x, w, w_scale, a_scale, a_bits, None)
+    got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, None, backend=backend)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))
