@@ -79,26 +79,13 @@ void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
 // dst: block b holds k in [b kc, (b + 1) kc) at dst + b * bstride; bytes past K up to a whole block are 0x80 (a = 0).
 
-// 16 quantized lanes -> 16 bytes q + 128, stored at dst. quantize_value (quant_math.h) on 16 lanes, with the
-// division x / scale done as x * (1 / scale) where that cannot change the result (vdivps is the panel build's
-// costliest instruction). Why that is exact: with r = fl(1 / scale), |fl(x * r) - fl(x / scale)| <= 2^-22.4
-// |x / scale|, below 2^-15 wherever |x / scale| <= 128 (beyond, both clamp alike); rounding and clamping give the
-// same integer unless a half-integer lies between the two, so lanes
-// within 2^-13 of a half-integer (about 1 in 4000 random values) are redone with the true division. A clamped lane
-// is an integer and never needs it. `recip` is false for a scale whose reciprocal is not a normal float
-// (scale < 2^-125 or > 2^125): those divide every lane.
-inline void pf_quant16(__m512 x, __m512 s, __m512 r, bool recip, __m512 lo, __m512 hi, uint8_t* dst) {
-  const __m512 half = _mm512_set1_ps(0.5f), tol = _mm512_set1_ps(1.0f / 8192.0f);
-  auto finish = [&](__m512 v) {  // NaN -> 0, clamp (clamping before rounding is exact: qmin, qmax are integers)
-    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
-    return _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-  };
-  __m512 v = finish(recip ? _mm512_mul_ps(x, r) : _mm512_div_ps(x, s));
-  if (recip) {
-    const __m512 f = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)), half);
-    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(f), tol, _CMP_LE_OQ);
-    if (near) v = _mm512_mask_mov_ps(v, near, finish(_mm512_div_ps(x, s)));
-  }
+// 16 quantized lanes -> 16 bytes q + 128, stored at dst: quantize_value (quant_math.h) on 16 lanes. The division
+// stays a division: x * (1 / scale) with the lanes near a half-integer redone was tried and was slower, because
+// bf16 activations over a round scale (0.05) put many x / scale on or next to a half-integer (docs/PERF.md step 19).
+inline void pf_quant16(__m512 x, __m512 s, __m512 lo, __m512 hi, uint8_t* dst) {
+  __m512 v = _mm512_div_ps(x, s);
+  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+  v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);  // clamping before rounding is exact: qmin, qmax are integers
   const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   _mm_storeu_si128((__m128i*)dst, _mm_xor_si128(_mm512_cvtepi32_epi8(q), _mm_set1_epi8((char)0x80)));
 }
@@ -114,18 +101,16 @@ inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
 // x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
 void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
                      int64_t bstride, uint8_t* dst) {
-  const float r = 1.0f / scale;
-  const bool recip = scale >= 0x1p-125f && scale <= 0x1p125f;
-  const __m512 s = _mm512_set1_ps(scale), rv = _mm512_set1_ps(r);
+  const __m512 s = _mm512_set1_ps(scale);
   const __m512 lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
     uint8_t* d = dst + b * bstride;
     const int64_t n = std::min(kc, K - k0);
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), s, rv, recip, lo, hi, d + k);
+    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), s, lo, hi, d + k);
     if (k < n) {  // the row's last < 16 elements: quantized into a scratch, then copied
       alignas(16) uint8_t tail[16];
-      pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), s, rv, recip, lo, hi, tail);
+      pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), s, lo, hi, tail);
       memcpy(d + k, tail, (size_t)(n - k));
       k = n;
     }

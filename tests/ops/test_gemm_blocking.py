@@ -112,13 +112,12 @@ def _near_half_integers(qmin, qmax, scale, dtype):
 @pytest.mark.parametrize("a_bits", [4, 8])
 @pytest.mark.parametrize("scale", [0.1, 0.0371, 1 / 3, 0.7, 1.7e-3, 2.5e-39, 1.0e38])
 def test_prefill_quantize_near_half_integers(backend, dtype, a_bits, scale):
-    """The fused static quantize of the prefill panel (x86_gemm_zmm.h pf_quant16) divides by multiplying with
-    1 / scale and redoes the lanes near a half-integer with the true division: x / scale on and within 3 ulp of
-    every half-integer of the range, for ordinary scales and for two the reciprocal must not serve (2.5e-39, a
-    subnormal whose reciprocal overflows, and 1e38, whose reciprocal is subnormal), must quantize exactly as the
-    reference's x / scale does. W is the identity, so every output is one quantized value times a power of two: a
-    value off by one shows in any output dtype. Planted bugs: no redo near half-integers -> 11 failures; the
-    reciprocal for every scale -> 2."""
+    """The fused static quantize of the prefill panel (x86_gemm_zmm.h pf_quant16, the portable quantize_row + pack
+    elsewhere): x / scale on and within 3 ulp of every half-integer of the range (ties to even, the clamp edges),
+    for ordinary scales and extreme ones (2.5e-39 is subnormal, its reciprocal overflows; 1e38's is subnormal),
+    must quantize exactly as the reference does. W is the identity, so every output is one quantized value times a
+    power of two: a value off by one shows in any output dtype. Planted bug (x * (1 / scale) for the division, a
+    version tried in step 19 without its redo near half-integers): 11 failures."""
     qmax = (1 << (a_bits - 1)) - 1
     if dtype != torch.float32 and not (1e-4 < scale < 1e3):
         pytest.skip("the scale's range times its half-integers is not representable in a 16-bit float")
