@@ -82,7 +82,7 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
 //       for each K block of up to pk.kc:
 //         unpack W [micro panel, K block] once (int4 -> int8 in the kernel's layout, + column sums)
 //         for each A tile of mr rows of the M-block: micro-kernel into c (int32)
-//         last K block: epilogue of each tile straight after its kernel (c still in L1)
+//         last K block: the epilogue of each tile straight from the kernel's accumulators (kernel_out)
 // W is unpacked once per M-block and reused by all its rows (not once per tile); threads split N, so both share
 // the A panel and each unpacks only its own W. The blocks are as large as the caches allow (docs/PERF.md step 19):
 // on zmm one K block holds up to 16384 k (the unpacked micro panel, 48 x K bytes, streams from L2; no int32 partial
@@ -204,7 +204,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
     parallel_for(0, n_units, 1, [&](int64_t ub, int64_t ue) {
       const int64_t nb = ub * kPfUnit, ne = std::min(N, ue * kPfUnit);  // this thread's columns [nb, ne)
       int8_t* wp = thread_scratch<int8_t>(kScratchW, (size_t)(kq_max * 4 * nr));
-      int32_t* cbuf = thread_scratch<int32_t>(kScratchC, (size_t)(mb * ldc));
+      // int32 partial sums between K blocks (and for a table without kernel_out); none with one K block on zmm
+      int32_t* cbuf = n_kb > 1 || !pk.kernel_out ? thread_scratch<int32_t>(kScratchC, (size_t)(mb * ldc)) : nullptr;
       int32_t colsum[64];
       for (int64_t n0 = nb; n0 < ne; n0 += nr) {
         const int nn = (int)std::min<int64_t>(nr, ne - n0);
@@ -215,11 +216,20 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
           pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, kc, wp, colsum);
           for (int64_t i0 = 0; i0 < mb; i0 += mr) {
             const int mm = (int)std::min<int64_t>(mr, mb - i0);
-            int32_t* c = cbuf + i0 * ldc;
-            pk.kernel(panel + (k0 / kc_max) * bstride + i0 * kc_max, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
-            if (last)
-              pk.epilogue(c, ldc, mm, nn, colsum, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
-                          (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type);
+            int32_t* c = cbuf ? cbuf + i0 * ldc : nullptr;
+            const uint8_t* a = panel + (k0 / kc_max) * bstride + i0 * kc_max;
+            if (!last) {
+              pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
+              continue;
+            }
+            const PfOut ep = {colsum, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
+                              (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
+            if (pk.kernel_out) {
+              pk.kernel_out(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
+            } else {
+              pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
+              pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
+            }
           }
         }
       }

@@ -29,6 +29,19 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // The prefill GEMM (gemm.cpp: gemm_prefill, M >= kPrefillMinM): W unpacked once per panel into a layout of the
 // ISA's own, reused by every A row of an M-block; A panel rows natural-order uint8 (a + 128). x86_gemm_zmm.h.
+// The epilogue's arguments for PrefillKernels::kernel_out: out[i, j] = float(acc[i, j] - 128 colsum[j]) *
+// (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t, j < nn, row stride ldo.
+struct PfOut {
+  const int32_t* colsum;
+  const float* a_scale;
+  const float* w_scale;
+  const float* bias;  // or nullptr
+  void* out;
+  int64_t ldo;
+  FloatType t;
+  int nn;
+};
+
 struct PrefillKernels {
   int mr, nr;      // micro-kernel tile: A rows x W columns (one micro panel)
   int64_t kc;      // k per W block, at most (a multiple of 8)
@@ -46,6 +59,10 @@ struct PrefillKernels {
   // out[i, j] = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t
   void (*epilogue)(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
                    const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t);
+  // The last K block: kernel, then the epilogue straight from the accumulators (c is read if accumulate, never
+  // written). nullptr: kernel, then epilogue.
+  void (*kernel_out)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
+                     int64_t ldc, bool accumulate, const PfOut& ep);
   // One row of A into the panel's K blocks (block b = k in [b kc, (b+1) kc) at dst + b * bstride), each byte
   // a + 128, zero-valued (0x80) past K to a whole block. nullptr: the driver's portable code (gemm.cpp).
   //   pack_a_float: x float [K] of type t quantized with scale to [qmin, qmax] (quantize_value, bit for bit)

@@ -22,12 +22,55 @@ constexpr int64_t kPfKc = 16384;
 constexpr int64_t kPfRows = 2048;             // rows per M-block: c (2048 x 48 int32) is touched once per K block
 constexpr int64_t kPfPanelBytes = 16 << 20;  // A panel per M-block (L3): K = 14336 takes 1024-row M-blocks
 
+// The epilogue on 16 columns j0 .. j0+15 (cnt of them valid): out = float(c - 128 colsum) * (a_scale * w_scale)
+// (+ bias) -> type t, the scalar dequant_value + bias of quant_math.h lane by lane (separate multiply and add, never
+// fused). PfCols holds what the columns share; pf_store16 does one row.
+struct PfCols {
+  __m512i corr;  // 128 colsum
+  __m512 ws, b;  // w_scale, bias (0 without)
+  __mmask16 m;   // the valid columns
+  int cnt;
+};
+inline PfCols pf_cols(const int32_t* colsum, const float* w_scale, const float* bias, int j0, int nn) {
+  PfCols k;
+  k.cnt = std::min(16, nn - j0);
+  k.m = (__mmask16)((1u << k.cnt) - 1u);
+  k.corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(k.m, colsum + j0), 7);
+  k.ws = _mm512_maskz_loadu_ps(k.m, w_scale + j0);
+  k.b = bias ? _mm512_maskz_loadu_ps(k.m, bias + j0) : _mm512_setzero_ps();
+  return k;
+}
+inline void pf_store16(__m512i c, const PfCols& k, float a_scale, bool bias, void* out, int64_t o, FloatType t) {
+  const __m512i acc = _mm512_sub_epi32(c, k.corr);
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a_scale), k.ws);
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), s);
+  if (bias) y = _mm512_add_ps(y, k.b);
+  if (t == FloatType::kFloat32) {
+    _mm512_mask_storeu_ps((float*)out + o, k.m, y);
+  } else if (t == FloatType::kBFloat16) {
+    // f32_to_bf16 (float16.h) on 16 lanes: round to nearest-even, NaN -> quiet NaN
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i rnd = _mm512_add_epi32(
+        u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    const __m512i r = _mm512_mask_or_epi32(_mm512_srli_epi32(rnd, 16), nan, _mm512_srli_epi32(u, 16),
+                                           _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16((uint16_t*)out + o, k.m, _mm512_cvtepi32_epi16(r));
+  } else {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, y);
+    for (int j = 0; j < k.cnt; ++j) store_from_f32(out, o + j, tmp[j], t);
+  }
+}
+
 // c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq
 // dwords deep). NJ < 3 serves the last micro panel of an N that is not a multiple of 48 (N = 1024: 21 panels and
 // 16 columns), which would otherwise spend a full panel's vpdpbusd on zero columns.
+// ep != nullptr: instead of storing c, write ep's outputs (PrefillKernels::kernel_out).
 template <int MR, int NJ>
 void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
-                 bool accumulate) {
+                 bool accumulate, const PfOut* ep) {
   __m512i s[MR][NJ];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -48,6 +91,16 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
       for (int j = 0; j < NJ; ++j) s[i][j] = _mm512_dpbusd_epi32(s[i][j], ab, w[j]);
     }
   }
+  if (ep) {  // the last K block: the epilogue straight from the accumulators, c is not written
+#pragma GCC unroll 3
+    for (int j = 0; j < NJ; ++j) {
+      const PfCols k = pf_cols(ep->colsum, ep->w_scale, ep->bias, 16 * j, ep->nn);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+        pf_store16(s[i][j], k, ep->a_scale[i], ep->bias != nullptr, ep->out, i * ep->ldo + 16 * j, ep->t);
+    }
+    return;
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 3
@@ -56,24 +109,34 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
 
 template <int MR>
 void pf_kernel_mr(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int nn, int32_t* c, int64_t ldc,
-                  bool accumulate) {
-  if (nn > 32) return pf_kernel_t<MR, 3>(a, lda, wp, kq, c, ldc, accumulate);
-  if (nn > 16) return pf_kernel_t<MR, 2>(a, lda, wp, kq, c, ldc, accumulate);
-  return pf_kernel_t<MR, 1>(a, lda, wp, kq, c, ldc, accumulate);
+                  bool accumulate, const PfOut* ep) {
+  if (nn > 32) return pf_kernel_t<MR, 3>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  if (nn > 16) return pf_kernel_t<MR, 2>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  return pf_kernel_t<MR, 1>(a, lda, wp, kq, c, ldc, accumulate, ep);
+}
+
+void pf_kernel_ep(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
+                  int64_t ldc, bool accumulate, const PfOut* ep) {
+  switch (mr) {
+    case 8: return pf_kernel_mr<8>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 7: return pf_kernel_mr<7>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 6: return pf_kernel_mr<6>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 5: return pf_kernel_mr<5>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 4: return pf_kernel_mr<4>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 3: return pf_kernel_mr<3>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 2: return pf_kernel_mr<2>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    default: return pf_kernel_mr<1>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+  }
 }
 
 void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
                bool accumulate) {
-  switch (mr) {
-    case 8: return pf_kernel_mr<8>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    case 7: return pf_kernel_mr<7>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    case 6: return pf_kernel_mr<6>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    case 5: return pf_kernel_mr<5>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    case 4: return pf_kernel_mr<4>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    case 3: return pf_kernel_mr<3>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    case 2: return pf_kernel_mr<2>(a, lda, wp, kq, nn, c, ldc, accumulate);
-    default: return pf_kernel_mr<1>(a, lda, wp, kq, nn, c, ldc, accumulate);
-  }
+  pf_kernel_ep(a, lda, wp, kq, mr, nn, c, ldc, accumulate, nullptr);
+}
+
+void pf_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
+                   int64_t ldc, bool accumulate, const PfOut& ep) {
+  pf_kernel_ep(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);  // c is only read
 }
 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
@@ -182,39 +245,12 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
   pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, q_full, kPfNr, dst, colsum);  // kc not a multiple of 8 / 4
 }
 
-// out[i, 0:nn] (row stride ldo, type t) = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]),
-// the scalar dequant_value + bias of quant_math.h lane by lane (separate multiply and add, never fused).
+// out[i, 0:nn] (row stride ldo, type t) = the epilogue of c[i, 0:nn] (row stride ldc), i < mr.
 void pf_epilogue(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
                  const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t) {
   for (int j0 = 0; j0 < nn; j0 += 16) {
-    const int cnt = std::min(16, nn - j0);
-    const __mmask16 m = (__mmask16)((1u << cnt) - 1u);
-    const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, colsum + j0), 7);
-    const __m512 ws = _mm512_maskz_loadu_ps(m, w_scale + j0);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + j0) : _mm512_setzero_ps();
-    for (int i = 0; i < mr; ++i) {
-      const __m512i acc = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, c + i * ldc + j0), corr);
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a_scale[i]), ws);
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), s);
-      if (bias) y = _mm512_add_ps(y, b);
-      const int64_t o = i * ldo + j0;
-      if (t == FloatType::kFloat32) {
-        _mm512_mask_storeu_ps((float*)out + o, m, y);
-      } else if (t == FloatType::kBFloat16) {
-        // f32_to_bf16 (float16.h) on 16 lanes: round to nearest-even, NaN -> quiet NaN
-        const __m512i u = _mm512_castps_si512(y);
-        const __m512i rnd = _mm512_add_epi32(
-            u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                      _mm512_set1_epi32(0x7f800000));
-        const __m512i r = _mm512_mask_or_epi32(_mm512_srli_epi32(rnd, 16), nan, _mm512_srli_epi32(u, 16),
-                                               _mm512_set1_epi32(0x40));
-        _mm256_mask_storeu_epi16((uint16_t*)out + o, m, _mm512_cvtepi32_epi16(r));
-      } else {
-        alignas(64) float tmp[16];
-        _mm512_store_ps(tmp, y);
-        for (int j = 0; j < cnt; ++j) store_from_f32(out, o + j, tmp[j], t);
-      }
-    }
+    const PfCols k = pf_cols(colsum, w_scale, bias, j0, nn);
+    for (int i = 0; i < mr; ++i)
+      pf_store16(_mm512_maskz_loadu_epi32(k.m, c + i * ldc + j0), k, a_scale[i], bias != nullptr, out, i * ldo + j0, t);
   }
 }
