@@ -17,6 +17,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--no-connector", action="store_true", help="serve without the prefix connector")
+    ap.add_argument("--dtype", default="float32", help="vLLM's dtype for the float parts")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's KV cache dtype (fp8: AVX-512 CPUs only)")
     a = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if a.tp > 1:
@@ -26,8 +28,8 @@ def main():
     kv = None if a.no_connector else KVTransferConfig(
         kv_connector="PrefixKVConnector", kv_connector_module_path="prefixquant_kernels.serving.vllm_prefix",
         kv_role="kv_both")
-    llm = LLM(model=a.checkpoint, skip_tokenizer_init=True, dtype="float32", max_model_len=256, enforce_eager=True,
-              tensor_parallel_size=a.tp, kv_transfer_config=kv, seed=0)
+    llm = LLM(model=a.checkpoint, skip_tokenizer_init=True, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype,
+              max_model_len=256, enforce_eager=True, tensor_parallel_size=a.tp, kv_transfer_config=kv, seed=0)
     sp = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in json.loads(a.prompts)], sp)
     res = []
