@@ -56,11 +56,12 @@ struct PrefillKernels {
   // a table may skip the columns at and past nn (<= nr, the valid columns of the micro panel) or compute them
   void (*kernel)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
                  int64_t ldc, bool accumulate);
-  // out[i, j] = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t
+  // out[i, j] = float(c[i, j] - 128 colsum[j]) * (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t; only for a
+  // table without kernel_out (nullptr otherwise)
   void (*epilogue)(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
                    const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t);
   // The last K block: kernel, then the epilogue straight from the accumulators (c is read if accumulate, never
-  // written). nullptr: kernel, then epilogue.
+  // written). nullptr: kernel, then epilogue (which the table must then give).
   void (*kernel_out)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
                      int64_t ldc, bool accumulate, const PfOut& ep);
   // One row of A into the panel's K blocks (block b = k in [b kc, (b+1) kc) at dst + b * bstride), each byte

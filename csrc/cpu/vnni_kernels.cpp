@@ -103,8 +103,8 @@ void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const u
 #include "x86_tile_w4_zmm.h"
 #include "x86_gemm_zmm.h"
 
-const PrefillKernels kPrefill = {kPfMr,       kPfNr,           kPfKc,          kPfRows,       kPfPanelBytes,
-                                 /*w8=*/true, pf_pack_w,       pf_kernel,      pf_epilogue,   pf_kernel_out,
+const PrefillKernels kPrefill = {kPfMr,       kPfNr,           kPfKc,          kPfRows,  kPfPanelBytes,
+                                 /*w8=*/true, pf_pack_w,       pf_kernel,      nullptr,  pf_kernel_out,
                                  pf_pack_a_float, pf_pack_a_int8};
 
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,

@@ -24,7 +24,8 @@ constexpr int64_t kPfPanelBytes = 16 << 20;  // A panel per M-block (L3): K = 14
 
 // The epilogue on 16 columns j0 .. j0+15 (cnt of them valid): out = float(c - 128 colsum) * (a_scale * w_scale)
 // (+ bias) -> type t, the scalar dequant_value + bias of quant_math.h lane by lane (separate multiply and add, never
-// fused). PfCols holds what the columns share; pf_store16 does one row.
+// fused). PfCols holds what the columns share; pf_store16 does one row. This table has no separate epilogue: the
+// last K block always ends in pf_kernel_out, straight from the accumulators.
 struct PfCols {
   __m512i corr;  // 128 colsum
   __m512 ws, b;  // w_scale, bias (0 without)
@@ -245,12 +246,3 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
   pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, q_full, kPfNr, dst, colsum);  // kc not a multiple of 8 / 4
 }
 
-// out[i, 0:nn] (row stride ldo, type t) = the epilogue of c[i, 0:nn] (row stride ldc), i < mr.
-void pf_epilogue(const int32_t* c, int64_t ldc, int mr, int nn, const int32_t* colsum, const float* a_scale,
-                 const float* w_scale, const float* bias, void* out, int64_t ldo, FloatType t) {
-  for (int j0 = 0; j0 < nn; j0 += 16) {
-    const PfCols k = pf_cols(colsum, w_scale, bias, j0, nn);
-    for (int i = 0; i < mr; ++i)
-      pf_store16(_mm512_maskz_loadu_epi32(k.m, c + i * ldc + j0), k, a_scale[i], bias != nullptr, out, i * ldo + j0, t);
-  }
-}
