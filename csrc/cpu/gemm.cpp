@@ -13,6 +13,7 @@
 // than the int8 panel (docs/PERF.md, step 2). At decode there is one M-block and W streams exactly once.
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <new>
@@ -105,10 +106,19 @@ int64_t env_int(const char* name, int64_t dflt) {
   return x > 0 ? (int64_t)x : dflt;
 }
 
+// The L2 size per core (sysconf), 1 MB when unknown; clamped to [256 KB, 4 MB].
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? std::min<int64_t>(std::max<int64_t>(v, 256 << 10), 4 << 20) : (int64_t)(1 << 20);
+  }();
+  return bytes;
+}
+
 // Grow-only, 64-byte aligned scratch kept per thread across calls (slot: one buffer per use). A prefill GEMM's A panel
 // (up to PrefillKernels::panel_bytes) and its per-thread c block, allocated afresh per call, were page-faulted in every time:
 // ~2900 faults per 2048x4096->1024 call, a few % of its time (docs/PERF.md step 19). Held until the thread exits.
-enum ScratchSlot { kScratchPanel = 0, kScratchW = 1, kScratchC = 2, kScratchSlots = 3 };
+enum ScratchSlot { kScratchPanel = 0, kScratchW = 1, kScratchC = 2, kScratchColsum = 3, kScratchSlots = 4 };
 template <class T>
 T* thread_scratch(ScratchSlot slot, size_t n) {
   struct Buf {
@@ -160,11 +170,28 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const int64_t n_units = (N + kPfUnit - 1) / kPfUnit;
   const int64_t ldc = nr;
 
-  // The A panel of an M-block, blocked by K: block b = rows [mb_max, kc_max] of k in [b kc_max, (b+1) kc_max), so a
-  // micro-kernel's A tile (mr x kc_max) is contiguous and one K block of all rows is one sequential stream (rows
+  // The A panel of an M-block, blocked by K: block b = rows [mb_max, lda] of k in [b kc_max, (b+1) kc_max), so a
+  // micro-kernel's A tile (mr x lda) is contiguous and one K block of all rows is one sequential stream (rows
   // a full K apart gave the prefetchers mr short streams per kernel call).
-  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(mb_max * kpad));
-  const int64_t bstride = mb_max * kc_max;
+  const int64_t lda = kc_max;  // bytes from one panel row to the next within a K block
+  const int64_t bstride = mb_max * lda;
+  // L2 sub-blocks (PrefillKernels::l2_blocks): A rows of a slice = what fits in 3/4 of L2 beside one micro panel
+  // (nr x K bytes of unpacked W); a chunk of micro panels unpacked at once holds up to 2 MB. Without them a
+  // 2048 x 4096 A panel (8 MB) streamed from L3 once per micro panel ran the micro-kernel at 89 % of the peak, a
+  // 128-row one (512 KB, in L2) at 96 % (docs/PERF.md step 20). Long K (14336: 672 KB per micro panel) leaves no room: the whole M-block per panel.
+  // PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (tests, tuning) force the slice rows and chunk columns.
+  const int64_t w_panel = kq_max * 4 * nr;  // bytes of one unpacked micro panel's K block
+  int64_t sub_rows = mb_max, chunk = nr;
+  if (pk.l2_blocks && n_kb == 1) {
+    const int64_t fit = l2_cache_bytes() * 3 / 4 / lda - nr;
+    if (fit >= 64) {
+      sub_rows = fit / mr * mr;
+      chunk = std::max<int64_t>(nr, (2 << 20) / (n_kb * w_panel) * nr);
+    }
+  }
+  if (const int64_t r = env_int("PQK_PREFILL_SUBROWS", 0)) sub_rows = round_up(r, mr);
+  if (const int64_t c = env_int("PQK_PREFILL_CHUNK", 0)) chunk = round_up(c, nr);
+  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(n_kb * bstride));
   const auto pack_a_int8 = pk.pack_a_int8 ? pk.pack_a_int8 : pack_a_int8_portable;
   std::vector<float> rscale((size_t)mb_max);
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
@@ -173,7 +200,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
       for (int64_t r = b; r < e; ++r) {
         const int64_t m = m0 + r;
-        uint8_t* dst = panel + r * kc_max;
+        uint8_t* dst = panel + r * lda;
         float scale = 0.0f;
         if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
         if (g.a_source == ASource::kInt8) {
@@ -201,34 +228,50 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
     // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
     // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial
     // panel's zero columns, so whole panels per thread left one thread waiting at the barrier).
+    // A thread unpacks `chunk` columns of micro panels (all their K blocks) at once, then runs them over the
+    // M-block one slice of `rows` rows at a time (L2 sub-blocks; without them rows = mb and chunk = nr).
+    const int64_t rows = std::min(mb, balanced_block(mb, sub_rows, mr));
     parallel_for(0, n_units, 1, [&](int64_t ub, int64_t ue) {
       const int64_t nb = ub * kPfUnit, ne = std::min(N, ue * kPfUnit);  // this thread's columns [nb, ne)
-      int8_t* wp = thread_scratch<int8_t>(kScratchW, (size_t)(kq_max * 4 * nr));
+      const int64_t chunk_panels = (std::min(chunk, ne - nb) + nr - 1) / nr;
+      int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(chunk_panels * n_kb * w_panel));
+      int32_t* colsum = thread_scratch<int32_t>(kScratchColsum, (size_t)(chunk_panels * nr));
       // int32 partial sums between K blocks (and for a table without kernel_out); none with one K block on zmm
-      int32_t* cbuf = n_kb > 1 || !pk.kernel_out ? thread_scratch<int32_t>(kScratchC, (size_t)(mb * ldc)) : nullptr;
-      int32_t colsum[64];
-      for (int64_t n0 = nb; n0 < ne; n0 += nr) {
-        const int nn = (int)std::min<int64_t>(nr, ne - n0);
-        memset(colsum, 0, sizeof(colsum));
-        for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-          const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
-          const bool last = k0 + kc >= K;
-          pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, kc, wp, colsum);
-          for (int64_t i0 = 0; i0 < mb; i0 += mr) {
-            const int mm = (int)std::min<int64_t>(mr, mb - i0);
-            int32_t* c = cbuf ? cbuf + i0 * ldc : nullptr;
-            const uint8_t* a = panel + (k0 / kc_max) * bstride + i0 * kc_max;
-            if (!last) {
-              pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
-              continue;
-            }
-            const PfOut ep = {colsum, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
-                              (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
-            if (pk.kernel_out) {
-              pk.kernel_out(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
-            } else {
-              pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
-              pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
+      int32_t* cbuf = n_kb > 1 || !pk.kernel_out ? thread_scratch<int32_t>(kScratchC, (size_t)(rows * ldc)) : nullptr;
+      for (int64_t c0 = nb; c0 < ne; c0 += chunk) {
+        const int64_t ce = std::min(ne, c0 + chunk);  // this chunk's columns [c0, ce)
+        memset(colsum, 0, (size_t)(chunk_panels * nr) * sizeof(int32_t));
+        for (int64_t n0 = c0, p = 0; n0 < ce; n0 += nr, ++p) {
+          const int nn = (int)std::min<int64_t>(nr, ce - n0);
+          for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kc_max, ++kb)
+            pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, std::min(kc_max, K - k0), wbuf + (p * n_kb + kb) * w_panel,
+                      colsum + p * nr);
+        }
+        for (int64_t r0 = 0; r0 < mb; r0 += rows) {
+          const int64_t re = std::min(mb, r0 + rows);  // this slice's rows [r0, re) of the M-block
+          for (int64_t n0 = c0, p = 0; n0 < ce; n0 += nr, ++p) {
+            const int nn = (int)std::min<int64_t>(nr, ce - n0);
+            for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kc_max, ++kb) {
+              const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
+              const bool last = k0 + kc >= K;
+              const int8_t* wp = wbuf + (p * n_kb + kb) * w_panel;
+              for (int64_t i0 = r0; i0 < re; i0 += mr) {
+                const int mm = (int)std::min<int64_t>(mr, re - i0);
+                int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc : nullptr;
+                const uint8_t* a = panel + kb * bstride + i0 * lda;
+                if (!last) {
+                  pk.kernel(a, lda, wp, kq, mm, nn, c, ldc, k0 > 0);
+                  continue;
+                }
+                const PfOut ep = {colsum + p * nr, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
+                                  (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
+                if (pk.kernel_out) {
+                  pk.kernel_out(a, lda, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
+                } else {
+                  pk.kernel(a, lda, wp, kq, mm, nn, c, ldc, k0 > 0);
+                  pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
+                }
+              }
             }
           }
         }

@@ -1,7 +1,7 @@
 """The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h / x86_gemm_ymm.h, M >= 64): W unpacked once
 per panel, K blocked, A panel blocked by K. Bit-exact with the reference across every block boundary: the block
-sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS (read on every call) so small shapes cross many K blocks,
-M-blocks and micro panels, with tails that are not multiples of 8 (k per packed dword), 4 (k per vpdpbusd lane),
+sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS / PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (read on every
+call) so small shapes cross many K blocks, M-blocks, L2 slices, chunks and micro panels, with tails that are not multiples of 8 (k per packed dword), 4 (k per vpdpbusd lane),
 48 (W columns per micro panel) or 8 (A rows per micro-kernel). The AVX2 table has its own prefill pieces for W4
 (x86_gemm_ymm.h: 16 columns, 6 rows, int16 partial sums), which "cpu:avx2" runs on every x86-64 CPU; W8 there,
 and the portable scalar table, run the tile path (still a bit-exactness check)."""
@@ -16,15 +16,19 @@ from ..conftest import KERNEL_BACKENDS, rand_int
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu:")]
 # (M, N, K): M >= 64 (the prefill path); N, K off every tile / block size
 SHAPES = [(64, 48, 8), (64, 1, 2), (67, 101, 1030), (130, 200, 522), (72, 49, 4098), (65, 97, 1542)]
-# (PQK_PREFILL_KC, PQK_PREFILL_ROWS): defaults, then blocks small enough that every shape crosses several
-BLOCKS = [(None, None), ("8", "9"), ("24", None), ("64", "16"), ("520", "64")]
+# (PQK_PREFILL_KC, PQK_PREFILL_ROWS, PQK_PREFILL_SUBROWS, PQK_PREFILL_CHUNK): defaults, then blocks small enough
+# that every shape crosses several; the last three force L2 sub-blocks (slices of rows run over a chunk of micro
+# panels unpacked at once), with one and with many K blocks
+BLOCKS = [(None, None, None, None), ("8", "9", None, None), ("24", None, None, None), ("64", "16", None, None),
+          ("520", "64", None, None), (None, None, "16", "96"), ("24", "64", "8", "48"), ("64", None, "24", "144")]
 BITS = [(4, 4), (8, 4), (4, 8), (8, 8)]  # (a_bits, w_bits)
 
 
-@pytest.fixture(params=BLOCKS, ids=lambda b: f"kc{b[0]}-rows{b[1]}")
+@pytest.fixture(params=BLOCKS, ids=lambda b: f"kc{b[0]}-rows{b[1]}-sub{b[2]}-chunk{b[3]}")
 def blocks(request, monkeypatch):
-    kc, rows = request.param
-    for name, v in (("PQK_PREFILL_KC", kc), ("PQK_PREFILL_ROWS", rows)):
+    kc, rows, sub, chunk = request.param
+    for name, v in (("PQK_PREFILL_KC", kc), ("PQK_PREFILL_ROWS", rows), ("PQK_PREFILL_SUBROWS", sub),
+                    ("PQK_PREFILL_CHUNK", chunk)):
         if v is None:
             monkeypatch.delenv(name, raising=False)
         else:
@@ -136,3 +140,40 @@ def test_prefill_quantize_near_half_integers(backend, dtype, a_bits, scale):
     got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, None, backend=backend)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+# Scales for the panel quantize's two paths (x86_gemm_zmm.h pf_pack_a_float): the reciprocal + Markstein correction
+# for s in [2^-100, 2^100], the division outside; all-ones significands (the hardest reciprocals), the range edges
+# and one float on either side of them, ordinary ones, and two far outside (a subnormal scale, whose reciprocal
+# overflows, and 1e38, whose reciprocal is subnormal).
+_EDGE = [2.0 ** -100, 2.0 ** 100]
+RECIP_SCALES = (_EDGE + [float(torch.tensor(s).nextafter(torch.tensor(t))) for s, t in ((2.0 ** -100, 0.0),
+                (2.0 ** 100, float("inf")), (2.0 ** -100, 1.0), (2.0 ** 100, 0.0))]
+                + [float(torch.tensor(0x00FFFFFF, dtype=torch.int32).view(torch.float32)) * 2.0 ** e for e in (-10, 100, 120)]
+                + [(2 - 2 ** -23) * 2.0 ** e for e in (-7, -1, 0, 3)] + [0.05, 0.1, 1 / 3, 0.0371, 1.7e-3, 6.1e-5, 2.5e-39, 1.0e38])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale", RECIP_SCALES, ids=lambda s: f"{s:.9g}")
+def test_prefill_quantize_every_16bit_value(backend, dtype, scale, gen):
+    """Every bf16 / fp16 bit pattern (NaN, infinities and subnormals included; 65536 fp32 patterns drawn at random
+    for fp32) quantized by the prefill panel with the scales where its reciprocal path and its division meet:
+    bit-exact with the reference's division. W is the identity and a_scale * w_scale a power of two near 1, so one
+    quantized value off by one shows in the output. Planted bug (the reciprocal path without Markstein's correction,
+    q = x * (1 / s)): fails."""
+    if dtype == torch.float32:
+        x = torch.randint(-2 ** 31, 2 ** 31, (65536,), dtype=torch.int64, generator=gen).to(torch.int32).view(torch.float32)
+    else:
+        x = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    K = 256
+    x = x.view(-1, K)                         # 256 rows: the prefill path
+    w = fmt.pack_int4(torch.eye(K, dtype=torch.int8))
+    a_scale = torch.tensor(scale, dtype=torch.float32)
+    e = float(torch.clamp(-torch.round(torch.log2(a_scale)), -126, 126))
+    w_scale = torch.full((K,), 2.0 ** e)
+    for a_bits in (4, 8):
+        want = reference.quant_linear(x, w, w_scale, a_scale, a_bits, None)
+        got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, None, backend=backend)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got.view(bits), want.view(bits)), a_bits
