@@ -230,8 +230,36 @@ void pf_pack_a_int8(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uin
   }
 }
 
+// r[0:16] = 16 rows of 16 dwords -> r[e] = dword e of rows 0..15 (a 16 x 16 dword transpose in 64 shuffles: pairs
+// of rows interleaved by dword, then by qword, then 128-bit lanes gathered across the four row quads).
+inline void pf_transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);      // per lane: a0 b0 a1 b1
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);  // a2 b2 a3 b3
+  }
+  for (int j = 0; j < 4; ++j) {  // u[4j + m], lane L = dword 4L + m of rows 4j .. 4j+3
+    u[4 * j + 0] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+    u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+    u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+    u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // dword 4L + m = lane L of u[m], u[4+m], u[8+m], u[12+m]
+    const __m512i v0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+    r[m] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + m] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + m] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + m] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
 // One micro panel: W rows n0 .. n0 + nn - 1 (nn <= 48; the rest are zero columns), k in [k0, k0 + kc) -> dst
 // int8 [ceil(kc / 4)][48][4] (64-byte aligned), colsum[0:48] += sum over those k of w. k0 % 8 == 0.
+// A group's 16 columns are read 64 bytes of each row at a time and transposed in registers (pf_transpose16): a
+// gather of one dword from each of 16 rows K bytes apart touches the same 16 lines 16 times over, and with K = 4096
+// all 16 lines sit in one L1 set (8 ways). A row's last < 16 dwords still use the gather.
 void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
                int32_t* colsum) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -239,19 +267,30 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
   // W4: dword (col c) of U_lo lane l = [c=4l+r, r<2: o1 o2 ...]: see the comment at the permutes
   const __m512i idx1 = _mm512_setr_epi32(0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30);
   const __m512i idx2 = _mm512_add_epi32(idx1, _mm512_set1_epi32(1));
-  int64_t q_full;  // dword groups written by the vector loop
+  const int64_t n_dw = w_bits == 4 ? kc / 8 : kc / 4;  // whole dwords of W per row in the block (8 or 4 k each)
+  const int64_t n_blk = n_dw / 16 * 16;                 // of which in whole blocks of 16 (transposed)
   for (int g = 0; g < 3; ++g) {
     const int valid = std::max(0, std::min(16, nn - 16 * g));
     const __mmask16 vm = (__mmask16)((1u << valid) - 1u);
     const __m512i vindex = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)w_stride));
+    const uint8_t* base = (const uint8_t*)w + (n0 + 16 * g) * w_stride + (w_bits == 4 ? k0 / 2 : k0);
     __m512i cs = _mm512_setzero_si512();
     int8_t* out = dst + 64 * g;
-    if (w_bits == 4) {
-      const uint8_t* base = (const uint8_t*)w + (n0 + 16 * g) * w_stride + k0 / 2;
-      const int64_t n8 = kc / 8;  // whole 8-k groups = one dword of packed W per row
-      for (int64_t e = 0; e < n8; ++e) {
-        const __m512i d = valid ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), vm, vindex, base + 4 * e, 1)
-                                : _mm512_setzero_si512();
+    __m512i blk[16];
+    for (int64_t e = 0; e < n_dw; ++e) {
+      __m512i d;  // dword e of the group's 16 rows (0 for rows past nn)
+      if (e < n_blk) {
+        if (e % 16 == 0) {  // the next 16 dwords of every row, transposed
+          for (int c = 0; c < 16; ++c)
+            blk[c] = c < valid ? _mm512_loadu_si512((const void*)(base + c * w_stride + 4 * e)) : _mm512_setzero_si512();
+          pf_transpose16(blk);
+        }
+        d = blk[e % 16];
+      } else {
+        d = valid ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), vm, vindex, base + 4 * e, 1)
+                  : _mm512_setzero_si512();
+      }
+      if (w_bits == 4) {
         // nibbles -> signed bytes: lo = w(k), w(k+2), w(k+4), w(k+6); hi = the odd k
         const __m512i lo = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(d, m0f), x8), x8);
         const __m512i hi = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(d, 4), m0f), x8), x8);
@@ -261,22 +300,14 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
         _mm512_store_si512((void*)(out + (2 * e) * 192), o1);
         _mm512_store_si512((void*)(out + (2 * e + 1) * 192), o2);
         cs = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cs, ones, o1), ones, o2);
-      }
-      q_full = 2 * n8;
-    } else {
-      const int8_t* base = (const int8_t*)w + (n0 + 16 * g) * w_stride + k0;
-      const int64_t n4 = kc / 4;
-      for (int64_t q = 0; q < n4; ++q) {
-        const __m512i d = valid ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), vm, vindex, base + 4 * q, 1)
-                                : _mm512_setzero_si512();
-        _mm512_store_si512((void*)(out + q * 192), d);
+      } else {
+        _mm512_store_si512((void*)(out + e * 192), d);
         cs = _mm512_dpbusd_epi32(cs, ones, d);
       }
-      q_full = n4;
     }
     _mm512_storeu_si512((void*)(colsum + 16 * g),
                         _mm512_add_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * g)), cs));
   }
-  pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, q_full, kPfNr, dst, colsum);  // kc not a multiple of 8 / 4
+  // kc not a multiple of 8 / 4: the dword groups past the vector loop's
+  pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, w_bits == 4 ? 2 * n_dw : n_dw, kPfNr, dst, colsum);
 }
-
