@@ -19,7 +19,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <cmath>
 
 #include "../common/quant_math.h"
 #include "kernels.h"

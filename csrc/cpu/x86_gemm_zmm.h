@@ -143,35 +143,15 @@ void pf_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
 // dst: block b holds k in [b kc, (b + 1) kc) at dst + b * bstride; bytes past K up to a whole block are 0x80 (a = 0).
 
-// The quotient x / s of quantize_value, rounded as the division rounds it, on 16 lanes.
-//   kRecip = false: the division (vdivps zmm; ~0.45 ms of a 2048 x 4096 bf16 panel build on Zen 4, step 20).
-//   kRecip = true:  y = x * r with r = 1 / s (rounded once), then Markstein's correction q = y + (x - y s) r in two
-//                   FMAs. With r the correctly rounded reciprocal and y within one ulp of x / s, the residual
-//                   x - y s is exact and q is the correctly rounded quotient, bit for bit the division (Markstein
-//                   1990; csrc/cpu/tests/recip_division_check.cpp checks it against the division exhaustively for
-//                   every bf16 and fp16 significand x every fp32 scale significand, and for fp32 x on a sample:
-//                   2^29 pairs in CI, 2^39 once, docs/PERF.md step 20). It needs no overflow
-//                   or underflow on the way: the caller takes it only for s in [2^-100, 2^100], and x is first
-//                   clamped to +-2^20 s (exact), which changes no result since |x / s| >= 2^20 clamps to qmin/qmax
-//                   anyway; a |x / s| too small for y to be a normal float rounds to 0 either way.
-// Either way NaN -> 0 and the quotient is clamped to [lo, hi] (exact before rounding: qmin, qmax are integers).
-template <bool kRecip>
-inline __m512 pf_quotient16(__m512 x, __m512 s, __m512 r, __m512 bound, __m512 lo, __m512 hi) {
-  __m512 v;
-  if (kRecip) {
-    x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), x);  // NaN -> 0 first: min/max would drop it
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), bound)), bound);
-    const __m512 y = _mm512_mul_ps(x, r);
-    v = _mm512_fmadd_ps(_mm512_fnmadd_ps(y, s, x), r, y);
-  } else {
-    v = _mm512_div_ps(x, s);
-    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
-  }
-  return _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-}
-
-// 16 clamped quotients -> 16 bytes q + 128 at dst (round half to even, as quantize_value)
-inline void pf_store_q16(__m512 v, uint8_t* dst) {
+// 16 quantized lanes -> 16 bytes q + 128, stored at dst: quantize_value (quant_math.h) on 16 lanes. The division
+// stays a division: x * (1 / scale) with the lanes near a half-integer redone was tried and was slower, because
+// bf16 activations over a round scale (0.05) put many x / scale on or next to a half-integer (docs/PERF.md step 19);
+// x * (1 / scale) with Markstein's two-FMA correction (exact, checked exhaustively for bf16 / fp16 x) measured no
+// faster once its overflow and NaN guards were in (step 20).
+inline void pf_quant16(__m512 x, __m512 s, __m512 lo, __m512 hi, uint8_t* dst) {
+  __m512 v = _mm512_div_ps(x, s);
+  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+  v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);  // clamping before rounding is exact: qmin, qmax are integers
   const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   _mm_storeu_si128((__m128i*)dst, _mm_xor_si128(_mm512_cvtepi32_epi8(q), _mm_set1_epi8((char)0x80)));
 }
@@ -185,35 +165,23 @@ inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
 }
 
 // x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
-template <bool kRecip>
-void pf_pack_a_float_t(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
-                       int64_t bstride, uint8_t* dst) {
-  const __m512 s = _mm512_set1_ps(scale), r = _mm512_set1_ps(1.0f / scale);
-  const __m512 bound = _mm512_set1_ps(scale * 1048576.0f);  // 2^20 s, exact
+void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
+                     int64_t bstride, uint8_t* dst) {
+  const __m512 s = _mm512_set1_ps(scale);
   const __m512 lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
     uint8_t* d = dst + b * bstride;
     const int64_t n = std::min(kc, K - k0);
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-      pf_store_q16(pf_quotient16<kRecip>(pf_load16(x, k0 + k, t, 0xFFFF), s, r, bound, lo, hi), d + k);
+    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), s, lo, hi, d + k);
     if (k < n) {  // the row's last < 16 elements: quantized into a scratch, then copied
       alignas(16) uint8_t tail[16];
-      const __m512 xt = pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u));
-      pf_store_q16(pf_quotient16<kRecip>(xt, s, r, bound, lo, hi), tail);
+      pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), s, lo, hi, tail);
       memcpy(d + k, tail, (size_t)(n - k));
       k = n;
     }
     if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
   }
-}
-
-void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
-                     int64_t bstride, uint8_t* dst) {
-  // the reciprocal path where its intermediates stay normal floats (pf_quotient16); a NaN scale fails both tests
-  if (std::fabs(scale) >= 0x1p-100f && std::fabs(scale) <= 0x1p100f)
-    return pf_pack_a_float_t<true>(x, t, K, scale, qmin, qmax, kc, bstride, dst);
-  pf_pack_a_float_t<false>(x, t, K, scale, qmin, qmax, kc, bstride, dst);
 }
 
 // q: int8 [K] (already quantized) -> dst, the panel row (each byte q ^ 0x80).

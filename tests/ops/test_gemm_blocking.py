@@ -142,26 +142,24 @@ def test_prefill_quantize_near_half_integers(backend, dtype, a_bits, scale):
     assert torch.equal(got.view(bits), want.view(bits))
 
 
-# Scales for the panel quantize's two paths (x86_gemm_zmm.h pf_pack_a_float): the reciprocal + Markstein correction
-# for s in [2^-100, 2^100], the division outside; all-ones significands (the hardest reciprocals), the range edges
-# and one float on either side of them, ordinary ones, and two far outside (a subnormal scale, whose reciprocal
-# overflows, and 1e38, whose reciprocal is subnormal).
+# Scales for the panel quantize (x86_gemm_zmm.h pf_quant16): all-ones significands (the hardest reciprocals, for a
+# version that multiplies), powers of two far out and one float either side, ordinary ones, and two at the ends of
+# the range (a subnormal scale, whose reciprocal overflows, and 1e38, whose reciprocal is subnormal).
 _EDGE = [2.0 ** -100, 2.0 ** 100]
-RECIP_SCALES = (_EDGE + [float(torch.tensor(s).nextafter(torch.tensor(t))) for s, t in ((2.0 ** -100, 0.0),
-                (2.0 ** 100, float("inf")), (2.0 ** -100, 1.0), (2.0 ** 100, 0.0))]
-                + [float(torch.tensor(0x00FFFFFF, dtype=torch.int32).view(torch.float32)) * 2.0 ** e for e in (-10, 100, 120)]
-                + [(2 - 2 ** -23) * 2.0 ** e for e in (-7, -1, 0, 3)] + [0.05, 0.1, 1 / 3, 0.0371, 1.7e-3, 6.1e-5, 2.5e-39, 1.0e38])
+EDGE_SCALES = (_EDGE + [float(torch.tensor(s).nextafter(torch.tensor(t))) for s, t in ((2.0 ** -100, 0.0),
+               (2.0 ** 100, float("inf")), (2.0 ** -100, 1.0), (2.0 ** 100, 0.0))]
+               + [float(torch.tensor(0x00FFFFFF, dtype=torch.int32).view(torch.float32)) * 2.0 ** e for e in (-10, 100, 120)]
+               + [(2 - 2 ** -23) * 2.0 ** e for e in (-7, -1, 0, 3)] + [0.05, 0.1, 1 / 3, 0.0371, 1.7e-3, 6.1e-5, 2.5e-39, 1.0e38])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("scale", RECIP_SCALES, ids=lambda s: f"{s:.9g}")
+@pytest.mark.parametrize("scale", EDGE_SCALES, ids=lambda s: f"{s:.9g}")
 def test_prefill_quantize_every_16bit_value(backend, dtype, scale, gen):
     """Every bf16 / fp16 bit pattern (NaN, infinities and subnormals included; 65536 fp32 patterns drawn at random
-    for fp32) quantized by the prefill panel with the scales where its reciprocal path and its division meet:
-    bit-exact with the reference's division. W is the identity and a_scale * w_scale a power of two near 1, so one
-    quantized value off by one shows in the output. Planted bug (the reciprocal path without Markstein's correction,
-    q = x * (1 / s)): fails."""
+    for fp32) quantized by the prefill panel with scales from the ordinary to the extreme: bit-exact with the
+    reference's division. W is the identity and a_scale * w_scale a power of two near 1, so one quantized value
+    off by one shows in the output. Planted bug (pf_quant16 without its NaN -> 0): fails."""
     if dtype == torch.float32:
         x = torch.randint(-2 ** 31, 2 ** 31, (65536,), dtype=torch.int64, generator=gen).to(torch.int32).view(torch.float32)
     else:
