@@ -102,6 +102,12 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     ("W8A8KV8 static + prefix [BOS] alone", dict(w_bits=8, a_bits=8, kv_bits=8, prefix_tokens=[1])),
     ("W4A8KV4 static + prefix [BOS] alone (GPTQ)", dict(w_bits=4, a_bits=8, kv_bits=4, prefix_tokens=[1])),
     ("W4A4KV4 static + prefix [BOS] alone (GPTQ)", dict(w_bits=4, a_bits=4, kv_bits=4, prefix_tokens=[1])),
+    # more calibration data (default 16 x 256 tokens) for GPTQ, the scale searches and the fine-tuning (issue 19)
+    ("W4A4KV4 static + prefix (GPTQ), 64 calibration samples", dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64)),
+    ("W4A4KV4 static + prefix (GPTQ), 64 samples + fine-tuned scales and weights, 3 epochs",
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64, finetune=True, finetune_epochs=3)),
+    ("W4A4KV4 static + prefix (GPTQ), 128 samples + fine-tuned scales and weights, 2 epochs",
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=128, finetune=True, finetune_epochs=2)),
 ]
 
 
