@@ -178,8 +178,9 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   // L2 sub-blocks (PrefillKernels::l2_blocks): A rows of a slice = what fits in 3/4 of L2 beside one micro panel
   // (nr x K bytes of unpacked W); a chunk of micro panels unpacked at once holds up to 2 MB. Without them a
   // 2048 x 4096 A panel (8 MB) streamed from L3 once per micro panel ran the micro-kernel at 89 % of the peak, a
-  // 128-row one (512 KB, in L2) at 96 % (docs/PERF.md step 20). Long K (14336: 672 KB per micro panel) leaves no room: the whole M-block per panel.
-  // PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (tests, tuning) force the slice rows and chunk columns.
+  // 128-row one (512 KB, in L2) at 96 % (docs/PERF.md step 20). Long K (14336: 672 KB per micro panel) leaves no
+  // room: the whole M-block per micro panel, as before. PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (tests, tuning)
+  // force the slice rows and chunk columns.
   const int64_t w_panel = kq_max * 4 * nr;  // bytes of one unpacked micro panel's K block
   int64_t sub_rows = mb_max, chunk = nr;
   if (pk.l2_blocks && n_kb == 1) {
@@ -231,17 +232,21 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
     // A thread unpacks `chunk` columns of micro panels (all their K blocks) at once, then runs them over the
     // M-block one slice of `rows` rows at a time (L2 sub-blocks; without them rows = mb and chunk = nr).
     const int64_t rows = std::min(mb, balanced_block(mb, sub_rows, mr));
+    // Without slices (one micro panel per chunk, the whole M-block) each K block of W is unpacked right before its
+    // tiles use it, into one block of scratch (still in L1/L2 when the kernel reads it); with them, the chunk's
+    // micro panels are unpacked ahead, every K block, and reused by every slice.
+    const bool ahead = chunk > nr || rows < mb;
     parallel_for(0, n_units, 1, [&](int64_t ub, int64_t ue) {
       const int64_t nb = ub * kPfUnit, ne = std::min(N, ue * kPfUnit);  // this thread's columns [nb, ne)
       const int64_t chunk_panels = (std::min(chunk, ne - nb) + nr - 1) / nr;
-      int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(chunk_panels * n_kb * w_panel));
+      int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(ahead ? chunk_panels * n_kb * w_panel : w_panel));
       int32_t* colsum = thread_scratch<int32_t>(kScratchColsum, (size_t)(chunk_panels * nr));
       // int32 partial sums between K blocks (and for a table without kernel_out); none with one K block on zmm
       int32_t* cbuf = n_kb > 1 || !pk.kernel_out ? thread_scratch<int32_t>(kScratchC, (size_t)(rows * ldc)) : nullptr;
       for (int64_t c0 = nb; c0 < ne; c0 += chunk) {
         const int64_t ce = std::min(ne, c0 + chunk);  // this chunk's columns [c0, ce)
         memset(colsum, 0, (size_t)(chunk_panels * nr) * sizeof(int32_t));
-        for (int64_t n0 = c0, p = 0; n0 < ce; n0 += nr, ++p) {
+        for (int64_t n0 = c0, p = 0; ahead && n0 < ce; n0 += nr, ++p) {
           const int nn = (int)std::min<int64_t>(nr, ce - n0);
           for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kc_max, ++kb)
             pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, std::min(kc_max, K - k0), wbuf + (p * n_kb + kb) * w_panel,
@@ -254,7 +259,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
             for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kc_max, ++kb) {
               const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
               const bool last = k0 + kc >= K;
-              const int8_t* wp = wbuf + (p * n_kb + kb) * w_panel;
+              const int8_t* wp = ahead ? wbuf + (p * n_kb + kb) * w_panel : wbuf;
+              if (!ahead) pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, kc, wbuf, colsum + p * nr);
               for (int64_t i0 = r0; i0 < re; i0 += mr) {
                 const int mm = (int)std::min<int64_t>(mr, re - i0);
                 int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc : nullptr;
