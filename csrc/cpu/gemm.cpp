@@ -170,11 +170,10 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const int64_t n_units = (N + kPfUnit - 1) / kPfUnit;
   const int64_t ldc = nr;
 
-  // The A panel of an M-block, blocked by K: block b = rows [mb_max, lda] of k in [b kc_max, (b+1) kc_max), so a
-  // micro-kernel's A tile (mr x lda) is contiguous and one K block of all rows is one sequential stream (rows
+  // The A panel of an M-block, blocked by K: block b = rows [mb_max, kc_max] of k in [b kc_max, (b+1) kc_max), so a
+  // micro-kernel's A tile (mr x kc_max) is contiguous and one K block of all rows is one sequential stream (rows
   // a full K apart gave the prefetchers mr short streams per kernel call).
-  const int64_t lda = kc_max;  // bytes from one panel row to the next within a K block
-  const int64_t bstride = mb_max * lda;
+  const int64_t bstride = mb_max * kc_max;
   // L2 sub-blocks (PrefillKernels::l2_blocks): A rows of a slice = what fits in 3/4 of L2 beside one micro panel
   // (nr x K bytes of unpacked W); a chunk of micro panels unpacked at once holds up to 2 MB. Without them a
   // 2048 x 4096 A panel (8 MB) streamed from L3 once per micro panel ran the micro-kernel at 89 % of the peak, a
@@ -184,15 +183,15 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const int64_t w_panel = kq_max * 4 * nr;  // bytes of one unpacked micro panel's K block
   int64_t sub_rows = mb_max, chunk = nr;
   if (pk.l2_blocks && n_kb == 1) {
-    const int64_t fit = l2_cache_bytes() * 3 / 4 / lda - nr;
+    const int64_t fit = l2_cache_bytes() * 3 / 4 / kc_max - nr;
     if (fit >= 64) {
       sub_rows = fit / mr * mr;
-      chunk = std::max<int64_t>(nr, (2 << 20) / (n_kb * w_panel) * nr);
+      chunk = std::max<int64_t>(nr, (2 << 20) / w_panel * nr);
     }
   }
   if (const int64_t r = env_int("PQK_PREFILL_SUBROWS", 0)) sub_rows = round_up(r, mr);
   if (const int64_t c = env_int("PQK_PREFILL_CHUNK", 0)) chunk = round_up(c, nr);
-  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(n_kb * bstride));
+  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(mb_max * kpad));
   const auto pack_a_int8 = pk.pack_a_int8 ? pk.pack_a_int8 : pack_a_int8_portable;
   std::vector<float> rscale((size_t)mb_max);
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
@@ -201,7 +200,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
       for (int64_t r = b; r < e; ++r) {
         const int64_t m = m0 + r;
-        uint8_t* dst = panel + r * lda;
+        uint8_t* dst = panel + r * kc_max;
         float scale = 0.0f;
         if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
         if (g.a_source == ASource::kInt8) {
@@ -264,17 +263,17 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
               for (int64_t i0 = r0; i0 < re; i0 += mr) {
                 const int mm = (int)std::min<int64_t>(mr, re - i0);
                 int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc : nullptr;
-                const uint8_t* a = panel + kb * bstride + i0 * lda;
+                const uint8_t* a = panel + kb * bstride + i0 * kc_max;
                 if (!last) {
-                  pk.kernel(a, lda, wp, kq, mm, nn, c, ldc, k0 > 0);
+                  pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
                   continue;
                 }
                 const PfOut ep = {colsum + p * nr, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                                   (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
                 if (pk.kernel_out) {
-                  pk.kernel_out(a, lda, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
+                  pk.kernel_out(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
                 } else {
-                  pk.kernel(a, lda, wp, kq, mm, nn, c, ldc, k0 > 0);
+                  pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
                   pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
                 }
               }
