@@ -155,6 +155,81 @@ def _ops_rows(rows):
             1e-4)
 
 
+def _kv_rows(rows, device: str = "cuda"):
+    """The Triton KV-cache kernels on the GPU (backend="triton", compiled, not interpreted) vs the reference on the
+    CPU: static and group-wise quantize (bit-exact), dequant-concat (one rounding of the output dtype) and the fused
+    decode attention at the Llama-3-8B head layout (G = 8, D = 128) over 2K positions, with a preallocated body
+    (body_len) and with a left-pad mask. device="cpu" runs the same under TRITON_INTERPRET=1 (tests)."""
+    import torch
+
+    from .ops import kv as ops
+
+    g = torch.Generator().manual_seed(1)
+
+    def add(op, shape, err, tol=0.0):
+        rows.append((op, shape, f"{err:.3g}", "pass" if err <= tol else "FAIL"))
+
+    def rel(got, want) -> float:
+        got, want = got.cpu().double(), want.cpu().double()
+        if not torch.isfinite(got).all():
+            return float("inf")
+        return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+    for b, h, t, d, dt in [(1, 8, 2048, 128, torch.float16), (2, 3, 77, 64, torch.bfloat16)]:
+        x = torch.randn(b, h, t, d, generator=g) * 3
+        x = torch.where(torch.rand(x.shape, generator=g) < 0.02, x * 40, x).to(dt)
+        shape = f"{b}x{h}x{t}x{d} {str(dt)[6:]}"
+        for bits in (4, 8):
+            s = (x.float().abs().amax(dim=(0, 2, 3)) / (7 if bits == 4 else 127) * 0.5).clamp_min(1e-3)
+            q = ops.kv_quantize(x.to(device), s.to(device), bits, backend="triton")
+            q_ref = ops.kv_quantize(x, s, bits, backend="reference")
+            add(f"kv_quantize {bits}-bit (triton)", shape, _err(q, q_ref))
+            pre = x[:, :, :3].contiguous()
+            for out_dt in (torch.float16, torch.bfloat16):
+                got = ops.kv_dequant_concat(pre.to(device), q, s.to(device), bits, out_dt, backend="triton")
+                want = ops.kv_dequant_concat(pre, q_ref, s, bits, out_dt, backend="reference")
+                # one rounding of out_dt: |got - want| <= eps * |want| (as tests/kv assert_within_rounding)
+                ulp = ((got.cpu().double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)).max()
+                add(f"kv_dequant_concat {bits}-bit -> {str(out_dt)[6:]} (triton, rel.)", shape, float(ulp),
+                    torch.finfo(out_dt).eps)
+        for bits, axis, gs in [(2, "token", 32), (2, "channel", 16), (4, "token", 64)]:
+            if (axis == "channel" and t % gs) or (axis == "token" and d % gs):
+                continue
+            got = ops.kv_quantize_groupwise(x.to(device), bits, gs, axis, backend="triton")
+            want = ops.kv_quantize_groupwise(x, bits, gs, axis, backend="reference")
+            add(f"kv_quantize_groupwise {bits}-bit {axis} G{gs} (triton)", shape,
+                max(_err(a_, b_) for a_, b_ in zip(got, want)))
+            deq = ops.kv_dequant_concat(None, got[0], got[1], bits, torch.float16, zero=got[2], group_size=gs,
+                                        axis=axis, backend="triton")
+            deq_ref = ops.kv_dequant_concat(None, *want[:2], bits, torch.float16, zero=want[2], group_size=gs,
+                                            axis=axis, backend="reference")
+            add(f"kv_dequant_concat groupwise {bits}-bit {axis} (triton)", shape, _err(deq, deq_ref))
+    for b, hq, hkv, p, t, d, dt in [(1, 32, 4, 1, 2048, 128, torch.float16), (1, 64, 8, 4, 2047, 128, torch.bfloat16),
+                                    (3, 12, 4, 0, 300, 64, torch.float16)]:
+        shape = f"B{b} Hq{hq}/Hkv{hkv} P{p} T{t} D{d} {str(dt)[6:]}"
+        qx = torch.randn(b, hq, d, generator=g).to(dt)
+        k = (torch.randn(b, hkv, t, d, generator=g) * 2).to(dt)
+        v = torch.randn(b, hkv, t, d, generator=g).to(dt)
+        pk, pv = (torch.randn(b, hkv, p, d, generator=g) * 20).to(dt), torch.randn(b, hkv, p, d, generator=g).to(dt)
+        for bits in (4, 8):
+            qmax = 7 if bits == 4 else 127
+            ks, vs = (k.float().abs().amax(dim=(0, 2, 3)) / qmax), (v.float().abs().amax(dim=(0, 2, 3)) / qmax)
+            kp, vp = ops.kv_quantize(k, ks, bits, backend="reference"), ops.kv_quantize(v, vs, bits, backend="reference")
+            want = ops.kv_decode_attention(qx, pk, pv, kp, vp, ks, vs, bits, backend="reference")
+            dev = [z.to(device) for z in (qx, pk, pv, kp, vp, ks, vs)]
+            add(f"kv_decode_attention {bits}-bit (triton, rel. L2)", shape,
+                rel(ops.kv_decode_attention(*dev, bits, backend="triton"), want), 1e-2)
+            # a preallocated body (capacity T + 37, body_len T) and a mask hiding the first position of row 0
+            cap = [torch.cat([z, torch.zeros_like(z[:, :, :37])], 2) for z in (dev[3], dev[4])]
+            mask = torch.ones(b, p + t + 37, dtype=torch.bool)   # (the capacity's columns; past body_len: unread)
+            mask[0, 0] = False
+            want_m = ops.kv_decode_attention(qx, pk, pv, kp, vp, ks, vs, bits, mask=mask[:, :p + t], backend="reference")
+            got_m = ops.kv_decode_attention(dev[0], dev[1], dev[2], cap[0], cap[1], dev[5], dev[6], bits,
+                                            backend="triton", mask=mask.to(device),
+                                            body_len=torch.tensor([t], device=device))
+            add(f"kv_decode_attention {bits}-bit body_len+mask (triton)", shape, rel(got_m, want_m), 1e-2)
+
+
 def _dram_peak() -> float | None:
     """Bytes/s of the GPU's memory: 2 (double data rate) x clock x bus width, where torch reports them."""
     import torch
@@ -262,6 +337,7 @@ def _gpu(rows, lib_path):
     rows.append(("torch binding (backend='cuda')", pqk_cuda.loaded_library_path(), f"GEMM path {pqk_cuda.gemm_path()}",
                  "-"))
     _ops_rows(rows)
+    _kv_rows(rows)
     _tops_rows(rows, lib)
 
 

@@ -17,8 +17,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @pytest.fixture(scope="module")
-def lib(cuda_lib):
-    return selftest.load_library(cuda_lib.lib)
+def lib(cuda_lib_path):
+    return selftest.load_library(cuda_lib_path)
 
 
 @pytest.mark.parametrize("m,n,k,epi,want", [

@@ -241,8 +241,8 @@ def test_kernel_built_for_every_arch(cuda_lib):
 
 # ---- the launcher through ctypes ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def lib(cuda_lib):
-    lib = ctypes.CDLL(cuda_lib.lib)
+def lib(cuda_lib_path):
+    lib = ctypes.CDLL(cuda_lib_path)
     lib.pqk_hadamard.restype = ctypes.c_int
     lib.pqk_hadamard.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
