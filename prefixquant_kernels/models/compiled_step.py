@@ -8,7 +8,7 @@ builds the preallocated cache (``PrefixQuantCache(max_cache_len=...)``, modes/st
 at a fixed address and shape, the filled length a device tensor) and passes ``compile_config`` below. In the
 traced step the pqk:: custom ops (QuantLinear's GEMM, kv_quantize, kv_decode_attention) are single nodes (their
 fakes are in ops/library.py) and inductor fuses the glue (RMSNorm, RoPE, residuals, the Q/K rotation's matmul
-operands, the mask). On CUDA the compile mode is "reduce-overhead": the same step replayed as a CUDA graph.
+operands, the mask). On CUDA inductor replays the same step as a CUDA graph (``triton.cudagraphs``).
 
 Each decoder layer of the step is one ``torch.compiler.nested_compile_region`` (models/layer_region.py): dynamo
 traces one layer and reuses its graph for the others, so the cold compile walks one layer's nodes, not all of them.
@@ -77,13 +77,14 @@ CPU_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scal
 
 
 def compile_config(device: torch.device):
-    """transformers' CompileConfig for the step: fullgraph, static shapes, step_guard_filter; "reduce-overhead"
-    (CUDA graphs) on CUDA, elsewhere inductor's default mode with CPU_INDUCTOR_OPTIONS (torch.compile takes a mode
-    or inductor options, not both); ``_compile_all_devices`` so a CPU model compiles too."""
+    """transformers' CompileConfig for the step: fullgraph, static shapes, step_guard_filter; CUDA graphs on CUDA
+    (``triton.cudagraphs``: what mode "reduce-overhead" sets), elsewhere inductor's default mode with
+    CPU_INDUCTOR_OPTIONS. Options only, never a mode: torch.compile refuses a mode and options together, and the
+    guard filter is an option. ``_compile_all_devices`` so a CPU model compiles too."""
     from transformers import CompileConfig
     if torch.device(device).type == "cuda":
-        cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="reduce-overhead",
-                            options={"guard_filter_fn": step_guard_filter})
+        cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode=None,
+                            options={"triton.cudagraphs": True, "guard_filter_fn": step_guard_filter})
     else:
         cfg = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode=None,
                             options=dict(CPU_INDUCTOR_OPTIONS, guard_filter_fn=step_guard_filter))

@@ -212,3 +212,13 @@ def test_a_changed_model_compiles_again(caplog):
         assert k2 != key and compiled_step.refresh_graph_key(model) != k2
     finally:
         norm.weight = old
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_config_is_accepted_by_torch_compile(device):
+    """torch.compile refuses a mode and options together (the first GPU run failed on exactly that: mode
+    "reduce-overhead" beside the guard filter's option); the CUDA config asks for CUDA graphs through the option."""
+    cfg = compiled_step.compile_config(torch.device(device)).to_dict()
+    assert cfg["options"]["guard_filter_fn"] is compiled_step.step_guard_filter
+    assert cfg["options"].get("triton.cudagraphs", False) == (device == "cuda")
+    torch.compile(lambda x: x + 1, **cfg)   # raises RuntimeError on a bad combination, before any tracing
