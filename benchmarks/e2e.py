@@ -94,7 +94,8 @@ def build_float_model(name: str, layers: int | None, dtype: torch.dtype, device:
         kw["num_hidden_layers"] = layers
     cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    with torch.device(device):   # initialized where it runs: 8B random weights on 2 CPU threads took minutes
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), cfg.bos_token_id
 
 

@@ -51,7 +51,7 @@ transformers.__version__); p = torch.cuda.get_device_properties(0); print(p)"; n
     cat "$W/env.txt" >> "$W/log.txt"
 fi
 # kernels vs the reference (CUDA and Triton), GEMM TOPS vs cuBLAS fp16 and _int_mm, decode GEMM bandwidth
-has selftest && stage selftest 150 python3 -m prefixquant_kernels selftest $( [ -z "${PQK_CUDA_LIB:-}" ] && echo --build )
+has selftest && stage selftest 100 python3 -m prefixquant_kernels selftest $( [ -z "${PQK_CUDA_LIB:-}" ] && echo --build )
 # the GPU tests (kernels bit-exact, graph capture, torch.compile fullgraph, fused MLP)
 # (not the ptxas/SASS test: it rebuilds the tree for its log, which CI checks anyway)
 has pytest && stage pytest 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/cuda/test_gpu.py \
@@ -60,7 +60,7 @@ has pytest && stage pytest 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovi
 for name in layer model; do
     if has $name; then
         args=$(python3 -c "from prefixquant_kernels import selftest; print(' '.join(selftest.E2E_GPU['$name']))")
-        stage "e2e_$name" $([ $name = layer ] && echo 130 || echo 150) python3 benchmarks/e2e.py $args \
+        stage "e2e_$name" $([ $name = layer ] && echo 140 || echo 160) python3 benchmarks/e2e.py $args \
             --json "$W/$name.json"
     fi
 done

@@ -57,20 +57,50 @@ def gemm(lib, a, w, a_scale, w_scale, bias, out, epilogue=0, config=-1, out_scal
     return out
 
 
-def _time(fn, iters: int = 20) -> float:
-    """Median seconds per call of fn on the GPU (CUDA events, after a warm-up call)."""
+def _time(fns, iters: int = 20, reps: int = 10) -> float:
+    """Median seconds per call on the GPU: ``reps`` calls captured in one CUDA graph (round-robin over ``fns``, one
+    callable or a list of them over distinct buffers, so a weight bigger than nothing is not served from L2 on every
+    call), the graph replayed ``iters`` times between CUDA events. The graph takes Python and the driver's launch
+    cost out: what is left is the kernels and the gaps between them. A callable that cannot be captured is timed
+    eagerly instead (one call between events; then the number is launch-bound at small sizes)."""
     import torch
 
-    fn()
+    fns = fns if isinstance(fns, (list, tuple)) else [fns]
+    for f in fns:   # warm-up: allocations, Triton compiles, the caching allocator's pools
+        f()
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fns[0]()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(reps):
+                fns[i % len(fns)]()
+        run, per = graph.replay, reps
+    except Exception:  # noqa: BLE001 - not capturable: eager timing, said in the docstring
+        torch.cuda.synchronize()
+        run, per = fns[0], 1
+    run()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / per)
     return sorted(times)[len(times) // 2]
+
+
+def _copies(nbytes: int) -> int:
+    """Buffer sets to rotate through so the bytes read per graph exceed 3x the GPU's L2."""
+    import torch
+
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
+    return max(1, min(64, -(-3 * l2 // max(nbytes, 1))))
 
 
 def _err(got, want) -> float:
@@ -92,6 +122,7 @@ def _ops_rows(rows):
 
     from . import format as fmt
     from . import hadamard, ops, reference
+    from .ops import cuda_ops
 
     g = torch.Generator().manual_seed(0)
 
@@ -128,7 +159,12 @@ def _ops_rows(rows):
         for a_scale in (0.05, None):
             got = ops.quant_linear(xh.cuda(), w.cuda(), w_s.cuda(), a_scale, 4, b.cuda(), backend="cuda")
             want = ops.quant_linear(xh, w, w_s, a_scale, 4, b, backend="reference")
-            add(f"quant_linear W4A4 {'static (fused)' if a_scale else 'per-token'}", shape, _err(got, want))
+            add(f"quant_linear W4A4 {'static (auto)' if a_scale else 'per-token'}", shape, _err(got, want))
+        for fused in (True, False):   # both static paths at every M (auto takes one by M)
+            got = cuda_ops._quant_gemm_static("selftest", xh.cuda(), w.cuda(), torch.tensor(0.05).cuda(),
+                                              w_s.cuda(), b.cuda(), 0, fused=fused)
+            add(f"static linear {'fused A-load' if fused else 'quantize + GEMM'}", shape,
+                _err(got, ops.quant_linear(xh, w, w_s, 0.05, 4, b, backend="reference")))
         for dt in (torch.bfloat16, torch.float32):  # the fused kernel's other x dtypes
             xd = x.to(dt)
             got = ops.quant_linear(xd.cuda(), w.cuda(), w_s.cuda(), 0.05, 4, b.cuda(), backend="cuda")
@@ -248,55 +284,64 @@ def _has_cutlass() -> bool:
 
 
 def _tops_rows(rows, lib):
-    """GEMM throughput on this GPU, measured here: the binding's int4_matmul (auto: the CUTLASS tile on sm_80..89),
-    each implementation forced through the raw launcher (pqk's own tile and CUTLASS's for this M), and cuBLAS fp16
-    (torch.matmul) on the same shape. The winner of own vs CUTLASS is what `auto` should pick; the table shows it."""
+    """GEMM throughput on this GPU, measured here (CUDA graphs, _time): the binding's int4_matmul (auto: the CUTLASS
+    tile on sm_80..89), each implementation forced through the raw launcher (pqk's own tile and CUTLASS's for this
+    M), cuBLAS fp16 (torch.matmul) and cuBLASLt int8 (torch._int_mm, M > 16) on the same shape; then the static
+    linear from fp16 x both ways (the fused A-load kernel and quantize + int4_matmul: ops/cuda_ops.py picks by M).
+    Decode shapes (M <= 16) rotate through enough weight copies that W comes from DRAM, not L2."""
     import torch
 
     from . import ops
+    from .ops import cuda_ops
 
     name = torch.cuda.get_device_name()
     has_cutlass = _has_cutlass()
-    for m, n, k in [(1, 1024, 4096), (1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096), (256, 4096, 4096),
-                    (2048, 4096, 4096), (4096, 11008, 4096)]:
+    for m, n, k in [(1, 1024, 4096), (1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096), (1, 28672, 4096),
+                    (64, 4096, 4096), (256, 4096, 4096), (2048, 4096, 4096), (4096, 11008, 4096)]:
+        copies = _copies(n * k // 2) if m <= 16 else 1
         a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, device="cuda")
-        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        ws = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda") for _ in range(copies)]
         a_s, w_s = torch.tensor([0.05], device="cuda"), torch.rand(n, device="cuda") + 0.01
         out = torch.empty(m, n, dtype=torch.float16, device="cuda")
-        x16, y16 = torch.randn(m, k, dtype=torch.float16, device="cuda"), torch.randn(n, k, dtype=torch.float16,
-                                                                                       device="cuda")
+        x16 = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        y16s = [torch.randn(n, k, dtype=torch.float16, device="cuda") for _ in range(_copies(2 * n * k) if m <= 16
+                                                                                      else 1)]
         tile = 0 if m <= 16 else 1 if m <= 256 else 2
         tops = lambda s: 2 * m * n * k / s / 1e12  # noqa: E731
-        t_cublas = _time(lambda: x16 @ y16.T)
+        t_cublas = _time([lambda y=y: x16 @ y.T for y in y16s])
+        del y16s
         t_int8 = None
         if m > 16:   # torch._int_mm (cuBLASLt int8, the int8 peer): needs M > 16 and K, N multiples of 8
             a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-            w8 = torch.randint(-128, 128, (k, n), dtype=torch.int8, device="cuda")
+            w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda").T   # column-major B: cuBLASLt's TN
             t_int8 = _time(lambda: torch._int_mm(a8, w8))
-        t_auto = _time(lambda: ops.int4_matmul(a, w, a_s[0], w_s, None, torch.float16, backend="cuda"))
-        t_own = _time(lambda: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=tile))
+        s0 = a_s[0]
+        t_auto = _time([lambda w=w: ops.int4_matmul(a, w, s0, w_s, None, torch.float16, backend="cuda") for w in ws])
+        t_own = _time([lambda w=w: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=tile) for w in ws])
         cells = [f"auto {tops(t_auto):.1f}", f"pqk {tops(t_own):.1f}"]
         if has_cutlass:
-            t_cut = _time(lambda: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=10 + tile))
+            t_cut = _time([lambda w=w: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=10 + tile) for w in ws])
             cells.append(f"CUTLASS {tops(t_cut):.1f}")
-        rows.append((f"TOPS (measured, {name})", f"{m}x{n}x{k}",
+        rows.append((f"TOPS (measured, {name}, graphs)", f"{m}x{n}x{k}",
                      " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)"
                      + (f" / _int_mm int8 {tops(t_int8):.1f} ({t_int8 / t_auto:.2f}x)" if t_int8 else ""), "-"))
         if m <= 16:  # decode is a read of W: achieved DRAM bandwidth of auto (split-K where N is narrow)
             moved = n * k // 2 + m * k // 2 + 2 * m * n + 4 * n
             peak = _dram_peak()
-            rows.append((f"decode DRAM GB/s (measured, {name})", f"{m}x{n}x{k}",
+            rows.append((f"decode DRAM GB/s (measured, {name}, graphs)", f"{m}x{n}x{k}",
                          f"{moved / t_auto / 1e9:.0f}" + (f" = {100 * moved / t_auto / peak:.0f} % of {peak / 1e9:.0f}"
                                                           if peak else "") +
-                         f" (split_k {lib.pqk_gemm_split_k(m, n, k, ops.cuda_ops.sm_count(a.device))})", "-"))
-        # the static linear from fp16 x: fused (quantize in the A load, one launch) vs quantize + int4_matmul (auto)
-        s0 = a_s[0]
-        t_fused = _time(lambda: ops.quant_linear(x16, w, w_s, s0, 4, None, backend="cuda"))
-        t_two = _time(lambda: ops.int4_matmul(ops.quantize_static(x16, s0, 4, backend="cuda"), w, s0, w_s, None,
-                                              torch.float16, backend="cuda"))
-        rows.append((f"static linear us (measured, {name})", f"{m}x{n}x{k}",
-                     f"fused {t_fused * 1e6:.1f} / quantize + int4_matmul {t_two * 1e6:.1f} ({t_two / t_fused:.2f}x)",
-                     "-"))
+                         f" (split_k {lib.pqk_gemm_split_k(m, n, k, cuda_ops.sm_count(a.device))}); cuBLAS fp16 reads "
+                         f"{2 * n * k / t_cublas / 1e9:.0f}", "-"))
+        # the static linear from fp16 x: the fused A-load kernel vs quantize + int4_matmul, each forced
+        t_fused = _time([lambda w=w: cuda_ops._quant_gemm_static("selftest", x16, w, s0, w_s, None, 0, fused=True)
+                         for w in ws])
+        t_two = _time([lambda w=w: cuda_ops._quant_gemm_static("selftest", x16, w, s0, w_s, None, 0, fused=False)
+                       for w in ws])
+        pick = "fused" if m <= cuda_ops.FUSED_A_MAX_M else "quantize + GEMM"
+        rows.append((f"static linear us (measured, {name}, graphs)", f"{m}x{n}x{k}",
+                     f"fused {t_fused * 1e6:.1f} / quantize + int4_matmul {t_two * 1e6:.1f} ({t_two / t_fused:.2f}x); "
+                     f"auto: {pick} / cuBLAS fp16 {t_cublas * 1e6:.1f}", "-"))
 
 
 def _gpu(rows, lib_path):

@@ -5,16 +5,24 @@ the "cuda" dispatch key at the bottom of this module (pure bookkeeping: no GPU n
     pqk::quantize_static     pqk_quantize_static        x fp16/bf16/fp32, bits 4 or 8
     pqk::quantize_per_token  pqk_quantize_per_token     x fp16/bf16/fp32, bits 4 or 8
     pqk::int4_matmul         pqk_int4_gemm              W4A4 only: a and w packed uint8
-    pqk::quant_linear        static a_scale: pqk_quant_gemm_static (one launch: the quantize in the GEMM's A load)
+    pqk::quant_linear        static a_scale, M <= FUSED_A_MAX_M: pqk_quant_gemm_static (one launch: the quantize in
+                             the GEMM's A load); larger M: pqk_quantize_static + pqk_int4_gemm (see below)
                              per token: pqk_quantize_per_token + pqk_int4_gemm   W4A4 only: w uint8, a_bits 4
     pqk::int4_matmul_requant / pqk::int4_matmul_silu_mul_requant
                              pqk_int4_gemm epilogue 3 / 4 (packed int4 out)     W4A4 only
     pqk::quant_linear_silu_mul_requant
-                             pqk_quant_gemm_static epilogue 4 (float x in, packed int4 out: one launch)
+                             pqk_quant_gemm_static epilogue 4 (float x in, packed int4 out: one launch), or
+                             above FUSED_A_MAX_M rows pqk_quantize_static + pqk_int4_gemm epilogue 4
     pqk::rmsnorm_quantize    pqk_rmsnorm_quantize       x fp16/bf16/fp32 (weight cast to x.dtype by ops/transform.py)
     pqk::hadamard_transform  pqk_hadamard               x fp16/bf16/fp32, n = m * 2^p (hadamard.hadamard_factor)
     pqk::pack_int4 / unpack_int4, W4A8 / W8A8: no CUDA kernel (ops/backend.py: "auto" runs the reference there,
         "cuda" raises NotImplementedError).
+
+The quantize fused into the GEMM's A load fetches the float A tile one K tile ahead (in registers), where the
+packed int4 A of pqk_int4_gemm rides the cp.async pipeline STAGES - 1 tiles ahead. Measured on an H200 (sm_90,
+docs/PERF.md "First GPU run"): at M = 256..4096 the fused launch took 2.0-2.6x the time of quantize + GEMM, so the
+fused kernel is used up to FUSED_A_MAX_M rows (decode: one launch instead of two), quantize + GEMM above
+($PQK_FUSED_A_MAX_M overrides; 0 = never fused).
 
 Decode GEMMs (M <= 16) whose ceil(N / 32) blocks would not fill the GPU split K (pqk_gemm_split_k decides from the
 SM count; a zeroed int32 workspace from torch per call; the exact int32 sums make it bit-identical).
@@ -35,6 +43,7 @@ at the next synchronizing call.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +57,17 @@ GEMM_EPILOGUES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # epil
 EPI_REQUANT, EPI_SILU_MUL_REQUANT = 3, 4  # pqk_int4_gemm epilogue codes with a packed int4 output
 K_STEP = 32          # the GEMM's K granularity (pqk_int4_gemm returns PQK_ERR_K_ALIGN otherwise)
 GEMM_ALIGN = 16      # bytes; A and W are read with 16-byte cp.async (PQK_ERR_PTR_ALIGN otherwise)
+
+
+def _fused_a_max_m() -> int:
+    v = os.environ.get("PQK_FUSED_A_MAX_M", "16")
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"PQK_FUSED_A_MAX_M must be an integer (rows), got {v!r}") from None
+
+
+FUSED_A_MAX_M = _fused_a_max_m()   # static linears with at most this many rows take the fused A-load kernel
 
 
 def _launch(op: str, launcher: str, *args) -> None:
@@ -263,15 +283,24 @@ def int4_matmul_silu_mul_requant(a: torch.Tensor, w: torch.Tensor, a_scale: torc
 
 
 def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, epilogue: int, out_scale: float = 1.0) -> torch.Tensor:
-    """One pqk_quant_gemm_static launch for checked x [M, K] (2-D), w uint8 [N, K/2], a_scale the static 0-dim
-    scale on x's device: epilogue = x.dtype's dequant code (out x.dtype [M, N]) or EPI_SILU_MUL_REQUANT (uint8
-    [M, N/4]). K not a multiple of 32: x is padded with zeros (quantized to 0: the sums are unchanged) and w with zero
-    bytes, as in _gemm."""
+                       bias: torch.Tensor | None, epilogue: int, out_scale: float = 1.0,
+                       fused: bool | None = None) -> torch.Tensor:
+    """The static linear for checked x [M, K] (2-D), w uint8 [N, K/2], a_scale the static 0-dim scale on x's
+    device: epilogue = x.dtype's dequant code (out x.dtype [M, N]) or EPI_SILU_MUL_REQUANT (uint8 [M, N/4]).
+    fused None: one pqk_quant_gemm_static launch when M <= FUSED_A_MAX_M, else pqk_quantize_static + pqk_int4_gemm
+    (the module doc says why); True / False force one (selftest times both). Bit-identical either way (the same
+    quantize, the same exact int32 sums, the same epilogue). K not a multiple of 32: x is padded with zeros
+    (quantized to 0: the sums are unchanged) and w with zero bytes, as in _gemm."""
     m, k, n = x.shape[0], x.shape[1], w.shape[0]
     checks.channel_vector(w_scale, "w_scale", op, n, x.device, positive=True)
     if bias is not None:
         checks.channel_vector(bias, "bias", op, n, x.device, positive=False)
+    if not (m <= FUSED_A_MAX_M if fused is None else fused):
+        q = _quantize_static(op, x, a_scale, 4)
+        dt = x.dtype if epilogue != EPI_SILU_MUL_REQUANT else torch.float32
+        g = check_gemm(op, q, w, a_scale, w_scale, bias, dt)
+        return _gemm(op, g, q, w, a_scale, w_scale, bias, dt, None if epilogue != EPI_SILU_MUL_REQUANT else epilogue,
+                     out_scale)
     silu = epilogue == EPI_SILU_MUL_REQUANT
     out = torch.empty(m, n // 4 if silu else n, dtype=torch.uint8 if silu else x.dtype, device=x.device)
     if m == 0 or n == 0:

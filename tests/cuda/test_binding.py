@@ -410,12 +410,17 @@ def test_quant_linear_plumbing(emu, gen, m, n, k, dtype, static):
     saved = x.clone()
     got = cuda.quant_linear(x, w, w_s, a_s, 4, b)
     assert torch.equal(got, reference.quant_linear(x, w, w_s, a_s, 4, b)) and torch.equal(x, saved)
-    # static: ONE launch, the quantize inside the GEMM's A load; per token: the max-reduction first, then the GEMM
-    assert [c[0] for c in emu.calls] == (["pqk_quant_gemm_static"] if static else
-                                         ["pqk_quantize_per_token", "pqk_int4_gemm"])
-    if static:
+    # static, M <= FUSED_A_MAX_M: ONE launch, the quantize inside the GEMM's A load; larger M: quantize, then the
+    # GEMM (cuda_ops' module doc); per token: the max-reduction first, then the GEMM
+    fused = static and m <= cuda.FUSED_A_MAX_M
+    assert [c[0] for c in emu.calls] == (["pqk_quant_gemm_static"] if fused else
+                                         ["pqk_quantize_static" if static else "pqk_quantize_per_token",
+                                          "pqk_int4_gemm"])
+    if fused:
         assert emu.calls[0] == ("pqk_quant_gemm_static", m, n, cuda.padded_k(k), cuda.DTYPE_CODES[dtype],
                                 cuda.GEMM_EPILOGUES[dtype])
+    elif static:
+        assert emu.calls[1] == ("pqk_int4_gemm", m, n, cuda.padded_k(k), cuda.GEMM_EPILOGUES[dtype], 0)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 32), (3, 132, 96), (17, 8, 160), (7, 36, 62)])
@@ -428,7 +433,11 @@ def test_quant_linear_silu_mul_requant_plumbing(emu, gen, m, n, k, dtype):
     got = cuda.quant_linear_silu_mul_requant(x, w, w_s, a_s, b, 0.37)
     want = reference.int4_matmul_silu_mul_requant(reference.quantize_static(x, a_s, 4), w, a_s, w_s, b, 0.37)
     assert got.shape == (m, n // 4) and torch.equal(got, want)
-    assert emu.calls == [("pqk_quant_gemm_static", m, n, cuda.padded_k(k), cuda.DTYPE_CODES[dtype], 4, 0.37)]
+    if m <= cuda.FUSED_A_MAX_M:
+        assert emu.calls == [("pqk_quant_gemm_static", m, n, cuda.padded_k(k), cuda.DTYPE_CODES[dtype], 4, 0.37)]
+    else:   # prefill-sized: quantize, then the GEMM with the silu-mul requant epilogue
+        assert [c[:2] for c in emu.calls] == [("pqk_quantize_static", m), ("pqk_int4_gemm", m)]
+        assert emu.calls[1][4] == 4
     with pytest.raises(ValueError, match="multiple of 4"):
         cuda.quant_linear_silu_mul_requant(x, w[:n - 2], w_s[:n - 2], a_s, None, 0.37)
     with pytest.raises(ValueError, match="a_scale must be finite"):

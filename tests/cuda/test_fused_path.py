@@ -58,11 +58,13 @@ def _launches(model, ids):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("rotate,fuse", [(True, False), (False, False), (False, True)])
-def test_no_standalone_quantize_before_a_static_linear(arch, rotate, fuse):
+def test_no_standalone_quantize_before_a_static_linear(arch, rotate, fuse, monkeypatch):
+    """Decode-sized inputs (M <= cuda_ops.FUSED_A_MAX_M rows): every static linear is one fused launch."""
     model = _static_w4a4(arch, rotate)
     if fuse:
         assert pqk.fuse_mlps(model, strict=True) == model.config.num_hidden_layers
     ids = torch.tensor([StubTokenizer().encode(text(40, seed=1), add_special_tokens=True)])
+    monkeypatch.setattr(cuda_ops, "FUSED_A_MAX_M", ids.shape[1])   # this prompt's rows count as decode-sized
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
     got, launches, ops = _launches(model, ids)
@@ -98,3 +100,22 @@ def test_the_recorder_sees_a_standalone_quantize():
     finally:
         mp.undo()
     assert Counter(launches)["pqk_quantize_static"] == 7 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_prefill_rows_take_quantize_then_gemm(fuse):
+    """Above FUSED_A_MAX_M rows each static linear is pqk_quantize_static + pqk_int4_gemm (measured faster on an
+    H200: the fused kernel fetches float A one K tile ahead only; ops/cuda_ops.py), with the same logits."""
+    model = _static_w4a4("llama", rotate=False)
+    if fuse:
+        pqk.fuse_mlps(model, strict=True)
+    ids = torch.tensor([StubTokenizer().encode(text(40, seed=3), add_special_tokens=True)])
+    assert ids.shape[1] > cuda_ops.FUSED_A_MAX_M
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    got, launches, _ = _launches(model, ids)
+    assert torch.equal(got, want)
+    layers, counts = model.config.num_hidden_layers, Counter(launches)
+    static = 5 if fuse else 7   # the fused MLP's down_proj reads packed int4: a plain GEMM already
+    assert counts == Counter({"pqk_quantize_static": static * layers,
+                              "pqk_int4_gemm": (static + (1 if fuse else 0)) * layers}), counts
