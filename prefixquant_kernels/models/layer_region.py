@@ -20,6 +20,7 @@ layer's own forward.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import types
 
@@ -28,6 +29,12 @@ import torch
 from ..cache.factory import transform_keys
 from ..cache.modes.static import PreallocatedStaticLayer
 from . import compiled_step, decode_layer
+
+
+# max_reuse_entries (torch >= 2.12) lifts the cap on reuses of one traced region; torch 2.11 (the GPU image's) has
+# no such argument and raised TypeError in the first GPU run.
+_REGION_KW = ({"max_reuse_entries": 4096}
+              if "max_reuse_entries" in inspect.signature(torch.compiler.nested_compile_region).parameters else {})
 
 
 class StepLayerCache(PreallocatedStaticLayer):
@@ -68,7 +75,7 @@ def _make_step(consts: tuple):
     # Layers that differ in a traced constant (a per-layer softmax scale, a layer kept at other bits) get one traced
     # subgraph each; torch's default cache of 8 then raises. No model has more layers than this: at worst every
     # layer is traced once, as without regions.
-    @torch.compiler.nested_compile_region(max_reuse_entries=4096)
+    @torch.compiler.nested_compile_region(**_REGION_KW)
     def step(layer, hidden_states, attention_mask, cos, sin, position_ids, query_rotation, *tensors):
         cache = StepLayerCache(consts, *tensors)
         kw = {} if query_rotation is None else {"pqk_query_rotation": query_rotation}
