@@ -60,7 +60,7 @@ has pytest && stage pytest 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovi
 for name in layer model; do
     if has $name; then
         args=$(python3 -c "from prefixquant_kernels import selftest; print(' '.join(selftest.E2E_GPU['$name']))")
-        stage "e2e_$name" $([ $name = layer ] && echo 140 || echo 160) python3 benchmarks/e2e.py $args \
+        stage "e2e_$name" $([ $name = layer ] && echo 125 || echo 140) python3 benchmarks/e2e.py $args \
             --json "$W/$name.json"
     fi
 done

@@ -92,7 +92,8 @@ STEPS = {c: _make_step(c) for c in itertools.product((4, 8), ("reference", "cpu"
 
 def _takes_region(past_key_values, hidden_states, kwargs) -> bool:
     layers = getattr(past_key_values, "layers", None)
-    return (torch.compiler.is_compiling() and hidden_states.shape[1] == 1 and bool(layers)
+    return (torch.compiler.is_compiling() and hidden_states.shape[1] == 1 and layers is not None
+            and len(layers) > 0   # (not bool(list): dynamo in torch 2.11 cannot trace it)
             and all(type(l) is PreallocatedStaticLayer for l in layers)
             and kwargs.get("pqk_cache") is past_key_values and not set(kwargs) - {"pqk_cache", "pqk_query_rotation"})
 

@@ -5,8 +5,8 @@ the "cuda" dispatch key at the bottom of this module (pure bookkeeping: no GPU n
     pqk::quantize_static     pqk_quantize_static        x fp16/bf16/fp32, bits 4 or 8
     pqk::quantize_per_token  pqk_quantize_per_token     x fp16/bf16/fp32, bits 4 or 8
     pqk::int4_matmul         pqk_int4_gemm              W4A4 only: a and w packed uint8
-    pqk::quant_linear        static a_scale, M <= FUSED_A_MAX_M: pqk_quant_gemm_static (one launch: the quantize in
-                             the GEMM's A load); larger M: pqk_quantize_static + pqk_int4_gemm (see below)
+    pqk::quant_linear        static a_scale: pqk_quantize_static + pqk_int4_gemm, or with M <= FUSED_A_MAX_M
+                             pqk_quant_gemm_static (one launch: the quantize in the GEMM's A load; see below)
                              per token: pqk_quantize_per_token + pqk_int4_gemm   W4A4 only: w uint8, a_bits 4
     pqk::int4_matmul_requant / pqk::int4_matmul_silu_mul_requant
                              pqk_int4_gemm epilogue 3 / 4 (packed int4 out)     W4A4 only
@@ -19,10 +19,12 @@ the "cuda" dispatch key at the bottom of this module (pure bookkeeping: no GPU n
         "cuda" raises NotImplementedError).
 
 The quantize fused into the GEMM's A load fetches the float A tile one K tile ahead (in registers), where the
-packed int4 A of pqk_int4_gemm rides the cp.async pipeline STAGES - 1 tiles ahead. Measured on an H200 (sm_90,
-docs/PERF.md "First GPU run"): at M = 256..4096 the fused launch took 2.0-2.6x the time of quantize + GEMM, so the
-fused kernel is used up to FUSED_A_MAX_M rows (decode: one launch instead of two), quantize + GEMM above
-($PQK_FUSED_A_MAX_M overrides; 0 = never fused).
+packed int4 A of pqk_int4_gemm rides the cp.async pipeline STAGES - 1 tiles ahead: each K tile waits a full global
+load. Measured on an H200 (sm_90, CUDA graphs, docs/PERF.md "First GPU run"), the fused launch took 3.2-7.3x the time
+of quantize + GEMM at M = 1 (26 vs 8 us at N = 1024, 373 vs 51 us at N = 28672) and 2.6-4.0x at M = 64..4096.
+So static linears take quantize + GEMM at every M by default: FUSED_A_MAX_M = 0 ($PQK_FUSED_A_MAX_M: the rows up
+to which the fused kernel is used). The fused kernel stays built and tested (selftest times both) until its A
+operand gets a multi-stage pipeline; sm_80/86/89 were not measured.
 
 Decode GEMMs (M <= 16) whose ceil(N / 32) blocks would not fill the GPU split K (pqk_gemm_split_k decides from the
 SM count; a zeroed int32 workspace from torch per call; the exact int32 sums make it bit-identical).
@@ -60,7 +62,7 @@ GEMM_ALIGN = 16      # bytes; A and W are read with 16-byte cp.async (PQK_ERR_PT
 
 
 def _fused_a_max_m() -> int:
-    v = os.environ.get("PQK_FUSED_A_MAX_M", "16")
+    v = os.environ.get("PQK_FUSED_A_MAX_M", "0")
     try:
         return int(v)
     except ValueError:
@@ -68,6 +70,7 @@ def _fused_a_max_m() -> int:
 
 
 FUSED_A_MAX_M = _fused_a_max_m()   # static linears with at most this many rows take the fused A-load kernel
+#                                   (0: none; the module doc gives the measurement)
 
 
 def _launch(op: str, launcher: str, *args) -> None:

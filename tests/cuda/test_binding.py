@@ -402,7 +402,9 @@ def test_quantizers_plumbing(emu, gen, dtype, bits, shape):
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("static", [True, False])
-def test_quant_linear_plumbing(emu, gen, m, n, k, dtype, static):
+@pytest.mark.parametrize("fused_max", [0, 16])   # the default (never fused) and the fused kernel up to 16 rows
+def test_quant_linear_plumbing(emu, gen, m, n, k, dtype, static, fused_max, monkeypatch):
+    monkeypatch.setattr(cuda, "FUSED_A_MAX_M", fused_max)
     x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
     w = fmt.pack_int4(rand_int((n, k), 4, gen))
     w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
@@ -425,7 +427,9 @@ def test_quant_linear_plumbing(emu, gen, m, n, k, dtype, static):
 
 @pytest.mark.parametrize("m,n,k", [(1, 64, 32), (3, 132, 96), (17, 8, 160), (7, 36, 62)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_quant_linear_silu_mul_requant_plumbing(emu, gen, m, n, k, dtype):
+@pytest.mark.parametrize("fused_max", [0, 16])
+def test_quant_linear_silu_mul_requant_plumbing(emu, gen, m, n, k, dtype, fused_max, monkeypatch):
+    monkeypatch.setattr(cuda, "FUSED_A_MAX_M", fused_max)
     x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
     x[0, 0] = float("inf")  # clamps to 7
     w = fmt.pack_int4(rand_int((n, k), 4, gen))

@@ -1,7 +1,8 @@
-"""Static quantize fused on CUDA where a model really goes: a swapped Llama / Qwen decoder layer with static W4A4
-linears, rotated (the default: down_proj behind an online Hadamard) or not, with or without the fused MLP, launches
-no standalone quantize before any of its linears — each static linear is one pqk_quant_gemm_static launch (the int4
-quantize inside the GEMM's A load).
+"""What a swapped Llama / Qwen decoder layer with static W4A4 linears launches on CUDA, rotated (the default:
+down_proj behind an online Hadamard) or not, with or without the fused MLP. With the fused A-load kernel on
+(cuda_ops.FUSED_A_MAX_M >= M): no standalone quantize before any linear, each static linear one pqk_quant_gemm_static
+launch (the int4 quantize inside the GEMM's A load). By default (FUSED_A_MAX_M = 0: on an H200 the fused kernel
+measured 2.6-7.3x slower than quantize + GEMM, ops/cuda_ops.py): pqk_quantize_static + pqk_int4_gemm per linear.
 
 No GPU needed: the model runs on CPU tensors under a TorchDispatchMode that sends every pqk:: op having a CUDA
 implementation to it (ops/cuda_ops.py, the code a GPU runs) over test_binding's emulated library, which records each
@@ -59,12 +60,13 @@ def _launches(model, ids):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("rotate,fuse", [(True, False), (False, False), (False, True)])
 def test_no_standalone_quantize_before_a_static_linear(arch, rotate, fuse, monkeypatch):
-    """Decode-sized inputs (M <= cuda_ops.FUSED_A_MAX_M rows): every static linear is one fused launch."""
+    """With the fused A-load kernel on for these rows (FUSED_A_MAX_M >= M; off by default, ops/cuda_ops.py says
+    why): every static linear is one fused launch."""
     model = _static_w4a4(arch, rotate)
     if fuse:
         assert pqk.fuse_mlps(model, strict=True) == model.config.num_hidden_layers
     ids = torch.tensor([StubTokenizer().encode(text(40, seed=1), add_special_tokens=True)])
-    monkeypatch.setattr(cuda_ops, "FUSED_A_MAX_M", ids.shape[1])   # this prompt's rows count as decode-sized
+    monkeypatch.setattr(cuda_ops, "FUSED_A_MAX_M", ids.shape[1])
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
     got, launches, ops = _launches(model, ids)
@@ -103,9 +105,9 @@ def test_the_recorder_sees_a_standalone_quantize():
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_prefill_rows_take_quantize_then_gemm(fuse):
-    """Above FUSED_A_MAX_M rows each static linear is pqk_quantize_static + pqk_int4_gemm (measured faster on an
-    H200: the fused kernel fetches float A one K tile ahead only; ops/cuda_ops.py), with the same logits."""
+def test_default_static_linear_is_quantize_then_gemm(fuse):
+    """By default (and above FUSED_A_MAX_M rows) each static linear is pqk_quantize_static + pqk_int4_gemm (measured
+    faster on an H200: the fused kernel fetches float A one K tile ahead only; ops/cuda_ops.py), same logits."""
     model = _static_w4a4("llama", rotate=False)
     if fuse:
         pqk.fuse_mlps(model, strict=True)
