@@ -191,6 +191,12 @@ def _ops_rows(rows):
             1e-4)
 
 
+# _kv_rows' shapes: (B, H, T, D, dtype) of the quantizers, (B, H_q, H_kv, P, T, D, dtype) of the decode attention
+# (Llama-3-8B's G = 8, D = 128 at 2K; odd T; batch 3 without a prefix). Names of torch dtypes: no torch import here.
+KV_SHAPES = [(1, 8, 2048, 128, "float16"), (2, 3, 77, 64, "bfloat16")]
+ATTENTION_SHAPES = [(1, 32, 4, 1, 2048, 128, "float16"), (1, 64, 8, 4, 2047, 128, "bfloat16"),
+                    (3, 12, 4, 0, 300, 64, "float16")]
+
 def _kv_rows(rows, device: str = "cuda"):
     """The Triton KV-cache kernels on the GPU (backend="triton", compiled, not interpreted) vs the reference on the
     CPU: static and group-wise quantize (bit-exact), dequant-concat (one rounding of the output dtype) and the fused
@@ -211,7 +217,8 @@ def _kv_rows(rows, device: str = "cuda"):
             return float("inf")
         return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
-    for b, h, t, d, dt in [(1, 8, 2048, 128, torch.float16), (2, 3, 77, 64, torch.bfloat16)]:
+    for b, h, t, d, dt in KV_SHAPES:
+        dt = getattr(torch, dt)
         x = torch.randn(b, h, t, d, generator=g) * 3
         x = torch.where(torch.rand(x.shape, generator=g) < 0.02, x * 40, x).to(dt)
         shape = f"{b}x{h}x{t}x{d} {str(dt)[6:]}"
@@ -240,8 +247,8 @@ def _kv_rows(rows, device: str = "cuda"):
             deq_ref = ops.kv_dequant_concat(None, *want[:2], bits, torch.float16, zero=want[2], group_size=gs,
                                             axis=axis, backend="reference")
             add(f"kv_dequant_concat groupwise {bits}-bit {axis} (triton)", shape, _err(deq, deq_ref))
-    for b, hq, hkv, p, t, d, dt in [(1, 32, 4, 1, 2048, 128, torch.float16), (1, 64, 8, 4, 2047, 128, torch.bfloat16),
-                                    (3, 12, 4, 0, 300, 64, torch.float16)]:
+    for b, hq, hkv, p, t, d, dt in ATTENTION_SHAPES:
+        dt = getattr(torch, dt)
         shape = f"B{b} Hq{hq}/Hkv{hkv} P{p} T{t} D{d} {str(dt)[6:]}"
         qx = torch.randn(b, hq, d, generator=g).to(dt)
         k = (torch.randn(b, hkv, t, d, generator=g) * 2).to(dt)

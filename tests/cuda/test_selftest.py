@@ -59,3 +59,23 @@ def test_selftest_bench_dry_run_without_gpu(cuda_lib, capsys, monkeypatch, tmp_p
     layer = json.loads((tmp_path / "layer.json").read_text())
     assert {r["method"] for r in layer} == {"fp", "dynamic", "static"}
     assert {r["method"] for r in json.loads((tmp_path / "model.json").read_text())} == {"fp", "static"}
+
+
+def test_kv_rows_run_under_the_interpreter(monkeypatch):
+    """selftest's Triton KV table (_kv_rows), here on CPU tensors under TRITON_INTERPRET=1 at small shapes: every row
+    passes, and a planted wrong scale in the Triton quantizer turns its rows into FAIL (the table can fail)."""
+    monkeypatch.setattr(selftest, "KV_SHAPES", [(1, 2, 32, 64, "float16"), (2, 3, 9, 32, "bfloat16")])
+    monkeypatch.setattr(selftest, "ATTENTION_SHAPES", [(1, 8, 2, 1, 40, 64, "float16"), (2, 4, 2, 0, 17, 32,
+                                                                                        "bfloat16")])
+    rows = []
+    selftest._kv_rows(rows, "cpu")
+    assert len(rows) >= 20 and all(r[3] == "pass" for r in rows), [r for r in rows if r[3] != "pass"]
+    from prefixquant_kernels.ops import kv as kv_ops
+    real = kv_ops.kv_quantize
+
+    def planted(x, scale, bits=4, *, backend="auto"):
+        return real(x, scale * 1.5 if backend == "triton" else scale, bits, backend=backend)
+    monkeypatch.setattr(kv_ops, "kv_quantize", planted)
+    rows = []
+    selftest._kv_rows(rows, "cpu")
+    assert any(r[3] == "FAIL" and r[0].startswith("kv_quantize ") for r in rows)
