@@ -114,6 +114,24 @@ def _err(got, want) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
+
+def _gemv_on():
+    """Context: the decode GEMV on for every M it takes (cuda_ops.GEMV_MAX_M = GEMV_ROWS), as
+    PQK_DECODE_GEMV_MAX_M=4 would set it."""
+    import contextlib
+
+    from .ops import cuda_ops
+
+    @contextlib.contextmanager
+    def on():
+        old = cuda_ops.GEMV_MAX_M
+        cuda_ops.GEMV_MAX_M = cuda_ops.GEMV_ROWS
+        try:
+            yield
+        finally:
+            cuda_ops.GEMV_MAX_M = old
+    return on()
+
 def _ops_rows(rows):
     """Every op through the torch binding (backend="cuda", ops/cuda_ops.py) vs prefixquant_kernels.reference on the CPU.
     Pass: bit-exact for the quantizers and GEMMs (integer math, same fp32 epilogue); a tolerance for RMSNorm (block
@@ -165,6 +183,15 @@ def _ops_rows(rows):
                                               w_s.cuda(), b.cuda(), 0, fused=fused)
             add(f"static linear {'fused A-load' if fused else 'quantize + GEMM'}", shape,
                 _err(got, ops.quant_linear(xh, w, w_s, 0.05, 4, b, backend="reference")))
+        if m <= cuda_ops.GEMV_ROWS:   # the decode GEMV (opt-in: PQK_DECODE_GEMV_MAX_M), packed and float A
+            with _gemv_on():
+                got = ops.int4_matmul(a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), b.cuda(), torch.float16,
+                                      backend="cuda")
+                add("int4_matmul float16 (GEMV)", shape,
+                    _err(got, ops.int4_matmul(a, w, a_s, w_s, b, torch.float16, backend="reference")))
+                got = ops.quant_linear(xh.cuda(), w.cuda(), w_s.cuda(), 0.05, 4, b.cuda(), backend="cuda")
+                add("quant_linear W4A4 static (GEMV, quantize in its A load)", shape,
+                    _err(got, ops.quant_linear(xh, w, w_s, 0.05, 4, b, backend="reference")))
         for dt in (torch.bfloat16, torch.float32):  # the fused kernel's other x dtypes
             xd = x.to(dt)
             got = ops.quant_linear(xd.cuda(), w.cuda(), w_s.cuda(), 0.05, 4, b.cuda(), backend="cuda")
@@ -332,9 +359,21 @@ def _tops_rows(rows, lib):
         rows.append((f"TOPS (measured, {name}, graphs)", f"{m}x{n}x{k}",
                      " / ".join(cells) + f" / cuBLAS fp16 {tops(t_cublas):.1f} ({t_cublas / t_auto:.2f}x)"
                      + (f" / _int_mm int8 {tops(t_int8):.1f} ({t_int8 / t_auto:.2f}x)" if t_int8 else ""), "-"))
+        moved = n * k // 2 + m * k // 2 + 2 * m * n + 4 * n
+        peak = _dram_peak()
+        if m <= cuda_ops.GEMV_ROWS:  # the decode GEMV (opt-in), raw launcher, and the static linear through it
+            t_gemv = _time([lambda w=w: gemm(lib, a, w, a_s, w_s, None, out, epilogue=0, config=cuda_ops.GEMV)
+                            for w in ws])
+            with _gemv_on():
+                t_gemv_lin = _time([lambda w=w: ops.quant_linear(x16, w, w_s, s0, 4, None, backend="cuda")
+                                    for w in ws])
+            rows.append((f"decode GEMV (measured, {name}, graphs)", f"{m}x{n}x{k}",
+                         f"{t_gemv * 1e6:.1f} us = {moved / t_gemv / 1e9:.0f} GB/s"
+                         + (f" ({100 * moved / t_gemv / peak:.0f} % of peak)" if peak else "")
+                         + f" vs tile {t_auto * 1e6:.1f} us ({t_auto / t_gemv:.2f}x) vs cuBLAS fp16 "
+                         f"{t_cublas * 1e6:.1f} us ({t_cublas / t_gemv:.2f}x); static linear through it "
+                         f"{t_gemv_lin * 1e6:.1f} us", "-"))
         if m <= 16:  # decode is a read of W: achieved DRAM bandwidth of auto (split-K where N is narrow)
-            moved = n * k // 2 + m * k // 2 + 2 * m * n + 4 * n
-            peak = _dram_peak()
             rows.append((f"decode DRAM GB/s (measured, {name}, graphs)", f"{m}x{n}x{k}",
                          f"{moved / t_auto / 1e9:.0f}" + (f" = {100 * moved / t_auto / peak:.0f} % of {peak / 1e9:.0f}"
                                                           if peak else "") +
@@ -371,7 +410,7 @@ def _gpu(rows, lib_path):
         ref = reference.int4_matmul(a.cpu(), w.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
         err = (out.cpu() - ref).abs().max().item()
         rows.append(("pqk_int4_gemm (ctypes) fp32", f"{m}x{n}x{k}", f"{err:.3g}", "pass" if err == 0 else "FAIL"))
-        for config in [-1, 0, 1, 2] + ([10, 11, 12] if _has_cutlass() and n % 8 == 0 else []):
+        for config in [-1, 0, 1, 2] + ([3] if m <= 4 else []) + ([10, 11, 12] if _has_cutlass() and n % 8 == 0 else []):
             out16 = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             gemm(lib, a, w, a_s, w_s, None, out16, epilogue=0, config=config)
             err = _err(out16, ref.half())

@@ -328,5 +328,89 @@ PQK_HD int8_t epi_silu_mul_q(int32_t acc_gate, int32_t acc_up, int row, int col,
   return requant4(silu_mul(epi_dequant(acc_gate, row, col, p), epi_dequant(acc_up, row, col + 1, p)), p.out_scale);
 }
 
+// ---- decode GEMV (int4_gemm.cu: int4_gemv_kernel, config kGemv; M <= kGemvMaxM) ---------------------------------
+// At M <= 4 the GEMM is a read of W. The tensor-core tiles compute 16 rows for 1 real one and, on sm_90, unpack
+// every s4 register for two s8 MMAs; measured on an H200 they read W at 7-25 % of HBM bandwidth (docs/PERF.md step
+// 21). The GEMV instead streams W with 16-byte loads and multiplies in the integer ALU:
+//   - a block owns kGemvRows = 4 consecutive W rows (4 output columns: the requant epilogues' pairs and the silu-mul
+//     quads stay in one block); its kGemvThreads threads split K in 32-element chunks (16 bytes of one W row),
+//     thread t taking chunks t, t + kGemvThreads, ... (adjacent threads read adjacent 16 bytes: coalesced);
+//   - per chunk the thread loads its A chunk (16 bytes per row of A, served from L2) and unpacks it once to s8
+//     (sext_nibbles_in_bytes), then for each of the 4 W rows: the W nibbles stay UNSIGNED, u = nibble ^ 8 = w + 8
+//     in 0..15 (one LOP3 for the even elements, SHF + LOP3 for the odd), and dp4a(u8 x s8) accumulates
+//     sum u * a = sum w * a + 8 * sum a; the thread also sums its A elements, and acc - 8 * sum a is the exact
+//     int32 dot product (|acc| <= 15 * 8 * K: no overflow below K = 17 M);
+//   - the partial sums meet through warp shuffles and shared memory; threads 0 .. M*4-1 run the epilogue.
+// Bit-identical to the tiles (the same exact int32 sums, the same epilogue functions).
+constexpr int kGemv = 3;          // its config number in pqk_int4_gemm / pqk_quant_gemm_static
+constexpr int kGemvMaxM = 4;
+constexpr int kGemvRows = 4;
+constexpr int kGemvThreads = 128;
+constexpr int kGemvChunkElems = 32;  // one 16-byte chunk of a packed row
+
+// dp4a with an unsigned-bytes first operand and signed-bytes second: c + sum_j ua[j] * sb[j] (PTX dp4a.u32.s32).
+PQK_HD int32_t dp4a_us(uint32_t ua, uint32_t sb, int32_t c) {
+#if defined(__CUDA_ARCH__)
+  int32_t d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(ua), "r"(sb), "r"(c));
+  return d;
+#else
+  for (int j = 0; j < 4; ++j) c += (int32_t)((ua >> (8 * j)) & 0xFFu) * (int32_t)(int8_t)((sb >> (8 * j)) & 0xFFu);
+  return c;
+#endif
+}
+
+// The unsigned nibbles u = w + 8 of one packed word: evens (byte j = element 2j), odds (element 2j + 1).
+PQK_HD void unpack_u4x8(uint32_t w, uint32_t& evens, uint32_t& odds) {
+  evens = (w & 0x0F0F0F0Fu) ^ 0x08080808u;
+  odds = ((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+}
+
+// One chunk of the GEMV for MR rows of A: a[m] = the 4 packed words of A row m's chunk, w[r] = those of W row r.
+// acc[m][r] += sum (w + 8) * a over the chunk, asum[m] += sum a; the dot product is acc - 8 * asum (gemv_dot).
+template <int MR>
+PQK_HD void gemv_chunk(const uint32_t (&a)[MR][4], const uint32_t (&w)[kGemvRows][4], int32_t (&acc)[MR][kGemvRows],
+                       int32_t (&asum)[MR]) {
+  PQK_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    uint32_t ae[MR], ao[MR];
+    PQK_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      unpack_s4x8_to_s8x8(a[m][j], ae[m], ao[m]);
+      asum[m] = dp4a_us(0x01010101u, ae[m], dp4a_us(0x01010101u, ao[m], asum[m]));
+    }
+    PQK_UNROLL
+    for (int r = 0; r < kGemvRows; ++r) {
+      uint32_t ue, uo;
+      unpack_u4x8(w[r][j], ue, uo);
+      PQK_UNROLL
+      for (int m = 0; m < MR; ++m) acc[m][r] = dp4a_us(ue, ae[m], dp4a_us(uo, ao[m], acc[m][r]));
+    }
+  }
+}
+
+PQK_HD int32_t gemv_dot(int32_t acc, int32_t asum) { return acc - 8 * asum; }
+
+// The epilogue of one block (W rows n0 .. n0 + 3) for the final dot products dot[m * kGemvRows + r] (shared memory
+// in the kernel: read at run-time indices, which a register array would turn into local memory), run by thread t
+// in [0, MR * kGemvRows): row m = t / 4, column n0 + t % 4. store_f(index, value): a float output at out[index]
+// (EPI 0-2, [M, N]); store_q(index, byte): a packed byte (requant: [M, N/2]; silu-mul: [M, N/4]).
+template <class StoreF, class StoreQ>
+PQK_HD void gemv_epilogue(int epi, int t, const int32_t* dot, int n0, int prob_m, int prob_n,
+                          const EpilogueParams& ep, StoreF&& store_f, StoreQ&& store_q) {
+  const int m = t / kGemvRows, r = t % kGemvRows, col = n0 + r;
+  const int32_t* d = dot + m * kGemvRows;
+  if (m >= prob_m || col >= prob_n) return;
+  if (epi == kEpiRequant) {  // prob_n even: col + 1 < prob_n
+    if (r % 2 == 0) store_q((long)m * (prob_n / 2) + col / 2, epi_requant_pair(d[r], d[r + 1], m, col, ep));
+  } else if (epi == kEpiSiluMulRequant) {  // prob_n % 4 == 0: the block's 4 rows are (gate, up) of h_j and h_j+1
+    if (r == 0)
+      store_q((long)m * (prob_n / 4) + n0 / 4, pack_nibbles(epi_silu_mul_q(d[0], d[1], m, n0, ep),
+                                                            epi_silu_mul_q(d[2], d[3], m, n0 + 2, ep)));
+  } else {
+    store_f((long)m * prob_n + col, epi_dequant(d[r], m, col, ep));
+  }
+}
+
 }  // namespace cuda
 }  // namespace pqk

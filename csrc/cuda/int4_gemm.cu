@@ -263,12 +263,119 @@ __global__ void __launch_bounds__(Cfg::kThreads) int4_gemm_kernel(
   epilogue<Cfg, EPI>(acc, out, ep, m0 + wr0, n0 + wc0, lane, prob_m, prob_n);
 }
 
+// ---- the decode GEMV (config kGemv, M <= kGemvMaxM; the plan and its arithmetic: gemm_math.cuh "decode GEMV") ----
+// One row of A's chunk c as 4 packed words: packed A (16 bytes, L2-served: every block reads A) or, float A, the 32
+// values of x quantized with the static scale (quantize_pack8: the bits of pqk_quantize_static).
+template <class XT>
+__device__ __forceinline__ void gemv_load_a(const XT* a, int m, int c, int prob_k, float x_scale, uint32_t (&wd)[4]) {
+  if constexpr (std::is_same<XT, uint8_t>::value) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(a + (long)m * (prob_k / 2)) + c);
+    wd[0] = v.x; wd[1] = v.y; wd[2] = v.z; wd[3] = v.w;
+  } else {
+    constexpr int kVecsPerWord = (int)sizeof(XT) / 2;  // 16-byte loads per 8 values: 1 (fp16/bf16) or 2 (fp32)
+    const uint4* src = reinterpret_cast<const uint4*>(a + (long)m * prob_k + (long)c * kGemvChunkElems);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float v[8];
+#pragma unroll
+      for (int q = 0; q < kVecsPerWord; ++q) to_floats(__ldg(src + j * kVecsPerWord + q), v + q * (8 / kVecsPerWord), (const XT*)nullptr);
+      wd[j] = quantize_pack8(v, x_scale);
+    }
+  }
+}
+
+template <int MR, int EPI, class XT>
+__global__ void __launch_bounds__(kGemvThreads) int4_gemv_kernel(
+    const XT* __restrict__ a,       // uint8 [prob_m, prob_k / 2] packed int4, or fp16/bf16/fp32 [prob_m, prob_k]
+    const uint8_t* __restrict__ w,  // uint8 [prob_n, prob_k / 2]: packed int4 weights, one row per output channel
+    void* __restrict__ out,         // as int4_gemm_kernel: EPI 0/1/2 float [prob_m, prob_n]; 3: uint8 [prob_m,
+                                    //   prob_n / 2]; 4: uint8 [prob_m, prob_n / 4]
+    EpilogueParams ep,              // scales (fp32 device pointers), bias, requant scale; float A: a_scale[0] static
+    int prob_m, int prob_n, int prob_k) {  // prob_m <= MR, prob_k % 32 == 0; block b: W rows 4b .. 4b + 3
+  constexpr bool kFloatA = !std::is_same<XT, uint8_t>::value;
+  const int n0 = blockIdx.x * kGemvRows, chunks = prob_k / kGemvChunkElems;
+  const float x_scale = kFloatA ? ep.a_scale[0] : 0.0f;
+  int32_t acc[MR][kGemvRows], asum[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    asum[m] = 0;
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = 0;
+  }
+#pragma unroll 2
+  for (int c = threadIdx.x; c < chunks; c += kGemvThreads) {
+    uint32_t wd[kGemvRows][4], ad[MR][4];
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {  // W is read once per step: streaming loads (evict first)
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);  // a row past N: zero nibbles, w = 0, adds nothing (and is not stored)
+      if (n0 + r < prob_n) v = __ldcs(reinterpret_cast<const uint4*>(w + (long)(n0 + r) * (prob_k / 2)) + c);
+      wd[r][0] = v.x; wd[r][1] = v.y; wd[r][2] = v.z; wd[r][3] = v.w;
+    }
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      if (m < prob_m) {
+        gemv_load_a(a, m, c, prob_k, x_scale, ad[m]);
+      } else {
+        ad[m][0] = ad[m][1] = ad[m][2] = ad[m][3] = 0u;  // a row past M: a = 0 adds nothing
+      }
+    }
+    gemv_chunk<MR>(ad, wd, acc, asum);
+  }
+  // dot products: this thread's, summed over the warp (shuffles), then over the warps (shared memory)
+  __shared__ int32_t red[kGemvThreads / 32][MR * kGemvRows];
+  __shared__ int32_t dot[MR * kGemvRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+      int32_t d = gemv_dot(acc[m][r], asum[m]);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+      if (lane == 0) red[warp][m * kGemvRows + r] = d;
+    }
+  __syncthreads();
+  if (threadIdx.x < MR * kGemvRows) {
+    int32_t d = 0;
+#pragma unroll
+    for (int i = 0; i < kGemvThreads / 32; ++i) d += red[i][threadIdx.x];
+    dot[threadIdx.x] = d;
+  }
+  __syncthreads();
+  if (threadIdx.x >= MR * kGemvRows) return;
+  using OutT = typename OutType<EPI>::T;
+  gemv_epilogue(EPI, threadIdx.x, dot, n0, prob_m, prob_n, ep,
+                [&](long i, float v) { if constexpr (EPI <= kEpiF32) store_float(static_cast<OutT*>(out), i, v); },
+                [&](long i, uint8_t q) { static_cast<uint8_t*>(out)[i] = q; });
+}
+
+template <int MR, int EPI, class XT>
+int launch_gemv(const XT* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k,
+                cudaStream_t stream) {
+  int4_gemv_kernel<MR, EPI, XT><<<(n + kGemvRows - 1) / kGemvRows, kGemvThreads, 0, stream>>>(a, w, out, ep, m, n, k);
+  return launch_status();
+}
+
+// M = 1 (batch-1 decode) gets its own instantiation; 2..kGemvMaxM share the 4-row one (rows past M read nothing).
+template <int EPI, class XT>
+int launch_gemv_m(const XT* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k,
+                  cudaStream_t s) {
+  return m == 1 ? launch_gemv<1, EPI, XT>(a, w, out, ep, m, n, k, s) : launch_gemv<kGemvMaxM, EPI, XT>(a, w, out, ep, m, n, k, s);
+}
+
+// The GEMV in the tile dispatchers' place (config kGemv): dispatch_epilogue<GemvTag> / dispatch_x_dtype<GemvTag>.
+struct GemvTag {};
+
 template <class Cfg, int EPI, class XT = uint8_t>
 int launch(const XT* a, const uint8_t* w, void* out, const EpilogueParams& ep, int m, int n, int k, int splits,
            int32_t* split_ws, cudaStream_t stream) {
-  dim3 grid((n + Cfg::BN - 1) / Cfg::BN, (m + Cfg::BM - 1) / Cfg::BM, splits);
-  int4_gemm_kernel<Cfg, EPI, XT><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k, split_ws);
-  return launch_status();
+  if constexpr (std::is_same<Cfg, GemvTag>::value) {
+    return launch_gemv_m<EPI, XT>(a, w, out, ep, m, n, k, stream);  // (no split-K: check_split refuses it)
+  } else {
+    dim3 grid((n + Cfg::BN - 1) / Cfg::BN, (m + Cfg::BM - 1) / Cfg::BM, splits);
+    int4_gemm_kernel<Cfg, EPI, XT><<<grid, Cfg::kThreads, 0, stream>>>(a, w, out, ep, m, n, k, split_ws);
+    return launch_status();
+  }
 }
 
 template <class Cfg>
@@ -354,12 +461,13 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   if (m <= 0 || n <= 0 || k <= 0) return PQK_ERR_SHAPE;
   if (k % 32 != 0) return PQK_ERR_K_ALIGN;
   if (!aligned(a, 16) || !aligned(w, 16)) return PQK_ERR_PTR_ALIGN;
-  const bool own_config = config >= -1 && config <= 2, cutlass_config = config >= kCutlassDecode && config <= kCutlassPrefill;
+  const bool own_config = config >= -1 && config <= kGemv, cutlass_config = config >= kCutlassDecode && config <= kCutlassPrefill;
   if (epilogue < kEpiF16 || epilogue > kEpiSiluMulRequant || !(own_config || cutlass_config)) return PQK_ERR_ARG;
   if ((epilogue == kEpiRequant && n % 2 != 0) || (epilogue == kEpiSiluMulRequant && n % 4 != 0)) return PQK_ERR_N_ALIGN;
   if (epilogue >= kEpiRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
   if (a_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
   if (const int st = check_split(split_k, split_ws, m, k, config)) return st;
+  if (config == kGemv && m > kGemvMaxM) return PQK_ERR_UNSUPPORTED;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool cutlass_ok = (epilogue == kEpiF16 || epilogue == kEpiBF16) && cutlass_takes(n, k, out, w_scale, bias);
   if (config == -1 && cutlass_ok && cutlass_arch(current_sm()))
@@ -371,6 +479,7 @@ extern "C" int pqk_int4_gemm(const uint8_t* a, const uint8_t* w, void* out, cons
   }
   EpilogueParams ep{a_scale, a_scale_per_token ? 1 : 0, w_scale, bias, out_scale};
   if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
+  if (config == kGemv) return dispatch_epilogue<GemvTag>(epilogue, a, w, out, ep, m, n, k, 1, nullptr, s);
   if (config == 0) return dispatch_epilogue<DecodeConfig>(epilogue, a, w, out, ep, m, n, k, split_k, split_ws, s);
   if (config == 1) return dispatch_epilogue<MidConfig>(epilogue, a, w, out, ep, m, n, k, 1, nullptr, s);
   return dispatch_epilogue<PrefillConfig>(epilogue, a, w, out, ep, m, n, k, 1, nullptr, s);
@@ -385,14 +494,16 @@ extern "C" int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_
   if (!aligned(x, 16) || !aligned(w, 16)) return PQK_ERR_PTR_ALIGN;
   if (x_dtype < kF16 || x_dtype > kF32 || !(epilogue == x_dtype || epilogue == kEpiSiluMulRequant)) return PQK_ERR_ARG;
   if (config >= kCutlassDecode && config <= kCutlassPrefill) return PQK_ERR_UNSUPPORTED;  // CUTLASS reads packed A
-  if (config < -1 || config > 2) return PQK_ERR_ARG;
+  if (config < -1 || config > kGemv) return PQK_ERR_ARG;
   if (epilogue == kEpiSiluMulRequant && n % 4 != 0) return PQK_ERR_N_ALIGN;
   if (epilogue == kEpiSiluMulRequant && !(out_scale > 0.0f && out_scale < INFINITY)) return PQK_ERR_ARG;
   if (x_scale == nullptr || w_scale == nullptr || out == nullptr) return PQK_ERR_ARG;
   if (const int st = check_split(split_k, split_ws, m, k, config)) return st;
+  if (config == kGemv && m > kGemvMaxM) return PQK_ERR_UNSUPPORTED;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   EpilogueParams ep{x_scale, 0, w_scale, bias, out_scale};
   if (config < 0) config = m <= 16 ? 0 : m <= 256 ? 1 : 2;
+  if (config == kGemv) return dispatch_x_dtype<GemvTag>(x_dtype, epilogue, x, w, out, ep, m, n, k, 1, nullptr, s);
   if (config == 0) return dispatch_x_dtype<DecodeConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, split_k, split_ws, s);
   if (config == 1) return dispatch_x_dtype<MidConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, 1, nullptr, s);
   return dispatch_x_dtype<PrefillConfig>(x_dtype, epilogue, x, w, out, ep, m, n, k, 1, nullptr, s);

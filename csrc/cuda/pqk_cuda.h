@@ -36,7 +36,8 @@ const char* pqk_cuda_error_string(int status);
 // out_scale: the next layer's static scale (epilogues 3, 4).
 // config: -1 auto: CUTLASS (int4_gemm_cutlass.cu) for epilogues 0/1 on sm_80..89 when N % 8 == 0 and out, w_scale
 // and bias are 16-byte aligned, else this library's own kernel; tile by M (<= 16 decode, <= 256 mid, else prefill). Forced: 0 / 1 / 2 =
-// own decode / mid / prefill tile; 10 / 11 / 12 = CUTLASS decode / mid / prefill (PQK_ERR_UNSUPPORTED where it
+// own decode / mid / prefill tile; 3 = the decode GEMV (M <= 4, no MMA: gemm_math.cuh "decode GEMV";
+// PQK_ERR_UNSUPPORTED at M > 4); 10 / 11 / 12 = CUTLASS decode / mid / prefill (PQK_ERR_UNSUPPORTED where it
 // cannot run).
 // split_k: 1 = none; > 1 splits K over gridDim.z blocks of the own decode tile (config 0, or -1 at M <= 16, which
 // then skips CUTLASS; other configs PQK_ERR_UNSUPPORTED), at most one split per 64 of K (PQK_ERR_ARG), with
@@ -57,7 +58,8 @@ long pqk_gemm_split_k_workspace(int m, int n);
 // bf16 (1) / fp32 (2) [M, K], 16-byte aligned; w uint8 [N, K/2]; K % 32 == 0. x_scale: fp32 [1] on the device (the
 // static per-tensor scale, > 0). epilogue: x_dtype's own dequant code (0 / 1 / 2: out x.dtype [M, N]) or 4 (silu-mul
 // requant with out_scale, W rows interleaved gate/up -> uint8 [M, N/4]); others PQK_ERR_ARG. config: -1 auto, 0 / 1 / 2
-// forced own decode / mid / prefill tile; the CUTLASS codes 10..12 -> PQK_ERR_UNSUPPORTED (CUTLASS reads packed A).
+// forced own decode / mid / prefill tile, 3 the decode GEMV (M <= 4: each thread quantizes its own A chunk); the
+// CUTLASS codes 10..12 -> PQK_ERR_UNSUPPORTED (CUTLASS reads packed A).
 // split_k, split_ws: as pqk_int4_gemm.
 int pqk_quant_gemm_static(const void* x, int x_dtype, const float* x_scale, const uint8_t* w, void* out,
                           const float* w_scale, const float* bias, float out_scale, int m, int n, int k, int epilogue,

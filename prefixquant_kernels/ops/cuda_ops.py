@@ -26,6 +26,12 @@ So static linears take quantize + GEMM at every M by default: FUSED_A_MAX_M = 0 
 to which the fused kernel is used). The fused kernel stays built and tested (selftest times both) until its A
 operand gets a multi-stage pipeline; sm_80/86/89 were not measured.
 
+The decode GEMV (config GEMV = 3, M <= 4: W streamed with 16-byte loads, int4 x int4 dot products in the integer
+ALU, no tensor cores; gemm_math.cuh "decode GEMV") is built, bit-exact in the host harness, and opt-in:
+$PQK_DECODE_GEMV_MAX_M = the rows up to which GEMMs and static linears take it (default 0: none) — written after the
+H200 measured the tiles at 7-25 % of HBM bandwidth at M = 1, not yet timed on a GPU (selftest times it beside the
+tile when a GPU runs it).
+
 Decode GEMMs (M <= 16) whose ceil(N / 32) blocks would not fill the GPU split K (pqk_gemm_split_k decides from the
 SM count; a zeroed int32 workspace from torch per call; the exact int32 sums make it bit-identical).
 
@@ -61,16 +67,19 @@ K_STEP = 32          # the GEMM's K granularity (pqk_int4_gemm returns PQK_ERR_K
 GEMM_ALIGN = 16      # bytes; A and W are read with 16-byte cp.async (PQK_ERR_PTR_ALIGN otherwise)
 
 
-def _fused_a_max_m() -> int:
-    v = os.environ.get("PQK_FUSED_A_MAX_M", "0")
+def _env_rows(name: str, default: int = 0) -> int:
+    v = os.environ.get(name, str(default))
     try:
         return int(v)
     except ValueError:
-        raise ValueError(f"PQK_FUSED_A_MAX_M must be an integer (rows), got {v!r}") from None
+        raise ValueError(f"{name} must be an integer (rows), got {v!r}") from None
 
 
-FUSED_A_MAX_M = _fused_a_max_m()   # static linears with at most this many rows take the fused A-load kernel
-#                                   (0: none; the module doc gives the measurement)
+FUSED_A_MAX_M = _env_rows("PQK_FUSED_A_MAX_M")   # static linears with at most this many rows take the fused A-load
+#                                                  kernel (0: none; the module doc gives the measurement)
+GEMV = 3          # pqk_int4_gemm / pqk_quant_gemm_static config of the decode GEMV (M <= GEMV_ROWS)
+GEMV_ROWS = 4
+GEMV_MAX_M = min(GEMV_ROWS, _env_rows("PQK_DECODE_GEMV_MAX_M"))   # GEMMs with at most this many rows take it (0: none)
 
 
 def _launch(op: str, launcher: str, *args) -> None:
@@ -103,6 +112,11 @@ def sm_count(device: torch.device) -> int:
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device]
+
+
+def _config(m: int) -> int:
+    """The launcher config of an m-row GEMM: the decode GEMV up to GEMV_MAX_M rows, else the library's auto."""
+    return GEMV if m <= GEMV_MAX_M else -1
 
 
 def _split_k(op: str, t: torch.Tensor, m: int, n: int, k: int) -> tuple[int, torch.Tensor | None]:
@@ -250,11 +264,12 @@ def _gemm(op: str, g: GemmArgs, a: torch.Tensor, w: torch.Tensor, a_scale: torch
     a = contiguous_aligned(pad_packed_k(a.contiguous(), g.k), GEMM_ALIGN)
     w = contiguous_aligned(pad_packed_k(w.contiguous(), g.k), GEMM_ALIGN)
     a_s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
+    config = _config(g.m)
     with _on_device(a):
-        splits, ws = _split_k(op, a, g.m, g.n, g.k_launch)
+        splits, ws = _split_k(op, a, g.m, g.n, g.k_launch) if config == -1 else (1, None)
         _launch(op, "pqk_int4_gemm", a.data_ptr(), w.data_ptr(), out.data_ptr(), a_s.data_ptr(), int(g.per_token),
                 w_s.data_ptr(), _ptr(b), out_scale, g.m, g.n, g.k_launch,
-                g.epilogue if epilogue is None else epilogue, -1, splits, _ptr(ws), _stream(a))
+                g.epilogue if epilogue is None else epilogue, config, splits, _ptr(ws), _stream(a))
     return out
 
 
@@ -290,15 +305,16 @@ def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch
                        fused: bool | None = None) -> torch.Tensor:
     """The static linear for checked x [M, K] (2-D), w uint8 [N, K/2], a_scale the static 0-dim scale on x's
     device: epilogue = x.dtype's dequant code (out x.dtype [M, N]) or EPI_SILU_MUL_REQUANT (uint8 [M, N/4]).
-    fused None: one pqk_quant_gemm_static launch when M <= FUSED_A_MAX_M, else pqk_quantize_static + pqk_int4_gemm
-    (the module doc says why); True / False force one (selftest times both). Bit-identical either way (the same
+    fused None: one pqk_quant_gemm_static launch when M <= FUSED_A_MAX_M or M <= GEMV_MAX_M (then the GEMV), else
+    pqk_quantize_static + pqk_int4_gemm (the module doc says why); True / False force one (selftest times both). Bit-identical either way (the same
     quantize, the same exact int32 sums, the same epilogue). K not a multiple of 32: x is padded with zeros
     (quantized to 0: the sums are unchanged) and w with zero bytes, as in _gemm."""
     m, k, n = x.shape[0], x.shape[1], w.shape[0]
     checks.channel_vector(w_scale, "w_scale", op, n, x.device, positive=True)
     if bias is not None:
         checks.channel_vector(bias, "bias", op, n, x.device, positive=False)
-    if not (m <= FUSED_A_MAX_M if fused is None else fused):
+    # (the GEMV's threads each quantize their own A chunk once: no A pipeline to starve, so it takes float A)
+    if not ((m <= FUSED_A_MAX_M or m <= GEMV_MAX_M) if fused is None else fused):
         q = _quantize_static(op, x, a_scale, 4)
         dt = x.dtype if epilogue != EPI_SILU_MUL_REQUANT else torch.float32
         g = check_gemm(op, q, w, a_scale, w_scale, bias, dt)
@@ -313,10 +329,11 @@ def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch
     x = contiguous_aligned(F.pad(x, (0, kp - k)) if kp != k else x, GEMM_ALIGN)
     w = contiguous_aligned(pad_packed_k(w.contiguous(), k), GEMM_ALIGN)
     s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
+    config = _config(m)
     with _on_device(x):
-        splits, ws = _split_k(op, x, m, n, kp)
+        splits, ws = _split_k(op, x, m, n, kp) if config == -1 else (1, None)
         _launch(op, "pqk_quant_gemm_static", x.data_ptr(), DTYPE_CODES[x.dtype], s.data_ptr(), w.data_ptr(),
-                out.data_ptr(), w_s.data_ptr(), _ptr(b), out_scale, m, n, kp, epilogue, -1, splits, _ptr(ws),
+                out.data_ptr(), w_s.data_ptr(), _ptr(b), out_scale, m, n, kp, epilogue, config, splits, _ptr(ws),
                 _stream(x))
     return out
 

@@ -74,7 +74,11 @@ P = 4096  # a fake, 16-byte-aligned "device pointer": never dereferenced, every 
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 48, 0, -1, 1, None, None), -2),   # K % 32
     (lambda L: L.pqk_int4_gemm(P + 8, P, P, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, 1, None, None), -3),  # misaligned A
     (lambda L: L.pqk_int4_gemm(P, P, None, P, 0, P, None, 1.0, 4, 8, 64, 0, -1, 1, None, None), -5),  # null out
-    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 3, 1, None, None), -5),     # config out of range
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 4, 1, None, None), -5),     # config out of range
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 5, 8, 64, 2, 3, 1, None, None), -7),     # GEMV: M > 4
+    (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 1, 8, 512, 0, 3, 2, P, None), -7),       # GEMV: no split-K
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 5, 8, 64, 0, 3, 1, None, None), -7),   # GEMV: M > 4
+    (lambda L: L.pqk_quant_gemm_static(P, 0, P, P, P, P, None, 1.0, 4, 8, 64, 0, 4, 1, None, None), -5),   # config 4
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 2, 13, 1, None, None), -5),    # past the CUTLASS codes
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 8, 64, 3, 10, 1, None, None), -7),    # CUTLASS: no requant
     (lambda L: L.pqk_int4_gemm(P, P, P, P, 0, P, None, 1.0, 4, 12, 64, 0, 11, 1, None, None), -7),   # CUTLASS: N % 8

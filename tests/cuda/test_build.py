@@ -58,6 +58,13 @@ def test_sass(cuda_lib, arch):
     assert len(cutlass) == (6 if arch in INT4_ARCHS else 0)
     for name, text in cutlass.items():
         assert "IMMA.16864.S4.S4" in text and "LDSM" in text and "HMMA" not in text, f"sm_{arch} {name}"
+    # the decode GEMV: {1, 4} rows x (5 epilogues on packed A + 3 float x dtypes x 2 epilogues) = 22 kernels, each
+    # streaming W with 128-bit evict-first loads into integer dot products (IDP.4A, u8 x s8), no tensor cores
+    gemvs = {n: s for n, s in funcs.items() if "int4_gemv_kernel" in n}
+    assert len(gemvs) == 22, sorted(gemvs)
+    for name, text in gemvs.items():
+        assert "IDP.4A.U8.S8" in text and re.search(r"LDG\.E\.EF\.128", text), f"sm_{arch} {name}"
+        assert not re.search(r"\b[IH]MMA\b", text), f"sm_{arch} {name}: tensor cores in the GEMV"
     for name, text in funcs.items():
         assert not re.search(r"\b(LDL|STL)\b", text), f"sm_{arch} {name}: local memory access"
 

@@ -35,8 +35,10 @@ def test_bad_arguments_return_status(lib, m, n, k, epi, want):
 
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 3, 17, 118, 300])
-@pytest.mark.parametrize("config", [-1, 0, 1, 2])
+@pytest.mark.parametrize("config", [-1, 0, 1, 2, 3])   # 3: the decode GEMV (M <= 4)
 def test_gemm_bit_exact_fp32(lib, m, config):
+    if config == 3 and m > 4:
+        pytest.skip("the GEMV takes M <= 4")
     g = torch.Generator().manual_seed(m)
     n, k = 72, 160
     a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=g)
@@ -50,7 +52,7 @@ def test_gemm_bit_exact_fp32(lib, m, config):
 
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 130, 300])
-@pytest.mark.parametrize("config", [-1, 0, 1, 2, 10, 11, 12])  # auto; own decode/mid/prefill; CUTLASS ones
+@pytest.mark.parametrize("config", [-1, 0, 1, 2, 3, 10, 11, 12])  # auto; own decode/mid/prefill; GEMV; CUTLASS
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("per_token,bias", [(True, True), (False, False)])
 def test_gemm_16bit_out_every_tile_bit_exact(lib, m, config, out_dtype, per_token, bias):
@@ -58,6 +60,8 @@ def test_gemm_16bit_out_every_tile_bit_exact(lib, m, config, out_dtype, per_toke
     major, minor = torch.cuda.get_device_capability()
     if config >= 10 and not 80 <= 10 * major + minor < 90:
         pytest.skip("the CUTLASS tiles run on sm_80..89 only")
+    if config == 3 and m > 4:
+        pytest.skip("the GEMV takes M <= 4")
     g = torch.Generator().manual_seed(1000 * m + config)
     n, k = 264, 416
     a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=g)
@@ -335,3 +339,32 @@ def test_fused_mlp_on_cuda(gen):
     want = mlp(x.float()).half()
     got = mlp.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("epilogue", [0, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(130 * 4, 4096), (36, 8224)])   # a grid-stride loop past 128 chunks per thread
+def test_decode_gemv_every_epilogue_bit_exact(lib, m, epilogue, n, k):
+    """The decode GEMV (config 3) equals the reference bit for bit for every epilogue (silu-mul: the device expf may
+    move a boundary value by one level, as for the tiles), poisoned output first."""
+    g = torch.Generator().manual_seed(10 * m + epilogue)
+    a = torch.randint(0, 256, (m, k // 2), dtype=torch.uint8, generator=g)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    a_s, w_s = torch.rand(m, generator=g) * 0.05 + 0.01, torch.rand(n, generator=g) * 0.01 + 1e-3
+    b = torch.randn(n, generator=g)
+    y = reference.int4_matmul(a, w, a_s, w_s, b, torch.float32)
+    if epilogue in (0, 2):
+        dt = torch.float16 if epilogue == 0 else torch.float32
+        out = torch.full((m, n), float("nan"), dtype=dt, device="cuda")
+        selftest.gemm(lib, a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), b.cuda(), out, epilogue=epilogue, config=3)
+        assert torch.equal(out.cpu(), reference.int4_matmul(a, w, a_s, w_s, b, dt))
+        return
+    silu = epilogue == 4
+    s_out = float((reference.silu_mul(y[:, 0::2], y[:, 1::2]) if silu else y).abs().max()) / 9
+    out = torch.full((m, n // (4 if silu else 2)), 0xEE, dtype=torch.uint8, device="cuda")
+    selftest.gemm(lib, a.cuda(), w.cuda(), a_s.cuda(), w_s.cuda(), b.cuda(), out, epilogue=epilogue, config=3,
+                  out_scale=s_out)
+    fn = reference.int4_matmul_silu_mul_requant if silu else reference.int4_matmul_requant
+    got, want = fmt.unpack_int4(out.cpu()), fmt.unpack_int4(fn(a, w, a_s, w_s, b, s_out))
+    assert (got.int() - want.int()).abs().max() <= (1 if silu else 0)

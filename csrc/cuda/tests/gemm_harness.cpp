@@ -211,15 +211,12 @@ void run_kernel(const Problem& p, int epi, bool sm90, std::vector<float>& yf, st
     }
 }
 
-template <class Cfg>
-void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, bool per_token, bool has_bias,
-                Rng& rng, Counter& cnt, bool float_a = false, int splits = 1) {
-  Problem p = float_a ? make_float_problem(m, n, k, has_bias, rng) : make_problem(m, n, k, per_token, has_bias, rng);
-  std::vector<int32_t> acc = naive_acc(p);
-  std::vector<float> yf;
-  std::vector<uint8_t> yq;
-  run_kernel<Cfg>(p, epi, sm90, yf, yq, splits);
-  long bad = 0, first = -1;
+// Outputs that differ from the naive GEMM + reference epilogue (first: the flat index of the first one).
+long mismatches(const Problem& p, int epi, const std::vector<float>& yf, const std::vector<uint8_t>& yq, long& first) {
+  const std::vector<int32_t> acc = naive_acc(p);
+  const int m = p.m, n = p.n;
+  long bad = 0;
+  first = -1;
   if (epi <= kEpiF32) {
     for (int r = 0; r < m; ++r)
       for (int c = 0; c < n; ++c)
@@ -242,12 +239,108 @@ void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, b
         if (yq[(size_t)r * (n / 4) + j / 2] != pack_nibbles(h[0], h[1]) && bad++ == 0) first = (long)r * n + 2 * j;
       }
   }
-  std::string what = std::string(cfg_name) + " m=" + std::to_string(m) + " n=" + std::to_string(n) +
-                     " k=" + std::to_string(k) + " epi=" + std::to_string(epi) + (sm90 ? " sm90" : " sm80") +
+  return bad;
+}
+
+void report(const std::string& name, int m, int n, int k, int epi, const char* path, bool float_a, bool per_token,
+            bool has_bias, int splits, long bad, long first, Counter& cnt) {
+  std::string what = name + " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                     " epi=" + std::to_string(epi) + " " + path +
                      (float_a ? " float-A" : per_token ? " per-token" : " per-tensor") + (has_bias ? " bias" : "") +
-                     " splits=" + std::to_string(splits) + " mismatches=" +
-                     std::to_string(bad) + " first(flat)=" + std::to_string(first);
+                     " splits=" + std::to_string(splits) + " mismatches=" + std::to_string(bad) +
+                     " first(flat)=" + std::to_string(first);
   cnt.check(bad == 0, what.c_str());
+}
+
+template <class Cfg>
+void check_case(const char* cfg_name, int m, int n, int k, int epi, bool sm90, bool per_token, bool has_bias,
+                Rng& rng, Counter& cnt, bool float_a = false, int splits = 1) {
+  Problem p = float_a ? make_float_problem(m, n, k, has_bias, rng) : make_problem(m, n, k, per_token, has_bias, rng);
+  std::vector<float> yf;
+  std::vector<uint8_t> yq;
+  run_kernel<Cfg>(p, epi, sm90, yf, yq, splits);
+  long first;
+  const long bad = mismatches(p, epi, yf, yq, first);
+  report(cfg_name, m, n, k, epi, sm90 ? "sm90" : "sm80", float_a, per_token, has_bias, splits, bad, first, cnt);
+}
+
+// ---- the decode GEMV (int4_gemm.cu: int4_gemv_kernel), block by block and thread by thread -------------------
+// Thread t of block b takes chunks t, t + kGemvThreads, ... of W rows 4b .. 4b + 3, loads (here: copies) the
+// 16-byte words, and calls the kernel's gemv_chunk; float A is quantized per chunk with quantize_pack8 as the
+// kernel does. The warp shuffles and the shared-memory sum are integer sums (any order: the same bits).
+template <int MR>
+void run_gemv(const Problem& p, int epi, bool float_a, std::vector<float>& yf, std::vector<uint8_t>& yq) {
+  const EpilogueParams ep = params(p);
+  yf.assign((size_t)p.m * p.n, NAN);
+  yq.assign((size_t)p.m * (epi == kEpiRequant ? p.n / 2 : p.n / 4), 0xEE);
+  const int chunks = p.k / kGemvChunkElems, kb = p.k / 2;
+  auto word = [](const uint8_t* b) { uint32_t v; std::memcpy(&v, b, 4); return v; };
+  for (int n0 = 0; n0 < p.n; n0 += kGemvRows) {
+    int32_t dot[MR * kGemvRows] = {};
+    for (int t = 0; t < kGemvThreads; ++t) {
+      int32_t acc[MR][kGemvRows] = {}, asum[MR] = {};
+      for (int c = t; c < chunks; c += kGemvThreads) {
+        uint32_t wd[kGemvRows][4] = {}, ad[MR][4] = {};
+        for (int r = 0; r < kGemvRows; ++r)
+          if (n0 + r < p.n)
+            for (int j = 0; j < 4; ++j) wd[r][j] = word(&p.w[(size_t)(n0 + r) * kb + c * 16 + 4 * j]);
+        for (int m = 0; m < MR && m < p.m; ++m)
+          for (int j = 0; j < 4; ++j) {
+            if (float_a) {
+              float v[8];
+              for (int e = 0; e < 8; ++e) v[e] = p.x[(size_t)m * p.k + c * kGemvChunkElems + 8 * j + e];
+              ad[m][j] = quantize_pack8(v, p.a_scale[0]);
+            } else {
+              ad[m][j] = word(&p.a[(size_t)m * kb + c * 16 + 4 * j]);
+            }
+          }
+        gemv_chunk<MR>(ad, wd, acc, asum);
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < kGemvRows; ++r) dot[m * kGemvRows + r] += gemv_dot(acc[m][r], asum[m]);
+    }
+    for (int t = 0; t < MR * kGemvRows; ++t)
+      gemv_epilogue(epi, t, dot, n0, p.m, p.n, ep, [&](long i, float v) { yf[(size_t)i] = v; },
+                        [&](long i, uint8_t q) { yq[(size_t)i] = q; });
+  }
+}
+
+void check_gemv_case(int m, int n, int k, int epi, bool per_token, bool has_bias, bool float_a, Rng& rng,
+                     Counter& cnt) {
+  Problem p = float_a ? make_float_problem(m, n, k, has_bias, rng) : make_problem(m, n, k, per_token, has_bias, rng);
+  std::vector<float> yf;
+  std::vector<uint8_t> yq;
+  if (m == 1)
+    run_gemv<1>(p, epi, float_a, yf, yq);  // the launcher's choice: MR = 1 for one row, kGemvMaxM for 2..4
+  else
+    run_gemv<kGemvMaxM>(p, epi, float_a, yf, yq);
+  long first;
+  const long bad = mismatches(p, epi, yf, yq, first);
+  report("gemv", m, n, k, epi, "any sm", float_a, per_token, has_bias, 1, bad, first, cnt);
+}
+
+// Every row count up to kGemvMaxM, N with a partial last block, K of one chunk, of one chunk per thread and of more
+// chunks than threads (the grid-stride loop), every epilogue, packed A (per tensor / per token) and float A; and the
+// mixed-sign dp4a against its definition on edge bytes.
+void gemv_sweep(Rng& rng, Counter& cnt) {
+  const int shapes[][2] = {{5, 32}, {36, 96}, {130, 4096}, {8, 8224}};
+  for (int m = 1; m <= kGemvMaxM; ++m)
+    for (auto& s : shapes)
+      for (int epi = kEpiF16; epi <= kEpiSiluMulRequant; ++epi) {
+        if (epi == kEpiBF16) continue;
+        const int n = epi == kEpiRequant ? (s[0] + 1) / 2 * 2 : epi == kEpiSiluMulRequant ? (s[0] + 3) / 4 * 4 : s[0];
+        check_gemv_case(m, n, s[1], epi, (m + epi) % 2 == 0, (epi + n) % 2 == 1, false, rng, cnt);
+        if (epi == kEpiF32 || epi == kEpiSiluMulRequant) check_gemv_case(m, n, s[1], epi, false, m % 2 == 0, true, rng, cnt);
+      }
+  bool ok = true;
+  const uint32_t vals[] = {0u, 0xFFFFFFFFu, 0x80808080u, 0x7F7F7F7Fu, 0x0F0F0F0Fu, 0x01FF807Fu};
+  for (uint32_t ua : vals)
+    for (uint32_t sb : vals) {
+      int32_t want = 7;
+      for (int j = 0; j < 4; ++j) want += (int32_t)((ua >> (8 * j)) & 0xFF) * (int32_t)(int8_t)(sb >> (8 * j));
+      ok = ok && dp4a_us(ua, sb, 7) == want;
+    }
+  cnt.check(ok, "dp4a_us (u8 x s8)");
 }
 
 // Every fragment load of a warp (one 32-bit LDS per register) must touch 32 distinct banks and be 4-byte aligned.
@@ -381,5 +474,6 @@ int main(int argc, char** argv) {
   sweep<MidConfig>("mid", rng, cnt);
   sweep<PrefillConfig>("prefill", rng, cnt);
   split_sweep(rng, cnt);
+  gemv_sweep(rng, cnt);
   return cnt.finish("gemm_harness");
 }
