@@ -118,8 +118,15 @@ def _williamson(w: int) -> torch.Tensor:
     return torch.cat([torch.cat(blk, 1) for blk in ([a, b, c, d], [-b, a, -d, c], [-c, d, a, -b], [-d, -c, b, a])], 0)
 
 
-@functools.lru_cache(maxsize=None)
+# A compiled graph takes the matrix as a constant, built once here: dynamo in torch 2.11 traces through lru_cache
+# (and then through the orthogonality check's data-dependent torch.equal, which fullgraph refuses); 2.13 did not.
+@torch.compiler.assume_constant_result
 def _hadamard_int(m: int) -> torch.Tensor:
+    return _hadamard_int_built(m)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_int_built(m: int) -> torch.Tensor:
     if _is_pow2(m):
         h = _sylvester(m)
     elif m in _CONSTRUCTION:
