@@ -3,7 +3,9 @@
 # `python -m prefixquant_kernels selftest --bench` does, split into stages with their own time limits so that a
 # stage that hangs or fails leaves the others' results. Run from the repository root:
 #
-#   OUT=gpu_out bash benchmarks/gpu_session.sh [stages]      # stages: env,selftest,pytest,layer,model (default all)
+#   OUT=gpu_out bash benchmarks/gpu_session.sh [stages]   # stages: env,selftest,pytest,layer,model,layer_gemv
+#                                                           (default: all; layer_gemv = the layer with the opt-in
+#                                                           decode GEMV, PQK_DECODE_GEMV_MAX_M=4)
 #
 # Optional, carried next to the tree: .whl/*.whl (installed into /tmp/site first: transformers 5.23, which the
 # KV cache's Cache API needs, where the machine has another) and .gpu/libpqk_cuda.so (the library built on the CPU
@@ -11,7 +13,7 @@
 # Writes $OUT/log.txt (everything, with the seconds each stage took) and $OUT/gpu.tgz (every JSON / Markdown / PNG).
 set -u
 OUT=${OUT:-gpu_out}
-STAGES=${1:-env,selftest,pytest,layer,model}
+STAGES=${1:-env,selftest,pytest,layer,model,layer_gemv}
 W=/tmp/pqk_gpu
 mkdir -p "$OUT" "$W"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -64,4 +66,9 @@ for name in layer model; do
             --json "$W/$name.json"
     fi
 done
+if has layer_gemv; then
+    args=$(python3 -c "from prefixquant_kernels import selftest; print(' '.join(selftest.E2E_GPU['layer']))" \
+        | sed 's/fp,dynamic,static/fp,static/')
+    PQK_DECODE_GEMV_MAX_M=4 stage e2e_layer_gemv 125 python3 benchmarks/e2e.py $args --json "$W/layer_gemv.json"
+fi
 log "done"
