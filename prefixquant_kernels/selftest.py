@@ -14,6 +14,7 @@ with a tiny model (a dry run of the command: its numbers are CPU numbers, labell
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
 
@@ -115,22 +116,18 @@ def _err(got, want) -> float:
 
 
 
+@contextlib.contextmanager
 def _gemv_on():
-    """Context: the decode GEMV on for every M it takes (cuda_ops.GEMV_MAX_M = GEMV_ROWS), as
-    PQK_DECODE_GEMV_MAX_M=4 would set it."""
-    import contextlib
-
+    """The decode GEMV on for every M it takes (cuda_ops.GEMV_MAX_M = GEMV_ROWS), as PQK_DECODE_GEMV_MAX_M=4 sets it."""
     from .ops import cuda_ops
 
-    @contextlib.contextmanager
-    def on():
-        old = cuda_ops.GEMV_MAX_M
-        cuda_ops.GEMV_MAX_M = cuda_ops.GEMV_ROWS
-        try:
-            yield
-        finally:
-            cuda_ops.GEMV_MAX_M = old
-    return on()
+    old = cuda_ops.GEMV_MAX_M
+    cuda_ops.GEMV_MAX_M = cuda_ops.GEMV_ROWS
+    try:
+        yield
+    finally:
+        cuda_ops.GEMV_MAX_M = old
+
 
 def _ops_rows(rows):
     """Every op through the torch binding (backend="cuda", ops/cuda_ops.py) vs prefixquant_kernels.reference on the CPU.
@@ -223,6 +220,7 @@ def _ops_rows(rows):
 KV_SHAPES = [(1, 8, 2048, 128, "float16"), (2, 3, 77, 64, "bfloat16")]
 ATTENTION_SHAPES = [(1, 32, 4, 1, 2048, 128, "float16"), (1, 64, 8, 4, 2047, 128, "bfloat16"),
                     (3, 12, 4, 0, 300, 64, "float16")]
+
 
 def _kv_rows(rows, device: str = "cuda"):
     """The Triton KV-cache kernels on the GPU (backend="triton", compiled, not interpreted) vs the reference on the
@@ -397,6 +395,7 @@ def _gpu(rows, lib_path):
 
     from . import reference
     from .ops import cuda_library as pqk_cuda
+    from .ops import cuda_ops as pqk_cuda_ops
 
     lib = load_library(lib_path)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -410,7 +409,8 @@ def _gpu(rows, lib_path):
         ref = reference.int4_matmul(a.cpu(), w.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
         err = (out.cpu() - ref).abs().max().item()
         rows.append(("pqk_int4_gemm (ctypes) fp32", f"{m}x{n}x{k}", f"{err:.3g}", "pass" if err == 0 else "FAIL"))
-        for config in [-1, 0, 1, 2] + ([3] if m <= 4 else []) + ([10, 11, 12] if _has_cutlass() and n % 8 == 0 else []):
+        for config in ([-1, 0, 1, 2] + ([pqk_cuda_ops.GEMV] if m <= pqk_cuda_ops.GEMV_ROWS else [])
+                       + ([10, 11, 12] if _has_cutlass() and n % 8 == 0 else [])):
             out16 = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             gemm(lib, a, w, a_s, w_s, None, out16, epilogue=0, config=config)
             err = _err(out16, ref.half())

@@ -120,19 +120,26 @@ __device__ __forceinline__ void to_floats(const uint4& r, float* v, const float*
   v[0] = __uint_as_float(r.x); v[1] = __uint_as_float(r.y); v[2] = __uint_as_float(r.z); v[3] = __uint_as_float(r.w);
 }
 
+// 16-byte loads per 8 values of XT: 1 (fp16/bf16) or 2 (fp32).
+template <class XT>
+constexpr int kVecsPerWord = (int)sizeof(XT) / 2;
+
+// 8 values of x (raw: kVecsPerWord<XT> 16-byte words) -> one packed word, quantized with the static scale.
+template <class XT>
+__device__ __forceinline__ uint32_t quantize_word(const uint4* raw, float x_scale) {
+  float v[8];
+#pragma unroll
+  for (int q = 0; q < kVecsPerWord<XT>; ++q) to_floats(raw[q], v + q * (8 / kVecsPerWord<XT>), (const XT*)nullptr);
+  return quantize_pack8(v, x_scale);
+}
+
 template <class XT>
 __device__ __forceinline__ void store_a_chunk(const AChunkRegs<XT>& r, uint8_t* stage, float x_scale) {
   if (!r.ch.owner) return;
-  constexpr int kVecsPerWord = AChunkRegs<XT>::kVecs / 4;  // 1 (fp16/bf16) or 2 (fp32)
   uint32_t words[4] = {0u, 0u, 0u, 0u};  // out of the matrix: zeros, as cp.async with src-size 0
   if (r.ch.valid) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float v[8];
-#pragma unroll
-      for (int q = 0; q < kVecsPerWord; ++q) to_floats(r.raw[j * kVecsPerWord + q], v + q * (8 / kVecsPerWord), (const XT*)nullptr);
-      words[j] = quantize_pack8(v, x_scale);
-    }
+    for (int j = 0; j < 4; ++j) words[j] = quantize_word<XT>(r.raw + j * kVecsPerWord<XT>, x_scale);
   }
   *reinterpret_cast<uint4*>(stage + r.ch.smem_off) = make_uint4(words[0], words[1], words[2], words[3]);
 }
@@ -272,15 +279,12 @@ __device__ __forceinline__ void gemv_load_a(const XT* a, int m, int c, int prob_
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(a + (long)m * (prob_k / 2)) + c);
     wd[0] = v.x; wd[1] = v.y; wd[2] = v.z; wd[3] = v.w;
   } else {
-    constexpr int kVecsPerWord = (int)sizeof(XT) / 2;  // 16-byte loads per 8 values: 1 (fp16/bf16) or 2 (fp32)
     const uint4* src = reinterpret_cast<const uint4*>(a + (long)m * prob_k + (long)c * kGemvChunkElems);
+    uint4 raw[4 * kVecsPerWord<XT>];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float v[8];
+    for (int q = 0; q < 4 * kVecsPerWord<XT>; ++q) raw[q] = __ldg(src + q);
 #pragma unroll
-      for (int q = 0; q < kVecsPerWord; ++q) to_floats(__ldg(src + j * kVecsPerWord + q), v + q * (8 / kVecsPerWord), (const XT*)nullptr);
-      wd[j] = quantize_pack8(v, x_scale);
-    }
+    for (int j = 0; j < 4; ++j) wd[j] = quantize_word<XT>(raw + j * kVecsPerWord<XT>, x_scale);
   }
 }
 

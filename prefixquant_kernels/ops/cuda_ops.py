@@ -20,7 +20,7 @@ the "cuda" dispatch key at the bottom of this module (pure bookkeeping: no GPU n
 
 The quantize fused into the GEMM's A load fetches the float A tile one K tile ahead (in registers), where the
 packed int4 A of pqk_int4_gemm rides the cp.async pipeline STAGES - 1 tiles ahead: each K tile waits a full global
-load. Measured on an H200 (sm_90, CUDA graphs, docs/PERF.md "First GPU run"), the fused launch took 3.2-7.3x the time
+load. Measured on an H200 (sm_90, CUDA graphs, docs/PERF.md step 21), the fused launch took 3.2-7.3x the time
 of quantize + GEMM at M = 1 (26 vs 8 us at N = 1024, 373 vs 51 us at N = 28672) and 2.6-4.0x at M = 64..4096.
 So static linears take quantize + GEMM at every M by default: FUSED_A_MAX_M = 0 ($PQK_FUSED_A_MAX_M: the rows up
 to which the fused kernel is used). The fused kernel stays built and tested (selftest times both) until its A
@@ -114,9 +114,12 @@ def sm_count(device: torch.device) -> int:
     return _SMS[device]
 
 
-def _config(m: int) -> int:
-    """The launcher config of an m-row GEMM: the decode GEMV up to GEMV_MAX_M rows, else the library's auto."""
-    return GEMV if m <= GEMV_MAX_M else -1
+def _launch_config(op: str, t: torch.Tensor, m: int, n: int, k: int) -> tuple[int, int, torch.Tensor | None]:
+    """(config, split_k, workspace) of an m-row GEMM launch: the decode GEMV up to GEMV_MAX_M rows (no split-K),
+    else the library's auto config with its split-K policy (_split_k)."""
+    if m <= GEMV_MAX_M:
+        return GEMV, 1, None
+    return (-1, *_split_k(op, t, m, n, k))
 
 
 def _split_k(op: str, t: torch.Tensor, m: int, n: int, k: int) -> tuple[int, torch.Tensor | None]:
@@ -264,9 +267,8 @@ def _gemm(op: str, g: GemmArgs, a: torch.Tensor, w: torch.Tensor, a_scale: torch
     a = contiguous_aligned(pad_packed_k(a.contiguous(), g.k), GEMM_ALIGN)
     w = contiguous_aligned(pad_packed_k(w.contiguous(), g.k), GEMM_ALIGN)
     a_s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
-    config = _config(g.m)
     with _on_device(a):
-        splits, ws = _split_k(op, a, g.m, g.n, g.k_launch) if config == -1 else (1, None)
+        config, splits, ws = _launch_config(op, a, g.m, g.n, g.k_launch)
         _launch(op, "pqk_int4_gemm", a.data_ptr(), w.data_ptr(), out.data_ptr(), a_s.data_ptr(), int(g.per_token),
                 w_s.data_ptr(), _ptr(b), out_scale, g.m, g.n, g.k_launch,
                 g.epilogue if epilogue is None else epilogue, config, splits, _ptr(ws), _stream(a))
@@ -306,9 +308,9 @@ def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch
     """The static linear for checked x [M, K] (2-D), w uint8 [N, K/2], a_scale the static 0-dim scale on x's
     device: epilogue = x.dtype's dequant code (out x.dtype [M, N]) or EPI_SILU_MUL_REQUANT (uint8 [M, N/4]).
     fused None: one pqk_quant_gemm_static launch when M <= FUSED_A_MAX_M or M <= GEMV_MAX_M (then the GEMV), else
-    pqk_quantize_static + pqk_int4_gemm (the module doc says why); True / False force one (selftest times both). Bit-identical either way (the same
-    quantize, the same exact int32 sums, the same epilogue). K not a multiple of 32: x is padded with zeros
-    (quantized to 0: the sums are unchanged) and w with zero bytes, as in _gemm."""
+    pqk_quantize_static + pqk_int4_gemm (the module doc says why); True / False force one (selftest times both).
+    Bit-identical either way (the same quantize, the same exact int32 sums, the same epilogue). K not a multiple of
+    32: x is padded with zeros (quantized to 0: the sums are unchanged) and w with zero bytes, as in _gemm."""
     m, k, n = x.shape[0], x.shape[1], w.shape[0]
     checks.channel_vector(w_scale, "w_scale", op, n, x.device, positive=True)
     if bias is not None:
@@ -329,9 +331,8 @@ def _quant_gemm_static(op: str, x: torch.Tensor, w: torch.Tensor, a_scale: torch
     x = contiguous_aligned(F.pad(x, (0, kp - k)) if kp != k else x, GEMM_ALIGN)
     w = contiguous_aligned(pad_packed_k(w.contiguous(), k), GEMM_ALIGN)
     s, w_s, b = _f32(a_scale), _f32(w_scale), _f32(bias)
-    config = _config(m)
     with _on_device(x):
-        splits, ws = _split_k(op, x, m, n, kp) if config == -1 else (1, None)
+        config, splits, ws = _launch_config(op, x, m, n, kp)
         _launch(op, "pqk_quant_gemm_static", x.data_ptr(), DTYPE_CODES[x.dtype], s.data_ptr(), w.data_ptr(),
                 out.data_ptr(), w_s.data_ptr(), _ptr(b), out_scale, m, n, kp, epilogue, config, splits, _ptr(ws),
                 _stream(x))
