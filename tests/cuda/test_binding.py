@@ -180,6 +180,7 @@ class EmulatedLib:
     def __init__(self):
         self.calls = []
         self.splits = []   # split_k of each GEMM launch
+        self.configs = []  # config of each GEMM launch
 
     def pqk_cuda_error_string(self, st):
         return b"emulated error"
@@ -201,14 +202,17 @@ class EmulatedLib:
             return False
         return split_k == 1 or not view(ws, (self.pqk_gemm_split_k_workspace(m, n),), torch.int32).any()
 
-    def _gemm_status(self, m, n, k, split_k, split_ws, a, w):
-        """The statuses both GEMM launchers share (shape, split-K, K % 32, 16-byte operands), or None; records
-        split_k."""
+    def _gemm_status(self, m, n, k, split_k, split_ws, a, w, config):
+        """The statuses both GEMM launchers share (shape, split-K, K % 32, 16-byte operands, the GEMV's M <= 4 and
+        no split), or None; records split_k and config."""
         self.splits.append(split_k)
+        self.configs.append(config)
         if m <= 0 or n <= 0 or k <= 0:
             return -1
         if not self._split_ok(split_k, split_ws, m, n, k):
             return -5
+        if config == 3 and (m > 4 or split_k > 1):
+            return -7
         if k % 32:
             return -2
         if a % 16 or w % 16:
@@ -218,7 +222,7 @@ class EmulatedLib:
     def pqk_int4_gemm(self, a, w, out, a_scale, per_token, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
                       split_ws, stream):
         self.calls.append(("pqk_int4_gemm", m, n, k, epi, per_token))
-        if (st := self._gemm_status(m, n, k, split_k, split_ws, a, w)) is not None:
+        if (st := self._gemm_status(m, n, k, split_k, split_ws, a, w, config)) is not None:
             return st
         if epi not in (0, 1, 2, 3, 4) or not out or not a_scale or not w_scale:
             return -5
@@ -239,7 +243,7 @@ class EmulatedLib:
     def pqk_quant_gemm_static(self, x, code, x_scale, w, out, w_scale, bias, out_scale, m, n, k, epi, config, split_k,
                               split_ws, stream):
         self.calls.append(("pqk_quant_gemm_static", m, n, k, code, epi))
-        if (st := self._gemm_status(m, n, k, split_k, split_ws, x, w)) is not None:
+        if (st := self._gemm_status(m, n, k, split_k, split_ws, x, w, config)) is not None:
             return st
         if code not in _CODE_DTYPE or epi not in (code, 4) or not out or not x_scale or not w_scale:
             return -5
@@ -663,3 +667,31 @@ def test_custom_op_kernels_of_rmsnorm_and_hadamard(emu, gen):
     got = cuda.REGISTERED["pqk::hadamard_transform"](xh, True)
     assert torch.allclose(got, hadamard.hadamard_transform(xh, inverse=True), atol=1e-5, rtol=1e-5)
     assert [c[0] for c in emu.calls][-1] == "pqk_hadamard" and "pqk_rmsnorm_quantize" in [c[0] for c in emu.calls]
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5])
+@pytest.mark.parametrize("static", [True, False])
+def test_decode_gemv_opt_in(emu, gen, m, static, monkeypatch):
+    """PQK_DECODE_GEMV_MAX_M (GEMV_MAX_M here): GEMMs and static linears of at most that many rows launch config 3
+    (the decode GEMV; no split-K, the float-A one quantizing in its A load), larger ones the auto config (-1); off
+    by default. Results equal the reference either way."""
+    assert cuda.GEMV_MAX_M == 0   # the default (the GEMV was not timed on a GPU yet)
+    monkeypatch.setattr(cuda, "GEMV_MAX_M", 4)
+    n, k = 132, 4096
+    x = (torch.randn(m, k, generator=gen) * 3).half()
+    w = fmt.pack_int4(rand_int((n, k), 4, gen))
+    w_s, b = torch.rand(n, generator=gen) * 0.01 + 1e-3, torch.randn(n, generator=gen)
+    a_s = torch.tensor(0.21) if static else None
+    got = cuda.quant_linear(x, w, w_s, a_s, 4, b)
+    assert torch.equal(got, reference.quant_linear(x, w, w_s, a_s, 4, b))
+    gemv = m <= 4
+    assert emu.configs[-1] == (3 if gemv else -1) and (emu.splits[-1] == 1 or not gemv)
+    # static: one launch at M <= 4 (the GEMV quantizes its own A chunk); quantize + GEMM above
+    if static:
+        assert [c[0] for c in emu.calls] == (["pqk_quant_gemm_static"] if gemv else
+                                             ["pqk_quantize_static", "pqk_int4_gemm"])
+    a = fmt.pack_int4(rand_int((m, k), 4, gen))
+    a_scale = torch.rand(m, generator=gen) + 0.01
+    got = cuda.int4_matmul(a, w, a_scale, w_s, None, torch.float32)
+    assert torch.equal(got, reference.int4_matmul(a, w, a_scale, w_s, None, torch.float32))
+    assert emu.configs[-1] == (3 if gemv else -1)
