@@ -11,7 +11,9 @@ Two pieces, both active only for a model whose quantization_config is this packa
   reports its first P tokens as already computed (``get_num_new_matched_tokens``), so vLLM schedules only the rest;
   the slots vLLM allocated for those P positions go to the worker in the step's metadata. Worker side, before the
   forward (``start_load_kv``): each attention layer writes the stored K / V into those slots with its backend's
-  own cache write (``layer.impl.do_kv_cache_update``: the layout and the cache dtype are the backend's).
+  own cache write (``layer.impl.do_kv_cache_update``: the layout and the cache dtype are the backend's). A layer
+  on the static KV backend (serving/vllm_attention.py: a checkpoint with a static 4/8-bit KV body) gets nothing
+  written: that backend holds the prefix in 16 bits beside the body and reads it from the checkpoint.
 
 What is written: K after RoPE (as vLLM caches it). A checkpoint with ``kv_rotate`` stores K rotated by the Q/K
 Hadamard ``R`` (``pqk_state.qk_rotation``; with ``k_center`` minus a per-head offset too, added back first);
@@ -100,6 +102,18 @@ def read_prefix(path: str) -> Prefix | None:
     if ids.dim() != 1 or ids.numel() != p:
         _fail(f"pqk_state.prefix_ids has shape {tuple(ids.shape)}, the config says prefix_len {p}")
     return Prefix(tuple(int(i) for i in ids), state.get("bos_id"), int(state["num_layers"]), path)
+
+
+def rank_heads(total: int, heads: int, layer: int) -> int:
+    """The first of this tensor-parallel rank's ``heads`` KV heads among the checkpoint's ``total`` (layer
+    ``layer``, for the message): vLLM gives each rank H / tp heads, or (fewer heads than ranks) each head to
+    tp / H ranks."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    rank, tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    h0 = rank * heads if total >= tp else rank // (tp // total)
+    if h0 + heads > total:
+        _fail(f"layer {layer}: the checkpoint has {total} KV heads, this rank wants heads {h0}..{h0 + heads - 1}")
+    return h0
 
 
 def uses_connector(vllm_config) -> bool:
@@ -207,14 +221,8 @@ class PrefixKVConnector(KVConnectorBase_V1):
     def _layer_kv(self, layer: int, heads: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's prefix K, V [P, heads, D] in the cache's compute dtype (read once per layer)."""
         if layer not in self._kv:
-            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
             k, v = self.prefix.kv(layer)
-            total, rank, tp = k.shape[1], get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-            # vLLM's split of KV heads: H / tp per rank, or (fewer heads than ranks) each head on tp / H ranks
-            h0 = rank * heads if total >= tp else rank // (tp // total)
-            if h0 + heads > total:
-                _fail(f"layer {layer}: the checkpoint has {total} KV heads, this rank wants heads "
-                      f"{h0}..{h0 + heads - 1}")
+            h0 = rank_heads(k.shape[1], heads, layer)
             self._kv[layer] = tuple(t[:, h0:h0 + heads].to(device=device, dtype=dtype).contiguous()
                                     for t in (k, v))
         return self._kv[layer]
@@ -226,6 +234,8 @@ class PrefixKVConnector(KVConnectorBase_V1):
         from vllm.model_executor.models.utils import extract_layer_index
         for name, cache in self._kv_caches.items():
             layer = forward_context.no_compile_layers[name]
+            if getattr(layer.impl, "plan", None) is not None:
+                continue        # the static KV backend reads the prefix from the checkpoint (vllm_attention.py)
             k, v = self._layer_kv(extract_layer_index(name), layer.num_kv_heads, layer.dtype
                                   if hasattr(layer, "dtype") else torch.get_default_dtype(), cache.device)
             n = len(meta.slots)

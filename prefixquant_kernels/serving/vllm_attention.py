@@ -1,0 +1,234 @@
+"""PrefixQuant's KV cache inside vLLM: ``[16-bit prefix | static 4/8-bit body]``, attended with this package's KV ops.
+
+vLLM's paged cache holds one dtype for every token, so a 16-bit prefix beside a quantized body needs an attention
+backend of its own. ``PrefixQuantAttentionBackend`` is vLLM's CPU backend (``CPU_ATTN``, which the plugin overrides
+with it: serving/__init__.py) plus, when the process serves a pqk checkpoint whose KV mode is "static" (the
+checkpoint's ``kv_bits`` 4 or 8, calibrated per-head scales), this:
+
+* **The page** (``customize_spec``): per token and KV head, ``C = 2 * D * bits / 8`` bytes, the K codes then the V
+  codes, in kv_format.py's static format (bits 4: two codes per byte along D). vLLM sizes its blocks from it: a
+  4-bit body takes D bytes per token-head, 1/4 of a bf16 cache and 1/8 of fp32.
+* **The write** (``do_kv_cache_update``, before each forward): the new keys are transformed as the Hugging Face
+  path's cache transforms them (``transform_keys``: the Q/K Hadamard after RoPE, ``- mu`` with k_center), then K and
+  V are quantized with the layer's static per-head scales (``kv_quantize``) into their slots.
+* **The attention** (``forward``), per request: the prefix K / V come from the checkpoint in 16 bits (never from
+  the cache: the prefix connector reports those P positions computed and writes nothing for this backend); the body
+  positions P .. L-1 are gathered from the request's blocks in their stored form. A one-token query runs
+  ``kv_decode_attention`` (the fused C++ kernel on CPU: the packed body dequantized in registers); a longer one
+  (a prefill chunk) ``kv_dequant_concat`` + causal SDPA. The queries are rotated by the same Hadamard as K.
+  These are the ops the Hugging Face path's PrefixQuantCache runs, so vLLM and ``model.generate`` compute the same
+  function (tests/serving/test_vllm.py).
+
+Any other model (no pqk checkpoint, a 16-bit or group-wise KV mode, or ``--kv-cache-dtype fp8``) runs vLLM's CPU
+attention unchanged. The state lives per process: one vLLM worker serves one model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import replace
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from ..cache.factory import rotate_heads, transform_keys
+from ..calibration.config import QuantConfig
+from ..ops import kv as kv_ops
+from .vllm_prefix import _WEIGHTS, _fail, _quantization_config, rank_heads, read_prefix, uses_connector
+
+
+@dataclasses.dataclass
+class KVPlan:
+    """This process's static KV format: ``bits`` 4 or 8, ``prefix_len`` P (0 when the prefix connector is off: the
+    prompts then carry no prefix), the checkpoint directory ``path``; per layer its tensors for this rank (layer())."""
+    bits: int
+    prefix_len: int
+    path: str
+    layers: dict = dataclasses.field(default_factory=dict)
+
+    def code_bytes(self, head_size: int) -> int:
+        """Bytes of one token-head's K (or V) codes."""
+        return head_size * self.bits // 8
+
+    def layer(self, index: int, heads: int, dtype: torch.dtype) -> dict:
+        """Layer ``index``'s tensors for this rank's ``heads`` KV heads: key_scale / value_scale float32 [H];
+        prefix_k / prefix_v dtype [1, H, P, D] as the checkpoint stores them (K already rotated / centered) or None;
+        rotation float32 [D, D] or None; offset float32 [H, D] or None."""
+        if index not in self.layers:
+            from safetensors import safe_open
+            with safe_open(os.path.join(self.path, _WEIGHTS), "pt") as f:
+                names = set(f.keys())
+
+                def get(name: str, required: bool = True):
+                    key = f"pqk_state.{name}"
+                    if key not in names:
+                        if required:
+                            _fail(f"{key} is missing from {os.path.join(self.path, _WEIGHTS)}")
+                        return None
+                    return f.get_tensor(key).float()
+
+                ks, vs = get(f"key_scales_{index}"), get(f"value_scales_{index}")
+                h0 = rank_heads(ks.numel(), heads, index)
+                t = {"key_scale": ks[h0:h0 + heads].contiguous(), "value_scale": vs[h0:h0 + heads].contiguous(),
+                     "rotation": get("qk_rotation", required=False), "offset": get(f"key_offsets_{index}", False)}
+                if t["offset"] is not None:
+                    t["offset"] = t["offset"][h0:h0 + heads].contiguous()
+                t["prefix_k"] = t["prefix_v"] = None
+                if self.prefix_len:
+                    for kind in ("k", "v"):
+                        p = get(f"prefix_{'keys' if kind == 'k' else 'values'}_{index}")     # [1, H_all, P, D]
+                        if p.shape[2] != self.prefix_len:
+                            _fail(f"pqk_state.prefix_{kind}_{index} holds {p.shape[2]} tokens, the prefix is "
+                                  f"{self.prefix_len}")
+                        t[f"prefix_{kind}"] = p[:, h0:h0 + heads].to(dtype).contiguous()
+            for name in ("key_scale", "value_scale"):
+                s = t[name]
+                if not bool(torch.isfinite(s).all() and (s > 0).all()):
+                    _fail(f"pqk_state.{name}s_{index} must be finite and > 0, got {s.tolist()}")
+            self.layers[index] = t
+        return self.layers[index]
+
+
+_PLAN: KVPlan | None = None   # set by the first impl built in this process for a pqk static-KV checkpoint
+
+
+def plan_for(vllm_config) -> KVPlan | None:
+    """The static KV plan of the model ``vllm_config`` serves, or None (not a pqk checkpoint, its KV mode is not
+    "static", or vLLM was asked for another cache dtype)."""
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        return None
+    q = _quantization_config(model_config.model)
+    if q is None:
+        return None
+    cfg = QuantConfig.from_dict(q["quant_config"])
+    if cfg.resolved_kv_mode != "static":
+        return None
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype != "auto":
+        _warn_once(f"pqk vLLM plugin: --kv-cache-dtype {cache_dtype} replaces the checkpoint's static "
+                   f"{cfg.kv_bits}-bit KV body and stores the 16-bit prefix in {cache_dtype} too")
+        return None
+    prefix = read_prefix(model_config.model) if uses_connector(vllm_config) else None
+    return KVPlan(cfg.kv_bits, len(prefix.ids) if prefix is not None else 0, model_config.model)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    import warnings
+    warnings.warn(msg, stacklevel=3)
+
+
+class PrefixQuantAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU attention, or (for a pqk static-KV checkpoint) the ``[16-bit prefix | static body]`` cache of the
+    module doc."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        spec = super().customize_spec(spec)
+        if _PLAN is None:
+            return spec
+        return replace(spec, dtype=torch.uint8, state_content_bytes=2 * _PLAN.code_bytes(spec.head_size))
+
+    @staticmethod
+    def get_impl_cls():
+        return PrefixQuantAttentionImpl
+
+
+class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
+    """CPUAttentionBackendImpl, or the static KV body when ``self.plan`` is set (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        global _PLAN
+        self.plan = plan_for(get_current_vllm_config())
+        if self.plan is not None:
+            if self.alibi_slopes is not None or self.sliding_window != -1 or self.logits_soft_cap \
+                    or self.sinks is not None:
+                _fail("the static KV body runs plain causal softmax attention: no ALiBi, sliding window, softcap "
+                      "or sinks", NotImplementedError)
+            if self.plan.bits == 4 and self.head_size % 2:
+                _fail(f"a 4-bit KV body needs an even head_size, got {self.head_size}")
+            _PLAN = self.plan
+
+    # -- helpers --
+    def _tensors(self, layer, dtype: torch.dtype) -> dict:
+        from vllm.model_executor.models.utils import extract_layer_index
+        return self.plan.layer(extract_layer_index(layer.layer_name), self.num_kv_heads, dtype)
+
+    def _split(self, cache: torch.Tensor) -> tuple[int, int]:
+        """cache uint8 [blocks, H, block_size, C] -> (block_size, bytes of one side's codes)."""
+        c = self.plan.code_bytes(self.head_size)
+        if cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[-1] != 2 * c:
+            _fail(f"the KV cache is {cache.dtype} {tuple(cache.shape)}; the static {self.plan.bits}-bit body "
+                  f"needs uint8 [blocks, {self.num_kv_heads}, block_size, {2 * c}] (customize_spec)")
+        return cache.shape[2], c
+
+    def _codes_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.plan.bits == 4 else torch.int8
+
+    # -- vLLM's hooks --
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """key / value [T', H, D] (T' >= the T slots: padding after them); slot_mapping int64 [T] (-1: skip)."""
+        if self.plan is None:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        bs, _ = self._split(kv_cache)
+        t = self._tensors(layer, key.dtype)
+        n = slot_mapping.shape[0]
+        k = transform_keys(key[:n].transpose(0, 1)[None], t["rotation"], t["offset"])       # [1, H, T, D]
+        kq = kv_ops.kv_quantize(k, t["key_scale"], self.plan.bits)
+        vq = kv_ops.kv_quantize(value[:n].transpose(0, 1)[None], t["value_scale"], self.plan.bits)
+        codes = torch.cat([kq, vq], -1)[0].transpose(0, 1).view(torch.uint8)                # [T, H, 2C]
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].long()
+        kv_cache[slots // bs, :, slots % bs, :] = codes[keep]
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """query [T', H_q, D]; output [T', H_q * D] (or [T', H_q, D]); per request: the prefix from the checkpoint,
+        the body from the cache (module doc)."""
+        if self.plan is None or attn_metadata is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            _fail("fused output quantization is not supported by the static KV body", NotImplementedError)
+        bs, c = self._split(kv_cache)
+        t = self._tensors(layer, query.dtype)
+        p, bits, codes_dtype = self.plan.prefix_len, self.plan.bits, self._codes_dtype()
+        n_tok = attn_metadata.num_actual_tokens
+        out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
+        q_all = query[:n_tok]
+        if t["rotation"] is not None:       # K is cached rotated: rotate Q alike (q . k unchanged)
+            q_all = rotate_heads(q_all, t["rotation"])
+        starts = attn_metadata.query_start_loc.tolist()
+        lens = attn_metadata.seq_lens.tolist()
+        for i, length in enumerate(lens):
+            q0, q1 = starts[i], starts[i + 1]
+            nq = q1 - q0
+            if nq == 0:
+                continue
+            if length < p + nq:
+                _fail(f"request {i} has {length} tokens, fewer than the {p}-token prefix and its {nq} new ones: "
+                      "its prompt did not start with the prefix (the connector adds it)", RuntimeError)
+            pos = torch.arange(p, length)
+            blocks = attn_metadata.block_table[i, pos // bs].long()
+            body = kv_cache[blocks, :, pos % bs, :].transpose(0, 1)[None]                 # [1, H, N, 2C]
+            kc = body[..., :c].contiguous().view(codes_dtype)
+            vc = body[..., c:].contiguous().view(codes_dtype)
+            q = q_all[q0:q1]                                                                 # [nq, H_q, D]
+            if nq == 1:
+                o = kv_ops.kv_decode_attention(q, t["prefix_k"], t["prefix_v"], kc, vc, t["key_scale"],
+                                               t["value_scale"], bits, self.scale)           # [1, H_q, D]
+            else:
+                k = kv_ops.kv_dequant_concat(t["prefix_k"], kc, t["key_scale"], bits, q.dtype)   # [1, H, L, D]
+                v = kv_ops.kv_dequant_concat(t["prefix_v"], vc, t["value_scale"], bits, q.dtype)
+                # query j sits at position length - nq + j and sees positions 0 .. length - nq + j
+                allowed = torch.arange(length)[None, :] <= torch.arange(length - nq, length)[:, None]
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k, v, attn_mask=allowed, scale=self.scale,
+                    enable_gqa=True)[0].transpose(0, 1)                                       # [nq, H_q, D]
+            out[q0:q1] = o.to(out.dtype)
+        return output
+
