@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+from unittest import mock
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def run_vllm(ckpt: str, *extra: str, prompts=PROMPTS, tokens: int = TOKENS, timeout: int = 400, ok: bool = True):
-    """vllm_run.py on ckpt -> its results (ok=True) or (returncode, output) (ok=False)."""
+def run_vllm(ckpt: str, *extra: str, prompts=PROMPTS, tokens: int = TOKENS, timeout: int = 400, ok: bool = True,
+             raw: bool = False):
+    """vllm_run.py on ckpt -> its results (ok=True; raw: (results, output)) or (returncode, output) (ok=False)."""
     cmd = [VLLM_PYTHON, RUNNER, ckpt, "--prompts", json.dumps(prompts), "--max-tokens", str(tokens), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             start_new_session=True, env=_env())
@@ -52,13 +54,20 @@ def run_vllm(ckpt: str, *extra: str, prompts=PROMPTS, tokens: int = TOKENS, time
         return proc.returncode, out
     lines = [l for l in out.splitlines() if l.startswith("PQK_RESULT ")]
     assert proc.returncode == 0 and lines, f"vLLM run failed (rc {proc.returncode}):\n{out[-4000:]}"
-    return json.loads(lines[-1].removeprefix("PQK_RESULT "))
+    res = json.loads(lines[-1].removeprefix("PQK_RESULT "))
+    return (res, out) if raw else res
 
 
 def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS, float_kv: bool = False):
     """This package's path: pqk.load_quantized + generate (greedy, eager), each prompt alone. float_kv: keep the KV
     body in float (the checkpoint's 4-bit KV mode replaced by "fp16", the Q/K rotation and the rotated prefix kept),
-    which is what vLLM's 16-bit cache computes."""
+    which is what vLLM's 16-bit cache computes. Run without TRITON_INTERPRET (tests/conftest.py sets it): the KV
+    ops then take the CPU kernels, as in vLLM's process, not the Triton interpreter (100x slower)."""
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):
+        return _hf_reference(ckpt, prompts, tokens, float_kv)
+
+
+def _hf_reference(ckpt: str, prompts, tokens: int, float_kv: bool):
     model = pqk.load_quantized(ckpt)
     if float_kv:
         st = model.pqk_state
@@ -85,6 +94,24 @@ def assert_same_generation(got, want) -> None:
         assert g["tokens"] == w["tokens"]
         diffs = sorted(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"]))
         assert diffs[len(diffs) // 2] < 1e-4 and diffs[-2] < 1e-3, diffs
+
+
+def assert_same_until_a_flip(got, want) -> None:
+    """The KV bodies' test: each prompt's tokens equal until the first step (if any) where the two diverge, the
+    steps before it equal as assert_same_generation asks, and at least half of all steps before a divergence.
+    Why a divergence is allowed at all: this tiny random model (planted outliers, initializer_range 0.2) is chaotic
+    at float rounding: a relative 1e-6 noise on its normed activations alone makes the Hugging Face path leave its
+    own tokens (seen: at step 4 and 34 of 64), because a value crosses a static activation or KV quantizer's rounding
+    boundary, and vLLM's RMSNorm / RoPE differ from transformers' in the last bits. Which prompt parts, and where,
+    is then the machine's draw (on a Zen 4, 2026-12-04: none with plain KV4; 55 and 7 of 64 with k_center)."""
+    total = equal = 0
+    for g, w in zip(got, want):
+        d = next((i for i, (a, b) in enumerate(zip(g["tokens"], w["tokens"])) if a != b), len(w["tokens"]))
+        assert d >= 1, "the prefill's token differs"
+        diffs = sorted(abs(a - b) for a, b in zip(g["logprobs"][:d], w["logprobs"][:d]))
+        assert diffs[len(diffs) // 2] < 1e-5 and (len(diffs) < 3 or diffs[-3] < 1e-3), diffs
+        total, equal = total + len(w["tokens"]), equal + d
+    assert equal >= total // 2, (equal, total)
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +146,73 @@ def test_vllm_equals_the_hf_path(ckpt, vllm_tp1):
     assert len({tuple(r["tokens"]) for r in vllm_tp1}) == len(PROMPTS)   # the prompts lead to different text
 
 
-def test_a_rotated_prefix_is_unrotated_for_vllm(tmp_path):
-    """A KV4 checkpoint stores its prefix keys rotated by the Q/K Hadamard; vLLM's attention does not rotate Q, so
-    the connector writes K R^T: vLLM (16-bit KV) equals the HF path with a float KV body and the rotation kept."""
-    path = str(tmp_path / "w4a8kv4")
+# A static KV body in vLLM (serving/vllm_attention.py): the prompts cross 32-token blocks, and the long one is
+# prefilled in 32-token chunks, so the body is gathered from several blocks and attended causally at an offset.
+LONG = [2 + (i * 37) % 125 for i in range(100)]
+KV_PROMPTS = [PROMPTS[0], PROMPTS[1], LONG]
+KV_ARGS = ("--block-size", "32", "--max-batched-tokens", "32")
+
+
+def _kv_run(path: str, *extra: str, **kw):
+    """vLLM on path with KV_PROMPTS / KV_ARGS -> (results, blocks, block size)."""
+    got, out = run_vllm(path, *KV_ARGS, *extra, prompts=KV_PROMPTS, raw=True, **kw)
+    blocks, size = next(l for l in out.splitlines() if l.startswith("PQK_KV_BLOCKS ")).split()[1:]
+    return got, int(blocks), int(size)
+
+
+def _kv_bytes_per_token(path: str, bits: int) -> int:
+    """The static body's bytes per token (all layers, K and V): layers * H_kv * 2 * D * bits / 8."""
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * cfg["head_dim"] * bits // 8
+
+
+@pytest.fixture(scope="module")
+def kv4(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("vllm") / "w4a8kv4")
     write(path, w_bits=4, a_bits=8, kv_bits=4)
-    got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
-    want = hf_reference(path, PROMPTS[:2], 16, float_kv=True)
-    assert_same_generation(got, want)
+    return path, _kv_run(path)
 
 
-def test_a_centered_prefix_is_restored_for_vllm(tmp_path):
-    """k_center: the prefix keys are stored as K R - mu; the connector adds mu back before undoing R, so vLLM
-    (uncentered keys, softmax-invariant) equals the HF path with a float KV body that centers its keys."""
-    path = str(tmp_path / "w4a8kv4c")
-    write(path, w_bits=4, a_bits=8, kv_bits=4, k_center=True)
+def test_a_static_kv4_checkpoint_runs_its_4bit_body_beside_the_16bit_prefix(kv4):
+    """A W4A8KV4 checkpoint (static per-head KV scales, Q/K Hadamard, a 16-bit prefix) in vLLM: the body is held
+    in 4 bits (1 GiB of cache holds layers * H * 2 * D / 2 bytes per token: an fp32 cache would hold 8x fewer), and
+    vLLM generates what the Hugging Face path generates with the same cache format, token for token, through
+    block boundaries and a chunked prefill. The float-KV reference differs: the 4-bit body is really in use."""
+    path, (got, blocks, size) = kv4
+    assert blocks * size * _kv_bytes_per_token(path, 4) == 1 << 30
+    want = hf_reference(path, KV_PROMPTS, TOKENS)
+    assert_same_until_a_flip(got, want)
+    assert [len(r["tokens"]) for r in got] == [TOKENS] * len(KV_PROMPTS)
+    float_kv = hf_reference(path, KV_PROMPTS, TOKENS, float_kv=True)
+    assert [r["tokens"] for r in got] != [r["tokens"] for r in float_kv]
+
+
+def test_the_static_kv_body_under_tensor_parallel_2(kv4):
+    """Each rank holds its own KV head's scales, prefix and codes: TP 2 equals TP 1 token for token."""
+    path, (tp1, _, _) = kv4
+    got, _, _ = _kv_run(path, "--tp", "2")
+    for a, b in zip(got, tp1):
+        assert a["tokens"] == b["tokens"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+
+
+@pytest.mark.parametrize("bits, k_center", [(4, True), (8, False)])
+def test_static_kv_bodies_centered_or_8bit_equal_the_hf_path(tmp_path, bits, k_center):
+    """k_center (new keys stored as K R - mu, the prefix keys as stored) and an 8-bit body (int8 codes in the
+    uint8 page)."""
+    path = str(tmp_path / f"kv{bits}")
+    write(path, w_bits=4, a_bits=8, kv_bits=bits, k_center=k_center)
+    got, blocks, size = _kv_run(path)
+    assert blocks * size * _kv_bytes_per_token(path, bits) == 1 << 30
+    assert_same_until_a_flip(got, hf_reference(path, KV_PROMPTS, TOKENS))
+
+
+def test_a_rotated_prefix_is_unrotated_for_a_16bit_cache(tmp_path):
+    """A KV mode vLLM's cache cannot hold (dynamic 4-bit, with the Q/K rotation) runs on a 16-bit cache: the
+    connector writes the prefix keys, stored rotated (K R), as K R^T since vLLM's attention does not rotate Q, so
+    vLLM equals the HF path with a float KV body and the rotation kept."""
+    path = str(tmp_path / "w4a8kv4dyn")
+    write(path, w_bits=4, a_bits=8, kv_bits=4, kv_mode="dynamic")
     got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
     want = hf_reference(path, PROMPTS[:2], 16, float_kv=True)
     assert_same_generation(got, want)

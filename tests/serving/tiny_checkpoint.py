@@ -32,11 +32,11 @@ def tiny_model(arch: str = "llama", intermediate: int = 256, seed: int = 0):
 
 
 def write(out: str, *, arch: str = "llama", intermediate: int = 256, w_bits: int = 4, a_bits: int = 8,
-          kv_bits: int = 16, seed: int = 0, k_center: bool = False) -> None:
+          kv_bits: int = 16, seed: int = 0, k_center: bool = False, kv_mode: str = "auto") -> None:
     model = tiny_model(arch, intermediate, seed)
     hooks = plant_outliers(model)    # massive activations on BOS and one token, as a real LLM has: a real prefix
     cfg = pqk.QuantConfig(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, calib_samples=4, calib_seq_len=64,
-                          weight_method="rtn", k_center=k_center)
+                          weight_method="rtn", k_center=k_center, kv_mode=kv_mode)
     model = pqk.quantize_model(model, StubTokenizer(), text(), cfg, progress=False)
     for h in hooks:
         h.remove()
