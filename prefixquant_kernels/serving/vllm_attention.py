@@ -52,6 +52,27 @@ class KVPlan:
         """Bytes of one token-head's K (or V) codes."""
         return head_size * self.bits // 8
 
+    def validate(self, num_layers: int) -> None:
+        """Fail at load, naming the tensor, when a layer's scales or prefix are missing or malformed."""
+        from safetensors import safe_open
+        with safe_open(os.path.join(self.path, _WEIGHTS), "pt") as f:
+            names = set(f.keys())
+            for i in range(num_layers):
+                wanted = [f"key_scales_{i}", f"value_scales_{i}"]
+                if self.prefix_len:
+                    wanted += [f"prefix_keys_{i}", f"prefix_values_{i}"]
+                for name in wanted:
+                    key = f"pqk_state.{name}"
+                    if key not in names:
+                        _fail(f"{key} is missing from {os.path.join(self.path, _WEIGHTS)} (the static "
+                              f"{self.bits}-bit KV body needs it)")
+                    t = f.get_tensor(key).float()
+                    if name.startswith("prefix"):
+                        if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != self.prefix_len:
+                            _fail(f"{key} has shape {tuple(t.shape)}, expected [1, H_kv, {self.prefix_len}, D]")
+                    elif t.dim() != 1 or not bool(torch.isfinite(t).all() and (t > 0).all()):
+                        _fail(f"{key} must be finite scales > 0, one per KV head; got {t.tolist()}")
+
     def layer(self, index: int, heads: int, dtype: torch.dtype) -> dict:
         """Layer ``index``'s tensors for this rank's ``heads`` KV heads: key_scale / value_scale float32 [H];
         prefix_k / prefix_v dtype [1, H, P, D] as the checkpoint stores them (K already rotated / centered) or None;
@@ -76,17 +97,9 @@ class KVPlan:
                 if t["offset"] is not None:
                     t["offset"] = t["offset"][h0:h0 + heads].contiguous()
                 t["prefix_k"] = t["prefix_v"] = None
-                if self.prefix_len:
-                    for kind in ("k", "v"):
-                        p = get(f"prefix_{'keys' if kind == 'k' else 'values'}_{index}")     # [1, H_all, P, D]
-                        if p.shape[2] != self.prefix_len:
-                            _fail(f"pqk_state.prefix_{kind}_{index} holds {p.shape[2]} tokens, the prefix is "
-                                  f"{self.prefix_len}")
-                        t[f"prefix_{kind}"] = p[:, h0:h0 + heads].to(dtype).contiguous()
-            for name in ("key_scale", "value_scale"):
-                s = t[name]
-                if not bool(torch.isfinite(s).all() and (s > 0).all()):
-                    _fail(f"pqk_state.{name}s_{index} must be finite and > 0, got {s.tolist()}")
+                if self.prefix_len:      # [1, H_all, P, D] (validate() checked the shapes)
+                    t["prefix_k"] = get(f"prefix_keys_{index}")[:, h0:h0 + heads].to(dtype).contiguous()
+                    t["prefix_v"] = get(f"prefix_values_{index}")[:, h0:h0 + heads].to(dtype).contiguous()
             self.layers[index] = t
         return self.layers[index]
 
@@ -112,7 +125,9 @@ def plan_for(vllm_config) -> KVPlan | None:
                    f"{cfg.kv_bits}-bit KV body and stores the 16-bit prefix in {cache_dtype} too")
         return None
     prefix = read_prefix(model_config.model) if uses_connector(vllm_config) else None
-    return KVPlan(cfg.kv_bits, len(prefix.ids) if prefix is not None else 0, model_config.model)
+    plan = KVPlan(cfg.kv_bits, len(prefix.ids) if prefix is not None else 0, model_config.model)
+    plan.validate(int(q["state"]["num_layers"]))
+    return plan
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +158,9 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         global _PLAN
-        self.plan = plan_for(get_current_vllm_config())
+        config = get_current_vllm_config()
+        path = getattr(getattr(config, "model_config", None), "model", None)
+        self.plan = _PLAN if _PLAN is not None and _PLAN.path == path else plan_for(config)   # one check per model
         if self.plan is not None:
             if self.alibi_slopes is not None or self.sliding_window != -1 or self.logits_soft_cap \
                     or self.sinks is not None:

@@ -283,6 +283,19 @@ def test_a_checkpoint_missing_a_scale_fails_at_load_naming_it(ckpt, tmp_path):
     assert "model.layers.1.self_attn.qkv_proj.act_scale (model.layers.1.self_attn.k_proj.act_scale): missing" in out
 
 
+def test_a_kv4_checkpoint_missing_a_kv_scale_fails_at_load_naming_it(kv4, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = str(tmp_path / "bad_kv")
+    shutil.copytree(kv4[0], bad)
+    f = os.path.join(bad, "model.safetensors")
+    t = load_file(f)
+    del t["pqk_state.value_scales_1"]
+    save_file(t, f, metadata={"format": "pt"})
+    rc, out = run_vllm(bad, prompts=PROMPTS[:1], tokens=2, ok=False)
+    assert rc != 0
+    assert "pqk_state.value_scales_1 is missing" in out
+
+
 def _config_error(ckpt: str, tmp_path, edit) -> str:
     """Edit the checkpoint's quantization_config and build the plugin's config from it in the vLLM environment."""
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
