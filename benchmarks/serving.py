@@ -2,7 +2,7 @@
 checkpoint (the prefixquant_kernels vLLM plugin), in one run on this machine.
 
     python benchmarks/serving.py --checkpoint q/ --float-model smollm2 [--concurrency 1 8] [--requests 16]
-        [--prompt-tokens 128] [--max-tokens 64] [--dtype float32] [--rounds 1] [--json out.json]
+        [--prompt-tokens 128] [--max-tokens 64] [--dtype float32] [--rounds 1] [--float-kv-too] [--json out.json]
 
 Each system's server is started alone (2 cores cannot hold two), warmed up, then for every concurrency N the client
 sends ``--requests`` completions, N in flight at a time (threads over HTTP), greedy with ``ignore_eos`` so every
@@ -32,6 +32,8 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import machine_info, machine_line, write_outputs  # noqa: E402
 from prefixquant_kernels.serving.server import API_SERVER  # noqa: E402
+
+FLOAT_KV_ENV = "PQK_VLLM_FLOAT_KV"   # serving/vllm_attention.py's (that module imports vLLM: not importable here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(ROOT, "bench_out", "serving"))
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--json", default=None, help="write results here (and the table next to it as .md)")
+    ap.add_argument("--float-kv-too", action="store_true",
+                    help="also serve the checkpoint on vLLM's 16-bit KV cache (PQK_VLLM_FLOAT_KV=1)")
     a = ap.parse_args(argv)
     if not a.vllm_python:
         ap.error("no vLLM environment: --vllm-python (README, 'Serving with vLLM')")
@@ -173,13 +177,20 @@ def main(argv=None) -> int:
         "pqk quantized (vLLM + plugin)": [a.vllm_python, "-m", "prefixquant_kernels", "serve", "--checkpoint",
                                           a.checkpoint, *common],
     }
+    # a static-KV checkpoint's body runs in 4 / 8 bits through the plugin's attention (serving/vllm_attention.py);
+    # --float-kv-too adds the same checkpoint on vLLM's 16-bit cache (its own attention kernel)
+    envs = {name: env for name in systems}
+    if a.float_kv_too:
+        name = "pqk quantized, 16-bit KV (vLLM + plugin)"
+        systems[name] = systems["pqk quantized (vLLM + plugin)"]
+        envs[name] = {**env, FLOAT_KV_ENV: "1"}
     prompts = prompts_for(a.requests, a.prompt_tokens)
     results = {name: {str(n): [] for n in a.concurrency} for name in systems}
     startup = {name: [] for name in systems}
     for r in range(a.rounds):
         for name, argv in systems.items():
-            log = os.path.join(a.work, f"server_{len(startup[name])}_{name.split()[0]}.log")
-            s = Server(argv, a.port, log, env)
+            log = os.path.join(a.work, f"server_{len(startup[name])}_{list(systems).index(name)}.log")
+            s = Server(argv, a.port, log, envs[name])
             try:
                 startup[name].append(s.wait(a.startup_timeout))
                 m = model_name(s.url)

@@ -19,8 +19,8 @@ checkpoint's ``kv_bits`` 4 or 8, calibrated per-head scales), this:
   These are the ops the Hugging Face path's PrefixQuantCache runs, so vLLM and ``model.generate`` compute the same
   function (tests/serving/test_vllm.py).
 
-Any other model (no pqk checkpoint, a 16-bit or group-wise KV mode, or ``--kv-cache-dtype fp8``) runs vLLM's CPU
-attention unchanged. The state lives per process: one vLLM worker serves one model.
+Any other model (no pqk checkpoint, a 16-bit or group-wise KV mode, ``--kv-cache-dtype fp8``, or
+``PQK_VLLM_FLOAT_KV=1``) runs vLLM's CPU attention unchanged. The state lives per process: one vLLM worker serves one model.
 """
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ from ..cache.factory import rotate_heads, transform_keys
 from ..calibration.config import QuantConfig
 from ..ops import kv as kv_ops
 from .vllm_prefix import _WEIGHTS, _fail, _quantization_config, rank_heads, read_prefix, uses_connector
+
+
+# PQK_VLLM_FLOAT_KV=1: serve a static-KV checkpoint on vLLM's own 16-bit cache (the prefix connector then writes the
+# prefix there): the A/B of benchmarks/serving.py, or for a user who wants vLLM's attention kernel over the memory
+FLOAT_KV_ENV = "PQK_VLLM_FLOAT_KV"
 
 
 @dataclasses.dataclass
@@ -117,7 +122,7 @@ def plan_for(vllm_config) -> KVPlan | None:
     if q is None:
         return None
     cfg = QuantConfig.from_dict(q["quant_config"])
-    if cfg.resolved_kv_mode != "static":
+    if cfg.resolved_kv_mode != "static" or os.environ.get(FLOAT_KV_ENV) == "1":
         return None
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype != "auto":
