@@ -79,7 +79,8 @@ class KVPlan:
                         _fail(f"{key} must be finite scales > 0, one per KV head; got {t.tolist()}")
 
     def layer(self, index: int, heads: int, dtype: torch.dtype) -> dict:
-        """Layer ``index``'s tensors for this rank's ``heads`` KV heads: key_scale / value_scale float32 [H];
+        """Layer ``index``'s tensors for this rank's ``heads`` KV heads: key_scale / value_scale float32 [H]
+        (kv_scale: both, [2H]);
         prefix_k / prefix_v dtype [1, H, P, D] as the checkpoint stores them (K already rotated / centered) or None;
         rotation float32 [D, D] or None; offset float32 [H, D] or None."""
         if index not in self.layers:
@@ -98,6 +99,7 @@ class KVPlan:
                 ks, vs = get(f"key_scales_{index}"), get(f"value_scales_{index}")
                 h0 = rank_heads(ks.numel(), heads, index)
                 t = {"key_scale": ks[h0:h0 + heads].contiguous(), "value_scale": vs[h0:h0 + heads].contiguous(),
+                     "kv_scale": torch.cat([ks[h0:h0 + heads], vs[h0:h0 + heads]]),
                      "rotation": get("qk_rotation", required=False), "offset": get(f"key_offsets_{index}", False)}
                 if t["offset"] is not None:
                     t["offset"] = t["offset"][h0:h0 + heads].contiguous()
@@ -191,6 +193,18 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
     def _codes_dtype(self) -> torch.dtype:
         return torch.uint8 if self.plan.bits == 4 else torch.int8
 
+    def _gather(self, cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, c: int):
+        """The stored K and V codes of positions ``pos`` (int64 [B, N]) of B requests whose block tables are
+        ``table`` (int [B, width]): two ``codes dtype [B, H, N, c]`` tensors, each gathered straight into the row
+        layout kv_decode_attention reads in place (one gather per side: a [.., 2c] gather split afterwards would
+        leave rows 2c apart and be copied again)."""
+        bs = cache.shape[2]
+        blocks = torch.gather(table.long(), 1, (pos // bs).clamp_(max=table.shape[1] - 1))[:, None]     # [B, 1, N]
+        heads = torch.arange(cache.shape[1])[None, :, None]                                           # [1, H, 1]
+        offs = (pos % bs)[:, None]                                                                      # [B, 1, N]
+        dt = self._codes_dtype()
+        return (cache[..., :c][blocks, heads, offs].view(dt), cache[..., c:][blocks, heads, offs].view(dt))
+
     # -- vLLM's hooks --
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """key / value [T', H, D] (T' >= the T slots: padding after them); slot_mapping int64 [T] (-1: skip)."""
@@ -198,59 +212,69 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         bs, _ = self._split(kv_cache)
         t = self._tensors(layer, key.dtype)
-        n = slot_mapping.shape[0]
+        n, h = slot_mapping.shape[0], self.num_kv_heads
         k = transform_keys(key[:n].transpose(0, 1)[None], t["rotation"], t["offset"])       # [1, H, T, D]
-        kq = kv_ops.kv_quantize(k, t["key_scale"], self.plan.bits)
-        vq = kv_ops.kv_quantize(value[:n].transpose(0, 1)[None], t["value_scale"], self.plan.bits)
-        codes = torch.cat([kq, vq], -1)[0].transpose(0, 1).view(torch.uint8)                # [T, H, 2C]
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        kv_cache[slots // bs, :, slots % bs, :] = codes[keep]
+        # K and V in one call: their 2H heads side by side, each with its own scale
+        kv = torch.cat([k, value[:n].transpose(0, 1)[None].to(k.dtype)], 1)                  # [1, 2H, T, D]
+        codes = kv_ops.kv_quantize(kv, t["kv_scale"], self.plan.bits)                         # [1, 2H, T, c]
+        codes = codes.view(torch.uint8)[0].view(2, h, n, -1).permute(2, 1, 0, 3).reshape(n, h, -1)  # [T, H, 2c]
+        slots = slot_mapping.long()
+        if bool((slots < 0).any()):          # padding slots (none on a plain CPU step)
+            keep = slots >= 0
+            slots, codes = slots[keep], codes[keep]
+        kv_cache[slots // bs, :, slots % bs, :] = codes
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        """query [T', H_q, D]; output [T', H_q * D] (or [T', H_q, D]); per request: the prefix from the checkpoint,
-        the body from the cache (module doc)."""
+        """query [T', H_q, D]; output [T', H_q * D] (or [T', H_q, D]); the prefix from the checkpoint, the body
+        from the cache (module doc): the one-token queries of all requests in one decode-attention call, each
+        longer one (a prefill chunk) on its own."""
         if self.plan is None or attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             _fail("fused output quantization is not supported by the static KV body", NotImplementedError)
-        bs, c = self._split(kv_cache)
+        _, c = self._split(kv_cache)
         t = self._tensors(layer, query.dtype)
-        p, bits, codes_dtype = self.plan.prefix_len, self.plan.bits, self._codes_dtype()
+        p, bits = self.plan.prefix_len, self.plan.bits
         n_tok = attn_metadata.num_actual_tokens
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
         q_all = query[:n_tok]
         if t["rotation"] is not None:       # K is cached rotated: rotate Q alike (q . k unchanged)
             q_all = rotate_heads(q_all, t["rotation"])
-        starts = attn_metadata.query_start_loc.tolist()
-        lens = attn_metadata.seq_lens.tolist()
-        for i, length in enumerate(lens):
-            q0, q1 = starts[i], starts[i + 1]
-            nq = q1 - q0
-            if nq == 0:
-                continue
-            if length < p + nq:
-                _fail(f"request {i} has {length} tokens, fewer than the {p}-token prefix and its {nq} new ones: "
-                      "its prompt did not start with the prefix (the connector adds it)", RuntimeError)
-            pos = torch.arange(p, length)
-            blocks = attn_metadata.block_table[i, pos // bs].long()
-            body = kv_cache[blocks, :, pos % bs, :].transpose(0, 1)[None]                 # [1, H, N, 2C]
-            kc = body[..., :c].contiguous().view(codes_dtype)
-            vc = body[..., c:].contiguous().view(codes_dtype)
-            q = q_all[q0:q1]                                                                 # [nq, H_q, D]
-            if nq == 1:
-                o = kv_ops.kv_decode_attention(q, t["prefix_k"], t["prefix_v"], kc, vc, t["key_scale"],
-                                               t["value_scale"], bits, self.scale)           # [1, H_q, D]
-            else:
-                k = kv_ops.kv_dequant_concat(t["prefix_k"], kc, t["key_scale"], bits, q.dtype)   # [1, H, L, D]
-                v = kv_ops.kv_dequant_concat(t["prefix_v"], vc, t["value_scale"], bits, q.dtype)
-                # query j sits at position length - nq + j and sees positions 0 .. length - nq + j
-                allowed = torch.arange(length)[None, :] <= torch.arange(length - nq, length)[:, None]
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    q.transpose(0, 1)[None], k, v, attn_mask=allowed, scale=self.scale,
-                    enable_gqa=True)[0].transpose(0, 1)                                       # [nq, H_q, D]
+        starts = attn_metadata.query_start_loc
+        lens = attn_metadata.seq_lens
+        nq = starts[1:] - starts[:-1]
+        if bool((lens < p + nq).any()):
+            i = int(torch.nonzero(lens < p + nq)[0])
+            _fail(f"request {i} has {int(lens[i])} tokens, fewer than the {p}-token prefix and its {int(nq[i])} new "
+                  "ones: its prompt did not start with the prefix (the connector adds it)", RuntimeError)
+        table = attn_metadata.block_table
+        decode = torch.nonzero(nq == 1)[:, 0]
+        if decode.numel():
+            # body positions P .. len-1 of each request, padded to the longest; the mask hides the padding
+            n_body = lens[decode] - p
+            width = int(n_body.max())
+            pos = (p + torch.arange(width))[None].expand(decode.numel(), width)
+            kc, vc = self._gather(kv_cache, table[decode], pos, c)
+            mask = None
+            if int(n_body.min()) != width:
+                mask = torch.cat([torch.ones(decode.numel(), p, dtype=torch.bool),
+                                  torch.arange(width)[None] < n_body[:, None]], 1)           # [B, P + width]
+            rows = starts[decode]
+            out[rows] = kv_ops.kv_decode_attention(q_all[rows], t["prefix_k"], t["prefix_v"], kc, vc,
+                                                   t["key_scale"], t["value_scale"], bits, self.scale,
+                                                   mask=mask).to(out.dtype)                  # [B, H_q, D]
+        for i in torch.nonzero(nq > 1)[:, 0].tolist():
+            q0, q1, length = int(starts[i]), int(starts[i + 1]), int(lens[i])
+            n = q1 - q0
+            kc, vc = self._gather(kv_cache, table[i:i + 1], torch.arange(p, length)[None], c)
+            k = kv_ops.kv_dequant_concat(t["prefix_k"], kc, t["key_scale"], bits, q_all.dtype)   # [1, H, L, D]
+            v = kv_ops.kv_dequant_concat(t["prefix_v"], vc, t["value_scale"], bits, q_all.dtype)
+            # query j sits at position length - n + j and sees positions 0 .. length - n + j
+            allowed = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q_all[q0:q1].transpose(0, 1)[None], k, v, attn_mask=allowed, scale=self.scale,
+                enable_gqa=True)[0].transpose(0, 1)                                           # [n, H_q, D]
             out[q0:q1] = o.to(out.dtype)
         return output
-
