@@ -36,6 +36,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from ..cache.factory import rotate_heads, transform_keys
 from ..calibration.config import QuantConfig
 from ..ops import kv as kv_ops
+from ..ops.backend import resolve
 from .vllm_prefix import _WEIGHTS, _fail, _quantization_config, rank_heads, read_prefix, uses_connector
 
 
@@ -52,6 +53,11 @@ class KVPlan:
     prefix_len: int
     path: str
     layers: dict = dataclasses.field(default_factory=dict)
+    # the KV ops' kernel here: "cpu" (the C++ ops, called directly: every argument was checked at load, and the
+    # public ops' per-call checks cost as much as the kernels at one token, tokens x layers x steps times) or the
+    # reference (no extension built), through the public ops
+    kind: str = dataclasses.field(default_factory=lambda: resolve("auto", torch.device("cpu"),
+                                                                  "kv_decode_attention").kind)
 
     def code_bytes(self, head_size: int) -> int:
         """Bytes of one token-head's K (or V) codes."""
@@ -195,15 +201,21 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
 
     def _gather(self, cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, c: int):
         """The stored K and V codes of positions ``pos`` (int64 [B, N]) of B requests whose block tables are
-        ``table`` (int [B, width]): two ``codes dtype [B, H, N, c]`` tensors, each gathered straight into the row
-        layout kv_decode_attention reads in place (one gather per side: a [.., 2c] gather split afterwards would
-        leave rows 2c apart and be copied again)."""
-        bs = cache.shape[2]
-        blocks = torch.gather(table.long(), 1, (pos // bs).clamp_(max=table.shape[1] - 1))[:, None]     # [B, 1, N]
-        heads = torch.arange(cache.shape[1])[None, :, None]                                           # [1, H, 1]
-        offs = (pos % bs)[:, None]                                                                      # [B, 1, N]
+        ``table`` (int [B, width]): two ``codes dtype [B, H, N, c]`` tensors with contiguous rows, the layout
+        kv_decode_attention reads in place. The cache seen as rows of c bytes (a token-head's K row, then its V
+        row) makes each side one index_select (a [.., 2c] gather split afterwards would be copied again)."""
+        nb, h, bs, _ = cache.shape
+        blocks = torch.gather(table.long(), 1, (pos // bs).clamp_(max=table.shape[1] - 1))           # [B, N]
+        # row of (block, head, offset) in [nb, H, bs]: (block * H + head) * bs + offset -> [B, H, N]
+        rows = (blocks[:, None] * h + torch.arange(h)[None, :, None]) * bs + (pos % bs)[:, None]
         dt = self._codes_dtype()
-        return (cache[..., :c][blocks, heads, offs].view(dt), cache[..., c:][blocks, heads, offs].view(dt))
+        if not cache.is_contiguous():     # a padded page layout: index the 4-D view (slower, same bytes)
+            b_, h_, o_ = rows // (h * bs), rows // bs % h, rows % bs
+            return cache[..., :c][b_, h_, o_].view(dt), cache[..., c:][b_, h_, o_].view(dt)
+        flat = cache.view(nb * h * bs * 2, c)
+        idx = rows.reshape(-1) * 2
+        shape = (*rows.shape, c)
+        return (flat.index_select(0, idx).view(shape).view(dt), flat.index_select(0, idx + 1).view(shape).view(dt))
 
     # -- vLLM's hooks --
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -216,7 +228,10 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
         k = transform_keys(key[:n].transpose(0, 1)[None], t["rotation"], t["offset"])       # [1, H, T, D]
         # K and V in one call: their 2H heads side by side, each with its own scale
         kv = torch.cat([k, value[:n].transpose(0, 1)[None].to(k.dtype)], 1)                  # [1, 2H, T, D]
-        codes = kv_ops.kv_quantize(kv, t["kv_scale"], self.plan.bits)                         # [1, 2H, T, c]
+        if self.plan.kind == "cpu":
+            codes = torch.ops.pqk.kv_quantize_static(kv, t["kv_scale"], self.plan.bits)        # [1, 2H, T, c]
+        else:
+            codes = kv_ops.kv_quantize(kv, t["kv_scale"], self.plan.bits)
         codes = codes.view(torch.uint8)[0].view(2, h, n, -1).permute(2, 1, 0, 3).reshape(n, h, -1)  # [T, H, 2c]
         slots = slot_mapping.long()
         if bool((slots < 0).any()):          # padding slots (none on a plain CPU step)
@@ -262,9 +277,14 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
                 mask = torch.cat([torch.ones(decode.numel(), p, dtype=torch.bool),
                                   torch.arange(width)[None] < n_body[:, None]], 1)           # [B, P + width]
             rows = starts[decode]
-            out[rows] = kv_ops.kv_decode_attention(q_all[rows], t["prefix_k"], t["prefix_v"], kc, vc,
-                                                   t["key_scale"], t["value_scale"], bits, self.scale,
-                                                   mask=mask).to(out.dtype)                  # [B, H_q, D]
+            if self.plan.kind == "cpu":      # kc / vc rows are contiguous, as the kernel reads them (_gather)
+                o = torch.ops.pqk.kv_decode_static(q_all[rows].contiguous(), t["prefix_k"], t["prefix_v"], kc, vc,
+                                                   t["key_scale"], t["value_scale"], bits, self.scale, -1, None,
+                                                   mask)
+            else:
+                o = kv_ops.kv_decode_attention(q_all[rows], t["prefix_k"], t["prefix_v"], kc, vc, t["key_scale"],
+                                               t["value_scale"], bits, self.scale, mask=mask)
+            out[rows] = o.to(out.dtype)                                                      # [B, H_q, D]
         for i in torch.nonzero(nq > 1)[:, 0].tolist():
             q0, q1, length = int(starts[i]), int(starts[i + 1]), int(lens[i])
             n = q1 - q0
