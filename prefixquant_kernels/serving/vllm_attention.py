@@ -11,16 +11,18 @@ checkpoint's ``kv_bits`` 4 or 8, calibrated per-head scales), this:
 * **The write** (``do_kv_cache_update``, before each forward): the new keys are transformed as the Hugging Face
   path's cache transforms them (``transform_keys``: the Q/K Hadamard after RoPE, ``- mu`` with k_center), then K and
   V are quantized with the layer's static per-head scales (``kv_quantize``) into their slots.
-* **The attention** (``forward``), per request: the prefix K / V come from the checkpoint in 16 bits (never from
-  the cache: the prefix connector reports those P positions computed and writes nothing for this backend); the body
-  positions P .. L-1 are gathered from the request's blocks in their stored form. A one-token query runs
-  ``kv_decode_attention`` (the fused C++ kernel on CPU: the packed body dequantized in registers); a longer one
-  (a prefill chunk) ``kv_dequant_concat`` + causal SDPA. The queries are rotated by the same Hadamard as K.
+* **The attention** (``forward``): the prefix K / V come from the checkpoint in 16 bits (never from the cache: the
+  prefix connector reports those P positions computed and writes nothing for this backend); each request's body
+  positions P .. L-1 are gathered from its blocks in their stored form. The one-token queries of all requests run
+  as one ``kv_decode_attention`` call (the fused C++ kernel on CPU: the packed body dequantized in registers; a
+  mask hides the padding of shorter requests); a longer query (a prefill chunk) runs alone, ``kv_dequant_concat``
+  + causal SDPA. The queries are rotated by the same Hadamard as K.
   These are the ops the Hugging Face path's PrefixQuantCache runs, so vLLM and ``model.generate`` compute the same
   function (tests/serving/test_vllm.py).
 
 Any other model (no pqk checkpoint, a 16-bit or group-wise KV mode, ``--kv-cache-dtype fp8``, or
-``PQK_VLLM_FLOAT_KV=1``) runs vLLM's CPU attention unchanged. The state lives per process: one vLLM worker serves one model.
+``PQK_VLLM_FLOAT_KV=1``) runs vLLM's CPU attention unchanged. The state lives per process: one vLLM worker serves
+one model.
 """
 from __future__ import annotations
 
