@@ -27,7 +27,6 @@ one model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from dataclasses import replace
 
@@ -39,7 +38,8 @@ from ..cache.factory import rotate_heads, transform_keys
 from ..calibration.config import QuantConfig
 from ..ops import kv as kv_ops
 from ..ops.backend import resolve
-from .vllm_prefix import _WEIGHTS, _fail, _quantization_config, rank_heads, read_prefix, uses_connector
+from .vllm_prefix import (_WEIGHTS, _fail, _quantization_config, _warn_once, rank_heads, read_prefix,
+                          uses_connector)
 
 
 # PQK_VLLM_FLOAT_KV=1: serve a static-KV checkpoint on vLLM's own 16-bit cache (the prefix connector then writes the
@@ -143,12 +143,6 @@ def plan_for(vllm_config) -> KVPlan | None:
     plan = KVPlan(cfg.kv_bits, len(prefix.ids) if prefix is not None else 0, model_config.model)
     plan.validate(int(q["state"]["num_layers"]))
     return plan
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str) -> None:
-    import warnings
-    warnings.warn(msg, stacklevel=3)
 
 
 class PrefixQuantAttentionBackend(CPUAttentionBackend):

@@ -230,17 +230,24 @@ def test_qwen2_with_biases_and_a_dense_rotation_equals_the_hf_path(tmp_path):
     assert_same_generation(got, want)
 
 
+def edited_copy(src: str, dst: str, edit) -> str:
+    """A copy of checkpoint directory src at dst whose tensors ``edit`` changed in place (a dict name -> tensor)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    f = os.path.join(dst, "model.safetensors")
+    t = load_file(f)
+    edit(t)
+    save_file(t, f, metadata={"format": "pt"})
+    return dst
+
+
 def test_fused_linears_with_different_static_scales_run_one_gemm_each(ckpt, tmp_path):
     """q, k, v (and gate, up) normally share one input scale and run as one GEMM; with k_proj's and up_proj's scales
     changed in the checkpoint, vLLM's fused layers run a GEMM per logical linear and still equal the HF path."""
-    from safetensors.torch import load_file, save_file
-    path = str(tmp_path / "unequal")
-    shutil.copytree(ckpt, path)
-    f = os.path.join(path, "model.safetensors")
-    t = load_file(f)
-    for name in ("model.layers.0.self_attn.k_proj.act_scale", "model.layers.1.mlp.up_proj.act_scale"):
-        t[name] = t[name] * 1.5
-    save_file(t, f, metadata={"format": "pt"})
+    def scale(t):
+        for name in ("model.layers.0.self_attn.k_proj.act_scale", "model.layers.1.mlp.up_proj.act_scale"):
+            t[name] = t[name] * 1.5
+    path = edited_copy(ckpt, str(tmp_path / "unequal"), scale)
     got = run_vllm(path, prompts=PROMPTS[:2], tokens=16)
     want = hf_reference(path, PROMPTS[:2], 16)
     assert_same_generation(got, want)
@@ -248,16 +255,12 @@ def test_fused_linears_with_different_static_scales_run_one_gemm_each(ckpt, tmp_
 
 def test_the_injected_prefix_is_what_the_model_attends_to(ckpt, vllm_tp1, tmp_path):
     """Zeroing the stored prefix K/V changes what vLLM computes: the connector's write is real."""
-    from safetensors.torch import load_file, save_file
-    zeroed = str(tmp_path / "zeroed")
-    shutil.copytree(ckpt, zeroed)
-    f = os.path.join(zeroed, "model.safetensors")
-    t = load_file(f)
-    planted = [k for k in t if k.startswith(("pqk_state.prefix_keys_", "pqk_state.prefix_values_"))]
-    assert planted
-    for k in planted:
-        t[k] = torch.zeros_like(t[k])
-    save_file(t, f, metadata={"format": "pt"})
+    def zero(t):
+        planted = [k for k in t if k.startswith(("pqk_state.prefix_keys_", "pqk_state.prefix_values_"))]
+        assert planted
+        for k in planted:
+            t[k] = torch.zeros_like(t[k])
+    zeroed = edited_copy(ckpt, str(tmp_path / "zeroed"), zero)
     got = run_vllm(zeroed, prompts=PROMPTS[:1], tokens=8)
     base = vllm_tp1[0]["logprobs"][:8]
     assert max(abs(a - b) for a, b in zip(got[0]["logprobs"], base)) > 1e-2
@@ -271,26 +274,14 @@ def test_tensor_parallel_2_equals_tp_1(ckpt, vllm_tp1):
 
 
 def test_a_checkpoint_missing_a_scale_fails_at_load_naming_it(ckpt, tmp_path):
-    from safetensors.torch import load_file, save_file
-    bad = str(tmp_path / "bad")
-    shutil.copytree(ckpt, bad)
-    f = os.path.join(bad, "model.safetensors")
-    t = load_file(f)
-    del t["model.layers.1.self_attn.k_proj.act_scale"]
-    save_file(t, f, metadata={"format": "pt"})
+    bad = edited_copy(ckpt, str(tmp_path / "bad"), lambda t: t.pop("model.layers.1.self_attn.k_proj.act_scale"))
     rc, out = run_vllm(bad, prompts=PROMPTS[:1], tokens=2, ok=False)
     assert rc != 0
     assert "model.layers.1.self_attn.qkv_proj.act_scale (model.layers.1.self_attn.k_proj.act_scale): missing" in out
 
 
 def test_a_kv4_checkpoint_missing_a_kv_scale_fails_at_load_naming_it(kv4, tmp_path):
-    from safetensors.torch import load_file, save_file
-    bad = str(tmp_path / "bad_kv")
-    shutil.copytree(kv4[0], bad)
-    f = os.path.join(bad, "model.safetensors")
-    t = load_file(f)
-    del t["pqk_state.value_scales_1"]
-    save_file(t, f, metadata={"format": "pt"})
+    bad = edited_copy(kv4[0], str(tmp_path / "bad_kv"), lambda t: t.pop("pqk_state.value_scales_1"))
     rc, out = run_vllm(bad, prompts=PROMPTS[:1], tokens=2, ok=False)
     assert rc != 0
     assert "pqk_state.value_scales_1 is missing" in out
