@@ -12,6 +12,14 @@ decode 1 x 4096 -> 14336 W4A4 vs bf16. Reported: wall-clock median [min-max], an
 ratios against `_int_mm`, bf16 and the best torch path of the shape (the fastest of the torch rows). On a CPU without
 VNNI `_int_mm` is left out by default (`--int-mm`): oneDNN has no fast int8 kernel there.
 
+Across processes (`--processes P`): oneDNN's `_int_mm` runs at a speed drawn once per process (on the Zen 4 of
+docs/PERF.md step 20, 82-83 ms in some processes and 91-92 ms in others on the same shape, ours steady), so one
+run's "x _int_mm" is partly that draw. With P > 1 the script runs itself P times in a row as fresh processes (never
+two at once), and reports per shape and method the median of the per-process medians, and the per-process ratio
+against `_int_mm` as median [min-max] with how many processes reached 1.0:
+
+    python benchmarks/cpu_peak.py --threads 2 --repeats 5 --processes 7 --json bench_out/cpu_peak.json
+
 Note: oneDNN picks `_int_mm`'s kernel itself; on a CPU with AMX it may use AMX tiles, whose peak is not the
 vpdpbusd one (run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI to compare like with like; torch's bf16 then loses
 its AVX512-BF16/AMX kernels too, so take bf16 from a run without the cap).
@@ -20,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -158,6 +169,65 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def across_processes(runs: list[dict]) -> dict:
+    """Per shape and method, over the processes' results: the median of their medians (ms) with the lowest and
+    highest, and each process's own ratio against `_int_mm` (its ms over ours): median, lowest, highest, and how
+    many processes reached 1.0."""
+    out = {}
+    for i, s in enumerate(runs[0]["shapes"]):
+        rows = {}
+        for name in s["rows"]:
+            ms = [run["shapes"][i]["rows"][name]["median_ms"] for run in runs]
+            row = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+            ratios = [run["shapes"][i]["rows"][name]["x_int_mm"] for run in runs
+                      if "x_int_mm" in run["shapes"][i]["rows"][name]]
+            if ratios:
+                row.update(x_int_mm=statistics.median(ratios), x_int_mm_min=min(ratios), x_int_mm_max=max(ratios),
+                           x_int_mm_at_least_1=sum(r >= 1.0 for r in ratios))
+            row["x_bf16"] = statistics.median(run["shapes"][i]["rows"][name]["x_bf16"] for run in runs)
+            rows[name] = row
+        out[s["shape"]] = rows
+    return out
+
+
+def markdown_across(result: dict) -> str:
+    n = len(result["per_process"])
+    lines = [f"Across {n} processes, run one after another (each: {result['repeats']} interleaved rounds per shape); "
+             f"ms: median of the per-process medians [lowest-highest]; × `_int_mm`: each process's own ratio, "
+             f"median [lowest-highest], processes >= 1.0 of {n}.", "",
+             "| shape | method | ms | × _int_mm | >= 1.0 | × bf16 |", "|---|---|---|---|---|---|"]
+    for shape, rows in result["across"].items():
+        for name, r in rows.items():
+            ratio = (f"{r['x_int_mm']:.3f} [{r['x_int_mm_min']:.3f}-{r['x_int_mm_max']:.3f}]"
+                     if "x_int_mm" in r else "—")
+            hits = f"{r['x_int_mm_at_least_1']}/{n}" if "x_int_mm" in r else "—"
+            lines.append(f"| {shape} | {name} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-{r['max_ms']:.1f}] | {ratio} | "
+                         f"{hits} | {r['x_bf16']:.2f} |")
+    d = [run["decode"]["x_bf16"] for run in result["per_process"]]
+    lines += ["", f"Decode {result['per_process'][0]['decode']['shape']}: pqk W4A4 × bf16 median {statistics.median(d):.2f} "
+              f"[{min(d):.2f}-{max(d):.2f}] over the processes."]
+    return "\n".join(lines)
+
+
+def run_processes(args, argv: list[str]) -> int:
+    """--processes P: this script P times as fresh processes, one after another; the aggregate of their JSON."""
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.processes):
+            path = os.path.join(d, f"p{i}.json")
+            child = [sys.executable, os.path.abspath(__file__), *argv, "--processes", "1", "--json", path]
+            subprocess.run(child, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                runs.append(json.load(f))
+            print(f"process {i + 1}/{args.processes} done", flush=True)
+    result = {"machine": runs[0]["machine"], "repeats": args.repeats, "across": across_processes(runs),
+              "per_process": runs}
+    md = markdown_across(result) + "\n\nThe first process:\n\n" + markdown(runs[0])
+    print(md)
+    write_outputs(args.json, result, md)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -169,7 +239,19 @@ def main(argv=None) -> int:
     p.add_argument("--int-mm", choices=("auto", "on", "off"), default="auto",
                    help="time raw torch._int_mm (auto: where the CPU has VNNI; without it oneDNN's int8 GEMM takes "
                         "seconds to minutes per call)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole measurement in this many fresh processes, one after another, and report "
+                        "the spread across them (oneDNN's speed is drawn per process)")
     args = p.parse_args(argv)
+    if args.processes < 1:
+        p.error(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1:
+        child_argv = list(sys.argv[1:] if argv is None else argv)
+        for flag in ("--processes", "--json"):   # the children get their own
+            while flag in child_argv:
+                i = child_argv.index(flag)
+                del child_argv[i:i + 2]
+        return run_processes(args, child_argv)
     torch.set_num_threads(args.threads)
     if not _extension.cpu_available():
         print("the C++ extension is not built")

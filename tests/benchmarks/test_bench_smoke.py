@@ -196,6 +196,31 @@ def test_cpu_peak_quick(tmp_path, int_mm):
     assert ("not timed" in md) == (int_mm == "off")
 
 
+def test_cpu_peak_across_processes(tmp_path):
+    """--processes 2: two fresh child processes; per shape and method the median of their medians lies within their
+    lowest and highest, the per-process ratio against `_int_mm` is each child's own, counted against 1.0."""
+    peak = _load("cpu_peak")
+    out = tmp_path / "p.json"
+    assert peak.main(["--quick", "--repeats", "1", "--threads", "1", "--peak-seconds", "0.01", "--int-mm", "on",
+                      "--processes", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    runs = data["per_process"]
+    assert len(runs) == 2
+    for i, (shape, rows) in enumerate(data["across"].items()):
+        assert shape == runs[0]["shapes"][i]["shape"] == runs[1]["shapes"][i]["shape"]
+        assert set(rows) == set(runs[0]["shapes"][i]["rows"])
+        for name, r in rows.items():
+            own = sorted(run["shapes"][i]["rows"][name]["median_ms"] for run in runs)
+            assert (r["min_ms"], r["max_ms"]) == (own[0], own[1])
+            assert r["median_ms"] == pytest.approx((own[0] + own[1]) / 2)
+            ratios = [run["shapes"][i]["rows"][name]["x_int_mm"] for run in runs]
+            assert r["x_int_mm_at_least_1"] == sum(x >= 1.0 for x in ratios)
+            assert r["x_int_mm_min"] == min(ratios) and r["x_int_mm_max"] == max(ratios)
+    assert "Across 2 processes" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        peak.main(["--quick", "--processes", "0"])
+
+
 def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     """profile_decode.py on tiny-llama (2 layers): per step one pqk::decode_layer call per layer + the W8A8 lm_head;
     with --no-decode-layer-op --no-graph-pass the 7 GEMVs of a layer in 7 calls + the lm_head and one decode attention
