@@ -87,10 +87,11 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     # block-wise fine-tuning (calibration/finetune.py), from the training-free rows above
     ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales", dict(w_bits=4, a_bits=4, kv_bits=4, finetune=True,
                                                                 finetune_weights=False)),
+    # rows 19, 20, 30, 31: the weights' learning rate before its default for 4-bit weights became 5e-4 (rows 32-35)
     ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=4, kv_bits=4,
-                                                                            finetune=True)),
+                                                                            finetune=True, finetune_weight_lr=5e-5)),
     ("W4A8KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=8, kv_bits=4,
-                                                                            finetune=True)),
+                                                                            finetune=True, finetune_weight_lr=5e-5)),
     ("W8A8KV8 static + prefix + fine-tuned scales and weights", dict(w_bits=8, a_bits=8, kv_bits=8, finetune=True)),
     # keys not centered (QuantConfig(k_center=False); the default centers them for the static KV4 rows above)
     ("W4A8KV4 static + prefix (GPTQ), keys not centered", dict(w_bits=4, a_bits=8, kv_bits=4, k_center=False)),
@@ -105,9 +106,20 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     # more calibration data (default 16 x 256 tokens) for GPTQ, the scale searches and the fine-tuning (issue 19)
     ("W4A4KV4 static + prefix (GPTQ), 64 calibration samples", dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64)),
     ("W4A4KV4 static + prefix (GPTQ), 64 samples + fine-tuned scales and weights, 3 epochs",
-     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64, finetune=True, finetune_epochs=3)),
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64, finetune=True, finetune_epochs=3, finetune_weight_lr=5e-5)),
     ("W4A4KV4 static + prefix (GPTQ), 128 samples + fine-tuned scales and weights, 2 epochs",
-     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=128, finetune=True, finetune_epochs=2)),
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=128, finetune=True, finetune_epochs=2, finetune_weight_lr=5e-5)),
+    # the weights' learning rate (QuantConfig.finetune_weight_lr; row 30 is the same at 5e-5)
+    ("W4A4KV4 static + prefix (GPTQ), 64 samples + fine-tuned scales and weights, 3 epochs, weight lr 2e-4",
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64, finetune=True, finetune_epochs=3, finetune_weight_lr=2e-4)),
+    ("W4A4KV4 static + prefix (GPTQ), 64 samples + fine-tuned scales and weights, 3 epochs, weight lr 5e-4 (default)",
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64, finetune=True, finetune_epochs=3)),
+    ("W4A4KV4 static + prefix (GPTQ), 64 samples + fine-tuned scales and weights, 3 epochs, weight lr 1e-3",
+     dict(w_bits=4, a_bits=4, kv_bits=4, calib_samples=64, finetune=True, finetune_epochs=3, finetune_weight_lr=1e-3)),
+    ("W4A8KV4 static + prefix (GPTQ) + fine-tuned scales and weights, weight lr 5e-4 (default)",
+     dict(w_bits=4, a_bits=8, kv_bits=4, finetune=True)),
+    ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales and weights, weight lr 5e-4 (default)",
+     dict(w_bits=4, a_bits=4, kv_bits=4, finetune=True)),
 ]
 
 

@@ -191,7 +191,7 @@ def finetune_blocks(model, spec: ArchSpec, cfg, samples: torch.Tensor, prefix_kv
             scale_params = [a.alpha for a in acts.values()] + [m.beta for m in fq.values()]
             groups = [{"params": scale_params, "lr": cfg.finetune_lr}]
             if cfg.finetune_weights:
-                groups.append({"params": [m.weight for m in fq.values()], "lr": cfg.finetune_weight_lr})
+                groups.append({"params": [m.weight for m in fq.values()], "lr": cfg.resolved_finetune_weight_lr})
             opt = torch.optim.Adam(groups)
             steps = cfg.finetune_epochs * s
             base_lrs = [g["lr"] for g in opt.param_groups]

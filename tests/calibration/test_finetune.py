@@ -130,6 +130,24 @@ def test_bad_finetune_config(kw, match):
         pqk.QuantConfig(**kw)
 
 
+@pytest.mark.parametrize("w_bits, given, used", [(4, None, 5e-4), (8, None, 5e-5), (4, 1e-4, 1e-4)])
+def test_weight_learning_rate_by_weight_bits(monkeypatch, w_bits, given, used):
+    """finetune_weight_lr None (the default) is 5e-4 for 4-bit weights and 5e-5 for 8-bit (docs/ACCURACY.md, the
+    weights' learning rate); a given value is used as is. Read from the optimizer each block builds."""
+    seen = []
+
+    class Recording(torch.optim.Adam):
+        def __init__(self, groups, *a, **k):
+            seen.append([g["lr"] for g in groups])
+            super().__init__(groups, *a, **k)
+
+    monkeypatch.setattr(ft.torch.optim, "Adam", Recording)
+    cfg = pqk.QuantConfig(**{**SMALL, "w_bits": w_bits}, finetune=True, finetune_epochs=1, finetune_weight_lr=given)
+    assert cfg.resolved_finetune_weight_lr == used
+    pqk.quantize_model(tiny_model("llama"), StubTokenizer(), text(), cfg, progress=False)
+    assert seen and all(lrs == [cfg.finetune_lr, used] for lrs in seen), seen
+
+
 def test_config_round_trip_and_name():
     cfg = pqk.QuantConfig(finetune=True, finetune_weights=False, finetune_epochs=3)
     assert pqk.QuantConfig.from_dict(cfg.to_dict()) == cfg
