@@ -27,8 +27,8 @@ its AVX512-BF16/AMX kernels too, so take bf16 from a run without the cap).
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -245,13 +245,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.processes < 1:
         p.error(f"--processes must be >= 1, got {args.processes}")
-    if args.processes > 1:
-        child_argv = list(sys.argv[1:] if argv is None else argv)
-        for flag in ("--processes", "--json"):   # the children get their own
-            while flag in child_argv:
-                i = child_argv.index(flag)
-                del child_argv[i:i + 2]
-        return run_processes(args, child_argv)
+    if args.processes > 1:   # the children's own --processes 1 / --json come last, so argparse takes them
+        return run_processes(args, list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
     if not _extension.cpu_available():
         print("the C++ extension is not built")

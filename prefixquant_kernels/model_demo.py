@@ -87,7 +87,7 @@ TABLE_ROWS = [  # (label, QuantConfig kwargs[, evaluation context]); None = the 
     # block-wise fine-tuning (calibration/finetune.py), from the training-free rows above
     ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales", dict(w_bits=4, a_bits=4, kv_bits=4, finetune=True,
                                                                 finetune_weights=False)),
-    # rows 19, 20, 30, 31: the weights' learning rate before its default for 4-bit weights became 5e-4 (rows 32-35)
+    # rows 19, 20, 30, 31: the weights' learning rate before its default for 4-bit weights became 5e-4 (rows 32-36)
     ("W4A4KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=4, kv_bits=4,
                                                                             finetune=True, finetune_weight_lr=5e-5)),
     ("W4A8KV4 static + prefix (GPTQ) + fine-tuned scales and weights", dict(w_bits=4, a_bits=8, kv_bits=4,
