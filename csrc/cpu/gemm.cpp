@@ -88,8 +88,10 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
 // the A panel and each unpacks only its own W. The blocks are as large as the caches allow (docs/PERF.md step 19):
 // on zmm one K block holds up to 16384 k (the unpacked micro panel, 48 x K bytes, streams from L2; no int32 partial
 // sums go back and forth through c), and one M-block up to 2048 rows (W unpacked once per 2048 rows): pk.kc, pk.rows.
+// Where all of W, unpacked, is small (a GQA k / v projection) the threads split M instead: gemm_prefill_msplit.
 constexpr int64_t kPrefillMinM = 64;
 constexpr int64_t kPfUnit = 16;                   // columns: the grain of the threads' N split (one zmm of int32)
+constexpr int64_t kMSplitWBytes = 8 << 20;        // all of W unpacked, at most, for the M split (a quarter of a 32 MB L3)
 
 // n split into the fewest blocks of at most `cap` (>= 1), of equal size rounded up to `mult`: K = 14336 with
 // cap 16384 is one block, M = 2100 with cap 2048 two of 1056 rows (not 2048 + 52, which unpacks W twice for 52 rows).
@@ -155,6 +157,113 @@ void pack_a_int8_portable(const int8_t* q, int64_t K, int64_t kc, int64_t bstrid
   }
 }
 
+// Row m of A -> its panel row (K blocks of kc at dst + b * bstride, each byte a + 128, 0x80 past K); for a float A
+// the fused quantize (the row is read once, straight into the panel). Returns the row's scale, also written to
+// g.a_scale_out. tmp: scratch for a row that must first be made in natural int8 order.
+float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kc, int64_t bstride, uint8_t* dst,
+                       std::vector<int8_t>& tmp) {
+  const PrefillKernels& pk = *ker.prefill;
+  const int64_t K = g.K;
+  const auto pack_a_int8 = pk.pack_a_int8 ? pk.pack_a_int8 : pack_a_int8_portable;
+  float scale = 0.0f;
+  if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
+  if (g.a_source == ASource::kInt8) {
+    pack_a_int8((const int8_t*)g.a + m * K, K, kc, bstride, dst);
+  } else if (g.a_source == ASource::kPacked4) {
+    tmp.resize((size_t)K);
+    unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
+    pack_a_int8(tmp.data(), K, kc, bstride, dst);
+  } else {
+    const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
+    const int qmin = qmin_for_bits(g.a_bits), qmax = qmax_for_bits(g.a_bits);
+    scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
+    if (pk.pack_a_float) {
+      pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc, bstride, dst);
+    } else {
+      tmp.resize((size_t)K);
+      ker.quantize_row(x, g.a_float_type, K, scale, qmin, qmax, tmp.data());
+      pack_a_int8(tmp.data(), K, kc, bstride, dst);
+    }
+  }
+  if (g.a_scale_out) g.a_scale_out[m] = scale;
+  return scale;
+}
+
+// The last K block of one A tile: the kernel with the epilogue straight from its accumulators, or (a table without
+// kernel_out) the kernel into c, then the epilogue.
+inline void prefill_tile_out(const PrefillKernels& pk, const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq,
+                             int mm, int nn, int32_t* c, int64_t ldc, bool accumulate, const PfOut& ep) {
+  if (pk.kernel_out) {
+    pk.kernel_out(a, lda, wp, kq, mm, nn, c, ldc, accumulate, ep);
+  } else {
+    pk.kernel(a, lda, wp, kq, mm, nn, c, ldc, accumulate);
+    pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
+  }
+}
+
+// Threads split M (gemm_prefill below, when all of W, unpacked, is small): W is unpacked once into one buffer all
+// threads share (its micro panels split over the threads), then each thread runs its own rows of A, one L2 slice of
+// at most `sub_rows` at a time, every micro panel over the slice before the next slice. No panel of all M rows goes
+// through memory, and no thread waits for another between slices.
+// A bf16 x with a static scale (and K a multiple of 32) is quantized inside the micro-kernel: while the kernels run
+// over slice s, they build slice s + 1 into a second buffer as their side job (PfSide, kernels_internal.h), on the
+// pipes the kernel leaves idle; what they leave undone is finished right after (PrefillKernels::side). The two
+// slices then share the L2 room of one. Otherwise each slice is built right before its kernels.
+void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, int64_t sub_rows) {
+  const PrefillKernels& pk = *ker.prefill;
+  const int64_t M = g.M, N = g.N, K = g.K;
+  const int64_t w_stride = g.w_bits == 4 ? K / 2 : K;
+  const int mr = pk.mr, nr = pk.nr;
+  // kc: K rounded up to 8 (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills them
+  const int64_t kq = (K + 3) / 4, w_panel = (kc + 3) / 4 * 4 * nr, n_panels = (N + nr - 1) / nr;
+  const bool fuse = pk.side && pk.kernel_out && g.a_source == ASource::kFloat &&
+                    g.a_float_type == FloatType::kBFloat16 && g.a_scale && K % 32 == 0 && kc == K;
+  const int64_t rows_cap = fuse ? std::max<int64_t>(mr, sub_rows / 2 / mr * mr) : sub_rows;
+  int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(n_panels * w_panel));  // shared, the caller's
+  std::vector<int32_t> colsum((size_t)(n_panels * nr), 0);
+  parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p)
+      pk.pack_w(g.w, g.w_bits, w_stride, p * nr, (int)std::min<int64_t>(nr, N - p * nr), 0, K, wbuf + p * w_panel,
+                colsum.data() + p * nr);
+  });
+  parallel_for(0, (M + mr - 1) / mr, 1, [&](int64_t ub, int64_t ue) {
+    const int64_t rb = ub * mr, re = std::min(M, ue * mr);  // this thread's rows [rb, re)
+    const int64_t rows = balanced_block(re - rb, rows_cap, mr);
+    uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)((fuse ? 2 : 1) * rows * kc));
+    int32_t* cbuf = pk.kernel_out ? nullptr : thread_scratch<int32_t>(kScratchC, (size_t)(mr * nr));
+    std::vector<float> rscale((size_t)rows);
+    std::vector<int8_t> tmp;
+    auto build = [&](int64_t r0, int64_t r1, uint8_t* dst) {  // rows [r0, r1) -> dst, the slice's buffer
+      for (int64_t r = r0; r < r1; ++r) rscale[r - r0] = pack_prefill_row(g, ker, r, kc, rows * kc, dst + (r - r0) * kc, tmp);
+    };
+    for (int64_t r0 = rb, sl = 0; r0 < re; r0 += rows, ++sl) {
+      const int64_t r1 = std::min(re, r0 + rows);  // this slice's rows [r0, r1)
+      uint8_t* cur = panel + (fuse ? sl % 2 : 0) * rows * kc;
+      if (!fuse || sl == 0) build(r0, r1, cur);
+      PfSide side = {};
+      const int64_t n1 = std::min(re, r1 + rows);  // the next slice's rows [r1, n1)
+      if (fuse && r1 < re) {
+        side = {(const uint16_t*)g.a + r1 * K, panel + ((sl + 1) % 2) * rows * kc, (n1 - r1) * K / 32, g.a_scale[0],
+                qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
+      }
+      for (int64_t p = 0; p < n_panels; ++p) {
+        const int64_t n0 = p * nr;
+        const int nn = (int)std::min<int64_t>(nr, N - n0);
+        for (int64_t i0 = r0; i0 < r1; i0 += mr) {
+          PfOut ep = {colsum.data() + n0, rscale.data() + (i0 - r0), g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
+                      (char*)g.out + (i0 * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
+          if (side.n32 > 0) ep.side = &side;
+          prefill_tile_out(pk, cur + (i0 - r0) * kc, kc, wbuf + p * w_panel, kq, (int)std::min<int64_t>(mr, r1 - i0),
+                           nn, cbuf, nr, false, ep);
+        }
+      }
+      if (side.n32 > 0) pk.side(side, side.n32);  // what the kernels left of the next slice
+      if (fuse && g.a_scale_out)
+        for (int64_t r = r1; r < n1; ++r) g.a_scale_out[r] = g.a_scale[0];
+    }
+  });
+}
+
 void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const PrefillKernels& pk = *ker.prefill;
   const int64_t M = g.M, N = g.N, K = g.K;
@@ -191,39 +300,23 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   }
   if (const int64_t r = env_int("PQK_PREFILL_SUBROWS", 0)) sub_rows = round_up(r, mr);
   if (const int64_t c = env_int("PQK_PREFILL_CHUNK", 0)) chunk = round_up(c, nr);
+  // Threads split M instead (gemm_prefill_msplit) where the slices exist and all of W, unpacked, is small enough to be
+  // re-read from L3 by every slice of every thread (kMSplitWBytes): 2048 x 4096 -> 1024 (W 4 MB unpacked) went from
+  // 0.96-0.97x to ~1.0x raw _int_mm with it (docs/PERF.md step 24). PQK_PREFILL_SPLIT=m / n (tests, tuning) forces
+  // one (m with one K block only).
+  const char* split = getenv("PQK_PREFILL_SPLIT");
+  const bool small_w = (N + nr - 1) / nr * w_panel <= kMSplitWBytes;
+  if (n_kb == 1 && (split ? split[0] == 'm' : pk.l2_blocks && sub_rows < mb_max && small_w)) {
+    gemm_prefill_msplit(g, ker, kc_max, sub_rows);
+    return;
+  }
   uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(mb_max * kpad));
-  const auto pack_a_int8 = pk.pack_a_int8 ? pk.pack_a_int8 : pack_a_int8_portable;
   std::vector<float> rscale((size_t)mb_max);
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
     const int64_t mb = std::min(mb_max, M - m0);
     parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t m = m0 + r;
-        uint8_t* dst = panel + r * kc_max;
-        float scale = 0.0f;
-        if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
-        if (g.a_source == ASource::kInt8) {
-          pack_a_int8((const int8_t*)g.a + m * K, K, kc_max, bstride, dst);
-        } else if (g.a_source == ASource::kPacked4) {
-          tmp.resize((size_t)K);
-          unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
-          pack_a_int8(tmp.data(), K, kc_max, bstride, dst);
-        } else {  // the fused quantize: the float row is read once, straight into the panel
-          const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
-          const int qmin = qmin_for_bits(g.a_bits), qmax = qmax_for_bits(g.a_bits);
-          scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
-          if (pk.pack_a_float) {
-            pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc_max, bstride, dst);
-          } else {
-            tmp.resize((size_t)K);
-            ker.quantize_row(x, g.a_float_type, K, scale, qmin, qmax, tmp.data());
-            pack_a_int8(tmp.data(), K, kc_max, bstride, dst);
-          }
-        }
-        rscale[r] = scale;
-        if (g.a_scale_out) g.a_scale_out[m] = scale;
-      }
+      for (int64_t r = b; r < e; ++r) rscale[r] = pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + r * kc_max, tmp);
     });
     // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
     // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial
@@ -270,12 +363,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
                 }
                 const PfOut ep = {colsum + p * nr, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                                   (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
-                if (pk.kernel_out) {
-                  pk.kernel_out(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
-                } else {
-                  pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
-                  pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
-                }
+                prefill_tile_out(pk, a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
               }
             }
           }

@@ -31,6 +31,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // ISA's own, reused by every A row of an M-block; A panel rows natural-order uint8 (a + 128). x86_gemm_zmm.h.
 // The epilogue's arguments for PrefillKernels::kernel_out: out[i, j] = float(acc[i, j] - 128 colsum[j]) *
 // (a_scale[i] * w_scale[j]) (+ bias[j]) -> type t, j < nn, row stride ldo.
+struct PfSide;
 struct PfOut {
   const int32_t* colsum;
   const float* a_scale;
@@ -40,6 +41,20 @@ struct PfOut {
   int64_t ldo;
   FloatType t;
   int nn;
+  PfSide* side = nullptr;  // a side job the kernel runs between its k-steps (PrefillKernels::side), or none
+};
+
+// A side job for the prefill micro-kernel (gemm.cpp's M split): a stretch of bf16 x quantized with one static scale
+// into the next A slice, 32 elements at a time. The micro-kernel keeps both multiply pipes busy with vpdpbusd and
+// leaves the others idle; quantizing between its k-steps costs ~6 cycles per 32 elements (the two divisions, on
+// the multiply pipes) against ~16 as a pass of its own (docs/PERF.md step 24). The kernel takes up to one block per
+// kPfSideEvery k-steps and advances x, dst and n32; PrefillKernels::side does the rest.
+struct PfSide {
+  const uint16_t* x;  // bf16 [n32 * 32]: the next elements to quantize, contiguous
+  uint8_t* dst;       // uint8 [n32 * 32]: their panel bytes q + 128 (quantize_value, bit for bit)
+  int64_t n32;        // blocks of 32 elements left
+  float scale;        // the static scale (finite, > 0)
+  int qmin, qmax;
 };
 
 struct PrefillKernels {
@@ -71,6 +86,9 @@ struct PrefillKernels {
   void (*pack_a_float)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
                        int64_t bstride, uint8_t* dst);
   void (*pack_a_int8)(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst);
+  // The side job's own pass: `n32` blocks of `side` quantized now (advancing it as the kernel does). nullptr: this
+  // table's kernel_out runs no side jobs.
+  void (*side)(PfSide& side, int64_t n32);
   // L2 sub-blocks (gemm.cpp, docs/PERF.md step 20): when one micro panel and >= 64 A rows of the whole K fit in
   // 3/4 of L2, each thread unpacks a chunk of its micro panels at once and runs them all over an L2-sized slice of
   // A rows before the next slice, so A is read from L2 rather than streamed from L3 once per micro panel.

@@ -19,6 +19,7 @@ constexpr int kPfNr = 48;   // W columns per micro panel
 // hardware prefetcher keeps up with; 512 (24 KB, in L1) was slower: the int32 partial sums of every tile then went
 // through memory once per 512 k (docs/PERF.md step 19).
 constexpr int64_t kPfKc = 16384;
+constexpr int64_t kPfSideEvery = 16;  // k-steps per block of a side job (PfSide): up to 64 blocks per kernel call at K = 4096
 constexpr int64_t kPfRows = 2048;             // rows per M-block: c (2048 x 48 int32) is touched once per K block
 constexpr int64_t kPfPanelBytes = 16 << 20;  // A panel per M-block (L3): K = 14336 takes 1024-row M-blocks
 
@@ -65,10 +66,56 @@ inline void pf_store16(__m512i c, const PfCols& k, float a_scale, bool bias, voi
   }
 }
 
+// The quantize on zmm lanes: quantize_value (quant_math.h) bit for bit, in three vector steps.
+//   v = x / s                  the division stays a division: x * (1 / s) with the lanes near a half-integer redone
+//                              was slower (bf16 x over a round scale puts many x / s on or next to a half-integer), and
+//                              x * (1 / s) with Markstein's two-FMA correction (exact) no faster once its overflow and
+//                              NaN guards were in (docs/PERF.md steps 19-20)
+//   v = min(hi, max(lo, v))    clamping before rounding is exact (qmin, qmax are integers); vmaxps / vminps return
+//                              their second operand when one is NaN, so a NaN lane stays NaN here ...
+//   q = cvt(v), rounded to nearest-even by the instruction itself (not MXCSR's mode); a NaN lane converts to the
+//                              "integer indefinite" 0x80000000, whose low byte is 0 -- and the bytes are taken by
+//                              truncation (vpmovdb / vpmovdw), so NaN -> 0 with no compare or mask of its own.
+struct PfQuant {
+  __m512 s, lo, hi;
+};
+inline PfQuant pf_quant_consts(float scale, int qmin, int qmax) {
+  return {_mm512_set1_ps(scale), _mm512_set1_ps((float)qmin), _mm512_set1_ps((float)qmax)};
+}
+inline __m512i pf_quant_lanes(__m512 x, const PfQuant& c) {
+  const __m512 v = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, _mm512_div_ps(x, c.s)));
+  return _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// 16 lanes of x -> 16 bytes q + 128 at dst.
+inline void pf_quant16(__m512 x, const PfQuant& c, uint8_t* dst) {
+  _mm_storeu_si128((__m128i*)dst, _mm_xor_si128(_mm512_cvtepi32_epi8(pf_quant_lanes(x, c)), _mm_set1_epi8((char)0x80)));
+}
+
+// 32 bf16 at x -> 32 bytes q + 128 at dst. One 64-byte load holds 16 dwords of two bf16 each: the even element is
+// the dword shifted left by 16, the odd one the dword with its low half cleared (bf16 -> fp32 is exact). The two
+// int32 results meet again as one word per dword (even byte low, odd byte high) and one vpmovdw stores them in order.
+inline void pf_quant32_bf16(const uint16_t* x, const PfQuant& c, uint8_t* dst) {
+  const __m512i u = _mm512_loadu_si512((const void*)x);
+  const __m512i qe = pf_quant_lanes(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), c);
+  const __m512i qo = pf_quant_lanes(_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u))), c);
+  // (qe & 0xFF) | (qo << 8): vpternlogd truth table 0xEC = (a & c) | b
+  const __m512i w = _mm512_ternarylogic_epi32(qe, _mm512_slli_epi32(qo, 8), _mm512_set1_epi32(0xFF), 0xEC);
+  _mm256_storeu_si256((__m256i*)dst, _mm256_xor_si256(_mm512_cvtepi32_epi16(w), _mm256_set1_epi8((char)0x80)));
+}
+
+// PrefillKernels::side: n32 blocks of the side job, now.
+void pf_side(PfSide& side, int64_t n32) {
+  const PfQuant qc = pf_quant_consts(side.scale, side.qmin, side.qmax);
+  for (; n32 > 0 && side.n32 > 0; --n32, --side.n32, side.x += 32, side.dst += 32) pf_quant32_bf16(side.x, qc, side.dst);
+}
+
 // c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq
 // dwords deep). NJ < 3 serves the last micro panel of an N that is not a multiple of 48 (N = 1024: 21 panels and
 // 16 columns), which would otherwise spend a full panel's vpdpbusd on zero columns.
 // ep != nullptr: instead of storing c, write ep's outputs (PrefillKernels::kernel_out).
+// ep->side (PfSide, kernels_internal.h): one block of 32 of the side job after every kPfSideEvery k-steps, until
+// it runs out; the 24 accumulators stay in registers, the quantize's constants are reloaded from memory.
 template <int MR, int NJ>
 void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
                  bool accumulate, const PfOut* ep) {
@@ -78,8 +125,7 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j)
       s[i][j] = accumulate ? _mm512_loadu_si512((const void*)(c + i * ldc + 16 * j)) : _mm512_setzero_si512();
-#pragma GCC unroll 2
-  for (int64_t q = 0; q < kq; ++q) {
+  auto step = [&](int64_t q) __attribute__((always_inline)) {
     __m512i w[NJ];
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j) w[j] = _mm512_load_si512((const void*)(wp + q * 192 + 64 * j));
@@ -91,7 +137,18 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
 #pragma GCC unroll 3
       for (int j = 0; j < NJ; ++j) s[i][j] = _mm512_dpbusd_epi32(s[i][j], ab, w[j]);
     }
+  };
+  int64_t q = 0;
+  if (PfSide* side = ep ? ep->side : nullptr) {
+    const PfQuant qc = pf_quant_consts(side->scale, side->qmin, side->qmax);
+    for (; side->n32 > 0 && q + kPfSideEvery <= kq; --side->n32, side->x += 32, side->dst += 32) {
+#pragma GCC unroll 2
+      for (const int64_t e = q + kPfSideEvery; q < e; ++q) step(q);
+      pf_quant32_bf16(side->x, qc, side->dst);
+    }
   }
+#pragma GCC unroll 2
+  for (; q < kq; ++q) step(q);
   if (ep) {  // the last K block: the epilogue straight from the accumulators, c is not written
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j) {
@@ -143,19 +200,6 @@ void pf_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
 // dst: block b holds k in [b kc, (b + 1) kc) at dst + b * bstride; bytes past K up to a whole block are 0x80 (a = 0).
 
-// 16 quantized lanes -> 16 bytes q + 128, stored at dst: quantize_value (quant_math.h) on 16 lanes. The division
-// stays a division: x * (1 / scale) with the lanes near a half-integer redone was tried and was slower, because
-// bf16 activations over a round scale (0.05) put many x / scale on or next to a half-integer (docs/PERF.md step 19);
-// x * (1 / scale) with Markstein's two-FMA correction (exact, checked exhaustively for bf16 / fp16 x) measured no
-// faster once its overflow and NaN guards were in (step 20).
-inline void pf_quant16(__m512 x, __m512 s, __m512 lo, __m512 hi, uint8_t* dst) {
-  __m512 v = _mm512_div_ps(x, s);
-  v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
-  v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);  // clamping before rounding is exact: qmin, qmax are integers
-  const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  _mm_storeu_si128((__m128i*)dst, _mm_xor_si128(_mm512_cvtepi32_epi8(q), _mm_set1_epi8((char)0x80)));
-}
-
 // 16 elements of x (type t) from x[k] as fp32 (exact widening); lanes past `cnt` read nothing and are 0
 inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
   if (t == FloatType::kBFloat16)
@@ -167,16 +211,17 @@ inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
 // x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
 void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
                      int64_t bstride, uint8_t* dst) {
-  const __m512 s = _mm512_set1_ps(scale);
-  const __m512 lo = _mm512_set1_ps((float)qmin), hi = _mm512_set1_ps((float)qmax);
+  const PfQuant qc = pf_quant_consts(scale, qmin, qmax);
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
     uint8_t* d = dst + b * bstride;
     const int64_t n = std::min(kc, K - k0);
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), s, lo, hi, d + k);
+    if (t == FloatType::kBFloat16)
+      for (; k + 32 <= n; k += 32) pf_quant32_bf16((const uint16_t*)x + k0 + k, qc, d + k);
+    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), qc, d + k);
     if (k < n) {  // the row's last < 16 elements: quantized into a scratch, then copied
       alignas(16) uint8_t tail[16];
-      pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), s, lo, hi, tail);
+      pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), qc, tail);
       memcpy(d + k, tail, (size_t)(n - k));
       k = n;
     }

@@ -17,23 +17,30 @@ from ..conftest import KERNEL_BACKENDS, rand_int
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu:")]
 # (M, N, K): M >= 64 (the prefill path); N, K off every tile / block size
 SHAPES = [(64, 48, 8), (64, 1, 2), (67, 101, 1030), (130, 200, 522), (72, 49, 4098), (65, 97, 1542)]
-# (PQK_PREFILL_KC, PQK_PREFILL_ROWS, PQK_PREFILL_SUBROWS, PQK_PREFILL_CHUNK): defaults, then blocks small enough
-# that every shape crosses several; the last three force L2 sub-blocks (slices of rows run over a chunk of micro
-# panels unpacked at once), with one and with many K blocks
-BLOCKS = [(None, None, None, None), ("8", "9", None, None), ("24", None, None, None), ("64", "16", None, None),
-          ("520", "64", None, None), (None, None, "16", "96"), ("24", "64", "8", "48"), ("64", None, "24", "144")]
+# (PQK_PREFILL_KC, PQK_PREFILL_ROWS, PQK_PREFILL_SUBROWS, PQK_PREFILL_CHUNK, PQK_PREFILL_SPLIT): defaults, then
+# blocks small enough that every shape crosses several; then L2 sub-blocks (slices of rows run over a chunk of micro
+# panels unpacked at once) with the threads splitting N, with one and with many K blocks; then the threads splitting
+# M (W unpacked once for all, each thread's rows slice by slice; a bf16 x with a static scale builds the next slice
+# inside the micro-kernel), and M asked for with many K blocks (it falls back to the N split).
+BLOCKS = [(None, None, None, None, None), ("8", "9", None, None, None), ("24", None, None, None, None),
+          ("64", "16", None, None, None), ("520", "64", None, None, None), (None, None, "16", "96", "n"),
+          ("24", "64", "8", "48", "n"), ("64", None, "24", "144", "n"), (None, None, "16", None, "m"),
+          (None, None, "40", None, "m"), ("24", None, "16", None, "m")]
 BITS = [(4, 4), (8, 4), (4, 8), (8, 8)]  # (a_bits, w_bits)
+ENV = ("PQK_PREFILL_KC", "PQK_PREFILL_ROWS", "PQK_PREFILL_SUBROWS", "PQK_PREFILL_CHUNK", "PQK_PREFILL_SPLIT")
 
 
-@pytest.fixture(params=BLOCKS, ids=lambda b: f"kc{b[0]}-rows{b[1]}-sub{b[2]}-chunk{b[3]}")
-def blocks(request, monkeypatch):
-    kc, rows, sub, chunk = request.param
-    for name, v in (("PQK_PREFILL_KC", kc), ("PQK_PREFILL_ROWS", rows), ("PQK_PREFILL_SUBROWS", sub),
-                    ("PQK_PREFILL_CHUNK", chunk)):
+def _set_env(monkeypatch, values):
+    for name, v in zip(ENV, values):
         if v is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, v)
+
+
+@pytest.fixture(params=BLOCKS, ids=lambda b: f"kc{b[0]}-rows{b[1]}-sub{b[2]}-chunk{b[3]}-split{b[4]}")
+def blocks(request, monkeypatch):
+    _set_env(monkeypatch, request.param)
     return request.param
 
 
@@ -156,11 +163,17 @@ EDGE_SCALES = (_EDGE + [float(torch.tensor(s).nextafter(torch.tensor(t))) for s,
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("scale", EDGE_SCALES, ids=lambda s: f"{s:.9g}")
-def test_prefill_quantize_every_16bit_value(backend, dtype, scale, gen):
+@pytest.mark.parametrize("path", ["panel", "side"])
+def test_prefill_quantize_every_16bit_value(backend, dtype, scale, path, gen, monkeypatch):
     """Every bf16 / fp16 bit pattern (NaN, infinities and subnormals included; 65536 fp32 patterns drawn at random
     for fp32) quantized by the prefill panel with scales from the ordinary to the extreme: bit-exact with the
     reference's division. W is the identity and a_scale * w_scale a power of two near 1, so one quantized value
-    off by one shows in the output. Planted bug (pf_quant16 without its NaN -> 0): fails."""
+    off by one shows in the output. "side": the M split with 8-row slices, so a bf16 x is quantized by the
+    micro-kernel's side job (and the rest of it by PrefillKernels::side) for all but the first slice of each thread.
+    Planted bugs: pf_quant16 without its NaN -> 0 fails; pf_quant32_bf16's bytes without their + 128, 72 failures
+    (with test_prefill_m_split)."""
+    if path == "side":
+        _set_env(monkeypatch, (None, None, "16", None, "m"))
     if dtype == torch.float32:
         x = torch.randint(-2 ** 31, 2 ** 31, (65536,), dtype=torch.int64, generator=gen).to(torch.int32).view(torch.float32)
     else:
@@ -176,3 +189,34 @@ def test_prefill_quantize_every_16bit_value(backend, dtype, scale, gen):
         got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, None, backend=backend)
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(got.view(bits), want.view(bits)), a_bits
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,static,K", [(torch.bfloat16, True, 64), (torch.bfloat16, True, 256),
+                                            (torch.bfloat16, True, 1056), (torch.bfloat16, True, 80),
+                                            (torch.bfloat16, False, 256), (torch.float16, True, 256),
+                                            (torch.float32, True, 96)])
+@pytest.mark.parametrize("sub", ["16", "24", None])
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_prefill_m_split(backend, dtype, static, K, sub, a_bits, gen, monkeypatch):
+    """The M split (gemm.cpp gemm_prefill_msplit) against the reference, NaN / infinities / huge values in rows of
+    every slice: a bf16 x with a static scale and K % 32 == 0 builds each next slice inside the micro-kernel (K = 64
+    with 17 micro panels: the kernels finish it; K = 256 / 1056: PrefillKernels::side finishes what they leave);
+    K = 80, per-token scales, fp16 and fp32 build every slice before its kernels. M = 203 leaves the threads ranges
+    and slices that are not multiples of 8 rows. Planted bugs: the side job writing the slice it reads (not the next one), and the next slice's job one
+    row short: 33 failures each (with the "side" case of the every-16-bit test)."""
+    _set_env(monkeypatch, (None, None, sub, None, "m"))
+    M, N = 203, 800 if K == 64 else 101
+    x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -0.0]).to(dtype)
+    rows = torch.randint(0, M, (40,), generator=gen)
+    cols = torch.randint(0, K, (40,), generator=gen)
+    x[rows, cols] = special[torch.arange(40) % special.numel()]
+    wq = rand_int((N, K), 4, gen)
+    w, w_scale = fmt.pack_int4(wq), torch.rand(N, generator=gen) + 0.01
+    b = torch.randn(N, generator=gen)
+    a_scale = torch.tensor(0.05) if static else None
+    want = reference.quant_linear(x, w, w_scale, a_scale, a_bits, b)
+    got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, b, backend=backend)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))
