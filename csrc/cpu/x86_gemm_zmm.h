@@ -115,7 +115,8 @@ void pf_side(PfSide& side, int64_t n32) {
 // 16 columns), which would otherwise spend a full panel's vpdpbusd on zero columns.
 // ep != nullptr: instead of storing c, write ep's outputs (PrefillKernels::kernel_out).
 // ep->side (PfSide, kernels_internal.h): one block of 32 of the side job after every kPfSideEvery k-steps, until
-// it runs out; the 24 accumulators stay in registers, the quantize's constants are reloaded from memory.
+// it runs out; the 24 accumulators stay in registers (the quantize gets the registers left, its other constants
+// come from the stack: checked in the disassembly).
 template <int MR, int NJ>
 void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
                  bool accumulate, const PfOut* ep) {
