@@ -45,7 +45,9 @@ def test_kernels_under_asan_ubsan(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sanitizer runtime checked on Linux only")
 def test_kernels_under_asan_ubsan_native(tmp_path):
     """Native build (no emulation): the AVX-512 code itself — the zmm W4 tile and the prefill GEMM (x86_gemm_zmm.h:
-    gathers, masked loads and stores, the K-blocked A panel) — under ASan/UBSan, where this CPU has AVX512-VNNI."""
+    gathers, masked loads and stores, the K-blocked A panel, the M split's two slice buffers and the side job that
+    fills the next one) — under ASan/UBSan, where this CPU has AVX512-VNNI. Planted: the side job writing the slice
+    it reads, 8 failures; its job one block too long, a heap-buffer-overflow."""
     from prefixquant_kernels import _extension
     if not (_extension.cpu_available() and _extension._C.cpu_isa_supported(3)):
         pytest.skip("needs a CPU with AVX512-VNNI")

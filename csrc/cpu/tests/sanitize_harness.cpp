@@ -48,7 +48,8 @@ static int8_t rand_q(int bits) {
   return (int8_t)d(rng);
 }
 
-static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, ASource src, Isa isa) {
+// bf16: a float A given as bf16 (the values 0.5 q are exact in bf16), the prefill GEMM's 32-wide quantize and side job
+static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, ASource src, Isa isa, bool bf16 = false) {
   // exact operands
   std::vector<int8_t> aq(M * K), wq(N * K);
   for (auto& v : aq) v = rand_q(a_bits);
@@ -58,6 +59,8 @@ static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, A
   for (int64_t i = 0; i < N * K / 2; ++i) wp[i] = pack_nibbles(wq[2 * i], wq[2 * i + 1]);
   std::vector<float> af(M * K);  // float A whose static quantization (scale 0.5) gives back aq exactly
   for (int64_t i = 0; i < M * K; ++i) af[i] = 0.5f * aq[i];
+  std::vector<uint16_t> ab(M * K);  // the same as bf16: the upper half of each float
+  for (int64_t i = 0; i < M * K; ++i) { uint32_t u; memcpy(&u, &af[i], 4); ab[i] = (uint16_t)(u >> 16); }
   std::vector<float> ws(N), bias(N);
   for (int64_t n = 0; n < N; ++n) { ws[n] = 1.0f; bias[n] = (float)(n % 7) - 3.0f; }
   const float a_scale = src == ASource::kFloat ? 0.5f : 1.0f;
@@ -65,7 +68,9 @@ static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, A
   GemmArgs g;
   g.M = M; g.N = N; g.K = K;
   g.a_source = src;
-  g.a = src == ASource::kPacked4 ? (const void*)ap.data() : src == ASource::kInt8 ? (const void*)aq.data() : (const void*)af.data();
+  g.a = src == ASource::kPacked4 ? (const void*)ap.data() : src == ASource::kInt8 ? (const void*)aq.data()
+      : bf16 ? (const void*)ab.data() : (const void*)af.data();
+  if (bf16) g.a_float_type = FloatType::kBFloat16;
   g.a_bits = a_bits;
   g.a_scale = &a_scale;
   g.w = w_bits == 4 ? (const void*)wp.data() : (const void*)wq.data();
@@ -86,7 +91,7 @@ static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, A
       if (out[m * N + n] != want) { ok = false; break; }
     }
   char what[64];
-  snprintf(what, sizeof what, "gemm W%dA%d src=%d", w_bits, a_bits, (int)src);
+  snprintf(what, sizeof what, "gemm W%dA%d src=%d%s", w_bits, a_bits, (int)src, bf16 ? " bf16" : "");
   check(ok, what, M, N, K, isa_name(isa));
 }
 
@@ -331,6 +336,20 @@ int main(int argc, char** argv) {
       test_quantize(s[0], s[2], 4, isa);
       test_quantize(s[0], s[2] + 1, 8, isa);
     }
+    // The prefill GEMM's M split with 8-row slices (PQK_PREFILL_SPLIT / _SUBROWS, read per call): each thread's
+    // slices in turn, and for a bf16 A with K % 32 == 0 each next slice quantized by the micro-kernels' side job
+    // into the second of two slice buffers (x86_gemm_zmm.h PfSide), the rest by PrefillKernels::side.
+    setenv("PQK_PREFILL_SPLIT", "m", 1);
+    setenv("PQK_PREFILL_SUBROWS", "16", 1);
+    const int64_t msplit_shapes[][3] = {{203, 800, 64}, {130, 60, 256}, {67, 101, 1030}};
+    for (auto& s : msplit_shapes)
+      for (int w_bits : {4, 8})
+        for (int a_bits : {4, 8}) {
+          test_gemm(s[0], s[1], s[2], a_bits, w_bits, ASource::kFloat, isa, true);
+          test_gemm(s[0], s[1], s[2], a_bits, w_bits, ASource::kFloat, isa);
+        }
+    unsetenv("PQK_PREFILL_SPLIT");
+    unsetenv("PQK_PREFILL_SUBROWS");
     test_kv_dequant(2, 3, 3, 37, 64, 1, isa);
     test_kv_dequant(1, 2, 0, 5, 128, 1, isa);
     test_kv_dequant(2, 2, 4, 9, 34, 2, isa);
