@@ -91,7 +91,7 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
 // Where all of W, unpacked, is small (a GQA k / v projection) the threads split M instead: gemm_prefill_msplit.
 constexpr int64_t kPrefillMinM = 64;
 constexpr int64_t kPfUnit = 16;                   // columns: the grain of the threads' N split (one zmm of int32)
-constexpr int64_t kMSplitWBytes = 8 << 20;        // all of W unpacked, at most, for the M split (a quarter of a 32 MB L3)
+constexpr int64_t kMSplitWBytes = 8 << 20;        // all of W unpacked, at most, for the M split (1/4 of a 32 MB L3)
 
 // n split into the fewest blocks of at most `cap` (>= 1), of equal size rounded up to `mult`: K = 14336 with
 // cap 16384 is one block, M = 2100 with cap 2048 two of 1056 rows (not 2048 + 52, which unpacks W twice for 52 rows).
@@ -234,7 +234,8 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
     std::vector<float> rscale((size_t)rows);
     std::vector<int8_t> tmp;
     auto build = [&](int64_t r0, int64_t r1, uint8_t* dst) {  // rows [r0, r1) -> dst, the slice's buffer
-      for (int64_t r = r0; r < r1; ++r) rscale[r - r0] = pack_prefill_row(g, ker, r, kc, rows * kc, dst + (r - r0) * kc, tmp);
+      for (int64_t r = r0; r < r1; ++r)
+        rscale[r - r0] = pack_prefill_row(g, ker, r, kc, rows * kc, dst + (r - r0) * kc, tmp);
     };
     for (int64_t r0 = rb, sl = 0; r0 < re; r0 += rows, ++sl) {
       const int64_t r1 = std::min(re, r0 + rows);  // this slice's rows [r0, r1)
@@ -316,7 +317,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
     const int64_t mb = std::min(mb_max, M - m0);
     parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
-      for (int64_t r = b; r < e; ++r) rscale[r] = pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + r * kc_max, tmp);
+      for (int64_t r = b; r < e; ++r)
+        rscale[r] = pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + r * kc_max, tmp);
     });
     // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
     // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial

@@ -19,7 +19,7 @@ constexpr int kPfNr = 48;   // W columns per micro panel
 // hardware prefetcher keeps up with; 512 (24 KB, in L1) was slower: the int32 partial sums of every tile then went
 // through memory once per 512 k (docs/PERF.md step 19).
 constexpr int64_t kPfKc = 16384;
-constexpr int64_t kPfSideEvery = 16;  // k-steps per block of a side job (PfSide): up to 64 blocks per kernel call at K = 4096
+constexpr int64_t kPfSideEvery = 16;  // k-steps per block of a side job (PfSide): <= 64 blocks per kernel at K = 4096
 constexpr int64_t kPfRows = 2048;             // rows per M-block: c (2048 x 48 int32) is touched once per K block
 constexpr int64_t kPfPanelBytes = 16 << 20;  // A panel per M-block (L3): K = 14336 takes 1024-row M-blocks
 
@@ -107,7 +107,8 @@ inline void pf_quant32_bf16(const uint16_t* x, const PfQuant& c, uint8_t* dst) {
 // PrefillKernels::side: n32 blocks of the side job, now.
 void pf_side(PfSide& side, int64_t n32) {
   const PfQuant qc = pf_quant_consts(side.scale, side.qmin, side.qmax);
-  for (; n32 > 0 && side.n32 > 0; --n32, --side.n32, side.x += 32, side.dst += 32) pf_quant32_bf16(side.x, qc, side.dst);
+  for (; n32 > 0 && side.n32 > 0; --n32, --side.n32, side.x += 32, side.dst += 32)
+    pf_quant32_bf16(side.x, qc, side.dst);
 }
 
 // c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq

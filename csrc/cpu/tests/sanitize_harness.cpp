@@ -49,7 +49,8 @@ static int8_t rand_q(int bits) {
 }
 
 // bf16: a float A given as bf16 (the values 0.5 q are exact in bf16), the prefill GEMM's 32-wide quantize and side job
-static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, ASource src, Isa isa, bool bf16 = false) {
+static void test_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits, ASource src, Isa isa,
+                      bool bf16 = false) {
   // exact operands
   std::vector<int8_t> aq(M * K), wq(N * K);
   for (auto& v : aq) v = rand_q(a_bits);
