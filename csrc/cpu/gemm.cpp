@@ -258,7 +258,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
                            nn, cbuf, nr, false, ep);
         }
       }
-      if (side.n32 > 0) pk.side(side, side.n32);  // what the kernels left of the next slice
+      if (side.n32 > 0) pk.side(side);  // what the kernels left of the next slice
       if (fuse && g.a_scale_out)
         for (int64_t r = r1; r < n1; ++r) g.a_scale_out[r] = g.a_scale[0];
     }

@@ -86,9 +86,9 @@ struct PrefillKernels {
   void (*pack_a_float)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
                        int64_t bstride, uint8_t* dst);
   void (*pack_a_int8)(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst);
-  // The side job's own pass: `n32` blocks of `side` quantized now (advancing it as the kernel does). nullptr: this
-  // table's kernel_out runs no side jobs.
-  void (*side)(PfSide& side, int64_t n32);
+  // The side job's own pass: what is left of `side` quantized now. nullptr: this table's kernel_out runs no side
+  // jobs.
+  void (*side)(PfSide& side);
   // L2 sub-blocks (gemm.cpp, docs/PERF.md step 20): when one micro panel and >= 64 A rows of the whole K fit in
   // 3/4 of L2, each thread unpacks a chunk of its micro panels at once and runs them all over an L2-sized slice of
   // A rows before the next slice, so A is read from L2 rather than streamed from L3 once per micro panel.

@@ -104,11 +104,18 @@ inline void pf_quant32_bf16(const uint16_t* x, const PfQuant& c, uint8_t* dst) {
   _mm256_storeu_si256((__m256i*)dst, _mm256_xor_si256(_mm512_cvtepi32_epi16(w), _mm256_set1_epi8((char)0x80)));
 }
 
-// PrefillKernels::side: n32 blocks of the side job, now.
-void pf_side(PfSide& side, int64_t n32) {
+// One block of the side job, which then points at the next.
+inline void pf_side_block(PfSide& side, const PfQuant& qc) {
+  pf_quant32_bf16(side.x, qc, side.dst);
+  side.x += 32;
+  side.dst += 32;
+  --side.n32;
+}
+
+// PrefillKernels::side: what is left of the side job, now.
+void pf_side(PfSide& side) {
   const PfQuant qc = pf_quant_consts(side.scale, side.qmin, side.qmax);
-  for (; n32 > 0 && side.n32 > 0; --n32, --side.n32, side.x += 32, side.dst += 32)
-    pf_quant32_bf16(side.x, qc, side.dst);
+  while (side.n32 > 0) pf_side_block(side, qc);
 }
 
 // c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq
@@ -143,10 +150,10 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
   int64_t q = 0;
   if (PfSide* side = ep ? ep->side : nullptr) {
     const PfQuant qc = pf_quant_consts(side->scale, side->qmin, side->qmax);
-    for (; side->n32 > 0 && q + kPfSideEvery <= kq; --side->n32, side->x += 32, side->dst += 32) {
+    while (side->n32 > 0 && q + kPfSideEvery <= kq) {
 #pragma GCC unroll 2
       for (const int64_t e = q + kPfSideEvery; q < e; ++q) step(q);
-      pf_quant32_bf16(side->x, qc, side->dst);
+      pf_side_block(*side, qc);
     }
   }
 #pragma GCC unroll 2
