@@ -158,8 +158,8 @@ void pack_a_int8_portable(const int8_t* q, int64_t K, int64_t kc, int64_t bstrid
 }
 
 // Row m of A -> its panel row (K blocks of kc at dst + b * bstride, each byte a + 128, 0x80 past K); for a float A
-// the fused quantize (the row is read once, straight into the panel). Returns the row's scale, also written to
-// g.a_scale_out. tmp: scratch for a row that must first be made in natural int8 order.
+// the fused quantize (the row is read once, straight into the panel). Returns the row's scale. tmp: scratch for a
+// row that must first be made in natural int8 order.
 float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kc, int64_t bstride, uint8_t* dst,
                        std::vector<int8_t>& tmp) {
   const PrefillKernels& pk = *ker.prefill;
@@ -185,7 +185,6 @@ float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int6
       pack_a_int8(tmp.data(), K, kc, bstride, dst);
     }
   }
-  if (g.a_scale_out) g.a_scale_out[m] = scale;
   return scale;
 }
 
@@ -259,8 +258,6 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
         }
       }
       if (side.n32 > 0) pk.side(side);  // what the kernels left of the next slice
-      if (fuse && g.a_scale_out)
-        for (int64_t r = r1; r < n1; ++r) g.a_scale_out[r] = g.a_scale[0];
     }
   });
 }
@@ -439,7 +436,6 @@ void gemm_shared_a(const GemmArgs* gs, int n, Isa isa) {
       rscale[i] = build_panel_row(gs[i], ker, 0, kp, panel.data() + i * kp, tmp.data(), w4);
       rowsum[i] = ker.row_sum(panel.data() + i * kp, kp);
     }
-    if (gs[i].a_scale_out) gs[i].a_scale_out[0] = rscale[src[i]];
     first[i + 1] = first[i] + (gs[i].N + nr - 1) / nr;
   }
   parallel_for(0, first[n], decode_tile_grain(nr, w_stride), [&](int64_t tb, int64_t te) {
@@ -498,7 +494,6 @@ void gemm(const GemmArgs& g, Isa isa) {
         int8_t* dst = panel.data() + r * kp;
         rscale[r] = build_panel_row(g, ker, m0 + r, kp, dst, tmp.data(), w4);
         rowsum[r] = ker.row_sum(dst, kp);
-        if (g.a_scale_out) g.a_scale_out[m0 + r] = rscale[r];
       }
     };
     if (mb == 1) {

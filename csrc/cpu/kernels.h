@@ -95,7 +95,6 @@ struct GemmArgs {
   const float* bias = nullptr;            // fp32 [N] or nullptr
   void* out = nullptr;                    // [M, N] of out_type
   FloatType out_type = FloatType::kFloat32;
-  float* a_scale_out = nullptr;           // optional fp32 [M]: the per-row scales actually used
 };
 void gemm(const GemmArgs& args, Isa isa);
 // n GEMMs over the same float A (the q|k|v or gate|up projections of one input; same M, K, a_bits, w_bits): at
