@@ -188,26 +188,14 @@ float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int6
   return scale;
 }
 
-// The kernels for the micro panels pack_w makes of this GEMM's W: W4 as nibbles where the table has kernels for
-// them (PrefillKernels::kernel_nib; pf_panel_bytes), else bytes.
-struct PfKern {
-  decltype(PrefillKernels::kernel) kernel;
-  decltype(PrefillKernels::kernel_out) kernel_out;
-};
-inline PfKern pf_kern(const PrefillKernels& pk, int w_bits) {
-  if (w_bits == 4 && pk.kernel_nib) return {pk.kernel_nib, pk.kernel_out_nib};
-  return {pk.kernel, pk.kernel_out};
-}
-
 // The last K block of one A tile: the kernel with the epilogue straight from its accumulators, or (a table without
 // kernel_out) the kernel into c, then the epilogue.
-inline void prefill_tile_out(const PrefillKernels& pk, const PfKern& kf, const uint8_t* a, int64_t lda,
-                             const int8_t* wp, int64_t kq, int mm, int nn, int32_t* c, int64_t ldc, bool accumulate,
-                             const PfOut& ep) {
-  if (kf.kernel_out) {
-    kf.kernel_out(a, lda, wp, kq, mm, nn, c, ldc, accumulate, ep);
+inline void prefill_tile_out(const PrefillKernels& pk, const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq,
+                             int mm, int nn, int32_t* c, int64_t ldc, bool accumulate, const PfOut& ep) {
+  if (pk.kernel_out) {
+    pk.kernel_out(a, lda, wp, kq, mm, nn, c, ldc, accumulate, ep);
   } else {
-    kf.kernel(a, lda, wp, kq, mm, nn, c, ldc, accumulate);
+    pk.kernel(a, lda, wp, kq, mm, nn, c, ldc, accumulate);
     pk.epilogue(c, ldc, mm, nn, ep.colsum, ep.a_scale, ep.w_scale, ep.bias, ep.out, ep.ldo, ep.t);
   }
 }
@@ -226,8 +214,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   const int64_t w_stride = g.w_bits == 4 ? K / 2 : K;
   const int mr = pk.mr, nr = pk.nr;
   // kc: K rounded up to 8 (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills them
-  const int64_t kq = (K + 3) / 4, w_panel = pf_panel_bytes(pk, kc, g.w_bits), n_panels = (N + nr - 1) / nr;
-  const PfKern kf = pf_kern(pk, g.w_bits);
+  const int64_t kq = (K + 3) / 4, w_panel = (kc + 3) / 4 * 4 * nr, n_panels = (N + nr - 1) / nr;
   const bool fuse = pk.side && pk.kernel_out && g.a_source == ASource::kFloat &&
                     g.a_float_type == FloatType::kBFloat16 && g.a_scale && K % 32 == 0 && kc == K;
   const int64_t rows_cap = fuse ? std::max<int64_t>(mr, sub_rows / 2 / mr * mr) : sub_rows;
@@ -266,7 +253,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
           PfOut ep = {colsum.data() + n0, rscale.data() + (i0 - r0), g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                       (char*)g.out + (i0 * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
           if (side.n32 > 0) ep.side = &side;
-          prefill_tile_out(pk, kf, cur + (i0 - r0) * kc, kc, wbuf + p * w_panel, kq, (int)std::min<int64_t>(mr, r1 - i0),
+          prefill_tile_out(pk, cur + (i0 - r0) * kc, kc, wbuf + p * w_panel, kq, (int)std::min<int64_t>(mr, r1 - i0),
                            nn, cbuf, nr, false, ep);
         }
       }
@@ -286,6 +273,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const int64_t n_kb = (K + kc_max - 1) / kc_max, kpad = n_kb * kc_max;
   const int64_t rows_cap = std::min<int64_t>(pk.rows, std::max<int64_t>(mr, pk.panel_bytes / kpad / mr * mr));
   const int64_t mb_max = std::min(M, rows_env ? rows_env : balanced_block(M, rows_cap, mr));
+  const int64_t kq_max = (kc_max + 3) / 4;
   const int64_t n_units = (N + kPfUnit - 1) / kPfUnit;
   const int64_t ldc = nr;
 
@@ -299,8 +287,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   // 128-row one (512 KB, in L2) at 96 % (docs/PERF.md step 20). Long K (14336: 672 KB per micro panel) leaves no
   // room: the whole M-block per micro panel, as before. PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (tests, tuning)
   // force the slice rows and chunk columns.
-  const int64_t w_panel = pf_panel_bytes(pk, kc_max, g.w_bits);  // bytes of one unpacked micro panel's K block
-  const PfKern kf = pf_kern(pk, g.w_bits);
+  const int64_t w_panel = kq_max * 4 * nr;  // bytes of one unpacked micro panel's K block
   int64_t sub_rows = mb_max, chunk = nr;
   if (pk.l2_blocks && n_kb == 1) {
     const int64_t fit = l2_cache_bytes() * 3 / 4 / kc_max - nr;
@@ -370,12 +357,12 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
                 int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc : nullptr;
                 const uint8_t* a = panel + kb * bstride + i0 * kc_max;
                 if (!last) {
-                  kf.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
+                  pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
                   continue;
                 }
                 const PfOut ep = {colsum + p * nr, rscale.data() + i0, g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                                   (char*)g.out + ((m0 + i0) * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
-                prefill_tile_out(pk, kf, a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
+                prefill_tile_out(pk, a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0, ep);
               }
             }
           }

@@ -93,20 +93,7 @@ struct PrefillKernels {
   // 3/4 of L2, each thread unpacks a chunk of its micro panels at once and runs them all over an L2-sized slice of
   // A rows before the next slice, so A is read from L2 rather than streamed from L3 once per micro panel.
   bool l2_blocks = false;
-  // kernel and kernel_out over W4 micro panels that pack_w wrote as nibbles (two k-steps per byte, ceil(kq / 2)
-  // pairs: pf_panel_bytes). nullptr: pack_w writes W4 as bytes, like W8, and kernel / kernel_out take both.
-  void (*kernel_nib)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
-                     int64_t ldc, bool accumulate) = nullptr;
-  void (*kernel_out_nib)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn,
-                         const int32_t* c, int64_t ldc, bool accumulate, const PfOut& ep) = nullptr;
 };
-
-// Bytes of one micro panel's K block of kc: ceil(kc / 4) k-steps of nr dwords, or over W4 nibbles
-// (PrefillKernels::kernel_nib) ceil(kc / 8) pairs of them.
-inline int64_t pf_panel_bytes(const PrefillKernels& pk, int64_t kc, int w_bits) {
-  const int64_t kq = (kc + 3) / 4;
-  return (w_bits == 4 && pk.kernel_nib ? (kq + 1) / 2 : kq) * 4 * pk.nr;
-}
 
 // The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel in the layout
 // int8 [kq][nr][4] (dword (q, n) = w[n0 + n, k0 + 4q .. 4q+3]), zero padded past kc, colsum[n] += their sum.

@@ -4,9 +4,8 @@
 //
 // Layouts (kPfNr = 48 output columns per micro panel = 3 zmm of 16 int32 lanes):
 //   A panel  uint8 [rows, kp]: natural k order, each byte a ^ 0x80 = a + 128 (u8, vpdpbusd's unsigned operand)
-//   W panel  int8  [kq][48][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (W8); columns past N and k past
-//            the block's end are 0. W4 keeps two k-steps per byte, as nibbles w + 8 (pf_pack_w): half the bytes
-//            to write per call and to stream to the kernel, decoded in its loop for free
+//   W panel  int8  [kq][48][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (signed, sign-extended nibbles
+//            for W4); columns past N and k past the block's end are 0
 //   vpdpbusd(c, bcast(A[i, 4q..4q+3]), W[q]) adds sum_k (a + 128) * w into c[i, n], so
 //   acc = c - 128 * colsum(w[n, :]): the u8 x s8 sign handling is one per-column correction computed while W is
 //   unpacked (a vpdpbusd of W against ones), applied in the epilogue. All int32 arithmetic is modular and the true
@@ -122,16 +121,11 @@ void pf_side(PfSide& side) {
 // c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq
 // dwords deep). NJ < 3 serves the last micro panel of an N that is not a multiple of 48 (N = 1024: 21 panels and
 // 16 columns), which would otherwise spend a full panel's vpdpbusd on zero columns.
-// NIB: Wp holds W4 as nibbles (pf_pack_w), ceil(kq / 2) pairs of k-steps: each pair's vector j is decoded into
-// k-step 2p's W (low nibbles - 8) and 2p + 1's (high nibbles - 8) on the pipes vpdpbusd leaves idle (and, shift,
-// sub: free, docs/PERF.md step 25), the vector loaded again for the high half (an L1 hit) rather than kept: the 24
-// accumulators, 3 W, the broadcast and 2 constants fill the 32 registers. An odd kq's last pair runs k-step kq too,
-// on zero W and the A row's 0x80 padding (rows hold whole blocks of 8 k).
 // ep != nullptr: instead of storing c, write ep's outputs (PrefillKernels::kernel_out).
 // ep->side (PfSide, kernels_internal.h): one block of 32 of the side job after every kPfSideEvery k-steps, until
 // it runs out; the 24 accumulators stay in registers (the quantize gets the registers left, its other constants
 // come from the stack: checked in the disassembly).
-template <int MR, int NJ, bool NIB>
+template <int MR, int NJ>
 void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
                  bool accumulate, const PfOut* ep) {
   __m512i s[MR][NJ];
@@ -140,7 +134,10 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j)
       s[i][j] = accumulate ? _mm512_loadu_si512((const void*)(c + i * ldc + 16 * j)) : _mm512_setzero_si512();
-  auto madd = [&](const __m512i* w, int64_t q) __attribute__((always_inline)) {  // k-step q of A against w
+  auto step = [&](int64_t q) __attribute__((always_inline)) {
+    __m512i w[NJ];
+#pragma GCC unroll 3
+    for (int j = 0; j < NJ; ++j) w[j] = _mm512_load_si512((const void*)(wp + q * 192 + 64 * j));
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t v;
@@ -150,37 +147,17 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
       for (int j = 0; j < NJ; ++j) s[i][j] = _mm512_dpbusd_epi32(s[i][j], ab, w[j]);
     }
   };
-  const __m512i m0f = _mm512_set1_epi8(0x0F), x8 = _mm512_set1_epi8(8);
-  auto step = [&](int64_t q) __attribute__((always_inline)) {  // k-step q, or with NIB the pair q
-    __m512i w[NJ];
-    if (NIB) {
-#pragma GCC unroll 3
-      for (int j = 0; j < NJ; ++j)
-        w[j] = _mm512_sub_epi8(_mm512_and_si512(_mm512_load_si512((const void*)(wp + q * 192 + 64 * j)), m0f), x8);
-      madd(w, 2 * q);
-#pragma GCC unroll 3
-      for (int j = 0; j < NJ; ++j)
-        w[j] = _mm512_sub_epi8(
-            _mm512_and_si512(_mm512_srli_epi16(_mm512_load_si512((const void*)(wp + q * 192 + 64 * j)), 4), m0f), x8);
-      madd(w, 2 * q + 1);
-    } else {
-#pragma GCC unroll 3
-      for (int j = 0; j < NJ; ++j) w[j] = _mm512_load_si512((const void*)(wp + q * 192 + 64 * j));
-      madd(w, q);
-    }
-  };
-  const int64_t steps = NIB ? (kq + 1) / 2 : kq, every = NIB ? kPfSideEvery / 2 : kPfSideEvery;
   int64_t q = 0;
   if (PfSide* side = ep ? ep->side : nullptr) {
     const PfQuant qc = pf_quant_consts(side->scale, side->qmin, side->qmax);
-    while (side->n32 > 0 && q + every <= steps) {
+    while (side->n32 > 0 && q + kPfSideEvery <= kq) {
 #pragma GCC unroll 2
-      for (const int64_t e = q + every; q < e; ++q) step(q);
+      for (const int64_t e = q + kPfSideEvery; q < e; ++q) step(q);
       pf_side_block(*side, qc);
     }
   }
 #pragma GCC unroll 2
-  for (; q < steps; ++q) step(q);
+  for (; q < kq; ++q) step(q);
   if (ep) {  // the last K block: the epilogue straight from the accumulators, c is not written
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j) {
@@ -197,45 +174,36 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
     for (int j = 0; j < NJ; ++j) _mm512_storeu_si512((void*)(c + i * ldc + 16 * j), s[i][j]);
 }
 
-template <int MR, bool NIB>
+template <int MR>
 void pf_kernel_mr(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int nn, int32_t* c, int64_t ldc,
                   bool accumulate, const PfOut* ep) {
-  if (nn > 32) return pf_kernel_t<MR, 3, NIB>(a, lda, wp, kq, c, ldc, accumulate, ep);
-  if (nn > 16) return pf_kernel_t<MR, 2, NIB>(a, lda, wp, kq, c, ldc, accumulate, ep);
-  return pf_kernel_t<MR, 1, NIB>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  if (nn > 32) return pf_kernel_t<MR, 3>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  if (nn > 16) return pf_kernel_t<MR, 2>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  return pf_kernel_t<MR, 1>(a, lda, wp, kq, c, ldc, accumulate, ep);
 }
 
-template <bool NIB>
 void pf_kernel_ep(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
                   int64_t ldc, bool accumulate, const PfOut* ep) {
   switch (mr) {
-    case 8: return pf_kernel_mr<8, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 7: return pf_kernel_mr<7, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 6: return pf_kernel_mr<6, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 5: return pf_kernel_mr<5, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 4: return pf_kernel_mr<4, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 3: return pf_kernel_mr<3, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 2: return pf_kernel_mr<2, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    default: return pf_kernel_mr<1, NIB>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 8: return pf_kernel_mr<8>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 7: return pf_kernel_mr<7>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 6: return pf_kernel_mr<6>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 5: return pf_kernel_mr<5>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 4: return pf_kernel_mr<4>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 3: return pf_kernel_mr<3>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 2: return pf_kernel_mr<2>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    default: return pf_kernel_mr<1>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
   }
 }
 
-// PrefillKernels::kernel / kernel_out (W8 micro panels) and kernel_nib / kernel_out_nib (W4 nibbles)
 void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
                bool accumulate) {
-  pf_kernel_ep<false>(a, lda, wp, kq, mr, nn, c, ldc, accumulate, nullptr);
+  pf_kernel_ep(a, lda, wp, kq, mr, nn, c, ldc, accumulate, nullptr);
 }
+
 void pf_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
                    int64_t ldc, bool accumulate, const PfOut& ep) {
-  pf_kernel_ep<false>(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);  // c is only read
-}
-void pf_kernel_nib(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
-                   int64_t ldc, bool accumulate) {
-  pf_kernel_ep<true>(a, lda, wp, kq, mr, nn, c, ldc, accumulate, nullptr);
-}
-void pf_kernel_out_nib(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
-                       int64_t ldc, bool accumulate, const PfOut& ep) {
-  pf_kernel_ep<true>(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);
+  pf_kernel_ep(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);  // c is only read
 }
 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
@@ -309,34 +277,8 @@ inline void pf_transpose16(__m512i r[16]) {
   }
 }
 
-// pack_w_tail for W4 micro panels of nibbles: the k-steps q in [q_full, ceil(kc / 4)) (q_full even) of columns
-// 0 .. nn-1 into their pairs' bytes (q even: low nibble, odd: high; w + 8), the pairs' other nibbles and columns
-// w = 0 (8); colsum[c] += their sum.
-inline void pf_pack_w4_tail(const uint8_t* w, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc,
-                            int64_t q_full, int8_t* dst, int32_t* colsum) {
-  const int64_t kq = (kc + 3) / 4;
-  if (q_full >= kq) return;
-  uint8_t* d = (uint8_t*)dst + q_full / 2 * 4 * kPfNr;
-  memset(d, 0x88, (size_t)(((kq + 1) / 2 - q_full / 2) * 4 * kPfNr));
-  for (int c = 0; c < nn; ++c) {
-    int32_t s = 0;
-    for (int64_t k = q_full * 4; k < kc; ++k) {
-      const uint8_t b = w[(n0 + c) * w_stride + (k0 + k) / 2];
-      const int8_t v = ((k0 + k) & 1) ? high_nibble(b) : low_nibble(b);
-      const int64_t q = k / 4;
-      const int sh = 4 * (int)(q & 1);
-      uint8_t& byte = d[(q / 2 - q_full / 2) * 4 * kPfNr + c * 4 + k % 4];
-      byte = (uint8_t)((byte & ~(0xF << sh)) | ((v + 8) << sh));
-      s += v;
-    }
-    colsum[c] += s;
-  }
-}
-
-// One micro panel: W rows n0 .. n0 + nn - 1 (nn <= 48; the rest are zero columns), k in [k0, k0 + kc) -> dst,
-// 64-byte aligned: W8 int8 [ceil(kc / 4)][48][4]; W4 nibbles uint8 [ceil(kc / 8)][48][4], byte (p, n, r) = w[n,
-// 8p + r] + 8 in the low half and w[n, 8p + 4 + r] + 8 in the high (pf_kernel_nib decodes them); colsum[0:48] +=
-// sum over those k of w. k0 % 8 == 0.
+// One micro panel: W rows n0 .. n0 + nn - 1 (nn <= 48; the rest are zero columns), k in [k0, k0 + kc) -> dst
+// int8 [ceil(kc / 4)][48][4] (64-byte aligned), colsum[0:48] += sum over those k of w. k0 % 8 == 0.
 // A group's 16 columns are read 64 bytes of each row at a time and transposed in registers (pf_transpose16): a
 // gather of one dword from each of 16 rows K bytes apart touches the same 16 lines 16 times over, and with K = 4096
 // all 16 lines sit in one L1 set (8 ways). A row's last < 16 dwords still use the gather.
@@ -377,9 +319,8 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
         // per 128-bit lane l: ul dwords = [c4l: k0-3][c4l: k4-7][c4l+1: k0-3][c4l+1: k4-7], uh the same for 4l+2, 4l+3
         const __m512i ul = _mm512_unpacklo_epi8(lo, hi), uh = _mm512_unpackhi_epi8(lo, hi);
         const __m512i o1 = _mm512_permutex2var_epi32(ul, idx1, uh), o2 = _mm512_permutex2var_epi32(ul, idx2, uh);
-        // o1, o2: k-steps 2e and 2e + 1 -> one vector of nibbles w + 8 (pair e: 2e low, 2e + 1 high)
-        _mm512_store_si512((void*)(out + e * 192),
-                           _mm512_or_si512(_mm512_add_epi8(o1, x8), _mm512_slli_epi16(_mm512_add_epi8(o2, x8), 4)));
+        _mm512_store_si512((void*)(out + (2 * e) * 192), o1);
+        _mm512_store_si512((void*)(out + (2 * e + 1) * 192), o2);
         cs = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cs, ones, o1), ones, o2);
       } else {
         _mm512_store_si512((void*)(out + e * 192), d);
@@ -390,8 +331,5 @@ void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, 
                         _mm512_add_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * g)), cs));
   }
   // kc not a multiple of 8 / 4: the dword groups past the vector loop's
-  if (w_bits == 4)
-    pf_pack_w4_tail((const uint8_t*)w, w_stride, n0, nn, k0, kc, 2 * n_dw, dst, colsum);
-  else
-    pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, n_dw, kPfNr, dst, colsum);
+  pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, w_bits == 4 ? 2 * n_dw : n_dw, kPfNr, dst, colsum);
 }
