@@ -198,7 +198,8 @@ def test_cpu_peak_quick(tmp_path, int_mm):
 
 def test_cpu_peak_across_processes(tmp_path):
     """--processes 2: two fresh child processes; per shape and method the median of their medians lies within their
-    lowest and highest, the per-process ratio against `_int_mm` is each child's own, counted against 1.0."""
+    lowest and highest, the per-process ratio against `_int_mm` is each child's own, counted against 1.0, and the
+    fastest process is set against `_int_mm`'s fastest."""
     peak = _load("cpu_peak")
     out = tmp_path / "p.json"
     assert peak.main(["--quick", "--repeats", "1", "--threads", "1", "--peak-seconds", "0.01", "--int-mm", "on",
@@ -216,6 +217,8 @@ def test_cpu_peak_across_processes(tmp_path):
             ratios = [run["shapes"][i]["rows"][name]["x_int_mm"] for run in runs]
             assert r["x_int_mm_at_least_1"] == sum(x >= 1.0 for x in ratios)
             assert r["x_int_mm_min"] == min(ratios) and r["x_int_mm_max"] == max(ratios)
+            fastest = min(run["shapes"][i]["rows"]["torch._int_mm (raw)"]["median_ms"] for run in runs)
+            assert r["x_fastest_int_mm"] == pytest.approx(fastest / own[0])
     assert "Across 2 processes" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         peak.main(["--quick", "--processes", "0"])
