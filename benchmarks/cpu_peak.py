@@ -44,6 +44,7 @@ from prefixquant_kernels import _extension  # noqa: E402
 from prefixquant_kernels.nn import QuantLinear  # noqa: E402
 
 ISAS = {"avx512vnni": 3, "avxvnni": 2, "avx2": 1}
+INT_MM = "torch._int_mm (raw)"  # the row of oneDNN's raw int8 GEMM, the anchor of every "x _int_mm"
 SHAPES = [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096), (2048, 4096, 1024)]
 
 
@@ -70,7 +71,7 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
     mods = {f"pqk W{w}A{a}": QuantLinear.from_float(lin, w, a, act_scale=0.05) for w, a in ((4, 4), (4, 8), (8, 8))}
     fns = {name: (lambda mod=mod: mod(x)) for name, mod in mods.items()}
     if int_mm:
-        fns["torch._int_mm (raw)"] = lambda: torch._int_mm(qa, qw)
+        fns[INT_MM] = lambda: torch._int_mm(qa, qw)
     fns["torch bf16"] = lambda: x @ wb.T
     fns["torch fp32"] = lambda: x.float() @ wf.T
     wall = {name: [] for name in fns}
@@ -98,7 +99,7 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
         rows[name] = {"median_ms": statistics.median(w_ms), "min_ms": w_ms[0], "max_ms": w_ms[-1],
                       "cpu_median_ms": c_ms, "TOPS": ops / statistics.median(w_ms) / 1e9,
                       "cpu_TOPS": ops / c_ms / 1e9}
-    ref, bf = rows.get("torch._int_mm (raw)"), rows["torch bf16"]
+    ref, bf = rows.get(INT_MM), rows["torch bf16"]
     # the strongest torch path on this machine (bf16 on AVX512-BF16 / AMX, fp32 on AVX2, _int_mm where VNNI exists)
     best = min((name for name in rows if name.startswith("torch")), key=lambda name: rows[name]["median_ms"])
     for row in rows.values():
@@ -178,8 +179,8 @@ def across_processes(runs: list[dict]) -> dict:
     out = {}
     for i, s in enumerate(runs[0]["shapes"]):
         rows = {}
-        anchor = s["rows"].get("torch._int_mm (raw)")
-        fastest = min(run["shapes"][i]["rows"]["torch._int_mm (raw)"]["median_ms"] for run in runs) if anchor else None
+        fastest = (min(run["shapes"][i]["rows"][INT_MM]["median_ms"] for run in runs) if INT_MM in s["rows"]
+                   else None)
         for name in s["rows"]:
             ms = [run["shapes"][i]["rows"][name]["median_ms"] for run in runs]
             row = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
