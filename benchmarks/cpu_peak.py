@@ -3,10 +3,12 @@
     python benchmarks/cpu_peak.py --threads 2 --json bench_out/cpu_peak.json [--repeats 5] [--quick]
 
 Peak: `_C.int8_peak_tops(isa, s)` (csrc/cpu/peak.cpp), a throughput loop of the instruction each ISA's GEMM is built
-on — vpdpbusd zmm (avx512vnni), vpdpbusd ymm (avxvnni), vpmaddubsw ymm (avx2) — on every thread, measured once per
+on — tdpbusd tiles (amx), vpdpbusd zmm (avx512vnni), vpdpbusd ymm (avxvnni), vpmaddubsw ymm (avx2) — on every thread, measured once per
 round between the GEMMs. Per shape (M x K -> N, default the Llama-3-8B prefill shapes at M = 2048) and round, in
 alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), raw
-`torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), torch bf16 `x @ W.T`, torch fp32; plus
+`torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), oneDNN's static W8A8
+`torch.ops.quantized.linear` (x already u8, W prepacked; its AMX kernel where the CPU has AMX, the strongest int8
+path there), torch bf16 `x @ W.T`, torch fp32; with AMX also our W4A4 forced onto the vpdpbusd kernel; plus
 decode 1 x 4096 -> 14336 W4A4 vs bf16. Reported: wall-clock median [min-max], and the same per CPU second
 (process CPU time / threads): on a shared machine a descheduled run shows in the wall time, not in the CPU time;
 ratios against `_int_mm`, bf16 and the best torch path of the shape (the fastest of the torch rows). On a CPU without
@@ -21,9 +23,8 @@ against `_int_mm` as median [min-max] with how many processes reached 1.0, and o
 
     python benchmarks/cpu_peak.py --threads 2 --repeats 5 --processes 7 --json bench_out/cpu_peak.json
 
-Note: oneDNN picks `_int_mm`'s kernel itself; on a CPU with AMX it may use AMX tiles, whose peak is not the
-vpdpbusd one (run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI to compare like with like; torch's bf16 then loses
-its AVX512-BF16/AMX kernels too, so take bf16 from a run without the cap).
+Note: with AMX (Sapphire Rapids and later) the peak is the tdpbusd loop's and our GEMM runs on the tiles;
+`_int_mm` stays on oneDNN's vpdpbusd gemm there while quantized.linear and bf16 `@` use oneDNN's AMX brgemm.
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ from common import machine_info, write_outputs  # noqa: E402
 from prefixquant_kernels import _extension  # noqa: E402
 from prefixquant_kernels.nn import QuantLinear  # noqa: E402
 
-ISAS = {"avx512vnni": 3, "avxvnni": 2, "avx2": 1}
+ISAS = {"amx": 4, "avx512vnni": 3, "avxvnni": 2, "avx2": 1}
 INT_MM = "torch._int_mm (raw)"  # the row of oneDNN's raw int8 GEMM, the anchor of every "x _int_mm"
+# oneDNN's static int8 linear (u8 x s8, W prepacked, per-tensor scales, u8 out): on a CPU with AMX its brgemm kernel
+# runs on the tiles, which `_int_mm` (oneDNN's older gemm API) does not (docs/PERF.md step 26)
+QLINEAR = "torch quantized.linear (oneDNN W8A8)"
 SHAPES = [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096), (2048, 4096, 1024)]
 
 
@@ -62,6 +66,16 @@ def measure_peaks(seconds: float) -> dict:
     return out
 
 
+def onednn_qlinear(x: torch.Tensor, w: torch.Tensor):
+    """torch's static W8A8 linear on oneDNN, x already quantized (as `_int_mm`'s is): None where torch lacks it."""
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "onednn"
+    qx = torch.quantize_per_tensor(x.float(), 0.05, 128, torch.quint8)
+    packed = torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(w.float(), 0.01, 0, torch.qint8), None)
+    return lambda: torch.ops.quantized.linear(qx, packed, 1.0, 128)
+
+
 def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: float, gen, int_mm: bool = True) -> dict:
     lin = torch.nn.Linear(k, n, bias=False)
     x = torch.randn(m, k, generator=gen).bfloat16()
@@ -69,9 +83,14 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
     qa = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
     qw = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
     mods = {f"pqk W{w}A{a}": QuantLinear.from_float(lin, w, a, act_scale=0.05) for w, a in ((4, 4), (4, 8), (8, 8))}
+    if peak_isa == "amx":  # the vpdpbusd prefill beside the AMX one
+        mods["pqk W4A4 [avx512vnni]"] = QuantLinear.from_float(lin, 4, 4, act_scale=0.05, backend="cpu:avx512vnni")
     fns = {name: (lambda mod=mod: mod(x)) for name, mod in mods.items()}
     if int_mm:
         fns[INT_MM] = lambda: torch._int_mm(qa, qw)
+        qlinear = onednn_qlinear(x, lin.weight.detach())
+        if qlinear is not None:
+            fns[QLINEAR] = qlinear
     fns["torch bf16"] = lambda: x @ wb.T
     fns["torch fp32"] = lambda: x.float() @ wf.T
     wall = {name: [] for name in fns}
@@ -269,7 +288,7 @@ def main(argv=None) -> int:
     peaks = measure_peaks(args.peak_seconds)
     peak_isa = next(iter(peaks), None)  # the best ISA this CPU has (ISAS is ordered fastest first)
     gen = torch.Generator().manual_seed(0)
-    int_mm = args.int_mm == "on" or (args.int_mm == "auto" and peak_isa in ("avx512vnni", "avxvnni"))
+    int_mm = args.int_mm == "on" or (args.int_mm == "auto" and peak_isa in ("amx", "avx512vnni", "avxvnni"))
     result = {"machine": machine_info(), "load_before": [round(v, 2) for v in os.getloadavg()],
               "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "peaks": peaks, "int_mm": int_mm,
               "shapes": []}

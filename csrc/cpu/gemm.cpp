@@ -100,7 +100,7 @@ int64_t balanced_block(int64_t n, int64_t cap, int64_t mult) {
   return round_up((n + blocks - 1) / blocks, mult);
 }
 
-// Tests and tuning only: PQK_PREFILL_KC (k per W block, rounded up to 8) and PQK_PREFILL_ROWS (rows per M-block)
+// Tests and tuning only: PQK_PREFILL_KC (k per W block, rounded up to PrefillKernels::k_align) and PQK_PREFILL_ROWS (rows per M-block)
 // replace the defaults, so small shapes cross many block boundaries (tests/ops/test_gemm_blocking.py).
 int64_t env_int(const char* name, int64_t dflt) {
   const char* v = getenv(name);
@@ -213,7 +213,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   const int64_t M = g.M, N = g.N, K = g.K;
   const int64_t w_stride = g.w_bits == 4 ? K / 2 : K;
   const int mr = pk.mr, nr = pk.nr;
-  // kc: K rounded up to 8 (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills them
+  // kc: K rounded up to pk.k_align (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills them
   const int64_t kq = (K + 3) / 4, w_panel = (kc + 3) / 4 * 4 * nr, n_panels = (N + nr - 1) / nr;
   const bool fuse = pk.side && pk.kernel_out && g.a_source == ASource::kFloat &&
                     g.a_float_type == FloatType::kBFloat16 && g.a_scale && K % 32 == 0 && kc == K;
@@ -269,7 +269,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   const int mr = pk.mr, nr = pk.nr;
   // block sizes: the environment's as given (tests), else the fewest blocks the caps allow, evened out
   const int64_t kc_env = env_int("PQK_PREFILL_KC", 0), rows_env = env_int("PQK_PREFILL_ROWS", 0);
-  const int64_t kc_max = kc_env ? std::min(round_up(kc_env, 8), round_up(K, 8)) : balanced_block(K, pk.kc, 8);
+  const int64_t ka = pk.k_align;
+  const int64_t kc_max = kc_env ? std::min(round_up(kc_env, ka), round_up(K, ka)) : balanced_block(K, pk.kc, ka);
   const int64_t n_kb = (K + kc_max - 1) / kc_max, kpad = n_kb * kc_max;
   const int64_t rows_cap = std::min<int64_t>(pk.rows, std::max<int64_t>(mr, pk.panel_bytes / kpad / mr * mr));
   const int64_t mb_max = std::min(M, rows_env ? rows_env : balanced_block(M, rows_cap, mr));

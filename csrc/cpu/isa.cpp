@@ -1,5 +1,5 @@
 // Which instruction-set implementation runs: detected once from cpuid, overridable for tests and
-// benchmarks (the op layer passes an explicit Isa; PQK_CPU_ISA=scalar|avx2|avxvnni|avx512vnni lowers
+// benchmarks (the op layer passes an explicit Isa; PQK_CPU_ISA=scalar|avx2|avxvnni|avx512vnni|amx lowers
 // the default, never above what the CPU supports).
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +37,7 @@ static const IsaKernels* table(Isa isa) {
     case Isa::kAvx2: return cpu_avx2() ? avx2_kernels() : nullptr;
     case Isa::kAvxVnni: return cpu_avxvnni() ? avxvnni_kernels() : nullptr;
     case Isa::kAvx512Vnni: return cpu_avx512vnni() ? avx512vnni_kernels() : nullptr;
+    case Isa::kAmx: return cpu_avx512vnni() ? amx_kernels() : nullptr;  // its own cpuid + OS permission check
     default: return nullptr;
   }
 }
@@ -45,13 +46,13 @@ bool isa_supported(Isa isa) { return table(isa) != nullptr; }
 
 Isa best_isa() {
   static const Isa best = [] {
-    // fastest first: the EVEX copy has 32 vector registers, the VEX one 16
-    Isa cap = Isa::kAvx512Vnni;
+    // fastest first: AMX tiles; then the EVEX copy has 32 vector registers, the VEX one 16
+    Isa cap = Isa::kAmx;
     if (const char* env = getenv("PQK_CPU_ISA")) {
-      for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni})
+      for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAmx})
         if (strcmp(env, isa_name(i)) == 0) cap = i;
     }
-    for (Isa i : {Isa::kAvx512Vnni, Isa::kAvxVnni, Isa::kAvx2})
+    for (Isa i : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvxVnni, Isa::kAvx2})
       if (static_cast<int>(i) <= static_cast<int>(cap) && isa_supported(i)) return i;
     return Isa::kScalar;
   }();
@@ -64,6 +65,7 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvxVnni: return "avxvnni";
     case Isa::kAvx512Vnni: return "avx512vnni";
+    case Isa::kAmx: return "amx";
     case Isa::kAuto: return "auto";
   }
   return "unknown";

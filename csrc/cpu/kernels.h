@@ -17,8 +17,9 @@ namespace cpu {
 // ---- instruction sets -------------------------------------------------------------------------------
 // Each kernel family has a portable C++ version and SIMD versions; `Isa` picks one. kAuto = the best the
 // running CPU supports (checked with cpuid at run time, so one binary runs on any x86-64 or aarch64).
-// kAvxVnni / kAvx512Vnni are the AVX2 kernels with the W4 tile on vpdpbusd (vnni_kernels.cpp).
-enum class Isa : int { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+// kAvxVnni / kAvx512Vnni are the AVX2 kernels with the W4 tile on vpdpbusd (vnni_kernels.cpp); kAmx is kAvx512Vnni
+// with the prefill GEMM on AMX tiles (amx_kernels.cpp).
+enum class Isa : int { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
 Isa best_isa();                 // highest supported by this CPU and this build
 bool isa_supported(Isa isa);    // kScalar is always supported
 const char* isa_name(Isa isa);

@@ -93,6 +93,9 @@ struct PrefillKernels {
   // 3/4 of L2, each thread unpacks a chunk of its micro panels at once and runs them all over an L2-sized slice of
   // A rows before the next slice, so A is read from L2 rather than streamed from L3 once per micro panel.
   bool l2_blocks = false;
+  // K granule of a W block (kc a multiple of it): the A panel rows and W panels hold whole granules, zero-valued past
+  // K. 8 for the vpdpbusd kernels; 64 for AMX, whose tiles take 64 k per step.
+  int64_t k_align = 8;
 };
 
 // The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel in the layout
@@ -168,6 +171,7 @@ const IsaKernels& scalar_kernels();
 const IsaKernels* avx2_kernels();  // nullptr when not built for x86-64
 const IsaKernels* avxvnni_kernels();     // the AVX2 table with a vpdpbusd W4 tile (VEX); nullptr off x86-64
 const IsaKernels* avx512vnni_kernels();  // the same with the EVEX encoding (AVX512-VNNI + VL)
+const IsaKernels* amx_kernels();         // avx512vnni with the prefill GEMM on AMX tiles; nullptr where AMX is unusable
 const IsaKernels& kernels_for(Isa isa);  // isa must be supported (kAuto resolved)
 
 }  // namespace cpu

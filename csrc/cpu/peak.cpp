@@ -3,6 +3,7 @@
 //   avx512vnni  vpdpbusd zmm   (64 u8 x s8 MACs = 128 int ops per instruction)
 //   avxvnni     vpdpbusd ymm   (32 MACs = 64 ops)
 //   avx2        vpmaddubsw ymm (32 MACs = 64 ops; a real AVX2 int8 GEMM also needs vpmaddwd / vpaddw to widen)
+//   amx         tdpbusd        (16 x 16 x 64 = 16384 MACs per instruction, four tiles in flight)
 // Benchmark-only: nothing in the ops calls it.
 #include <stdint.h>
 #include <string.h>
@@ -62,14 +63,44 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni"), noinline)) v
 }
 #undef PQK_R16
 
+// tdpbusd on four independent 16 x 16 int32 tiles from two A and two B tiles (16 x 64 bytes each, loaded once): the
+// AMX prefill micro-kernel's instruction (amx_kernels.cpp) without its tile loads. 16384 MACs per instruction.
+struct alignas(64) AmxPeakConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+__attribute__((target("amx-tile,amx-int8"), noinline)) void loop_amx(int64_t iters) {
+  static const AmxPeakConfig cfg;
+  alignas(64) static const int8_t src[16 * 64] = {};
+  _tile_loadconfig(&cfg);
+  _tile_loadd(4, src, 64);
+  _tile_loadd(5, src, 64);
+  _tile_loadd(6, src, 64);
+  _tile_loadd(7, src, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 double int8_peak_tops(Isa isa, double seconds) {
   if (isa == Isa::kAuto) isa = best_isa();
   if (isa == Isa::kScalar || !isa_supported(isa)) return 0.0;
-  void (*loop)(int64_t) = isa == Isa::kAvx512Vnni ? loop_avx512vnni : isa == Isa::kAvxVnni ? loop_avxvnni : loop_avx2;
-  const double ops_per_iter = 14.0 * (isa == Isa::kAvx512Vnni ? 128 : 64);
-  const int64_t chunk = 1 << 16;
+  void (*loop)(int64_t) = isa == Isa::kAmx ? loop_amx : isa == Isa::kAvx512Vnni ? loop_avx512vnni
+                        : isa == Isa::kAvxVnni ? loop_avxvnni : loop_avx2;
+  const double ops_per_iter = isa == Isa::kAmx ? 4.0 * 16 * 16 * 64 * 2 : 14.0 * (isa == Isa::kAvx512Vnni ? 128 : 64);
+  const int64_t chunk = isa == Isa::kAmx ? 1 << 12 : 1 << 16;
   std::atomic<int64_t> total{0};
   using clk = std::chrono::steady_clock;
   const auto t0 = clk::now();

@@ -10,8 +10,8 @@ run these arguments (``unsupported=``, e.g. int8 operands have no CUDA kernel). 
   "triton"     the Triton kernels (prefixquant_kernels/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
 
 backend= strings: GEMM, quantize and transform ops accept ``BACKENDS``: "auto", "reference", "cpu" (best
-instruction set), "cpu:scalar", "cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni" (forced code paths; the last two put
-the W4 tile on vpdpbusd), "cuda". The KV ops accept ``KV_BACKENDS``: "auto", "reference", "triton", "cpu".
+instruction set), "cpu:scalar", "cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni", "cpu:amx" (forced code paths; avxvnni and
+avx512vnni put the W4 tile on vpdpbusd, amx the prefill GEMM on AMX tiles), "cuda". The KV ops accept ``KV_BACKENDS``: "auto", "reference", "triton", "cpu".
 An explicit backend means that kernel runs or the call raises (ValueError: wrong device or an unknown string;
 NotImplementedError: no kernel for these arguments; RuntimeError: not installed / not supported on this machine).
 """
@@ -29,7 +29,7 @@ from .. import _extension
 from . import cuda_library
 from .checks import fail
 
-CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3}
+CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3, "cpu:amx": 4}
 BACKENDS = ("auto", "reference", *CPU_ISAS, "cuda")
 KV_BACKENDS = ("auto", "reference", "triton", "cpu")
 

@@ -8,7 +8,8 @@ with the fake, which only allocates the output.
 
 cpu_isa (the CPU kernels' code path; backend.CPU_ISAS maps backend= to it; tests force each to compare them):
   -1 best for this CPU, 0 portable scalar ("cpu:scalar"), 1 AVX2 ("cpu:avx2"), 2 AVX2 with the W4 tile on AVX-VNNI
-  vpdpbusd ("cpu:avxvnni"), 3 the same on AVX512-VNNI, EVEX encoding ("cpu:avx512vnni").
+  vpdpbusd ("cpu:avxvnni"), 3 the same on AVX512-VNNI, EVEX encoding ("cpu:avx512vnni"), 4 that with the prefill
+  GEMM on AMX tiles ("cpu:amx").
 """
 from __future__ import annotations
 

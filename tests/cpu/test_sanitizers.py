@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = os.path.join(ROOT, "csrc", "cpu")
 KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "kv_cache.cpp", "decode_layer.cpp", "isa.cpp", "scalar_kernels.cpp",
-                  "avx2_kernels.cpp", "vnni_kernels.cpp"]
+                  "avx2_kernels.cpp", "vnni_kernels.cpp", "amx_kernels.cpp"]
 
 
 def build_harness(out_dir: str, sanitize: bool = True, cxx: str | None = None, extra=()) -> str:
@@ -39,7 +39,8 @@ def test_kernels_under_asan_ubsan(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert " 0 failed" in r.stdout and "ERROR" not in r.stderr
         if platform.machine() in ("x86_64", "AMD64") and "skip isa avx2" not in r.stdout:
-            assert "skip isa" not in r.stdout, r.stdout  # every table ran: scalar, avx2, both VNNI copies
+            # every table ran: scalar, avx2, both VNNI copies (not AMX: its tiles have no emulation; the native test)
+            assert all("skip isa amx" in ln for ln in r.stdout.splitlines() if "skip isa" in ln), r.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sanitizer runtime checked on Linux only")
@@ -58,6 +59,8 @@ def test_kernels_under_asan_ubsan_native(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert " 0 failed" in r.stdout and "ERROR" not in r.stderr
     assert "skip isa avx512vnni" not in r.stdout
+    if _extension._C.cpu_isa_supported(4):  # and the AMX table's tiles, where this CPU has them
+        assert "skip isa amx" not in r.stdout
 
 
 def test_extension_contains_vnni_tiles():
@@ -71,6 +74,9 @@ def test_extension_contains_vnni_tiles():
     dp = [ln for ln in text.splitlines() if "vpdpbusd" in ln]
     assert any("{vex}" in ln for ln in dp), "no VEX vpdpbusd (avxvnni tile)"
     assert any("{vex}" not in ln for ln in dp), "no EVEX vpdpbusd (avx512vnni tile)"
+    # the AMX prefill micro-kernel (amx_kernels.cpp): its tile loads and the int8 tile product
+    assert any("tdpbusd" in ln for ln in text.splitlines()), "no tdpbusd (amx prefill kernel)"
+    assert any("tileloadd" in ln for ln in text.splitlines()), "no tileloadd (amx prefill kernel)"
 
 
 @pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),

@@ -23,7 +23,7 @@ from prefixquant_kernels import hadamard as had
 from prefixquant_kernels.ops import backend as backend_mod
 from prefixquant_kernels.ops import cuda_library
 
-CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3}
+CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3, "cpu:amx": 4}
 GEMM_BACKENDS = ["auto", "reference", *CPU_ISAS, "cuda", "triton", "bogus"]
 KV_BACKENDS = ["auto", "reference", "triton", "cpu", "cuda", "cpu:avx2"]
 

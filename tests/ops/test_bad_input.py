@@ -108,7 +108,7 @@ def test_cpu_backend_rejects_other_devices():
         pqk.quantize_static(X.to("meta"), 0.1, backend="cpu")
 
 
-@pytest.mark.parametrize("backend", ["cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni"])
+@pytest.mark.parametrize("backend", ["cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni", "cpu:amx"])
 def test_unsupported_isa_is_a_clear_error(backend):
     """Forcing an instruction set this CPU lacks raises (naming it) instead of executing illegal instructions."""
     if backend in pqk.available_backends() or not pqk._extension.cpu_available():

@@ -1,0 +1,205 @@
+// AMX kernels (x86-64, AMX-TILE + AMX-INT8: Sapphire Rapids and later Xeons): the AVX512-VNNI table with its prefill
+// micro-kernel on tiles instead of zmm registers. One tdpbusd multiplies a 16 x 64 u8 tile of A by a 64 x 16 s8 tile
+// of W into a 16 x 16 int32 tile: 16384 MACs, the same u8 x s8 semantics as vpdpbusd (four products summed into each
+// int32, no saturation), so the A panel (a + 128), the per-column correction (128 colsum) and the epilogue are the
+// zmm ones unchanged and the results equal the reference bit for bit. On the Xeon of docs/PERF.md step 26 a tdpbusd
+// loop runs ~6x a vpdpbusd zmm loop per core.
+//
+// Layouts (kAmxNr = 32 output columns per micro panel = two B tiles of 16):
+//   A panel  uint8 [rows, kc] as for zmm (x86_gemm_zmm.h); an A tile is 16 rows x 64 bytes (k) at row stride lda
+//   W panel  int8 [kq16][32][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (pf_pack_w_t<32>), zero past the
+//            block's k up to a whole 64 k (kq16 = kq rounded up to 16). That is the B tile layout as it stands:
+//            tile row r = dword group q (four k) of 16 columns, so B tile (step s, columns 16j..) is the 16 rows of
+//            64 bytes at wp + s * 2048 + 64 j, row stride 128 bytes
+//   C        four 16 x 16 int32 tiles: rows 0-15 / 16-31 x columns 0-15 / 16-31
+// Tiles: tmm0-3 C (row block, column block) = (0,0) (0,1) (1,0) (1,1); tmm4, 5 A rows 0-15 / 16-31; tmm6, 7 B columns
+// 0-15 / 16-31. Each 64-k step loads 4 tiles (4 KB) for 4 tdpbusd (64 KB MACs).
+//
+// The tile configuration (which rows each tile has) is loaded at the start of every micro-kernel call: another
+// library on the same thread (oneDNN's AMX kernels) may have loaded its own, or released the tiles, in between. A
+// call of the last A rows of an M-block (mr < 32) configures only the rows that exist, so no tile reads past the panel.
+//
+// Not built with PQK_VNNI_EMULATE (the sanitizer harness's AVX2-only build, which has no zmm code to share): AMX is
+// tested natively, on a CPU that has it (tests/ops, tests/cpu/test_sanitizers.py's native harness).
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(PQK_VNNI_EMULATE)
+
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "../common/quant_math.h"
+#include "kernels.h"
+#include "kernels_internal.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c,avx512f,avx512bw,avx512vnni,avx512vl,amx-tile,amx-int8")
+namespace pqk {
+namespace cpu {
+namespace amx {
+
+// The zmm pieces this table shares with avx512vnni (A panel, epilogue, W transpose), compiled again here for this
+// table's own target.
+#include "x86_gemm_zmm.h"
+
+constexpr int kAmxMr = 32;  // A rows per micro-kernel: two A tiles
+constexpr int kAmxNr = 32;  // W columns per micro panel: two B tiles
+// k per W block, at most, and the rows / panel of an M-block: as the zmm table (docs/PERF.md step 26)
+constexpr int64_t kAmxKc = 16384;
+constexpr int64_t kAmxRows = 2048;
+constexpr int64_t kAmxPanelBytes = 16 << 20;
+
+// The 64-byte operand of ldtilecfg (palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of tile t
+  uint8_t rows[16] = {};    // rows of tile t
+};
+
+// r0 rows in the first row block (1..16), r1 in the second (0: not used)
+inline void amx_configure(int r0, int r1) {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64;
+  c.rows[0] = c.rows[1] = c.rows[4] = (uint8_t)r0;          // C (0, x), A rows 0-15
+  c.rows[2] = c.rows[3] = c.rows[5] = (uint8_t)r1;          // C (1, x), A rows 16-31
+  c.rows[6] = c.rows[7] = 16;                               // B: 16 dword groups = 64 k
+  if (r1 == 0) c.colsb[2] = c.colsb[3] = c.colsb[5] = 0;    // an unused tile is rows 0, colsb 0
+  _tile_loadconfig(&c);
+}
+
+// c (row stride ldc_b bytes) (+)= A . W over `steps` 64-k steps, through the tiles. R2: rows 16-31 exist; C2:
+// columns 16-31 matter (the W panel always holds 32 columns, zeros past N; with C2 false they are not computed).
+template <bool R2, bool C2>
+void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, int32_t* c, int64_t ldc_b,
+               bool accumulate) {
+  char* cb = (char*)c;
+  if (accumulate) {
+    _tile_loadd(0, cb, ldc_b);
+    if (C2) _tile_loadd(1, cb + 64, ldc_b);
+    if (R2) _tile_loadd(2, cb + 16 * ldc_b, ldc_b);
+    if (R2 && C2) _tile_loadd(3, cb + 16 * ldc_b + 64, ldc_b);
+  } else {
+    _tile_zero(0);
+    if (C2) _tile_zero(1);
+    if (R2) _tile_zero(2);
+    if (R2 && C2) _tile_zero(3);
+  }
+  const uint8_t* a1 = a + 16 * lda;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int8_t* b = wp + s * (16 * kAmxNr * 4);
+    _tile_loadd(4, a + 64 * s, lda);
+    _tile_loadd(6, b, kAmxNr * 4);
+    if (C2) _tile_loadd(7, b + 64, kAmxNr * 4);
+    _tile_dpbusd(0, 4, 6);
+    if (C2) _tile_dpbusd(1, 4, 7);
+    if (R2) {
+      _tile_loadd(5, a1 + 64 * s, lda);
+      _tile_dpbusd(2, 5, 6);
+      if (C2) _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, cb, ldc_b);
+  if (C2) _tile_stored(1, cb + 64, ldc_b);
+  if (R2) _tile_stored(2, cb + 16 * ldc_b, ldc_b);
+  if (R2 && C2) _tile_stored(3, cb + 16 * ldc_b + 64, ldc_b);
+}
+
+// c[0:mr, 0:nr] (row stride ldc int32) (+)= the micro-kernel over kq dword groups (rounded up to whole 64-k steps:
+// the panels are zero-padded there).
+void amx_run(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
+             bool accumulate) {
+  const int r0 = std::min(mr, 16), r1 = mr - r0;
+  amx_configure(r0, r1);
+  const int64_t steps = (kq + 15) / 16, ldc_b = ldc * 4;
+  if (r1 > 0) {
+    if (nn > 16) return amx_tiles<true, true>(a, lda, wp, steps, c, ldc_b, accumulate);
+    return amx_tiles<true, false>(a, lda, wp, steps, c, ldc_b, accumulate);
+  }
+  if (nn > 16) return amx_tiles<false, true>(a, lda, wp, steps, c, ldc_b, accumulate);
+  amx_tiles<false, false>(a, lda, wp, steps, c, ldc_b, accumulate);
+}
+
+void amx_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
+                bool accumulate) {
+  amx_run(a, lda, wp, kq, mr, nn, c, ldc, accumulate);
+}
+
+// The last K block: the tiles into a local int32 block (from c's partial sums if accumulate), then the zmm epilogue
+// (pf_cols / pf_store16) from it. The side job (PfSide) is not taken here: PrefillKernels::side finishes it.
+void amx_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
+                    int64_t ldc, bool accumulate, const PfOut& ep) {
+  alignas(64) int32_t acc[kAmxMr * kAmxNr];
+  if (accumulate)
+    for (int i = 0; i < mr; ++i) memcpy(acc + i * kAmxNr, c + i * ldc, sizeof(int32_t) * kAmxNr);
+  amx_run(a, lda, wp, kq, mr, nn, acc, kAmxNr, accumulate);
+  for (int j = 0; j * 16 < nn; ++j) {
+    const PfCols k = pf_cols(ep.colsum, ep.w_scale, ep.bias, 16 * j, ep.nn);
+    for (int i = 0; i < mr; ++i)
+      pf_store16(_mm512_load_si512((const void*)(acc + i * kAmxNr + 16 * j)), k, ep.a_scale[i], ep.bias != nullptr,
+                 ep.out, i * ep.ldo + 16 * j, ep.t);
+  }
+}
+
+// One micro panel (pf_pack_w_t<32>), its dword groups zeroed past the block's k up to a whole 64-k step.
+void amx_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
+                int32_t* colsum) {
+  pf_pack_w_t<kAmxNr>(w, w_bits, w_stride, n0, nn, k0, kc, dst, colsum);
+  const int64_t kq = (kc + 3) / 4, kq16 = round_up(kq, 16);
+  memset(dst + kq * kAmxNr * 4, 0, (size_t)((kq16 - kq) * kAmxNr * 4));
+}
+
+const PrefillKernels kPrefill = {kAmxMr, kAmxNr, kAmxKc, kAmxRows, kAmxPanelBytes,
+                                 /*w8=*/true, amx_pack_w, amx_kernel, nullptr, amx_kernel_out,
+                                 pf_pack_a_float, pf_pack_a_int8, pf_side, /*l2_blocks=*/true, /*k_align=*/64};
+
+}  // namespace amx
+}  // namespace cpu
+}  // namespace pqk
+#pragma GCC pop_options
+
+namespace pqk {
+namespace cpu {
+
+// AMX-TILE and AMX-INT8 in cpuid (leaf 7: EDX bits 24, 25), and the kernel's permission to use the tile data state:
+// Linux enables it per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA = 18); without it
+// the first tile instruction faults.
+static bool amx_usable() {
+  unsigned a, b, c, d;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  if (!((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+#ifdef SYS_arch_prctl
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+const IsaKernels* amx_kernels() {
+  static const IsaKernels* k = []() -> const IsaKernels* {
+    const IsaKernels* base = avx512vnni_kernels();
+    if (!base || !base->prefill || !amx_usable()) return nullptr;
+    static IsaKernels t = *base;
+    t.name = "amx";
+    t.prefill = &amx::kPrefill;
+    return &t;
+  }();
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace pqk
+
+#else  // not x86-64, or the emulated build
+
+#include "kernels_internal.h"
+namespace pqk {
+namespace cpu {
+const IsaKernels* amx_kernels() { return nullptr; }
+}  // namespace cpu
+}  // namespace pqk
+
+#endif
