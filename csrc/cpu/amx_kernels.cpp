@@ -50,6 +50,10 @@ constexpr int kAmxNr = 32;  // W columns per micro panel: two B tiles
 constexpr int64_t kAmxKc = 16384;
 constexpr int64_t kAmxRows = 2048;
 constexpr int64_t kAmxPanelBytes = 16 << 20;
+// Side-job blocks (32 elements of the next A slice quantized, PfSide) per 64-k step of the tiles: with 2, the M split's
+// 2048 x 4096 -> 1024 went from 6.2 to 5.6 ms (1, 4: 5.9, 5.8; docs/PERF.md step 26): the quantize's divisions run on
+// the vector units while the tiles multiply, and at 2 most of the next slice is done before its kernels need it.
+constexpr int kAmxSideBlocks = 2;
 
 // The 64-byte operand of ldtilecfg (palette 1).
 struct alignas(64) TileConfig {
@@ -72,9 +76,12 @@ inline void amx_configure(int r0, int r1) {
 
 // c (row stride ldc_b bytes) (+)= A . W over `steps` 64-k steps, through the tiles. R2: rows 16-31 exist; C2:
 // columns 16-31 matter (the W panel always holds 32 columns, zeros past N; with C2 false they are not computed).
+// side (PfSide, kernels_internal.h; or nullptr): kAmxSideBlocks blocks of 32 of the next A slice quantized after each
+// step, until the job runs out.
 template <bool R2, bool C2>
 void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, int32_t* c, int64_t ldc_b,
-               bool accumulate) {
+               bool accumulate, PfSide* side) {
+  const PfQuant qc = side ? pf_quant_consts(side->scale, side->qmin, side->qmax) : PfQuant{};
   char* cb = (char*)c;
   if (accumulate) {
     _tile_loadd(0, cb, ldc_b);
@@ -100,6 +107,8 @@ void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, i
       _tile_dpbusd(2, 5, 6);
       if (C2) _tile_dpbusd(3, 5, 7);
     }
+    if (side)  // the side job between the steps: the vector units are idle while the tiles work
+      for (int b = 0; b < kAmxSideBlocks && side->n32 > 0; ++b) pf_side_block(*side, qc);
   }
   _tile_stored(0, cb, ldc_b);
   if (C2) _tile_stored(1, cb + 64, ldc_b);
@@ -110,16 +119,16 @@ void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, i
 // c[0:mr, 0:nr] (row stride ldc int32) (+)= the micro-kernel over kq dword groups (rounded up to whole 64-k steps:
 // the panels are zero-padded there).
 void amx_run(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
-             bool accumulate) {
+             bool accumulate, PfSide* side = nullptr) {
   const int r0 = std::min(mr, 16), r1 = mr - r0;
   amx_configure(r0, r1);
   const int64_t steps = (kq + 15) / 16, ldc_b = ldc * 4;
   if (r1 > 0) {
-    if (nn > 16) return amx_tiles<true, true>(a, lda, wp, steps, c, ldc_b, accumulate);
-    return amx_tiles<true, false>(a, lda, wp, steps, c, ldc_b, accumulate);
+    if (nn > 16) return amx_tiles<true, true>(a, lda, wp, steps, c, ldc_b, accumulate, side);
+    return amx_tiles<true, false>(a, lda, wp, steps, c, ldc_b, accumulate, side);
   }
-  if (nn > 16) return amx_tiles<false, true>(a, lda, wp, steps, c, ldc_b, accumulate);
-  amx_tiles<false, false>(a, lda, wp, steps, c, ldc_b, accumulate);
+  if (nn > 16) return amx_tiles<false, true>(a, lda, wp, steps, c, ldc_b, accumulate, side);
+  amx_tiles<false, false>(a, lda, wp, steps, c, ldc_b, accumulate, side);
 }
 
 void amx_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
@@ -128,13 +137,13 @@ void amx_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int
 }
 
 // The last K block: the tiles into a local int32 block (from c's partial sums if accumulate), then the zmm epilogue
-// (pf_cols / pf_store16) from it. The side job (PfSide) is not taken here: PrefillKernels::side finishes it.
+// (pf_cols / pf_store16) from it; the side job (ep.side) between the tile steps, PrefillKernels::side finishes it.
 void amx_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
                     int64_t ldc, bool accumulate, const PfOut& ep) {
   alignas(64) int32_t acc[kAmxMr * kAmxNr];
   if (accumulate)
     for (int i = 0; i < mr; ++i) memcpy(acc + i * kAmxNr, c + i * ldc, sizeof(int32_t) * kAmxNr);
-  amx_run(a, lda, wp, kq, mr, nn, acc, kAmxNr, accumulate);
+  amx_run(a, lda, wp, kq, mr, nn, acc, kAmxNr, accumulate, ep.side);
   for (int j = 0; j * 16 < nn; ++j) {
     const PfCols k = pf_cols(ep.colsum, ep.w_scale, ep.bias, 16 * j, ep.nn);
     for (int i = 0; i < mr; ++i)
