@@ -74,20 +74,49 @@ inline void amx_configure(int r0, int r1) {
   _tile_loadconfig(&c);
 }
 
-// c (row stride ldc_b bytes) (+)= A . W over `steps` 64-k steps, through the tiles. R2: rows 16-31 exist; C2:
-// columns 16-31 matter (the W panel always holds 32 columns, zeros past N; with C2 false they are not computed).
-// side (PfSide, kernels_internal.h; or nullptr): kAmxSideBlocks blocks of 32 of the next A slice quantized after each
-// step, until the job runs out.
+// The epilogue of a tile, deferred: amx_kernel_out leaves its tile's int32 sums here and stores the outputs of the
+// previous tile a few rows at a time between its own tile steps, so the conversions and stores run on the vector
+// units while the tiles multiply. Done at once, after the tiles, the epilogue left the tiles idle: 2048 x 4096 ->
+// 4096 took 27.7 ms with it and 19.1 ms without it (docs/PERF.md step 26). One per thread; what is still pending
+// when the driver reaches the end of a chunk of micro panels or of a slice of rows is stored by amx_flush
+// (PrefillKernels::flush), before the driver rewrites the column sums or row scales that ep points to.
+struct alignas(64) PendingTile {
+  int32_t acc[kAmxMr * kAmxNr];  // the tile's sums (row stride kAmxNr)
+  PfCols cols[2];                // its column groups' correction, w_scale, bias, mask
+  PfOut ep;
+  int mr = 0, groups = 0;        // rows, column groups of 16
+  int next = 0, units = 0;       // unit u = (row u / groups, group u % groups); stored below `next`
+};
+thread_local PendingTile t_pending;
+
+// Up to n more units of the pending tile's epilogue.
+inline void pending_store(PendingTile& p, int n) {
+  const int end = std::min(p.units, p.next + n);
+  for (; p.next < end; ++p.next) {
+    const int i = p.next / p.groups, j = p.next - i * p.groups;
+    pf_store16(_mm512_load_si512((const void*)(p.acc + i * kAmxNr + 16 * j)), p.cols[j], p.ep.a_scale[i],
+               p.ep.bias != nullptr, p.ep.out, i * p.ep.ldo + 16 * j, p.ep.t);
+  }
+}
+
+void amx_flush() { pending_store(t_pending, t_pending.units); }
+
+// c_out (row stride ldo_b bytes) = (c_in (row stride ldi_b), or 0 without it) + A . W over `steps` 64-k steps,
+// through the tiles. R2: rows 16-31 exist; C2: columns 16-31 matter (the W panel always holds 32 columns, zeros past
+// N; with C2 false they are not computed). Between the steps, on the vector units:
+//   side (PfSide, kernels_internal.h; or nullptr): kAmxSideBlocks blocks of 32 of the next A slice quantized
+//   pend (or nullptr): the previous tile's epilogue, `per` units per step, the rest before c_out is written (c_out
+//   may be pend->acc)
 template <bool R2, bool C2>
-void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, int32_t* c, int64_t ldc_b,
-               bool accumulate, PfSide* side) {
+void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, const int32_t* c_in, int64_t ldi_b,
+               int32_t* c_out, int64_t ldo_b, PfSide* side, PendingTile* pend, int per) {
   const PfQuant qc = side ? pf_quant_consts(side->scale, side->qmin, side->qmax) : PfQuant{};
-  char* cb = (char*)c;
-  if (accumulate) {
-    _tile_loadd(0, cb, ldc_b);
-    if (C2) _tile_loadd(1, cb + 64, ldc_b);
-    if (R2) _tile_loadd(2, cb + 16 * ldc_b, ldc_b);
-    if (R2 && C2) _tile_loadd(3, cb + 16 * ldc_b + 64, ldc_b);
+  if (c_in) {
+    const char* ci = (const char*)c_in;
+    _tile_loadd(0, ci, ldi_b);
+    if (C2) _tile_loadd(1, ci + 64, ldi_b);
+    if (R2) _tile_loadd(2, ci + 16 * ldi_b, ldi_b);
+    if (R2 && C2) _tile_loadd(3, ci + 16 * ldi_b + 64, ldi_b);
   } else {
     _tile_zero(0);
     if (C2) _tile_zero(1);
@@ -107,49 +136,54 @@ void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, i
       _tile_dpbusd(2, 5, 6);
       if (C2) _tile_dpbusd(3, 5, 7);
     }
-    if (side)  // the side job between the steps: the vector units are idle while the tiles work
-      for (int b = 0; b < kAmxSideBlocks && side->n32 > 0; ++b) pf_side_block(*side, qc);
+    if (pend) pending_store(*pend, per);
+    if (side)
+      for (int k = 0; k < kAmxSideBlocks && side->n32 > 0; ++k) pf_side_block(*side, qc);
   }
-  _tile_stored(0, cb, ldc_b);
-  if (C2) _tile_stored(1, cb + 64, ldc_b);
-  if (R2) _tile_stored(2, cb + 16 * ldc_b, ldc_b);
-  if (R2 && C2) _tile_stored(3, cb + 16 * ldc_b + 64, ldc_b);
+  if (pend) pending_store(*pend, pend->units);
+  char* co = (char*)c_out;
+  _tile_stored(0, co, ldo_b);
+  if (C2) _tile_stored(1, co + 64, ldo_b);
+  if (R2) _tile_stored(2, co + 16 * ldo_b, ldo_b);
+  if (R2 && C2) _tile_stored(3, co + 16 * ldo_b + 64, ldo_b);
 }
 
-// c[0:mr, 0:nr] (row stride ldc int32) (+)= the micro-kernel over kq dword groups (rounded up to whole 64-k steps:
-// the panels are zero-padded there).
-void amx_run(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
-             bool accumulate, PfSide* side = nullptr) {
+// c_out[0:mr, 0:nr] (row stride ldo int32) = (c_in[0:mr, 0:nr] (row stride ldi) if given) + the micro-kernel over kq
+// dword groups (rounded up to whole 64-k steps: the panels are zero-padded there).
+void amx_run(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c_in,
+             int64_t ldi, int32_t* c_out, int64_t ldo, PfSide* side, PendingTile* pend) {
   const int r0 = std::min(mr, 16), r1 = mr - r0;
   amx_configure(r0, r1);
-  const int64_t steps = (kq + 15) / 16, ldc_b = ldc * 4;
+  const int64_t steps = (kq + 15) / 16;
+  const int per = pend ? (int)((pend->units - pend->next + steps - 1) / steps) : 0;
+  const int64_t li = ldi * 4, lo = ldo * 4;
   if (r1 > 0) {
-    if (nn > 16) return amx_tiles<true, true>(a, lda, wp, steps, c, ldc_b, accumulate, side);
-    return amx_tiles<true, false>(a, lda, wp, steps, c, ldc_b, accumulate, side);
+    if (nn > 16) return amx_tiles<true, true>(a, lda, wp, steps, c_in, li, c_out, lo, side, pend, per);
+    return amx_tiles<true, false>(a, lda, wp, steps, c_in, li, c_out, lo, side, pend, per);
   }
-  if (nn > 16) return amx_tiles<false, true>(a, lda, wp, steps, c, ldc_b, accumulate, side);
-  amx_tiles<false, false>(a, lda, wp, steps, c, ldc_b, accumulate, side);
+  if (nn > 16) return amx_tiles<false, true>(a, lda, wp, steps, c_in, li, c_out, lo, side, pend, per);
+  amx_tiles<false, false>(a, lda, wp, steps, c_in, li, c_out, lo, side, pend, per);
 }
 
 void amx_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
                 bool accumulate) {
-  amx_run(a, lda, wp, kq, mr, nn, c, ldc, accumulate);
+  amx_run(a, lda, wp, kq, mr, nn, accumulate ? c : nullptr, ldc, c, ldc, nullptr, nullptr);
 }
 
-// The last K block: the tiles into a local int32 block (from c's partial sums if accumulate), then the zmm epilogue
-// (pf_cols / pf_store16) from it; the side job (ep.side) between the tile steps, PrefillKernels::side finishes it.
+// The last K block: the tiles (from c's partial sums if accumulate) into this thread's pending tile, whose previous
+// contents' epilogue runs between the steps (PendingTile); the side job (ep.side) too, PrefillKernels::side finishes
+// it. This tile's outputs are stored by the next call, or by amx_flush.
 void amx_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
                     int64_t ldc, bool accumulate, const PfOut& ep) {
-  alignas(64) int32_t acc[kAmxMr * kAmxNr];
-  if (accumulate)
-    for (int i = 0; i < mr; ++i) memcpy(acc + i * kAmxNr, c + i * ldc, sizeof(int32_t) * kAmxNr);
-  amx_run(a, lda, wp, kq, mr, nn, acc, kAmxNr, accumulate, ep.side);
-  for (int j = 0; j * 16 < nn; ++j) {
-    const PfCols k = pf_cols(ep.colsum, ep.w_scale, ep.bias, 16 * j, ep.nn);
-    for (int i = 0; i < mr; ++i)
-      pf_store16(_mm512_load_si512((const void*)(acc + i * kAmxNr + 16 * j)), k, ep.a_scale[i], ep.bias != nullptr,
-                 ep.out, i * ep.ldo + 16 * j, ep.t);
-  }
+  PendingTile& p = t_pending;
+  amx_run(a, lda, wp, kq, mr, nn, accumulate ? c : nullptr, ldc, p.acc, kAmxNr, ep.side, &p);
+  p.ep = ep;
+  p.ep.side = nullptr;
+  p.mr = mr;
+  p.groups = (nn + 15) / 16;
+  for (int j = 0; j < p.groups; ++j) p.cols[j] = pf_cols(ep.colsum, ep.w_scale, ep.bias, 16 * j, ep.nn);
+  p.next = 0;
+  p.units = mr * p.groups;
 }
 
 // One micro panel (pf_pack_w_t<32>), its dword groups zeroed past the block's k up to a whole 64-k step.
@@ -162,7 +196,8 @@ void amx_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn,
 
 const PrefillKernels kPrefill = {kAmxMr, kAmxNr, kAmxKc, kAmxRows, kAmxPanelBytes,
                                  /*w8=*/true, amx_pack_w, amx_kernel, nullptr, amx_kernel_out,
-                                 pf_pack_a_float, pf_pack_a_int8, pf_side, /*l2_blocks=*/true, /*k_align=*/64};
+                                 pf_pack_a_float, pf_pack_a_int8, pf_side, /*l2_blocks=*/true, /*k_align=*/64,
+                                 amx_flush};
 
 }  // namespace amx
 }  // namespace cpu

@@ -257,6 +257,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
                            nn, cbuf, nr, false, ep);
         }
       }
+      if (pk.flush) pk.flush();  // this slice's last outputs, before its row scales are rewritten
       if (side.n32 > 0) pk.side(side);  // what the kernels left of the next slice
     }
   });
@@ -368,6 +369,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
             }
           }
         }
+        if (pk.flush) pk.flush();  // this chunk's last outputs, before its column sums are reset
       }
     });
   }

@@ -96,6 +96,11 @@ struct PrefillKernels {
   // K granule of a W block (kc a multiple of it): the A panel rows and W panels hold whole granules, zero-valued past
   // K. 8 for the vpdpbusd kernels; 64 for AMX, whose tiles take 64 k per step.
   int64_t k_align = 8;
+  // Outputs a kernel_out call may leave pending (amx_kernels.cpp stores a tile's outputs during the next call): stored
+  // now. The driver calls it at the end of every chunk of micro panels and every slice of rows, before it rewrites
+  // the column sums or row scales a pending PfOut points to, and so before each thread's work ends; nothing in
+  // between allocates or throws. nullptr: kernel_out leaves nothing pending.
+  void (*flush)() = nullptr;
 };
 
 // The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel in the layout
