@@ -7,10 +7,13 @@
 //
 // Layouts (kAmxNr = 32 output columns per micro panel = two B tiles of 16):
 //   A panel  uint8 [rows, kc] as for zmm (x86_gemm_zmm.h); an A tile is 16 rows x 64 bytes (k) at row stride lda
-//   W panel  int8 [kq16][32][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (pf_pack_w_t<32>), zero past the
-//            block's k up to a whole 64 k (kq16 = kq rounded up to 16). That is the B tile layout as it stands:
-//            tile row r = dword group q (four k) of 16 columns, so B tile (step s, columns 16j..) is the 16 rows of
-//            64 bytes at wp + s * 2048 + 64 j, row stride 128 bytes
+//   W panel  int8 [kq16 / 16][2][16][16][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (pf_pack_w_t<32, true>,
+//            panel_offset), zero past the block's k up to a whole 64 k (kq16 = kq rounded up to 16): for each 64-k
+//            step s and 16 columns j, the B tile (row r = dword group 16s + r of the 16 columns) as one contiguous
+//            1 KB at wp + s * 2048 + 1024 j, row stride 64. Row-major [kq][32][4] (B tiles at stride 128, two
+//            tiles' rows interleaved) ran the kernel 2-16 % slower (benchmarks/amx_tile_loads.cpp, docs/PERF.md
+//            step 26). Prefetching the next steps' B tiles into L1 is not done: 4-8 % slower in the VM's slow
+//            state, +10 % or -6 % in its fast one
 //   C        four 16 x 16 int32 tiles: rows 0-15 / 16-31 x columns 0-15 / 16-31
 // Tiles: tmm0-3 C (row block, column block) = (0,0) (0,1) (1,0) (1,1); tmm4, 5 A rows 0-15 / 16-31; tmm6, 7 B columns
 // 0-15 / 16-31. Each 64-k step loads 4 tiles (4 KB) for 4 tdpbusd (64 KB MACs).
@@ -46,6 +49,8 @@ namespace amx {
 
 constexpr int kAmxMr = 32;  // A rows per micro-kernel: two A tiles
 constexpr int kAmxNr = 32;  // W columns per micro panel: two B tiles
+constexpr int64_t kAmxTileBytes = 16 * 64;               // one B tile: 16 dword groups (64 k) x 16 columns
+constexpr int64_t kAmxStepBytes = 2 * kAmxTileBytes;     // a micro panel's W per 64-k step
 // k per W block, at most, and the rows / panel of an M-block: as the zmm table (docs/PERF.md step 26)
 constexpr int64_t kAmxKc = 16384;
 constexpr int64_t kAmxRows = 2048;
@@ -125,10 +130,10 @@ void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, c
   }
   const uint8_t* a1 = a + 16 * lda;
   for (int64_t s = 0; s < steps; ++s) {
-    const int8_t* b = wp + s * (16 * kAmxNr * 4);
+    const int8_t* b = wp + s * kAmxStepBytes;
     _tile_loadd(4, a + 64 * s, lda);
-    _tile_loadd(6, b, kAmxNr * 4);
-    if (C2) _tile_loadd(7, b + 64, kAmxNr * 4);
+    _tile_loadd(6, b, 64);
+    if (C2) _tile_loadd(7, b + kAmxTileBytes, 64);
     _tile_dpbusd(0, 4, 6);
     if (C2) _tile_dpbusd(1, 4, 7);
     if (R2) {
@@ -186,12 +191,13 @@ void amx_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq,
   p.units = mr * p.groups;
 }
 
-// One micro panel (pf_pack_w_t<32>), its dword groups zeroed past the block's k up to a whole 64-k step.
+// One micro panel, tiled (pf_pack_w_t<32, true>), its dword groups zero past the block's k up to a whole 64-k step:
+// the last step's two tiles are zeroed first, then written over where k exists.
 void amx_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
                 int32_t* colsum) {
-  pf_pack_w_t<kAmxNr>(w, w_bits, w_stride, n0, nn, k0, kc, dst, colsum);
-  const int64_t kq = (kc + 3) / 4, kq16 = round_up(kq, 16);
-  memset(dst + kq * kAmxNr * 4, 0, (size_t)((kq16 - kq) * kAmxNr * 4));
+  const int64_t steps = ((kc + 3) / 4 + 15) / 16;
+  memset(dst + (steps - 1) * kAmxStepBytes, 0, kAmxStepBytes);
+  pf_pack_w_t<kAmxNr, true>(w, w_bits, w_stride, n0, nn, k0, kc, dst, colsum);
 }
 
 const PrefillKernels kPrefill = {kAmxMr, kAmxNr, kAmxKc, kAmxRows, kAmxPanelBytes,

@@ -103,14 +103,21 @@ struct PrefillKernels {
   void (*flush)() = nullptr;
 };
 
-// The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel in the layout
-// int8 [kq][nr][4] (dword (q, n) = w[n0 + n, k0 + 4q .. 4q+3]), zero padded past kc, colsum[n] += their sum.
-// For the last, partial groups when kc is not a multiple of the vector loop's step.
+// Byte offset of dword group q (k = 4q .. 4q+3), column c in a micro panel of nr columns: row-major int8 [kq][nr][4],
+// or tiled (the AMX B tiles, amx_kernels.cpp; nr % 16 == 0): [kq / 16][nr / 16][16][16][4], per 64-k step one
+// contiguous 1 KB tile of 16 groups x 16 columns for every 16 columns.
+inline int64_t panel_offset(int64_t q, int c, int nr, bool tiled) {
+  return tiled ? (q >> 4) * (nr * 64) + (c >> 4) * 1024 + (q & 15) * 64 + (c & 15) * 4 : q * 4 * nr + c * 4;
+}
+
+// The scalar end of a pack_w: the dword groups q in [q_full, ceil(kc / 4)) of one micro panel (dword (q, n) =
+// w[n0 + n, k0 + 4q .. 4q+3], at panel_offset), zero padded past kc, colsum[n] += their sum. For the last, partial
+// groups when kc is not a multiple of the vector loop's step. tiled: the caller has zeroed those groups' tiles.
 inline void pack_w_tail(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc,
-                        int64_t q_full, int nr, int8_t* dst, int32_t* colsum) {
+                        int64_t q_full, int nr, int8_t* dst, int32_t* colsum, bool tiled = false) {
   const int64_t kq = (kc + 3) / 4;
   if (q_full >= kq) return;
-  memset(dst + q_full * 4 * nr, 0, (size_t)((kq - q_full) * 4 * nr));
+  if (!tiled) memset(dst + q_full * 4 * nr, 0, (size_t)((kq - q_full) * 4 * nr));
   for (int c = 0; c < nn; ++c) {
     int32_t s = 0;
     for (int64_t k = q_full * 4; k < kc; ++k) {
@@ -121,7 +128,7 @@ inline void pack_w_tail(const void* w, int w_bits, int64_t w_stride, int64_t n0,
       } else {
         v = ((const int8_t*)w)[(n0 + c) * w_stride + k0 + k];
       }
-      dst[(k / 4) * 4 * nr + c * 4 + (k % 4)] = v;
+      dst[panel_offset(k / 4, c, nr, tiled) + (k % 4)] = v;
       s += v;
     }
     colsum[c] += s;

@@ -279,15 +279,16 @@ inline void pf_transpose16(__m512i r[16]) {
 
 // One micro panel: W rows n0 .. n0 + nn - 1 (nn <= NR; the rest are zero columns), k in [k0, k0 + kc) -> dst
 // int8 [ceil(kc / 4)][NR][4] (64-byte aligned), colsum[0:NR] += sum over those k of w. k0 % 8 == 0. NR = 48 for the
-// vpdpbusd micro-kernel (pf_pack_w), 32 for the AMX one (x86_gemm_amx.h: a B tile is 16 of those columns).
+// vpdpbusd micro-kernel (pf_pack_w), 32 for the AMX one (amx_kernels.cpp), which stores it TILED (panel_offset,
+// kernels_internal.h: one contiguous 1 KB B tile per 16 columns and 64 k).
 // A group's 16 columns are read 64 bytes of each row at a time and transposed in registers (pf_transpose16): a
 // gather of one dword from each of 16 rows K bytes apart touches the same 16 lines 16 times over, and with K = 4096
 // all 16 lines sit in one L1 set (8 ways). A row's last < 16 dwords still use the gather.
-template <int NR>
+template <int NR, bool TILED = false>
 void pf_pack_w_t(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
                  int32_t* colsum) {
   static_assert(NR % 16 == 0, "a micro panel is whole groups of 16 columns");
-  constexpr int64_t row = NR * 4;  // bytes per dword group q of the panel
+
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i ones = _mm512_set1_epi8(1), m0f = _mm512_set1_epi8(0x0F), x8 = _mm512_set1_epi8(8);
   // W4: dword (col c) of U_lo lane l = [c=4l+r, r<2: o1 o2 ...]: see the comment at the permutes
@@ -301,7 +302,8 @@ void pf_pack_w_t(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn
     const __m512i vindex = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)w_stride));
     const uint8_t* base = (const uint8_t*)w + (n0 + 16 * g) * w_stride + (w_bits == 4 ? k0 / 2 : k0);
     __m512i cs = _mm512_setzero_si512();
-    int8_t* out = dst + 64 * g;
+    int8_t* out = dst + panel_offset(0, 16 * g, NR, TILED);  // + at(q): dword group q of this group's 16 columns
+    auto at = [](int64_t q) { return panel_offset(q, 0, NR, TILED); };
     __m512i blk[16];
     for (int64_t e = 0; e < n_dw; ++e) {
       __m512i d;  // dword e of the group's 16 rows (0 for rows past nn)
@@ -323,11 +325,11 @@ void pf_pack_w_t(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn
         // per 128-bit lane l: ul dwords = [c4l: k0-3][c4l: k4-7][c4l+1: k0-3][c4l+1: k4-7], uh the same for 4l+2, 4l+3
         const __m512i ul = _mm512_unpacklo_epi8(lo, hi), uh = _mm512_unpackhi_epi8(lo, hi);
         const __m512i o1 = _mm512_permutex2var_epi32(ul, idx1, uh), o2 = _mm512_permutex2var_epi32(ul, idx2, uh);
-        _mm512_store_si512((void*)(out + (2 * e) * row), o1);
-        _mm512_store_si512((void*)(out + (2 * e + 1) * row), o2);
+        _mm512_store_si512((void*)(out + at(2 * e)), o1);
+        _mm512_store_si512((void*)(out + at(2 * e + 1)), o2);
         cs = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cs, ones, o1), ones, o2);
       } else {
-        _mm512_store_si512((void*)(out + e * row), d);
+        _mm512_store_si512((void*)(out + at(e)), d);
         cs = _mm512_dpbusd_epi32(cs, ones, d);
       }
     }
@@ -335,7 +337,7 @@ void pf_pack_w_t(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn
                         _mm512_add_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * g)), cs));
   }
   // kc not a multiple of 8 / 4: the dword groups past the vector loop's
-  pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, w_bits == 4 ? 2 * n_dw : n_dw, NR, dst, colsum);
+  pack_w_tail(w, w_bits, w_stride, n0, nn, k0, kc, w_bits == 4 ? 2 * n_dw : n_dw, NR, dst, colsum, TILED);
 }
 void pf_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
                int32_t* colsum) {
