@@ -55,6 +55,10 @@ constexpr int64_t kAmxStepBytes = 2 * kAmxTileBytes;     // a micro panel's W pe
 constexpr int64_t kAmxKc = 16384;
 constexpr int64_t kAmxRows = 2048;
 constexpr int64_t kAmxPanelBytes = 16 << 20;
+// Rows per L2 slice, at least (PrefillKernels::min_slice_rows): 2048 x 14336 -> 4096, where 64-row slices fit L2 beside
+// a chunk of panels, ran 163.6 / 185.6 ms; 256-row slices over one panel at a time 151.6 / 162.9 (two in-process
+// runs, docs/PERF.md step 26). At K = 4096 (352 rows fit) nothing changes.
+constexpr int64_t kAmxMinSliceRows = 256;
 // Side-job blocks (32 elements of the next A slice quantized, PfSide) per 64-k step of the tiles: with 2, the M split's
 // 2048 x 4096 -> 1024 went from 6.2 to 5.6 ms (1, 4: 5.9, 5.8; docs/PERF.md step 26): the quantize's divisions run on
 // the vector units while the tiles multiply, and at 2 most of the next slice is done before its kernels need it.
@@ -202,8 +206,8 @@ void amx_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn,
 
 const PrefillKernels kPrefill = {kAmxMr, kAmxNr, kAmxKc, kAmxRows, kAmxPanelBytes,
                                  /*w8=*/true, amx_pack_w, amx_kernel, nullptr, amx_kernel_out,
-                                 pf_pack_a_float, pf_pack_a_int8, pf_side, /*l2_blocks=*/true, /*k_align=*/64,
-                                 amx_flush};
+                                 pf_pack_a_float, pf_pack_a_int8, pf_side, /*l2_blocks=*/true, kAmxMinSliceRows,
+                                 /*k_align=*/64, amx_flush};
 
 }  // namespace amx
 }  // namespace cpu

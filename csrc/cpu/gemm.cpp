@@ -293,9 +293,11 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   int64_t sub_rows = mb_max, chunk = nr;
   if (pk.l2_blocks && n_kb == 1) {
     const int64_t fit = l2_cache_bytes() * 3 / 4 / kc_max - nr;
-    if (fit >= 64) {
+    if (fit >= std::max<int64_t>(64, pk.min_slice_rows)) {
       sub_rows = fit / mr * mr;
       chunk = std::max<int64_t>(nr, (2 << 20) / w_panel * nr);
+    } else if (pk.min_slice_rows > 0) {  // long K: the slice streams, one micro panel at a time stays in L2
+      sub_rows = round_up(pk.min_slice_rows, mr);
     }
   }
   if (const int64_t r = env_int("PQK_PREFILL_SUBROWS", 0)) sub_rows = round_up(r, mr);

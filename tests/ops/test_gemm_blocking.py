@@ -49,6 +49,21 @@ def _exact(a, w):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+def test_prefill_long_k_default_blocks(backend, a_bits, w_bits, gen, monkeypatch):
+    """K long enough that few rows fit L2 beside a micro panel: with the default blocks a table with
+    PrefillKernels::min_slice_rows (AMX: 256) runs slices of that many rows over one micro panel at a time; M spans two
+    slices, the last partial, and N ends in a partial panel. The integer part exact."""
+    _set_env(monkeypatch, BLOCKS[0])
+    M, N, K = 300, 40, 8194
+    a, w = rand_int((M, K), a_bits, gen), rand_int((N, K), w_bits, gen)
+    ap = fmt.pack_int4(a) if a_bits == 4 else a
+    wp = fmt.pack_int4(w) if w_bits == 4 else w
+    y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y.double(), _exact(a, w).double())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("a_bits,w_bits", BITS)
 def test_prefill_integer_part_exact(blocks, backend, M, N, K, a_bits, w_bits, gen):
