@@ -16,7 +16,7 @@
 //            state, +10 % or -6 % in its fast one
 //   C        four 16 x 16 int32 tiles: rows 0-15 / 16-31 x columns 0-15 / 16-31
 // Tiles: tmm0-3 C (row block, column block) = (0,0) (0,1) (1,0) (1,1); tmm4, 5 A rows 0-15 / 16-31; tmm6, 7 B columns
-// 0-15 / 16-31. Each 64-k step loads 4 tiles (4 KB) for 4 tdpbusd (64 KB MACs).
+// 0-15 / 16-31. Each 64-k step loads 4 tiles (4 KB) for 4 tdpbusd (65536 MACs).
 //
 // The tile configuration (which rows each tile has) is loaded at the start of every micro-kernel call: another
 // library on the same thread (oneDNN's AMX kernels) may have loaded its own, or released the tiles, in between. A
@@ -51,7 +51,7 @@ constexpr int kAmxMr = 32;  // A rows per micro-kernel: two A tiles
 constexpr int kAmxNr = 32;  // W columns per micro panel: two B tiles
 constexpr int64_t kAmxTileBytes = 16 * 64;               // one B tile: 16 dword groups (64 k) x 16 columns
 constexpr int64_t kAmxStepBytes = 2 * kAmxTileBytes;     // a micro panel's W per 64-k step
-// k per W block, at most, and the rows / panel of an M-block: as the zmm table (docs/PERF.md step 26)
+// k per W block, at most, and the rows / panel of an M-block: as the zmm table (docs/PERF.md step 19)
 constexpr int64_t kAmxKc = 16384;
 constexpr int64_t kAmxRows = 2048;
 constexpr int64_t kAmxPanelBytes = 16 << 20;
