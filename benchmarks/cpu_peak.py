@@ -3,8 +3,8 @@
     python benchmarks/cpu_peak.py --threads 2 --json bench_out/cpu_peak.json [--repeats 5] [--quick]
 
 Peak: `_C.int8_peak_tops(isa, s)` (csrc/cpu/peak.cpp), a throughput loop of the instruction each ISA's GEMM is built
-on — tdpbusd tiles (amx), vpdpbusd zmm (avx512vnni), vpdpbusd ymm (avxvnni), vpmaddubsw ymm (avx2) — on every thread, measured once per
-round between the GEMMs. Per shape (M x K -> N, default the Llama-3-8B prefill shapes at M = 2048) and round, in
+on — tdpbusd tiles (amx), vpdpbusd zmm (avx512vnni), vpdpbusd ymm (avxvnni), vpmaddubsw ymm (avx2) — on every
+thread, measured once per round between the GEMMs. Per shape (M x K -> N, default the Llama-3-8B prefill shapes at M = 2048) and round, in
 alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), raw
 `torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), oneDNN's static W8A8
 `torch.ops.quantized.linear` (x already u8, W prepacked; its AMX kernel where the CPU has AMX, the strongest int8

@@ -64,17 +64,9 @@ constexpr int64_t kAmxMinSliceRows = 256;
 // the vector units while the tiles multiply, and at 2 most of the next slice is done before its kernels need it.
 constexpr int kAmxSideBlocks = 2;
 
-// The 64-byte operand of ldtilecfg (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per row of tile t
-  uint8_t rows[16] = {};    // rows of tile t
-};
-
 // r0 rows in the first row block (1..16), r1 in the second (0: not used)
 inline void amx_configure(int r0, int r1) {
-  TileConfig c;
+  AmxTileConfig c;
   for (int t = 0; t < 8; ++t) c.colsb[t] = 64;
   c.rows[0] = c.rows[1] = c.rows[4] = (uint8_t)r0;          // C (0, x), A rows 0-15
   c.rows[2] = c.rows[3] = c.rows[5] = (uint8_t)r1;          // C (1, x), A rows 16-31

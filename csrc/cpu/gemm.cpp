@@ -100,8 +100,8 @@ int64_t balanced_block(int64_t n, int64_t cap, int64_t mult) {
   return round_up((n + blocks - 1) / blocks, mult);
 }
 
-// Tests and tuning only: PQK_PREFILL_KC (k per W block, rounded up to PrefillKernels::k_align) and PQK_PREFILL_ROWS (rows per M-block)
-// replace the defaults, so small shapes cross many block boundaries (tests/ops/test_gemm_blocking.py).
+// Tests and tuning only: PQK_PREFILL_KC (k per W block, rounded up to PrefillKernels::k_align) and PQK_PREFILL_ROWS
+// (rows per M-block) replace the defaults, so small shapes cross many block boundaries (tests/ops/test_gemm_blocking.py).
 int64_t env_int(const char* name, int64_t dflt) {
   const char* v = getenv(name);
   const long long x = v ? atoll(v) : 0;
@@ -213,7 +213,8 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   const int64_t M = g.M, N = g.N, K = g.K;
   const int64_t w_stride = g.w_bits == 4 ? K / 2 : K;
   const int mr = pk.mr, nr = pk.nr;
-  // kc: K rounded up to pk.k_align (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills them
+  // kc: K rounded up to pk.k_align (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills
+  // them
   const int64_t kq = (K + 3) / 4, w_panel = (kc + 3) / 4 * 4 * nr, n_panels = (N + nr - 1) / nr;
   const bool fuse = pk.side && pk.kernel_out && g.a_source == ASource::kFloat &&
                     g.a_float_type == FloatType::kBFloat16 && g.a_scale && K % 32 == 0 && kc == K;

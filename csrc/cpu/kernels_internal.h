@@ -140,6 +140,15 @@ inline void pack_w_tail(const void* w, int w_bits, int64_t w_stride, int64_t n0,
   }
 }
 
+// The 64-byte operand of ldtilecfg (AMX, palette 1): the AMX micro-kernel (amx_kernels.cpp) and the tdpbusd peak loop
+// (peak.cpp) fill in their tiles' shapes.
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of tile t
+  uint8_t rows[16] = {};    // rows of tile t
+};
+
 struct IsaKernels {
   const char* name;
   int mr_max, nr_max;  // largest tile of the tile functions (rows of A x rows of W)

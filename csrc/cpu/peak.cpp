@@ -12,6 +12,7 @@
 #include <chrono>
 
 #include "kernels.h"
+#include "kernels_internal.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -65,14 +66,15 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni"), noinline)) v
 
 // tdpbusd on four independent 16 x 16 int32 tiles from two A and two B tiles (16 x 64 bytes each, loaded once): the
 // AMX prefill micro-kernel's instruction (amx_kernels.cpp) without its tile loads. 16384 MACs per instruction.
-struct alignas(64) AmxPeakConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
 __attribute__((target("amx-tile,amx-int8"), noinline)) void loop_amx(int64_t iters) {
-  static const AmxPeakConfig cfg;
+  static const AmxTileConfig cfg = [] {  // tiles 0-7: 16 rows of 64 bytes
+    AmxTileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    return c;
+  }();
   alignas(64) static const int8_t src[16 * 64] = {};
   _tile_loadconfig(&cfg);
   _tile_loadd(4, src, 64);

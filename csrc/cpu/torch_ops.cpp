@@ -42,7 +42,8 @@ FloatType float_type(at::ScalarType s) {
 
 Isa to_isa(int64_t isa) {
   TORCH_CHECK(isa >= -1 && isa <= 4,
-              "pqk: cpu_isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avxvnni), 3 (avx512vnni) or 4 (amx), got ", isa);
+              "pqk: cpu_isa must be -1 (auto), 0 (scalar), 1 (avx2), 2 (avxvnni), 3 (avx512vnni) or 4 (amx), got ",
+              isa);
   Isa r = static_cast<Isa>(isa);
   TORCH_CHECK(r == Isa::kAuto || isa_supported(r), "pqk: cpu_isa ", isa_name(r), " is not supported on this CPU");
   return r;

@@ -288,7 +288,6 @@ template <int NR, bool TILED = false>
 void pf_pack_w_t(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn, int64_t k0, int64_t kc, int8_t* dst,
                  int32_t* colsum) {
   static_assert(NR % 16 == 0, "a micro panel is whole groups of 16 columns");
-
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i ones = _mm512_set1_epi8(1), m0f = _mm512_set1_epi8(0x0F), x8 = _mm512_set1_epi8(8);
   // W4: dword (col c) of U_lo lane l = [c=4l+r, r<2: o1 o2 ...]: see the comment at the permutes

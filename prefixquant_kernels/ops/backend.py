@@ -10,8 +10,9 @@ run these arguments (``unsupported=``, e.g. int8 operands have no CUDA kernel). 
   "triton"     the Triton kernels (prefixquant_kernels/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
 
 backend= strings: GEMM, quantize and transform ops accept ``BACKENDS``: "auto", "reference", "cpu" (best
-instruction set), "cpu:scalar", "cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni", "cpu:amx" (forced code paths; avxvnni and
-avx512vnni put the W4 tile on vpdpbusd, amx the prefill GEMM on AMX tiles), "cuda". The KV ops accept ``KV_BACKENDS``: "auto", "reference", "triton", "cpu".
+instruction set), "cpu:scalar", "cpu:avx2", "cpu:avxvnni", "cpu:avx512vnni", "cpu:amx" (forced code paths; avxvnni
+and avx512vnni put the W4 tile on vpdpbusd, amx the prefill GEMM on AMX tiles), "cuda". The KV ops accept
+``KV_BACKENDS``: "auto", "reference", "triton", "cpu".
 An explicit backend means that kernel runs or the call raises (ValueError: wrong device or an unknown string;
 NotImplementedError: no kernel for these arguments; RuntimeError: not installed / not supported on this machine).
 """

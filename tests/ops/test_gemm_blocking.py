@@ -48,6 +48,15 @@ def _exact(a, w):
     return (a.long().unsqueeze(1) * w.long().unsqueeze(0)).sum(-1)
 
 
+def _check_integer_part(backend, M, N, K, a_bits, w_bits, gen):
+    """Random full-range A [M, K] and W [N, K] through int4_matmul with unit scales: the int32 sums, exactly."""
+    a, w = rand_int((M, K), a_bits, gen), rand_int((N, K), w_bits, gen)
+    ap = fmt.pack_int4(a) if a_bits == 4 else a
+    wp = fmt.pack_int4(w) if w_bits == 4 else w
+    y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, _exact(a, w).float())  # |acc| < 2^24 here: float32 holds it exactly
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("a_bits,w_bits", BITS)
 def test_prefill_long_k_default_blocks(backend, a_bits, w_bits, gen, monkeypatch):
@@ -55,12 +64,7 @@ def test_prefill_long_k_default_blocks(backend, a_bits, w_bits, gen, monkeypatch
     PrefillKernels::min_slice_rows (AMX: 256) runs slices of that many rows over one micro panel at a time; M spans two
     slices, the last partial, and N ends in a partial panel. The integer part exact."""
     _set_env(monkeypatch, BLOCKS[0])
-    M, N, K = 300, 40, 8194
-    a, w = rand_int((M, K), a_bits, gen), rand_int((N, K), w_bits, gen)
-    ap = fmt.pack_int4(a) if a_bits == 4 else a
-    wp = fmt.pack_int4(w) if w_bits == 4 else w
-    y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
-    assert torch.equal(y.double(), _exact(a, w).double())
+    _check_integer_part(backend, 300, 40, 8194, a_bits, w_bits, gen)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -69,11 +73,7 @@ def test_prefill_long_k_default_blocks(backend, a_bits, w_bits, gen, monkeypatch
 def test_prefill_integer_part_exact(blocks, backend, M, N, K, a_bits, w_bits, gen):
     if w_bits == 4 or a_bits == 4:
         K += K % 2
-    a, w = rand_int((M, K), a_bits, gen), rand_int((N, K), w_bits, gen)
-    ap = fmt.pack_int4(a) if a_bits == 4 else a
-    wp = fmt.pack_int4(w) if w_bits == 4 else w
-    y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
-    assert torch.equal(y, _exact(a, w).float())  # |acc| < 2^24 here: float32 holds it exactly
+    _check_integer_part(backend, M, N, K, a_bits, w_bits, gen)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
