@@ -6,7 +6,8 @@
 // loop runs ~6x a vpdpbusd zmm loop per core.
 //
 // Layouts (kAmxNr = 32 output columns per micro panel = two B tiles of 16):
-//   A panel  uint8 [rows, kc] as for zmm (x86_gemm_zmm.h); an A tile is 16 rows x 64 bytes (k) at row stride lda
+//   A panel  uint8 [rows / 16][kc / 64][16][64] (PrefillKernels::a_tiled, pf_a_offset): the A tile of 16 rows and
+//            64-k step s one contiguous 1 KB at a + 1024 s (rows 16-31: a + 16 lda), loaded at row stride 64
 //   W panel  int8 [kq16 / 16][2][16][16][4] per micro panel: dword (q, n) = w[n, 4q .. 4q+3] (pf_pack_w_t<32, true>,
 //            panel_offset), zero past the block's k up to a whole 64 k (kq16 = kq rounded up to 16): for each 64-k
 //            step s and 16 columns j, the B tile (row r = dword group 16s + r of the 16 columns) as one contiguous
@@ -124,16 +125,16 @@ void amx_tiles(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t steps, c
     if (R2) _tile_zero(2);
     if (R2 && C2) _tile_zero(3);
   }
-  const uint8_t* a1 = a + 16 * lda;
+  const uint8_t* a1 = a + 16 * lda;  // the second 16-row group (pf_a_offset)
   for (int64_t s = 0; s < steps; ++s) {
     const int8_t* b = wp + s * kAmxStepBytes;
-    _tile_loadd(4, a + 64 * s, lda);
+    _tile_loadd(4, a + kAmxTileBytes * s, 64);
     _tile_loadd(6, b, 64);
     if (C2) _tile_loadd(7, b + kAmxTileBytes, 64);
     _tile_dpbusd(0, 4, 6);
     if (C2) _tile_dpbusd(1, 4, 7);
     if (R2) {
-      _tile_loadd(5, a1 + 64 * s, lda);
+      _tile_loadd(5, a1 + kAmxTileBytes * s, 64);
       _tile_dpbusd(2, 5, 6);
       if (C2) _tile_dpbusd(3, 5, 7);
     }
@@ -199,7 +200,7 @@ void amx_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn,
 const PrefillKernels kPrefill = {kAmxMr, kAmxNr, kAmxKc, kAmxRows, kAmxPanelBytes,
                                  /*w8=*/true, amx_pack_w, amx_kernel, nullptr, amx_kernel_out,
                                  pf_pack_a_float, pf_pack_a_int8, pf_side, /*l2_blocks=*/true, kAmxMinSliceRows,
-                                 /*k_align=*/64, amx_flush};
+                                 /*k_align=*/64, amx_flush, /*a_tiled=*/true};
 
 }  // namespace amx
 }  // namespace cpu

@@ -141,25 +141,24 @@ T* thread_scratch(ScratchSlot slot, size_t n) {
 }
 
 // The portable pack_a_int8 (PrefillKernels): q int8 [K] -> the panel row's K blocks as a + 128, 0x80 past K.
-void pack_a_int8_portable(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst) {
+void pack_a_int8_portable(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, bool tiled, uint8_t* dst) {
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
     uint8_t* d = dst + b * bstride;
     const int64_t n = std::min(kc, K - k0);
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8) {  // 8 bytes at a time: the XOR flips every sign bit
+    for (; k + 8 <= n; k += 8) {  // 8 bytes at a time (within one 64-k piece): the XOR flips every sign bit
       uint64_t v;
       memcpy(&v, q + k0 + k, 8);
       v ^= 0x8080808080808080ull;
-      memcpy(d + k, &v, 8);
+      memcpy(d + pf_a_offset(0, k, kc, tiled), &v, 8);
     }
-    for (; k < n; ++k) d[k] = (uint8_t)q[k0 + k] ^ 0x80;
-    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
+    for (; k < kc; ++k) d[pf_a_offset(0, k, kc, tiled)] = k < n ? (uint8_t)q[k0 + k] ^ 0x80 : 0x80;
   }
 }
 
-// Row m of A -> its panel row (K blocks of kc at dst + b * bstride, each byte a + 128, 0x80 past K); for a float A
-// the fused quantize (the row is read once, straight into the panel). Returns the row's scale. tmp: scratch for a
-// row that must first be made in natural int8 order.
+// Row m of A -> its panel row (K blocks of kc at dst + b * bstride, each byte a + 128, 0x80 past K; dst the row's
+// pf_a_offset in the block, in the table's layout); for a float A the fused quantize (the row is read once, straight
+// into the panel). Returns the row's scale. tmp: scratch for a row that must first be made in natural int8 order.
 float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kc, int64_t bstride, uint8_t* dst,
                        std::vector<int8_t>& tmp) {
   const PrefillKernels& pk = *ker.prefill;
@@ -168,21 +167,21 @@ float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int6
   float scale = 0.0f;
   if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
   if (g.a_source == ASource::kInt8) {
-    pack_a_int8((const int8_t*)g.a + m * K, K, kc, bstride, dst);
+    pack_a_int8((const int8_t*)g.a + m * K, K, kc, bstride, pk.a_tiled, dst);
   } else if (g.a_source == ASource::kPacked4) {
     tmp.resize((size_t)K);
     unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
-    pack_a_int8(tmp.data(), K, kc, bstride, dst);
+    pack_a_int8(tmp.data(), K, kc, bstride, pk.a_tiled, dst);
   } else {
     const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
     const int qmin = qmin_for_bits(g.a_bits), qmax = qmax_for_bits(g.a_bits);
     scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
     if (pk.pack_a_float) {
-      pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc, bstride, dst);
+      pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc, bstride, pk.a_tiled, dst);
     } else {
       tmp.resize((size_t)K);
       ker.quantize_row(x, g.a_float_type, K, scale, qmin, qmax, tmp.data());
-      pack_a_int8(tmp.data(), K, kc, bstride, dst);
+      pack_a_int8(tmp.data(), K, kc, bstride, pk.a_tiled, dst);
     }
   }
   return scale;
@@ -228,14 +227,14 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   });
   parallel_for(0, (M + mr - 1) / mr, 1, [&](int64_t ub, int64_t ue) {
     const int64_t rb = ub * mr, re = std::min(M, ue * mr);  // this thread's rows [rb, re)
-    const int64_t rows = balanced_block(re - rb, rows_cap, mr);
+    const int64_t rows = balanced_block(re - rb, rows_cap, mr);  // a multiple of mr (of 16 where a_tiled)
     uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)((fuse ? 2 : 1) * rows * kc));
     int32_t* cbuf = pk.kernel_out ? nullptr : thread_scratch<int32_t>(kScratchC, (size_t)(mr * nr));
     std::vector<float> rscale((size_t)rows);
     std::vector<int8_t> tmp;
     auto build = [&](int64_t r0, int64_t r1, uint8_t* dst) {  // rows [r0, r1) -> dst, the slice's buffer
       for (int64_t r = r0; r < r1; ++r)
-        rscale[r - r0] = pack_prefill_row(g, ker, r, kc, rows * kc, dst + (r - r0) * kc, tmp);
+        rscale[r - r0] = pack_prefill_row(g, ker, r, kc, rows * kc, dst + pf_a_offset(r - r0, 0, kc, pk.a_tiled), tmp);
     };
     for (int64_t r0 = rb, sl = 0; r0 < re; r0 += rows, ++sl) {
       const int64_t r1 = std::min(re, r0 + rows);  // this slice's rows [r0, r1)
@@ -244,8 +243,8 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
       PfSide side = {};
       const int64_t n1 = std::min(re, r1 + rows);  // the next slice's rows [r1, n1)
       if (fuse && r1 < re) {
-        side = {(const uint16_t*)g.a + r1 * K, panel + ((sl + 1) % 2) * rows * kc, (n1 - r1) * K / 32, g.a_scale[0],
-                qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
+        side = {(const uint16_t*)g.a + r1 * K, panel + ((sl + 1) % 2) * rows * kc, 0, 0, kc, pk.a_tiled,
+                (n1 - r1) * K / 32, g.a_scale[0], qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
       }
       for (int64_t p = 0; p < n_panels; ++p) {
         const int64_t n0 = p * nr;
@@ -254,7 +253,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
           PfOut ep = {colsum.data() + n0, rscale.data() + (i0 - r0), g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                       (char*)g.out + (i0 * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
           if (side.n32 > 0) ep.side = &side;
-          prefill_tile_out(pk, cur + (i0 - r0) * kc, kc, wbuf + p * w_panel, kq, (int)std::min<int64_t>(mr, r1 - i0),
+          prefill_tile_out(pk, cur + pf_a_offset(i0 - r0, 0, kc, pk.a_tiled), kc, wbuf + p * w_panel, kq, (int)std::min<int64_t>(mr, r1 - i0),
                            nn, cbuf, nr, false, ep);
         }
       }
@@ -283,7 +282,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   // The A panel of an M-block, blocked by K: block b = rows [mb_max, kc_max] of k in [b kc_max, (b+1) kc_max), so a
   // micro-kernel's A tile (mr x kc_max) is contiguous and one K block of all rows is one sequential stream (rows
   // a full K apart gave the prefetchers mr short streams per kernel call).
-  const int64_t bstride = mb_max * kc_max;
+  // Where a_tiled, its 16-row groups are whole (a partial last group's tiles are read only in the rows that exist).
+  const int64_t bstride = round_up(mb_max, 16) * kc_max;
   // L2 sub-blocks (PrefillKernels::l2_blocks): A rows of a slice = what fits in 3/4 of L2 beside one micro panel
   // (nr x K bytes of unpacked W); a chunk of micro panels unpacked at once holds up to 2 MB. Without them a
   // 2048 x 4096 A panel (8 MB) streamed from L3 once per micro panel ran the micro-kernel at 89 % of the peak, a
@@ -313,14 +313,14 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
     gemm_prefill_msplit(g, ker, kc_max, sub_rows);
     return;
   }
-  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(mb_max * kpad));
+  uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)(n_kb * bstride));
   std::vector<float> rscale((size_t)mb_max);
   for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
     const int64_t mb = std::min(mb_max, M - m0);
     parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
       for (int64_t r = b; r < e; ++r)
-        rscale[r] = pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + r * kc_max, tmp);
+        rscale[r] = pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + pf_a_offset(r, 0, kc_max, pk.a_tiled), tmp);
     });
     // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
     // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial
@@ -360,7 +360,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
               for (int64_t i0 = r0; i0 < re; i0 += mr) {
                 const int mm = (int)std::min<int64_t>(mr, re - i0);
                 int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc : nullptr;
-                const uint8_t* a = panel + kb * bstride + i0 * kc_max;
+                const uint8_t* a = panel + kb * bstride + pf_a_offset(i0, 0, kc_max, pk.a_tiled);
                 if (!last) {
                   pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);
                   continue;

@@ -48,14 +48,28 @@ struct PfOut {
 // into the next A slice, 32 elements at a time. The micro-kernel keeps both multiply pipes busy with vpdpbusd and
 // leaves the others idle; quantizing between its k-steps costs ~6 cycles per 32 elements (the two divisions, on
 // the multiply pipes) against ~16 as a pass of its own (docs/PERF.md step 24). The kernel takes up to one block per
-// kPfSideEvery k-steps and advances x, dst and n32; PrefillKernels::side does the rest.
+// kPfSideEvery k-steps and advances x, (row, k) and n32; PrefillKernels::side does the rest.
 struct PfSide {
-  const uint16_t* x;  // bf16 [n32 * 32]: the next elements to quantize, contiguous
-  uint8_t* dst;       // uint8 [n32 * 32]: their panel bytes q + 128 (quantize_value, bit for bit)
+  const uint16_t* x;  // bf16 [n32 * 32]: the next elements to quantize, contiguous rows of K
+  uint8_t* panel;     // the next slice's A panel (one K block of kc == K; PrefillKernels::a_tiled layout)
+  int64_t row, k;     // where in it x's next 32 elements go: their panel bytes q + 128 (quantize_value, bit for bit)
+  int64_t kc;         // the panel's k per row (== K, a multiple of 32)
+  bool tiled;         // the panel's layout (pf_a_offset)
   int64_t n32;        // blocks of 32 elements left
   float scale;        // the static scale (finite, > 0)
   int qmin, qmax;
 };
+
+// Byte offset of A element (row, k) in an A panel's K block of kc k per row (PrefillKernels::a_tiled):
+//   row-major  uint8 [rows][kc]
+//   tiled      uint8 [rows / 16][kc / 64][16][64] (kc % 64 == 0): per 16-row group and 64-k step one contiguous 1 KB
+//              AMX tile, loaded at row stride 64. Row-major, a tile's 16 rows sit kc bytes apart: at kc = 4096 all
+//              16 lines fall in one L1 set (and 16 pages), and a 2 x 2 tile loop ran 30-40 % slower for it
+//              (docs/PERF.md step 27).
+// A 16-row group starts at the same byte, row * kc, in both layouts.
+inline int64_t pf_a_offset(int64_t row, int64_t k, int64_t kc, bool tiled) {
+  return tiled ? (row >> 4) * 16 * kc + (k >> 6) * 1024 + (row & 15) * 64 + (k & 63) : row * kc + k;
+}
 
 struct PrefillKernels {
   int mr, nr;      // micro-kernel tile: A rows x W columns (one micro panel)
@@ -79,13 +93,14 @@ struct PrefillKernels {
   // written). nullptr: kernel, then epilogue (which the table must then give).
   void (*kernel_out)(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
                      int64_t ldc, bool accumulate, const PfOut& ep);
-  // One row of A into the panel's K blocks (block b = k in [b kc, (b+1) kc) at dst + b * bstride), each byte
-  // a + 128, zero-valued (0x80) past K to a whole block. nullptr: the driver's portable code (gemm.cpp).
+  // One row of A into the panel's K blocks (block b = k in [b kc, (b+1) kc) at dst + b * bstride, dst = the row's
+  // pf_a_offset(row, 0, kc, tiled); its k at pf_a_offset(0, k, kc, tiled) from there), each byte a + 128,
+  // zero-valued (0x80) past K to a whole block. nullptr: the driver's portable code (gemm.cpp).
   //   pack_a_float: x float [K] of type t quantized with scale to [qmin, qmax] (quantize_value, bit for bit)
   //   pack_a_int8:  q int8 [K]
   void (*pack_a_float)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
-                       int64_t bstride, uint8_t* dst);
-  void (*pack_a_int8)(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst);
+                       int64_t bstride, bool tiled, uint8_t* dst);
+  void (*pack_a_int8)(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, bool tiled, uint8_t* dst);
   // The side job's own pass: what is left of `side` quantized now. nullptr: this table's kernel_out runs no side
   // jobs.
   void (*side)(PfSide& side);
@@ -106,6 +121,9 @@ struct PrefillKernels {
   // the column sums or row scales a pending PfOut points to, and so before each thread's work ends; nothing in
   // between allocates or throws. nullptr: kernel_out leaves nothing pending.
   void (*flush)() = nullptr;
+  // The A panel's layout (pf_a_offset): false row-major, true AMX tiles (k_align a multiple of 64, mr of 16). The
+  // kernels get the panel's first row of their tile and lda = kc either way.
+  bool a_tiled = false;
 };
 
 // Byte offset of dword group q (k = 4q .. 4q+3), column c in a micro panel of nr columns: row-major int8 [kq][nr][4],

@@ -104,11 +104,15 @@ inline void pf_quant32_bf16(const uint16_t* x, const PfQuant& c, uint8_t* dst) {
   _mm256_storeu_si256((__m256i*)dst, _mm256_xor_si256(_mm512_cvtepi32_epi16(w), _mm256_set1_epi8((char)0x80)));
 }
 
-// One block of the side job, which then points at the next.
+// One block of the side job, which then points at the next (32 | kc: a block never crosses a row or a 64-k piece).
 inline void pf_side_block(PfSide& side, const PfQuant& qc) {
-  pf_quant32_bf16(side.x, qc, side.dst);
+  pf_quant32_bf16(side.x, qc, side.panel + pf_a_offset(side.row, side.k, side.kc, side.tiled));
   side.x += 32;
-  side.dst += 32;
+  side.k += 32;
+  if (side.k == side.kc) {
+    side.k = 0;
+    ++side.row;
+  }
   --side.n32;
 }
 
@@ -207,7 +211,9 @@ void pf_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, 
 }
 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------
-// dst: block b holds k in [b kc, (b + 1) kc) at dst + b * bstride; bytes past K up to a whole block are 0x80 (a = 0).
+// dst: block b holds k in [b kc, (b + 1) kc) at dst + b * bstride, k at pf_a_offset(0, k, kc, tiled) in it; bytes
+// past K up to a whole block are 0x80 (a = 0). The row's pieces of 16 / 32 / 64 k never cross a 64-k piece (kc is
+// a multiple of 64 where tiled).
 
 // 16 elements of x (type t) from x[k] as fp32 (exact widening); lanes past `cnt` read nothing and are 0
 inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
@@ -218,37 +224,48 @@ inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
 }
 
 // x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
+// The bytes [n, kc) of a row's K block at d: 0x80, one 64-k piece at a time where tiled.
+inline void pf_pad_a(uint8_t* d, int64_t n, int64_t kc, bool tiled) {
+  if (!tiled) {
+    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
+    return;
+  }
+  for (int64_t k = n; k < kc; k = (k | 63) + 1)
+    memset(d + pf_a_offset(0, k, kc, true), 0x80, (size_t)(std::min(kc, (k | 63) + 1) - k));
+}
+
 void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
-                     int64_t bstride, uint8_t* dst) {
+                     int64_t bstride, bool tiled, uint8_t* dst) {
   const PfQuant qc = pf_quant_consts(scale, qmin, qmax);
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
     uint8_t* d = dst + b * bstride;
     const int64_t n = std::min(kc, K - k0);
     int64_t k = 0;
     if (t == FloatType::kBFloat16)
-      for (; k + 32 <= n; k += 32) pf_quant32_bf16((const uint16_t*)x + k0 + k, qc, d + k);
-    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), qc, d + k);
+      for (; k + 32 <= n; k += 32) pf_quant32_bf16((const uint16_t*)x + k0 + k, qc, d + pf_a_offset(0, k, kc, tiled));
+    for (; k + 16 <= n; k += 16) pf_quant16(pf_load16(x, k0 + k, t, 0xFFFF), qc, d + pf_a_offset(0, k, kc, tiled));
     if (k < n) {  // the row's last < 16 elements: quantized into a scratch, then copied
       alignas(16) uint8_t tail[16];
       pf_quant16(pf_load16(x, k0 + k, t, (__mmask16)((1u << (n - k)) - 1u)), qc, tail);
-      memcpy(d + k, tail, (size_t)(n - k));
+      memcpy(d + pf_a_offset(0, k, kc, tiled), tail, (size_t)(n - k));
       k = n;
     }
-    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
+    pf_pad_a(d, n, kc, tiled);
   }
 }
 
 // q: int8 [K] (already quantized) -> dst, the panel row (each byte q ^ 0x80).
-void pf_pack_a_int8(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, uint8_t* dst) {
+void pf_pack_a_int8(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, bool tiled, uint8_t* dst) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
     uint8_t* d = dst + b * bstride;
     const int64_t n = std::min(kc, K - k0);
-    for (int64_t k = 0; k < n; k += 64) {
+    for (int64_t k = 0; k < n; k += 64) {  // k0 and k are multiples of 64 where tiled: one piece per store
       const __mmask64 m = n - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - k)) - 1);
-      _mm512_mask_storeu_epi8(d + k, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k0 + k), flip));
+      _mm512_mask_storeu_epi8(d + pf_a_offset(0, k, kc, tiled), m,
+                              _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k0 + k), flip));
     }
-    if (n < kc) memset(d + n, 0x80, (size_t)(kc - n));
+    pf_pad_a(d, n, kc, tiled);
   }
 }
 
