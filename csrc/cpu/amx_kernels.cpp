@@ -56,9 +56,10 @@ constexpr int64_t kAmxStepBytes = 2 * kAmxTileBytes;     // a micro panel's W pe
 constexpr int64_t kAmxKc = 16384;
 constexpr int64_t kAmxRows = 2048;
 constexpr int64_t kAmxPanelBytes = 16 << 20;
-// Rows per L2 slice, at least (PrefillKernels::min_slice_rows): 2048 x 14336 -> 4096, where 64-row slices fit L2 beside
-// a chunk of panels, ran 163.6 / 185.6 ms; 256-row slices over one panel at a time 151.6 / 162.9 (two in-process
-// runs, docs/PERF.md step 26). At K = 4096 (352 rows fit) nothing changes.
+// Rows per L2 slice, at least (PrefillKernels::min_slice_rows): at 2048 x 14336 -> 4096 only 64 rows of the whole K fit
+// L2 beside a panel (163.6 / 185.6 ms); 256-row slices streamed from L3 past one panel at a time ran 151.6 / 162.9
+// (docs/PERF.md step 26); K blocks of 3584 with 384-row slices over 256-column chunks (what this value gives with a
+// 2 MB L2) 7-15 % faster again at the VM's fast speed (step 27). At K = 4096 (352 rows fit) nothing changes.
 constexpr int64_t kAmxMinSliceRows = 256;
 // Side-job blocks (32 elements of the next A slice quantized, PfSide) per 64-k step of the tiles: with 2, the M split's
 // 2048 x 4096 -> 1024 went from 6.2 to 5.6 ms (1, 4: 5.9, 5.8; docs/PERF.md step 26): the quantize's divisions run on

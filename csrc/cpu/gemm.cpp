@@ -271,13 +271,19 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   // block sizes: the environment's as given (tests), else the fewest blocks the caps allow, evened out
   const int64_t kc_env = env_int("PQK_PREFILL_KC", 0), rows_env = env_int("PQK_PREFILL_ROWS", 0);
   const int64_t ka = pk.k_align;
-  const int64_t kc_max = kc_env ? std::min(round_up(kc_env, ka), round_up(K, ka)) : balanced_block(K, pk.kc, ka);
+  int64_t kc_max = kc_env ? std::min(round_up(kc_env, ka), round_up(K, ka)) : balanced_block(K, pk.kc, ka);
+  // Long K on a table with min_slice_rows (AMX): where fewer rows of the whole K than that fit in 3/4 of L2 beside
+  // a micro panel, K blocks of at most L2 / (2 min_slice_rows), so that a slice of rows and a chunk of panels fit
+  // together (the L2 sub-blocks below).
+  const bool long_k = pk.l2_blocks && pk.min_slice_rows > 0 &&
+                      l2_cache_bytes() * 3 / 4 / kc_max - pk.nr < pk.min_slice_rows;
+  if (!kc_env && long_k)
+    kc_max = balanced_block(K, std::max(ka, l2_cache_bytes() / (2 * pk.min_slice_rows) / ka * ka), ka);
   const int64_t n_kb = (K + kc_max - 1) / kc_max, kpad = n_kb * kc_max;
   const int64_t rows_cap = std::min<int64_t>(pk.rows, std::max<int64_t>(mr, pk.panel_bytes / kpad / mr * mr));
   const int64_t mb_max = std::min(M, rows_env ? rows_env : balanced_block(M, rows_cap, mr));
   const int64_t kq_max = (kc_max + 3) / 4;
   const int64_t n_units = (N + kPfUnit - 1) / kPfUnit;
-  const int64_t ldc = nr;
 
   // The A panel of an M-block, blocked by K: block b = rows [mb_max, kc_max] of k in [b kc_max, (b+1) kc_max), so a
   // micro-kernel's A tile (mr x kc_max) is contiguous and one K block of all rows is one sequential stream (rows
@@ -288,16 +294,19 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
   // (nr x K bytes of unpacked W); a chunk of micro panels unpacked at once holds up to 2 MB. Without them a
   // 2048 x 4096 A panel (8 MB) streamed from L3 once per micro panel ran the micro-kernel at 89 % of the peak, a
   // 128-row one (512 KB, in L2) at 96 % (docs/PERF.md step 20). Long K (14336: 672 KB per micro panel) leaves no
-  // room: the whole M-block per micro panel, as before. PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (tests, tuning)
-  // force the slice rows and chunk columns.
+  // room: the whole M-block per micro panel, as before, except on a table with min_slice_rows, whose K blocks (above)
+  // make room. PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (tests, tuning) force the slice rows and chunk columns.
   const int64_t w_panel = kq_max * 4 * nr;  // bytes of one unpacked micro panel's K block
   int64_t sub_rows = mb_max, chunk = nr;
-  if (pk.l2_blocks && n_kb == 1) {
+  if (pk.l2_blocks && (n_kb == 1 || pk.min_slice_rows > 0)) {
     const int64_t fit = l2_cache_bytes() * 3 / 4 / kc_max - nr;
     if (fit >= std::max<int64_t>(64, pk.min_slice_rows)) {
       sub_rows = fit / mr * mr;
       chunk = std::max<int64_t>(nr, (2 << 20) / w_panel * nr);
-    } else if (pk.min_slice_rows > 0) {  // long K: the slice streams, one micro panel at a time stays in L2
+      // with K blocks the int32 partial sums (slice rows x chunk columns) go through memory: min_slice_rows columns
+      // at most, 384 KB at 384 rows
+      if (n_kb > 1) chunk = std::min(chunk, std::max<int64_t>(nr, round_up(pk.min_slice_rows, nr)));
+    } else if (pk.min_slice_rows > 0) {  // L2 too small even for the K blocks: the slice streams past one panel
       sub_rows = round_up(pk.min_slice_rows, mr);
     }
   }
@@ -337,7 +346,9 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
       const int64_t chunk_panels = (std::min(chunk, ne - nb) + nr - 1) / nr;
       int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(ahead ? chunk_panels * n_kb * w_panel : w_panel));
       int32_t* colsum = thread_scratch<int32_t>(kScratchColsum, (size_t)(chunk_panels * nr));
-      // int32 partial sums between K blocks (and for a table without kernel_out); none with one K block on zmm
+      // int32 partial sums between K blocks (and for a table without kernel_out), a slice's rows x the chunk's
+      // columns (row stride ldc); none with one K block and kernel_out
+      const int64_t ldc = chunk_panels * nr;
       int32_t* cbuf = n_kb > 1 || !pk.kernel_out ? thread_scratch<int32_t>(kScratchC, (size_t)(rows * ldc)) : nullptr;
       for (int64_t c0 = nb; c0 < ne; c0 += chunk) {
         const int64_t ce = std::min(ne, c0 + chunk);  // this chunk's columns [c0, ce)
@@ -348,18 +359,22 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
             pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, std::min(kc_max, K - k0), wbuf + (p * n_kb + kb) * w_panel,
                       colsum + p * nr);
         }
+        // Per slice, K block by K block, every micro panel of the chunk over the slice's rows: the slice's K block of
+        // A (rows x kc) is reused by all the chunk's panels and each panel's K block by all the slice's rows, from L2
+        // where both fit (long K with K blocks, docs/PERF.md step 27). Without slices (one panel, the whole M-block)
+        // the same order is each K block of the one panel unpacked right before its tiles.
         for (int64_t r0 = 0; r0 < mb; r0 += rows) {
           const int64_t re = std::min(mb, r0 + rows);  // this slice's rows [r0, re) of the M-block
-          for (int64_t n0 = c0, p = 0; n0 < ce; n0 += nr, ++p) {
-            const int nn = (int)std::min<int64_t>(nr, ce - n0);
-            for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kc_max, ++kb) {
-              const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
-              const bool last = k0 + kc >= K;
+          for (int64_t k0 = 0, kb = 0; k0 < K; k0 += kc_max, ++kb) {
+            const int64_t kc = std::min(kc_max, K - k0), kq = (kc + 3) / 4;
+            const bool last = k0 + kc >= K;
+            for (int64_t n0 = c0, p = 0; n0 < ce; n0 += nr, ++p) {
+              const int nn = (int)std::min<int64_t>(nr, ce - n0);
               const int8_t* wp = ahead ? wbuf + (p * n_kb + kb) * w_panel : wbuf;
               if (!ahead) pk.pack_w(g.w, g.w_bits, w_stride, n0, nn, k0, kc, wbuf, colsum + p * nr);
               for (int64_t i0 = r0; i0 < re; i0 += mr) {
                 const int mm = (int)std::min<int64_t>(mr, re - i0);
-                int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc : nullptr;
+                int32_t* c = cbuf ? cbuf + (i0 - r0) * ldc + p * nr : nullptr;
                 const uint8_t* a = panel + kb * bstride + pf_a_offset(i0, 0, kc_max, pk.a_tiled);
                 if (!last) {
                   pk.kernel(a, kc_max, wp, kq, mm, nn, c, ldc, k0 > 0);

@@ -108,10 +108,12 @@ struct PrefillKernels {
   // 3/4 of L2, each thread unpacks a chunk of its micro panels at once and runs them all over an L2-sized slice of
   // A rows before the next slice, so A is read from L2 rather than streamed from L3 once per micro panel.
   bool l2_blocks = false;
-  // With l2_blocks: slices of at least this many rows even where fewer fit L2 beside a micro panel (long K), each run
-  // over one micro panel at a time: the panel stays in L2 and is reused by every row of the slice while the slice
-  // streams from L3. 0: the L2 rule alone (slices only where >= 64 rows fit, else none). For AMX, whose tiles
-  // consume operands ~6x as fast as vpdpbusd, W reuse matters more than A staying in L2 (docs/PERF.md step 26).
+  // With l2_blocks: where fewer rows of the whole K than this fit L2 beside a micro panel (long K), K is cut into
+  // blocks of at most L2 / (2 min_slice_rows) k, so that L2 slices of >= this many rows fit beside a chunk of (at
+  // most this many) columns, and each slice runs K block by K block over the chunk (int32 partial sums between the
+  // blocks). 0: the L2 rule alone (slices only where >= 64 rows of one K block fit, else none). For AMX, whose tiles
+  // consume operands ~6x as fast as vpdpbusd: streaming A from L3 past one panel at a time left it L3-bound
+  // (docs/PERF.md steps 26, 27).
   int64_t min_slice_rows = 0;
   // K granule of a W block (kc a multiple of it): the A panel rows and W panels hold whole granules, zero-valued past
   // K. 8 for the vpdpbusd kernels; 64 for AMX, whose tiles take 64 k per step.
