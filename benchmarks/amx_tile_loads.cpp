@@ -10,7 +10,9 @@
 //   rowmajor    W [kq][32][4]: the two B tiles' rows interleaved, stride 128
 //   tiled       W [step][2][16][64]: each B tile 1 KB contiguous, stride 64 (panel_offset's tiled layout); all
 //               four tiles loaded, then the four tdpbusd
-//   tiled-A1    tiled, the second A tile loaded after the first two tdpbusd              <- amx_kernels.cpp
+//   tiled-A1    tiled, the second A tile loaded after the first two tdpbusd
+//   A-tiled     tiled-A1 with A in tile order too: per 16 rows and 64-k step one contiguous 1 KB (stride 64), not 16
+//               rows K bytes apart (pf_a_offset, kernels_internal.h)                        <- amx_kernels.cpp
 //   tiled+pf2   tiled, the B tiles of the step 2 ahead prefetched into L1 (32 prefetcht0)
 //   tiled+pf4   the same 4 steps ahead
 //   tiled+pfA   tiled+pf2, and the A rows of the step 2 ahead prefetched too
@@ -36,8 +38,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-enum Variant { kPeak, kRowMajor, kTiled, kTiledA1, kTiledPf2, kTiledPf4, kTiledPfA, kVariants };
-const char* kNames[kVariants] = {"peak", "rowmajor", "tiled", "tiled-A1", "tiled+pf2", "tiled+pf4", "tiled+pfA"};
+enum Variant { kPeak, kRowMajor, kTiled, kTiledA1, kATiled, kTiledPf2, kTiledPf4, kTiledPfA, kVariants };
+const char* kNames[kVariants] = {"peak",    "rowmajor",  "tiled",     "tiled-A1",
+                                 "A-tiled", "tiled+pf2", "tiled+pf4", "tiled+pfA"};
 
 // One call: C (32 x 32 int32) = A[32 rows, stride lda] . W panel over `steps` 64-k steps.
 void kernel(Variant v, const uint8_t* a, long lda, const int8_t* w, long steps, int32_t* c) {
@@ -59,7 +62,10 @@ void kernel(Variant v, const uint8_t* a, long lda, const int8_t* w, long steps, 
         for (int l = 0; l < 32; ++l) _mm_prefetch((const char*)b + pf * 2048 + 64 * l, _MM_HINT_T0);
       if (v == kTiledPfA)
         for (int r = 0; r < 32; ++r) _mm_prefetch((const char*)a + r * lda + 64 * (s + 2), _MM_HINT_T0);
-      _tile_loadd(4, a + 64 * s, lda);
+      if (v == kATiled)
+        _tile_loadd(4, a + 1024 * s, 64);
+      else
+        _tile_loadd(4, a + 64 * s, lda);
       if (v == kRowMajor) {
         _tile_loadd(6, b, 128);
         _tile_loadd(7, b + 64, 128);
@@ -67,11 +73,12 @@ void kernel(Variant v, const uint8_t* a, long lda, const int8_t* w, long steps, 
         _tile_loadd(6, b, 64);
         _tile_loadd(7, b + 1024, 64);
       }
-      if (v != kTiledA1) _tile_loadd(5, a + 16 * lda + 64 * s, lda);
+      if (v != kTiledA1 && v != kATiled) _tile_loadd(5, a + 16 * lda + 64 * s, lda);
     }
     _tile_dpbusd(0, 4, 6);
     _tile_dpbusd(1, 4, 7);
     if (v == kTiledA1) _tile_loadd(5, a + 16 * lda + 64 * s, lda);
+    if (v == kATiled) _tile_loadd(5, a + 16 * lda + 1024 * s, 64);
     _tile_dpbusd(2, 5, 6);
     _tile_dpbusd(3, 5, 7);
   }
@@ -90,10 +97,12 @@ int main(int argc, char** argv) {
   }
   static const TileConfig cfg;
   _tile_loadconfig(&cfg);
-  std::vector<uint8_t> A((size_t)(rows * K), 1);
+  // patterned bytes (as a real GEMM's operands vary), not one constant
+  std::vector<uint8_t> A((size_t)(rows * K));
+  for (size_t i = 0; i < A.size(); ++i) A[i] = (uint8_t)(i * 7 + 3);
   const size_t wbytes = (size_t)(panels * K * 32 + 8 * 2048);  // + the prefetches past the last panel
   int8_t* W = (int8_t*)aligned_alloc(64, wbytes);
-  memset(W, 1, wbytes);
+  for (size_t i = 0; i < wbytes; ++i) W[i] = (int8_t)(i * 13 + 1);
   alignas(64) static int32_t C[32 * 32];
   const int rounds = 9;
   std::vector<double> t[kVariants];
