@@ -102,7 +102,13 @@ inline void pending_store(PendingTile& p, int n) {
   }
 }
 
-void amx_flush() { pending_store(t_pending, t_pending.units); }
+// PrefillKernels::flush: the pending outputs stored, and the tiles released (tilerelease: the tile state back to its
+// initial, empty one), so a thread that leaves the GEMM does not carry 8 KB of live tile data through every context
+// switch's save and restore. The next micro-kernel call configures the tiles again, as every call does.
+void amx_flush() {
+  pending_store(t_pending, t_pending.units);
+  _tile_release();
+}
 
 // c_out (row stride ldo_b bytes) = (c_in (row stride ldi_b), or 0 without it) + A . W over `steps` 64-k steps,
 // through the tiles. R2: rows 16-31 exist; C2: columns 16-31 matter (the W panel always holds 32 columns, zeros past

@@ -234,7 +234,8 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
     std::vector<int8_t> tmp;
     auto build = [&](int64_t r0, int64_t r1, uint8_t* dst) {  // rows [r0, r1) -> dst, the slice's buffer
       for (int64_t r = r0; r < r1; ++r)
-        rscale[r - r0] = pack_prefill_row(g, ker, r, kc, rows * kc, dst + pf_a_offset(r - r0, 0, kc, pk.a_tiled), tmp);
+        rscale[r - r0] =
+            pack_prefill_row(g, ker, r, kc, rows * kc, dst + pf_a_offset(r - r0, 0, kc, pk.a_tiled), tmp);
     };
     for (int64_t r0 = rb, sl = 0; r0 < re; r0 += rows, ++sl) {
       const int64_t r1 = std::min(re, r0 + rows);  // this slice's rows [r0, r1)
@@ -253,8 +254,8 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
           PfOut ep = {colsum.data() + n0, rscale.data() + (i0 - r0), g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                       (char*)g.out + (i0 * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
           if (side.n32 > 0) ep.side = &side;
-          prefill_tile_out(pk, cur + pf_a_offset(i0 - r0, 0, kc, pk.a_tiled), kc, wbuf + p * w_panel, kq, (int)std::min<int64_t>(mr, r1 - i0),
-                           nn, cbuf, nr, false, ep);
+          prefill_tile_out(pk, cur + pf_a_offset(i0 - r0, 0, kc, pk.a_tiled), kc, wbuf + p * w_panel, kq,
+                           (int)std::min<int64_t>(mr, r1 - i0), nn, cbuf, nr, false, ep);
         }
       }
       if (pk.flush) pk.flush();  // this slice's last outputs, before its row scales are rewritten
@@ -329,7 +330,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
     parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
       for (int64_t r = b; r < e; ++r)
-        rscale[r] = pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + pf_a_offset(r, 0, kc_max, pk.a_tiled), tmp);
+        rscale[r] =
+            pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + pf_a_offset(r, 0, kc_max, pk.a_tiled), tmp);
     });
     // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
     // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial
