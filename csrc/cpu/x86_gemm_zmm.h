@@ -223,7 +223,6 @@ inline __m512 pf_load16(const void* x, int64_t k, FloatType t, __mmask16 m) {
   return _mm512_maskz_loadu_ps(m, (const float*)x + k);
 }
 
-// x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
 // The bytes [n, kc) of a row's K block at d: 0x80, one 64-k piece at a time where tiled.
 inline void pf_pad_a(uint8_t* d, int64_t n, int64_t kc, bool tiled) {
   if (!tiled) {
@@ -234,6 +233,7 @@ inline void pf_pad_a(uint8_t* d, int64_t n, int64_t kc, bool tiled) {
     memset(d + pf_a_offset(0, k, kc, true), 0x80, (size_t)(std::min(kc, (k | 63) + 1) - k));
 }
 
+// x: float [K] of type t, quantized with `scale` to [qmin, qmax] (quantize_value) -> dst, the panel row.
 void pf_pack_a_float(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
                      int64_t bstride, bool tiled, uint8_t* dst) {
   const PfQuant qc = pf_quant_consts(scale, qmin, qmax);
