@@ -50,7 +50,8 @@ namespace amx {
 
 constexpr int kAmxMr = 32;  // A rows per micro-kernel: two A tiles
 constexpr int kAmxNr = 32;  // W columns per micro panel: two B tiles
-constexpr int64_t kAmxTileBytes = 16 * 64;               // one B tile: 16 dword groups (64 k) x 16 columns
+constexpr int64_t kAmxTileBytes = 16 * 64;               // one tile: 16 rows of 64 bytes (A: 16 rows x 64 k; B: 16
+                                                          // dword groups (64 k) x 16 columns)
 constexpr int64_t kAmxStepBytes = 2 * kAmxTileBytes;     // a micro panel's W per 64-k step
 // k per W block, at most, and the rows / panel of an M-block: as the zmm table (docs/PERF.md step 19)
 constexpr int64_t kAmxKc = 16384;

@@ -307,7 +307,7 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
       // with K blocks the int32 partial sums (slice rows x chunk columns) go through memory: min_slice_rows columns
       // at most, 384 KB at 384 rows
       if (n_kb > 1) chunk = std::min(chunk, std::max<int64_t>(nr, round_up(pk.min_slice_rows, nr)));
-    } else if (pk.min_slice_rows > 0) {  // L2 too small even for the K blocks: the slice streams past one panel
+    } else if (pk.min_slice_rows > 0) {  // one long K block forced (PQK_PREFILL_KC): the slice streams past one panel
       sub_rows = round_up(pk.min_slice_rows, mr);
     }
   }

@@ -54,7 +54,8 @@ def _check_integer_part(backend, M, N, K, a_bits, w_bits, gen):
     ap = fmt.pack_int4(a) if a_bits == 4 else a
     wp = fmt.pack_int4(w) if w_bits == 4 else w
     y = pqk.int4_matmul(ap, wp, 1.0, torch.ones(N), out_dtype=torch.float32, backend=backend)
-    assert torch.equal(y, _exact(a, w).float())  # |acc| < 2^24 here: float32 holds it exactly
+    # |acc| < 2^24 for these random operands (their sums spread ~sqrt(K) x 5e3): float32 holds them exactly
+    assert torch.equal(y.double(), _exact(a, w).double())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -66,6 +67,16 @@ def test_prefill_long_k_default_blocks(backend, a_bits, w_bits, gen, monkeypatch
     integer part exact."""
     _set_env(monkeypatch, BLOCKS[0])
     _check_integer_part(backend, 300, 200, 8194, a_bits, w_bits, gen)
+
+
+@pytest.mark.skipif("cpu:amx" not in CPU_BACKENDS, reason="no AMX on this CPU")
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+def test_amx_long_k_one_block_forced(a_bits, w_bits, gen, monkeypatch):
+    """The same long K with one K block forced (PQK_PREFILL_KC): too few rows fit L2 beside a panel, so the AMX table
+    streams slices of min_slice_rows rows past one micro panel at a time (docs/PERF.md step 26's scheme, kept for
+    tuning). The integer part exact."""
+    _set_env(monkeypatch, ("8256", None, None, None, None))
+    _check_integer_part("cpu:amx", 300, 200, 8194, a_bits, w_bits, gen)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
