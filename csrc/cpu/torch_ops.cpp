@@ -5,6 +5,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <atomic>
 #include <cmath>
 #include <memory>
@@ -53,6 +57,22 @@ void check_cpu_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "pqk: ", name, " must be on the CPU, got ", t.device());
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "pqk: ", name, " must be a contiguous 2-D tensor, got shape ",
               t.sizes());
+}
+
+// A GEMM's output, [M, N] of dtype: at::empty, with the pages of a large one asked to be 2 MB huge pages
+// (madvise MADV_HUGEPAGE; the kernel's default "madvise" THP mode grants them only on request). glibc serves an
+// allocation this large from fresh mmap'd pages, so the epilogue's first write to each 4 KB page faulted: 14336
+// faults per 2048 x 14336 bf16 output, ~17 ms to write 58 MB against ~7 ms on huge pages (docs/PERF.md step 28),
+// inside the tile loop's time. Only advice: where THP is off, or the pages are already there, nothing changes.
+at::Tensor empty_output(int64_t M, int64_t N, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({M, N}, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + out.nbytes()) & ~(kHuge - 1);
+  if (e >= b + 2 * kHuge) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice: result unused
+#endif
+  return out;
 }
 
 float scalar_scale(const at::Tensor& s) {
@@ -142,7 +162,7 @@ at::Tensor int4_matmul_cpu(const at::Tensor& a, const at::Tensor& w, const at::T
   g.a_scale_per_row = a_scale.numel() != 1;  // [M] (a [1] tensor and a scalar mean the same)
   g.a_scale = a_scale.data_ptr<float>();
   set_weight(g, w, w_scale, bias);
-  at::Tensor out = at::empty({g.M, g.N}, a.options().dtype(out_dtype));
+  at::Tensor out = empty_output(g.M, g.N, a.options().dtype(out_dtype));
   g.out = out.data_ptr();
   g.out_type = float_type(out_dtype);
   gemm(g, to_isa(cpu_isa));
@@ -167,7 +187,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     g.a_scale = &static_scale;
   }
   set_weight(g, w, w_scale, bias);
-  at::Tensor out = at::empty({g.M, g.N}, x.options());
+  at::Tensor out = empty_output(g.M, g.N, x.options());
   g.out = out.data_ptr();
   g.out_type = g.a_float_type;
   gemm(g, to_isa(cpu_isa));
@@ -205,7 +225,7 @@ std::vector<at::Tensor> quant_linear_multi_cpu(const at::Tensor& x, at::TensorLi
     set_weight(g, w[i], w_scale[i], bias.get(i));
     TORCH_CHECK(g.w_bits == gs[0].w_bits, "pqk: every w must have one dtype (w[0] ", w[0].scalar_type(), ", w[", i,
                 "] ", w[i].scalar_type(), ")");
-    outs.push_back(at::empty({g.M, g.N}, x.options()));
+    outs.push_back(empty_output(g.M, g.N, x.options()));
     g.out = outs.back().data_ptr();
     g.out_type = g.a_float_type;
   }
