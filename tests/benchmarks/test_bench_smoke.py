@@ -101,6 +101,18 @@ def test_e2e_methods_subset(e2e, tmp_path, no_interpreter):
                                                             ("static", "prefill"), ("static", "decode")]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_e2e_q_dtype_follows_the_cpus_bf16(e2e, monkeypatch, native):
+    # the quantized methods' float parts: bf16 where the CPU computes in bf16 natively, fp32 elsewhere; a given
+    # --q-dtype wins
+    import torch
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    assert e2e.parse_args(["--device", "cpu"]).q_dtype == ("bf16" if native else "fp32")
+    assert e2e.parse_args(["--device", "cpu", "--q-dtype", "fp16"]).q_dtype == "fp16"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")   # a torch without the probe: fp32
+    assert e2e.parse_args(["--device", "cpu"]).q_dtype == "fp32"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gpt-5"], "invalid choice: 'gpt-5'"),
     (["--layers", "0"], "expected a positive integer, got 0"),
