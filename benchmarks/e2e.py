@@ -272,6 +272,7 @@ def _record(method, phase, calls: list[tuple[float, float]], tokens: int, mem: i
          "lm_head_median_ms": _nan_none(statistics.median(h for _, h in calls) * 1e3),
          "decoder_median_ms": _nan_none(statistics.median(c - h for c, h in calls) * 1e3)}
     r["tokens_per_s"] = tokens / (r["median_ms"] / 1e3)
+    r["calls_ms"] = [c * 1e3 for c, _ in calls]   # whole calls in timing order: call i of each method, one round
     r.update(extra)
     return r
 
@@ -555,9 +556,17 @@ def _mb(b) -> str:
     return "—" if b is None else f"{b / 2**20:.1f}"
 
 
+def per_round(a: dict, b: dict) -> tuple[float, float, float] | None:
+    """Median, min and max over the rounds of a's call / b's call in the same round (the two calls seconds apart):
+    on a machine whose speed moves between one round and the next (the 2-vCPU VMs here, by up to 2x within a
+    minute), steadier than the ratio of the two medians, which may pair calls of different rounds."""
+    ra = [x / y for x, y in zip(a.get("calls_ms") or [], b.get("calls_ms") or [])]
+    return (statistics.median(ra), min(ra), max(ra)) if ra else None
+
+
 def speedups(records: list[dict]) -> list[dict]:
     """Per phase: fp / static, fp / dynamic, dynamic / static (each > 1 = the second is faster), for the whole
-    call and the decoder alone, and the memory ratios."""
+    call (ratio of the medians, and per round: per_round) and the decoder alone, and the memory ratios."""
     by = {(r["method"], r["phase"]): r for r in records}
     div = lambda x, y: None if x is None or y is None else x / y   # noqa: E731
     rows = []
@@ -568,6 +577,7 @@ def speedups(records: list[dict]) -> list[dict]:
             if a is None or b is None:
                 continue
             rows.append({"phase": phase, "ratio": f"{num} / {den}", "speedup": a["median_ms"] / b["median_ms"],
+                         "round_speedup": per_round(a, b),
                          "decoder_speedup": div(a["decoder_median_ms"], b["decoder_median_ms"]),
                          "mem_ratio": div(b["peak_mem_bytes"], a["peak_mem_bytes"])})
     return rows
@@ -597,12 +607,17 @@ def markdown(records: list[dict], args) -> str:
                      f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {_f(r['decoder_median_ms'])} | "
                      f"{_f(r['lm_head_median_ms'])} | {r['tokens_per_s']:.1f} | {_mb(r['peak_mem_bytes'])} | "
                      f"{_mb(r['rss_peak_delta_bytes'])} | {_f(comp, '.1f')} |")
-    lines += ["", "Speedups (ratio of medians; > 1 = the second method is faster). 'decoder' excludes the lm_head "
-                  "(measured by hooks in the same calls); memory = weights+KV of the second / the first.", "",
-              "| phase | ratio | speedup (whole call) | speedup (decoder) | memory ratio |", "|---|---|---|---|---|"]
+    lines += ["", "Speedups (> 1 = the second method is faster): the whole call as the ratio of the medians and per "
+                  "round (median [min–max] over the rounds of the two calls made in the same round); 'decoder' "
+                  "excludes the lm_head (measured by hooks in the same calls); memory = weights+KV of the second / "
+                  "the first.", "",
+              "| phase | ratio | speedup (whole call) | per round | speedup (decoder) | memory ratio |",
+              "|---|---|---|---|---|---|"]
     for s in speedups(records):
-        lines.append(f"| {s['phase']} | {s['ratio']} | {s['speedup']:.2f}× | {_f(s['decoder_speedup'], '.2f', '×')} | "
-                     f"{_f(s['mem_ratio'], '.3f')} |")
+        rnd = s["round_speedup"]
+        rnd = "—" if rnd is None else f"{rnd[0]:.2f}× [{rnd[1]:.2f}–{rnd[2]:.2f}]"
+        lines.append(f"| {s['phase']} | {s['ratio']} | {s['speedup']:.2f}× | {rnd} | "
+                     f"{_f(s['decoder_speedup'], '.2f', '×')} | {_f(s['mem_ratio'], '.3f')} |")
     return "\n".join(lines)
 
 

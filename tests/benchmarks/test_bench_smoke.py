@@ -58,6 +58,7 @@ def test_e2e_writes_every_method_and_phase(e2e, tmp_path, no_interpreter, model,
     assert len(records) == 8
     for r in records:
         assert isinstance(r["median_ms"], float) and r["median_ms"] > 0
+        assert len(r["calls_ms"]) == (1 if r["phase"] == "prefill" else 2)   # --repeats 1, --decode-steps 2
         assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] > 0
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         comp = compiled == "on" and r["method"].startswith("static")
@@ -99,6 +100,18 @@ def test_e2e_methods_subset(e2e, tmp_path, no_interpreter):
     records = json.loads(out.read_text())
     assert [(r["method"], r["phase"]) for r in records] == [("fp", "prefill"), ("fp", "decode"),
                                                             ("static", "prefill"), ("static", "decode")]
+
+
+def test_e2e_per_round_ratio_pairs_the_calls_of_one_round(e2e):
+    a = {"method": "fp", "phase": "prefill", "median_ms": 20.0, "decoder_median_ms": None, "peak_mem_bytes": 4,
+         "calls_ms": [10.0, 30.0, 20.0]}
+    b = {**a, "method": "static", "median_ms": 10.0, "peak_mem_bytes": 1, "calls_ms": [5.0, 10.0, 20.0]}
+    assert e2e.per_round(a, b) == (2.0, 1.0, 3.0)   # rounds 2x, 3x, 1x; the ratio of the medians says 2x too
+    b["calls_ms"] = [20.0, 5.0, 10.0]               # same median, other rounds: 0.5x, 6x, 2x
+    assert e2e.per_round(a, b) == (2.0, 0.5, 6.0)
+    row, = e2e.speedups([a, b])
+    assert row["ratio"] == "fp / static" and row["round_speedup"] == (2.0, 0.5, 6.0)
+    assert e2e.per_round({**a, "calls_ms": None}, b) is None   # records written before calls_ms
 
 
 @pytest.mark.parametrize("native", [True, False])
