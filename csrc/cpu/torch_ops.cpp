@@ -60,10 +60,12 @@ void check_cpu_2d(const at::Tensor& t, const char* name) {
 }
 
 // A GEMM's output, [M, N] of dtype: at::empty, with the pages of a large one asked to be 2 MB huge pages
-// (madvise MADV_HUGEPAGE; the kernel's default "madvise" THP mode grants them only on request). glibc serves an
-// allocation this large from fresh mmap'd pages, so the epilogue's first write to each 4 KB page faulted: 14336
+// (madvise MADV_HUGEPAGE over the whole 2 MB pages inside it, where there are two or more; the kernel's usual
+// "madvise" THP mode grants them only on request). glibc serves an allocation over 32 MB (its largest mmap
+// threshold) from fresh mmap'd pages on every call, so the epilogue's first write to each 4 KB page faulted: 14336
 // faults per 2048 x 14336 bf16 output, ~17 ms to write 58 MB against ~7 ms on huge pages (docs/PERF.md step 28),
-// inside the tile loop's time. Only advice: where THP is off, or the pages are already there, nothing changes.
+// inside the tile loop's time. Only advice: where THP is off, or the pages are already there (a smaller output
+// reused from glibc's heap), nothing changes.
 at::Tensor empty_output(int64_t M, int64_t N, const at::TensorOptions& options) {
   at::Tensor out = at::empty({M, N}, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
