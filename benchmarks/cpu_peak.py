@@ -8,7 +8,8 @@ thread, measured once per round between the GEMMs. Per shape (M x K -> N, defaul
 alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), raw
 `torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), oneDNN's static W8A8
 `torch.ops.quantized.linear` (x already u8, W prepacked; its AMX kernel where the CPU has AMX, the strongest int8
-path there), torch bf16 `x @ W.T`, torch fp32; with AMX also our W4A4 forced onto the vpdpbusd kernel; plus
+path there), torch bf16 and fp32 `F.linear(x, W)` (what nn.Linear runs; 2-3 % faster than `x @ W.T` on the AMX
+Xeon, docs/PERF.md step 28; fp32 with x already fp32); with AMX also our W4A4 forced onto the vpdpbusd kernel; plus
 decode 1 x 4096 -> 14336 W4A4 vs bf16. Reported: wall-clock median [min-max], and the same per CPU second
 (process CPU time / threads): on a shared machine a descheduled run shows in the wall time, not in the CPU time;
 ratios against `_int_mm`, bf16 and the best torch path of the shape (the fastest of the torch rows). On a CPU without
@@ -39,6 +40,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, write_outputs  # noqa: E402
@@ -94,8 +96,9 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
         qlinear = onednn_qlinear(x, lin.weight.detach())
         if qlinear is not None:
             fns[QLINEAR] = qlinear
-    fns["torch bf16"] = lambda: x @ wb.T
-    fns["torch fp32"] = lambda: x.float() @ wf.T
+    xf = x.float()
+    fns["torch bf16"] = lambda: F.linear(x, wb)
+    fns["torch fp32"] = lambda: F.linear(xf, wf)
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     peaks = []
@@ -145,7 +148,7 @@ def bench_decode(rounds: int, gen) -> dict:
     x = torch.randn(1, k, generator=gen).bfloat16()
     wb = lin.weight.detach().bfloat16()
     mod = QuantLinear.from_float(lin, 4, 4, act_scale=0.05)
-    fns = {"pqk W4A4": lambda: mod(x), "torch bf16": lambda: x @ wb.T}
+    fns = {"pqk W4A4": lambda: mod(x), "torch bf16": lambda: F.linear(x, wb)}
     ts = {name: [] for name in fns}
     with torch.no_grad():
         for f in fns.values():

@@ -3,7 +3,8 @@
     python benchmarks/linear_cpu.py --threads 2 --json bench_out/linear_cpu.json
 
 Cases (the CPU-speed issue's targets):
-  prefill  x bf16 [2048, 4096], 4096 -> 4096: static W4A4 QuantLinear vs torch bf16 `x @ W.T`, torch fp32, and
+  prefill  x bf16 [2048, 4096], 4096 -> 4096: static W4A4 QuantLinear vs torch bf16 and fp32 `F.linear(x, W)`
+           (nn.Linear's own call; the fp32 one on an fp32 x), and
            the best torch int8 composition (quantize to int8 + torch._int_mm + scale);
   decode   x bf16 [1, 4096], 4096 -> 14336, 4-bit weights: vs torch bf16 / fp32, and % of the copy roofline
            (weight bytes / measured copy bandwidth);
@@ -19,6 +20,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import anchors, machine_info, timeit, timeit_interleaved, write_outputs  # noqa: E402
@@ -37,6 +39,7 @@ def bench_prefill(repeats: int, m: int, k: int, n: int) -> list[dict]:
     lin = torch.nn.Linear(k, n, bias=False)
     x = torch.randn(m, k, generator=g).bfloat16()
     wb, wf = lin.weight.detach().bfloat16(), lin.weight.detach()
+    xf = x.float()  # the fp32 anchor's input, fp32 already (a fp32 model's)
     static = QuantLinear.from_float(lin, 4, 4, act_scale=0.05)
     w_int8_t = torch.randint(-8, 8, (k, n), dtype=torch.int8, generator=g)
     w_scale = torch.rand(n, generator=g) + 0.1
@@ -45,8 +48,8 @@ def bench_prefill(repeats: int, m: int, k: int, n: int) -> list[dict]:
     with torch.no_grad():
         for name, fn, reps in [
             ("pqk static W4A4 QuantLinear", lambda: static(x), repeats),
-            ("torch bf16 x @ W.T", lambda: x @ wb.T, max(2, repeats // 3)),
-            ("torch fp32 x @ W.T", lambda: x.float() @ wf.T, repeats),
+            ("torch bf16 F.linear", lambda: F.linear(x, wb), max(2, repeats // 3)),
+            ("torch fp32 F.linear", lambda: F.linear(xf, wf), repeats),
             # torch._int_mm takes minutes at this size on CPUs without AVX-512 VNNI: one timed run
             ("torch int8 quantize + _int_mm + scale", lambda: int8_composition(x, w_int8_t, w_scale, 0.05), 1),
         ]:
@@ -61,14 +64,15 @@ def bench_decode(repeats: int, k: int, n: int, read_gbs: float) -> list[dict]:
     lin = torch.nn.Linear(k, n, bias=False)
     x = torch.randn(1, k, generator=g).bfloat16()
     wb, wf = lin.weight.detach().bfloat16(), lin.weight.detach()
+    xf = x.float()  # the fp32 anchor's input, fp32 already (a fp32 model's)
     static = QuantLinear.from_float(lin, 4, 4, act_scale=0.05)
     w_bytes = static.weight.numel()
     roofline_ms = w_bytes / (read_gbs * 1e9) * 1e3  # the packed weights streamed once at the measured read rate
     rows = []
     with torch.no_grad():
         times = timeit_interleaved({"pqk static W4A4 QuantLinear": lambda: static(x),
-                                    "torch bf16 x @ W.T": lambda: x @ wb.T,
-                                    "torch fp32 x @ W.T": lambda: x.float() @ wf.T}, repeats * 4)
+                                    "torch bf16 F.linear": lambda: F.linear(x, wb),
+                                    "torch fp32 F.linear": lambda: F.linear(xf, wf)}, repeats * 4)
         for name, t in times.items():
             row = {"case": f"decode 1x{k}->{n}", "method": name, **t}
             if name.startswith("pqk"):
