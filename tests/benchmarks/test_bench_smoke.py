@@ -162,7 +162,7 @@ def test_kernels_quick(kernels, tmp_path, no_interpreter):
     methods = {r["method"] for r in timed if r["section"] == "gemm"}
     for be in pqk.available_backends():   # every backend of the device is in the GEMM section
         assert f"pqk static W4A4 quant_linear [{be}]" in methods
-    assert {"torch fp32 F.linear", "torch bf16 F.linear", "torch int8 quantize + _int_mm + scale"} <= methods
+    assert {"torch fp32 x @ W.T", "torch bf16 x @ W.T", "torch int8 quantize + _int_mm + scale"} <= methods
     # decode attention on CPU: the C++ kernel and the unfused dequant-concat + SDPA, both timed
     att = {r["method"] for r in timed if r["section"] == "attention"}
     assert att == {"kv_decode_attention [cpu]", "dequant-concat + SDPA"}
@@ -196,6 +196,10 @@ def test_linear_cpu_still_runs(tmp_path):
     assert lin.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "l.json")]) == 0
     data = json.loads((tmp_path / "l.json").read_text())
     assert data["anchors"]["bf16_matmul_1024_GFLOPs"] > 0 and data["rows"]
+    # torch's float anchors as nn.Linear runs them (F.linear), at prefill and at decode
+    for case in ("prefill", "decode"):
+        methods = {r["method"] for r in data["rows"] if r["case"].startswith(case)}
+        assert {"torch bf16 F.linear", "torch fp32 F.linear"} <= methods, (case, methods)
 
 
 @pytest.mark.parametrize("int_mm", ["on", "off"])
