@@ -8,7 +8,7 @@ thread, measured once per round between the GEMMs. Per shape (M x K -> N, defaul
 alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), raw
 `torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), oneDNN's static W8A8
 `torch.ops.quantized.linear` (x already u8, W prepacked; its AMX kernel where the CPU has AMX, the strongest int8
-path there), torch bf16 and fp32 `F.linear(x, W)` (what nn.Linear runs; 2-3 % faster than `x @ W.T` on the AMX
+path there), torch bf16 and fp32 `F.linear(x, W)` (what nn.Linear runs; 2-4 % faster than `x @ W.T` on the AMX
 Xeon, docs/PERF.md step 28; fp32 with x already fp32); with AMX also our W4A4 forced onto the vpdpbusd kernel; plus
 decode 1 x 4096 -> 14336 W4A4 vs bf16. Reported: wall-clock median [min-max], and the same per CPU second
 (process CPU time / threads): on a shared machine a descheduled run shows in the wall time, not in the CPU time;

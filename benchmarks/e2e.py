@@ -674,7 +674,8 @@ def _methods(v: str) -> list[str]:
 def cpu_has_bf16() -> bool:
     """Whether torch's CPU kernels have native bf16 arithmetic here (AVX512-BF16; AMX-BF16 CPUs have it too): bf16
     SDPA and elementwise ops then beat fp32 (2048-token prefill of one Llama-3-8B layer on a Xeon with AMX: 0.90 vs
-    1.20 s, docs/PERF.md), where without it they emulate bf16 and lose to fp32 by up to 10x."""
+    1.20 s, docs/PERF.md); without it the 16-bit kernels lose to fp32 (an AVX2 EPYC: fp16 SDPA over a 2048-token
+    cache ~10x slower, docs/BENCHMARKS.md)."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(probe and probe())
 
