@@ -19,9 +19,10 @@
 // Tiles: tmm0-3 C (row block, column block) = (0,0) (0,1) (1,0) (1,1); tmm4, 5 A rows 0-15 / 16-31; tmm6, 7 B columns
 // 0-15 / 16-31. Each 64-k step loads 4 tiles (4 KB) for 4 tdpbusd (65536 MACs).
 //
-// The tile configuration (which rows each tile has) is loaded at the start of every micro-kernel call: another
-// library on the same thread (oneDNN's AMX kernels) may have loaded its own, or released the tiles, in between. A
-// call of the last A rows of an M-block (mr < 32) configures only the rows that exist, so no tile reads past the panel.
+// The tile configuration (which rows each tile has) is loaded by a thread's first micro-kernel call of a GEMM, and
+// again where a call's rows differ (t_configured): another library on the same thread (oneDNN's AMX kernels) may
+// have loaded its own, or released the tiles, between GEMMs. A call of the last A rows of an M-block (mr < 32)
+// configures only the rows that exist, so no tile reads past the panel.
 //
 // Not built with PQK_VNNI_EMULATE (the sanitizer harness's AVX2-only build, which has no zmm code to share): AMX is
 // tested natively, on a CPU that has it (tests/ops, tests/cpu/test_sanitizers.py's native harness).
@@ -67,8 +68,19 @@ constexpr int64_t kAmxMinSliceRows = 256;
 // the vector units while the tiles multiply, and at 2 most of the next slice is done before its kernels need it.
 constexpr int kAmxSideBlocks = 2;
 
+// The configuration this thread's tiles hold, 32 r0 + r1 (amx_configure), or -1: none of ours (amx_flush released
+// the tiles). A GEMM's first micro-kernel call on a thread configures the tiles, later calls only when their rows
+// change: loading the configuration on every call (a 32 x 32 block of 56-64 k-steps) cost 0-3 % (2.8 % at
+// 2048 x 4096 -> 1024, twice; docs/PERF.md step 29). Another library's AMX code (oneDNN's) can run on the thread only
+// between GEMMs, and every GEMM ends with amx_flush on every thread that ran tiles (PrefillKernels::flush, at the end
+// of each chunk and slice), which resets this.
+thread_local int t_configured = -1;
+
 // r0 rows in the first row block (1..16), r1 in the second (0: not used)
 inline void amx_configure(int r0, int r1) {
+  const int key = 32 * r0 + r1;
+  if (key == t_configured) return;
+  t_configured = key;
   AmxTileConfig c;
   for (int t = 0; t < 8; ++t) c.colsb[t] = 64;
   c.rows[0] = c.rows[1] = c.rows[4] = (uint8_t)r0;          // C (0, x), A rows 0-15
@@ -109,6 +121,7 @@ inline void pending_store(PendingTile& p, int n) {
 void amx_flush() {
   pending_store(t_pending, t_pending.units);
   _tile_release();
+  t_configured = -1;
 }
 
 // c_out (row stride ldo_b bytes) = (c_in (row stride ldi_b), or 0 without it) + A . W over `steps` 64-k steps,
