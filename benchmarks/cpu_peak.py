@@ -24,6 +24,10 @@ against `_int_mm` as median [min-max] with how many processes reached 1.0, and o
 
     python benchmarks/cpu_peak.py --threads 2 --repeats 5 --processes 7 --json bench_out/cpu_peak.json
 
+With AMX on a VM that runs at two speeds (docs/PERF.md steps 26-29), the report also puts every round of every
+process with the fast or the slow side by the peak measured right before it, and gives our per-round ratios per
+side (`by_side`): the slow side slows AMX bf16 more than our GEMM, so a ratio pooled over both says little.
+
 Note: with AMX (Sapphire Rapids and later) the peak is the tdpbusd loop's and our GEMM runs on the tiles;
 `_int_mm` stays on oneDNN's vpdpbusd gemm there while quantized.linear and bf16 `@` use oneDNN's AMX brgemm.
 """
@@ -123,7 +127,7 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
         c_ms = statistics.median(t * 1e3 for t in cpu[name])
         rows[name] = {"median_ms": statistics.median(w_ms), "min_ms": w_ms[0], "max_ms": w_ms[-1],
                       "cpu_median_ms": c_ms, "TOPS": ops / statistics.median(w_ms) / 1e9,
-                      "cpu_TOPS": ops / c_ms / 1e9}
+                      "cpu_TOPS": ops / c_ms / 1e9, "round_ms": [t * 1e3 for t in wall[name]]}
     ref, bf = rows.get(INT_MM), rows["torch bf16"]
     # the strongest torch path on this machine (bf16 on AVX512-BF16 / AMX, fp32 on AVX2, _int_mm where VNNI exists)
     best = min((name for name in rows if name.startswith("torch")), key=lambda name: rows[name]["median_ms"])
@@ -139,7 +143,8 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
             row["pct_peak"] = 100 * row["TOPS"] / peak_w
             row["pct_peak_cpu"] = 100 * row["cpu_TOPS"] / peak_c
     return {"shape": f"{m}x{k}->{n}", "peak_isa": peak_isa, "peak_wall_TOPS": peak_w, "peak_cpu_TOPS": peak_c,
-            "best_torch": best, "rows": rows}
+            "best_torch": best, "rows": rows,
+            "round_peak_TOPS": [p["wall_TOPS"] for p in peaks] if peak_isa else None}
 
 
 def bench_decode(rounds: int, gen) -> dict:
@@ -222,6 +227,55 @@ def across_processes(runs: list[dict]) -> dict:
     return out
 
 
+def by_side(runs: list[dict]) -> dict | None:
+    """The rounds of all processes, put with the VM's fast or slow side by the peak measured right before each
+    (the AMX Xeon of docs/PERF.md steps 26-29 runs at two speeds, for minutes at a time, and its slow side slows AMX
+    bf16 more than our GEMM): the cut is the geometric mean of the 5th and 95th percentile peaks over all rounds
+    of all shapes, where those differ by 1.5x or more (else None: one side). Per shape, side and pqk method: the
+    rounds, and the per-round ratios of `_int_mm` and bf16 (their ms over ours in the same round), median [min-max]."""
+    peaks = sorted(p for run in runs for s in run["shapes"] for p in (s.get("round_peak_TOPS") or []))
+    if not peaks:
+        return None
+    lo, hi = peaks[len(peaks) // 20], peaks[len(peaks) - 1 - len(peaks) // 20]
+    if hi < 1.5 * lo:
+        return None
+    cut = (lo * hi) ** 0.5
+    out = {"cut_TOPS": cut, "shapes": {}}
+    for i, s0 in enumerate(runs[0]["shapes"]):
+        sides = {"fast": {}, "slow": {}}
+        for side, keep in (("fast", lambda p: p >= cut), ("slow", lambda p: p < cut)):
+            picked = [(run["shapes"][i]["rows"], r) for run in runs
+                      for r, p in enumerate(run["shapes"][i]["round_peak_TOPS"]) if keep(p)]
+            if not picked:
+                continue
+            for name in s0["rows"]:
+                if not name.startswith("pqk") or "[" in name:
+                    continue
+                row = {"rounds": len(picked)}
+                for anchor, key in ((INT_MM, "x_int_mm"), ("torch bf16", "x_bf16")):
+                    if anchor in s0["rows"]:
+                        x = [rows[anchor]["round_ms"][r] / rows[name]["round_ms"][r] for rows, r in picked]
+                        row.update({key: statistics.median(x), key + "_min": min(x), key + "_max": max(x)})
+                sides[side][name] = row
+        out["shapes"][s0["shape"]] = sides
+    return out
+
+
+def markdown_by_side(side: dict | None) -> list[str]:
+    if side is None:
+        return ["", "By the VM's side: one side only (the rounds' peaks within 1.5x of each other)."]
+    lines = ["", f"By the VM's side (rounds whose peak, measured right before them, is above or below "
+             f"{side['cut_TOPS']:.2f} TOPS; per-round ratios, median [min-max]):", "",
+             "| shape | side | method | rounds | × _int_mm | × bf16 |", "|---|---|---|---|---|---|"]
+    for shape, sides in side["shapes"].items():
+        for name_side, rows in sides.items():
+            for name, r in rows.items():
+                cells = [f"{r[k]:.2f} [{r[k + '_min']:.2f}-{r[k + '_max']:.2f}]" if k in r else "—"
+                         for k in ("x_int_mm", "x_bf16")]
+                lines.append(f"| {shape} | {name_side} | {name} | {r['rounds']} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def markdown_across(result: dict) -> str:
     n = len(result["per_process"])
     lines = [f"Across {n} processes, run one after another (each: {result['repeats']} interleaved rounds per shape); "
@@ -241,6 +295,7 @@ def markdown_across(result: dict) -> str:
     d = [run["decode"]["x_bf16"] for run in result["per_process"]]
     lines += ["", f"Decode {result['per_process'][0]['decode']['shape']}: pqk W4A4 × bf16 median {statistics.median(d):.2f} "
               f"[{min(d):.2f}-{max(d):.2f}] over the processes."]
+    lines += markdown_by_side(result.get("by_side"))
     return "\n".join(lines)
 
 
@@ -256,7 +311,7 @@ def run_processes(args, argv: list[str]) -> int:
                 runs.append(json.load(f))
             print(f"process {i + 1}/{args.processes} done", flush=True)
     result = {"machine": runs[0]["machine"], "repeats": args.repeats, "across": across_processes(runs),
-              "per_process": runs}
+              "by_side": by_side(runs), "per_process": runs}
     md = markdown_across(result) + "\n\nThe first process:\n\n" + markdown(runs[0])
     print(md)
     write_outputs(args.json, result, md)

@@ -253,6 +253,32 @@ def test_cpu_peak_across_processes(tmp_path):
         peak.main(["--quick", "--processes", "0"])
 
 
+def test_cpu_peak_by_side():
+    """The rounds of all processes put with the VM's fast or slow side by the peak measured before each: fast rounds
+    (peak 10) and slow ones (peak 4) get their own per-round ratios, ours against `_int_mm` and bf16 in the same
+    round; peaks within 1.5x of each other are one side (None)."""
+    peak = _load("cpu_peak")
+
+    def run(peaks, ours, bf16, int_mm):
+        rows = {"pqk W4A4": {"round_ms": ours}, "pqk W4A4 [avx512vnni]": {"round_ms": ours},
+                "torch bf16": {"round_ms": bf16}, "torch._int_mm (raw)": {"round_ms": int_mm}}
+        return {"shapes": [{"shape": "s", "rows": rows, "round_peak_TOPS": peaks}]}
+
+    # process 1: rounds fast, slow, fast; process 2: slow, slow, fast (ours 1 ms fast / 2 ms slow)
+    runs = [run([10.0, 4.0, 10.5], [1.0, 2.0, 1.0], [1.5, 5.0, 1.4], [1.2, 2.6, 1.3]),
+            run([4.2, 3.9, 9.8], [2.0, 2.0, 1.0], [4.0, 4.4, 1.6], [2.4, 2.2, 1.1])]
+    side = peak.by_side(runs)
+    assert side["cut_TOPS"] == pytest.approx((3.9 * 10.5) ** 0.5)
+    fast, slow = side["shapes"]["s"]["fast"]["pqk W4A4"], side["shapes"]["s"]["slow"]["pqk W4A4"]
+    assert fast["rounds"] == 3 and slow["rounds"] == 3
+    assert fast["x_bf16"] == pytest.approx(1.5) and (fast["x_bf16_min"], fast["x_bf16_max"]) == (1.4, 1.6)
+    assert slow["x_bf16"] == pytest.approx(2.2) and (slow["x_bf16_min"], slow["x_bf16_max"]) == (2.0, 2.5)
+    assert fast["x_int_mm"] == pytest.approx(1.2) and slow["x_int_mm"] == pytest.approx(1.2)
+    assert "pqk W4A4 [avx512vnni]" not in side["shapes"]["s"]["fast"]
+    assert "| s | fast | pqk W4A4 | 3 | 1.20 [1.10-1.30] | 1.50 [1.40-1.60] |" in peak.markdown_by_side(side)
+    assert peak.by_side([run([10.0, 9.0, 8.0], [1.0] * 3, [1.0] * 3, [1.0] * 3)]) is None
+
+
 def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     """profile_decode.py on tiny-llama (2 layers): per step one pqk::decode_layer call per layer + the W8A8 lm_head;
     with --no-decode-layer-op --no-graph-pass the 7 GEMVs of a layer in 7 calls + the lm_head and one decode attention
