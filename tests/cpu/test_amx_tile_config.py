@@ -1,7 +1,7 @@
 """The AMX prefill kernels load the tile configuration once per GEMM and thread, not on every micro-kernel call
-(csrc/cpu/amx_kernels.cpp, t_configured; docs/PERF.md step 29). Between our GEMMs oneDNN's own AMX kernels (torch's
-bf16 F.linear and quantized.linear on an AMX CPU) load their configuration and release the tiles on the same threads,
-and our flush releases ours: each GEMM must configure again. Run in a fresh process, since a tile instruction with no
+(csrc/cpu/amx_kernels.cpp, t_configured; docs/PERF.md step 29). Between our GEMMs oneDNN's own AMX kernels (here
+torch's bf16 F.linear) load their configuration on the same threads, and our flush releases the tiles: each GEMM
+must configure again. Run in a fresh process, since a tile instruction with no
 configuration loaded kills it (SIGILL): our GEMMs with different last row blocks (16 + 16, 16 + 4, 4 + 0 rows)
 interleaved with oneDNN's AMX ops, every output equal to the reference's."""
 import subprocess
