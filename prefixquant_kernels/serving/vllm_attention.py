@@ -21,8 +21,8 @@ checkpoint's ``kv_bits`` 4 or 8, calibrated per-head scales), this:
   function (tests/serving/test_vllm.py).
 
 Any other model (no pqk checkpoint, a 16-bit or group-wise KV mode, ``--kv-cache-dtype fp8``, or
-``PQK_VLLM_FLOAT_KV=1``) runs vLLM's CPU attention unchanged. The state lives per process: one vLLM worker serves
-one model.
+``PQK_VLLM_FLOAT_KV=1``) runs vLLM's CPU attention unchanged. Each engine gets its own plan (``current_plan``): a
+process that builds several engines one after another (vLLM's in-process engine) never reuses another's.
 """
 from __future__ import annotations
 
@@ -31,15 +31,15 @@ import os
 from dataclasses import replace
 
 import torch
-from vllm.config import get_current_vllm_config
+from vllm.config import get_current_vllm_config, get_current_vllm_config_or_none
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from ..cache.factory import rotate_heads, transform_keys
 from ..calibration.config import QuantConfig
 from ..ops import kv as kv_ops
 from ..ops.backend import resolve
-from .vllm_prefix import (_WEIGHTS, _fail, _quantization_config, _warn_once, rank_heads, read_prefix,
-                          uses_connector)
+from .vllm_prefix import (_WEIGHTS, _fail, _quantization_config, _warn_once, checkpoint_stamp, rank_heads,
+                          read_prefix, uses_connector)
 
 
 # PQK_VLLM_FLOAT_KV=1: serve a static-KV checkpoint on vLLM's own 16-bit cache (the prefix connector then writes the
@@ -119,7 +119,27 @@ class KVPlan:
         return self.layers[index]
 
 
-_PLAN: KVPlan | None = None   # set by the first impl built in this process for a pqk static-KV checkpoint
+# The plan of the engine built last in this process and what it was made for. A process may build more than one
+# engine one after another (vLLM's in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0, or LLM() twice in a
+# notebook): a plan is reused only for the same model, files, connector and cache dtype.
+_PLAN: KVPlan | None = None
+_PLAN_KEY: tuple | None = None
+
+
+def current_plan(vllm_config=None) -> KVPlan | None:
+    """The static KV plan of the engine ``vllm_config`` describes (default: vLLM's current config, which is set
+    while an engine builds its model and its cache), made once per engine; without a config, the plan of the
+    engine built last."""
+    global _PLAN, _PLAN_KEY
+    config = vllm_config if vllm_config is not None else get_current_vllm_config_or_none()
+    model = getattr(getattr(config, "model_config", None), "model", None)
+    if model is None:
+        return _PLAN
+    key = (model, checkpoint_stamp(model), uses_connector(config), config.cache_config.cache_dtype,
+           os.environ.get(FLOAT_KV_ENV) == "1")
+    if key != _PLAN_KEY:
+        _PLAN, _PLAN_KEY = plan_for(config), key
+    return _PLAN
 
 
 def plan_for(vllm_config) -> KVPlan | None:
@@ -152,9 +172,10 @@ class PrefixQuantAttentionBackend(CPUAttentionBackend):
     @classmethod
     def customize_spec(cls, spec):
         spec = super().customize_spec(spec)
-        if _PLAN is None:
+        plan = current_plan()
+        if plan is None:
             return spec
-        return replace(spec, dtype=torch.uint8, state_content_bytes=2 * _PLAN.code_bytes(spec.head_size))
+        return replace(spec, dtype=torch.uint8, state_content_bytes=2 * plan.code_bytes(spec.head_size))
 
     @staticmethod
     def get_impl_cls():
@@ -166,10 +187,7 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        global _PLAN
-        config = get_current_vllm_config()
-        path = getattr(getattr(config, "model_config", None), "model", None)
-        self.plan = _PLAN if _PLAN is not None and _PLAN.path == path else plan_for(config)   # one check per model
+        self.plan = current_plan(get_current_vllm_config())
         if self.plan is not None:
             if self.alibi_slopes is not None or self.sliding_window != -1 or self.logits_soft_cap \
                     or self.sinks is not None:
@@ -177,7 +195,6 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
                       "or sinks", NotImplementedError)
             if self.plan.bits == 4 and self.head_size % 2:
                 _fail(f"a 4-bit KV body needs an even head_size, got {self.head_size}")
-            _PLAN = self.plan
 
     # -- helpers --
     def _tensors(self, layer, dtype: torch.dtype) -> dict:

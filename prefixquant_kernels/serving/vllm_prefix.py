@@ -83,9 +83,27 @@ def _quantization_config(path: str) -> dict | None:
     return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
 
 
-@functools.lru_cache(maxsize=8)
+def checkpoint_stamp(path: str) -> tuple:
+    """(mtime ns, size) of directory ``path``'s config.json and weights (None where absent): the key, beside the
+    path, of what this module and vllm_attention.py keep from a checkpoint, so one rewritten in place is read
+    again by the next engine of the same process."""
+    stamp = []
+    for name in ("config.json", _WEIGHTS):
+        try:
+            st = os.stat(os.path.join(path, name))
+            stamp.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
 def read_prefix(path: str) -> Prefix | None:
     """The prefix of the pqk checkpoint in directory ``path``; None for another model or a checkpoint without one."""
+    return _read_prefix(path, checkpoint_stamp(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_prefix(path: str, stamp: tuple) -> Prefix | None:
     q = _quantization_config(path)
     if q is None:
         return None

@@ -1,15 +1,23 @@
 """The vLLM plugin (prefixquant_kernels/serving) against this package's own Hugging Face path, on a tiny exported
 checkpoint (tests/serving/tiny_checkpoint.py). vLLM runs in its own environment (it pins an older transformers):
-``.ci/run`` builds it and sets PQK_VLLM_PYTHON to its Python; without it these tests skip. Each vLLM run is a
-subprocess in its own process group (tests/serving/vllm_run.py), killed as a group on timeout."""
+``.ci/run`` builds it and sets PQK_VLLM_PYTHON to its Python; without it these tests skip. The runs go to one
+``vllm_run.py --serve`` process (vLLM imported once, each run an in-process engine built and dropped: ~20 s per run
+saved, and the plugin must keep engines of different checkpoints built one after another apart); the tensor-parallel
+runs start their own process, as a user's would, with the engine core and the workers in processes of their own.
+Every vLLM process runs in its own process group, killed as a group on timeout and at the end of the module."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from unittest import mock
 
 import pytest
@@ -33,29 +41,113 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)     # the process and whatever it started (engine workers)
+    except ProcessLookupError:
+        pass
+
+
+class VllmServer:
+    """One ``vllm_run.py --serve`` process, started at the first job (and again after one died or timed out)."""
+
+    def __init__(self):
+        self.proc = None
+        self.ids = itertools.count()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen([VLLM_PYTHON, RUNNER, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True, env=_env())
+        self.answers, self.log = queue.Queue(), collections.deque(maxlen=200)
+        for stream, put in ((self.proc.stdout, self.answers.put), (self.proc.stderr, self.log.append)):
+            threading.Thread(target=self._pump, args=(stream, put), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, put) -> None:
+        for line in stream:
+            put(line.rstrip("\n"))
+        put(None)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill(self.proc)
+            self.proc.wait()
+            self.proc = None
+
+    def job(self, job: dict, timeout: int) -> dict:
+        """Send ``job`` (vllm_run.py's --serve format, without its id) -> its answers, kind -> rest of the line."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        jid = str(next(self.ids))
+        self.log.clear()
+        self.proc.stdin.write(json.dumps({"id": jid, **job}) + "\n")
+        self.proc.stdin.flush()
+        got, deadline = {}, time.monotonic() + timeout
+        while True:
+            try:
+                line = self.answers.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.stop()
+                pytest.fail(f"vLLM job {job} timed out after {timeout} s:\n" + "\n".join(self.log)[-3000:])
+            if line is None:
+                self.proc.wait()
+                self.proc = None
+                pytest.fail(f"the vLLM server died during job {job}:\n" + "\n".join(self.log)[-4000:])
+            kind, answer_id, rest = (line.split(" ", 2) + ["", ""])[:3]
+            if answer_id != jid:
+                continue
+            if kind == "PQK_DONE":
+                return got
+            got[kind] = rest
+
+
+SERVER = VllmServer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_server():
+    yield
+    SERVER.stop()
+
+
 def run_vllm(ckpt: str, *extra: str, prompts=PROMPTS, tokens: int = TOKENS, timeout: int = 400, ok: bool = True,
-             raw: bool = False):
-    """vllm_run.py on ckpt -> its results (ok=True; raw: (results, output)) or (returncode, output) (ok=False)."""
-    cmd = [VLLM_PYTHON, RUNNER, ckpt, "--prompts", json.dumps(prompts), "--max-tokens", str(tokens), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            start_new_session=True, env=_env())
+             blocks: bool = False):
+    """vLLM on ckpt (vllm_run.py's arguments) -> its results (ok=True; blocks: (results, KV blocks, block size)),
+    or (returncode, output) (ok=False: the output of a failed run holds its error message). --tp > 1 runs in a
+    process of its own, everything else in the server."""
+    argv = [ckpt, "--prompts", json.dumps(prompts), "--max-tokens", str(tokens), *extra]
+    if "--tp" in extra:
+        rc, out = _run_process(argv, timeout)
+        lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in out.splitlines()
+                 if l.startswith(("PQK_RESULT ", "PQK_KV_BLOCKS "))}
+        failure = None if rc == 0 and "PQK_RESULT" in lines else f"vLLM run failed (rc {rc}):\n{out[-4000:]}"
+    else:
+        lines = SERVER.job({"argv": argv}, timeout)
+        failure = None if "PQK_RESULT" in lines else "vLLM run failed:\n" + json.loads(lines.get("PQK_FAILED", '""'))
+        rc, out = (1, failure) if failure else (0, "")
+    if not ok:
+        return rc, out
+    assert failure is None, failure
+    res = json.loads(lines["PQK_RESULT"])
+    if not blocks:
+        return res
+    n, size = lines["PQK_KV_BLOCKS"].split()
+    return res, int(n), int(size)
+
+
+def _run_process(argv: list, timeout: int) -> tuple[int, str]:
+    """vllm_run.py argv in a process (group) of its own -> (returncode, stdout and stderr)."""
+    proc = subprocess.Popen([VLLM_PYTHON, RUNNER, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, start_new_session=True, env=_env())
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
         out, _ = proc.communicate()
         pytest.fail(f"vLLM run timed out after {timeout} s:\n{out[-3000:]}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)     # engine workers left behind, if any
-        except ProcessLookupError:
-            pass
-    if not ok:
-        return proc.returncode, out
-    lines = [l for l in out.splitlines() if l.startswith("PQK_RESULT ")]
-    assert proc.returncode == 0 and lines, f"vLLM run failed (rc {proc.returncode}):\n{out[-4000:]}"
-    res = json.loads(lines[-1].removeprefix("PQK_RESULT "))
-    return (res, out) if raw else res
+        _kill(proc)
+    return proc.returncode, out
 
 
 def hf_reference(ckpt: str, prompts=PROMPTS, tokens: int = TOKENS, float_kv: bool = False):
@@ -155,9 +247,7 @@ KV_ARGS = ("--block-size", "32", "--max-batched-tokens", "32")
 
 def _kv_run(path: str, *extra: str, **kw):
     """vLLM on path with KV_PROMPTS / KV_ARGS -> (results, blocks, block size)."""
-    got, out = run_vllm(path, *KV_ARGS, *extra, prompts=KV_PROMPTS, raw=True, **kw)
-    blocks, size = next(l for l in out.splitlines() if l.startswith("PQK_KV_BLOCKS ")).split()[1:]
-    return got, int(blocks), int(size)
+    return run_vllm(path, *KV_ARGS, *extra, prompts=KV_PROMPTS, blocks=True, **kw)
 
 
 def _kv_bytes_per_token(path: str, bits: int) -> int:
@@ -196,6 +286,19 @@ def test_the_static_kv_body_under_tensor_parallel_2(kv4):
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
 
 
+def test_a_16bit_kv_engine_after_a_static_kv4_one_in_the_same_process_gets_its_own_cache(ckpt, vllm_tp1, kv4):
+    """The server builds its engines one after another in one process, as LLM() twice in a notebook would: a 16-bit
+    KV checkpoint served right after a static 4-bit one gets a float cache again (1 GiB holds layers * H * 2 * D
+    fp32 values per token) and generates what it generated on its own. (A KV plan kept per process gave the second
+    engine the first one's 4-bit page: 8x the blocks, other tokens, no error.)"""
+    run_vllm(kv4[0], *KV_ARGS, prompts=PROMPTS[:1], tokens=4)
+    got, blocks, size = run_vllm(ckpt, blocks=True)
+    assert blocks * size * _kv_bytes_per_token(ckpt, 32) == 1 << 30
+    for a, b in zip(got, vllm_tp1):
+        assert a["tokens"] == b["tokens"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-5
+
+
 @pytest.mark.parametrize("bits, k_center", [(4, True), (8, False)])
 def test_static_kv_bodies_centered_or_8bit_equal_the_hf_path(tmp_path, bits, k_center):
     """k_center (new keys stored as K R - mu, the prefix keys as stored) and an 8-bit body (int8 codes in the
@@ -232,13 +335,31 @@ def test_qwen2_with_biases_and_a_dense_rotation_equals_the_hf_path(tmp_path):
 
 def edited_copy(src: str, dst: str, edit) -> str:
     """A copy of checkpoint directory src at dst whose tensors ``edit`` changed in place (a dict name -> tensor)."""
-    from safetensors.torch import load_file, save_file
     shutil.copytree(src, dst)
-    f = os.path.join(dst, "model.safetensors")
+    return edit_in_place(dst, edit)
+
+
+def edit_in_place(path: str, edit) -> str:
+    """Checkpoint directory ``path`` with its tensors rewritten after ``edit`` changed them (a dict name -> tensor)."""
+    from safetensors.torch import load_file, save_file
+    f = os.path.join(path, "model.safetensors")
     t = load_file(f)
     edit(t)
     save_file(t, f, metadata={"format": "pt"})
-    return dst
+    return path
+
+
+def test_a_checkpoint_rewritten_in_place_is_read_again_by_the_next_engine(kv4, tmp_path):
+    """The server's next engine on the same path, after the static KV scales were rewritten there, runs the new
+    scales (what the plugin keeps from a checkpoint is keyed by its files' mtime and size, not by the path alone)."""
+    path = shutil.copytree(kv4[0], str(tmp_path / "rewritten"))
+    before = run_vllm(path, prompts=PROMPTS[:1], tokens=8)
+
+    def coarser(t):
+        for name in [k for k in t if k.startswith("pqk_state.value_scales_")]:
+            t[name] = t[name] * 4
+    after = run_vllm(edit_in_place(path, coarser), prompts=PROMPTS[:1], tokens=8)
+    assert max(abs(a - b) for a, b in zip(before[0]["logprobs"], after[0]["logprobs"])) > 1e-3
 
 
 def test_fused_linears_with_different_static_scales_run_one_gemm_each(ckpt, tmp_path):
@@ -291,14 +412,10 @@ def _config_error(ckpt: str, tmp_path, edit) -> str:
     """Edit the checkpoint's quantization_config and build the plugin's config from it in the vLLM environment."""
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
     edit(cfg["quantization_config"])
-    code = ("import json, sys\nfrom prefixquant_kernels.serving.vllm_linear import PrefixQuantVllmConfig\n"
-            "try:\n    PrefixQuantVllmConfig.from_config(json.loads(sys.argv[1]))\n"
-            "except ValueError as e:\n    print('ERR', e)\n")
-    out = subprocess.run([VLLM_PYTHON, "-c", code, json.dumps(cfg["quantization_config"])], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT, env=_env())
-    lines = [l for l in out.stdout.splitlines() if l.startswith("ERR ")]
-    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    return lines[-1]
+    got = SERVER.job({"config": cfg["quantization_config"]}, timeout=300)
+    err = json.loads(got.get("PQK_CONFIG", "null"))
+    assert err, got
+    return err
 
 
 def test_bad_quantization_configs_fail_naming_the_module(ckpt, tmp_path):
