@@ -165,6 +165,18 @@ def plan_for(vllm_config) -> KVPlan | None:
     return plan
 
 
+@dataclasses.dataclass
+class _Step:
+    """What every layer of one step shares (PrefixQuantAttentionImpl._step): the one-token queries' rows in the
+    batch (int64 [B]), their body's cache rows (int64 [B, H, N], _rows) and padding mask (bool [B, P + N], or None:
+    all as long); per longer query (a prefill chunk): its first and end row, its body's cache rows [1, H, L - P],
+    its causal mask (bool [n, L])."""
+    decode_queries: torch.Tensor | None = None
+    decode_rows: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+    chunks: list = dataclasses.field(default_factory=list)
+
+
 class PrefixQuantAttentionBackend(CPUAttentionBackend):
     """vLLM's CPU attention, or (for a pqk static-KV checkpoint) the ``[16-bit prefix | static body]`` cache of the
     module doc."""
@@ -198,8 +210,12 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
 
     # -- helpers --
     def _tensors(self, layer, dtype: torch.dtype) -> dict:
-        from vllm.model_executor.models.utils import extract_layer_index
-        return self.plan.layer(extract_layer_index(layer.layer_name), self.num_kv_heads, dtype)
+        t = getattr(self, "_layer_tensors", None)
+        if t is None:        # once per layer: the index parsed from its name, the tensors read from the checkpoint
+            from vllm.model_executor.models.utils import extract_layer_index
+            t = self._layer_tensors = self.plan.layer(extract_layer_index(layer.layer_name), self.num_kv_heads,
+                                                      dtype)
+        return t
 
     def _split(self, cache: torch.Tensor) -> tuple[int, int]:
         """cache uint8 [blocks, H, block_size, C] -> (block_size, bytes of one side's codes)."""
@@ -212,15 +228,21 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
     def _codes_dtype(self) -> torch.dtype:
         return torch.uint8 if self.plan.bits == 4 else torch.int8
 
-    def _gather(self, cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, c: int):
-        """The stored K and V codes of positions ``pos`` (int64 [B, N]) of B requests whose block tables are
-        ``table`` (int [B, width]): two ``codes dtype [B, H, N, c]`` tensors with contiguous rows, the layout
-        kv_decode_attention reads in place. The cache seen as rows of c bytes (a token-head's K row, then its V
-        row) makes each side one index_select (a [.., 2c] gather split afterwards would be copied again)."""
-        nb, h, bs, _ = cache.shape
+    @staticmethod
+    def _rows(cache: torch.Tensor, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The cache rows of positions ``pos`` (int64 [B, N]) of B requests whose block tables are ``table`` (int
+        [B, width]): int64 [B, H, N], row (block * H + head) * block_size + offset of the cache's [blocks, H,
+        block_size] token-heads."""
+        _, h, bs, _ = cache.shape
         blocks = torch.gather(table.long(), 1, (pos // bs).clamp_(max=table.shape[1] - 1))           # [B, N]
-        # row of (block, head, offset) in [nb, H, bs]: (block * H + head) * bs + offset -> [B, H, N]
-        rows = (blocks[:, None] * h + torch.arange(h)[None, :, None]) * bs + (pos % bs)[:, None]
+        return (blocks[:, None] * h + torch.arange(h)[None, :, None]) * bs + (pos % bs)[:, None]
+
+    def _gather(self, cache: torch.Tensor, rows: torch.Tensor, c: int):
+        """The stored K and V codes of cache rows ``rows`` (int64 [B, H, N], _rows): two ``codes dtype [B, H, N,
+        c]`` tensors with contiguous rows, the layout kv_decode_attention reads in place. The cache seen as rows
+        of c bytes (a token-head's K row, then its V row) makes each side one index_select (a [.., 2c] gather split
+        afterwards would be copied again)."""
+        nb, h, bs, _ = cache.shape
         dt = self._codes_dtype()
         if not cache.is_contiguous():     # a padded page layout: index the 4-D view (slower, same bytes)
             b_, h_, o_ = rows // (h * bs), rows // bs % h, rows % bs
@@ -229,6 +251,42 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
         idx = rows.reshape(-1) * 2
         shape = (*rows.shape, c)
         return (flat.index_select(0, idx).view(shape).view(dt), flat.index_select(0, idx + 1).view(shape).view(dt))
+
+    def _step(self, attn_metadata, cache: torch.Tensor) -> _Step:
+        """This step's layout (_Step), the same for every layer: made by the first layer that runs, kept on vLLM's
+        metadata object (one per step, shared by the layers of a KV cache group) for the others."""
+        key = (tuple(cache.shape), self.plan.prefix_len)
+        got = getattr(attn_metadata, "_pqk_step", None)
+        if got is not None and got[0] == key:
+            return got[1]
+        p = self.plan.prefix_len
+        starts, lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
+        nq = starts[1:] - starts[:-1]
+        if bool((lens < p + nq).any()):
+            i = int(torch.nonzero(lens < p + nq)[0])
+            _fail(f"request {i} has {int(lens[i])} tokens, fewer than the {p}-token prefix and its {int(nq[i])} new "
+                  "ones: its prompt did not start with the prefix (the connector adds it)", RuntimeError)
+        table = attn_metadata.block_table
+        step = _Step()
+        decode = torch.nonzero(nq == 1)[:, 0]
+        if decode.numel():
+            # body positions P .. len-1 of each request, padded to the longest; the mask hides the padding
+            n_body = lens[decode] - p
+            width = int(n_body.max())
+            pos = (p + torch.arange(width))[None].expand(decode.numel(), width)
+            step.decode_rows = self._rows(cache, table[decode], pos)
+            if int(n_body.min()) != width:
+                step.decode_mask = torch.cat([torch.ones(decode.numel(), p, dtype=torch.bool),
+                                              torch.arange(width)[None] < n_body[:, None]], 1)  # [B, P + width]
+            step.decode_queries = starts[decode]
+        for i in torch.nonzero(nq > 1)[:, 0].tolist():
+            q0, q1, length = int(starts[i]), int(starts[i + 1]), int(lens[i])
+            n = q1 - q0
+            # query j sits at position length - n + j and sees positions 0 .. length - n + j
+            allowed = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+            step.chunks.append((q0, q1, self._rows(cache, table[i:i + 1], torch.arange(p, length)[None]), allowed))
+        attn_metadata._pqk_step = (key, step)
+        return step
 
     # -- vLLM's hooks --
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -264,48 +322,28 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
             _fail("fused output quantization is not supported by the static KV body", NotImplementedError)
         _, c = self._split(kv_cache)
         t = self._tensors(layer, query.dtype)
-        p, bits = self.plan.prefix_len, self.plan.bits
+        bits = self.plan.bits
+        step = self._step(attn_metadata, kv_cache)
         n_tok = attn_metadata.num_actual_tokens
         out = output[:n_tok].view(n_tok, self.num_heads, self.head_size)
         q_all = query[:n_tok]
         if t["rotation"] is not None:       # K is cached rotated: rotate Q alike (q . k unchanged)
             q_all = rotate_heads(q_all, t["rotation"])
-        starts = attn_metadata.query_start_loc
-        lens = attn_metadata.seq_lens
-        nq = starts[1:] - starts[:-1]
-        if bool((lens < p + nq).any()):
-            i = int(torch.nonzero(lens < p + nq)[0])
-            _fail(f"request {i} has {int(lens[i])} tokens, fewer than the {p}-token prefix and its {int(nq[i])} new "
-                  "ones: its prompt did not start with the prefix (the connector adds it)", RuntimeError)
-        table = attn_metadata.block_table
-        decode = torch.nonzero(nq == 1)[:, 0]
-        if decode.numel():
-            # body positions P .. len-1 of each request, padded to the longest; the mask hides the padding
-            n_body = lens[decode] - p
-            width = int(n_body.max())
-            pos = (p + torch.arange(width))[None].expand(decode.numel(), width)
-            kc, vc = self._gather(kv_cache, table[decode], pos, c)
-            mask = None
-            if int(n_body.min()) != width:
-                mask = torch.cat([torch.ones(decode.numel(), p, dtype=torch.bool),
-                                  torch.arange(width)[None] < n_body[:, None]], 1)           # [B, P + width]
-            rows = starts[decode]
+        if step.decode_rows is not None:
+            kc, vc = self._gather(kv_cache, step.decode_rows, c)
+            rows = step.decode_queries
             if self.plan.kind == "cpu":      # kc / vc rows are contiguous, as the kernel reads them (_gather)
                 o = torch.ops.pqk.kv_decode_static(q_all[rows].contiguous(), t["prefix_k"], t["prefix_v"], kc, vc,
                                                    t["key_scale"], t["value_scale"], bits, self.scale, -1, None,
-                                                   mask)
+                                                   step.decode_mask)
             else:
                 o = kv_ops.kv_decode_attention(q_all[rows], t["prefix_k"], t["prefix_v"], kc, vc, t["key_scale"],
-                                               t["value_scale"], bits, self.scale, mask=mask)
+                                               t["value_scale"], bits, self.scale, mask=step.decode_mask)
             out[rows] = o.to(out.dtype)                                                      # [B, H_q, D]
-        for i in torch.nonzero(nq > 1)[:, 0].tolist():
-            q0, q1, length = int(starts[i]), int(starts[i + 1]), int(lens[i])
-            n = q1 - q0
-            kc, vc = self._gather(kv_cache, table[i:i + 1], torch.arange(p, length)[None], c)
+        for q0, q1, body_rows, allowed in step.chunks:
+            kc, vc = self._gather(kv_cache, body_rows, c)
             k = kv_ops.kv_dequant_concat(t["prefix_k"], kc, t["key_scale"], bits, q_all.dtype)   # [1, H, L, D]
             v = kv_ops.kv_dequant_concat(t["prefix_v"], vc, t["value_scale"], bits, q_all.dtype)
-            # query j sits at position length - n + j and sees positions 0 .. length - n + j
-            allowed = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
             o = torch.nn.functional.scaled_dot_product_attention(
                 q_all[q0:q1].transpose(0, 1)[None], k, v, attn_mask=allowed, scale=self.scale,
                 enable_gqa=True)[0].transpose(0, 1)                                           # [n, H_q, D]

@@ -1,5 +1,6 @@
 """The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer: csrc/cpu/tests/sanitize_harness.cpp
 is compiled with the kernel sources (no torch) and run; it checks results too, against naive loops."""
+import concurrent.futures
 import os
 import platform
 import shutil
@@ -24,7 +25,20 @@ def build_harness(out_dir: str, sanitize: bool = True, cxx: str | None = None, e
     if sanitize:
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     srcs = [os.path.join(CPU, "tests", "sanitize_harness.cpp")] + [os.path.join(CPU, s) for s in KERNEL_SOURCES]
-    subprocess.run([cxx, *flags, *srcs, "-o", exe], check=True, capture_output=True, text=True)
+
+    def run(cmd: list) -> None:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+
+    def compile_one(src: str) -> str:
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        run([cxx, *flags, "-c", src, "-o", obj])
+        return obj
+    # one compiler per source, as many at once as there are cores (one g++ call would compile them one by one),
+    # the largest first
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        objs = list(pool.map(compile_one, sorted(srcs, key=os.path.getsize, reverse=True)))
+    run([cxx, *flags, *objs, "-o", exe])
     return exe
 
 
