@@ -156,6 +156,11 @@ struct DecodeLayerArgs {
 };
 void decode_layer(const DecodeLayerArgs& args, Isa isa);
 
+// x float [n] <- (H_m (x) H_{2^p}) x / sqrt(n) in place, n = m 2^p (hadamard.py's hadamard_factor); hm float [m, m]
+// of +-1, row-major (H_m^T for the inverse transform); tmp float [n] scratch (unused when m = 1). Bit-identical to
+// hadamard.py's "sequential" form and to the CUDA kernel in fp32 (hadamard.cpp).
+void hadamard(float* x, int64_t n, const float* hm, int64_t m, float* tmp);
+
 // ---- benchmark only ------------------------------------------------------------------------------------
 // The int8 multiply-accumulate peak of `isa` on all parallel_for threads, measured for `seconds`: a throughput loop
 // of vpdpbusd zmm (avx512vnni) / vpdpbusd ymm (avxvnni) / vpmaddubsw ymm (avx2), in int ops (2 per MAC) / s / 1e12;

@@ -553,6 +553,26 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& cos, const at
 
 }  // namespace
 
+// The heavy part of pqk::hadamard_transform's CPU kernel (ops/transform.py): x float32 [R, n] contiguous, each row
+// replaced in place by (H_m (x) H_{2^p}) row / sqrt(n) (hadamard.cpp); hm float32 [m, m] contiguous, +-1 (H_m^T for
+// the inverse). Rows split over threads; a row is ~n (log2(n / m) + m) flops, so a task gets >= 16K elements.
+void hadamard_rows_(at::Tensor x, const at::Tensor& hm) {
+  const char* op = "pqk.hadamard_rows_: ";
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
+              "x must be a contiguous float32 CPU tensor [R, n]");
+  TORCH_CHECK(hm.device().is_cpu() && hm.scalar_type() == at::kFloat && hm.dim() == 2 && hm.is_contiguous() &&
+                  hm.size(0) == hm.size(1) && hm.size(0) >= 1, op, "hm must be a contiguous float32 [m, m]");
+  const int64_t R = x.size(0), n = x.size(1), m = hm.size(0);
+  TORCH_CHECK(n > 0 && n % m == 0 && ((n / m) & (n / m - 1)) == 0, op, "x.shape[1] = ", n, " is not m * 2^p for m = ",
+              m);
+  float* px = x.data_ptr<float>();
+  const float* ph = hm.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+    std::vector<float> tmp(m > 1 ? n : 0);
+    for (int64_t r = r0; r < r1; ++r) pqk::cpu::hadamard(px + r * n, n, ph, m, tmp.data());
+  });
+}
+
 TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("kv_decode_static", &kv_decode_static_cpu);
   m.impl("kv_quantize_static", &kv_quantize_static_cpu);
@@ -579,6 +599,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   // models/decode_layer.py: a layer's module-side arguments of pqk::decode_layer, by slot (see decode_layer_register)
   m.def("decode_layer_register", &pqk::cpu::decode_layer_register);
+  // ops/transform.py: the CPU kernel of pqk::hadamard_transform
+  m.def("hadamard_rows_", &pqk::cpu::hadamard_rows_);
   m.def("decode_layer_release", &pqk::cpu::decode_layer_release);
   m.def("cpu_isa_supported", [](int isa) { return pqk::cpu::isa_supported(static_cast<pqk::cpu::Isa>(isa)); });
   // How many distinct threads ran the chunks of one kernels' parallel_for over `n` items (grain 1): equals

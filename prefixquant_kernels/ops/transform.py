@@ -4,15 +4,20 @@ rotation of the down_proj input). Validation -> backend choice (ops/backend.py) 
 (schemas and fakes in library.py). Kernels per device:
 
     pqk::rmsnorm_quantize    CPU: PyTorch (reference.rmsnorm_quantize)   CUDA: pqk_rmsnorm_quantize (ops/cuda_ops.py)
-    pqk::hadamard_transform  CPU: PyTorch (hadamard.py, O(n log n))      CUDA: pqk_hadamard (ops/cuda_ops.py)
+    pqk::hadamard_transform  CPU: C++ (csrc/cpu/hadamard.cpp)            CUDA: pqk_hadamard (ops/cuda_ops.py)
 
-There is no C++ CPU kernel for either: on CPU tensors backend "auto" / "cpu*" run the PyTorch implementation
-through the custom op (one node for torch.compile), "reference" calls it directly.
+On CPU tensors backend "auto" / "cpu*" run the custom op (one node for torch.compile), "reference" the PyTorch
+implementation directly. rmsnorm_quantize has no C++ CPU kernel (its op runs the PyTorch one); hadamard_transform's
+CPU kernel is C++, bit-identical to hadamard.py's "sequential" form (and so to the CUDA kernel) in fp32: ~45 small
+torch ops per call (one per butterfly half-stage) made it ~0.5 ms at one token, most of a decode step's rotation.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .. import _extension
 from .. import hadamard as had
 from .. import reference
 from . import checks
@@ -78,7 +83,19 @@ def _rmsnorm_quantize_cpu(x, weight, scale, bits, eps, return_normed):
 
 @torch.library.register_kernel("pqk::hadamard_transform", "cpu")
 def _hadamard_transform_cpu(x, inverse):
-    return had.hadamard_transform(x, inverse=inverse).contiguous()
+    if not _extension.cpu_available() or x.dtype == torch.float64:     # fp64: the PyTorch one computes in fp64
+        return had.hadamard_transform(x, inverse=inverse).contiguous()
+    n = x.shape[-1]
+    y = x.to(torch.float32, copy=True).contiguous()                   # the kernel works in place, in fp32
+    _extension._C.hadamard_rows_(y.view(-1, n), _cpu_matrix(had.hadamard_factor(n)[0], inverse))
+    return y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matrix(m: int, inverse: bool) -> torch.Tensor:
+    """H_m (H_m^T for the inverse) as the C++ kernel reads it: float32 [m, m], contiguous."""
+    h = had.hadamard_matrix(m)
+    return (h.T if inverse else h).contiguous()
 
 
 # ---- autograd: the transform is orthogonal, so its backward is the transform the other way --------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prefixquant_kernels as pqk
+from prefixquant_kernels import _extension
 from prefixquant_kernels import format as fmt
 from prefixquant_kernels import hadamard
 
@@ -45,6 +46,25 @@ def test_hadamard_transform_is_the_dense_rotation(backend, n):
     want = (x.double() @ hadamard.hadamard_rotation(n).T).float()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pqk.hadamard_transform(got, inverse=True, backend=backend), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _extension.cpu_available(), reason="needs the C++ extension")
+@pytest.mark.parametrize("n", [1, 2, 64, 1536, 12 * 2, 20 * 8, 28 * 512, 172 * 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_hadamard_cpu_kernel_is_the_sequential_form_bit_for_bit(n, dtype, inverse):
+    """The C++ CPU kernel (csrc/cpu/hadamard.cpp) equals hadamard.py's sequential form exactly (the CUDA kernel's
+    order), in the input's dtype and shape, for odd leading shapes (0 rows too) and full-range values; the input
+    is left as it was."""
+    g = torch.Generator().manual_seed(n * 7 + int(inverse))
+    for shape in [(5, 3, n), (1, n), (n,), (0, n), (2, 0, n)]:
+        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 3, n)).to(dtype)
+        keep = x.clone()
+        got = pqk.hadamard_transform(x, inverse=inverse, backend="cpu")
+        want = hadamard._transform(x, None, inverse, sequential=True)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, want), (shape, (got.float() - want.float()).abs().max())
+        assert torch.equal(x, keep)
 
 
 @pytest.mark.parametrize("call,exc,match", [
