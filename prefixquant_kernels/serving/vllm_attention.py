@@ -177,6 +177,27 @@ class _Step:
     chunks: list = dataclasses.field(default_factory=list)
 
 
+_SLOTS: tuple | None = None   # the last _slots call: (slot_mapping, its version, block size, its answer)
+
+
+def _slots(slot_mapping: torch.Tensor, bs: int) -> tuple:
+    """slot_mapping int [T] (-1: padding, none on a plain CPU step) -> (keep: bool [T] or None when all are kept,
+    block int64 [T'], offset int64 [T']) of the kept slots. Every layer of a step writes the same slots: vLLM hands
+    them the same tensor, so the answer is reused while that tensor is unchanged (same object, same version
+    counter: an in-place refill bumps it)."""
+    global _SLOTS
+    if _SLOTS is not None and _SLOTS[0] is slot_mapping and _SLOTS[1] == slot_mapping._version and _SLOTS[2] == bs:
+        return _SLOTS[3]
+    slots = slot_mapping.long()
+    keep = None
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        slots = slots[keep]
+    answer = (keep, slots // bs, slots % bs)
+    _SLOTS = (slot_mapping, slot_mapping._version, bs, answer)
+    return answer
+
+
 class PrefixQuantAttentionBackend(CPUAttentionBackend):
     """vLLM's CPU attention, or (for a pqk static-KV checkpoint) the ``[16-bit prefix | static body]`` cache of the
     module doc."""
@@ -304,11 +325,8 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
         else:
             codes = kv_ops.kv_quantize(kv, t["kv_scale"], self.plan.bits)
         codes = codes.view(torch.uint8)[0].view(2, h, n, -1).permute(2, 1, 0, 3).reshape(n, h, -1)  # [T, H, 2c]
-        slots = slot_mapping.long()
-        if bool((slots < 0).any()):          # padding slots (none on a plain CPU step)
-            keep = slots >= 0
-            slots, codes = slots[keep], codes[keep]
-        kv_cache[slots // bs, :, slots % bs, :] = codes
+        keep, blocks, offsets = _slots(slot_mapping, bs)
+        kv_cache[blocks, :, offsets, :] = codes if keep is None else codes[keep]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
