@@ -177,24 +177,38 @@ class _Step:
     chunks: list = dataclasses.field(default_factory=list)
 
 
-_SLOTS: tuple | None = None   # the last _slots call: (slot_mapping, its version, block size, its answer)
+def _stamp(*tensors: torch.Tensor) -> tuple | None:
+    """The tensors and their version counters (an in-place write bumps one), or None where one has no counter (an
+    inference-mode tensor): what says a tensor seen before still holds what it held."""
+    try:
+        return tuple((t, t._version) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(
+        x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b))
+
+
+_SLOTS: tuple | None = None   # the last _slots call: (_stamp(slot_mapping), block size, its answer)
 
 
 def _slots(slot_mapping: torch.Tensor, bs: int) -> tuple:
     """slot_mapping int [T] (-1: padding, none on a plain CPU step) -> (keep: bool [T] or None when all are kept,
     block int64 [T'], offset int64 [T']) of the kept slots. Every layer of a step writes the same slots: vLLM hands
-    them the same tensor, so the answer is reused while that tensor is unchanged (same object, same version
-    counter: an in-place refill bumps it)."""
+    them the same tensor, so the answer is reused while that tensor is unchanged (_stamp)."""
     global _SLOTS
-    if _SLOTS is not None and _SLOTS[0] is slot_mapping and _SLOTS[1] == slot_mapping._version and _SLOTS[2] == bs:
-        return _SLOTS[3]
+    stamp = _stamp(slot_mapping)
+    if _SLOTS is not None and _SLOTS[1] == bs and _same(_SLOTS[0], stamp):
+        return _SLOTS[2]
     slots = slot_mapping.long()
     keep = None
     if bool((slots < 0).any()):
         keep = slots >= 0
         slots = slots[keep]
     answer = (keep, slots // bs, slots % bs)
-    _SLOTS = (slot_mapping, slot_mapping._version, bs, answer)
+    _SLOTS = (stamp, bs, answer)
     return answer
 
 
@@ -275,11 +289,13 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
 
     def _step(self, attn_metadata, cache: torch.Tensor) -> _Step:
         """This step's layout (_Step), the same for every layer: made by the first layer that runs, kept on vLLM's
-        metadata object (one per step, shared by the layers of a KV cache group) for the others."""
+        metadata object (one per step, shared by the layers of a KV cache group) for the others, while the
+        metadata's tensors are unchanged (_stamp: should vLLM reuse the object for a later step)."""
         key = (tuple(cache.shape), self.plan.prefix_len)
+        stamp = _stamp(attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table)
         got = getattr(attn_metadata, "_pqk_step", None)
-        if got is not None and got[0] == key:
-            return got[1]
+        if got is not None and got[0] == key and _same(got[1], stamp):
+            return got[2]
         p = self.plan.prefix_len
         starts, lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
         nq = starts[1:] - starts[:-1]
@@ -306,7 +322,7 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
             # query j sits at position length - n + j and sees positions 0 .. length - n + j
             allowed = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
             step.chunks.append((q0, q1, self._rows(cache, table[i:i + 1], torch.arange(p, length)[None]), allowed))
-        attn_metadata._pqk_step = (key, step)
+        attn_metadata._pqk_step = (key, stamp, step)
         return step
 
     # -- vLLM's hooks --
