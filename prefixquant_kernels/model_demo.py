@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import time
 
@@ -33,21 +34,83 @@ def smollm2_dir() -> str | None:
     return d if os.path.exists(os.path.join(d, GGUF_FILE)) else None
 
 
-def load_smollm2():
-    """-> (model float32 eval, tokenizer), offline. RuntimeError with the install command when missing."""
-    d = smollm2_dir()
-    if d is None:
-        raise RuntimeError(f"SmolLM2-135M not found: {INSTALL}")
+def cache_root() -> str | None:
+    """Where converted models are kept: $PQK_CACHE_DIR, else $XDG_CACHE_HOME/prefixquant_kernels (~/.cache); None
+    when PQK_CACHE_DIR is "off"."""
+    d = os.environ.get("PQK_CACHE_DIR")
+    if d == "off":
+        return None
+    return d or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prefixquant_kernels")
+
+
+def smollm2_cache_path() -> str | None:
+    """Where SmolLM2 converted once from the GGUF file to a Hugging Face directory (config, fp32 safetensors,
+    tokenizer) is kept, whether it exists yet or not (smollm2_hf_dir makes it): in cache_root(), named by the
+    GGUF file's size and mtime and the transformers version, which decide what the conversion holds. None when
+    SmolLM2 is not installed or caching is off. Loading the copy takes ~1 s where the GGUF takes ~25
+    (transformers parses the file three times: config, tokenizer, weights; 2 cores)."""
+    d, root = smollm2_dir(), cache_root()
+    if d is None or root is None:
+        return None
+    import transformers
+    st = os.stat(os.path.join(d, GGUF_FILE))
+    return os.path.join(root, f"smollm2-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}")
+
+
+def smollm2_hf_dir() -> str | None:
+    """The converted copy's directory (smollm2_cache_path), made on first use from the GGUF file; None when
+    SmolLM2 is not installed, caching is off or the copy cannot be written (the reason printed)."""
+    out = smollm2_cache_path()
+    if out is None or os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    model, tok = _load_gguf()
+    tmp = f"{out}.tmp{os.getpid()}"      # written beside it, then renamed: a reader sees all of it or nothing
+    try:
+        from safetensors.torch import save_model
+        os.makedirs(tmp, exist_ok=True)
+        # save_pretrained refuses a model transformers loaded from GGUF ("quantized with gguf"): the float tensors
+        # it dequantized are written directly (the tied embedding once), with the config minus the GGUF marker
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        tok.save_pretrained(tmp)
+        os.rename(tmp, out)
+    except OSError as e:          # a read-only or full disk, or another process renamed its copy first
+        if not os.path.exists(os.path.join(out, "model.safetensors")):
+            print(f"pqk: SmolLM2 not cached in {out} ({e}); PQK_CACHE_DIR chooses the place", file=sys.stderr)
+            return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _load_gguf():
+    """SmolLM2 from its GGUF file (transformers dequantizes it to float32) -> (model, tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    tok = load_smollm2_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
-    return model, tok
+    tok = load_smollm2_tokenizer(cache=False)
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE, dtype=torch.float32).eval(), tok
 
 
-def load_smollm2_tokenizer():
-    """SmolLM2's tokenizer alone (offline, from the GGUF file); RuntimeError with the install command when missing."""
+def load_smollm2(cache: bool = True):
+    """-> (model float32 eval, tokenizer), offline. RuntimeError with the install command when missing. cache: from
+    the converted copy (smollm2_hf_dir, made on first use): the GGUF's tensors, config and tokenizer
+    (tests/calibration/test_smollm2.py), loaded in ~1 s instead of ~25."""
+    if smollm2_dir() is None:
+        raise RuntimeError(f"SmolLM2-135M not found: {INSTALL}")
+    hf = smollm2_hf_dir() if cache else None
+    if hf is None:
+        return _load_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval(), load_smollm2_tokenizer()
+
+
+def load_smollm2_tokenizer(cache: bool = True):
+    """SmolLM2's tokenizer alone (offline: from the converted copy when there is one, else the GGUF file);
+    RuntimeError with the install command when missing."""
     d = smollm2_dir()
     if d is None:
         raise RuntimeError(f"SmolLM2-135M not found: {INSTALL}")
@@ -55,6 +118,9 @@ def load_smollm2_tokenizer():
     from transformers import AutoTokenizer
     from transformers.utils import logging
     logging.set_verbosity_error()
+    hf = smollm2_cache_path() if cache else None
+    if hf is not None and os.path.exists(os.path.join(hf, "model.safetensors")):
+        return AutoTokenizer.from_pretrained(hf)
     return AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
 
 
