@@ -15,6 +15,7 @@ Importable without torch (setup.py loads it by path).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -228,6 +229,14 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def sass(lib: str, arch: int) -> str:
+    """``cuobjdump -sass`` of the library's sm_``arch`` cubins; kept per file version (a dump takes 10-20 s on
+    2 cores, and more than one test reads the same arch)."""
+    st = os.stat(lib)
+    return _sass(os.path.realpath(lib), arch, (st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _sass(lib: str, arch: int, stamp: tuple) -> str:
     tool = _tool("cuobjdump")
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (CUDA toolkit or pip nvidia-cuda-cuobjdump)")

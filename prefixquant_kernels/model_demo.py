@@ -66,15 +66,21 @@ def smollm2_hf_dir() -> str | None:
     model, tok = _load_gguf()
     tmp = f"{out}.tmp{os.getpid()}"      # written beside it, then renamed: a reader sees all of it or nothing
     try:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
         os.makedirs(tmp, exist_ok=True)
         # save_pretrained refuses a model transformers loaded from GGUF ("quantized with gguf"): the float tensors
-        # it dequantized are written directly (the tied embedding once), with the config minus the GGUF marker
+        # it dequantized are written directly, with the config minus the GGUF marker. A tied lm_head is left out,
+        # as save_pretrained does: the embedding is the tensor loaders look for (safetensors' save_model kept the
+        # lm_head name only: vLLM took it as an untied lm_head, and the file had no embedding tensor)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         type(model.config).from_dict(config).save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        save_model(model, os.path.join(tmp, "model.safetensors"))
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         os.rename(tmp, out)
     except OSError as e:          # a read-only or full disk, or another process renamed its copy first

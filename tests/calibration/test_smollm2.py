@@ -46,6 +46,10 @@ def test_the_converted_copy_is_the_gguf_model():
     for name in a:
         assert a[name].dtype == b[name].dtype == torch.float32 and torch.equal(a[name], b[name]), name
     assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()    # still tied
+    from safetensors import safe_open
+    with safe_open(os.path.join(model_demo.smollm2_hf_dir(), "model.safetensors"), "pt") as f:
+        names = set(f.keys())      # the tied pair stored as the embedding, the name other loaders (vLLM) read
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names and len(names) == len(a) - 1
     want, got = gguf.config.to_dict(), copy.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):     # the GGUF marker, and where each was read from
         want.pop(key, None), got.pop(key, None)
