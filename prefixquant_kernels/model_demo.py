@@ -60,9 +60,14 @@ def smollm2_cache_path() -> str | None:
 def smollm2_hf_dir() -> str | None:
     """The converted copy's directory (smollm2_cache_path), made on first use from the GGUF file; None when
     SmolLM2 is not installed, caching is off or the copy cannot be written (the reason printed)."""
+    return _make_copy()[0]
+
+
+def _make_copy():
+    """smollm2_hf_dir -> (its answer, the GGUF's (model, tokenizer) when this call loaded them, else None)."""
     out = smollm2_cache_path()
     if out is None or os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
+        return out, None
     model, tok = _load_gguf()
     tmp = f"{out}.tmp{os.getpid()}"      # written beside it, then renamed: a reader sees all of it or nothing
     try:
@@ -83,13 +88,14 @@ def smollm2_hf_dir() -> str | None:
                   metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         os.rename(tmp, out)
-    except OSError as e:          # a read-only or full disk, or another process renamed its copy first
+    except Exception as e:        # a read-only or full disk, another process renamed its copy first, or a
+        # transformers that cannot save what it loaded: the copy is only a shortcut, the GGUF's model is returned
         if not os.path.exists(os.path.join(out, "model.safetensors")):
             print(f"pqk: SmolLM2 not cached in {out} ({e}); PQK_CACHE_DIR chooses the place", file=sys.stderr)
-            return None
+            return None, (model, tok)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return out, (model, tok)
 
 
 def _load_gguf():
@@ -106,9 +112,9 @@ def load_smollm2(cache: bool = True):
     (tests/calibration/test_smollm2.py), loaded in ~1 s instead of ~25."""
     if smollm2_dir() is None:
         raise RuntimeError(f"SmolLM2-135M not found: {INSTALL}")
-    hf = smollm2_hf_dir() if cache else None
-    if hf is None:
-        return _load_gguf()
+    hf, loaded = _make_copy() if cache else (None, None)
+    if hf is None:               # no copy: the GGUF's model (loaded once, also when the copy failed)
+        return loaded or _load_gguf()
     import torch
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval(), load_smollm2_tokenizer()
