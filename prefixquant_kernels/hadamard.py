@@ -158,6 +158,20 @@ def hadamard_matrix(m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return _hadamard_int(m).to(dtype)
 
 
+_FACTOR_CACHE: dict = {}
+
+
+def factor_matrix(m: int, inverse: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """H_m (H_m^T for the inverse transform) as the C++ and CUDA kernels read it: float32 [m, m], contiguous, on
+    ``device``, built once per (m, inverse, device): a kernel call copies nothing to the device, so a CUDA graph
+    can capture hadamard_transform after one eager call."""
+    key = (m, inverse, torch.device(device))
+    if key not in _FACTOR_CACHE:
+        h = hadamard_matrix(m, torch.float32)
+        _FACTOR_CACHE[key] = (h.T if inverse else h).contiguous().to(key[2])
+    return _FACTOR_CACHE[key]
+
+
 def _factor2(n: int) -> tuple[int, int]:
     """n = odd * 2^e."""
     e = (n & -n).bit_length() - 1

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..hadamard import factor_matrix
 from . import checks, cuda_library
 from . import library  # noqa: F401  (the pqk:: schemas must exist before kernels are registered for them)
 
@@ -399,23 +400,6 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return (q, y) if return_normed else q
 
 
-_HAD_CACHE: dict = {}
-
-
-def _had_matrix(m: int, inverse: bool, device: torch.device) -> torch.Tensor | None:
-    """H_m (or H_m^T) fp32 on the device, built once per (m, inverse, device): no host-to-device copy per call, so
-    a CUDA graph can capture hadamard_transform after one eager call."""
-    if m == 1:
-        return None
-    key = (m, inverse, device)
-    if key not in _HAD_CACHE:
-        from ..hadamard import hadamard_matrix
-
-        h = hadamard_matrix(m, torch.float32)
-        _HAD_CACHE[key] = (h.T if inverse else h).contiguous().to(device)
-    return _HAD_CACHE[key]
-
-
 def hadamard_transform(x: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """The online Walsh-Hadamard rotation (pqk_hadamard): same result definition as
     prefixquant_kernels.hadamard.hadamard_transform(x, inverse=inverse) with the default 1/sqrt(n) scale.
@@ -432,7 +416,7 @@ def hadamard_transform(x: torch.Tensor, *, inverse: bool = False) -> torch.Tenso
         checks.launch_sizes(op, rows=rows, n=n)
         x = x.contiguous()
         with _on_device(x):
-            h = _had_matrix(m, inverse, x.device)
+            h = None if m == 1 else factor_matrix(m, inverse, x.device)     # m = 1: butterflies only
             _launch(op, "pqk_hadamard", x.data_ptr(), y.data_ptr(), DTYPE_CODES[x.dtype], _ptr(h), m, rows, n,
                     _stream(x))
     return y

@@ -13,8 +13,6 @@ torch ops per call (one per butterfly half-stage) made it ~0.5 ms at one token, 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _extension
@@ -86,16 +84,10 @@ def _hadamard_transform_cpu(x, inverse):
     if not _extension.cpu_available() or x.dtype == torch.float64:     # fp64: the PyTorch one computes in fp64
         return had.hadamard_transform(x, inverse=inverse).contiguous()
     n = x.shape[-1]
-    y = x.to(torch.float32, copy=True).contiguous()                   # the kernel works in place, in fp32
-    _extension._C.hadamard_rows_(y.view(-1, n), _cpu_matrix(had.hadamard_factor(n)[0], inverse))
+    # the kernel works in place, in fp32: one contiguous fp32 copy of x
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    _extension._C.hadamard_rows_(y.view(-1, n), had.factor_matrix(had.hadamard_factor(n)[0], inverse))
     return y.to(x.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_matrix(m: int, inverse: bool) -> torch.Tensor:
-    """H_m (H_m^T for the inverse) as the C++ kernel reads it: float32 [m, m], contiguous."""
-    h = had.hadamard_matrix(m)
-    return (h.T if inverse else h).contiguous()
 
 
 # ---- autograd: the transform is orthogonal, so its backward is the transform the other way --------------------------
