@@ -57,6 +57,12 @@ def smollm2_cache_path() -> str | None:
     return os.path.join(root, f"smollm2-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}")
 
 
+def _is_copy(path: str | None) -> bool:
+    """Whether the converted copy exists at ``path`` (its weights file; the directory appears whole: smollm2_hf_dir
+    writes it beside and renames it into place)."""
+    return path is not None and os.path.exists(os.path.join(path, "model.safetensors"))
+
+
 def smollm2_hf_dir() -> str | None:
     """The converted copy's directory (smollm2_cache_path), made on first use from the GGUF file; None when
     SmolLM2 is not installed, caching is off or the copy cannot be written (the reason printed)."""
@@ -66,7 +72,7 @@ def smollm2_hf_dir() -> str | None:
 def _make_copy():
     """smollm2_hf_dir -> (its answer, the GGUF's (model, tokenizer) when this call loaded them, else None)."""
     out = smollm2_cache_path()
-    if out is None or os.path.exists(os.path.join(out, "model.safetensors")):
+    if out is None or _is_copy(out):
         return out, None
     model, tok = _load_gguf()
     tmp = f"{out}.tmp{os.getpid()}"      # written beside it, then renamed: a reader sees all of it or nothing
@@ -90,7 +96,7 @@ def _make_copy():
         os.rename(tmp, out)
     except Exception as e:        # a read-only or full disk, another process renamed its copy first, or a
         # transformers that cannot save what it loaded: the copy is only a shortcut, the GGUF's model is returned
-        if not os.path.exists(os.path.join(out, "model.safetensors")):
+        if not _is_copy(out):
             print(f"pqk: SmolLM2 not cached in {out} ({e}); PQK_CACHE_DIR chooses the place", file=sys.stderr)
             return None, (model, tok)
     finally:
@@ -131,7 +137,7 @@ def load_smollm2_tokenizer(cache: bool = True):
     from transformers.utils import logging
     logging.set_verbosity_error()
     hf = smollm2_cache_path() if cache else None
-    if hf is not None and os.path.exists(os.path.join(hf, "model.safetensors")):
+    if _is_copy(hf):
         return AutoTokenizer.from_pretrained(hf)
     return AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
 
