@@ -29,7 +29,8 @@ from .ops import (
     rmsnorm_quantize,
     unpack_int4,
 )
-from .ops.kv import kv_decode_attention, kv_dequant_concat, kv_quantize, kv_quantize_groupwise
+from .ops.kv import (kv_decode_attention, kv_decode_paged, kv_dequant_concat, kv_quantize, kv_quantize_groupwise,
+                     kv_write_paged)
 
 
 _CALIBRATION_EXPORTS = ("QuantConfig", "quantize_model", "find_prefix_tokens", "evaluate_perplexity",
@@ -82,6 +83,8 @@ __all__ = [
     "int4_matmul_requant",
     "int4_matmul_silu_mul_requant",
     "kv_decode_attention",
+    "kv_decode_paged",
+    "kv_write_paged",
     "kv_dequant_concat",
     "kv_format",
     "kv_quantize",

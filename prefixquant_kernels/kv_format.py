@@ -179,3 +179,49 @@ def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
     if mask is not None:
         p = torch.nan_to_num(p, nan=0.0)   # softmax of an all -inf row is NaN: that row attends to nothing
     return torch.einsum("bhn,bhnd->bhd", p, v).to(q.dtype)
+
+
+# ---- the static body in a paged cache (vLLM's) -----------------------------------------------------------------
+# cache uint8 [blocks, H, block_size, 2 * c], c = D // 2 (bits 4) or D (bits 8): per token-head its K codes, then
+# its V codes, each as quantize_static lays out one row. Position p of a sequence whose block table row is
+# ``table`` sits in block table[p // block_size] at offset p % block_size. The ops: ops/kv.py (kv_write_paged,
+# kv_decode_paged); the C++ kernels: csrc/cpu/kernels.h (KVBody, kv_write_paged_static).
+
+def write_paged(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int,
+                key_offset: torch.Tensor | None = None) -> None:
+    """Reference paged write: token t < n = len(slot_mapping) of key / value float [T >= n, H, D] quantized with
+    the per-head static scales into slot slot_mapping[t] (int64; < 0: skipped) of ``cache`` (in place). K is first
+    shifted, ``(K.float() - key_offset[h]).to(K.dtype)`` (key_offset float [H, D] or None), as transform_keys does."""
+    n, bs, c = slot_mapping.shape[0], cache.shape[2], cache.shape[3] // 2
+    k, v = key[:n], value[:n]
+    if key_offset is not None:
+        k = (k.float() - key_offset.float()).to(k.dtype)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    for x, scale, side in ((k, k_scale, slice(0, c)), (v, v_scale, slice(c, 2 * c))):
+        codes = quantize_static(x.transpose(0, 1)[None], scale, bits)[0].transpose(0, 1)   # [n, H, c]
+        cache[slots // bs, :, slots % bs, side] = codes.view(torch.uint8)[keep]
+
+
+def decode_paged(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, cache: torch.Tensor,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                 bits: int, sm_scale: float) -> torch.Tensor:
+    """Reference paged decode attention: sequence b (q float [B, H_q, D]) attends to the prefix (float [1 or B,
+    H_kv, P, D]) and to its body positions P .. seq_lens[b] - 1, read from ``cache`` through its row of
+    block_table (int [B, width]): the body gathered into [B, H_kv, N, c] (N = the longest body; the others' padding
+    masked) and attended by decode_attention."""
+    B, P = q.shape[0], prefix_k.shape[2]
+    nb, _, bs, c2 = cache.shape
+    c = c2 // 2
+    lens = seq_lens.long() - P                                                              # [B] body rows
+    width = int(lens.max()) if B else 0
+    pos = P + torch.arange(width, device=q.device)
+    valid = torch.arange(width, device=q.device)[None] < lens[:, None]                      # [B, N]
+    idx = (pos // bs)[None].expand(B, -1).clamp(max=max(block_table.shape[1] - 1, 0))
+    blocks = torch.where(valid, block_table.long().gather(1, idx), 0) if width else idx    # padding: block 0
+    codes = cache[blocks, :, (pos % bs)[None].expand(B, -1)].transpose(1, 2)               # [B, H_kv, N, 2c]
+    dt = torch.uint8 if bits == 4 else torch.int8
+    kb, vb = codes[..., :c].view(dt), codes[..., c:].view(dt)
+    mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=q.device), valid], 1)
+    return decode_attention(q, prefix_k, prefix_v, kb, vb, k_scale, v_scale, bits, sm_scale, mask)

@@ -119,8 +119,9 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
     }
   }
   kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, a.prefix_k, a.prefix_v, a.pt, a.prefix_batch,
-                             a.P, a.k_cache, a.v_cache, a.cache_sb, a.cache_sh, a.kv_bits, a.k_scale, a.v_scale, Hkv,
-                             a.pos + 1, a.mask, a.mask_stride, a.sm_scale, attn.data(), isa);
+                             a.P, strided_body(a.k_cache, a.v_cache, a.cache_sb, a.cache_sh, row_bytes),
+                             a.kv_bits, a.k_scale, a.v_scale, Hkv, a.pos + 1, nullptr, a.mask, a.mask_stride,
+                             a.sm_scale, attn.data(), isa);
   const GemmArgs og = gemm_args(a.o, B, attn.data(), o.data());
   gemm(og, isa);
   for (int64_t i = 0; i < B * H; ++i) h1[i] = a.x[i] + o[i];

@@ -57,20 +57,59 @@ void kv_dequant_concat_static(const void* prefix, FloatType pt, int64_t prefix_b
 void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bits, int64_t B, int64_t H, int64_t T,
                         int64_t D, void* out, Isa isa);
 
+// Where a static cache's body rows live: body row n (0-based, after the prefix) of sequence b and KV head h has
+// its K codes at k + row(b, h, n) * stride and its V codes at v + row(b, h, n) * stride.
+//   strided (a cache of its own: [B, Hkv, capacity, row] buffers, views [.., :T, ..] of them):
+//     row = b * batch_rows + h * head_rows + n, stride = one row's bytes (D / 2 packed int4, D int8);
+//   paged (vLLM's cache: uint8 [blocks, Hkv, block_size, 2 * row], a token-head's K codes then its V codes):
+//     the body's first position is `start` (the prefix takes positions 0 .. start-1 of every sequence), position
+//     p = start + n sits in block table[b * table_stride + p / block_size] at p % block_size, so
+//     row = (block * Hkv + h) * block_size + p % block_size, stride = 2 * row bytes, v = k + row bytes.
+struct KVBody {
+  const uint8_t* k = nullptr;
+  const uint8_t* v = nullptr;
+  int64_t stride = 0;
+  int64_t batch_rows = 0, head_rows = 0;  // strided
+  const int32_t* table = nullptr;  // paged: int32 [B, table_stride] block ids
+  int64_t table_stride = 0, block_size = 1, hkv = 1, start = 0;
+  int64_t row(int64_t b, int64_t h, int64_t n) const {
+    if (table == nullptr) return b * batch_rows + h * head_rows + n;
+    const int64_t p = start + n;
+    return ((int64_t)table[b * table_stride + p / block_size] * hkv + h) * block_size + p % block_size;
+  }
+};
+inline KVBody strided_body(const void* k, const void* v, int64_t batch_rows, int64_t head_rows, int64_t row_bytes) {
+  KVBody body;
+  body.k = (const uint8_t*)k, body.v = (const uint8_t*)v, body.stride = row_bytes;
+  body.batch_rows = batch_rows, body.head_rows = head_rows;
+  return body;
+}
+
 // Decode attention of one new token over a static cache, without materializing a float K/V:
 // out [B, Hq, D] (type qt) = softmax(q K^T * sm_scale) V per query head, K/V = [prefix | body * scale[h]].
 //   q [B, Hq, D] type qt; prefix_k/v [prefix_batch, Hkv, P, D] type pt (P may be 0, pointers then unused);
-//   k_body/v_body int4 packed [B, Hkv, T, D/2] or int8 [B, Hkv, T, D], rows contiguous, batch / head strides
-//   body_sb / body_sh (in rows, shared by K and V: the cache's growing buffers are views [.., :T, ..] of
-//   [B, Hkv, capacity, row]); k_scale/v_scale fp32 [Hkv].
+//   body: where the int4 packed (D/2 bytes) or int8 (D bytes) body rows are (KVBody: strided or paged);
+//   k_scale/v_scale fp32 [Hkv].
 //   Hq = G * Hkv: query head h*G + g reads KV head h (GQA), so each K/V row is decoded once for its G heads.
+//   T: the body rows of every sequence, or body_lens int64 [B] (each sequence's own count; no mask then).
 //   mask: bool [B, >= P + T] (row stride mask_stride), true = attend, or nullptr (attend to all P + T); a row
 //   that masks everything gets zeros. A preallocated cache passes T = the filled body rows and its padding mask.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
-                                int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
-                                int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
-                                const bool* mask, int64_t mask_stride, float sm_scale, void* out, Isa isa);
+                                int64_t P, const KVBody& body, int bits, const float* k_scale, const float* v_scale,
+                                int64_t Hkv, int64_t T, const int64_t* body_lens, const bool* mask,
+                                int64_t mask_stride, float sm_scale, void* out, Isa isa);
+
+// The new tokens' K and V quantized into a paged static cache (vLLM's: uint8 [blocks, H, block_size, 2 * row],
+// a token-head's K codes then its V codes, row = D / 2 (bits 4, packed as kv_quantize_static packs) or D (bits 8)):
+//   k / v [T, H, D] type xt, element (t, h, d) of k at t * ks_t + h * ks_h + d, of v at t * vs_t + h * vs_h + d;
+//   slots int64 [T]: token t goes to block slots[t] / block_size, offset slots[t] % block_size; < 0: skipped;
+//   k_scale / v_scale fp32 [H]; k_offset fp32 [H, D] or nullptr: K - k_offset[h] in fp32, rounded to xt, is what
+//   is quantized (the cache's k_center, as transform_keys computes it). Parallel over (token, head, K / V).
+void kv_write_paged_static(const void* k, int64_t ks_t, int64_t ks_h, const void* v, int64_t vs_t, int64_t vs_h,
+                           FloatType xt, int64_t T, int64_t H, int64_t D, const int64_t* slots, const float* k_scale,
+                           const float* v_scale, const float* k_offset, int bits, uint8_t* cache, int64_t block_size,
+                           Isa isa);
 
 // ---- GEMM with fused quantize and dequant ------------------------------------------------------------
 // y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k]  (+ bias[n]),  exact int32 accumulation.

@@ -57,6 +57,37 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
   });
 }
 
+// The paged write: one task per (token, head, K or V) row, straight from key / value into its page. A K row with
+// an offset goes through a row of xt first: K - offset computed in fp32 and rounded to xt, then quantized from
+// there, so the codes equal kv_quantize_static's of transform_keys' result (which rounds to the key's dtype).
+void kv_write_paged_static(const void* k, int64_t ks_t, int64_t ks_h, const void* v, int64_t vs_t, int64_t vs_h,
+                           FloatType xt, int64_t T, int64_t H, int64_t D, const int64_t* slots, const float* k_scale,
+                           const float* v_scale, const float* k_offset, int bits, uint8_t* cache, int64_t block_size,
+                           Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  const int64_t xsz = float_type_size(xt), row = bits == 4 ? D / 2 : D;
+  parallel_for(0, T * H * 2, 32, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> q((size_t)D);
+    std::vector<char> shifted((size_t)(k_offset ? D * xsz : 0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / (2 * H), h = r / 2 % H, side = r % 2;  // side 0: K, 1: V
+      if (slots[t] < 0) continue;
+      const char* src = side ? (const char*)v + (t * vs_t + h * vs_h) * xsz
+                             : (const char*)k + (t * ks_t + h * ks_h) * xsz;
+      if (side == 0 && k_offset) {
+        for (int64_t d = 0; d < D; ++d)
+          store_from_f32(shifted.data(), d, load_as_f32(src, d, xt) - k_offset[h * D + d], xt);
+        src = shifted.data();
+      }
+      const int64_t block = slots[t] / block_size, off = slots[t] % block_size;
+      uint8_t* dst = cache + ((block * H + h) * block_size + off) * 2 * row + side * row;
+      int8_t* codes = bits == 4 ? q.data() : (int8_t*)dst;
+      ker.quantize_row(src, xt, D, (side ? v_scale : k_scale)[h], qmin_for_bits(bits), qmax_for_bits(bits), codes);
+      if (bits == 4) ker.pack_row(q.data(), D, dst);
+    }
+  });
+}
+
 // Flash-decoding on the CPU: the attended positions of each sequence are cut into chunks of kChunkRows, and a task
 // is one (sequence, KV head, chunk): its G query heads' scores over the chunk, their softmax numerators relative to
 // the chunk's own max, and the unnormalized P·V. A serial pass then merges the chunks of each (sequence, KV head):
@@ -67,19 +98,20 @@ void kv_quantize_static(const void* x, FloatType xt, const float* scale, int bit
 // score and once to the V sum instead of per element. sm_scale is folded into q.
 void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t Hq, int64_t D,
                                 const void* prefix_k, const void* prefix_v, FloatType pt, int64_t prefix_batch,
-                                int64_t P, const void* k_body, const void* v_body, int64_t body_sb, int64_t body_sh,
-                                int bits, const float* k_scale, const float* v_scale, int64_t Hkv, int64_t T,
-                                const bool* mask, int64_t mask_stride, float sm_scale, void* out, Isa isa) {
+                                int64_t P, const KVBody& body, int bits, const float* k_scale, const float* v_scale,
+                                int64_t Hkv, int64_t T, const int64_t* body_lens, const bool* mask,
+                                int64_t mask_stride, float sm_scale, void* out, Isa isa) {
   constexpr int64_t kChunkRows = 128;
   const IsaKernels& ker = kernels_for(isa);
-  const int64_t G = Hq / Hkv, N = P + T, body_row = bits == 4 ? D / 2 : D;
-  // the attended positions of each sequence: all N, or those its mask row allows (left padding)
+  const int64_t G = Hq / Hkv, N = P + T;
+  // the attended positions of each sequence: all N (or P + its body_lens), or those its mask row allows
   // A sequence whose attended positions are exactly 0..n-1 (no left padding: every row of a batch-1 step) is read
   // as an unmasked one (dense): its rows by offset, not through the index list.
   std::vector<std::vector<int64_t>> pos((size_t)(mask ? B : 0));
   std::vector<int64_t> n_att((size_t)B, N), chunk0((size_t)B + 1, 0);
   std::vector<char> dense((size_t)B, 1);
   for (int64_t b = 0; b < B; ++b) {
+    if (body_lens) n_att[(size_t)b] = P + body_lens[b];
     if (mask) {
       for (int64_t n = 0; n < N; ++n)
         if (mask[b * mask_stride + n]) pos[(size_t)b].push_back(n);
@@ -94,7 +126,7 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
   parallel_for(0, n_chunks * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf((size_t)(G * D)), row((size_t)D), scores((size_t)(G * kChunkRows)), coef((size_t)G),
         dots((size_t)G);
-    std::vector<int64_t> body_idx((size_t)(mask ? kChunkRows : 0));  // body rows of a masked chunk
+    std::vector<int64_t> body_idx((size_t)(mask || body.table ? kChunkRows : 0));  // rows of an indexed chunk
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / Hkv, h = t % Hkv;
       const int64_t b = std::upper_bound(chunk0.begin(), chunk0.end(), c) - chunk0.begin() - 1;
@@ -105,13 +137,13 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       const int64_t q0 = (b * Hq + h * G) * D;  // first element of query head h*G in q and out
       for (int64_t i = 0; i < G * D; ++i) qf[i] = load_as_f32(q, q0 + i, qt) * sm_scale;
       // row n of K or V (n < P: the prefix, else the body) -> row as fp32; returns the row's scale
-      auto load_row = [&](const void* prefix, const void* body, const float* scale, int64_t n) -> float {
+      auto load_row = [&](const void* prefix, const uint8_t* codes, const float* scale, int64_t n) -> float {
         if (n < P) {
           const int64_t base = (((prefix_batch == 1 ? 0 : b) * Hkv + h) * P + n) * D;
           for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(prefix, base + d, pt);
           return 1.0f;
         }
-        const char* src = (const char*)body + (b * body_sb + h * body_sh + (n - P)) * body_row;
+        const uint8_t* src = codes + body.row(b, h, n - P) * body.stride;
         if (bits == 4) {
           ker.dequant_row4((const uint8_t*)src, D, 1.0f, row.data(), FloatType::kFloat32);
         } else {
@@ -127,25 +159,23 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       while (jb < nj && (!packed || pos_at(j0 + jb) < P)) ++jb;
       const uint8_t *k_rows = nullptr, *v_rows = nullptr;
       const int64_t* idx = nullptr;
-      int64_t head_off = 0;
       if (jb < nj) {
-        const int64_t head = (b * body_sb + h * body_sh) * body_row;
-        if (masked) {  // the body rows this chunk attends to, by index
-          for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = pos_at(j0 + i) - P;
+        if (masked || body.table) {  // the body rows this chunk attends to, by index (a mask, or pages)
+          for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = body.row(b, h, pos_at(j0 + i) - P);
           idx = body_idx.data();
-        } else {
-          head_off = (j0 + jb - P) * body_row;
+          k_rows = body.k, v_rows = body.v;
+        } else {  // consecutive rows
+          const int64_t first = body.row(b, h, j0 + jb - P) * body.stride;
+          k_rows = body.k + first, v_rows = body.v + first;
         }
-        k_rows = (const uint8_t*)k_body + head + head_off;
-        v_rows = (const uint8_t*)v_body + head + head_off;
       }
       for (int64_t j = 0; j < jb; ++j) {
-        const float s = load_row(prefix_k, k_body, k_scale, pos_at(j0 + j));
+        const float s = load_row(prefix_k, body.k, k_scale, pos_at(j0 + j));
         ker.dot_rows(qf.data(), G, D, row.data(), dots.data());
         for (int64_t g = 0; g < G; ++g) scores[g * kChunkRows + j] = dots[g] * s;
       }
       if (jb < nj)
-        ker.qk_rows_q4(qf.data(), G, D, nj - jb, k_rows, body_row, idx, k_scale[h], scores.data() + jb, kChunkRows);
+        ker.qk_rows_q4(qf.data(), G, D, nj - jb, k_rows, body.stride, idx, k_scale[h], scores.data() + jb, kChunkRows);
       float* m = part_m.data() + t * G;
       float* l = part_l.data() + t * G;
       float* acc = part_acc.data() + t * G * D;
@@ -158,12 +188,12 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       }
       std::fill(acc, acc + G * D, 0.0f);
       for (int64_t j = 0; j < jb; ++j) {
-        const float s = load_row(prefix_v, v_body, v_scale, pos_at(j0 + j));
+        const float s = load_row(prefix_v, body.v, v_scale, pos_at(j0 + j));
         for (int64_t g = 0; g < G; ++g) coef[g] = scores[g * kChunkRows + j] * s;
         ker.axpy_rows(coef.data(), G, D, row.data(), acc);
       }
       if (jb < nj)
-        ker.pv_rows_q4(scores.data() + jb, kChunkRows, G, nj - jb, v_rows, body_row, idx, v_scale[h], D, acc);
+        ker.pv_rows_q4(scores.data() + jb, kChunkRows, G, nj - jb, v_rows, body.stride, idx, v_scale[h], D, acc);
     }
   });
   // merge the chunks of each (sequence, KV head); a sequence with no attended position gets zeros

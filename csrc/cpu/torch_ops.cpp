@@ -352,9 +352,10 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   const int64_t row = k_body.size(3);
   kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pre.k, pre.v, pre.type, pre.batch, P,
-                             k_body.data_ptr(),
-                             v_body.data_ptr(), k_body.stride(0) / row, k_body.stride(1) / row, (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv,
-                             T_used, mask_ptr, mask_stride, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
+                             strided_body(k_body.data_ptr(), v_body.data_ptr(), k_body.stride(0) / row,
+                                          k_body.stride(1) / row, row),
+                             (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv, T_used, nullptr,
+                             mask_ptr, mask_stride, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
   return out;
 }
 
@@ -573,10 +574,113 @@ void hadamard_rows_(at::Tensor x, const at::Tensor& hm) {
   });
 }
 
+// ---- the static body in a paged cache (vLLM's): uint8 [blocks, H, block_size, 2 * row], row = D / 2 (bits 4) or
+// D (bits 8) bytes, a token-head's K codes then its V codes (kernels.h: KVBody, kv_write_paged_static) ----
+
+// cache -> (blocks, block size, row bytes), checked against H KV heads of head dim D
+std::tuple<int64_t, int64_t, int64_t> paged_cache_args(const at::Tensor& cache, int64_t H, int64_t D, int64_t bits,
+                                                       const char* op) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, "bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 8 || D % 2 == 0, op, "bits=4 needs an even head dim, got ", D);
+  const int64_t row = bits == 4 ? D / 2 : D;
+  TORCH_CHECK(cache.device().is_cpu() && cache.scalar_type() == at::kByte && cache.dim() == 4 &&
+                  cache.is_contiguous() && cache.size(1) == H && cache.size(3) == 2 * row,
+              op, "cache must be a contiguous uint8 CPU tensor [blocks, ", H, ", block_size, ", 2 * row, "], got ",
+              cache.scalar_type(), " ", cache.sizes());
+  return {cache.size(0), cache.size(2), row};
+}
+
+void kv_write_paged_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache,
+                        const at::Tensor& slot_mapping, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                        int64_t bits, const c10::optional<at::Tensor>& key_offset, int64_t cpu_isa) {
+  const char* op = "pqk.kv_write_paged_static: ";
+  TORCH_CHECK(key.device().is_cpu() && key.dim() == 3 && key.stride(2) == 1 && value.sizes() == key.sizes() &&
+                  value.stride(2) == 1 && value.scalar_type() == key.scalar_type() && value.device().is_cpu(),
+              op, "key and value must be CPU tensors [T, H, D] of one dtype and shape, with contiguous rows; got ",
+              key.sizes(), " and ", value.sizes());
+  const int64_t H = key.size(1), D = key.size(2);
+  const auto [blocks, bs, row] = paged_cache_args(cache, H, D, bits, op);
+  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.is_contiguous() && slot_mapping.size(0) <= key.size(0),
+              op, "slot_mapping must be a contiguous int64 CPU tensor [n], n <= key.shape[0] = ", key.size(0));
+  const int64_t T = slot_mapping.size(0);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)   // all checked before any row is written
+    TORCH_CHECK(slots[t] < blocks * bs, op, "slot_mapping[", t, "] = ", slots[t], " is past the cache's ",
+                blocks * bs, " slots");
+  for (const at::Tensor* s : {&k_scale, &v_scale})
+    TORCH_CHECK(s->device().is_cpu() && s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == H,
+                op, "k_scale / v_scale must be contiguous float32 CPU tensors of ", H, " elements");
+  const float* off = nullptr;
+  if (key_offset.has_value()) {
+    const at::Tensor& o = *key_offset;
+    TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == at::kFloat && o.is_contiguous() && o.dim() == 2 &&
+                    o.size(0) == H && o.size(1) == D,
+                op, "key_offset must be a contiguous float32 CPU tensor [", H, ", ", D, "], got ", o.sizes());
+    off = o.data_ptr<float>();
+  }
+  kv_write_paged_static(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
+                        value.stride(1), float_type(key, "key"), T, H, D, slots, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), off, (int)bits,
+                        cache.data_ptr<uint8_t>(), bs, to_isa(cpu_isa));
+}
+
+at::Tensor kv_decode_paged_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& prefix_k,
+                               const c10::optional<at::Tensor>& prefix_v, const at::Tensor& cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& k_scale,
+                               const at::Tensor& v_scale, int64_t bits, double sm_scale, int64_t cpu_isa) {
+  const char* op = "pqk.kv_decode_paged_static: ";
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous(), op,
+              "q must be a contiguous [B, Hq, D] CPU tensor");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(cache.dim() == 4 && cache.size(1) > 0 && Hq % cache.size(1) == 0, op, "cache must be [blocks, Hkv, "
+              "block_size, bytes] with Hkv dividing q's ", Hq, " heads, got ", cache.sizes());
+  const int64_t Hkv = cache.size(1);
+  const auto [blocks, bs, row] = paged_cache_args(cache, Hkv, D, bits, op);
+  TORCH_CHECK(block_table.device().is_cpu() && block_table.scalar_type() == at::kInt && block_table.dim() == 2 &&
+                  block_table.size(0) == B && block_table.stride(1) == 1,
+              op, "block_table must be an int32 CPU tensor [", B, ", width] with contiguous rows, got ",
+              block_table.scalar_type(), " ", block_table.sizes());
+  TORCH_CHECK(seq_lens.device().is_cpu() && (seq_lens.scalar_type() == at::kInt ||
+                                             seq_lens.scalar_type() == at::kLong) && seq_lens.dim() == 1 &&
+                  seq_lens.size(0) == B,
+              op, "seq_lens must be an int32 or int64 CPU tensor [", B, "]");
+  for (const at::Tensor* t : {&k_scale, &v_scale})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == Hkv,
+                op, "k_scale / v_scale must be contiguous float32 CPU tensors of ", Hkv, " elements");
+  const PrefixArgs pre = prefix_args(prefix_k, prefix_v, B, Hkv, D, op);
+  const int64_t P = pre.P, width = block_table.size(1);
+  const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  std::vector<int64_t> body_lens((size_t)B);
+  int64_t T = 0;
+  for (int64_t b = 0; b < B; ++b) {  // every page the call reads is checked first: no read outside the cache
+    TORCH_CHECK(len[b] >= P && len[b] <= width * bs, op, "seq_lens[", b, "] = ", len[b], " is outside [P = ", P,
+                ", block_table width * block_size = ", width * bs, "]");
+    for (int64_t i = P / bs; i * bs < len[b]; ++i) {
+      const int32_t blk = table[b * block_table.stride(0) + i];
+      TORCH_CHECK(blk >= 0 && blk < blocks, op, "block_table[", b, ", ", i, "] = ", blk, " is not a block of the "
+                  "cache's ", blocks);
+    }
+    body_lens[(size_t)b] = len[b] - P;
+    T = std::max(T, len[b] - P);
+  }
+  KVBody body;
+  body.k = cache.data_ptr<uint8_t>(), body.v = body.k + row, body.stride = 2 * row;
+  body.table = table, body.table_stride = block_table.stride(0), body.block_size = bs, body.hkv = Hkv, body.start = P;
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  kv_decode_attention_static(q.data_ptr(), float_type(q, "q"), B, Hq, D, pre.k, pre.v, pre.type, pre.batch, P, body,
+                             (int)bits, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), Hkv, T,
+                             body_lens.data(), nullptr, 0, (float)sm_scale, out.data_ptr(), to_isa(cpu_isa));
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("kv_decode_static", &kv_decode_static_cpu);
   m.impl("kv_quantize_static", &kv_quantize_static_cpu);
   m.impl("kv_dequant_static", &kv_dequant_static_cpu);
+  m.impl("kv_write_paged_static", &kv_write_paged_cpu);
+  m.impl("kv_decode_paged_static", &kv_decode_paged_cpu);
   m.impl("pack_int4", &pack_int4_cpu);
   m.impl("unpack_int4", &unpack_int4_cpu);
   m.impl("quantize_static", &quantize_static_cpu);

@@ -65,6 +65,8 @@ OPS: dict[str, Op] = {
     "kv_quantize_groupwise": Op(KV_BACKENDS, frozenset({"reference", "triton"})),
     "kv_dequant_concat": Op(KV_BACKENDS, _KV),
     "kv_decode_attention": Op(KV_BACKENDS, _KV),
+    "kv_write_paged": Op(KV_BACKENDS, frozenset({"reference", "cpu"})),    # vLLM's CPU cache layout
+    "kv_decode_paged": Op(KV_BACKENDS, frozenset({"reference", "cpu"})),
 }
 # Any other name (benchmarks and tests asking what "auto" runs on a device): the kinds of the linear layers.
 _DEFAULT = Op(BACKENDS, _GEMM)

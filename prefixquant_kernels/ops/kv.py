@@ -216,6 +216,20 @@ def kv_dequant_concat(prefix: torch.Tensor | None, packed: torch.Tensor, scale: 
                                            tail if nt else None, bpos, tpos, out_dtype, be)
 
 
+def _prefix(prefix_k, prefix_v, q: torch.Tensor, hkv: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode ops' prefix: float [1 or B, hkv, P, D] each, or both None (-> empty [1, hkv, 0, D])."""
+    B, _, D = q.shape
+    if (prefix_k is None) != (prefix_v is None):
+        checks.fail(op, "prefix_k and prefix_v must be given together (or neither)")
+    if prefix_k is None:
+        prefix_k = prefix_v = q.new_empty(1, hkv, 0, D)
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _kv_tensor(t, name, op)
+        if t.shape[0] not in (1, B) or t.shape[1] != hkv or t.shape[3] != D or t.shape != prefix_k.shape:
+            checks.fail(op, f"{name} must be [1 or {B}, {hkv}, P, {D}] (and match prefix_k), got {tuple(t.shape)}")
+    return prefix_k, prefix_v
+
+
 def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
                         k_packed: torch.Tensor, v_packed: torch.Tensor, k_scale: torch.Tensor,
                         v_scale: torch.Tensor, bits: int = 4, sm_scale: float | None = None, *,
@@ -258,14 +272,7 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     checks.same_device(op, dev, k_packed=k_packed, v_packed=v_packed, prefix_k=prefix_k, prefix_v=prefix_v)
     ks = _head_scale(k_scale, Hkv, op, dev)
     vs = _head_scale(v_scale, Hkv, op, dev)
-    if (prefix_k is None) != (prefix_v is None):
-        checks.fail(op, "prefix_k and prefix_v must be given together (or neither)")
-    if prefix_k is None:
-        prefix_k = prefix_v = q.new_empty(1, Hkv, 0, D)
-    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        _kv_tensor(t, name, op)
-        if t.shape[0] not in (1, B) or t.shape[1] != Hkv or t.shape[3] != D or t.shape != prefix_k.shape:
-            checks.fail(op, f"{name} must be [1 or {B}, {Hkv}, P, {D}] (and match prefix_k), got {tuple(t.shape)}")
+    prefix_k, prefix_v = _prefix(prefix_k, prefix_v, q, Hkv, op)
     if prefix_k.shape[2] + T == 0:
         checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
     if body_len is not None:
@@ -281,6 +288,117 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     be = resolve(backend, dev, op).kind
     return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale, be,
                                              body_len=body_len, mask=mask)
+
+
+def _paged_cache(cache, h: int, d: int, bits: int, op: str) -> tuple[int, int]:
+    """cache uint8 [blocks, h, block_size, 2 * c] (c = d // 2 for bits 4, d for 8) -> (blocks, block_size)."""
+    checks.tensor(cache, "cache", op, (torch.uint8,), dim=4)
+    c = d // 2 if bits == 4 else d
+    if cache.shape[1] != h or cache.shape[3] != 2 * c or cache.shape[2] == 0:
+        checks.fail(op, f"cache must be [blocks, {h}, block_size > 0, {2 * c}] (per token-head its {c} K code bytes "
+                        f"then its {c} V code bytes), got {tuple(cache.shape)}")
+    return cache.shape[0], cache.shape[2]
+
+
+def kv_write_paged(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: torch.Tensor, v_scale: torch.Tensor, bits: int = 4, *,
+                   key_offset: torch.Tensor | None = None, backend: str = "auto") -> None:
+    """Quantize new tokens' K and V with static per-head scales into a paged cache, in place (vLLM's layout).
+
+    Args:
+        key, value: float [T, H, D] (one dtype and shape), the new tokens (K after RoPE and any rotation).
+        cache: uint8 [blocks, H, block_size, 2 * c], c = D // 2 (bits 4: two codes per byte, as kv_quantize packs)
+            or D (bits 8): per token-head its K codes, then its V codes. Written in place.
+        slot_mapping: int64 [n], n <= T: token t goes to block slot // block_size, offset slot % block_size;
+            a slot < 0 is skipped (padding).
+        k_scale, v_scale: float [H] static per-head scales.
+        key_offset: float [H, D] or None: K - key_offset[h] (in fp32, rounded to K's dtype) is what is quantized,
+            as the cache's k_center (transform_keys) shifts it.
+    Every argument is checked before the cache is touched; a slot written twice in one call keeps one of them.
+    """
+    op = "kv_write_paged"
+    _bits(bits, op, STATIC_BITS)
+    checks.tensor(key, "key", op, FLOAT_DTYPES, dim=3)
+    checks.tensor(value, "value", op, FLOAT_DTYPES, dim=3)
+    if value.shape != key.shape or value.dtype != key.dtype:
+        checks.fail(op, f"value must have key's shape {tuple(key.shape)} and dtype {key.dtype}, got "
+                        f"{tuple(value.shape)} {value.dtype}")
+    T, H, D = key.shape
+    if bits == 4 and D % 2:
+        checks.fail(op, f"bits=4 packs two codes per byte: key's head dim must be even, got {D}")
+    blocks, bs = _paged_cache(cache, H, D, bits, op)
+    checks.tensor(slot_mapping, "slot_mapping", op, (torch.int64,), dim=1)
+    if slot_mapping.shape[0] > T:
+        checks.fail(op, f"slot_mapping has {slot_mapping.shape[0]} slots for {T} tokens")
+    dev = key.device
+    checks.same_device(op, dev, value=value, cache=cache, slot_mapping=slot_mapping, key_offset=key_offset)
+    ks, vs = _head_scale(k_scale, H, op, dev), _head_scale(v_scale, H, op, dev)
+    if slot_mapping.numel() and int(slot_mapping.max()) >= blocks * bs:
+        checks.fail(op, f"slot_mapping holds slot {int(slot_mapping.max())}, past the cache's {blocks * bs} slots")
+    if key_offset is not None:
+        checks.tensor(key_offset, "key_offset", op, FLOAT_DTYPES, dim=2)
+        if tuple(key_offset.shape) != (H, D):
+            checks.fail(op, f"key_offset must be [{H}, {D}] (one offset row per KV head), got "
+                            f"{tuple(key_offset.shape)}")
+    be = resolve(backend, dev, op).kind
+    torch.ops.pqk.kv_write_paged(key, value, cache, slot_mapping, ks, vs, bits, key_offset, be)
+
+
+def kv_decode_paged(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                    cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, k_scale: torch.Tensor,
+                    v_scale: torch.Tensor, bits: int = 4, sm_scale: float | None = None, *,
+                    backend: str = "auto") -> torch.Tensor:
+    """kv_decode_attention over a paged cache: each sequence's one new token attends to the 16-bit prefix and to
+    its own body, read from the cache's pages through its block table row (no gathered copy on the C++ path).
+
+    Args:
+        q: float [B, H_q, D]; H_q a multiple of the cache's H_kv.
+        prefix_k, prefix_v: float [1 or B, H_kv, P, D], or None (P = 0).
+        cache: uint8 [blocks, H_kv, block_size, 2 * c] as kv_write_paged writes it.
+        block_table: int32 or int64 [B, width]: sequence b's position p is in block block_table[b, p // block_size].
+        seq_lens: int [B]: sequence b has P <= seq_lens[b] <= width * block_size positions; its body is positions
+            P .. seq_lens[b] - 1 (the prefix's positions hold no codes). A sequence with none attends to nothing
+            and gets zeros.
+        k_scale, v_scale: float [H_kv] static per-head scales; sm_scale: default 1/sqrt(D).
+    Returns q.dtype [B, H_q, D].
+    """
+    op = "kv_decode_paged"
+    checks.tensor(q, "q", op, FLOAT_DTYPES, dim=3)
+    _bits(bits, op, STATIC_BITS)
+    B, Hq, D = q.shape
+    checks.tensor(cache, "cache", op, (torch.uint8,), dim=4)
+    Hkv = cache.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        checks.fail(op, f"q's head count {Hq} must be a multiple of the cache's KV head count {Hkv}")
+    if bits == 4 and D % 2:
+        checks.fail(op, f"bits=4 packs two codes per byte: q's head dim must be even, got {D}")
+    blocks, bs = _paged_cache(cache, Hkv, D, bits, op)
+    checks.tensor(block_table, "block_table", op, (torch.int32, torch.int64), dim=2)
+    checks.tensor(seq_lens, "seq_lens", op, (torch.int32, torch.int64), dim=1)
+    if block_table.shape[0] != B or seq_lens.shape[0] != B:
+        checks.fail(op, f"block_table [{B}, width] and seq_lens [{B}] must have q's batch {B}, got "
+                        f"{tuple(block_table.shape)} and {tuple(seq_lens.shape)}")
+    dev = q.device
+    checks.same_device(op, dev, cache=cache, block_table=block_table, seq_lens=seq_lens, prefix_k=prefix_k,
+                       prefix_v=prefix_v)
+    ks, vs = _head_scale(k_scale, Hkv, op, dev), _head_scale(v_scale, Hkv, op, dev)
+    prefix_k, prefix_v = _prefix(prefix_k, prefix_v, q, Hkv, op)
+    P, width = prefix_k.shape[2], block_table.shape[1]
+    lens = seq_lens.long()
+    bad = (lens < P) | (lens > width * bs)
+    if bool(bad.any()):
+        b = int(torch.nonzero(bad)[0])
+        checks.fail(op, f"seq_lens[{b}] = {int(lens[b])} is outside [P = {P}, width * block_size = {width * bs}]")
+    used = torch.arange(width, device=dev)[None] * bs < lens[:, None]       # [B, width] blocks holding positions
+    used &= torch.arange(width, device=dev)[None] >= P // bs                 # of the body
+    wrong = used & ((block_table < 0) | (block_table >= blocks))
+    if bool(wrong.any()):
+        b, i = (int(x) for x in torch.nonzero(wrong)[0])
+        checks.fail(op, f"block_table[{b}, {i}] = {int(block_table[b, i])} is not a block of the cache's {blocks}")
+    scale = float(sm_scale) if sm_scale is not None else D ** -0.5
+    be = resolve(backend, dev, op).kind
+    return torch.ops.pqk.kv_decode_paged(q, prefix_k, prefix_v, cache, block_table, seq_lens, ks, vs, bits, scale,
+                                         be)
 
 
 # ---- the custom ops' implementations: inputs validated, backend resolved by the public ops above -----------------
@@ -360,3 +478,30 @@ def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale
         mask = mask[:, :prefix_k.shape[2] + k_packed.shape[2]]
     return kvf.decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits,
                                 sm_scale, mask).contiguous()
+
+
+@_impl("kv_write_paged")
+def _kv_write_paged_impl(key, value, cache, slot_mapping, k_scale, v_scale, bits, key_offset, backend):
+    if backend == "cpu" and cache.is_contiguous():   # the C++ kernel writes each row into its page
+        off = None if key_offset is None else key_offset.float().contiguous()
+        k = key if key.stride(2) == 1 else key.contiguous()          # rows contiguous, any token / head strides
+        v = value if value.stride(2) == 1 else value.contiguous()
+        torch.ops.pqk.kv_write_paged_static(k, v, cache, slot_mapping.contiguous(), k_scale.contiguous(),
+                                            v_scale.contiguous(), bits, off)
+        return
+    kvf.write_paged(key, value, cache, slot_mapping, k_scale, v_scale, bits, key_offset)
+
+
+@_impl("kv_decode_paged")
+def _kv_decode_paged_impl(q, prefix_k, prefix_v, cache, block_table, seq_lens, k_scale, v_scale, bits, sm_scale,
+                          backend):
+    if backend == "cpu" and cache.is_contiguous():   # the C++ kernel reads the pages in place
+        pre_k = prefix_k.contiguous() if prefix_k.shape[2] else None
+        pre_v = prefix_v.contiguous() if prefix_v.shape[2] else None
+        table = block_table.to(torch.int32)
+        if table.stride(1) != 1:
+            table = table.contiguous()
+        return torch.ops.pqk.kv_decode_paged_static(q.contiguous(), pre_k, pre_v, cache, table, seq_lens,
+                                                    k_scale.contiguous(), v_scale.contiguous(), bits, sm_scale)
+    return kvf.decode_paged(q, prefix_k, prefix_v, cache, block_table, seq_lens, k_scale, v_scale, bits,
+                            sm_scale).contiguous()

@@ -67,6 +67,17 @@ LIB.define(
     "kv_decode_static(Tensor q, Tensor? prefix_k, Tensor? prefix_v, Tensor k_body, Tensor v_body, Tensor k_scale, "
     "Tensor v_scale, int bits, float sm_scale, int cpu_isa=-1, Tensor? body_len=None, Tensor? mask=None) -> Tensor"
 )
+# The static body in a paged cache (vLLM's uint8 [blocks, H, block_size, 2 * row]: a token-head's K codes, then its
+# V codes): the new tokens written into their slots, and decode attention reading the pages through the block
+# table. csrc/cpu/kernels.h (KVBody, kv_write_paged_static); the public ops: ops/kv.py.
+LIB.define(
+    "kv_write_paged_static(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor k_scale, "
+    "Tensor v_scale, int bits, Tensor? key_offset=None, int cpu_isa=-1) -> ()"
+)
+LIB.define(
+    "kv_decode_paged_static(Tensor q, Tensor? prefix_k, Tensor? prefix_v, Tensor cache, Tensor block_table, "
+    "Tensor seq_lens, Tensor k_scale, Tensor v_scale, int bits, float sm_scale, int cpu_isa=-1) -> Tensor"
+)
 
 
 # One decoder layer (Llama / Qwen2 / Qwen3) of a decode step on the CPU, over a static preallocated cache: x float32
@@ -177,6 +188,18 @@ def _kv_decode_static_fake(q, prefix_k, prefix_v, k_body, v_body, k_scale, v_sca
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("pqk::kv_write_paged_static")
+def _kv_write_paged_static_fake(key, value, cache, slot_mapping, k_scale, v_scale, bits, key_offset=None,
+                                cpu_isa=-1):
+    return None
+
+
+@torch.library.register_fake("pqk::kv_decode_paged_static")
+def _kv_decode_paged_static_fake(q, prefix_k, prefix_v, cache, block_table, seq_lens, k_scale, v_scale, bits,
+                                 sm_scale, cpu_isa=-1):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("pqk::decode_layer")
 def _decode_layer_fake(x, *args, **kwargs):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -198,6 +221,14 @@ LIB.define(
     "kv_decode_attention(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor k_packed, Tensor v_packed, "
     "Tensor k_scale, Tensor v_scale, int bits, float sm_scale, str backend, Tensor? body_len=None, "
     "Tensor? mask=None) -> Tensor"
+)
+LIB.define(
+    "kv_write_paged(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, Tensor k_scale, Tensor v_scale, "
+    "int bits, Tensor? key_offset, str backend) -> ()"
+)
+LIB.define(
+    "kv_decode_paged(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor cache, Tensor block_table, Tensor seq_lens, "
+    "Tensor k_scale, Tensor v_scale, int bits, float sm_scale, str backend) -> Tensor"
 )
 
 
@@ -228,6 +259,17 @@ def _kv_dequant_concat_fake(prefix, packed, scale, zero, bits, group_size, axis,
 def _kv_decode_attention_fake(q, prefix_k, prefix_v, k_packed, v_packed, k_scale, v_scale, bits, sm_scale,
                               backend, body_len=None, mask=None):
     return q.new_empty(q.shape)  # contiguous, like both implementations
+
+
+@torch.library.register_fake("pqk::kv_write_paged")
+def _kv_write_paged_fake(key, value, cache, slot_mapping, k_scale, v_scale, bits, key_offset, backend):
+    return None
+
+
+@torch.library.register_fake("pqk::kv_decode_paged")
+def _kv_decode_paged_fake(q, prefix_k, prefix_v, cache, block_table, seq_lens, k_scale, v_scale, bits, sm_scale,
+                          backend):
+    return q.new_empty(q.shape)
 
 
 from .. import _extension  # noqa: E402,F401  (registers the CPU kernels; must follow the schemas)

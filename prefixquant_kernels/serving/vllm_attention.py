@@ -9,14 +9,15 @@ checkpoint's ``kv_bits`` 4 or 8, calibrated per-head scales), this:
   codes, in kv_format.py's static format (bits 4: two codes per byte along D). vLLM sizes its blocks from it: a
   4-bit body takes D bytes per token-head, 1/4 of a bf16 cache and 1/8 of fp32.
 * **The write** (``do_kv_cache_update``, before each forward): the new keys are transformed as the Hugging Face
-  path's cache transforms them (``transform_keys``: the Q/K Hadamard after RoPE, ``- mu`` with k_center), then K and
-  V are quantized with the layer's static per-head scales (``kv_quantize``) into their slots.
+  path's cache transforms them (the Q/K Hadamard after RoPE, ``- mu`` with k_center), then K and V are quantized
+  with the layer's static per-head scales into their slots: one ``kv_write_paged`` call (the C++ kernel on CPU
+  writes each row into its page; ``- mu`` inside it, as ``transform_keys`` rounds it).
 * **The attention** (``forward``): the prefix K / V come from the checkpoint in 16 bits (never from the cache: the
-  prefix connector reports those P positions computed and writes nothing for this backend); each request's body
-  positions P .. L-1 are gathered from its blocks in their stored form. The one-token queries of all requests run
-  as one ``kv_decode_attention`` call (the fused C++ kernel on CPU: the packed body dequantized in registers; a
-  mask hides the padding of shorter requests); a longer query (a prefill chunk) runs alone, ``kv_dequant_concat``
-  + causal SDPA. The queries are rotated by the same Hadamard as K.
+  prefix connector reports those P positions computed and writes nothing for this backend). The one-token queries
+  of all requests run as one ``kv_decode_paged`` call: the C++ kernel reads each request's body positions
+  P .. L-1 from its blocks through the block table, packed, dequantized in registers. A longer query (a prefill
+  chunk) runs alone: its body gathered from its blocks, ``kv_dequant_concat`` + causal SDPA. The queries are
+  rotated by the same Hadamard as K.
   These are the ops the Hugging Face path's PrefixQuantCache runs, so vLLM and ``model.generate`` compute the same
   function (tests/serving/test_vllm.py).
 
@@ -34,7 +35,7 @@ import torch
 from vllm.config import get_current_vllm_config, get_current_vllm_config_or_none
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from ..cache.factory import rotate_heads, transform_keys
+from ..cache.factory import rotate_heads
 from ..calibration.config import QuantConfig
 from ..ops import kv as kv_ops
 from ..ops.backend import resolve
@@ -55,9 +56,9 @@ class KVPlan:
     prefix_len: int
     path: str
     layers: dict = dataclasses.field(default_factory=dict)
-    # the KV ops' kernel here: "cpu" (the C++ ops, called directly: every argument was checked at load, and the
-    # public ops' per-call checks cost as much as the kernels at one token, tokens x layers x steps times) or the
-    # reference (no extension built), through the public ops
+    # the KV ops' kernel here: "cpu" (the C++ ops, called directly: the scales and prefix were checked at load, the
+    # C++ ops check the slots and blocks they touch, and the public ops' Python checks cost as much as the kernels
+    # at one token, tokens x layers x steps times) or the reference (no extension built), through the public ops
     kind: str = dataclasses.field(default_factory=lambda: resolve("auto", torch.device("cpu"),
                                                                   "kv_decode_attention").kind)
 
@@ -87,8 +88,7 @@ class KVPlan:
                         _fail(f"{key} must be finite scales > 0, one per KV head; got {t.tolist()}")
 
     def layer(self, index: int, heads: int, dtype: torch.dtype) -> dict:
-        """Layer ``index``'s tensors for this rank's ``heads`` KV heads: key_scale / value_scale float32 [H]
-        (kv_scale: both, [2H]);
+        """Layer ``index``'s tensors for this rank's ``heads`` KV heads: key_scale / value_scale float32 [H];
         prefix_k / prefix_v dtype [1, H, P, D] as the checkpoint stores them (K already rotated / centered) or None;
         rotation float32 [D, D] or None; offset float32 [H, D] or None."""
         if index not in self.layers:
@@ -107,7 +107,6 @@ class KVPlan:
                 ks, vs = get(f"key_scales_{index}"), get(f"value_scales_{index}")
                 h0 = rank_heads(ks.numel(), heads, index)
                 t = {"key_scale": ks[h0:h0 + heads].contiguous(), "value_scale": vs[h0:h0 + heads].contiguous(),
-                     "kv_scale": torch.cat([ks[h0:h0 + heads], vs[h0:h0 + heads]]),
                      "rotation": get("qk_rotation", required=False), "offset": get(f"key_offsets_{index}", False)}
                 if t["offset"] is not None:
                     t["offset"] = t["offset"][h0:h0 + heads].contiguous()
@@ -168,12 +167,12 @@ def plan_for(vllm_config) -> KVPlan | None:
 @dataclasses.dataclass
 class _Step:
     """What every layer of one step shares (PrefixQuantAttentionImpl._step): the one-token queries' rows in the
-    batch (int64 [B]), their body's cache rows (int64 [B, H, N], _rows) and padding mask (bool [B, P + N], or None:
-    all as long); per longer query (a prefill chunk): its first and end row, its body's cache rows [1, H, L - P],
-    its causal mask (bool [n, L])."""
+    batch (int64 [B], or None when they are all the step's tokens, in order), their block tables (int32 [B, width])
+    and lengths (int [B]); per longer query (a prefill chunk): its first and end row, its body's cache rows [1, H,
+    L - P] (_rows), its causal mask (bool [n, L])."""
     decode_queries: torch.Tensor | None = None
-    decode_rows: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    decode_table: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
     chunks: list = dataclasses.field(default_factory=list)
 
 
@@ -189,27 +188,6 @@ def _stamp(*tensors: torch.Tensor) -> tuple | None:
 def _same(a: tuple | None, b: tuple | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
         x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b))
-
-
-_SLOTS: tuple | None = None   # the last _slots call: (_stamp(slot_mapping), block size, its answer)
-
-
-def _slots(slot_mapping: torch.Tensor, bs: int) -> tuple:
-    """slot_mapping int [T] (-1: padding, none on a plain CPU step) -> (keep: bool [T] or None when all are kept,
-    block int64 [T'], offset int64 [T']) of the kept slots. Every layer of a step writes the same slots: vLLM hands
-    them the same tensor, so the answer is reused while that tensor is unchanged (_stamp)."""
-    global _SLOTS
-    stamp = _stamp(slot_mapping)
-    if _SLOTS is not None and _SLOTS[1] == bs and _same(_SLOTS[0], stamp):
-        return _SLOTS[2]
-    slots = slot_mapping.long()
-    keep = None
-    if bool((slots < 0).any()):
-        keep = slots >= 0
-        slots = slots[keep]
-    answer = (keep, slots // bs, slots % bs)
-    _SLOTS = (stamp, bs, answer)
-    return answer
 
 
 class PrefixQuantAttentionBackend(CPUAttentionBackend):
@@ -260,6 +238,11 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
                   f"needs uint8 [blocks, {self.num_kv_heads}, block_size, {2 * c}] (customize_spec)")
         return cache.shape[2], c
 
+    def _kernel(self, cache: torch.Tensor) -> bool:
+        """Whether the C++ paged ops run: the extension is built and the cache is one contiguous buffer (a padded
+        page layout goes through the public ops' reference)."""
+        return self.plan.kind == "cpu" and cache.is_contiguous()
+
     def _codes_dtype(self) -> torch.dtype:
         return torch.uint8 if self.plan.bits == 4 else torch.int8
 
@@ -307,15 +290,9 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
         step = _Step()
         decode = torch.nonzero(nq == 1)[:, 0]
         if decode.numel():
-            # body positions P .. len-1 of each request, padded to the longest; the mask hides the padding
-            n_body = lens[decode] - p
-            width = int(n_body.max())
-            pos = (p + torch.arange(width))[None].expand(decode.numel(), width)
-            step.decode_rows = self._rows(cache, table[decode], pos)
-            if int(n_body.min()) != width:
-                step.decode_mask = torch.cat([torch.ones(decode.numel(), p, dtype=torch.bool),
-                                              torch.arange(width)[None] < n_body[:, None]], 1)  # [B, P + width]
-            step.decode_queries = starts[decode]
+            step.decode_table, step.decode_lens = table[decode].to(torch.int32), lens[decode]
+            if decode.numel() != attn_metadata.num_actual_tokens:     # else the queries are rows 0 .. B-1
+                step.decode_queries = starts[decode]
         for i in torch.nonzero(nq > 1)[:, 0].tolist():
             q0, q1, length = int(starts[i]), int(starts[i + 1]), int(lens[i])
             n = q1 - q0
@@ -330,19 +307,16 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
         """key / value [T', H, D] (T' >= the T slots: padding after them); slot_mapping int64 [T] (-1: skip)."""
         if self.plan is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        bs, _ = self._split(kv_cache)
+        self._split(kv_cache)
         t = self._tensors(layer, key.dtype)
-        n, h = slot_mapping.shape[0], self.num_kv_heads
-        k = transform_keys(key[:n].transpose(0, 1)[None], t["rotation"], t["offset"])       # [1, H, T, D]
-        # K and V in one call: their 2H heads side by side, each with its own scale
-        kv = torch.cat([k, value[:n].transpose(0, 1)[None].to(k.dtype)], 1)                  # [1, 2H, T, D]
-        if self.plan.kind == "cpu":
-            codes = torch.ops.pqk.kv_quantize_static(kv, t["kv_scale"], self.plan.bits)        # [1, 2H, T, c]
+        n = slot_mapping.shape[0]
+        k = key[:n] if t["rotation"] is None else rotate_heads(key[:n], t["rotation"])          # [T, H, D]
+        if self._kernel(kv_cache):
+            torch.ops.pqk.kv_write_paged_static(k, value, kv_cache, slot_mapping, t["key_scale"], t["value_scale"],
+                                                self.plan.bits, t["offset"])
         else:
-            codes = kv_ops.kv_quantize(kv, t["kv_scale"], self.plan.bits)
-        codes = codes.view(torch.uint8)[0].view(2, h, n, -1).permute(2, 1, 0, 3).reshape(n, h, -1)  # [T, H, 2c]
-        keep, blocks, offsets = _slots(slot_mapping, bs)
-        kv_cache[blocks, :, offsets, :] = codes if keep is None else codes[keep]
+            kv_ops.kv_write_paged(k, value[:n], kv_cache, slot_mapping, t["key_scale"], t["value_scale"],
+                                  self.plan.bits, key_offset=t["offset"])
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -363,17 +337,20 @@ class PrefixQuantAttentionImpl(CPUAttentionBackendImpl):
         q_all = query[:n_tok]
         if t["rotation"] is not None:       # K is cached rotated: rotate Q alike (q . k unchanged)
             q_all = rotate_heads(q_all, t["rotation"])
-        if step.decode_rows is not None:
-            kc, vc = self._gather(kv_cache, step.decode_rows, c)
+        if step.decode_table is not None:
             rows = step.decode_queries
-            if self.plan.kind == "cpu":      # kc / vc rows are contiguous, as the kernel reads them (_gather)
-                o = torch.ops.pqk.kv_decode_static(q_all[rows].contiguous(), t["prefix_k"], t["prefix_v"], kc, vc,
-                                                   t["key_scale"], t["value_scale"], bits, self.scale, -1, None,
-                                                   step.decode_mask)
+            q = q_all if rows is None else q_all[rows]
+            if self._kernel(kv_cache):       # the C++ kernel reads the pages in place
+                o = torch.ops.pqk.kv_decode_paged_static(q.contiguous(), t["prefix_k"], t["prefix_v"], kv_cache,
+                                                         step.decode_table, step.decode_lens, t["key_scale"],
+                                                         t["value_scale"], bits, self.scale)
             else:
-                o = kv_ops.kv_decode_attention(q_all[rows], t["prefix_k"], t["prefix_v"], kc, vc, t["key_scale"],
-                                               t["value_scale"], bits, self.scale, mask=step.decode_mask)
-            out[rows] = o.to(out.dtype)                                                      # [B, H_q, D]
+                o = kv_ops.kv_decode_paged(q, t["prefix_k"], t["prefix_v"], kv_cache, step.decode_table,
+                                           step.decode_lens, t["key_scale"], t["value_scale"], bits, self.scale)
+            if rows is None:
+                out.copy_(o)                                                                  # [B, H_q, D]
+            else:
+                out[rows] = o.to(out.dtype)
         for q0, q1, body_rows, allowed in step.chunks:
             kc, vc = self._gather(kv_cache, body_rows, c)
             k = kv_ops.kv_dequant_concat(t["prefix_k"], kc, t["key_scale"], bits, q_all.dtype)   # [1, H, L, D]

@@ -43,7 +43,8 @@ def test_auto_uses_the_kernel_and_falls_back_where_it_does_not_apply(gen, monkey
     tail = torch.randn(1, 2, 3, 64).half()
     with pytest.raises(NotImplementedError, match="static bodies without a tail"):
         pqk.kv_dequant_concat(None, packed, s, 4, torch.float16, tail=tail, backend="cpu")
-    with pytest.raises(ValueError, match="C\\+\\+ kernels for kv_quantize, kv_dequant_concat and kv_decode_attention"):
+    with pytest.raises(ValueError, match="C\\+\\+ kernels for kv_quantize, kv_dequant_concat, kv_decode_attention, "
+                                         "kv_write_paged and kv_decode_paged"):
         pqk.kv_quantize_groupwise(x, 2, 32, "token", backend="cpu")
 
 

@@ -202,8 +202,8 @@ static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t
   std::vector<float> out(B * Hq * D, -7.0f);
   const float sm = 1.0f / sqrtf((float)D);
   kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, pk.data(), pv.data(), FloatType::kFloat32, 1, P,
-                             kb.data(), vb.data(), Hkv * Tc, Tc, bits, ks.data(), vs.data(), Hkv, T,
-                             masked ? mask.get() : nullptr, N + 5, sm, out.data(), isa);
+                             strided_body(kb.data(), vb.data(), Hkv * Tc, Tc, row), bits, ks.data(), vs.data(), Hkv, T,
+                             nullptr, masked ? mask.get() : nullptr, N + 5, sm, out.data(), isa);
   auto attended = [&](int64_t b, int64_t n) { return !masked || mask[b * (N + 5) + n]; };
   auto elem = [&](const std::vector<uint8_t>& body, const std::vector<float>& pre, const std::vector<float>& sc,
                   int64_t b, int64_t h, int64_t n, int64_t d) -> double {
