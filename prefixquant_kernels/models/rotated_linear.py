@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..hadamard import hadamard_factor, hadamard_rotation, hadamard_transform as _hadamard_transform_ref
-from ..ops.transform import hadamard_transform
+from .. import _extension
+from ..ops.transform import hadamard_rows_, hadamard_transform
 
 FORMS = ("hadamard", "dense")
 
@@ -35,7 +36,11 @@ def rotate(x: torch.Tensor, *, signs: torch.Tensor | None = None, rotation: torc
     """x [..., K] -> x @ R, computed in fp32, in x's dtype: R = diag(signs) @ hadamard_rotation(K).T (Hadamard
     form, the fast transform) or the dense [K, K] ``rotation``. Shared by RotatedLinear and the vLLM plugin."""
     if signs is not None:
-        return hadamard_transform(x.float() * signs.float()).to(x.dtype)
+        y = x.float() * signs.float()                  # a fresh fp32 copy
+        if y.device.type == "cpu" and y.is_contiguous() and _extension.cpu_available() \
+                and not torch.compiler.is_compiling():  # transformed in place: what hadamard_transform computes
+            return hadamard_rows_(y).to(x.dtype)
+        return hadamard_transform(y).to(x.dtype)
     return (x.float() @ rotation.float()).to(x.dtype)
 
 

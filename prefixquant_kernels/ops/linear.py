@@ -17,7 +17,7 @@ import torch
 from .. import reference
 from . import checks
 from . import library  # noqa: F401  (defines torch.ops.pqk.*)
-from .backend import resolve
+from .backend import Backend, resolve
 
 _QTYPES = (torch.uint8, torch.int8)  # uint8 = packed int4, int8 = int8
 
@@ -97,14 +97,20 @@ def quant_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     return quant_linear_prevalidated(x, w, w_s, a_s, a_bits, b, backend)
 
 
+def quant_linear_backend(backend: str, device: torch.device, w: torch.Tensor, a_bits: int) -> Backend:
+    """What quant_linear runs for ``backend`` on ``device`` with weights ``w`` (uint8 W4 / int8 W8) and a_bits."""
+    w4a4 = a_bits == 4 and w.dtype == torch.uint8
+    return resolve(backend, device, "quant_linear",
+                   None if w4a4 else {"cuda": f"W{8 if w.dtype == torch.int8 else 4}A{a_bits} (the CUDA GEMM is W4A4)"})
+
+
 def quant_linear_prevalidated(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor | None,
-                              a_bits: int, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+                              a_bits: int, bias: torch.Tensor | None, backend: str | Backend) -> torch.Tensor:
     """quant_linear after validation: w contiguous, w_scale/bias float32 [N], a_scale float32 0-dim or None,
     all checked. For callers that own validated buffers (QuantLinear), so a decode step does not re-read
-    every scale; x is still checked by the caller."""
-    w4a4 = a_bits == 4 and w.dtype == torch.uint8
-    be = resolve(backend, x.device, "quant_linear",
-                 None if w4a4 else {"cuda": f"W{8 if w.dtype == torch.int8 else 4}A{a_bits} (the CUDA GEMM is W4A4)"})
+    every scale; x is still checked by the caller. backend: a backend= string, or what quant_linear_backend
+    resolved for these weights once (the vLLM plugin's layers)."""
+    be = backend if isinstance(backend, Backend) else quant_linear_backend(backend, x.device, w, a_bits)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if be.kind == "reference":
         y = reference.quant_linear(x2, w, w_scale, a_scale, a_bits, bias)

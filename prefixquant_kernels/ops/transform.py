@@ -79,15 +79,21 @@ def _rmsnorm_quantize_cpu(x, weight, scale, bits, eps, return_normed):
     return q.contiguous(), (y.contiguous() if return_normed else x.new_empty([0]))
 
 
+def hadamard_rows_(y: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The C++ CPU transform in place: y float32 contiguous CPU [..., n] (a copy the caller owns; n = m * 2^p, else
+    ValueError) -> y, transformed as hadamard_transform does. The CPU kernel of the op below, and rotate()'s path
+    for the fresh fp32 copy it makes anyway (no second copy, no dispatch)."""
+    n = y.shape[-1]
+    _extension._C.hadamard_rows_(y.view(-1, n), had.factor_matrix(had.hadamard_factor(n)[0], inverse))
+    return y
+
+
 @torch.library.register_kernel("pqk::hadamard_transform", "cpu")
 def _hadamard_transform_cpu(x, inverse):
     if not _extension.cpu_available() or x.dtype == torch.float64:     # fp64: the PyTorch one computes in fp64
         return had.hadamard_transform(x, inverse=inverse).contiguous()
-    n = x.shape[-1]
     # the kernel works in place, in fp32: one contiguous fp32 copy of x
-    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    _extension._C.hadamard_rows_(y.view(-1, n), had.factor_matrix(had.hadamard_factor(n)[0], inverse))
-    return y.to(x.dtype)
+    return hadamard_rows_(x.to(torch.float32, memory_format=torch.contiguous_format, copy=True), inverse).to(x.dtype)
 
 
 # ---- autograd: the transform is orthogonal, so its backward is the transform the other way --------------------------

@@ -46,8 +46,9 @@ from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleP
 
 from ..calibration.checkpoint import FORMAT, FORMAT_VERSION
 from ..calibration.hf_quantizer import QUANT_METHOD
+from ..hadamard import hadamard_factor
 from ..models.rotated_linear import FORMS, rotate
-from ..ops.linear import quant_linear_prevalidated
+from ..ops.linear import quant_linear_backend, quant_linear_prevalidated
 
 # vLLM's fused layers and the checkpoint linears they hold (the model class's packed_modules_mapping says the same;
 # this is the fallback when a model does not set one)
@@ -178,6 +179,8 @@ class PrefixQuantLinearMethod(LinearMethodBase):
         check(layer.w_scale.data, "w_scale", True)
         layer.w_scale = torch.nn.Parameter(layer.w_scale.data.contiguous(), requires_grad=False)
         layer.weight = torch.nn.Parameter(layer.weight.data.contiguous(), requires_grad=False)
+        # the GEMM's kernel, chosen once (apply() runs tokens x layers x steps times)
+        layer.pqk_backend = quant_linear_backend("auto", layer.weight.device, layer.weight, self.a_bits)
         if self.static:
             s = layer.act_scale.data
             for i, name in enumerate(self.names):
@@ -188,6 +191,10 @@ class PrefixQuantLinearMethod(LinearMethodBase):
             check(layer.signs.data, "signs", False)
             if not bool((layer.signs.data.abs() == 1).all()):
                 _fail(f"{self.prefix}.signs: a Hadamard rotation's signs must all be +1 or -1")
+            try:
+                hadamard_factor(layer.signs.shape[0])
+            except ValueError as e:
+                _fail(f"{self.prefix}.signs: {e}")
         elif self.rotation == "dense":
             check(layer.rotation.data, "rotation", False)
 
@@ -213,11 +220,12 @@ class PrefixQuantLinearMethod(LinearMethodBase):
         b = None if bias is None else bias.float()
         scales = layer.pqk_act_scales if self.static else [None]
         if len(scales) == 1:
-            return quant_linear_prevalidated(x, layer.weight, layer.w_scale, scales[0], self.a_bits, b, "auto")
+            return quant_linear_prevalidated(x, layer.weight, layer.w_scale, scales[0], self.a_bits, b,
+                                             layer.pqk_backend)
         outs, row = [], 0        # fused linears with different static scales: one GEMM per logical linear
         for s, size in zip(scales, layer.pqk_partition_sizes):
             sl = slice(row, row + size)
             outs.append(quant_linear_prevalidated(x, layer.weight[sl], layer.w_scale[sl], s, self.a_bits,
-                                                  None if b is None else b[sl], "auto"))
+                                                  None if b is None else b[sl], layer.pqk_backend))
             row += size
         return torch.cat(outs, dim=-1)

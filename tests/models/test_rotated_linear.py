@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from prefixquant_kernels.hadamard import hadamard_rotation
-from prefixquant_kernels.models.rotated_linear import RotatedLinear, fold_hadamard
+from prefixquant_kernels.models.rotated_linear import RotatedLinear, fold_hadamard, rotate
+from prefixquant_kernels.ops.transform import hadamard_transform
 
 
 def _signs(n, seed=0):
@@ -42,6 +43,20 @@ def test_fast_form_in_16_bit_computes_in_fp32(dtype):
     want = (x.double() @ RotatedLinear(nn.Identity(), signs=s).dense_rotation()).to(dtype)
     torch.testing.assert_close(got, want, rtol=0, atol=0) if dtype == torch.float16 else \
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [48, 1536])
+def test_rotate_on_cpu_is_the_public_op_bit_for_bit(dtype, n):
+    """rotate() transforms its own fp32 copy in place on the CPU (no second copy, no dispatch): the same bits as
+    hadamard_transform, which the CUDA kernel and the compiled paths run; a strided input takes the op's path."""
+    s = _signs(n, 2)
+    x = (torch.randn(5, 2 * n) * 4).to(dtype)[:, ::2]                      # strided
+    for inp in (x.contiguous(), x):
+        want = hadamard_transform(inp.float() * s).to(dtype)
+        got = rotate(inp, signs=s)
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert not torch.equal(rotate(x.contiguous(), signs=s), rotate(x.contiguous(), signs=-s))
 
 
 @pytest.mark.parametrize("n", [48, 1536, 224])

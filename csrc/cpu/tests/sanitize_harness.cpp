@@ -9,12 +9,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <random>
 #include <thread>
 #include <memory>
 #include <vector>
 
 #include "../../common/quant_math.h"
+#include "../float16.h"
 #include "../kernels.h"
 
 namespace pqk {
@@ -185,8 +187,12 @@ static void test_kv_quantize(int64_t B, int64_t H, int64_t T, int64_t D, int bit
 
 // kv_decode_attention_static: against softmax(q K^T s) V in double from the dequantized cache; fp32 tolerance.
 // masked: the preallocated cache's call: T of Tc = T + 5 rows filled (strides of the capacity) and a padding mask.
+// paged: the same rows in a vLLM-style paged cache (16-position blocks in shuffled order, the prefix's positions
+// left empty, an allocation of exactly the blocks), every other sequence's body a third shorter (body_lens).
+enum class Layout { kStrided, kMasked, kPaged };
 static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t T, int64_t D, int bits, Isa isa,
-                           bool masked = false) {
+                           Layout layout = Layout::kStrided) {
+  const bool masked = layout == Layout::kMasked, paged = layout == Layout::kPaged;
   const int64_t Hq = Hkv * G, row = bits == 4 ? D / 2 : D, N = P + T, Tc = masked ? T + 5 : T;
   std::vector<uint8_t> kb(B * Hkv * Tc * row), vb(kb.size());
   std::unique_ptr<bool[]> mask(new bool[(size_t)(B * (N + 5))]);
@@ -201,10 +207,35 @@ static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t
   for (int64_t h = 0; h < Hkv; ++h) ks[h] = 0.1f + 0.05f * (float)h, vs[h] = 0.2f + 0.1f * (float)h;
   std::vector<float> out(B * Hq * D, -7.0f);
   const float sm = 1.0f / sqrtf((float)D);
+  KVBody body = strided_body(kb.data(), vb.data(), Hkv * Tc, Tc, row);
+  constexpr int64_t bs = 16;
+  const int64_t width = (N + bs - 1) / bs;
+  std::vector<int32_t> table(B * width);
+  std::vector<int64_t> lens(B);
+  std::vector<uint8_t> cache;
+  if (paged) {
+    for (int64_t i = 0; i < B * width; ++i) table[i] = (int32_t)i;
+    std::shuffle(table.begin(), table.end(), rng);
+    cache.assign(B * width * Hkv * bs * 2 * row, 0x5A);
+    for (int64_t b = 0; b < B; ++b) {
+      lens[b] = T - (b % 2) * (T / 3);
+      for (int64_t h = 0; h < Hkv; ++h)
+        for (int64_t n = 0; n < T; ++n) {
+          const int64_t p = P + n, blk = table[b * width + p / bs];
+          uint8_t* dst = cache.data() + ((blk * Hkv + h) * bs + p % bs) * 2 * row;
+          memcpy(dst, kb.data() + ((b * Hkv + h) * Tc + n) * row, row);
+          memcpy(dst + row, vb.data() + ((b * Hkv + h) * Tc + n) * row, row);
+        }
+    }
+    body.k = cache.data(), body.v = cache.data() + row, body.stride = 2 * row;
+    body.table = table.data(), body.table_stride = width, body.block_size = bs, body.hkv = Hkv, body.start = P;
+  }
   kv_decode_attention_static(q.data(), FloatType::kFloat32, B, Hq, D, pk.data(), pv.data(), FloatType::kFloat32, 1, P,
-                             strided_body(kb.data(), vb.data(), Hkv * Tc, Tc, row), bits, ks.data(), vs.data(), Hkv, T,
-                             nullptr, masked ? mask.get() : nullptr, N + 5, sm, out.data(), isa);
-  auto attended = [&](int64_t b, int64_t n) { return !masked || mask[b * (N + 5) + n]; };
+                             body, bits, ks.data(), vs.data(), Hkv, T, paged ? lens.data() : nullptr,
+                             masked ? mask.get() : nullptr, N + 5, sm, out.data(), isa);
+  auto attended = [&](int64_t b, int64_t n) {
+    return paged ? n < P + lens[b] : !masked || mask[b * (N + 5) + n];
+  };
   auto elem = [&](const std::vector<uint8_t>& body, const std::vector<float>& pre, const std::vector<float>& sc,
                   int64_t b, int64_t h, int64_t n, int64_t d) -> double {
     if (n < P) return pre[(h * P + n) * D + d];
@@ -237,7 +268,43 @@ static void test_kv_decode(int64_t B, int64_t Hkv, int64_t G, int64_t P, int64_t
         ok = ok && fabs(out[(b * Hq + hq) * D + d] - o) <= 1e-4 * (1.0 + fabs(o));
       }
     }
-  check(ok, masked ? "kv_decode_attention_static masked" : "kv_decode_attention_static", B * Hq, N, D,
+  check(ok, masked ? "kv_decode_attention_static masked" : paged ? "kv_decode_attention_static paged"
+                                                                : "kv_decode_attention_static",
+        B * Hq, N, D, isa_name(isa));
+}
+
+// kv_write_paged_static: each kept token's K (minus its head's offset, rounded to bf16) and V rows equal
+// kv_quantize_static's of the same values, at their slot; every other byte of the cache unchanged. bf16 K / V,
+// V strided apart from K (a [T, 3H, D] projection's views), two slots skipped.
+static void test_kv_write_paged(int64_t T, int64_t H, int64_t D, int bits, Isa isa) {
+  const int64_t row = bits == 4 ? D / 2 : D, bs = 8, blocks = T / 2 + 3;
+  std::normal_distribution<float> nd(0.0f, 6.0f);
+  std::vector<uint16_t> qkv(T * 3 * H * D);
+  for (auto& v : qkv) v = f32_to_bf16(nd(rng));
+  std::vector<float> ks(H), vs(H), off(H * D);
+  for (int64_t h = 0; h < H; ++h) ks[h] = 0.3f + 0.2f * (float)h, vs[h] = 0.5f + 0.1f * (float)h;
+  for (auto& v : off) v = nd(rng) / 8.0f;
+  std::vector<int64_t> slots(blocks * bs);
+  for (int64_t i = 0; i < blocks * bs; ++i) slots[i] = i;
+  std::shuffle(slots.begin(), slots.end(), rng);
+  slots.resize(T);
+  slots[1] = slots[T - 1] = -1;
+  std::vector<uint8_t> cache(blocks * H * bs * 2 * row, 0xA5), want = cache;  // want: the untouched bytes + rows
+  const uint16_t *k = qkv.data() + H * D, *v = qkv.data() + 2 * H * D;
+  kv_write_paged_static(k, 3 * H * D, D, v, 3 * H * D, D, FloatType::kBFloat16, T, H, D, slots.data(), ks.data(),
+                        vs.data(), off.data(), bits, cache.data(), bs, isa);
+  std::vector<uint16_t> shifted(D);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      if (slots[t] < 0) continue;
+      uint8_t* dst = want.data() + (((slots[t] / bs) * H + h) * bs + slots[t] % bs) * 2 * row;
+      const uint16_t* kr = k + (t * 3 * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) shifted[d] = f32_to_bf16(bf16_to_f32(kr[d]) - off[h * D + d]);
+      kv_quantize_static(shifted.data(), FloatType::kBFloat16, ks.data() + h, bits, 1, 1, 1, D, dst, Isa::kScalar);
+      kv_quantize_static(v + (t * 3 * H + h) * D, FloatType::kBFloat16, vs.data() + h, bits, 1, 1, 1, D, dst + row,
+                         Isa::kScalar);
+    }
+  check(cache == want, bits == 4 ? "kv_write_paged_static 4" : "kv_write_paged_static 8", T * H, 0, D,
         isa_name(isa));
 }
 
@@ -360,8 +427,12 @@ int main(int argc, char** argv) {
     test_kv_decode(2, 2, 3, 2, 37, 64, 4, isa);
     test_kv_decode(1, 3, 1, 0, 9, 34, 8, isa);
     test_kv_decode(1, 1, 4, 1, 1, 6, 4, isa);
-    test_kv_decode(2, 3, 3, 1, 300, 64, 4, isa, true);   // several 128-position chunks, a mask, strided rows
-    test_kv_decode(1, 2, 2, 0, 20, 34, 8, isa, true);
+    test_kv_decode(2, 3, 3, 1, 300, 64, 4, isa, Layout::kMasked);   // several 128-position chunks, strided rows
+    test_kv_decode(1, 2, 2, 0, 20, 34, 8, isa, Layout::kMasked);
+    test_kv_decode(3, 3, 3, 2, 300, 64, 4, isa, Layout::kPaged);    // pages across chunks, shorter bodies
+    test_kv_decode(2, 2, 2, 0, 21, 34, 8, isa, Layout::kPaged);
+    test_kv_write_paged(13, 3, 64, 4, isa);
+    test_kv_write_paged(6, 2, 34, 8, isa);
     test_decode_layer(4, isa);
     test_decode_layer(8, isa);
   }
