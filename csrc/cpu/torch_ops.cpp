@@ -620,8 +620,8 @@ void kv_write_paged_cpu(const at::Tensor& key, const at::Tensor& value, at::Tens
     off = o.data_ptr<float>();
   }
   kv_write_paged_static(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
-                        value.stride(1), float_type(key, "key"), T, H, D, slots, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), off, (int)bits,
-                        cache.data_ptr<uint8_t>(), bs, to_isa(cpu_isa));
+                        value.stride(1), float_type(key, "key"), T, H, D, slots, k_scale.data_ptr<float>(),
+                        v_scale.data_ptr<float>(), off, (int)bits, cache.data_ptr<uint8_t>(), bs, to_isa(cpu_isa));
 }
 
 at::Tensor kv_decode_paged_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& prefix_k,
@@ -657,7 +657,7 @@ at::Tensor kv_decode_paged_cpu(const at::Tensor& q, const c10::optional<at::Tens
   for (int64_t b = 0; b < B; ++b) {  // every page the call reads is checked first: no read outside the cache
     TORCH_CHECK(len[b] >= P && len[b] <= width * bs, op, "seq_lens[", b, "] = ", len[b], " is outside [P = ", P,
                 ", block_table width * block_size = ", width * bs, "]");
-    for (int64_t i = P / bs; i * bs < len[b]; ++i) {
+    for (int64_t i = P / bs; len[b] > P && i * bs < len[b]; ++i) {  // the blocks of body positions P .. len-1
       const int32_t blk = table[b * block_table.stride(0) + i];
       TORCH_CHECK(blk >= 0 && blk < blocks, op, "block_table[", b, ", ", i, "] = ", blk, " is not a block of the "
                   "cache's ", blocks);

@@ -390,7 +390,7 @@ def kv_decode_paged(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: to
         b = int(torch.nonzero(bad)[0])
         checks.fail(op, f"seq_lens[{b}] = {int(lens[b])} is outside [P = {P}, width * block_size = {width * bs}]")
     used = torch.arange(width, device=dev)[None] * bs < lens[:, None]       # [B, width] blocks holding positions
-    used &= torch.arange(width, device=dev)[None] >= P // bs                 # of the body
+    used &= (torch.arange(width, device=dev)[None] >= P // bs) & (lens > P)[:, None]   # of body positions
     wrong = used & ((block_table < 0) | (block_table >= blocks))
     if bool(wrong.any()):
         b, i = (int(x) for x in torch.nonzero(wrong)[0])

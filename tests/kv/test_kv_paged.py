@@ -142,6 +142,10 @@ def test_bad_input_names_the_argument_and_leaves_the_cache(backend, gen):
     table = torch.tensor([[0, 1], [2, 7]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 7"):
         pqk.kv_decode_paged(q, None, None, cache, table, torch.tensor([3, 6]), ks, ks, 4, backend=backend)
+    # a sequence without a body reads no block: its table row is not checked (vLLM pads rows with anything)
+    empty = pqk.kv_decode_paged(q, None, None, cache, torch.tensor([[-5, 99], [0, 1]], dtype=torch.int32),
+                                torch.tensor([0, 3]), ks, ks, 4, backend=backend)
+    assert torch.equal(empty[0], torch.zeros_like(q[0]))
     with pytest.raises(ValueError, match=r"seq_lens\[0\] = 9"):
         pqk.kv_decode_paged(q, None, None, cache, table, torch.tensor([9, 2]), ks, ks, 4, backend=backend)
     with pytest.raises(ValueError, match="head count"):
