@@ -90,6 +90,7 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
 // sums go back and forth through c), and one M-block up to 2048 rows (W unpacked once per 2048 rows): pk.kc, pk.rows.
 // Where all of W, unpacked, is small (a GQA k / v projection) the threads split M instead: gemm_prefill_msplit.
 constexpr int64_t kPrefillMinM = 64;
+constexpr int64_t kSmallWBytes = 4 << 20;        // all of W unpacked (N x K int8), at most, for PrefillKernels::small_m
 constexpr int64_t kPfUnit = 16;                   // columns: the grain of the threads' N split (one zmm of int32)
 constexpr int64_t kMSplitWBytes = 8 << 20;        // all of W unpacked, at most, for the M split (1/4 of a 32 MB L3)
 
@@ -485,8 +486,11 @@ void gemm(const GemmArgs& g, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);
   const int64_t M = g.M, N = g.N, K = g.K;
   if (M == 0 || N == 0) return;
-  // prefill: the ISA's own W layout, unpacked once per panel (the gather offsets of pack_w are int32)
-  if (ker.prefill && (g.w_bits == 4 || ker.prefill->w8) && M >= kPrefillMinM && K > 0 &&
+  // prefill: the ISA's own W layout, unpacked once per panel (the gather offsets of pack_w are int32); from which M
+  // on: PrefillKernels::small_m
+  const int64_t small_m = ker.prefill ? ker.prefill->small_m : 0;
+  const bool prefill_m = M >= kPrefillMinM || (small_m > 0 && (M >= 32 || (M >= small_m && N * K <= kSmallWBytes)));
+  if (ker.prefill && (g.w_bits == 4 || ker.prefill->w8) && prefill_m && K > 0 &&
       16 * (g.w_bits == 4 ? K / 2 : K) < (int64_t(1) << 31)) {
     gemm_prefill(g, ker);
     return;

@@ -1,4 +1,5 @@
-"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h / x86_gemm_ymm.h, M >= 64): W unpacked once
+"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h / x86_gemm_ymm.h, M >= 64, and from M = 8
+on zmm / AMX for a small W): W unpacked once
 per panel, K blocked, A panel blocked by K. Bit-exact with the reference across every block boundary: the block
 sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS / PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (read on every
 call) so small shapes cross many K blocks, M-blocks, L2 slices, chunks and micro panels, with tails that are not
@@ -133,6 +134,24 @@ def test_prefill_quant_linear_bits(blocks, backend, dtype, a_bits, w_bits, stati
     assert got.dtype == want.dtype
     assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [8, 9, 31, 32, 33, 63])
+@pytest.mark.parametrize("a_bits,w_bits", [(4, 4), (8, 4), (8, 8)])
+def test_small_batches_through_the_prefill_tables(backend, M, a_bits, w_bits, gen):
+    """8 <= M < 64 (a decode step of several sequences): the zmm / AMX tables take these M for a small W
+    (PrefillKernels::small_m; from M = 32 for any W), the others the tiles. Either way the reference's bits: float
+    x, static scale, bias, bf16 out, K and N off every block size."""
+    N, K = 101, 1030
+    x = (torch.randn(M, K, generator=gen) * 3).to(torch.bfloat16)
+    wq = rand_int((N, K), w_bits, gen)
+    w = fmt.pack_int4(wq) if w_bits == 4 else wq
+    w_scale, b = torch.rand(N, generator=gen) + 0.01, torch.randn(N, generator=gen) * 100
+    want = reference.quant_linear(x, w, w_scale, torch.tensor(0.05), a_bits, b)
+    got = pqk.quant_linear(x, w, w_scale, torch.tensor(0.05), a_bits, b, backend=backend)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    _check_integer_part(backend, M, N, K, a_bits, w_bits, gen)
 
 
 def _near_half_integers(qmin, qmax, scale, dtype):
