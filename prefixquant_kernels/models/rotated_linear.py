@@ -37,8 +37,10 @@ def rotate(x: torch.Tensor, *, signs: torch.Tensor | None = None, rotation: torc
     form, the fast transform) or the dense [K, K] ``rotation``. Shared by RotatedLinear and the vLLM plugin."""
     if signs is not None:
         y = x.float() * signs.float()                  # a fresh fp32 copy
-        if y.device.type == "cpu" and y.is_contiguous() and _extension.cpu_available() \
-                and not torch.compiler.is_compiling():  # transformed in place: what hadamard_transform computes
+        # transformed in place (what hadamard_transform computes) where no gradient flows through it: the in-place
+        # kernel has no autograd formula (block-wise fine-tuning backpropagates through the op's)
+        if y.device.type == "cpu" and y.is_contiguous() and not y.requires_grad and _extension.cpu_available() \
+                and not torch.compiler.is_compiling():
             return hadamard_rows_(y).to(x.dtype)
         return hadamard_transform(y).to(x.dtype)
     return (x.float() @ rotation.float()).to(x.dtype)

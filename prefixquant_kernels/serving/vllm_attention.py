@@ -18,8 +18,9 @@ checkpoint's ``kv_bits`` 4 or 8, calibrated per-head scales), this:
   P .. L-1 from its blocks through the block table, packed, dequantized in registers. A longer query (a prefill
   chunk) runs alone: its body gathered from its blocks, ``kv_dequant_concat`` + causal SDPA. The queries are
   rotated by the same Hadamard as K.
-  These are the ops the Hugging Face path's PrefixQuantCache runs, so vLLM and ``model.generate`` compute the same
-  function (tests/serving/test_vllm.py).
+  The codes are those the Hugging Face path's PrefixQuantCache writes and the decode kernel is its kernel (the
+  body read through the block table), so vLLM and ``model.generate`` compute the same function
+  (tests/serving/test_vllm.py).
 
 Any other model (no pqk checkpoint, a 16-bit or group-wise KV mode, ``--kv-cache-dtype fp8``, or
 ``PQK_VLLM_FLOAT_KV=1``) runs vLLM's CPU attention unchanged. Each engine gets its own plan (``current_plan``): a

@@ -59,6 +59,15 @@ def test_rotate_on_cpu_is_the_public_op_bit_for_bit(dtype, n):
     assert not torch.equal(rotate(x.contiguous(), signs=s), rotate(x.contiguous(), signs=-s))
 
 
+def test_rotate_keeps_its_gradient():
+    """Block-wise fine-tuning backpropagates through rotate(): where x needs a gradient, the in-place CPU path is not
+    taken (d sum(T(x * s)) / dx = T^-1(1) * s, T orthogonal)."""
+    s = _signs(48, 3)
+    x = torch.randn(4, 48, requires_grad=True)
+    rotate(x, signs=s).sum().backward()
+    torch.testing.assert_close(x.grad, hadamard_transform(torch.ones(4, 48), inverse=True) * s)
+
+
 @pytest.mark.parametrize("n", [48, 1536, 224])
 def test_folding_keeps_the_linear_function(n):
     """linear(W R)(x R) == linear(W)(x): the convention of fold_hadamard and rotate agree (no dense matrix)."""
