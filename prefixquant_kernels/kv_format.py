@@ -212,7 +212,7 @@ def decode_paged(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor
     block_table (int [B, width]): the body gathered into [B, H_kv, N, c] (N = the longest body; the others' padding
     masked) and attended by decode_attention."""
     B, P = q.shape[0], prefix_k.shape[2]
-    nb, _, bs, c2 = cache.shape
+    bs, c2 = cache.shape[2], cache.shape[3]
     c = c2 // 2
     lens = seq_lens.long() - P                                                              # [B] body rows
     width = int(lens.max()) if B else 0
