@@ -91,6 +91,7 @@ float build_panel_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64
 // Where all of W, unpacked, is small (a GQA k / v projection) the threads split M instead: gemm_prefill_msplit.
 constexpr int64_t kPrefillMinM = 64;
 constexpr int64_t kSmallWBytes = 4 << 20;        // all of W unpacked (N x K int8), at most, for PrefillKernels::small_m
+constexpr int64_t kSmallMAnyW = 32;               // rows from which a table with small_m > 0 takes any W (PERF step 31)
 constexpr int64_t kPfUnit = 16;                   // columns: the grain of the threads' N split (one zmm of int32)
 constexpr int64_t kMSplitWBytes = 8 << 20;        // all of W unpacked, at most, for the M split (1/4 of a 32 MB L3)
 
@@ -489,7 +490,8 @@ void gemm(const GemmArgs& g, Isa isa) {
   // prefill: the ISA's own W layout, unpacked once per panel (the gather offsets of pack_w are int32); from which M
   // on: PrefillKernels::small_m
   const int64_t small_m = ker.prefill ? ker.prefill->small_m : 0;
-  const bool prefill_m = M >= kPrefillMinM || (small_m > 0 && (M >= 32 || (M >= small_m && N * K <= kSmallWBytes)));
+  const bool prefill_m =
+      M >= kPrefillMinM || (small_m > 0 && (M >= kSmallMAnyW || (M >= small_m && N * K <= kSmallWBytes)));
   if (ker.prefill && (g.w_bits == 4 || ker.prefill->w8) && prefill_m && K > 0 &&
       16 * (g.w_bits == 4 ? K / 2 : K) < (int64_t(1) << 31)) {
     gemm_prefill(g, ker);

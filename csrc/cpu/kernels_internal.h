@@ -126,7 +126,7 @@ struct PrefillKernels {
   // The A panel's layout (pf_a_offset): false row-major, true AMX tiles (k_align a multiple of 64, mr of 16). The
   // kernels get the panel's first row of their tile and lda = kc either way.
   bool a_tiled = false;
-  // The driver takes this table from M = 64 up (gemm.cpp, kPrefillMinM), from M = 32 for a table with
+  // The driver takes this table from M = 64 up (gemm.cpp, kPrefillMinM), from M = 32 (kSmallMAnyW) for a table with
   // small_m > 0, and from M = small_m where all of W unpacked is at most kSmallWBytes: its W unpack, once per call,
   // then costs less than the decode tiles' (once per 4 A rows), which grow linearly in M (docs/PERF.md step 31:
   // ~3x at M = 8-16 for a 576 x 960 W on zmm / AMX). 0: from M = 64 only (AVX2's table loses to the tiles below it).

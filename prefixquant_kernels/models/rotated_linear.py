@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from ..hadamard import hadamard_factor, hadamard_rotation, hadamard_transform as _hadamard_transform_ref
-from .. import _extension
-from ..ops.transform import hadamard_rows_, hadamard_transform
+from ..ops.transform import hadamard_transform
 
 FORMS = ("hadamard", "dense")
 
@@ -36,14 +35,7 @@ def rotate(x: torch.Tensor, *, signs: torch.Tensor | None = None, rotation: torc
     """x [..., K] -> x @ R, computed in fp32, in x's dtype: R = diag(signs) @ hadamard_rotation(K).T (Hadamard
     form, the fast transform) or the dense [K, K] ``rotation``. Shared by RotatedLinear and the vLLM plugin."""
     if signs is not None:
-        y = x.float() * signs.float()                  # a fresh fp32 copy
-        # transformed in place (what hadamard_transform computes) where nothing needs to see the op: no gradient
-        # flows through it (the in-place kernel has no autograd formula; block-wise fine-tuning backpropagates
-        # through the op's), no compile traces it, no dispatch mode intercepts pqk:: ops (tests/cuda/test_fused_path)
-        if y.device.type == "cpu" and y.is_contiguous() and not y.requires_grad and _extension.cpu_available() \
-                and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
-            return hadamard_rows_(y).to(x.dtype)
-        return hadamard_transform(y).to(x.dtype)
+        return hadamard_transform(x.float() * signs.float()).to(x.dtype)
     return (x.float() @ rotation.float()).to(x.dtype)
 
 

@@ -80,6 +80,18 @@ _NO_KERNEL = {
 }
 
 
+def eager_cpu_call(x: torch.Tensor) -> bool:
+    """True where a public op may call its C++ CPU kernel directly instead of through its torch.ops.pqk custom op:
+    an eager call on a plain CPU tensor that nothing traces, intercepts or differentiates. The custom op's dispatch
+    (~12 us a call through its Python kernel and autograd registrations) is what gives torch.compile a node, dispatch
+    and function modes (fake tensors, tests/cuda/test_fused_path's replay) the op, functorch its wrapper and autograd
+    the op's backward formula; where none of them is present, it buys nothing."""
+    return (x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

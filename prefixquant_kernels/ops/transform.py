@@ -20,7 +20,7 @@ from .. import hadamard as had
 from .. import reference
 from . import checks
 from . import library  # noqa: F401  (defines torch.ops.pqk.*)
-from .backend import resolve
+from .backend import eager_cpu_call, resolve
 
 
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale, bits: int = 4, eps: float = 1e-6, *,
@@ -68,6 +68,8 @@ def hadamard_transform(x: torch.Tensor, *, inverse: bool = False, backend: str =
     be = resolve(backend, x.device, op)
     if be.kind == "reference":
         return had.hadamard_transform(x, inverse=inverse)
+    if be.kind == "cpu" and eager_cpu_call(x):     # the op's own CPU kernel, without its dispatch (~12 us)
+        return _hadamard_cpu(x, inverse)
     return torch.ops.pqk.hadamard_transform(x.contiguous(), inverse)
 
 
@@ -79,21 +81,18 @@ def _rmsnorm_quantize_cpu(x, weight, scale, bits, eps, return_normed):
     return q.contiguous(), (y.contiguous() if return_normed else x.new_empty([0]))
 
 
-def hadamard_rows_(y: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """The C++ CPU transform in place: y float32 contiguous CPU [..., n] (a copy the caller owns; n = m * 2^p, else
-    ValueError) -> y, transformed as hadamard_transform does. The CPU kernel of the op below, and rotate()'s path
-    for the fresh fp32 copy it makes anyway (no second copy, no dispatch)."""
-    n = y.shape[-1]
-    _extension._C.hadamard_rows_(y.view(-1, n), had.factor_matrix(had.hadamard_factor(n)[0], inverse))
-    return y
-
-
-@torch.library.register_kernel("pqk::hadamard_transform", "cpu")
-def _hadamard_transform_cpu(x, inverse):
+def _hadamard_cpu(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The CPU kernel of pqk::hadamard_transform (also called directly by hadamard_transform, see eager_cpu_call)."""
     if not _extension.cpu_available() or x.dtype == torch.float64:     # fp64: the PyTorch one computes in fp64
         return had.hadamard_transform(x, inverse=inverse).contiguous()
-    # the kernel works in place, in fp32: one contiguous fp32 copy of x
-    return hadamard_rows_(x.to(torch.float32, memory_format=torch.contiguous_format, copy=True), inverse).to(x.dtype)
+    # the C++ kernel transforms fp32 rows in place: one contiguous fp32 copy of x
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    n = y.shape[-1]
+    _extension._C.hadamard_rows_(y.view(-1, n), had.factor_matrix(had.hadamard_factor(n)[0], inverse))
+    return y.to(x.dtype)
+
+
+torch.library.register_kernel("pqk::hadamard_transform", "cpu", _hadamard_cpu)
 
 
 # ---- autograd: the transform is orthogonal, so its backward is the transform the other way --------------------------

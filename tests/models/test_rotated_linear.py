@@ -48,8 +48,8 @@ def test_fast_form_in_16_bit_computes_in_fp32(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [48, 1536])
 def test_rotate_on_cpu_is_the_public_op_bit_for_bit(dtype, n):
-    """rotate() transforms its own fp32 copy in place on the CPU (no second copy, no dispatch): the same bits as
-    hadamard_transform, which the CUDA kernel and the compiled paths run; a strided input takes the op's path."""
+    """rotate() is hadamard_transform of x * signs in fp32, in x's dtype: the same bits as the op, which the CUDA
+    kernel and the compiled paths run, for contiguous and strided inputs."""
     s = _signs(n, 2)
     x = (torch.randn(5, 2 * n) * 4).to(dtype)[:, ::2]                      # strided
     for inp in (x.contiguous(), x):
@@ -60,8 +60,8 @@ def test_rotate_on_cpu_is_the_public_op_bit_for_bit(dtype, n):
 
 
 def test_rotate_keeps_its_gradient():
-    """Block-wise fine-tuning backpropagates through rotate(): where x needs a gradient, the in-place CPU path is not
-    taken (d sum(T(x * s)) / dx = T^-1(1) * s, T orthogonal)."""
+    """Block-wise fine-tuning backpropagates through rotate(): where x needs a gradient the op's autograd formula
+    runs (d sum(T(x * s)) / dx = T^-1(1) * s, T orthogonal)."""
     s = _signs(48, 3)
     x = torch.randn(4, 48, requires_grad=True)
     rotate(x, signs=s).sum().backward()

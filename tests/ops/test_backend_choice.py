@@ -21,7 +21,7 @@ from prefixquant_kernels import _extension, reference
 from prefixquant_kernels import format as fmt
 from prefixquant_kernels import hadamard as had
 from prefixquant_kernels.ops import backend as backend_mod
-from prefixquant_kernels.ops import cuda_library
+from prefixquant_kernels.ops import cuda_library, transform
 
 CPU_ISAS = {"cpu": -1, "cpu:scalar": 0, "cpu:avx2": 1, "cpu:avxvnni": 2, "cpu:avx512vnni": 3, "cpu:amx": 4}
 GEMM_BACKENDS = ["auto", "reference", *CPU_ISAS, "cuda", "triton", "bogus"]
@@ -132,6 +132,7 @@ def _patch_implementations(mp: pytest.MonkeyPatch) -> None:
         mp.setattr(torch.ops.pqk, name, _raiser(lambda a: "cpu"))
     for name in KV_OPS:
         mp.setattr(torch.ops.pqk, name, _raiser(lambda a: a[-1]))
+    mp.setattr(transform, "_hadamard_cpu", _raiser(lambda a: "cpu"))    # the op's CPU kernel, called directly
 
 
 def _call_cpu(op: str, variant: str, backend: str):

@@ -67,6 +67,41 @@ def test_hadamard_cpu_kernel_is_the_sequential_form_bit_for_bit(n, dtype, invers
         assert torch.equal(x, keep)
 
 
+@pytest.mark.skipif(not _extension.cpu_available(), reason="needs the C++ extension")
+def test_eager_cpu_calls_skip_the_dispatch_only_where_nothing_needs_the_op(monkeypatch):
+    """hadamard_transform calls its C++ kernel directly in a plain eager CPU call (ops/backend.eager_cpu_call), and
+    goes through pqk::hadamard_transform wherever something must see the op: a dispatch mode (fake tensors,
+    tests/cuda/test_fused_path's replay), a function mode, a gradient, functorch's vmap. Same bits both ways."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from prefixquant_kernels.ops import transform
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    direct = []      # the module's name is what the direct route calls; the registered kernel keeps the original
+    kernel = transform._hadamard_cpu
+    monkeypatch.setattr(transform, "_hadamard_cpu", lambda x, inverse: direct.append(1) or kernel(x, inverse))
+    x = torch.randn(3, 96) * 3
+    plain = pqk.hadamard_transform(x)
+    assert len(direct) == 1
+    with Seen() as mode:
+        seen = pqk.hadamard_transform(x)
+    assert "pqk.hadamard_transform.default" in mode.ops and torch.equal(seen, plain)
+    with torch.device("cpu"):
+        assert torch.equal(pqk.hadamard_transform(x), plain)
+    assert torch.equal(torch.vmap(pqk.hadamard_transform)(x), plain)
+    xg = x.clone().requires_grad_()
+    pqk.hadamard_transform(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, pqk.hadamard_transform(torch.ones(3, 96), inverse=True))
+    assert len(direct) == 2     # + the inverse transform just above, a plain call again
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: pqk.rmsnorm_quantize(torch.randn(2, 64), torch.ones(32), 0.1), ValueError, "weight must have shape"),
     (lambda: pqk.rmsnorm_quantize(torch.randn(2, 64), torch.ones(64), 0.1, eps=-1.0), ValueError, "eps"),
