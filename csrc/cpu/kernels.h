@@ -77,6 +77,14 @@ struct KVBody {
     const int64_t p = start + n;
     return ((int64_t)table[b * table_stride + p / block_size] * hkv + h) * block_size + p % block_size;
   }
+  // paged: row(b, h, n0 + i) for i < count into out, one division per call instead of one per row
+  void paged_rows(int64_t b, int64_t h, int64_t n0, int64_t count, int64_t* out) const {
+    int64_t blk = (start + n0) / block_size, off = (start + n0) % block_size;
+    for (int64_t i = 0; i < count; ++i) {
+      out[i] = ((int64_t)table[b * table_stride + blk] * hkv + h) * block_size + off;
+      if (++off == block_size) off = 0, ++blk;
+    }
+  }
 };
 inline KVBody strided_body(const void* k, const void* v, int64_t batch_rows, int64_t head_rows, int64_t row_bytes) {
   KVBody body;

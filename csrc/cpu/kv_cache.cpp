@@ -135,7 +135,11 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       const bool masked = mask && !dense[(size_t)b];
       auto pos_at = [&](int64_t j) { return masked ? pos[(size_t)b][(size_t)j] : j; };
       const int64_t q0 = (b * Hq + h * G) * D;  // first element of query head h*G in q and out
-      for (int64_t i = 0; i < G * D; ++i) qf[i] = load_as_f32(q, q0 + i, qt) * sm_scale;
+      if (qt == FloatType::kFloat32) {  // a loop the compiler vectorizes
+        for (int64_t i = 0; i < G * D; ++i) qf[i] = ((const float*)q)[q0 + i] * sm_scale;
+      } else {
+        for (int64_t i = 0; i < G * D; ++i) qf[i] = load_as_f32(q, q0 + i, qt) * sm_scale;
+      }
       // row n of K or V (n < P: the prefix, else the body) -> row as fp32; returns the row's scale
       auto load_row = [&](const void* prefix, const uint8_t* codes, const float* scale, int64_t n) -> float {
         if (n < P) {
@@ -160,8 +164,12 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       const uint8_t *k_rows = nullptr, *v_rows = nullptr;
       const int64_t* idx = nullptr;
       if (jb < nj) {
-        if (masked || body.table) {  // the body rows this chunk attends to, by index (a mask, or pages)
+        if (masked) {  // the body rows this chunk attends to, by index
           for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = body.row(b, h, pos_at(j0 + i) - P);
+          idx = body_idx.data();
+          k_rows = body.k, v_rows = body.v;
+        } else if (body.table) {  // consecutive positions through the pages
+          body.paged_rows(b, h, j0 + jb - P, nj - jb, body_idx.data());
           idx = body_idx.data();
           k_rows = body.k, v_rows = body.v;
         } else {  // consecutive rows
@@ -181,10 +189,16 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       float* acc = part_acc.data() + t * G * D;
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * kChunkRows;
-        float mx = sg[0];
-        for (int64_t j = 1; j < nj; ++j) mx = sg[j] > mx ? sg[j] : mx;
-        m[g] = mx;
-        l[g] = ker.exp_rows(sg, nj, mx);
+        // four independent max chains (one chain waited on each compare's latency); a NaN sg[0] stays the max,
+        // as in one chain, and a later NaN is skipped by every chain alike
+        float mx[4] = {sg[0], sg[0], sg[0], sg[0]};
+        int64_t j = 1;
+        for (; j + 4 <= nj; j += 4)
+          for (int u = 0; u < 4; ++u) mx[u] = sg[j + u] > mx[u] ? sg[j + u] : mx[u];
+        for (; j < nj; ++j) mx[0] = sg[j] > mx[0] ? sg[j] : mx[0];
+        for (int u = 1; u < 4; ++u) mx[0] = mx[u] > mx[0] ? mx[u] : mx[0];
+        m[g] = mx[0];
+        l[g] = ker.exp_rows(sg, nj, mx[0]);
       }
       std::fill(acc, acc + G * D, 0.0f);
       for (int64_t j = 0; j < jb; ++j) {
