@@ -1,14 +1,25 @@
-"""Serving throughput: N concurrent requests against vLLM's OpenAI server, the float model vs the quantized
-checkpoint (the prefixquant_kernels vLLM plugin), in one run on this machine.
+"""Serving throughput: N concurrent requests against vLLM, the float model vs the quantized checkpoint (the
+prefixquant_kernels vLLM plugin), in one run on this machine.
 
     python benchmarks/serving.py --checkpoint q/ --float-model smollm2 [--concurrency 1 8] [--requests 16]
-        [--prompt-tokens 128] [--max-tokens 64] [--dtype float32] [--rounds 1] [--float-kv-too] [--json out.json]
+        [--prompt-tokens 128] [--max-tokens 64] [--dtype float32] [--rounds 1] [--float-kv-too] [--engines]
+        [--json out.json]
 
-Each system's server is started alone (2 cores cannot hold two), warmed up, then for every concurrency N the client
-sends ``--requests`` completions, N in flight at a time (threads over HTTP), greedy with ``ignore_eos`` so every
-request generates exactly ``--max-tokens``. Reported per system and N: requests/s, output tokens/s, the median and
-spread of the per-request latency; ``--rounds`` repeats the whole alternation (fp, quantized, fp, ...) so drift of
-the machine shows as spread, and the quantized/fp ratio is taken within a round.
+Servers (the default): each system's OpenAI server is started alone (2 cores cannot serve two), warmed up, then for
+every concurrency N the client sends ``--requests`` completions, N in flight at a time (threads over HTTP), greedy
+with ``ignore_eos`` so every request generates exactly ``--max-tokens``; ``--rounds`` repeats the whole alternation
+(fp, quantized, fp, ...). A server's levels run minutes apart from the next server's, so a machine whose speed
+drifts (a VM: up to 1.7x within one server's run, docs/PERF.md) can order the systems wrongly.
+
+``--engines``: the comparison to trust on such a machine. Every system is one offline vLLM engine in a process of
+its own (benchmarks/serving_engine.py; one engine per process: two engines with the prefix connector cannot share
+one in vLLM 0.32), all built first and idle while another runs; then per round and level the systems run one after
+the other, the order reversed every other round, each on the same ``--requests`` prompts in batches of N (one
+``generate`` per batch: N requests in flight, no refill as a batch's requests finish). The systems are seconds apart,
+and the ratio to fp is taken per round.
+
+Reported per system and N: requests/s, output tokens/s, the median and spread of the latency (per request with
+servers, per batch with engines), and the ratio to fp: of the medians, and per round (median [range]).
 
 vLLM runs in its own environment (``--vllm-python``, default $PQK_VLLM_PYTHON or ./.vllm-venv/bin/python, the one
 .ci/run builds); this script runs in the package's. ``--float-model smollm2`` serves the float SmolLM2 (from the
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import statistics
 import subprocess
@@ -79,14 +91,75 @@ class Server:
         raise RuntimeError(f"the server did not answer within {timeout} s; see {self.log.name}")
 
     def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End a process started with start_new_session=True, and everything it started, by its group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Engine:
+    """A benchmarks/serving_engine.py process (its own process group): ``wait`` until it is READY, then ``level``."""
+
+    def __init__(self, argv: list[str], log: str, env: dict):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True, env=env, cwd=ROOT)
+        self.lines: queue.Queue = queue.Queue()      # stdout lines, read by a thread so waits can time out
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)                          # end of file: the process exited
+
+    def _line(self, prefix: str, timeout: float) -> str:
+        t0 = time.perf_counter()
+        while True:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                line = self.lines.get(timeout=max(0.0, timeout - (time.perf_counter() - t0)))
+            except queue.Empty:
+                raise RuntimeError(f"no {prefix} within {timeout} s; see {self.log.name}") from None
+            if line is None:
+                raise RuntimeError(f"the engine exited with {self.proc.wait()}; see {self.log.name}")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    def wait(self, timeout: float) -> float:
+        t0 = time.perf_counter()
+        self._line("READY", timeout)
+        return time.perf_counter() - t0
+
+    def level(self, prompts: list[list[int]], concurrency: int, max_tokens: int, timeout: float = 3600) -> dict:
+        """All prompts in batches of ``concurrency`` (one generate each) -> the keys load() returns; the latency is
+        per batch."""
+        walls, toks = [], 0
+        for i in range(0, len(prompts), concurrency):
+            self.proc.stdin.write(json.dumps({"prompts": prompts[i:i + concurrency], "max_tokens": max_tokens}) + "\n")
+            self.proc.stdin.flush()
+            r = json.loads(self._line("RESULT", timeout))
+            walls.append(r["wall_s"])
+            toks += r["tokens"]
+        wall = sum(walls)
+        return {"requests_per_s": len(prompts) / wall, "output_tokens_per_s": toks / wall, "wall_s": wall,
+                "latency_median_s": statistics.median(walls), "latency_min_s": min(walls),
+                "latency_max_s": max(walls)}
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        stop_group(self.proc)
         self.log.close()
 
 
@@ -139,6 +212,60 @@ def prompts_for(n: int, length: int, vocab: int = 49152, seed: int = 0) -> list[
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
 
 
+def run_servers(a, systems: dict, envs: dict, prompts: list, startup: dict, report) -> None:
+    for r in range(a.rounds):
+        for name, argv in systems.items():
+            log = os.path.join(a.work, f"server_{len(startup[name])}_{list(systems).index(name)}.log")
+            s = Server(argv, a.port, log, envs[name])
+            try:
+                startup[name].append(s.wait(a.startup_timeout))
+                m = model_name(s.url)
+                load(s.url, m, prompts_for(2, a.prompt_tokens, seed=99), 2, 8)         # warm-up
+                for n in a.concurrency:
+                    report(r, name, n, load(s.url, m, prompts, n, a.max_tokens))
+            finally:
+                s.stop()
+
+
+def run_engines(a, systems: dict, envs: dict, prompts: list, startup: dict, report) -> None:
+    """All engines built one after another (a build takes both cores), then per round and level every system in
+    turn, the order reversed every other round."""
+    engines: dict[str, Engine] = {}
+    try:
+        for i, (name, argv) in enumerate(systems.items()):
+            engines[name] = Engine(argv, os.path.join(a.work, f"engine_{i}.log"), envs[name])
+            startup[name].append(engines[name].wait(a.startup_timeout))
+        names = list(systems)
+        for r in range(a.rounds):
+            for n in a.concurrency:
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    time.sleep(a.pause)       # the last run's threads back to sleep (torch's spin-wait)
+                    report(r, name, n, engines[name].level(prompts, n, a.max_tokens))
+    finally:
+        for e in engines.values():
+            e.stop()
+
+
+def table(results: dict, concurrency: list[int]) -> list[str]:
+    """results[system][str(N)] = one load()/level() dict per round (the first system is the baseline) -> the
+    markdown rows: medians over rounds, the ratio of the medians and the per-round ratio, median [range]."""
+    lines = ["| system | concurrency | requests/s | output tok/s | latency median (min–max) s | × fp | × fp per round |",
+             "|---|---|---|---|---|---|---|"]
+    names = list(results)
+    for n in concurrency:
+        base_rounds = [x["output_tokens_per_s"] for x in results[names[0]][str(n)]]
+        base = statistics.median(base_rounds)
+        for name in names:
+            rs = results[name][str(n)]
+            tps = statistics.median(x["output_tokens_per_s"] for x in rs)
+            per = [x["output_tokens_per_s"] / b for x, b in zip(rs, base_rounds)]
+            lines.append(f"| {name} | {n} | {statistics.median(x['requests_per_s'] for x in rs):.2f} | {tps:.1f} | "
+                         f"{statistics.median(x['latency_median_s'] for x in rs):.2f} "
+                         f"({min(x['latency_min_s'] for x in rs):.2f}–{max(x['latency_max_s'] for x in rs):.2f}) | "
+                         f"{tps / base:.2f} | {statistics.median(per):.2f} [{min(per):.2f}–{max(per):.2f}] |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="a directory written by `quantize` / pqk.export_hf")
@@ -157,6 +284,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write results here (and the table next to it as .md)")
     ap.add_argument("--float-kv-too", action="store_true",
                     help="also serve the checkpoint on vLLM's 16-bit KV cache (PQK_VLLM_FLOAT_KV=1)")
+    ap.add_argument("--engines", action="store_true",
+                    help="offline engines, all built first, the systems interleaved per round and level (see above)")
+    ap.add_argument("--pause", type=float, default=1.0, help="--engines: seconds between two systems' runs")
     a = ap.parse_args(argv)
     if not a.vllm_python:
         ap.error("no vLLM environment: --vllm-python (README, 'Serving with vLLM')")
@@ -164,13 +294,20 @@ def main(argv=None) -> int:
     fp = float_dir(a.float_model)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    common = ["--port", str(a.port), "--dtype", a.dtype, "--max-model-len", str(a.prompt_tokens + a.max_tokens + 8)]
-    systems = {
-        "fp (vLLM)": [a.vllm_python, "-W", "ignore::DeprecationWarning", "-m", API_SERVER, "--model", fp,
-                      "--host", "127.0.0.1", *common],
-        "pqk quantized (vLLM + plugin)": [a.vllm_python, "-m", "prefixquant_kernels", "serve", "--checkpoint",
-                                          a.checkpoint, *common],
-    }
+    max_len = str(a.prompt_tokens + a.max_tokens + 8)
+    if a.engines:
+        common = [a.vllm_python, "-W", "ignore::DeprecationWarning", os.path.join(ROOT, "benchmarks",
+                  "serving_engine.py"), "--dtype", a.dtype, "--max-model-len", max_len]
+        systems = {"fp (vLLM)": [*common, "--model", fp],
+                   "pqk quantized (vLLM + plugin)": [*common, "--model", a.checkpoint, "--connector"]}
+    else:
+        common = ["--port", str(a.port), "--dtype", a.dtype, "--max-model-len", max_len]
+        systems = {
+            "fp (vLLM)": [a.vllm_python, "-W", "ignore::DeprecationWarning", "-m", API_SERVER, "--model", fp,
+                          "--host", "127.0.0.1", *common],
+            "pqk quantized (vLLM + plugin)": [a.vllm_python, "-m", "prefixquant_kernels", "serve", "--checkpoint",
+                                              a.checkpoint, *common],
+        }
     # a static-KV checkpoint's body runs in 4 / 8 bits through the plugin's attention (serving/vllm_attention.py);
     # --float-kv-too adds the same checkpoint on vLLM's 16-bit cache (its own attention kernel)
     envs = {name: env for name in systems}
@@ -181,41 +318,22 @@ def main(argv=None) -> int:
     prompts = prompts_for(a.requests, a.prompt_tokens)
     results = {name: {str(n): [] for n in a.concurrency} for name in systems}
     startup = {name: [] for name in systems}
-    for r in range(a.rounds):
-        for name, argv in systems.items():
-            log = os.path.join(a.work, f"server_{len(startup[name])}_{list(systems).index(name)}.log")
-            s = Server(argv, a.port, log, envs[name])
-            try:
-                startup[name].append(s.wait(a.startup_timeout))
-                m = model_name(s.url)
-                load(s.url, m, prompts_for(2, a.prompt_tokens, seed=99), 2, 8)         # warm-up
-                for n in a.concurrency:
-                    res = load(s.url, m, prompts, n, a.max_tokens)
-                    results[name][str(n)].append(res)
-                    print(f"round {r} {name} N={n}: {res['requests_per_s']:.2f} req/s, "
-                          f"{res['output_tokens_per_s']:.1f} tok/s", flush=True)
-            finally:
-                s.stop()
+    def report(r: int, name: str, n: int, res: dict) -> None:
+        results[name][str(n)].append(res)
+        print(f"round {r} {name} N={n}: {res['requests_per_s']:.2f} req/s, {res['output_tokens_per_s']:.1f} tok/s",
+              flush=True)
+
+    if a.engines:
+        run_engines(a, systems, envs, prompts, startup, report)
+    else:
+        run_servers(a, systems, envs, prompts, startup, report)
     info = machine_info("cpu")
-    lines = [f"Serving: {a.requests} requests per level, {a.prompt_tokens} prompt tokens, {a.max_tokens} output "
-             f"tokens each, {a.dtype}, vLLM's OpenAI server ({a.rounds} round(s), medians over rounds). "
-             + machine_line(info), "",
-             "| system | concurrency | requests/s | output tok/s | latency median (min–max) s | × fp |",
-             "|---|---|---|---|---|---|"]
-    names = list(systems)
-    for n in a.concurrency:
-        base = statistics.median(x["output_tokens_per_s"] for x in results[names[0]][str(n)])
-        for name in names:
-            rs = results[name][str(n)]
-            tps = statistics.median(x["output_tokens_per_s"] for x in rs)
-            lines.append(f"| {name} | {n} | {statistics.median(x['requests_per_s'] for x in rs):.2f} | {tps:.1f} | "
-                         f"{statistics.median(x['latency_median_s'] for x in rs):.2f} "
-                         f"({min(x['latency_min_s'] for x in rs):.2f}–{max(x['latency_max_s'] for x in rs):.2f}) | "
-                         f"{tps / base:.2f} |")
-    lines.append("")
-    lines.append("Server start (s, to the first answer of /v1/models): " + ", ".join(
-        f"{k}: {statistics.median(v):.0f}" for k, v in startup.items()))
-    md = "\n".join(lines)
+    how = ("offline engines, interleaved per round and level" if a.engines else "vLLM's OpenAI server")
+    md = "\n".join([f"Serving: {a.requests} requests per level, {a.prompt_tokens} prompt tokens, {a.max_tokens} "
+                    f"output tokens each, {a.dtype}, {how} ({a.rounds} round(s), medians over rounds). "
+                    + machine_line(info), "", *table(results, a.concurrency), "",
+                    ("Engine build" if a.engines else "Server start") + " (s, to READY / the first answer of "
+                    "/v1/models): " + ", ".join(f"{k}: {statistics.median(v):.0f}" for k, v in startup.items())])
     print(md)
     if a.json:
         write_outputs(a.json, {"machine": info, "args": vars(a), "results": results, "startup_s": startup}, md)

@@ -378,3 +378,67 @@ def test_e2e_fp_compiled_over_a_static_cache(e2e, tmp_path, no_interpreter):
     fp = [r for r in records if r["method"] == "fp" and r["phase"] == "decode"]
     assert fp and fp[0]["compiled_decode"] is True and fp[0]["compile_seconds"] is not None
     assert "of fp compiled" in (tmp_path / "e2e.md").read_text()
+
+
+_FAKE_ENGINE = r'''
+import json, os, sys
+argv = sys.argv[1:]
+model, quant = argv[argv.index("--model") + 1], "--connector" in argv
+name = "kv16" if os.environ.get("PQK_VLLM_FLOAT_KV") == "1" else ("pqk" if quant else "fp")
+speed = {"fp": 100.0, "pqk": 150.0, "kv16": 120.0}[name]     # tokens per second, slowed by the round below
+print("vLLM's log goes to stderr", file=sys.stderr)
+print("READY", flush=True)
+calls = 0
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(f"{name} {len(job['prompts'])}\n")
+    calls += 1
+    drift = 1.0 + 0.5 * (calls % 2)          # the machine's speed moving between this engine's calls
+    toks = len(job["prompts"]) * job["max_tokens"]
+    print("noise", flush=True)
+    print("RESULT " + json.dumps({"wall_s": toks / speed * drift, "tokens": toks}), flush=True)
+'''
+
+
+def test_serving_engines_interleave_the_systems_per_round(tmp_path):
+    """benchmarks/serving.py --engines against fake engines (the real ones need the vLLM environment): every engine
+    built once, then per round and level each system in turn, the order reversed every other round, prompts in
+    batches of N; the table's per-round ratio pairs a system's run with fp's of the same round."""
+    serving = _load("serving")
+    fake = tmp_path / "fake_engine.py"
+    fake.write_text(_FAKE_ENGINE)
+    py = tmp_path / "vllm_python"
+    py.write_text(f"#!/bin/sh\nshift 2\nshift\nexec {sys.executable} {fake} \"$@\"\n")   # drops -W ignore:: SCRIPT
+    py.chmod(0o755)
+    os.environ["FAKE_LOG"] = str(tmp_path / "calls.txt")
+    try:
+        out = tmp_path / "s.json"
+        assert serving.main(["--checkpoint", "q", "--float-model", str(tmp_path), "--vllm-python", str(py),
+                             "--engines", "--float-kv-too", "--rounds", "2", "--concurrency", "1", "3",
+                             "--requests", "4", "--max-tokens", "5", "--pause", "0", "--work", str(tmp_path / "w"),
+                             "--json", str(out)]) == 0
+    finally:
+        del os.environ["FAKE_LOG"]
+    calls = (tmp_path / "calls.txt").read_text().split("\n")[:-1]
+    one = ["fp", "pqk", "kv16"]
+    want = []
+    for r in range(2):
+        for n, batches in ((1, [1, 1, 1, 1]), (3, [3, 1])):
+            for name in (one if r % 2 == 0 else one[::-1]):
+                want += [f"{name} {b}" for b in batches]
+    assert calls == want
+    data = json.loads(out.read_text())
+    res = data["results"]
+    assert set(res) == {"fp (vLLM)", "pqk quantized (vLLM + plugin)", "pqk quantized, 16-bit KV (vLLM + plugin)"}
+    for name, speed in (("fp (vLLM)", 100.0), ("pqk quantized (vLLM + plugin)", 150.0)):
+        for n in ("1", "3"):
+            assert len(res[name][n]) == 2
+            for x in res[name][n]:
+                assert x["output_tokens_per_s"] < speed and x["requests_per_s"] > 0
+    md = (tmp_path / "s.md").read_text()
+    assert "interleaved per round and level" in md
+    # each engine alternates its calls' speed: at N = 1 (4 calls per level) every level is the same, so the per-round
+    # ratio is exactly the speeds' ratio
+    row = next(line for line in md.splitlines() if line.startswith("| pqk quantized (vLLM + plugin) | 1 |"))
+    assert row.endswith("| 1.50 | 1.50 [1.50–1.50] |"), row
