@@ -249,8 +249,8 @@ def run_engines(a, systems: dict, envs: dict, prompts: list, startup: dict, repo
 def table(results: dict, concurrency: list[int]) -> list[str]:
     """results[system][str(N)] = one load()/level() dict per round (the first system is the baseline) -> the
     markdown rows: medians over rounds, the ratio of the medians and the per-round ratio, median [range]."""
-    lines = ["| system | concurrency | requests/s | output tok/s | latency median (min–max) s | × fp | × fp per round |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| system | concurrency | requests/s | output tok/s | latency median (min–max) s | × fp "
+             "| × fp per round |", "|---|---|---|---|---|---|---|"]
     names = list(results)
     for n in concurrency:
         base_rounds = [x["output_tokens_per_s"] for x in results[names[0]][str(n)]]
@@ -287,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", action="store_true",
                     help="offline engines, all built first, the systems interleaved per round and level (see above)")
     ap.add_argument("--pause", type=float, default=1.0, help="--engines: seconds between two systems' runs")
+    ap.add_argument("--eager", action="store_true", help="--engines: vLLM's enforce_eager (servers: its default, "
+                    "torch.compile)")
     a = ap.parse_args(argv)
     if not a.vllm_python:
         ap.error("no vLLM environment: --vllm-python (README, 'Serving with vLLM')")
@@ -297,7 +299,7 @@ def main(argv=None) -> int:
     max_len = str(a.prompt_tokens + a.max_tokens + 8)
     if a.engines:
         common = [a.vllm_python, "-W", "ignore::DeprecationWarning", os.path.join(ROOT, "benchmarks",
-                  "serving_engine.py"), "--dtype", a.dtype, "--max-model-len", max_len]
+                  "serving_engine.py"), "--dtype", a.dtype, "--max-model-len", max_len, *(["--eager"] * a.eager)]
         systems = {"fp (vLLM)": [*common, "--model", fp],
                    "pqk quantized (vLLM + plugin)": [*common, "--model", a.checkpoint, "--connector"]}
     else:
