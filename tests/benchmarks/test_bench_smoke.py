@@ -406,7 +406,7 @@ def test_serving_engines_interleave_the_systems_per_round(tmp_path):
     built once, then per round and level each system in turn, the order reversed every other round, prompts in
     batches of N; the table's per-round ratio pairs a system's run with fp's of the same round."""
     serving = _load("serving")
-    fake = tmp_path / "fake_engine.py"
+    fake = tmp_path / "fake_engine"      # a Python script
     fake.write_text(_FAKE_ENGINE)
     py = tmp_path / "vllm_python"
     py.write_text(f"#!/bin/sh\nshift 2\nshift\nexec {sys.executable} {fake} \"$@\"\n")   # drops -W ignore:: SCRIPT
@@ -436,7 +436,7 @@ def test_serving_engines_interleave_the_systems_per_round(tmp_path):
             assert len(res[name][n]) == 2
             for x in res[name][n]:
                 assert x["output_tokens_per_s"] < speed and x["requests_per_s"] > 0
-    md = (tmp_path / "s.md").read_text()
+    md = out.with_suffix(".md").read_text()
     assert "interleaved per round and level" in md
     # each engine alternates its calls' speed: at N = 1 (4 calls per level) every level is the same, so the per-round
     # ratio is exactly the speeds' ratio
