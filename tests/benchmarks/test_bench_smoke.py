@@ -401,7 +401,7 @@ for line in sys.stdin:
 '''
 
 
-def test_serving_engines_interleave_the_systems_per_round(tmp_path):
+def test_serving_engines_interleave_the_systems_per_round(tmp_path, monkeypatch):
     """benchmarks/serving.py --engines against fake engines (the real ones need the vLLM environment): every engine
     built once, then per round and level each system in turn, the order reversed every other round, prompts in
     batches of N; the table's per-round ratio pairs a system's run with fp's of the same round."""
@@ -411,15 +411,12 @@ def test_serving_engines_interleave_the_systems_per_round(tmp_path):
     py = tmp_path / "vllm_python"
     py.write_text(f"#!/bin/sh\nshift 2\nshift\nexec {sys.executable} {fake} \"$@\"\n")   # drops -W ignore:: SCRIPT
     py.chmod(0o755)
-    os.environ["FAKE_LOG"] = str(tmp_path / "calls.txt")
-    try:
-        out = tmp_path / "s.json"
-        assert serving.main(["--checkpoint", "q", "--float-model", str(tmp_path), "--vllm-python", str(py),
-                             "--engines", "--float-kv-too", "--rounds", "2", "--concurrency", "1", "3",
-                             "--requests", "4", "--max-tokens", "5", "--pause", "0", "--work", str(tmp_path / "w"),
-                             "--json", str(out)]) == 0
-    finally:
-        del os.environ["FAKE_LOG"]
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.txt"))
+    out = tmp_path / "s.json"
+    assert serving.main(["--checkpoint", "q", "--float-model", str(tmp_path), "--vllm-python", str(py),
+                         "--engines", "--float-kv-too", "--rounds", "2", "--concurrency", "1", "3",
+                         "--requests", "4", "--max-tokens", "5", "--pause", "0", "--work", str(tmp_path / "w"),
+                         "--json", str(out)]) == 0
     calls = (tmp_path / "calls.txt").read_text().split("\n")[:-1]
     one = ["fp", "pqk", "kv16"]
     want = []
