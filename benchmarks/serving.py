@@ -320,6 +320,7 @@ def main(argv=None) -> int:
     prompts = prompts_for(a.requests, a.prompt_tokens)
     results = {name: {str(n): [] for n in a.concurrency} for name in systems}
     startup = {name: [] for name in systems}
+
     def report(r: int, name: str, n: int, res: dict) -> None:
         results[name][str(n)].append(res)
         print(f"round {r} {name} N={n}: {res['requests_per_s']:.2f} req/s, {res['output_tokens_per_s']:.1f} tok/s",

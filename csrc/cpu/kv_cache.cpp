@@ -164,12 +164,12 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       const uint8_t *k_rows = nullptr, *v_rows = nullptr;
       const int64_t* idx = nullptr;
       if (jb < nj) {
-        if (masked) {  // the body rows this chunk attends to, by index
-          for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = body.row(b, h, pos_at(j0 + i) - P);
-          idx = body_idx.data();
-          k_rows = body.k, v_rows = body.v;
-        } else if (body.table) {  // consecutive positions through the pages
-          body.paged_rows(b, h, j0 + jb - P, nj - jb, body_idx.data());
+        if (masked || body.table) {  // the body rows this chunk attends to, by index (a mask, or pages)
+          if (masked) {
+            for (int64_t i = jb; i < nj; ++i) body_idx[i - jb] = body.row(b, h, pos_at(j0 + i) - P);
+          } else {  // consecutive positions through the pages
+            body.paged_rows(b, h, j0 + jb - P, nj - jb, body_idx.data());
+          }
           idx = body_idx.data();
           k_rows = body.k, v_rows = body.v;
         } else {  // consecutive rows

@@ -8,9 +8,10 @@ rotation of the down_proj input). Validation -> backend choice (ops/backend.py) 
 
 On CPU tensors backend "auto" / "cpu*" run the custom op (one node for torch.compile), "reference" the PyTorch
 implementation directly; hadamard_transform calls its op's CPU kernel without the dispatch where nothing traces,
-intercepts or differentiates the call (backend.eager_cpu_call). rmsnorm_quantize has no C++ CPU kernel (its op runs the PyTorch one); hadamard_transform's
-CPU kernel is C++, bit-identical to hadamard.py's "sequential" form (and so to the CUDA kernel) in fp32: ~45 small
-torch ops per call (one per butterfly half-stage) made it ~0.5 ms at one token, most of a decode step's rotation.
+intercepts or differentiates the call (backend.eager_cpu_call). rmsnorm_quantize has no C++ CPU kernel (its op
+runs the PyTorch one); hadamard_transform's CPU kernel is C++, bit-identical to hadamard.py's "sequential" form (and
+so to the CUDA kernel) in fp32: ~45 small torch ops per call (one per butterfly half-stage) made it ~0.5 ms at one
+token, most of a decode step's rotation.
 """
 from __future__ import annotations
 
