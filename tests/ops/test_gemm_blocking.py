@@ -1,11 +1,11 @@
-"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h / x86_gemm_ymm.h, M >= 64, and from M = 8
-on zmm / AMX for a small W): W unpacked once per panel, K blocked, A panel blocked by K. Bit-exact with the
-reference across every block boundary: the block sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS / PQK_PREFILL_SUBROWS / PQK_PREFILL_CHUNK (read on every
-call) so small shapes cross many K blocks, M-blocks, L2 slices, chunks and micro panels, with tails that are not
-multiples of 8 (k per packed dword), 4 (k per vpdpbusd lane), 48 (W columns per micro panel) or 8 (A rows per
-micro-kernel). The AVX2 table has its own prefill pieces for W4
-(x86_gemm_ymm.h: 16 columns, 6 rows, int16 partial sums), which "cpu:avx2" runs on every x86-64 CPU; W8 there,
-and the portable scalar table, run the tile path (still a bit-exactness check)."""
+"""The CPU prefill GEMM (csrc/cpu/gemm.cpp gemm_prefill + x86_gemm_zmm.h / x86_gemm_ymm.h, M >= 64, and from M = 8 on
+zmm / AMX for a small W): W unpacked once per panel, K blocked, A panel blocked by K. Bit-exact with the reference
+across every block boundary: the block sizes are shrunk with PQK_PREFILL_KC / PQK_PREFILL_ROWS / PQK_PREFILL_SUBROWS
+/ PQK_PREFILL_CHUNK (read on every call) so small shapes cross many K blocks, M-blocks, L2 slices, chunks and micro
+panels, with tails that are not multiples of 8 (k per packed dword), 4 (k per vpdpbusd lane), 48 (W columns per micro
+panel) or 8 (A rows per micro-kernel). The AVX2 table has its own prefill pieces for W4 (x86_gemm_ymm.h: 16 columns,
+6 rows, int16 partial sums), which "cpu:avx2" runs on every x86-64 CPU; W8 there, and the portable scalar table, run
+the tile path (still a bit-exactness check)."""
 import pytest
 import torch
 
