@@ -449,7 +449,7 @@ void tile_w8(const int8_t* a, int64_t kp, const int8_t* w, int64_t ws, int64_t K
 
 const PrefillKernels kPrefill = {kPf2Mr,     kPf2Nr,     kPf2Kc,       kPf2Rows, kPf2PanelBytes, /*w8=*/false,
                                  pf2_pack_w, pf2_kernel, pf2_epilogue, nullptr,  nullptr,        nullptr,
-                                 /*side=*/nullptr};
+                                 /*pack_a_int4=*/nullptr, /*side=*/nullptr};
 
 const IsaKernels kAvx2 = {
     "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,

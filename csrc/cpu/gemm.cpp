@@ -170,6 +170,8 @@ float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int6
   if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
   if (g.a_source == ASource::kInt8) {
     pack_a_int8((const int8_t*)g.a + m * K, K, kc, bstride, pk.a_tiled, dst);
+  } else if (g.a_source == ASource::kPacked4 && pk.pack_a_int4) {
+    pk.pack_a_int4((const uint8_t*)g.a + m * (K / 2), K, kc, bstride, pk.a_tiled, dst);
   } else if (g.a_source == ASource::kPacked4) {
     tmp.resize((size_t)K);
     unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
@@ -205,10 +207,11 @@ inline void prefill_tile_out(const PrefillKernels& pk, const uint8_t* a, int64_t
 // threads share (its micro panels split over the threads), then each thread runs its own rows of A, one L2 slice of
 // at most `sub_rows` at a time, every micro panel over the slice before the next slice. No panel of all M rows goes
 // through memory, and no thread waits for another between slices.
-// A bf16 x with a static scale (and K a multiple of 32) is quantized inside the micro-kernel: while the kernels run
-// over slice s, they build slice s + 1 into a second buffer as their side job (PfSide, kernels_internal.h), on the
-// pipes the kernel leaves idle; what they leave undone is finished right after (PrefillKernels::side). The two
-// slices then share the L2 room of one. Otherwise each slice is built right before its kernels.
+// An int8 or packed int4 A, or a bf16 x with a static scale (and K a multiple of 32), is built inside the micro-kernel:
+// while the kernels run over slice s, they build slice s + 1 into a second buffer as their side job (PfSide,
+// kernels_internal.h), on the pipes the kernel leaves idle; what they leave undone is finished right after
+// (PrefillKernels::side). The two slices then share the L2 room of one. Otherwise each slice is built right before its
+// kernels.
 void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, int64_t sub_rows) {
   const PrefillKernels& pk = *ker.prefill;
   const int64_t M = g.M, N = g.N, K = g.K;
@@ -217,8 +220,14 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   // kc: K rounded up to pk.k_align (the panel rows' stride); the kernels run over ceil(K / 4) k-steps, as pack_w fills
   // them
   const int64_t kq = (K + 3) / 4, w_panel = (kc + 3) / 4 * 4 * nr, n_panels = (N + nr - 1) / nr;
-  const bool fuse = pk.side && pk.kernel_out && g.a_source == ASource::kFloat &&
-                    g.a_float_type == FloatType::kBFloat16 && g.a_scale && K % 32 == 0 && kc == K;
+  // The side job takes int8 and packed int4 A, and a bf16 x with a static scale (the other float A: a per-token
+  // scale needs the whole row first; fp16 / fp32 would need their own 32-element quantize).
+  const bool side_source = g.a_source != ASource::kFloat ||
+                           (g.a_float_type == FloatType::kBFloat16 && g.a_scale != nullptr);
+  const bool fuse = pk.side && pk.kernel_out && side_source && K % 32 == 0 && kc == K;
+  const int64_t a_row_bytes = g.a_source == ASource::kPacked4 ? K / 2
+                              : g.a_source == ASource::kInt8  ? K
+                                                              : K * float_type_size(g.a_float_type);
   const int64_t rows_cap = fuse ? std::max<int64_t>(mr, sub_rows / 2 / mr * mr) : sub_rows;
   int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(n_panels * w_panel));  // shared, the caller's
   std::vector<int32_t> colsum((size_t)(n_panels * nr), 0);
@@ -242,12 +251,16 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
     for (int64_t r0 = rb, sl = 0; r0 < re; r0 += rows, ++sl) {
       const int64_t r1 = std::min(re, r0 + rows);  // this slice's rows [r0, r1)
       uint8_t* cur = panel + (fuse ? sl % 2 : 0) * rows * kc;
-      if (!fuse || sl == 0) build(r0, r1, cur);
+      if (!fuse || sl == 0) {
+        build(r0, r1, cur);
+      } else {  // built by the side job: the row scales as pack_prefill_row gives them (a static bf16 x's is given)
+        for (int64_t r = r0; r < r1; ++r) rscale[r - r0] = g.a_scale_per_row ? g.a_scale[r] : g.a_scale[0];
+      }
       PfSide side = {};
       const int64_t n1 = std::min(re, r1 + rows);  // the next slice's rows [r1, n1)
       if (fuse && r1 < re) {
-        side = {(const uint16_t*)g.a + r1 * K, panel + ((sl + 1) % 2) * rows * kc, 0, 0, kc, pk.a_tiled,
-                (n1 - r1) * K / 32, g.a_scale[0], qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
+        side = {(const char*)g.a + r1 * a_row_bytes, g.a_source, panel + ((sl + 1) % 2) * rows * kc, 0, 0, kc,
+                pk.a_tiled, (n1 - r1) * K / 32, g.a_scale[0], qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
       }
       for (int64_t p = 0; p < n_panels; ++p) {
         const int64_t n0 = p * nr;

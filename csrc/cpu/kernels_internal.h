@@ -44,20 +44,26 @@ struct PfOut {
   PfSide* side = nullptr;  // a side job the kernel runs between its k-steps (PrefillKernels::side), or none
 };
 
-// A side job for the prefill micro-kernel (gemm.cpp's M split): a stretch of bf16 x quantized with one static scale
-// into the next A slice, 32 elements at a time. The micro-kernel keeps both multiply pipes busy with vpdpbusd and
-// leaves the others idle; quantizing between its k-steps costs ~6 cycles per 32 elements (the two divisions, on
-// the multiply pipes) against ~16 as a pass of its own (docs/PERF.md step 24). The kernel takes up to one block per
-// kPfSideEvery k-steps and advances x, (row, k) and n32; PrefillKernels::side does the rest.
+// A side job for the prefill micro-kernel (gemm.cpp's M split): the next A slice built into its panel, 32 elements
+// at a time, from any A source: bf16 x quantized with one static scale, int8 q, or packed int4 (what a fused
+// producer's requant epilogue writes). The micro-kernel keeps both multiply pipes busy with vpdpbusd and leaves the
+// others idle; quantizing between its k-steps costs ~6 cycles per 32 elements (the two divisions, on the multiply
+// pipes) against ~16 as a pass of its own (docs/PERF.md step 24), and the integer sources need no multiply at all
+// (step 32). The kernel takes up to one block per kPfSideEvery k-steps and advances src, (row, k) and n32;
+// PrefillKernels::side does the rest.
 struct PfSide {
-  const uint16_t* x;  // bf16 [n32 * 32]: the next elements to quantize, contiguous rows of K
+  const void* src;    // the next elements, contiguous rows of K, as `kind` says: bf16 [n32 * 32] (kFloat),
+                      // int8 [n32 * 32] (kInt8), or uint8 [n32 * 16] packed int4 (kPacked4, element 2i in byte i's
+                      // low nibble)
+  ASource kind;
   uint8_t* panel;     // the next slice's A panel (one K block of kc == K; PrefillKernels::a_tiled layout)
-  int64_t row, k;     // where in it x's next 32 elements go: their panel bytes q + 128 (quantize_value, bit for bit)
+  int64_t row, k;     // where in it src's next 32 elements go: their panel bytes a + 128 (for bf16, a =
+                      // quantize_value, bit for bit)
   int64_t kc;         // the panel's k per row (== K, a multiple of 32)
   bool tiled;         // the panel's layout (pf_a_offset)
   int64_t n32;        // blocks of 32 elements left
-  float scale;        // the static scale (finite, > 0)
-  int qmin, qmax;
+  float scale;        // kFloat only: the static scale (finite, > 0)
+  int qmin, qmax;     // kFloat only
 };
 
 // Byte offset of A element (row, k) in an A panel's K block of kc k per row (PrefillKernels::a_tiled):
@@ -100,8 +106,11 @@ struct PrefillKernels {
   //   pack_a_int8:  q int8 [K]
   void (*pack_a_float)(const void* x, FloatType t, int64_t K, float scale, int qmin, int qmax, int64_t kc,
                        int64_t bstride, bool tiled, uint8_t* dst);
+  //   pack_a_int4:  p uint8 [K / 2] packed int4 (element 2i in byte i's low nibble); nullptr: unpacked to int8
+  //                 first, then pack_a_int8 (two passes)
   void (*pack_a_int8)(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, bool tiled, uint8_t* dst);
-  // The side job's own pass: what is left of `side` quantized now. nullptr: this table's kernel_out runs no side
+  void (*pack_a_int4)(const uint8_t* p, int64_t K, int64_t kc, int64_t bstride, bool tiled, uint8_t* dst);
+  // The side job's own pass: what is left of `side` built now. nullptr: this table's kernel_out runs no side
   // jobs.
   void (*side)(PfSide& side);
   // L2 sub-blocks (gemm.cpp, docs/PERF.md step 20): when one micro panel and >= 64 A rows of the whole K fit in

@@ -105,7 +105,7 @@ void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const u
 
 const PrefillKernels kPrefill = {kPfMr,       kPfNr,           kPfKc,          kPfRows,  kPfPanelBytes,
                                  /*w8=*/true, pf_pack_w,       pf_kernel,      nullptr,  pf_kernel_out,
-                                 pf_pack_a_float, pf_pack_a_int8, pf_side,         /*l2_blocks=*/true,
+                                 pf_pack_a_float, pf_pack_a_int8, pf_pack_a_int4, pf_side, /*l2_blocks=*/true,
                                  /*min_slice_rows=*/0, /*k_align=*/8, /*flush=*/nullptr, /*a_tiled=*/false,
                                  /*small_m=*/8};
 

@@ -104,10 +104,38 @@ inline void pf_quant32_bf16(const uint16_t* x, const PfQuant& c, uint8_t* dst) {
   _mm256_storeu_si256((__m256i*)dst, _mm256_xor_si256(_mm512_cvtepi32_epi16(w), _mm256_set1_epi8((char)0x80)));
 }
 
+// 32 elements of packed int4 (16 bytes, element 2i in byte i's low nibble) -> their 32 bytes a + 128, in order.
+// The nibbles are split (and, shift) and interleaved back into element order (vpunpck), then one 16-entry table
+// lookup (vpshufb) maps each nibble n, a two's-complement int4, to a + 128 = (n ^ 8) + 120: n = 7 -> 135, 8 -> 120.
+// No multiply: all on the pipes vpdpbusd leaves idle (docs/PERF.md step 24's table).
+inline __m256i pf_int4x32_to_u8(__m128i b) {
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m256i nib = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo, hi)),
+                                              _mm_unpackhi_epi8(lo, hi), 1);
+  const __m256i lut = _mm256_setr_epi8((char)128, (char)129, (char)130, (char)131, (char)132, (char)133, (char)134,
+                                       (char)135, 120, 121, 122, 123, 124, 125, 126, 127, (char)128, (char)129,
+                                       (char)130, (char)131, (char)132, (char)133, (char)134, (char)135, 120, 121, 122,
+                                       123, 124, 125, 126, 127);
+  return _mm256_shuffle_epi8(lut, nib);
+}
+
 // One block of the side job, which then points at the next (32 | kc: a block never crosses a row or a 64-k piece).
+// The source's kind is the same for every block of a job (one predictable branch per 16 k-steps of the kernel).
 inline void pf_side_block(PfSide& side, const PfQuant& qc) {
-  pf_quant32_bf16(side.x, qc, side.panel + pf_a_offset(side.row, side.k, side.kc, side.tiled));
-  side.x += 32;
+  uint8_t* d = side.panel + pf_a_offset(side.row, side.k, side.kc, side.tiled);
+  const char* src = (const char*)side.src;
+  if (side.kind == ASource::kFloat) {
+    pf_quant32_bf16((const uint16_t*)src, qc, d);
+    side.src = src + 64;
+  } else if (side.kind == ASource::kInt8) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)src);
+    _mm256_storeu_si256((__m256i*)d, _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)));
+    side.src = src + 32;
+  } else {
+    _mm256_storeu_si256((__m256i*)d, pf_int4x32_to_u8(_mm_loadu_si128((const __m128i*)src)));
+    side.src = src + 16;
+  }
   side.k += 32;
   if (side.k == side.kc) {
     side.k = 0;
@@ -264,6 +292,22 @@ void pf_pack_a_int8(const int8_t* q, int64_t K, int64_t kc, int64_t bstride, boo
       const __mmask64 m = n - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - k)) - 1);
       _mm512_mask_storeu_epi8(d + pf_a_offset(0, k, kc, tiled), m,
                               _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + k0 + k), flip));
+    }
+    pf_pad_a(d, n, kc, tiled);
+  }
+}
+
+// p: uint8 [K / 2] packed int4 (already quantized; K even) -> dst, the panel row (pf_int4x32_to_u8, 32 elements
+// at a time; a block's last < 32 with masked loads and stores). One pass: the portable path unpacked to int8 first.
+void pf_pack_a_int4(const uint8_t* p, int64_t K, int64_t kc, int64_t bstride, bool tiled, uint8_t* dst) {
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kc, ++b) {
+    uint8_t* d = dst + b * bstride;
+    const int64_t n = std::min(kc, K - k0);  // even: K and kc are
+    for (int64_t k = 0; k < n; k += 32) {    // k0 + k even, so the block's bytes start at (k0 + k) / 2
+      const int64_t cnt = std::min<int64_t>(32, n - k);
+      const __mmask32 m = cnt == 32 ? ~(__mmask32)0 : (((__mmask32)1 << cnt) - 1);
+      const __m128i src = _mm_maskz_loadu_epi8((__mmask16)(((uint32_t)1 << ((cnt + 1) / 2)) - 1), p + (k0 + k) / 2);
+      _mm256_mask_storeu_epi8(d + pf_a_offset(0, k, kc, tiled), m, pf_int4x32_to_u8(src));
     }
     pf_pad_a(d, n, kc, tiled);
   }

@@ -265,3 +265,30 @@ def test_prefill_m_split(backend, dtype, static, K, sub, a_bits, gen, monkeypatc
     got = pqk.quant_linear(x, w, w_scale, a_scale, a_bits, b, backend=backend)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("a_bits,w_bits", BITS)
+@pytest.mark.parametrize("per_row,K", [(False, 64), (True, 64), (False, 256), (True, 1056), (True, 80)])
+@pytest.mark.parametrize("sub", ["16", "24"])
+def test_prefill_m_split_quantized_a(backend, a_bits, w_bits, per_row, K, sub, gen, monkeypatch):
+    """A already quantized (int8, or packed int4 as a fused requant epilogue writes it) through the M split: with
+    K % 32 == 0 the micro-kernel's side job builds every slice after each thread's first (K = 64 with 17 micro panels:
+    the kernels finish it; K = 256 / 1056: PrefillKernels::side finishes what they leave), each slice's row scales
+    taken per row or static; K = 80 builds each slice before its kernels. Full-range A and W, M = 203 (ranges and
+    slices off multiples of 8 rows), the thread scratch left dirty by a call of another shape first. Planted bugs: the
+    int4 lookup's two halves swapped (120.. first), the side job's int4 source advanced 32 bytes per block, and the
+    slices' row scales left at the first slice's: each fails here."""
+    _set_env(monkeypatch, (None, None, sub, None, "m"))
+    M, N = 203, 800 if K == 64 else 101
+    a, w = rand_int((M, K), a_bits, gen), rand_int((N, K), w_bits, gen)
+    ap = fmt.pack_int4(a) if a_bits == 4 else a
+    wp = fmt.pack_int4(w) if w_bits == 4 else w
+    a_scale = torch.rand(M, generator=gen) + 0.01 if per_row else torch.tensor(0.037)
+    w_scale, b = torch.rand(N, generator=gen) + 0.01, torch.randn(N, generator=gen)
+    pqk.int4_matmul(ap[:100], wp, a_scale[:100] if per_row else a_scale, w_scale, b, backend=backend)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        want = reference.int4_matmul(ap, wp, a_scale, w_scale, b, out_dtype)
+        got = pqk.int4_matmul(ap, wp, a_scale, w_scale, b, out_dtype=out_dtype, backend=backend)
+        bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+        assert torch.equal(got.view(bits), want.view(bits)), out_dtype

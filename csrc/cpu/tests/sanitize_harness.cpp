@@ -405,8 +405,9 @@ int main(int argc, char** argv) {
       test_quantize(s[0], s[2] + 1, 8, isa);
     }
     // The prefill GEMM's M split with 8-row slices (PQK_PREFILL_SPLIT / _SUBROWS, read per call): each thread's
-    // slices in turn, and for a bf16 A with K % 32 == 0 each next slice quantized by the micro-kernels' side job
-    // into the second of two slice buffers (x86_gemm_zmm.h PfSide), the rest by PrefillKernels::side.
+    // slices in turn, and for a bf16, int8 or packed int4 A with K % 32 == 0 each next slice built by the
+    // micro-kernels' side job into the second of two slice buffers (x86_gemm_zmm.h PfSide), the rest by
+    // PrefillKernels::side.
     setenv("PQK_PREFILL_SPLIT", "m", 1);
     setenv("PQK_PREFILL_SUBROWS", "16", 1);
     const int64_t msplit_shapes[][3] = {{203, 800, 64}, {130, 60, 256}, {67, 101, 1030}};
@@ -415,6 +416,7 @@ int main(int argc, char** argv) {
         for (int a_bits : {4, 8}) {
           test_gemm(s[0], s[1], s[2], a_bits, w_bits, ASource::kFloat, isa, true);
           test_gemm(s[0], s[1], s[2], a_bits, w_bits, ASource::kFloat, isa);
+          test_gemm(s[0], s[1], s[2], a_bits, w_bits, a_bits == 4 ? ASource::kPacked4 : ASource::kInt8, isa);
         }
     unsetenv("PQK_PREFILL_SPLIT");
     unsetenv("PQK_PREFILL_SUBROWS");
