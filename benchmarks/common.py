@@ -61,17 +61,29 @@ def timeit_budget(fn, repeats: int, budget_s: float, device=None) -> dict:
     return timeit(fn, n, warmup=0, device=device)
 
 
+def round_order(items: list, r: int) -> list:
+    """Round r's order of interleaved items: reversed every other round, so that drift on a shared machine and the
+    cost of following a given function hit all of them alike (a fixed order measurably favoured whichever ran
+    second), and rotated so that round r starts with items[r % n]. Reversal alone put the same two items at the
+    rounds' boundaries every time: on the Zen 4 VM the first of our GEMMs after torch's large outputs were freed
+    paid ~50 ms of the kernel's page work in 2 of 3 rounds (docs/PERF.md step 32), and a median over rounds took
+    that as its time. a b c d, b a d c, c d a b, d c b a, ..."""
+    n = len(items)
+    k = (r + r % 2) % n  # odd rounds rotated one further, so that reversed they start at items[r % n]
+    rot = items[k:] + items[:k]
+    return rot if r % 2 == 0 else rot[::-1]
+
+
 def timeit_interleaved(fns: dict, repeats: int, device=None) -> dict:
-    """Time several functions in alternation, reversing the order every other round (a b c, c b a, ...) so
-    that drift on a shared machine and the cost of following a given function hit all of them alike (a fixed
-    order measurably favoured whichever ran second); returns {name: summarize-style dict}."""
+    """Time several functions in alternation (round_order: each round in another order); returns {name:
+    summarize-style dict}."""
     for fn in fns.values():
         fn()
     _sync(device)
     ts = {name: [] for name in fns}
     items = list(fns.items())
     for r in range(repeats):
-        for name, fn in (items if r % 2 == 0 else items[::-1]):
+        for name, fn in round_order(items, r):
             t0 = time.perf_counter()
             fn()
             _sync(device)

@@ -5,7 +5,9 @@
 Peak: `_C.int8_peak_tops(isa, s)` (csrc/cpu/peak.cpp), a throughput loop of the instruction each ISA's GEMM is built
 on — tdpbusd tiles (amx), vpdpbusd zmm (avx512vnni), vpdpbusd ymm (avxvnni), vpmaddubsw ymm (avx2) — on every
 thread, measured once per round between the GEMMs. Per shape (M x K -> N, default the Llama-3-8B prefill shapes at M = 2048) and round, in
-alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), raw
+alternating order: our static QuantLinear W4A4 / W4A8 / W8A8 (bf16 x in, the quantize fused), our GEMM with A
+already quantized (`int4_matmul`, W4 with int8 A / packed int4 A, as a fused producer's requant epilogue hands it:
+like for like with `_int_mm`'s int8 A, plus our dequant epilogue to bf16), raw
 `torch._int_mm` (int8 x int8 -> int32, same M, K, N, no quantize or scale), oneDNN's static W8A8
 `torch.ops.quantized.linear` (x already u8, W prepacked; its AMX kernel where the CPU has AMX, the strongest int8
 path there), torch bf16 and fp32 `F.linear(x, W)` (what nn.Linear runs; 2-4 % faster than `x @ W.T` on the AMX
@@ -47,15 +49,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, write_outputs  # noqa: E402
+from common import machine_info, round_order, write_outputs  # noqa: E402
 from prefixquant_kernels import _extension  # noqa: E402
+from prefixquant_kernels.format import pack_int4  # noqa: E402
 from prefixquant_kernels.nn import QuantLinear  # noqa: E402
+from prefixquant_kernels.ops import int4_matmul  # noqa: E402
 
 ISAS = {"amx": 4, "avx512vnni": 3, "avxvnni": 2, "avx2": 1}
 INT_MM = "torch._int_mm (raw)"  # the row of oneDNN's raw int8 GEMM, the anchor of every "x _int_mm"
 # oneDNN's static int8 linear (u8 x s8, W prepacked, per-tensor scales, u8 out): on a CPU with AMX its brgemm kernel
 # runs on the tiles, which `_int_mm` (oneDNN's older gemm API) does not (docs/PERF.md step 26)
 QLINEAR = "torch quantized.linear (oneDNN W8A8)"
+GEMM_A8, GEMM_A4 = "pqk W4A8 GEMM (int8 A given)", "pqk W4A4 GEMM (int4 A given)"
 SHAPES = [(2048, 4096, 4096), (2048, 4096, 14336), (2048, 14336, 4096), (2048, 4096, 1024)]
 
 
@@ -95,6 +100,12 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
     if peak_isa == "amx":  # the vpdpbusd prefill beside the AMX one
         mods["pqk W4A4 [avx512vnni]"] = QuantLinear.from_float(lin, 4, 4, act_scale=0.05, backend="cpu:avx512vnni")
     fns = {name: (lambda mod=mod: mod(x)) for name, mod in mods.items()}
+    # the GEMM alone: A already quantized (int8 for W4A8, packed int4 for W4A4), W4 and its scales from the modules
+    qa4 = pack_int4(torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=gen))
+    for name, a in ((GEMM_A8, qa), (GEMM_A4, qa4)):
+        mod = mods["pqk W4A8" if a is qa else "pqk W4A4"]
+        fns[name] = (lambda a=a, mod=mod: int4_matmul(a, mod.weight, mod.act_scale, mod.w_scale,
+                                                      out_dtype=torch.bfloat16))
     if int_mm:
         fns[INT_MM] = lambda: torch._int_mm(qa, qw)
         qlinear = onednn_qlinear(x, lin.weight.detach())
@@ -113,7 +124,7 @@ def bench_shape(m: int, k: int, n: int, rounds: int, peak_isa: str, peak_s: floa
         items = list(fns.items())
         for r in range(rounds):
             peaks.append(measure_peaks(peak_s)[peak_isa] if peak_isa else None)
-            for name, f in (items if r % 2 == 0 else items[::-1]):
+            for name, f in round_order(items, r):
                 c0, t0 = time.process_time(), time.perf_counter()
                 f()
                 wall[name].append(time.perf_counter() - t0)
@@ -160,7 +171,7 @@ def bench_decode(rounds: int, gen) -> dict:
             f()
         items = list(fns.items())
         for r in range(rounds):
-            for name, f in (items if r % 2 == 0 else items[::-1]):
+            for name, f in round_order(items, r):
                 t0 = time.perf_counter()
                 f()
                 ts[name].append(time.perf_counter() - t0)

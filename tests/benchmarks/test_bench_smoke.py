@@ -439,3 +439,19 @@ def test_serving_engines_interleave_the_systems_per_round(tmp_path, monkeypatch)
     # ratio is exactly the speeds' ratio
     row = next(line for line in md.splitlines() if line.startswith("| pqk quantized (vLLM + plugin) | 1 |"))
     assert row.endswith("| 1.50 | 1.50 [1.50–1.50] |"), row
+
+
+def test_round_order_starts_each_round_elsewhere_and_reverses_every_other():
+    """common.round_order: round r starts with item r % n (so no item sits at the rounds' boundary every time), each
+    round holds every item once, and odd rounds run a rotation backwards (what follows what alternates)."""
+    common = _load("common")
+    for n in (2, 3, 4, 11):
+        items = list(range(n))
+        for r in range(2 * n + 1):
+            order = common.round_order(items, r)
+            assert sorted(order) == items and order[0] == r % n, (n, r, order)
+            fwd = order if r % 2 == 0 else order[::-1]
+            k = fwd.index(0)
+            assert fwd[k:] + fwd[:k] == items, (n, r, order)  # a rotation of items
+            if n > 2 and r % 2 == 1:
+                assert order[1] == (order[0] - 1) % n, (n, r, order)  # backwards
