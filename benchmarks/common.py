@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -62,16 +63,14 @@ def timeit_budget(fn, repeats: int, budget_s: float, device=None) -> dict:
 
 
 def round_order(items: list, r: int) -> list:
-    """Round r's order of interleaved items: reversed every other round, so that drift on a shared machine and the
-    cost of following a given function hit all of them alike (a fixed order measurably favoured whichever ran
-    second), and rotated so that round r starts with items[r % n]. Reversal alone put the same two items at the
-    rounds' boundaries every time: on the Zen 4 VM the first of our GEMMs after torch's large outputs were freed
-    paid ~50 ms of the kernel's page work in 2 of 3 rounds (docs/PERF.md step 32), and a median over rounds took
-    that as its time. a b c d, b a d c, c d a b, d c b a, ..."""
-    n = len(items)
-    k = (r + r % 2) % n  # odd rounds rotated one further, so that reversed they start at items[r % n]
-    rot = items[k:] + items[:k]
-    return rot if r % 2 == 0 else rot[::-1]
+    """Round r's order of interleaved items: a shuffle (seeded by r // 2, the same on every run) in even rounds, the
+    previous round's reversed in odd ones, so that drift on a shared machine hits all items alike and no item follows
+    the same one round after round. A fixed order measurably favoured whichever ran second; reversal alone (or with
+    a rotation, which keeps the cyclic order) put our W4A4 GEMM right after torch's fp32 linear every other round,
+    and on the Zen 4 VM the first of our GEMMs after torch's 117 MB output was freed paid ~50 ms of the kernel's page
+    work (docs/PERF.md step 32): a median over 5 rounds took that as its time."""
+    order = random.Random(r // 2).sample(items, len(items))
+    return order if r % 2 == 0 else order[::-1]
 
 
 def timeit_interleaved(fns: dict, repeats: int, device=None) -> dict:
