@@ -13,10 +13,48 @@
 // Included inside vnni_kernels.cpp's avx512vnni namespace, after its `#pragma GCC target` (avx512f,
 // avx512vnni, ...); needs kChunk and scalar_kernels() like x86_tile_w4.h.
 
-// acc[MR][NR] = A[0:MR] . W[0:NR]; arguments as tile_w4_t (x86_tile_w4.h).
+// Decode (one A row, MR = 1): acc[0:NR] = A . W[0:NR], each W row read start to end before the next. The tile's
+// rows are adjacent in W (w_stride = K / 2), and the driver hands each thread a contiguous range of tiles, so W
+// streams as one sequential read per thread, which the hardware prefetcher follows across rows and tiles. Read
+// line by line across the NR rows (the MR > 1 loop below, which shares each W line among the A rows), the same
+// bytes were NR interleaved streams K / 2 bytes long: 17-20 GB/s against 29-40 for this order and 32-52 for a
+// plain read (torch amax) on the Zen 4 of docs/PERF.md step 33, 4096 -> 14336 on 2 threads. Two accumulators per
+// row (chunks c and c + 1) keep two vpdpbusd chains in flight.
+template <int NR>
+void tile_w4_zmm_rows(const int8_t* a, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride, int64_t K,
+                      int32_t* acc) {
+  const int64_t row_bytes = K / 2, n_pairs = row_bytes / 64, rem = row_bytes % 64;
+  const __m512i mask0f = _mm512_set1_epi8(0x0F), x88 = _mm512_set1_epi8((char)0x88);
+  for (int j = 0; j < NR; ++j) {
+    const uint8_t* wr = w + j * w_stride;
+    __m512i s1 = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
+    // 64 W bytes = chunks c and c + 1 (as `pair` below); two = false: only chunk c exists (the K tail)
+    auto line = [&](const uint8_t* src, int64_t c, bool two) __attribute__((always_inline)) {
+      const __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void*)src), x88);
+      const __m512i lo = _mm512_and_si512(b, mask0f), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask0f);
+      s1 = _mm512_dpbusd_epi32(s1, _mm512_shuffle_i64x2(lo, hi, 0x44),
+                               _mm512_loadu_si512((const void*)(a + c * kChunk)));
+      if (two)
+        s2 = _mm512_dpbusd_epi32(s2, _mm512_shuffle_i64x2(lo, hi, 0xEE),
+                                 _mm512_loadu_si512((const void*)(a + (c + 1) * kChunk)));
+    };
+#pragma GCC unroll 4
+    for (int64_t p = 0; p < n_pairs; ++p) line(wr + p * 64, 2 * p, true);
+    if (rem) {  // 1..63 bytes left: a zero-padded copy, as in tile_w4_zmm
+      alignas(64) uint8_t wtail[64];
+      memset(wtail, 0, sizeof(wtail));
+      memcpy(wtail, wr + n_pairs * 64, (size_t)rem);
+      line(wtail, 2 * n_pairs, rem > 32);
+    }
+    acc[j] = _mm512_reduce_add_epi32(_mm512_add_epi32(s1, s2)) - 8 * a_rowsum[0];
+  }
+}
+
+// acc[MR][NR] = A[0:MR] . W[0:NR]; arguments as tile_w4_t (x86_tile_w4.h). MR = 1: tile_w4_zmm_rows.
 template <int MR, int NR>
 void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride,
                  int64_t K, int32_t* acc) {
+  if constexpr (MR == 1) return tile_w4_zmm_rows<NR>(a, a_rowsum, w, w_stride, K, acc);
   const int64_t row_bytes = K / 2, n_pairs = row_bytes / 64, rem = row_bytes % 64;
   const __m512i mask0f = _mm512_set1_epi8(0x0F), x88 = _mm512_set1_epi8((char)0x88);
   __m512i st[MR][NR];
@@ -52,7 +90,8 @@ void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uin
   const uint8_t* wrow[NR];
   for (int64_t p = 0; p < n_pairs; ++p) {
     for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + p * 64;
-    // Decode tiles prefetch the line kDecodePrefetchRows rows below (x86_tile_w4.h explains the measurement).
+    // Tiles of 3-4 W rows prefetch the line kDecodePrefetchRows rows below (x86_tile_w4.h explains the measurement;
+    // the decode tile itself, MR = 1, is tile_w4_zmm_rows).
     if (NR >= 3)
       for (int j = 0; j < NR; ++j) _mm_prefetch((const char*)(wrow[j] + kDecodePrefetchRows * w_stride), _MM_HINT_T0);
     pair(wrow, 2 * p, true);

@@ -10,7 +10,9 @@ from prefixquant_kernels import format as fmt
 from ..conftest import BACKENDS, KERNEL_BACKENDS, poison_heap, rand_int
 
 # (M, N, K): M = 1 (decode), odd M, M across several M-blocks; N and K not multiples of any tile
-SHAPES = [(1, 1, 2), (1, 67, 64), (3, 5, 66), (5, 33, 130), (17, 3, 4098), (130, 19, 190), (0, 8, 64), (301, 9, 512)]
+# M = 1 with K / 2 % 64 = 63 and 31 after whole 64-byte lines: the decode tile's tail of two chunks and of one
+SHAPES = [(1, 1, 2), (1, 67, 64), (1, 13, 4222), (1, 7, 190), (3, 5, 66), (5, 33, 130), (17, 3, 4098), (130, 19, 190),
+          (0, 8, 64), (301, 9, 512)]
 BITS = [(4, 4), (8, 4), (4, 8), (8, 8)]  # (a_bits, w_bits)
 
 
