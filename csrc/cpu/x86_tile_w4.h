@@ -17,7 +17,7 @@
 // for its own instruction set (an inline function shared across files could be linked with the wrong
 // one). It needs <immintrin.h>, <string.h>, kChunk and scalar_kernels() from the includer.
 
-constexpr int kDecodePrefetchRows = 8;  // W rows ahead (see tile_w4_t)
+constexpr int kDecodePrefetchRows = 8;  // W rows ahead (tile_w4_zmm's MR > 1 tiles; see tile_w4_rows)
 
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -61,12 +61,63 @@ struct DpbusdAcc {
   static __m256i total(const State& s) { return s.a32; }
 };
 
-// acc[MR][NR] = A[0:MR] . W[0:NR], W packed int4 read in its storage order (one 32-byte load = 64 k).
+// acc[MR][NR] = A[0:MR] . W[0:NR], W packed int4 read in its storage order (one 32-byte load = 64 k). MR = 1:
+// tile_w4_rows.
 //   a: int8 panel [MR, kp] (nibble-split order), a_rowsum: int32 [MR], w: uint8 [NR, K/2] (row stride
 //   w_stride bytes), acc: int32 [MR, NR] out.
+// Decode (one A row, MR = 1): acc[0:NR] = A . W[0:NR], each W row read start to end before the next, so that a
+// thread's contiguous range of tiles is one sequential stream the hardware prefetcher follows across rows (the
+// MR > 1 loop below reads the NR rows line by line, NR interleaved streams it restarts on every tile; the zmm twin,
+// tile_w4_zmm_rows, measured 17-20 -> 29-40 GB/s, docs/PERF.md step 32; this one 15.8-17.8 -> 21.8-28.5 GB/s with
+// the AVX2 table forced on that Zen 4). It replaces the software prefetch of the same line kDecodePrefetchRows rows
+// below (two tiles ahead), which had taken the interleaved order from 21.9 to 35-43 GB/s on the AVX2-only EPYC of
+// step 7; the row order is unmeasured there. Two accumulator states (even and odd chunks) keep two chains in
+// flight: DpbusdAcc's two dependent vpdpbusd per chunk would otherwise bound a core near 3 bytes of W per cycle.
+template <int NR, class Acc>
+void tile_w4_rows(const int8_t* a, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride, int64_t K,
+                  int32_t* acc) {
+  const int64_t row_bytes = K / 2, n_full = row_bytes / 32, tail = row_bytes % 32;
+  const __m256i mask0f = _mm256_set1_epi8(0x0F), x88 = _mm256_set1_epi8((char)0x88);
+  for (int j = 0; j < NR; ++j) {
+    const uint8_t* wr = w + j * w_stride;
+    typename Acc::State st[2];
+    Acc::zero(st[0]);
+    Acc::zero(st[1]);
+    // one 64-k chunk c (32 W bytes at src) into st[c & 1], as tile_w4_t's chunk
+    auto chunk = [&](const uint8_t* src, int64_t c) __attribute__((always_inline)) {
+      const __m256i b = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)src), x88);
+      const __m256i ae = _mm256_loadu_si256((const __m256i*)(a + c * kChunk));
+      const __m256i ao = _mm256_loadu_si256((const __m256i*)(a + c * kChunk + 32));
+      Acc::add(st[c & 1], _mm256_and_si256(b, mask0f), ae, _mm256_and_si256(_mm256_srli_epi16(b, 4), mask0f), ao);
+    };
+    int since_flush = 0;  // chunks per state since its last flush: every state gets every other chunk
+#pragma GCC unroll 2
+    for (int64_t c = 0; c < n_full; ++c) {
+      chunk(wr + c * 32, c);
+      if (Acc::kFlushEvery && ++since_flush == 2 * Acc::kFlushEvery) {
+        Acc::flush(st[0]);
+        Acc::flush(st[1]);
+        since_flush = 0;
+      }
+    }
+    if (tail) {  // as tile_w4_t: the row's last bytes zero-padded
+      alignas(32) uint8_t wtail[32];
+      memset(wtail, 0, sizeof(wtail));
+      memcpy(wtail, wr + n_full * 32, (size_t)tail);
+      chunk(wtail, n_full);
+    }
+    if (Acc::kFlushEvery) {
+      Acc::flush(st[0]);
+      Acc::flush(st[1]);
+    }
+    acc[j] = hsum_epi32(_mm256_add_epi32(Acc::total(st[0]), Acc::total(st[1]))) - 8 * a_rowsum[0];
+  }
+}
+
 template <int MR, int NR, class Acc>
 void tile_w4_t(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8_t* w, int64_t w_stride,
                int64_t K, int32_t* acc) {
+  if constexpr (MR == 1) return tile_w4_rows<NR, Acc>(a, a_rowsum, w, w_stride, K, acc);
   const int64_t row_bytes = K / 2, n_full = row_bytes / 32, tail = row_bytes % 32;
   const __m256i mask0f = _mm256_set1_epi8(0x0F), x88 = _mm256_set1_epi8((char)0x88);
   typename Acc::State st[MR][NR];
@@ -103,12 +154,6 @@ void tile_w4_t(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uint8
   int since_flush = 0;
   for (int64_t c = 0; c < n_full; ++c) {
     for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + c * 32;
-    // Decode tiles (NR >= 3, one A row: W streams from DRAM once) prefetch the same 64 bytes of the rows
-    // kDecodePrefetchRows below, i.e. two tiles ahead. The hardware prefetcher alone restarts on every tile's
-    // short (K/2-byte) rows: 4096 -> 14336 on 2 threads went 1340 -> 690-820 us (21.9 -> 35-43 GB/s), 1 row
-    // ahead of c measured nothing (docs/PERF.md, step 7). A prefetch past the end of W never faults.
-    if (NR >= 3 && (c & 1) == 0)
-      for (int j = 0; j < NR; ++j) _mm_prefetch((const char*)(wrow[j] + kDecodePrefetchRows * w_stride), _MM_HINT_T0);
     chunk(wrow, c);
     if (Acc::kFlushEvery && ++since_flush == Acc::kFlushEvery) { flush(); since_flush = 0; }
   }

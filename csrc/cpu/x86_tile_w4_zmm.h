@@ -90,8 +90,8 @@ void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uin
   const uint8_t* wrow[NR];
   for (int64_t p = 0; p < n_pairs; ++p) {
     for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + p * 64;
-    // Tiles of 3-4 W rows prefetch the line kDecodePrefetchRows rows below (x86_tile_w4.h explains the measurement;
-    // the decode tile itself, MR = 1, is tile_w4_zmm_rows).
+    // Tiles of 3-4 W rows (M = 2..4: this loop) prefetch the line kDecodePrefetchRows rows below, two tiles ahead,
+    // as the decode tiles did before they read W row by row (x86_tile_w4.h, tile_w4_rows).
     if (NR >= 3)
       for (int j = 0; j < NR; ++j) _mm_prefetch((const char*)(wrow[j] + kDecodePrefetchRows * w_stride), _MM_HINT_T0);
     pair(wrow, 2 * p, true);

@@ -391,8 +391,9 @@ int main(int argc, char** argv) {
   // M >= 64: the prefill GEMM where the table has one (avx2 for W4: x86_gemm_ymm.h; avx512vnni, native builds:
   // x86_gemm_zmm.h; amx: amx_kernels.cpp): N across micro panels with a
   // partial last one, K across the 512-k W blocks with a tail that is not a multiple of 8 (or of 4 for W8)
-  const int64_t shapes[][3] = {{1, 1, 2}, {1, 13, 64}, {1, 7, 190}, {1, 5, 4222}, {3, 5, 66}, {5, 3, 130}, {17, 9, 200}, {70, 7, 126}, {4, 33, 4096 + 2},
-                               {67, 101, 1030}, {64, 48, 8}};
+  const int64_t shapes[][3] = {{1, 1, 2},    {1, 13, 64},  {1, 7, 190},   {1, 5, 4222},       {3, 5, 66},
+                               {5, 3, 130},  {17, 9, 200}, {70, 7, 126},  {4, 33, 4096 + 2},  {67, 101, 1030},
+                               {64, 48, 8}};
   for (Isa isa : isas) {
     if (!isa_supported(isa)) { printf("skip isa %s (not supported here)\n", isa_name(isa)); continue; }
     for (auto& s : shapes) {
