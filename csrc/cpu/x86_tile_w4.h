@@ -68,7 +68,7 @@ struct DpbusdAcc {
 // Decode (one A row, MR = 1): acc[0:NR] = A . W[0:NR], each W row read start to end before the next, so that a
 // thread's contiguous range of tiles is one sequential stream the hardware prefetcher follows across rows (the
 // MR > 1 loop below reads the NR rows line by line, NR interleaved streams it restarts on every tile; the zmm twin,
-// tile_w4_zmm_rows, measured 17-20 -> 29-40 GB/s, docs/PERF.md step 32; this one 15.8-17.8 -> 21.8-28.5 GB/s with
+// tile_w4_zmm_rows, measured 17-20 -> 29-40 GB/s, docs/PERF.md step 33; this one 15.8-17.8 -> 21.8-28.5 GB/s with
 // the AVX2 table forced on that Zen 4). It replaces the software prefetch of the same line kDecodePrefetchRows rows
 // below (two tiles ahead), which had taken the interleaved order from 21.9 to 35-43 GB/s on the AVX2-only EPYC of
 // step 7; the row order is unmeasured there. Two accumulator states (even and odd chunks) keep two chains in
