@@ -65,9 +65,11 @@ def compile_phases(before: dict) -> dict:
     return out
 
 
-def build(args):
+def build(args, float_dtype: torch.dtype = torch.float32):
+    """The static-quantized model (float parts in float_dtype, as e2e.py's --q-dtype) and its cache ingredients."""
     torch.set_num_threads(args.threads)
     model, bos = e2e.build_float_model(args.model, args.layers, torch.float32, "cpu", args.seed)
+    e2e.set_compute_dtype(model, float_dtype)
     extra = e2e.quantize_for_benchmark(model, "static", prefix_ids=[int(bos)], calib_tokens=64, seed=args.seed,
                                        a_bits=args.a_bits)
     if args.lm_head == "int8":

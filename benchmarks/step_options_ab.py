@@ -3,11 +3,15 @@ graph of the same static-quantized model (as benchmarks/profile_decode.py builds
 in alternating blocks over the same cache, so a drifting host moves them all alike.
 
     python benchmarks/step_options_ab.py --model smollm2 --variants 'base={}' 'serial={"cpp.min_chunk_size": 16384}'
+    python benchmarks/step_options_ab.py --model smollm2 --float-dtype bf16 --variants 'op={}' \
+        'traced={"pqk.decode_layer_op": false}'
 
 A variant is NAME=JSON: inductor options laid over the step's own (compiled_step.CPU_INDUCTOR_OPTIONS); '{}' is the
-step as generate() compiles it. Before timing, every variant's logits are compared with the first's (an option
-that changes the result says so). Each block resets the cache's filled length, so every timed step attends to
---ctx tokens.
+step as generate() compiles it. One key is the package's, not inductor's: "pqk.decode_layer_op": false traces each
+layer instead of calling pqk::decode_layer (compiled_step.DECODE_LAYER_OP, set while that variant compiles and runs:
+dynamo guards on it). --float-dtype runs the decoder's float parts in bf16 / fp16 (e2e.py's --q-dtype). Before
+timing, every variant's logits are compared with the first's (an option that changes the result says so). Each
+block resets the cache's filled length, so every timed step attends to --ctx tokens.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=10, help="blocks per variant, variants in turn")
     p.add_argument("--steps", type=int, default=30, help="timed steps per block (after 2 untimed ones)")
+    p.add_argument("--float-dtype", choices=tuple(e2e.DTYPES), default="fp32",
+                   help="the decoder's float parts (norms, RoPE, attention math): e2e.py's --q-dtype")
     p.add_argument("--variants", nargs="+", default=["base={}"])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -56,11 +62,13 @@ def main(argv=None) -> dict:
         raise SystemExit("--variants: the names must differ")
     from prefixquant_kernels.models import compiled_step
 
-    model, extra = profile_decode.build(args)
-    steps = {}
+    model, extra = profile_decode.build(args, e2e.DTYPES[args.float_dtype])
+    steps, layer_op = {}, {}
     for name, opts in variants:
         cfg = compiled_step.compile_config(torch.device("cpu"))
-        cfg.options = dict(cfg.options, **opts)
+        inductor = {k: v for k, v in opts.items() if k != "pqk.decode_layer_op"}
+        layer_op[name] = bool(opts.get("pqk.decode_layer_op", True))
+        cfg.options = dict(cfg.options, **inductor)
         steps[name] = model.get_compiled_call(cfg)
     cap = compiled_step.capacity(args.ctx + args.steps + 8)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, args.ctx),
@@ -75,7 +83,11 @@ def main(argv=None) -> dict:
             layer.length.copy_(n)
 
     compile_s, logits = {}, {}
+    def use(name):
+        compiled_step.DECODE_LAYER_OP = layer_op[name]
+
     for name, fn in steps.items():   # the first call of each compiles
+        use(name)
         reset()
         t0 = time.perf_counter()
         logits[name] = fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -85,6 +97,7 @@ def main(argv=None) -> dict:
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, fn in steps.items():
+            use(name)
             reset()
             for _ in range(2):
                 fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -92,10 +105,12 @@ def main(argv=None) -> dict:
                 t0 = time.perf_counter()
                 fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 times[name].append(time.perf_counter() - t0)
+    compiled_step.DECODE_LAYER_OP = True
     stats = {name: summarize(ts) for name, ts in times.items()}
     base = stats[variants[0][0]]["median_ms"]
     lines = [f"{machine_line(machine_info('cpu'))}; {args.model}, static W4A{args.a_bits}KV4 + prefix, lm_head "
-             f"{args.lm_head}, ctx {args.ctx}; {args.rounds} blocks x {args.steps} steps per variant, in turn", "",
+             f"{args.lm_head}, float parts {args.float_dtype}, ctx {args.ctx}; {args.rounds} blocks x {args.steps} "
+             f"steps per variant, in turn", "",
              "| variant | inductor options | step median ms | q1-q3 ms | min ms | x first | max abs logit diff | "
              "compile s |", "|---|---|---|---|---|---|---|---|"]
     for name, opts in variants:

@@ -12,6 +12,10 @@
 // formula (HF's LlamaRMSNorm, apply_rotary_pos_emb, act_fn; RotatedLinear's transform), in fp32; sums may differ
 // from torch's in order, so the result equals eager to float rounding (a static quantizer downstream can turn
 // that into one level, as inductor's fused kernels can: tests/models/test_decode_layer.py).
+// A bf16 / fp16 model's hidden states (and RoPE tables) are widened on entry and the output rounded once on exit:
+// the layer's glue runs in fp32 where the eager bf16 layer rounds after every op, so the two differ by bf16
+// rounding (a few ulp of the output), as inductor's fused bf16 kernels differ from eager. Without this a bf16 model's
+// decode step ran op by op: 8.7 vs 5.8 ms for SmolLM2 on a Zen 4 (docs/PERF.md, change 16).
 #include <math.h>
 
 #include <vector>
@@ -87,17 +91,29 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
   std::vector<float> t((size_t)(B * H)), q((size_t)(B * QN)), k((size_t)(B * KN)), v((size_t)(B * KN));
   std::vector<float> attn((size_t)(B * QN)), h1((size_t)(B * H)), o((size_t)(B * H));
   std::vector<float> gt((size_t)(B * I)), up((size_t)(B * I)), tmp((size_t)(I > D ? I : D));
+  // x, cos and sin as fp32: the caller's buffers where they are fp32 already, else widened copies
+  std::vector<float> xw, cw, sw;
+  auto widen = [](const void* p, FloatType t, int64_t n, std::vector<float>& dst) -> const float* {
+    if (t == FloatType::kFloat32) return (const float*)p;
+    dst.resize((size_t)n);
+    for (int64_t i = 0; i < n; ++i) dst[i] = load_as_f32(p, i, t);
+    return dst.data();
+  };
+  const float* x = widen(a.x, a.xt, B * H, xw);
+  const int64_t cos_n = (a.cos_stride ? B : 1) * D;
+  const float* cos_all = widen(a.cos, a.ct, cos_n, cw);
+  const float* sin_all = widen(a.sin, a.ct, cos_n, sw);
 
   // ---- attention ----
-  for (int64_t b = 0; b < B; ++b) rms_norm(a.x + b * H, a.norm1, H, a.eps1, t.data() + b * H);
+  for (int64_t b = 0; b < B; ++b) rms_norm(x + b * H, a.norm1, H, a.eps1, t.data() + b * H);
   const GemmArgs qkv[3] = {gemm_args(a.q, B, t.data(), q.data()), gemm_args(a.k, B, t.data(), k.data()),
                            gemm_args(a.v, B, t.data(), v.data())};
   linears(qkv, 3, isa);
 
   const int64_t row_bytes = a.kv_bits == 4 ? D / 2 : D;
   for (int64_t b = 0; b < B; ++b) {
-    const float* cos = a.cos + b * a.cos_stride;
-    const float* sin = a.sin + b * a.cos_stride;
+    const float* cos = cos_all + b * a.cos_stride;
+    const float* sin = sin_all + b * a.cos_stride;
     for (int64_t h = 0; h < Hq; ++h) {
       float* x = q.data() + (b * Hq + h) * D;
       if (a.q_norm) rms_norm(x, a.q_norm, D, a.qk_eps, x);
@@ -124,7 +140,7 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
                              a.sm_scale, attn.data(), isa);
   const GemmArgs og = gemm_args(a.o, B, attn.data(), o.data());
   gemm(og, isa);
-  for (int64_t i = 0; i < B * H; ++i) h1[i] = a.x[i] + o[i];
+  for (int64_t i = 0; i < B * H; ++i) h1[i] = x[i] + o[i];
 
   // ---- MLP ----
   for (int64_t b = 0; b < B; ++b) rms_norm(h1.data() + b * H, a.norm2, H, a.eps2, t.data() + b * H);
@@ -143,7 +159,7 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
   }
   const GemmArgs dg = gemm_args(a.down, B, gt.data(), o.data());
   gemm(dg, isa);
-  for (int64_t i = 0; i < B * H; ++i) a.out[i] = h1[i] + o[i];
+  for (int64_t i = 0; i < B * H; ++i) store_from_f32(a.out, i, h1[i] + o[i], a.xt);
 }
 
 }  // namespace cpu

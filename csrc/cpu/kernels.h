@@ -165,9 +165,11 @@ struct LayerLinear {
 // model's eager forward computes it (decode_layer.cpp): every tensor fp32 unless said otherwise, rows contiguous.
 struct DecodeLayerArgs {
   int64_t B = 0, H = 0, Hq = 0, Hkv = 0, D = 0, I = 0;  // sequences, hidden, q heads, kv heads, head dim, MLP width
-  const float* x = nullptr;         // [B, H] the residual stream in
-  const float* cos = nullptr;       // [B, D] RoPE at each sequence's position (row stride cos_stride: D, or 0
-  const float* sin = nullptr;       //   when all sequences share one position)
+  const void* x = nullptr;          // [B, H] the residual stream in, of type xt
+  FloatType xt = FloatType::kFloat32;  // x's and out's type: the layer computes in fp32, rounds its output once
+  const void* cos = nullptr;        // [B, D] RoPE at each sequence's position, of type ct (row stride cos_stride:
+  const void* sin = nullptr;        //   D, or 0 when all sequences share one position)
+  FloatType ct = FloatType::kFloat32;
   int64_t cos_stride = 0;
   const float* norm1 = nullptr;     // [H] input RMSNorm weight
   float eps1 = 1e-6f;
@@ -199,7 +201,7 @@ struct DecodeLayerArgs {
   const float* had_m = nullptr;       // [had_n, had_n] +-1: the H_m of I = had_n * 2^p (hadamard.py's factor)
   int64_t had_n = 1;
   LayerLinear down;                 // N = H, K = I
-  float* out = nullptr;             // [B, H] the residual stream out (may not alias x)
+  void* out = nullptr;              // [B, H] the residual stream out, of type xt (may not alias x)
 };
 void decode_layer(const DecodeLayerArgs& args, Isa isa);
 

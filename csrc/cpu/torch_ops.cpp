@@ -502,9 +502,11 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& cos, const at
     entry = g_layers[layer];
   }
   DecodeLayerArgs a = entry->args;
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 &&
-                  x.size(2) == a.H && x.is_contiguous(), op, "x must be a contiguous float32 [B, 1, ", a.H,
-              "] CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  const at::ScalarType xs = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && (xs == at::kFloat || xs == at::kBFloat16 || xs == at::kHalf) && x.dim() == 3 &&
+                  x.size(1) == 1 && x.size(2) == a.H && x.is_contiguous(),
+              op, "x must be a contiguous float32, bfloat16 or float16 [B, 1, ", a.H, "] CPU tensor, got ", xs, " ",
+              x.sizes());
   a.B = x.size(0);
   const int64_t row = k_cache.dim() == 4 ? k_cache.size(3) : 0;
   const at::ScalarType bt = row == a.D / 2 ? at::kByte : at::kChar;
@@ -518,9 +520,17 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& cos, const at
   a.kv_bits = bt == at::kByte ? 4 : 8;
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && (cos.size(0) == a.B || cos.size(0) == 1) &&
                   cos.size(1) == 1, op, "cos and sin must be [B or 1, 1, D], got ", cos.sizes(), " and ", sin.sizes());
-  a.x = x.data_ptr<float>();
-  a.cos = f32(cos, cos.size(0) * a.D, "cos");
-  a.sin = f32(sin, cos.size(0) * a.D, "sin");
+  a.x = x.data_ptr();
+  a.xt = float_type(x, "x");
+  // cos / sin: float32 or x's dtype (a bf16 model's rotary embedding gives bf16)
+  TORCH_CHECK(cos.device().is_cpu() && sin.device().is_cpu() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == sin.scalar_type() &&
+                  (cos.scalar_type() == at::kFloat || cos.scalar_type() == xs) && cos.size(2) == a.D,
+              op, "cos and sin must be contiguous CPU tensors of one dtype, float32 or x's (", xs, "), [B or 1, 1, ",
+              a.D, "], got ", cos.scalar_type(), " ", cos.sizes(), " and ", sin.scalar_type(), " ", sin.sizes());
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  a.ct = float_type(cos, "cos");
   a.cos_stride = cos.size(0) == 1 ? 0 : a.D;
   a.key_rotation = f32_opt(key_rotation, a.D * a.D, "key_rotation");
   a.key_offset = f32_opt(key_offset, a.Hkv * a.D, "key_offset");
@@ -547,7 +557,7 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& cos, const at
   a.P = pre.P;
   std::tie(a.mask, a.mask_stride) = mask_args(mask, a.B, a.P + a.pos + 1, op);
   at::Tensor out = at::empty_like(x);
-  a.out = out.data_ptr<float>();
+  a.out = out.data_ptr();
   decode_layer(a, entry->isa);
   return out;
 }

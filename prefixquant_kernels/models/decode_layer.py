@@ -7,9 +7,10 @@ gate|up, SiLU-mul, down_proj's online Hadamard and down (docs/PERF.md, change 15
 
 Which layers: a Llama / Qwen2 / Qwen3 decoder layer (no sliding window) whose seven linears are static
 ``QuantLinear``s on the CPU kernels (down_proj may be a Hadamard-form ``RotatedLinear`` around one), with RMSNorms
-and a SiLU MLP, run with float32 hidden states over a static cache on the CPU kernels, no hooks. Any other layer (a
-fused QuantGatedMLP, a dense rotation, dynamic activations, bf16, the reference backend) keeps its traced forward
-(models/layer_region.py).
+and a SiLU MLP, run with float32, bfloat16 or float16 hidden states over a static cache on the CPU kernels, no hooks
+(a bf16 / fp16 layer's norm weights and linear scales are registered as float32 copies: the op computes in fp32 and
+rounds its output once). Any other layer (a fused QuantGatedMLP, a dense rotation, dynamic activations, the
+reference backend) keeps its traced forward (models/layer_region.py).
 
 The module side of a layer (its norms, linears and rotation, ~40 values) is registered into a C++ slot by
 ``register`` (layer_region.install, outside the trace, at every ``get_compiled_call``: a generate call sees the
@@ -42,9 +43,17 @@ class _Slot:
             c.decode_layer_release(self.index)
 
 
+FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)   # the hidden states' dtypes the op takes
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as a contiguous float32 tensor (itself when it is one): what the op reads of a module."""
+    return None if t is None else t.float().contiguous()
+
+
 def _is_rms_norm(mod) -> bool:
     return (type(mod).__name__.endswith("RMSNorm") and isinstance(getattr(mod, "weight", None), torch.Tensor)
-            and mod.weight.dtype == torch.float32 and isinstance(getattr(mod, "variance_epsilon", None), float))
+            and mod.weight.dtype in FLOAT_TYPES and isinstance(getattr(mod, "variance_epsilon", None), float))
 
 
 def _linear(mod, device) -> tuple | None:
@@ -54,7 +63,7 @@ def _linear(mod, device) -> tuple | None:
     be = resolve(mod.backend, device, "quant_linear")
     if be.kind != "cpu":
         return None
-    return be.cpu_isa, [mod.weight, mod.w_scale, mod.act_scale, mod.bias], mod.a_bits
+    return be.cpu_isa, [mod.weight, _f32(mod.w_scale), _f32(mod.act_scale), _f32(mod.bias)], mod.a_bits
 
 
 def _module_args(layer) -> tuple | None:
@@ -75,7 +84,7 @@ def _module_args(layer) -> tuple | None:
         if down.form != "hadamard":
             return None
         m, _ = hadamard_factor(down.in_features)
-        rotation, down = [down.signs.contiguous(), hadamard_matrix(m, torch.float32)], down.linear
+        rotation, down = [_f32(down.signs), hadamard_matrix(m, torch.float32)], down.linear
     device = layer.input_layernorm.weight.device
     lins = [_linear(getattr(attn, n, None), device) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     lins += [_linear(getattr(mlp, n, None), device) for n in ("gate_proj", "up_proj")] + [_linear(down, device)]
@@ -84,7 +93,7 @@ def _module_args(layer) -> tuple | None:
     bits = [l[2] for l in lins]
     if len(set(bits[:3])) != 1 or bits[4] != bits[5]:
         return None                     # the shared-input linears quantize their input once: one a_bits each
-    return (attn.head_dim, [None if n is None else n.weight.contiguous() for n in norms],
+    return (attn.head_dim, [None if n is None else _f32(n.weight) for n in norms],
             [norms[0].variance_epsilon, norms[1].variance_epsilon,
              1e-6 if norms[2] is None else norms[2].variance_epsilon],
             [l[1] for l in lins], [bits[0], bits[3], bits[4], bits[6]], rotation, float(attn.scaling), lins[0][0])
@@ -105,7 +114,7 @@ def register(layer) -> None:
 def slot_of(layer, cache_layer, hidden: torch.Tensor) -> int | None:
     """The layer's slot when this call can take the op (read while dynamo traces the step), else None."""
     slot = layer.__dict__.get("_pqk_decode_slot")
-    if (slot is None or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
+    if (slot is None or hidden.dtype not in FLOAT_TYPES or hidden.device.type != "cpu"
             or getattr(cache_layer, "kind", None) != "cpu"):
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
@@ -115,8 +124,9 @@ def slot_of(layer, cache_layer, hidden: torch.Tensor) -> int | None:
 
 def forward(slot: int, hidden, attention_mask, cos, sin, k, v, length, key_scale, value_scale, pk, pv, key_rotation,
             key_offset) -> torch.Tensor:
-    """hidden float32 [B, 1, hidden] -> the layer's output; the cache tensors as layer_region.layer_tensors gives
-    them (k, v: the body buffers, length: int64 [1], advanced here; pk / pv: the prefix or None)."""
+    """hidden float32 / bf16 / fp16 [B, 1, hidden] -> the layer's output (its dtype); the cache tensors as
+    layer_region.layer_tensors gives them (k, v: the body buffers, length: int64 [1], advanced here; pk / pv: the
+    prefix or None)."""
     out = torch.ops.pqk.decode_layer(hidden, cos.contiguous(), sin.contiguous(), _key_mask(attention_mask), k, v,
                                      length, key_scale, value_scale, pk, pv, key_rotation, key_offset, slot)
     length.add_(1)   # here, not in the op (ops/library.py says why)

@@ -80,11 +80,12 @@ LIB.define(
 )
 
 
-# One decoder layer (Llama / Qwen2 / Qwen3) of a decode step on the CPU, over a static preallocated cache: x float32
-# [B, 1, hidden] -> the layer's output [B, 1, hidden]; the new token's K/V written (quantized) into row `length` of
-# k_cache / v_cache. `layer`: the slot its module-side tensors were registered in (models/decode_layer.py, outside
-# the traced step). The cache side: k_scale / v_scale [Hkv], the prefix [1 or B, Hkv, P, D] or None, the cache's
-# key_rotation [D, D] (q rotated too) and key_offset [Hkv, D] or None, mask bool [B, >= P + length + 1] or None.
+# One decoder layer (Llama / Qwen2 / Qwen3) of a decode step on the CPU, over a static preallocated cache: x float32,
+# bfloat16 or float16 [B, 1, hidden] -> the layer's output [B, 1, hidden] in x's dtype (cos / sin float32 or x's);
+# the new token's K/V written (quantized) into row `length` of k_cache / v_cache. `layer`: the slot its module-side
+# tensors were registered in (models/decode_layer.py, outside the traced step). The cache side: k_scale / v_scale
+# [Hkv], the prefix [1 or B, Hkv, P, D] or None, the cache's key_rotation [D, D] (q rotated too) and key_offset
+# [Hkv, D] or None, mask bool [B, >= P + length + 1] or None.
 # The caller advances length: were the op to mutate it, inductor may recompute a later layer's RoPE / mask from it
 # after this call (seen in torch 2.13: a fused kernel that re-read layer 0's advanced length for layer 1's
 # positions), while an in-graph add_ is ordered with its readers. csrc/cpu/decode_layer.cpp.

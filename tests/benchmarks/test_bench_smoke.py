@@ -312,7 +312,7 @@ def test_profile_decode_counts_the_ops_of_one_step(tmp_path, no_interpreter):
     assert "pqk::decode_layer (a whole layer)" not in ab["group_calls"]
 
 
-def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
+def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter, monkeypatch):
     """step_options_ab.py on tiny-llama: two variants (the step as generate() compiles it, and one with an option
     that does not change the math) each time rounds x steps steps, their logits equal, the files written; a
     variant that is not NAME=JSON is refused."""
@@ -320,10 +320,19 @@ def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
     if "cpu:scalar" not in pqk.available_backends():
         pytest.skip("C++ extension not built")
     ab = _load("step_options_ab")
+    from prefixquant_kernels.models import compiled_step, decode_layer
+    traced_op = []                      # one entry per pqk::decode_layer call a step makes
+    real_forward = decode_layer.forward
+    monkeypatch.setattr(decode_layer, "forward", lambda *a, **k: traced_op.append(1) or real_forward(*a, **k))
     out = tmp_path / "ab.json"
     rec = ab.main(["--model", "tiny-llama", "--ctx", "16", "--rounds", "2", "--steps", "3", "--threads", "1",
-                   "--variants", "base={}", 'serial={"cpp.min_chunk_size": 100000}', "--json", str(out)])
-    assert list(rec["variants"]) == ["base", "serial"]
+                   "--variants", "base={}", 'serial={"cpp.min_chunk_size": 100000}',
+                   'traced={"pqk.decode_layer_op": false}', "--json", str(out)])
+    assert list(rec["variants"]) == ["base", "serial", "traced"]
+    # dynamo replays the append with every call of a step that traced it: per layer, the first (compiling) call and
+    # 2 blocks of 2 + 3 steps, in base and serial, none in traced
+    layers = ab.e2e.CONFIGS["tiny-llama"]["num_hidden_layers"]
+    assert len(traced_op) == 2 * layers * (1 + 2 * (2 + 3)), "base and serial call the layer op, traced does not"
     for v in rec["variants"].values():
         assert v["step"]["repeats"] == 2 * 3 and v["step"]["median_ms"] > 0
         assert v["logit_diff"] == 0.0
@@ -332,6 +341,7 @@ def test_step_options_ab_runs_each_variant_in_turn(tmp_path, no_interpreter):
     assert "cpp.min_chunk_size" in (out.parent / (out.stem + ".md")).read_text()
     with pytest.raises(SystemExit, match="NAME=JSON"):
         ab.main(["--model", "tiny-llama", "--variants", "base"])
+    assert compiled_step.DECODE_LAYER_OP, "the traced variant's setting outlived the run"
 
 
 def test_e2e_fit_layers_fits_a_24gb_card(e2e):

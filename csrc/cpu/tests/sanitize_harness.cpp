@@ -383,6 +383,24 @@ static void test_decode_layer(int kv_bits, Isa isa) {
     ok = ok && (written || (k1[i] == kc[i] && v1[i] == vc[i]));  // no other row touched
   }
   check(ok, "decode_layer", B, H, I, isa_name(isa));
+  // bf16 hidden states and RoPE tables: widened on entry, the output rounded once, so the result is the fp32 call's
+  // on the widened inputs, rounded, and the same cache rows
+  std::vector<uint16_t> x16(x.size()), c16(cosv.size()), s16(sinv.size()), o16(out.size());
+  std::vector<float> xw(x.size()), cw(cosv.size()), sw(sinv.size());
+  for (size_t i = 0; i < x.size(); ++i) xw[i] = bf16_to_f32(x16[i] = f32_to_bf16(x[i]));
+  for (size_t i = 0; i < cosv.size(); ++i) {
+    cw[i] = bf16_to_f32(c16[i] = f32_to_bf16(cosv[i]));
+    sw[i] = bf16_to_f32(s16[i] = f32_to_bf16(sinv[i]));
+  }
+  std::vector<uint8_t> k2 = kc, v2 = vc, k3 = kc, v3 = vc;
+  a.x = xw.data(); a.cos = cw.data(); a.sin = sw.data();
+  run(isa, ref, k2, v2);
+  a.x = x16.data(); a.cos = c16.data(); a.sin = s16.data(); a.xt = a.ct = FloatType::kBFloat16;
+  a.out = o16.data(); a.k_cache = k3.data(); a.v_cache = v3.data();
+  decode_layer(a, isa);
+  bool ok16 = k2 == k3 && v2 == v3;
+  for (size_t i = 0; i < o16.size(); ++i) ok16 = ok16 && o16[i] == f32_to_bf16(ref[i]);
+  check(ok16, "decode_layer bf16", B, H, I, isa_name(isa));
 }
 
 int main(int argc, char** argv) {
