@@ -108,6 +108,12 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
                                 int64_t Hkv, int64_t T, const int64_t* body_lens, const bool* mask,
                                 int64_t mask_stride, float sm_scale, void* out, Isa isa);
 
+// Prefill attention over [prefix | prompt] (attention.cpp; models/prefix_attention.py): q [B, Hq, T, D], k / v
+// [B, Hkv, P + T, D] (the P prefix keys first), all of type t, contiguous; out [B, T, Hq, D] of type t =
+// softmax(q k^T scale) v with query t attending to keys 0 .. P + t. Hq a multiple of Hkv, T >= 1.
+void prefix_causal_attention(const void* q, const void* k, const void* v, FloatType t, int64_t B, int64_t Hq,
+                             int64_t Hkv, int64_t T, int64_t P, int64_t D, float scale, void* out, Isa isa);
+
 // The new tokens' K and V quantized into a paged static cache (vLLM's: uint8 [blocks, H, block_size, 2 * row],
 // a token-head's K codes then its V codes, row = D / 2 (bits 4, packed as kv_quantize_static packs) or D (bits 8)):
 //   k / v [T, H, D] type xt, element (t, h, d) of k at t * ks_t + h * ks_h + d, of v at t * vs_t + h * vs_h + d;

@@ -225,6 +225,17 @@ struct IsaKernels {
   void (*tile_w8)(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int mr,
                   int nr, int32_t* acc);
   const PrefillKernels* prefill;  // nullptr: prefill runs on the tiles above
+  // The prefill attention's block products (attention.cpp), fp32; nullptr: attention.cpp's portable loops.
+  //   qk_block: s[r, 0:64] = sum_d q[r, d] * kt[d, 0:64] for r < R (R % 4 == 0): q [R, D], kt [D, 64] (a block of
+  //             64 keys, transposed), s [R, 64]
+  //   pv_block: o[r, 0:D] += sum_{j < 64} p[r, j] * v[j, 0:D] for r < R (R % 4 == 0, D % 16 == 0): p [R, 64],
+  //             v [64, D], o [R, D]
+  void (*qk_block)(const float* q, int64_t R, int64_t D, const float* kt, float* s) = nullptr;
+  void (*pv_block)(const float* p, int64_t R, const float* v, int64_t D, float* o) = nullptr;
+  //   softmax_block: the online softmax step of one block (s [R, 64]): row r's first n[r] scores count (none if
+  //             <= 0); m[r] <- max(m[r], their max), s[r] <- exp(s[r] - m[r]) (0 past n[r]), l[r] <- l[r] alpha +
+  //             sum s[r], o[r, 0:D] *= alpha, alpha = exp(m_old - m_new)
+  void (*softmax_block)(float* s, int64_t R, const int64_t* n, float* m, float* l, float* o, int64_t D) = nullptr;
 };
 
 const IsaKernels& scalar_kernels();

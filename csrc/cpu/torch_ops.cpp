@@ -359,6 +359,30 @@ at::Tensor kv_decode_static_cpu(const at::Tensor& q, const c10::optional<at::Ten
   return out;
 }
 
+// ---- prefix_causal_attention: the prefill attention over [prefix | prompt] (attention.cpp) --------------------------
+at::Tensor prefix_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       int64_t prefix_len, double scale, int64_t cpu_isa) {
+  const char* op = "pqk.prefix_causal_attention: ";
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && q.dim() == 4 && k.dim() == 4 &&
+                  v.dim() == 4, op, "query, key and value must be 4-D CPU tensors, got ", q.sizes(), ", ", k.sizes(),
+              " and ", v.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), P = prefix_len;
+  TORCH_CHECK(P >= 0 && T >= 1 && D >= 1 && Hkv >= 1 && Hq % Hkv == 0 && k.sizes() == v.sizes() &&
+                  k.size(0) == B && k.size(2) == P + T && k.size(3) == D,
+              op, "key / value must be [B, H_kv, prefix_len + T, D] = [", B, ", H_kv, ", P, " + ", T, ", ", D,
+              "] with H_q (", Hq, ") a multiple of H_kv, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              "query, key and value must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
+              v.scalar_type());
+  TORCH_CHECK(std::isfinite(scale), op, "scale must be finite, got ", scale);
+  const FloatType t = float_type(q, "query");
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty({B, T, Hq, D}, q.options());
+  prefix_causal_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), t, B, Hq, Hkv, T, P, D, (float)scale,
+                          out.data_ptr(), to_isa(cpu_isa));
+  return out;
+}
+
 // ---- decode_layer ------------------------------------------------------------------------------------------------
 // The op's schema: ops/library.py; the kernel: decode_layer.cpp; the Python side: models/decode_layer.py.
 // A layer's module-side arguments (norms, seven linears, q/k norms, down's Hadamard: ~40 values, fixed while a model
@@ -699,6 +723,7 @@ TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("quant_linear_multi", &quant_linear_multi_cpu);
   m.impl("decode_layer", &decode_layer_cpu);
+  m.impl("prefix_causal_attention", &prefix_causal_attention_cpu);
 }
 
 }  // namespace cpu

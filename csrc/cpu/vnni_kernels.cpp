@@ -16,6 +16,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include <algorithm>
@@ -102,6 +103,7 @@ void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const u
 #else
 #include "x86_tile_w4_zmm.h"
 #include "x86_gemm_zmm.h"
+#include "x86_attention_zmm.h"
 
 const PrefillKernels kPrefill = {kPfMr,       kPfNr,           kPfKc,          kPfRows,  kPfPanelBytes,
                                  /*w8=*/true, pf_pack_w,       pf_kernel,      nullptr,  pf_kernel_out,
@@ -142,6 +144,9 @@ const IsaKernels* avx512vnni_kernels() {
 #ifndef PQK_VNNI_EMULATE
     t.nr_max = avx512vnni::kZmmNr;  // the zmm tile is 4 x 4 (x86_tile_w4_zmm.h)
     t.prefill = &avx512vnni::kPrefill;  // x86_gemm_zmm.h
+    t.qk_block = avx512vnni::attn_qk_block;  // x86_attention_zmm.h
+    t.pv_block = avx512vnni::attn_pv_block;
+    t.softmax_block = avx512vnni::attn_softmax_block;
 #endif
     return t;
   }();

@@ -89,6 +89,12 @@ LIB.define(
 # The caller advances length: were the op to mutate it, inductor may recompute a later layer's RoPE / mask from it
 # after this call (seen in torch 2.13: a fused kernel that re-read layer 0's advanced length for layer 1's
 # positions), while an in-graph add_ is ordered with its readers. csrc/cpu/decode_layer.cpp.
+# Prefill attention over [prefix | prompt] on the CPU (models/prefix_attention.py): q [B, H_q, T, D], k / v
+# [B, H_kv, prefix_len + T, D] of q's dtype -> [B, T, H_q, D]; query t attends to keys 0 .. prefix_len + t.
+# csrc/cpu/attention.cpp.
+LIB.define(
+    "prefix_causal_attention(Tensor q, Tensor k, Tensor v, int prefix_len, float scale, int cpu_isa=-1) -> Tensor"
+)
 LIB.define(
     "decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor length, Tensor k_scale, Tensor v_scale, Tensor? prefix_k, Tensor? prefix_v, Tensor? key_rotation, "
@@ -199,6 +205,12 @@ def _kv_write_paged_static_fake(key, value, cache, slot_mapping, k_scale, v_scal
 def _kv_decode_paged_static_fake(q, prefix_k, prefix_v, cache, block_table, seq_lens, k_scale, v_scale, bits,
                                  sm_scale, cpu_isa=-1):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pqk::prefix_causal_attention")
+def _prefix_causal_attention_fake(q, k, v, prefix_len, scale, cpu_isa=-1):
+    b, hq, t, d = q.shape
+    return q.new_empty(b, t, hq, d)
 
 
 @torch.library.register_fake("pqk::decode_layer")

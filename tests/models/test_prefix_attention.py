@@ -1,8 +1,11 @@
-"""Prefill over [prefix | prompt] without a materialized mask (models/prefix_attention.py): the causal flash
-kernel on the prompt's keys merged with a small softmax over the prefix keys by log-sum-exp. Equals SDPA with the
-bottom-right causal mask; the patched model uses it for unpadded prefills into a prefix-only cache."""
+"""Prefill over [prefix | prompt] without a materialized mask (models/prefix_attention.py): SDPA's causal kernel
+with placeholder queries, or on an AVX-512 CPU the C++ flash loop pqk::prefix_causal_attention
+(csrc/cpu/attention.cpp), whose every ISA table is tested here. Equals SDPA with the bottom-right causal mask; the
+patched model uses it for unpadded prefills into a prefix-only cache."""
 import pytest
 import torch
+
+import prefixquant_kernels as pqk
 
 from prefixquant_kernels.models import attention, prefix_attention
 
@@ -19,19 +22,77 @@ def _masked_reference(q, k, v, p, scaling):
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("B,Hkv,G,T,P,D", [(1, 2, 4, 37, 1, 64), (2, 3, 1, 16, 3, 32), (1, 1, 2, 5, 0, 16),
-                                          (1, 2, 2, 129, 4, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_masked_sdpa(B, Hkv, G, T, P, D, dtype):
+SHAPES = [(1, 2, 4, 37, 1, 64), (2, 3, 1, 16, 3, 32), (1, 1, 2, 5, 0, 16), (1, 2, 2, 129, 4, 8),
+          (1, 3, 3, 200, 1, 80), (2, 1, 2, 70, 2, 128)]
+
+
+def _inputs(B, Hkv, G, T, P, D, dtype):
     g = torch.Generator().manual_seed(T + P)
     q = torch.randn(B, Hkv * G, T, D, generator=g).to(dtype)
     k = (torch.randn(B, Hkv, P + T, D, generator=g) * 3).to(dtype)   # spread scores: the merge must be exact
     v = torch.randn(B, Hkv, P + T, D, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("B,Hkv,G,T,P,D", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cpp", [False, True])
+def test_matches_masked_sdpa(B, Hkv, G, T, P, D, dtype, cpp, monkeypatch):
+    """The function as the model calls it, with the C++ loop (where this CPU takes it) and with SDPA."""
+    if cpp and not prefix_attention._cpu_kernel(torch.ones(1), torch.ones(1), torch.ones(1)):
+        pytest.skip("the C++ prefill attention runs on AVX-512 CPUs only")
+    if not cpp:
+        monkeypatch.setattr(prefix_attention, "_cpu_kernel", lambda *a: False)
+    q, k, v = _inputs(B, Hkv, G, T, P, D, dtype)
     out = prefix_attention.prefix_causal_attention(q, k, v, P, D ** -0.5)
     want = _masked_reference(q, k, v, P, D ** -0.5)
     assert out.dtype == dtype and out.shape == (B, T, Hkv * G, D)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+def _cpu_isas():
+    from prefixquant_kernels.ops.backend import CPU_ISAS
+    have = pqk.available_backends()
+    return [(name, CPU_ISAS[name]) for name in CPU_ISAS if name in have and name != "cpu"]
+
+
+@pytest.mark.parametrize("B,Hkv,G,T,P,D", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpp_loop_on_every_isa(B, Hkv, G, T, P, D, dtype):
+    """pqk::prefix_causal_attention on each kernel table this CPU runs (the zmm blocks, the portable ones): the
+    masked reference to float rounding, the output poisoned first (every element written), inputs untouched."""
+    isas = _cpu_isas()
+    if not isas:
+        pytest.skip("C++ extension not built")
+    q, k, v = _inputs(B, Hkv, G, T, P, D, dtype)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    want = _masked_reference(q, k, v, P, D ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, isa in isas:
+        out = torch.ops.pqk.prefix_causal_attention(q, k, v, P, D ** -0.5, isa)
+        assert out.dtype == dtype and out.shape == (B, T, Hkv * G, D), name
+        torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, msg=name)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_the_cpp_loop_rejects_bad_inputs():
+    if not _cpu_isas():
+        pytest.skip("C++ extension not built")
+    q, k, v = _inputs(1, 2, 2, 9, 1, 16, torch.float32)
+    op = torch.ops.pqk.prefix_causal_attention
+    with pytest.raises(RuntimeError, match="key / value must be"):
+        op(q, k[:, :, 1:], v[:, :, 1:], 1, 0.25)                    # prefix_len + T keys, not T
+    with pytest.raises(RuntimeError, match="key / value must be"):
+        op(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1), 1, 0.25)  # 4 query heads over 3
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(q, k.bfloat16(), v, 1, 0.25)
+    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
+        op(q.double(), k.double(), v.double(), 1, 0.25)
+    with pytest.raises(RuntimeError, match="4-D CPU tensors"):
+        op(q[0], k, v, 1, 0.25)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(q, k, v, 1, float("nan"))
 
 
 def test_rejects_mismatched_lengths():
