@@ -44,9 +44,17 @@ def prefix_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     if key.shape[2] != p + t or value.shape != key.shape or hq % hkv:
         raise ValueError(f"pqk.prefix_causal_attention: key/value must be [B, H_kv, {p} + {t}, D] with H_q a "
                          f"multiple of H_kv, got query {tuple(query.shape)}, key {tuple(key.shape)}")
+    key, value = key.to(query.dtype), value.to(query.dtype)
     if _cpu_kernel(query, key, value):
-        return torch.ops.pqk.prefix_causal_attention(query, key.to(query.dtype), value.to(query.dtype), p, scaling)
+        return torch.ops.pqk.prefix_causal_attention(query, key, value, p, scaling)
+    return sdpa_prefix_causal(query, key, value, p, scaling)
+
+
+def sdpa_prefix_causal(query, key, value, prefix_len: int, scaling: float) -> torch.Tensor:
+    """The SDPA path of prefix_causal_attention (checked arguments, key / value of query's dtype): the P placeholder
+    queries, one causal kernel call, the placeholders' rows dropped."""
+    b, hq, _, d = query.shape
+    p = prefix_len
     q = torch.cat([query.new_zeros(b, hq, p, d), query], 2) if p else query
-    out = F.scaled_dot_product_attention(q, key.to(query.dtype), value.to(query.dtype), is_causal=True,
-                                         scale=scaling, enable_gqa=hq != hkv)
+    out = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scaling, enable_gqa=hq != key.shape[1])
     return out[:, :, p:].transpose(1, 2).contiguous()

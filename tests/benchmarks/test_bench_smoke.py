@@ -467,3 +467,22 @@ def test_round_order_varies_what_follows_what():
         for x in items:
             preds = {o[o.index(x) - 1] if o.index(x) else None for o in orders[::2]}
             assert len(preds) > 1, (n, x, orders)
+
+
+def test_prefill_attention_times_both_paths(tmp_path):
+    """prefill_attention.py: one row per shape and dtype, our op against the SDPA path, equal to float rounding, the
+    files written; a malformed shape is refused."""
+    if "cpu:scalar" not in pqk.available_backends():
+        pytest.skip("C++ extension not built")
+    pa = _load("prefill_attention")
+    out = tmp_path / "pa.json"
+    rows = pa.main(["--shapes", "1x4x2x37x1x16", "2x2x2x9x0x32", "--repeats", "2", "--threads", "1",
+                    "--json", str(out)])
+    assert [(r["shape"], r["dtype"]) for r in rows] == [([1, 4, 2, 37, 1, 16], "fp32"), ([1, 4, 2, 37, 1, 16], "bf16"),
+                                                        ([2, 2, 2, 9, 0, 32], "fp32"), ([2, 2, 2, 9, 0, 32], "bf16")]
+    for r in rows:
+        assert r["max_abs_diff"] < (1e-5 if r["dtype"] == "fp32" else 3e-2)
+        assert r["pqk C++"]["repeats"] == 2 and r["x_sdpa"] > 0
+    assert "x SDPA" in (out.parent / (out.stem + ".md")).read_text()
+    with pytest.raises(SystemExit, match="BxHqxHkvxTxPxD"):
+        pa.main(["--shapes", "1x3x2x8x1x16"])
