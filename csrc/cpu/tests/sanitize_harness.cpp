@@ -403,6 +403,44 @@ static void test_decode_layer(int kv_bits, Isa isa) {
   check(ok16, "decode_layer bf16", B, H, I, isa_name(isa));
 }
 
+// prefix_causal_attention: query t attends to keys 0 .. P + t; against a naive softmax in double, fp32 inputs, a
+// poisoned output (every element must be written), T not a multiple of the 16-query block, S past a 64-key block.
+static void test_prefix_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t P, int64_t D, Isa isa) {
+  const int64_t S = P + T, G = Hq / Hkv;
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<float> q((size_t)(B * Hq * T * D)), k((size_t)(B * Hkv * S * D)), v(k.size());
+  for (auto& x : q) x = u(rng);
+  for (auto& x : k) x = u(rng);
+  for (auto& x : v) x = u(rng);
+  std::vector<float> out((size_t)(B * T * Hq * D), NAN);
+  const float scale = 1.0f / sqrtf((float)D);
+  prefix_causal_attention(q.data(), k.data(), v.data(), FloatType::kFloat32, B, Hq, Hkv, T, P, D, scale, out.data(),
+                          isa);
+  bool ok = true;
+  std::vector<double> p((size_t)S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const float* qr = q.data() + ((b * Hq + h) * T + t) * D;
+        const int64_t kv = (b * Hkv + h / G) * S * D, n = P + t + 1;
+        double mx = -1e300, sum = 0.0;
+        for (int64_t j = 0; j < n; ++j) {
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d) s += (double)qr[d] * k[kv + j * D + d];
+          p[j] = s * scale;
+          mx = std::max(mx, p[j]);
+        }
+        for (int64_t j = 0; j < n; ++j) sum += p[j] = exp(p[j] - mx);
+        for (int64_t d = 0; d < D; ++d) {
+          double o = 0.0;
+          for (int64_t j = 0; j < n; ++j) o += p[j] * v[kv + j * D + d];
+          const float got = out[((b * T + t) * Hq + h) * D + d];
+          ok = ok && std::isfinite(got) && fabs(got - o / sum) <= 1e-4;
+        }
+      }
+  check(ok, "prefix_causal_attention", T, P, D, isa_name(isa));
+}
+
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
   const Isa isas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAmx};
@@ -456,6 +494,8 @@ int main(int argc, char** argv) {
     test_kv_write_paged(6, 2, 34, 8, isa);
     test_decode_layer(4, isa);
     test_decode_layer(8, isa);
+    test_prefix_attention(2, 4, 2, 37, 3, 64, isa);
+    test_prefix_attention(1, 3, 1, 70, 0, 24, isa);
   }
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
