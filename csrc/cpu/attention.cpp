@@ -3,13 +3,15 @@
 // in fp32, blocked so each key row is widened once per block of queries and used by all G query heads of its KV
 // head (grouped-query attention stays grouped), and the key blocks above the diagonal are never visited.
 //
-//   task = (sequence b, KV head h, block of kQBlock query positions)   parallel, costly and cheap blocks paired
+//   per (sequence b, KV head h), once: K widened to fp32 and transposed per block of 64 keys (kt [D, 64]),
+//     V widened to fp32 rows, zero past the keys                                   parallel over (b, h)
+//   task = (b, h, block of kQBlock query positions)          parallel, costly and cheap blocks paired
 //     Q: the G heads' rows of the block, fp32, times scale                        R = G * kQBlock rows
 //     for each block of 64 keys up to the block's last query (P + t1):
-//       K block transposed (kt [D, 64]) and V block ([64, D]) widened to fp32, zero past the keys
-//       S = Q . K^T (qk_block); keys past each row's own position -> -inf
-//       online softmax per row: m' = max(m, max S), P = exp(S - m') (exp_rows), l = l e^(m - m') + sum P,
-//       O = O e^(m - m') + P . V (pv_block)
+//       S = Q . K^T (qk_block); n[r] = the keys row r attends to in this block (its position bounds them)
+//       online softmax per row (softmax_block): m' = max(m, max S[:n]), P = exp(S - m') (0 past n),
+//       l = l e^(m - m') + sum P, O = O e^(m - m')
+//       O += P . V (pv_block)
 //     out[b, t, head, :] = O / l
 // torch's CPU SDPA took ~5.4 ms for SmolLM2's 512-token prefill attention per layer on the Zen 4, causal or not
 // (it does not skip the masked blocks at T x (P + T)), ~37 % of the whole prefill (docs/PERF.md, change 17).
