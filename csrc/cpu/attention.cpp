@@ -1,7 +1,7 @@
 // Prefill attention over [16-bit prefix | the prompt] (models/prefix_attention.py's semantics): query t of T
 // attends to the P prefix keys and to prompt keys 0..t, a causal mask aligned to the bottom right. A flash loop
-// in fp32, blocked so each key row is widened once per block of queries and used by all G query heads of its KV
-// head (grouped-query attention stays grouped), and the key blocks above the diagonal are never visited.
+// in fp32: each key row is widened once and used by every query block and all G query heads of its KV head
+// (grouped-query attention stays grouped), and the key blocks above the diagonal are never visited.
 //
 //   per (sequence b, KV head h), once: K widened to fp32 and transposed per block of 64 keys (kt [D, 64]),
 //     V widened to fp32 rows, zero past the keys                                   parallel over (b, h)
@@ -75,19 +75,6 @@ void softmax_block_portable(float* s, int64_t R, const int64_t* n, float* m, flo
   }
 }
 
-// n elements of src (type t) from element `at` -> fp32 dst (exact widening), a loop per type the compiler vectorizes
-void widen(const void* src, int64_t at, FloatType t, int64_t n, float* dst) {
-  if (t == FloatType::kFloat32) {
-    std::copy((const float*)src + at, (const float*)src + at + n, dst);
-  } else if (t == FloatType::kBFloat16) {
-    const uint16_t* x = (const uint16_t*)src + at;
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(x[i]);
-  } else {
-    const uint16_t* x = (const uint16_t*)src + at;
-    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(x[i]);
-  }
-}
-
 }  // namespace
 
 void prefix_causal_attention(const void* q, const void* k, const void* v, FloatType t, int64_t B, int64_t Hq,
@@ -99,7 +86,7 @@ void prefix_causal_attention(const void* q, const void* k, const void* v, FloatT
   const int64_t G = Hq / Hkv, S = P + T, R = G * kQBlock;
   const int64_t n_qb = (T + kQBlock - 1) / kQBlock, n_kb = (S + kKBlock - 1) / kKBlock;
   // K and V of every (b, h) widened to fp32 once (each key row is read by up to n_qb query blocks): K transposed per
-  // block of 64 keys (kt [n_kb][D][64]), V as rows ([n_kb * 64][D]), zero past S.
+  // block of 64 keys (kt [n_kb][D][64]), V as rows ([n_kb * 64][D]); past S they keep the vectors' zeros.
   const int64_t kv_f = n_kb * kKBlock * D;  // floats per (b, h) in each
   std::vector<float> kt_all((size_t)(B * Hkv * kv_f)), v_all(kt_all.size());
   parallel_for(0, B * Hkv, 1, [&](int64_t h0, int64_t h1) {
@@ -107,16 +94,11 @@ void prefix_causal_attention(const void* q, const void* k, const void* v, FloatT
     for (int64_t bh = h0; bh < h1; ++bh) {
       float* kt = kt_all.data() + bh * kv_f;
       float* vr = v_all.data() + bh * kv_f;
-      for (int64_t j = 0; j < n_kb * kKBlock; ++j) {
+      for (int64_t j = 0; j < S; ++j) {
         float* kb = kt + (j / kKBlock) * D * kKBlock + j % kKBlock;
-        if (j >= S) {
-          for (int64_t d = 0; d < D; ++d) kb[d * kKBlock] = 0.0f;
-          std::fill(vr + j * D, vr + (j + 1) * D, 0.0f);
-          continue;
-        }
-        widen(k, (bh * S + j) * D, t, D, row.data());
+        load_row_as_f32(k, (bh * S + j) * D, D, t, row.data());
         for (int64_t d = 0; d < D; ++d) kb[d * kKBlock] = row[d];
-        widen(v, (bh * S + j) * D, t, D, vr + j * D);
+        load_row_as_f32(v, (bh * S + j) * D, D, t, vr + j * D);
       }
     }
   });
@@ -135,7 +117,7 @@ void prefix_causal_attention(const void* q, const void* k, const void* v, FloatT
       for (int64_t g = 0; g < G; ++g)
         for (int64_t u = 0; u < kQBlock; ++u) {
           float* dst = qf.data() + (g * kQBlock + u) * D;
-          widen(q, ((b * Hq + h * G + g) * T + t0 + std::min(u, nt - 1)) * D, t, D, dst);
+          load_row_as_f32(q, ((b * Hq + h * G + g) * T + t0 + std::min(u, nt - 1)) * D, D, t, dst);
           for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
         }
       std::fill(o.begin(), o.end(), 0.0f);

@@ -96,7 +96,7 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
   auto widen = [](const void* p, FloatType t, int64_t n, std::vector<float>& dst) -> const float* {
     if (t == FloatType::kFloat32) return (const float*)p;
     dst.resize((size_t)n);
-    for (int64_t i = 0; i < n; ++i) dst[i] = load_as_f32(p, i, t);
+    load_row_as_f32(p, 0, n, t, dst.data());
     return dst.data();
   };
   const float* x = widen(a.x, a.xt, B * H, xw);

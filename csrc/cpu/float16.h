@@ -65,6 +65,17 @@ inline float load_as_f32(const void* p, int64_t i, FloatType t) {
   }
 }
 
+// n elements of p (type t) from element `at` -> dst fp32 (exact), one loop per type (the compiler vectorizes them)
+inline void load_row_as_f32(const void* p, int64_t at, int64_t n, FloatType t, float* dst) {
+  if (t == FloatType::kFloat32) {
+    memcpy(dst, (const float*)p + at, (size_t)n * sizeof(float));
+  } else if (t == FloatType::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(((const uint16_t*)p)[at + i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(((const uint16_t*)p)[at + i]);
+  }
+}
+
 inline void store_from_f32(void* p, int64_t i, float v, FloatType t) {
   switch (t) {
     case FloatType::kBFloat16: ((uint16_t*)p)[i] = f32_to_bf16(v); break;

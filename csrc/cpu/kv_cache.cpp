@@ -144,7 +144,7 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       auto load_row = [&](const void* prefix, const uint8_t* codes, const float* scale, int64_t n) -> float {
         if (n < P) {
           const int64_t base = (((prefix_batch == 1 ? 0 : b) * Hkv + h) * P + n) * D;
-          for (int64_t d = 0; d < D; ++d) row[d] = load_as_f32(prefix, base + d, pt);
+          load_row_as_f32(prefix, base, D, pt, row.data());
           return 1.0f;
         }
         const uint8_t* src = codes + body.row(b, h, n - P) * body.stride;
