@@ -383,35 +383,37 @@ float exp_rows(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// W8 decode (one A row, e.g. an int8 lm_head): each W row read start to end before the next, one sequential stream
+// per thread, as the W4 decode tiles (x86_tile_w4.h tile_w4_rows, docs/PERF.md step 33); two accumulators (the
+// two 16-byte halves of each 32 bytes). Against tile_w8_t's line-by-line loop (with the prefetch it then had), on the
+// Zen 4: 1 x 4096 -> 32000 5.3-5.7 -> 4.3-4.5 ms, SmolLM2's 1 x 576 -> 49152 1.53 -> 0.94 ms.
+template <int NR>
+void tile_w8_rows(const int8_t* a, const int8_t* w, int64_t w_stride, int64_t K, int32_t* acc) {
+  auto dot16 = [&](__m256i s, const int8_t* ak, const int8_t* wk) __attribute__((always_inline)) {
+    return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)ak)),
+                                                 _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wk))));
+  };
+  for (int j = 0; j < NR; ++j) {
+    const int8_t* wr = w + j * w_stride;
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      s0 = dot16(s0, a + k, wr + k);
+      s1 = dot16(s1, a + k + 16, wr + k + 16);
+    }
+    for (; k < K; k += 16) {  // tail: zero-padded copies of W (A is zero padded in the panel)
+      alignas(16) int8_t t[16] = {0};
+      memcpy(t, wr + k, (size_t)std::min<int64_t>(16, K - k));
+      s0 = dot16(s0, a + k, t);
+    }
+    acc[j] = hsum_epi32(_mm256_add_epi32(s0, s1));
+  }
+}
+
 // W8: sign-extend both operands to int16 and use vpmaddwd (exact: |a*w| <= 2^14, pair <= 2^15).
 template <int MR, int NR>
 void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, int64_t K, int32_t* acc) {
-  // Decode (one A row, e.g. an int8 lm_head): each W row read start to end before the next, one sequential stream
-  // per thread, as the W4 decode tiles (x86_tile_w4.h tile_w4_rows, docs/PERF.md step 33); two accumulators (the
-  // two 16-byte halves of each 32 bytes). Against the line-by-line loop below with its prefetch, in-process on the
-  // Zen 4: 1 x 4096 -> 32000 5.3-5.7 -> 4.3-4.5 ms, SmolLM2's 1 x 576 -> 49152 1.53 -> 0.94 ms.
-  if constexpr (MR == 1) {
-    for (int j = 0; j < NR; ++j) {
-      const int8_t* wr = w + j * w_stride;
-      __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-      auto dot16 = [&](__m256i s, const int8_t* ak, const int8_t* wk) __attribute__((always_inline)) {
-        return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)ak)),
-                                                     _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wk))));
-      };
-      int64_t k = 0;
-      for (; k + 32 <= K; k += 32) {
-        s0 = dot16(s0, a + k, wr + k);
-        s1 = dot16(s1, a + k + 16, wr + k + 16);
-      }
-      for (; k < K; k += 16) {  // tail: zero-padded copies of W (A is zero padded in the panel)
-        alignas(16) int8_t t[16] = {0};
-        memcpy(t, wr + k, (size_t)std::min<int64_t>(16, K - k));
-        s0 = dot16(s0, a + k, t);
-      }
-      acc[j] = hsum_epi32(_mm256_add_epi32(s0, s1));
-    }
-    return;
-  }
+  if constexpr (MR == 1) return tile_w8_rows<NR>(a, w, w_stride, K, acc);
   __m256i acc32[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc32[i][j] = _mm256_setzero_si256();
