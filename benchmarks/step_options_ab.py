@@ -82,30 +82,33 @@ def main(argv=None) -> dict:
         for layer, n in zip(cache.layers, filled):
             layer.length.copy_(n)
 
-    compile_s, logits = {}, {}
     def use(name):
         compiled_step.DECODE_LAYER_OP = layer_op[name]
 
-    for name, fn in steps.items():   # the first call of each compiles
-        use(name)
-        reset()
-        t0 = time.perf_counter()
-        logits[name] = fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        compile_s[name] = time.perf_counter() - t0
-    first = next(iter(logits.values()))
-    diff = {name: float((lg - first).abs().max()) for name, lg in logits.items()}
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
+    compile_s, logits = {}, {}
+    saved = compiled_step.DECODE_LAYER_OP   # restored however the run ends
+    try:
+        for name, fn in steps.items():   # the first call of each compiles
             use(name)
             reset()
-            for _ in range(2):
-                fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                times[name].append(time.perf_counter() - t0)
-    compiled_step.DECODE_LAYER_OP = True
+            t0 = time.perf_counter()
+            logits[name] = fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            compile_s[name] = time.perf_counter() - t0
+        first = next(iter(logits.values()))
+        diff = {name: float((lg - first).abs().max()) for name, lg in logits.items()}
+        times = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, fn in steps.items():
+                use(name)
+                reset()
+                for _ in range(2):
+                    fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    fn(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        compiled_step.DECODE_LAYER_OP = saved
     stats = {name: summarize(ts) for name, ts in times.items()}
     base = stats[variants[0][0]]["median_ms"]
     lines = [f"{machine_line(machine_info('cpu'))}; {args.model}, static W4A{args.a_bits}KV4 + prefix, lm_head "
