@@ -1,6 +1,8 @@
 """The CPU prefill attention over [prefix | prompt]: pqk::prefix_causal_attention (csrc/cpu/attention.cpp) against
 torch's SDPA as models/prefix_attention.py runs it without the C++ loop (causal, placeholder queries, GQA), both
-timed interleaved in one process, per shape and dtype; median, spread and the ratio.
+timed interleaved in one process, per shape and dtype; median, spread and the ratio. For bf16 also the C++ loop with
+its fp32 blocks on widened inputs (PQK_ATTN_BF16_DOT=0) beside its vdpbf16ps blocks (on a CPU with AVX512-BF16; the
+two rows are the same code path elsewhere).
 
     python benchmarks/prefill_attention.py --threads 2 --repeats 15 --json bench_out/prefill_attention.json
 
@@ -22,6 +24,15 @@ from prefixquant_kernels.models import prefix_attention  # noqa: E402
 
 DEFAULT_SHAPES = ["1x9x3x512x1x64", "1x32x8x2048x1x128"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FP32_BLOCKS = "pqk C++, fp32 blocks"
+
+
+def _dot(on: bool, fn):
+    """fn with attention.cpp's bf16 blocks switched on or off (read per call)."""
+    def run():
+        os.environ["PQK_ATTN_BF16_DOT"] = "1" if on else "0"
+        return fn()
+    return run
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -53,19 +64,23 @@ def main(argv=None) -> list[dict]:
             q = torch.randn(b, hq, t, d, generator=g).to(dt)
             k, v = (torch.randn(b, hkv, p + t, d, generator=g).to(dt) for _ in range(2))
             scale = d ** -0.5
-            fns = {"pqk C++": lambda: torch.ops.pqk.prefix_causal_attention(q, k, v, p, scale),
+            ours_fn = lambda: torch.ops.pqk.prefix_causal_attention(q, k, v, p, scale)  # noqa: E731
+            fns = {"pqk C++": _dot(True, ours_fn),
                    "torch SDPA": lambda: prefix_attention.sdpa_prefix_causal(q, k, v, p, scale)}
+            if dt == torch.bfloat16:
+                fns[FP32_BLOCKS] = _dot(False, ours_fn)
             err = float((fns["pqk C++"]().float() - fns["torch SDPA"]().float()).abs().max())
             res = timeit_interleaved(fns, args.repeats)
             ratio = res["torch SDPA"]["median_ms"] / res["pqk C++"]["median_ms"]
             rows.append({"shape": [b, hq, hkv, t, p, d], "dtype": name, "max_abs_diff": err, "x_sdpa": ratio,
                          **{k2: r for k2, r in res.items()}})
-            ours, sdpa = res["pqk C++"], res["torch SDPA"]
+            ours, sdpa, f32b = res["pqk C++"], res["torch SDPA"], res.get(FP32_BLOCKS)
+            f32 = f"{f32b['median_ms']:.2f} [{fmt_spread(f32b)}]" if f32b else "-"
             lines.append(f"| {b}x{hq}x{hkv}x{t}x{p}x{d} | {name} | {ours['median_ms']:.2f} [{fmt_spread(ours)}] | "
-                         f"{sdpa['median_ms']:.2f} [{fmt_spread(sdpa)}] | {ratio:.2f} | {err:.2g} |")
+                         f"{f32} | {sdpa['median_ms']:.2f} [{fmt_spread(sdpa)}] | {ratio:.2f} | {err:.2g} |")
     md = "\n".join([f"{machine_line(machine_info('cpu'))}; {args.repeats} interleaved rounds", "",
-                    "| B x Hq x Hkv x T x P x D | dtype | pqk C++ ms | torch SDPA ms | x SDPA | max abs diff |",
-                    "|---|---|---|---|---|---|", *lines])
+                    "| B x Hq x Hkv x T x P x D | dtype | pqk C++ ms | pqk C++, fp32 blocks ms | torch SDPA ms | x SDPA | "
+                    "max abs diff |", "|---|---|---|---|---|---|---|", *lines])
     print(md)
     write_outputs(args.json, rows, md)
     return rows

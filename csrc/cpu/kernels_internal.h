@@ -236,6 +236,15 @@ struct IsaKernels {
   //             <= 0); m[r] <- max(m[r], their max), s[r] <- exp(s[r] - m[r]) (0 past n[r]), l[r] <- l[r] alpha +
   //             sum s[r], o[r, 0:D] *= alpha, alpha = exp(m_old - m_new)
   void (*softmax_block)(float* s, int64_t R, const int64_t* n, float* m, float* l, float* o, int64_t D) = nullptr;
+  // The same two products for bf16 inputs where the CPU has AVX512-BF16 (x86_attention_bf16.h, vdpbf16ps);
+  // nullptr: the fp32 blocks above run on the widened inputs. A pair is a uint32 holding two bf16, the even index in
+  // the low half.
+  //   qk_block_bf16: s[r, 0:64] = scale sum_d q[r, d] k[j, d] for r < R (R % 4 == 0): q bf16 [R, D] (D even), kt2
+  //             [D / 2][64] pairs (key j's d = 2p, 2p + 1 at [p][j]), s fp32 [R, 64]
+  //   pv_block_bf16: o[r, 0:D] += sum_{j < 64} bf16(p[r, j]) v[j, 0:D] for r < R (R % 4 == 0, D % 16 == 0): p fp32
+  //             [R, 64], rounded to bf16 inside; v2 [32][D] pairs (keys 2i, 2i + 1 of column d at [i][d]); o [R, D]
+  void (*qk_block_bf16)(const uint16_t* q, int64_t R, int64_t D, const uint32_t* kt2, float scale, float* s) = nullptr;
+  void (*pv_block_bf16)(const float* p, int64_t R, const uint32_t* v2, int64_t D, float* o) = nullptr;
 };
 
 const IsaKernels& scalar_kernels();

@@ -122,6 +122,20 @@ void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const u
 }  // namespace pqk
 #pragma GCC pop_options
 
+#ifndef PQK_VNNI_EMULATE
+// ---- the prefill attention's bf16 blocks: AVX512-BF16 on top of the table above (set only where cpuid has it) ----
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c,avx512f,avx512bw,avx512vnni,avx512vl,avx512bf16")
+namespace pqk {
+namespace cpu {
+namespace avx512vnni {
+#include "x86_attention_bf16.h"
+}  // namespace avx512vnni
+}  // namespace cpu
+}  // namespace pqk
+#pragma GCC pop_options
+#endif
+
 namespace pqk {
 namespace cpu {
 
@@ -147,6 +161,10 @@ const IsaKernels* avx512vnni_kernels() {
     t.qk_block = avx512vnni::attn_qk_block;  // x86_attention_zmm.h
     t.pv_block = avx512vnni::attn_pv_block;
     t.softmax_block = avx512vnni::attn_softmax_block;
+    if (__builtin_cpu_supports("avx512bf16")) {  // x86_attention_bf16.h
+      t.qk_block_bf16 = avx512vnni::attn_qk_block_bf16;
+      t.pv_block_bf16 = avx512vnni::attn_pv_block_bf16;
+    }
 #endif
     return t;
   }();

@@ -92,6 +92,8 @@ def test_extension_contains_vnni_tiles():
     # the AMX prefill micro-kernel (amx_kernels.cpp): its tile loads and the int8 tile product
     assert any("tdpbusd" in ln for ln in text.splitlines()), "no tdpbusd (amx prefill kernel)"
     assert any("tileloadd" in ln for ln in text.splitlines()), "no tileloadd (amx prefill kernel)"
+    # the prefill attention's bf16 blocks (x86_attention_bf16.h)
+    assert any("vdpbf16ps" in ln for ln in text.splitlines()), "no vdpbf16ps (bf16 attention blocks)"
 
 
 @pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),

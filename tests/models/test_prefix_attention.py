@@ -145,3 +145,31 @@ def test_padded_prefill_keeps_the_mask(spy):
     got = _prefill(model, True, prompt, mask)
     assert not spy
     _assert_same(got, want)
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("D", [8, 16, 64, 80, 128])
+def test_bf16_inputs_take_the_bf16_blocks(D, monkeypatch):
+    """bf16 inputs on the avx512vnni / amx tables: the vdpbf16ps blocks (x86_attention_bf16.h) where the CPU has
+    AVX512-BF16 and D % 16 == 0, else the fp32 blocks on widened inputs (PQK_ATTN_BF16_DOT=0 forces those). Both
+    equal the masked reference to bf16 rounding; they differ from each other exactly where the bf16 blocks ran."""
+    isas = [(n, i) for n, i in _cpu_isas() if n in ("cpu:avx512vnni", "cpu:amx")]
+    if not isas:
+        pytest.skip("the zmm attention blocks need an AVX-512 table")
+    q, k, v = _inputs(1, 3, 3, 150, 2, D, torch.bfloat16)
+    want = _masked_reference(q, k, v, 2, D ** -0.5)
+    for name, isa in isas:
+        monkeypatch.setenv("PQK_ATTN_BF16_DOT", "1")
+        dot = torch.ops.pqk.prefix_causal_attention(q, k, v, 2, D ** -0.5, isa)
+        monkeypatch.setenv("PQK_ATTN_BF16_DOT", "0")
+        f32 = torch.ops.pqk.prefix_causal_attention(q, k, v, 2, D ** -0.5, isa)
+        for out in (dot, f32):
+            torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=name)
+        assert torch.equal(dot, f32) != (_cpu_has_avx512_bf16() and D % 16 == 0), name

@@ -403,19 +403,30 @@ static void test_decode_layer(int kv_bits, Isa isa) {
   check(ok16, "decode_layer bf16", B, H, I, isa_name(isa));
 }
 
-// prefix_causal_attention: query t attends to keys 0 .. P + t; against a naive softmax in double, fp32 inputs, a
-// poisoned output (every element must be written), T not a multiple of the 16-query block, S past a 64-key block.
-static void test_prefix_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t P, int64_t D, Isa isa) {
+// prefix_causal_attention: query t attends to keys 0 .. P + t; against a naive softmax in double, a poisoned output
+// (every element must be written), T not a multiple of the 16-query block, S past a 64-key block. fp32 inputs, or
+// bf16 (the reference on the same bf16 values, widened; the output's tolerance the bf16 rounding of it and of P:
+// where the CPU has AVX512-BF16 the avx512vnni / amx tables run the vdpbf16ps blocks of x86_attention_bf16.h).
+static void test_prefix_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t P, int64_t D, Isa isa,
+                                  FloatType t = FloatType::kFloat32) {
   const int64_t S = P + T, G = Hq / Hkv;
+  const bool half = t == FloatType::kBFloat16;
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
   std::vector<float> q((size_t)(B * Hq * T * D)), k((size_t)(B * Hkv * S * D)), v(k.size());
-  for (auto& x : q) x = u(rng);
-  for (auto& x : k) x = u(rng);
-  for (auto& x : v) x = u(rng);
+  std::vector<uint16_t> q16(half ? q.size() : 0), k16(half ? k.size() : 0), v16(half ? v.size() : 0);
+  for (auto* x : {&q, &k, &v})
+    for (auto& e : *x) e = half ? bf16_to_f32(f32_to_bf16(u(rng))) : u(rng);
+  for (size_t i = 0; i < q16.size(); ++i) q16[i] = f32_to_bf16(q[i]);
+  for (size_t i = 0; i < k16.size(); ++i) k16[i] = f32_to_bf16(k[i]), v16[i] = f32_to_bf16(v[i]);
   std::vector<float> out((size_t)(B * T * Hq * D), NAN);
+  std::vector<uint16_t> out16(half ? out.size() : 0, 0x7FC0);  // bf16 NaN
   const float scale = 1.0f / sqrtf((float)D);
-  prefix_causal_attention(q.data(), k.data(), v.data(), FloatType::kFloat32, B, Hq, Hkv, T, P, D, scale, out.data(),
-                          isa);
+  if (half)
+    prefix_causal_attention(q16.data(), k16.data(), v16.data(), t, B, Hq, Hkv, T, P, D, scale, out16.data(), isa);
+  else
+    prefix_causal_attention(q.data(), k.data(), v.data(), t, B, Hq, Hkv, T, P, D, scale, out.data(), isa);
+  for (size_t i = 0; i < out16.size(); ++i) out[i] = bf16_to_f32(out16[i]);
+  const double tol = half ? 1.5e-2 : 1e-4;
   bool ok = true;
   std::vector<double> p((size_t)S);
   for (int64_t b = 0; b < B; ++b)
@@ -435,10 +446,10 @@ static void test_prefix_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
           double o = 0.0;
           for (int64_t j = 0; j < n; ++j) o += p[j] * v[kv + j * D + d];
           const float got = out[((b * T + t) * Hq + h) * D + d];
-          ok = ok && std::isfinite(got) && fabs(got - o / sum) <= 1e-4;
+          ok = ok && std::isfinite(got) && fabs(got - o / sum) <= tol;
         }
       }
-  check(ok, "prefix_causal_attention", T, P, D, isa_name(isa));
+  check(ok, half ? "prefix_causal_attention bf16" : "prefix_causal_attention", T, P, D, isa_name(isa));
 }
 
 int main(int argc, char** argv) {
@@ -496,6 +507,9 @@ int main(int argc, char** argv) {
     test_decode_layer(8, isa);
     test_prefix_attention(2, 4, 2, 37, 3, 64, isa);
     test_prefix_attention(1, 3, 1, 70, 0, 24, isa);
+    test_prefix_attention(2, 4, 2, 37, 3, 64, isa, FloatType::kBFloat16);
+    test_prefix_attention(1, 6, 2, 131, 1, 80, isa, FloatType::kBFloat16);  // D = 64 + 16: a 1-wide column piece
+    test_prefix_attention(1, 2, 1, 20, 2, 8, isa, FloatType::kBFloat16);    // D % 16 != 0: the fp32 blocks
   }
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
