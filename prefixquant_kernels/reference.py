@@ -100,6 +100,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm (Qwen2/3, Mistral, Phi-3 alike), op for op: x in fp32 times
+    rsqrt(mean(x^2) + eps), rounded to x.dtype, times weight (rounded again in a bf16 / fp16 model)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (quantize_static(rmsnorm(x)) packed as quantize_static returns it, rmsnorm(x) rounded to x.dtype): the fp32

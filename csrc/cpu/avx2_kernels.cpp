@@ -10,6 +10,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include <algorithm>
@@ -447,6 +448,67 @@ void tile_w8_t(const int8_t* a, int64_t kp, const int8_t* w, int64_t w_stride, i
     for (int j = 0; j < NR; ++j) acc[i * NR + j] = hsum_epi32(acc32[i][j]);
 }
 
+// ---- the float glue of a prefill (float_ops.cpp: IsaKernels::rms_norm_row) ------------------------------------
+// 8 fp32 lanes rounded to type t and back (bf16: nearest-even, a NaN kept as f32_to_bf16 keeps it: quiet; fp16:
+// vcvtps2ph's nearest-even); fp32: as they are. store8 then writes them exactly. The row below is instantiated per
+// type (with a runtime type its branches and constants are redone for every 8 elements).
+inline __m256 round8_to(__m256 v, FloatType t) {
+  if (t == FloatType::kFloat16)
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (t != FloatType::kBFloat16) return v;
+  const __m256i u = _mm256_castps_si256(v), hi = _mm256_set1_epi32((int)0xffff0000u);
+  const __m256i r = _mm256_and_si256(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))),
+      hi);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i q = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), hi);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(r, q, nan));
+}
+
+// One row of HF's RMSNorm (rms_norm_rows' contract, float_ops.cpp): x widened into tmp [n] while the squares are
+// summed in double (a float's square is exact there), then out = to_t(w * to_t(x * inv)).
+template <FloatType t>
+void rms_norm_row_t(const void* x, const void* w, int64_t n, float eps, void* out, float* tmp) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = load8_f32(x, i, t);
+    _mm256_storeu_ps(tmp + i, v);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    s0 = _mm256_add_pd(s0, _mm256_mul_pd(lo, lo));
+    s1 = _mm256_add_pd(s1, _mm256_mul_pd(hi, hi));
+  }
+  alignas(32) double l[4];
+  _mm256_store_pd(l, _mm256_add_pd(s0, s1));
+  double ss = (l[0] + l[1]) + (l[2] + l[3]);
+  for (; i < n; ++i) {
+    tmp[i] = load_as_f32(x, i, t);
+    ss += (double)tmp[i] * tmp[i];
+  }
+  const float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+  const __m256 r = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 h = round8_to(_mm256_mul_ps(_mm256_loadu_ps(tmp + i), r), t);
+    store8(out, i, round8_to(_mm256_mul_ps(load8_f32(w, i, t), h), t), t);
+  }
+  for (; i < n; ++i) {  // the same two roundings, one lane at a time
+    alignas(32) float v[8] = {tmp[i] * inv};
+    const float h = _mm256_cvtss_f32(round8_to(_mm256_load_ps(v), t));
+    v[0] = load_as_f32(w, i, t) * h;
+    store_from_f32(out, i, _mm256_cvtss_f32(round8_to(_mm256_load_ps(v), t)), t);
+  }
+}
+
+void rms_norm_row(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) {
+  switch (t) {
+    case FloatType::kBFloat16: return rms_norm_row_t<FloatType::kBFloat16>(x, w, n, eps, out, tmp);
+    case FloatType::kFloat16: return rms_norm_row_t<FloatType::kFloat16>(x, w, n, eps, out, tmp);
+    default: return rms_norm_row_t<FloatType::kFloat32>(x, w, n, eps, out, tmp);
+  }
+}
+
 constexpr int kMR = 4, kNR = 2, kNRDecode = 4;
 
 // FLUSH: A4 bounds a chunk's partial sum by 480, A8 by 7680 (MaddubsAcc in x86_tile_w4.h)
@@ -474,10 +536,14 @@ const PrefillKernels kPrefill = {kPf2Mr,     kPf2Nr,     kPf2Kc,       kPf2Rows,
                                  pf2_pack_w, pf2_kernel, pf2_epilogue, nullptr,  nullptr,        nullptr,
                                  /*pack_a_int4=*/nullptr, /*side=*/nullptr};
 
-const IsaKernels kAvx2 = {
-    "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
-    dot_rows, qk_rows_q4, axpy_rows, pv_rows_q4, exp_rows, tile_w4, tile_w8, &kPrefill,
-};
+const IsaKernels kAvx2 = [] {
+  IsaKernels k = {
+      "avx2", kMR, kNR, kNRDecode, quantize_row, row_amax, split_row, pack_row, row_sum, dequant_row4,
+      dot_rows, qk_rows_q4, axpy_rows, pv_rows_q4, exp_rows, tile_w4, tile_w8, &kPrefill,
+  };
+  k.rms_norm_row = rms_norm_row;
+  return k;
+}();
 
 }  // namespace
 

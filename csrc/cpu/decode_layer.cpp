@@ -27,11 +27,9 @@ namespace cpu {
 
 namespace {
 
-// out[i] = w[i] * (x[i] * rsqrt(mean(x^2) + eps)): HF's RMSNorm in fp32 (variance summed in double)
+// out[i] = w[i] * (x[i] * rsqrt(mean(x^2) + eps)): HF's RMSNorm in fp32 (rms_inv: float_ops.cpp)
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < n; ++i) ss += (double)x[i] * x[i];
-  const float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+  const float r = rms_inv(x, n, eps);
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
 }
 

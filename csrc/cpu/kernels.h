@@ -108,6 +108,13 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
                                 int64_t Hkv, int64_t T, const int64_t* body_lens, const bool* mask,
                                 int64_t mask_stride, float sm_scale, void* out, Isa isa);
 
+// 1 / sqrt(mean(x[0:n]^2) + eps), the sum of squares in double (float_ops.cpp; HF's RMSNorm's factor).
+float rms_inv(const float* x, int64_t n, float eps);
+
+// HF's RMSNorm over `rows` contiguous rows of n (float_ops.cpp): out = to_t(w * to_t(x * rms_inv(x))), the products
+// in fp32; x [rows, n], w [n] and out [rows, n] all of type t (rounded twice in a bf16 / fp16 model, as the module).
+void rms_norm_rows(const void* x, const void* w, FloatType t, int64_t rows, int64_t n, float eps, void* out, Isa isa);
+
 // Prefill attention over [prefix | prompt] (attention.cpp; models/prefix_attention.py): q [B, Hq, T, D], k / v
 // [B, Hkv, P + T, D] (the P prefix keys first), all of type t, contiguous; out [B, T, Hq, D] of type t =
 // softmax(q k^T scale) v with query t attending to keys 0 .. P + t. Hq a multiple of Hkv, T >= 1.

@@ -245,6 +245,9 @@ struct IsaKernels {
   //             [R, 64], rounded to bf16 inside; v2 [32][D] pairs (keys 2i, 2i + 1 of column d at [i][d]); o [R, D]
   void (*qk_block_bf16)(const uint16_t* q, int64_t R, int64_t D, const uint32_t* kt2, float scale, float* s) = nullptr;
   void (*pv_block_bf16)(const float* p, int64_t R, const uint32_t* v2, int64_t D, float* o) = nullptr;
+  // One row of HF's RMSNorm (float_ops.cpp; nullptr: its portable loop): out = to_t(w * to_t(x * rms_inv(x))), x, w
+  // and out [n] of type t (the module's two roundings in a bf16 / fp16 model); tmp fp32 [n]
+  void (*rms_norm_row)(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) = nullptr;
 };
 
 const IsaKernels& scalar_kernels();

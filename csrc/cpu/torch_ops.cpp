@@ -383,6 +383,24 @@ at::Tensor prefix_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
   return out;
 }
 
+// ---- rms_norm: HF's RMSNorm (float_ops.cpp; ops/transform.py rms_norm) --------------------------------------------
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t cpu_isa) {
+  const char* op = "pqk.rms_norm: ";
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, "x and weight must be CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, "x must have a non-empty last dim, got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, "weight must be [", x.size(-1), "], got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, "weight must have x's dtype ", x.scalar_type(), ", got ",
+              weight.scalar_type());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, "eps must be finite and >= 0, got ", eps);
+  const FloatType t = float_type(x, "x");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t n = x.size(-1);
+  rms_norm_rows(xc.data_ptr(), wc.data_ptr(), t, x.numel() / n, n, (float)eps, out.data_ptr(), to_isa(cpu_isa));
+  return out;
+}
+
 // ---- decode_layer ------------------------------------------------------------------------------------------------
 // The op's schema: ops/library.py; the kernel: decode_layer.cpp; the Python side: models/decode_layer.py.
 // A layer's module-side arguments (norms, seven linears, q/k norms, down's Hadamard: ~40 values, fixed while a model
@@ -724,6 +742,7 @@ TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("quant_linear_multi", &quant_linear_multi_cpu);
   m.impl("decode_layer", &decode_layer_cpu);
   m.impl("prefix_causal_attention", &prefix_causal_attention_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
 }
 
 }  // namespace cpu

@@ -5,6 +5,7 @@ keyed by ``config.model_type``; ``REGISTRY``, ``ArchSpec``, ``get_spec``, ``deco
 What is swapped: every linear the spec names (q/k/v/o and gate/up/down, or Phi-3's fused qkv_proj / gate_up_proj)
 ``nn.Linear`` -> ``pqk.nn.QuantLinear`` (the linear inside a RotatedLinear when the model was rotated)
 (Qwen2's qkv bias is carried by QuantLinear; Qwen3's q_norm/k_norm stay in float, after the quantized GEMM).
+Every RMSNorm of the family runs ``pqk::rms_norm`` on the CPU (models/float_ops.py; the module stays).
 Attention itself is not replaced: every supported attention calls ``past_key_values.update(k, v, layer_idx)``
 after RoPE (and q/k norm), so the K/V path goes through ``pqk.PrefixQuantCache`` once the model runs with one.
 The patched ``forward`` / ``generate`` supply that cache (built by ``model.pqk_state``) when none is given:
@@ -31,7 +32,7 @@ import functools
 import torch
 from torch import nn
 
-from . import attention, compiled_step
+from . import attention, compiled_step, float_ops
 from .arch import (REGISTRY, ArchSpec, _fail, decoder_layers, float_linears, get_spec,  # noqa: F401 (re-exported)
                    resolve, unwrap)
 
@@ -54,6 +55,7 @@ def swap(model, replacements: dict[str, nn.Module], state: nn.Module | None = No
         attention.check_attention(model)
     for parent, child, new in targets:   # from here on nothing can fail
         setattr(parent, child, new)
+    float_ops.use_cpp_norms(model)
     if state is not None:
         model.pqk_state = state
     if rotates_qk:

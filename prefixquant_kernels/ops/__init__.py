@@ -6,7 +6,7 @@ from .backend import available_backends
 from .linear import (int4_matmul, int4_matmul_requant, int4_matmul_silu_mul_requant, quant_linear,
                      quant_linear_silu_mul_requant)
 from .quantize import pack_int4, quantize_per_token, quantize_static, unpack_int4
-from .transform import hadamard_transform, rmsnorm_quantize
+from .transform import hadamard_transform, rms_norm, rmsnorm_quantize
 
 __all__ = [
     "available_backends",
@@ -19,6 +19,7 @@ __all__ = [
     "quant_linear_silu_mul_requant",
     "quantize_per_token",
     "quantize_static",
+    "rms_norm",
     "rmsnorm_quantize",
     "unpack_int4",
 ]

@@ -59,6 +59,8 @@ OPS: dict[str, Op] = {
         "int4_matmul", "quant_linear", "int4_matmul_requant", "int4_matmul_silu_mul_requant",
         "quant_linear_silu_mul_requant", "quantize_static",
         "quantize_per_token", "rmsnorm_quantize", "hadamard_transform")},
+    "rms_norm": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": "rms_norm (no CUDA kernel: on a GPU the "
+                                                                  "module's own formula is already few launches)"}),
     "pack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("pack_int4")}),
     "unpack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("unpack_int4")}),
     "kv_quantize": Op(KV_BACKENDS, _KV),

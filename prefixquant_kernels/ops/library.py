@@ -95,6 +95,9 @@ LIB.define(
 LIB.define(
     "prefix_causal_attention(Tensor q, Tensor k, Tensor v, int prefix_len, float scale, int cpu_isa=-1) -> Tensor"
 )
+# HF's RMSNorm with its roundings (ops/transform.py rms_norm; csrc/cpu/float_ops.cpp): x [..., N] float, weight [N]
+# of x's dtype -> x's shape and dtype.
+LIB.define("rms_norm(Tensor x, Tensor weight, float eps, int cpu_isa=-1) -> Tensor")
 LIB.define(
     "decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor length, Tensor k_scale, Tensor v_scale, Tensor? prefix_k, Tensor? prefix_v, Tensor? key_rotation, "
@@ -211,6 +214,11 @@ def _kv_decode_paged_static_fake(q, prefix_k, prefix_v, cache, block_table, seq_
 def _prefix_causal_attention_fake(q, k, v, prefix_len, scale, cpu_isa=-1):
     b, hq, t, d = q.shape
     return q.new_empty(b, t, hq, d)
+
+
+@torch.library.register_fake("pqk::rms_norm")
+def _rms_norm_fake(x, weight, eps, cpu_isa=-1):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pqk::decode_layer")

@@ -1,9 +1,11 @@
 """Public ops that transform an activation before a quantized GEMM: ``rmsnorm_quantize`` (the fused RMSNorm +
-static quantize that feeds a layer's q/k/v or gate/up GEMMs) and ``hadamard_transform`` (the online Walsh-Hadamard
+static quantize that feeds a layer's q/k/v or gate/up GEMMs), ``rms_norm`` (Hugging Face's RMSNorm as one op, what a
+quantized model's norms run on the CPU: models/float_ops.py) and ``hadamard_transform`` (the online Walsh-Hadamard
 rotation of the down_proj input). Validation -> backend choice (ops/backend.py) -> one ``torch.ops.pqk`` custom op
 (schemas and fakes in library.py). Kernels per device:
 
     pqk::rmsnorm_quantize    CPU: PyTorch (reference.rmsnorm_quantize)   CUDA: pqk_rmsnorm_quantize (ops/cuda_ops.py)
+    pqk::rms_norm            CPU: C++ (csrc/cpu/float_ops.cpp)            CUDA: PyTorch (reference.rms_norm)
     pqk::hadamard_transform  CPU: C++ (csrc/cpu/hadamard.cpp)            CUDA: pqk_hadamard (ops/cuda_ops.py)
 
 On CPU tensors backend "auto" / "cpu*" run the custom op (one node for torch.compile), "reference" the PyTorch
@@ -54,6 +56,28 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale, bits: int = 4
         q, y = torch.ops.pqk.rmsnorm_quantize(x2.contiguous(), w.contiguous(), s, bits, eps, return_normed)
     q = q.reshape(*x.shape[:-1], q.shape[-1])
     return (q, y.reshape(x.shape)) if return_normed else q
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """Hugging Face's RMSNorm (LlamaRMSNorm; Qwen2/3, Mistral and Phi-3 are the same), with its roundings:
+    h = x * rsqrt(mean(x^2) + eps) in fp32, rounded to x.dtype, then weight * h in x.dtype.
+
+    Args:
+        x: float32/bfloat16/float16 [..., N].
+        weight: [N] of x's dtype (a weight of another dtype: the module's own formula, which promotes).
+        eps: finite, >= 0.
+    Returns x's shape and dtype. The CPU kernel sums the squares in double (torch in fp32, in its own order), so the
+    two can differ by an ulp of the variance: equal to float rounding, not bit for bit.
+    """
+    op = "rms_norm"
+    checks.float_tensor(x, "x", op)
+    checks.nonempty_last_dim(x, "x", op)
+    checks.norm_weight(weight, op, x.shape[-1], x.device)
+    eps = checks.eps(eps, op)
+    be = resolve(backend, x.device, op)
+    if be.kind != "cpu" or weight.dtype != x.dtype:
+        return reference.rms_norm(x, weight, eps)
+    return torch.ops.pqk.rms_norm(x, weight, eps, be.cpu_isa)
 
 
 def hadamard_transform(x: torch.Tensor, *, inverse: bool = False, backend: str = "auto") -> torch.Tensor:

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = os.path.join(ROOT, "csrc", "cpu")
-KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "kv_cache.cpp", "decode_layer.cpp", "attention.cpp", "hadamard.cpp",
+KERNEL_SOURCES = ["gemm.cpp", "quantize.cpp", "kv_cache.cpp", "decode_layer.cpp", "attention.cpp", "float_ops.cpp",
+                  "hadamard.cpp",
                   "isa.cpp", "scalar_kernels.cpp",
                   "avx2_kernels.cpp", "vnni_kernels.cpp", "amx_kernels.cpp"]
 

@@ -452,6 +452,36 @@ static void test_prefix_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
   check(ok, half ? "prefix_causal_attention bf16" : "prefix_causal_attention", T, P, D, isa_name(isa));
 }
 
+// rms_norm_rows: against HF's formula in double per row (fp32: to fp32 rounding; bf16: the module's two roundings,
+// so at most a bf16 ulp where the variance's last bit differs); odd n, a tail past the vector width.
+static void test_rms_norm(int64_t rows, int64_t n, FloatType t, Isa isa) {
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  const bool half = t == FloatType::kBFloat16;
+  std::vector<float> x((size_t)(rows * n)), w((size_t)n);
+  for (auto& e : x) e = half ? bf16_to_f32(f32_to_bf16(u(rng))) : u(rng);
+  for (auto& e : w) e = half ? bf16_to_f32(f32_to_bf16(u(rng))) : u(rng);
+  std::vector<uint16_t> x16(half ? x.size() : 0), w16(half ? w.size() : 0), o16(half ? x.size() : 0, 0x7FC0);
+  for (size_t i = 0; i < x16.size(); ++i) x16[i] = f32_to_bf16(x[i]);
+  for (size_t i = 0; i < w16.size(); ++i) w16[i] = f32_to_bf16(w[i]);
+  std::vector<float> out(x.size(), NAN);
+  if (half)
+    rms_norm_rows(x16.data(), w16.data(), t, rows, n, 1e-6f, o16.data(), isa);
+  else
+    rms_norm_rows(x.data(), w.data(), t, rows, n, 1e-6f, out.data(), isa);
+  for (size_t i = 0; i < o16.size(); ++i) out[i] = bf16_to_f32(o16[i]);
+  bool ok = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += (double)x[r * n + i] * x[r * n + i];
+    const double inv = 1.0 / sqrt(ss / (double)n + 1e-6);
+    for (int64_t i = 0; i < n; ++i) {
+      const double want = w[i] * (x[r * n + i] * inv), got = out[r * n + i];
+      ok = ok && std::isfinite(got) && fabs(got - want) <= (half ? 1.6e-2 : 1e-5) * fabs(want) + 1e-30;
+    }
+  }
+  check(ok, half ? "rms_norm_rows bf16" : "rms_norm_rows", rows, n, 0, isa_name(isa));
+}
+
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
   const Isa isas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAmx};
@@ -507,6 +537,9 @@ int main(int argc, char** argv) {
     test_decode_layer(8, isa);
     test_prefix_attention(2, 4, 2, 37, 3, 64, isa);
     test_prefix_attention(1, 3, 1, 70, 0, 24, isa);
+    test_rms_norm(37, 576, FloatType::kFloat32, isa);
+    test_rms_norm(5, 19, FloatType::kBFloat16, isa);
+    test_rms_norm(9, 4099, FloatType::kBFloat16, isa);
     test_prefix_attention(2, 4, 2, 37, 3, 64, isa, FloatType::kBFloat16);
     test_prefix_attention(1, 6, 2, 131, 1, 80, isa, FloatType::kBFloat16);  // D = 64 + 16: a 1-wide column piece
     test_prefix_attention(1, 2, 1, 20, 2, 8, isa, FloatType::kBFloat16);    // D % 16 != 0: the fp32 blocks

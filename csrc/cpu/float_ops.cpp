@@ -1,0 +1,60 @@
+// The float glue of a prefill that a Hugging Face model runs as chains of small torch ops, one pass per row here
+// (models/float_ops.py puts it in the model; docs/PERF.md, change 18). Rows in parallel; each row through the ISA
+// table's vector row (avx2_kernels.cpp, inherited by the AVX-512 tables) or the portable loop below.
+//
+//   rms_inv        1 / sqrt(mean(x^2) + eps) of one fp32 row, the sum of squares in double (decode_layer.cpp too)
+//   rms_norm_rows  HF's LlamaRMSNorm (and Qwen2/3's, Mistral's, Phi-3's), with its roundings: in a bf16 / fp16 model
+//                  h = x rsqrt(mean(x^2) + eps) in fp32 is rounded to the model's type, and w * h is rounded again.
+//                  torch runs it as ~8 full-tensor passes (to fp32, pow, mean, add, rsqrt, mul, to bf16, mul).
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "float16.h"
+#include "kernels.h"
+#include "kernels_internal.h"
+
+namespace pqk {
+namespace cpu {
+
+float rms_inv(const float* x, int64_t n, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+  return 1.0f / sqrtf((float)(ss / (double)n) + eps);
+}
+
+namespace {
+
+// v rounded to type t and back (the eager module's `.to(input_dtype)`); fp32: v
+inline float round_to(float v, FloatType t) {
+  if (t == FloatType::kBFloat16) return bf16_to_f32(f32_to_bf16(v));
+  if (t == FloatType::kFloat16) return f16_to_f32(f32_to_f16(v));
+  return v;
+}
+
+void rms_norm_row_portable(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) {
+  load_row_as_f32(x, 0, n, t, tmp);
+  const float inv = rms_inv(tmp, n, eps);
+  for (int64_t i = 0; i < n; ++i) store_from_f32(out, i, load_as_f32(w, i, t) * round_to(tmp[i] * inv, t), t);
+}
+
+// a task of at least ~32K elements: a decode step's single row stays on the calling thread
+int64_t rows_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)); }
+
+}  // namespace
+
+void rms_norm_rows(const void* x, const void* w, FloatType t, int64_t rows, int64_t n, float eps, void* out,
+                   Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  const auto row = ker.rms_norm_row ? ker.rms_norm_row : rms_norm_row_portable;
+  const int64_t es = float_type_size(t);
+  parallel_for(0, rows, rows_grain(n), [&](int64_t r0, int64_t r1) {
+    std::vector<float> tmp((size_t)n);
+    for (int64_t r = r0; r < r1; ++r)
+      row((const char*)x + r * n * es, w, t, n, eps, (char*)out + r * n * es, tmp.data());
+  });
+}
+
+}  // namespace cpu
+}  // namespace pqk
