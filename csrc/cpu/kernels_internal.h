@@ -247,7 +247,8 @@ struct IsaKernels {
   void (*pv_block_bf16)(const float* p, int64_t R, const uint32_t* v2, int64_t D, float* o) = nullptr;
   // One row of HF's RMSNorm (float_ops.cpp; nullptr: its portable loop): out = to_t(w * to_t(x * rms_inv(x))), x, w
   // and out [n] of type t (the module's two roundings in a bf16 / fp16 model); tmp fp32 [n]
-  void (*rms_norm_row)(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) = nullptr;
+  void (*rms_norm_row)(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out,
+                       float* tmp) = nullptr;
 };
 
 const IsaKernels& scalar_kernels();
