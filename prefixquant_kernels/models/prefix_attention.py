@@ -13,9 +13,10 @@ no merge; grouped-query attention stays grouped (``enable_gqa``).
 
 On a CPU whose kernel table has the attention blocks on zmm (AVX-512: cpu:avx512vnni / cpu:amx), the C++ flash loop
 ``pqk::prefix_causal_attention`` (csrc/cpu/attention.cpp) runs instead, without the placeholders: it visits no key
-block above the diagonal, widens each key row once for all G query heads of its KV head, and ran SmolLM2's
-512-token prefill attention in 2.3 ms a layer against SDPA's 4.4-4.7 (docs/PERF.md, change 17). Not where autograd
-needs a backward (calibration's fine-tuning), nor on other ISAs, where it is unmeasured.
+block above the diagonal, widens each key row once for all G query heads of its KV head (bf16 inputs on a CPU with
+AVX512-BF16 stay bf16, on `vdpbf16ps`), and ran SmolLM2's 512-token prefill attention in 2.3 ms a layer in fp32 and
+1.5 ms in bf16 against SDPA's 4.1-4.8 (docs/PERF.md, changes 17-18). Not where autograd needs a backward
+(calibration's fine-tuning), nor on other ISAs, where it is unmeasured.
 """
 from __future__ import annotations
 
