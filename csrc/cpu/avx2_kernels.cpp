@@ -509,6 +509,13 @@ void rms_norm_row(const void* x, const void* w, FloatType t, int64_t n, float ep
   }
 }
 
+// ---- the prefill attention's blocks on ymm (attention.cpp: IsaKernels::qk_block / pv_block / softmax_block) -------
+// with FMA on top of AVX2 for these only (nothing else in this file may be contracted)
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c,fma")
+#include "x86_attention_ymm.h"
+#pragma GCC pop_options
+
 constexpr int kMR = 4, kNR = 2, kNRDecode = 4;
 
 // FLUSH: A4 bounds a chunk's partial sum by 480, A8 by 7680 (MaddubsAcc in x86_tile_w4.h)
@@ -542,6 +549,11 @@ const IsaKernels kAvx2 = [] {
       dot_rows, qk_rows_q4, axpy_rows, pv_rows_q4, exp_rows, tile_w4, tile_w8, &kPrefill,
   };
   k.rms_norm_row = rms_norm_row;
+  if (__builtin_cpu_supports("fma")) {  // x86_attention_ymm.h (the AVX-512 tables put their zmm blocks over these)
+    k.qk_block = attn_qk_block8;
+    k.pv_block = attn_pv_block8;
+    k.softmax_block = attn_softmax_block8;
+  }
   return k;
 }();
 

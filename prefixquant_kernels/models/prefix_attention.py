@@ -11,12 +11,14 @@ The trick: put P placeholder (zero) queries in front of the prompt's. The attent
 and each real row's softmax is untouched by them (rows are independent). One fused causal kernel call, no mask,
 no merge; grouped-query attention stays grouped (``enable_gqa``).
 
-On a CPU whose kernel table has the attention blocks on zmm (AVX-512: cpu:avx512vnni / cpu:amx), the C++ flash loop
-``pqk::prefix_causal_attention`` (csrc/cpu/attention.cpp) runs instead, without the placeholders: it visits no key
-block above the diagonal, widens each key row once for all G query heads of its KV head (bf16 inputs on a CPU with
-AVX512-BF16 stay bf16, on `vdpbf16ps`), and ran SmolLM2's 512-token prefill attention in 2.3 ms a layer in fp32 and
-1.5 ms in bf16 against SDPA's 4.1-4.8 (docs/PERF.md, changes 17-18). Not where autograd needs a backward
-(calibration's fine-tuning), nor on other ISAs, where it is unmeasured.
+On a CPU whose kernel table has the attention blocks (zmm on cpu:avx512vnni / cpu:amx; ymm with FMA on cpu:avx2 /
+cpu:avxvnni), the C++ flash loop ``pqk::prefix_causal_attention`` (csrc/cpu/attention.cpp) runs instead, without
+the placeholders: it visits no key block above the diagonal, widens each key row once for all G query heads of its
+KV head (bf16 inputs on a CPU with AVX512-BF16 stay bf16, on `vdpbf16ps`), and ran SmolLM2's 512-token prefill
+attention in 2.3 ms a layer in fp32 and 1.5 ms in bf16 against SDPA's 4.1-4.8 (docs/PERF.md, changes 17-18); the
+ymm blocks, timed on the same Zen 4 against torch at its AVX2 capability, 1.7-1.9x SDPA there and 1.18x at a
+Llama-3-8B layer's 2048 tokens (change 19; not yet on an AVX2-only CPU). Not where autograd needs a backward
+(calibration's fine-tuning), nor on the scalar table.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 
-_ZMM_ISAS = ("avx512vnni", "amx")   # the tables with IsaKernels::qk_block / pv_block / softmax_block
+_BLOCK_ISAS = ("avx2", "avxvnni", "avx512vnni", "amx")   # tables with IsaKernels::qk_block / pv_block / softmax_block
 
 
 def _cpu_kernel(query, key, value) -> bool:
@@ -32,7 +34,7 @@ def _cpu_kernel(query, key, value) -> bool:
     from .. import _extension
     return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-            and _extension.cpu_available() and _extension._C.best_cpu_isa() in _ZMM_ISAS)
+            and _extension.cpu_available() and _extension._C.best_cpu_isa() in _BLOCK_ISAS)
 
 
 def prefix_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,
