@@ -493,12 +493,8 @@ void rms_norm_row_t(const void* x, const void* w, int64_t n, float eps, void* ou
     const __m256 h = round8_to(_mm256_mul_ps(_mm256_loadu_ps(tmp + i), r), t);
     store8(out, i, round8_to(_mm256_mul_ps(load8_f32(w, i, t), h), t), t);
   }
-  for (; i < n; ++i) {  // the same two roundings, one lane at a time
-    alignas(32) float v[8] = {tmp[i] * inv};
-    const float h = _mm256_cvtss_f32(round8_to(_mm256_load_ps(v), t));
-    v[0] = load_as_f32(w, i, t) * h;
-    store_from_f32(out, i, _mm256_cvtss_f32(round8_to(_mm256_load_ps(v), t)), t);
-  }
+  for (; i < n; ++i)  // the same two roundings in scalar code (store_from_f32 makes the second)
+    store_from_f32(out, i, load_as_f32(w, i, t) * round_to_type(tmp[i] * inv, t), t);
 }
 
 void rms_norm_row(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) {

@@ -76,6 +76,13 @@ inline void load_row_as_f32(const void* p, int64_t at, int64_t n, FloatType t, f
   }
 }
 
+// v rounded to type t and back to fp32 (a model's `.to(dtype)` between two fp32 computations); fp32: v itself
+inline float round_to_type(float v, FloatType t) {
+  if (t == FloatType::kBFloat16) return bf16_to_f32(f32_to_bf16(v));
+  if (t == FloatType::kFloat16) return f16_to_f32(f32_to_f16(v));
+  return v;
+}
+
 inline void store_from_f32(void* p, int64_t i, float v, FloatType t) {
   switch (t) {
     case FloatType::kBFloat16: ((uint16_t*)p)[i] = f32_to_bf16(v); break;

@@ -26,17 +26,10 @@ float rms_inv(const float* x, int64_t n, float eps) {
 
 namespace {
 
-// v rounded to type t and back (the eager module's `.to(input_dtype)`); fp32: v
-inline float round_to(float v, FloatType t) {
-  if (t == FloatType::kBFloat16) return bf16_to_f32(f32_to_bf16(v));
-  if (t == FloatType::kFloat16) return f16_to_f32(f32_to_f16(v));
-  return v;
-}
-
 void rms_norm_row_portable(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) {
   load_row_as_f32(x, 0, n, t, tmp);
   const float inv = rms_inv(tmp, n, eps);
-  for (int64_t i = 0; i < n; ++i) store_from_f32(out, i, load_as_f32(w, i, t) * round_to(tmp[i] * inv, t), t);
+  for (int64_t i = 0; i < n; ++i) store_from_f32(out, i, load_as_f32(w, i, t) * round_to_type(tmp[i] * inv, t), t);
 }
 
 // a task of at least ~32K elements: a decode step's single row stays on the calling thread
