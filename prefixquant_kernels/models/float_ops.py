@@ -5,7 +5,7 @@ input is a CPU tensor of the weight's dtype and no backward is needed, else the 
 Hugging Face's RMSNorm is ~8 torch ops, each a pass over the whole activation (to fp32, pow, mean, add, rsqrt, mul,
 back to the model's type, times the weight); the op is one pass with the same two roundings (bit-identical in bf16
 on the shapes measured; fp32 may differ by an ulp of the variance: the op sums the squares in double). On SmolLM2's
-512-token bf16 prefill (61 norms) it took ~5-13 % of the prefill's time off (docs/PERF.md, change 18).
+512-token bf16 prefill (61 norms) it took 26 ms of 339 off (7.8 %, one interleaved A/B; docs/PERF.md, change 18).
 
 Installed by models/patch.py's ``swap``, on the module instances (an instance ``forward``): the modules keep their
 class, weight and state dict, so models/decode_layer.py and the checkpoints still read them as before.
