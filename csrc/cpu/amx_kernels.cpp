@@ -221,7 +221,8 @@ void amx_pack_w(const void* w, int w_bits, int64_t w_stride, int64_t n0, int nn,
 const PrefillKernels kPrefill = {kAmxMr, kAmxNr, kAmxKc, kAmxRows, kAmxPanelBytes,
                                  /*w8=*/true, amx_pack_w, amx_kernel, nullptr, amx_kernel_out,
                                  pf_pack_a_float, pf_pack_a_int8, pf_pack_a_int4, pf_side, /*l2_blocks=*/true, kAmxMinSliceRows,
-                                 /*k_align=*/64, amx_flush, /*a_tiled=*/true, /*small_m=*/8};
+                                 /*k_align=*/64, amx_flush, /*a_tiled=*/true,
+                                 /*m_split_tiled=*/false, /*small_m=*/8};
 
 }  // namespace amx
 }  // namespace cpu

@@ -159,33 +159,34 @@ void pack_a_int8_portable(const int8_t* q, int64_t K, int64_t kc, int64_t bstrid
 }
 
 // Row m of A -> its panel row (K blocks of kc at dst + b * bstride, each byte a + 128, 0x80 past K; dst the row's
-// pf_a_offset in the block, in the table's layout); for a float A the fused quantize (the row is read once, straight
-// into the panel). Returns the row's scale. tmp: scratch for a row that must first be made in natural int8 order.
-float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kc, int64_t bstride, uint8_t* dst,
-                       std::vector<int8_t>& tmp) {
+// pf_a_offset in the block, in the panel's layout: tiled or row-major); for a float A the fused quantize (the row is
+// read once, straight into the panel). Returns the row's scale. tmp: scratch for a row that must first be made in
+// natural int8 order.
+float pack_prefill_row(const GemmArgs& g, const IsaKernels& ker, int64_t m, int64_t kc, int64_t bstride, bool tiled,
+                       uint8_t* dst, std::vector<int8_t>& tmp) {
   const PrefillKernels& pk = *ker.prefill;
   const int64_t K = g.K;
   const auto pack_a_int8 = pk.pack_a_int8 ? pk.pack_a_int8 : pack_a_int8_portable;
   float scale = 0.0f;
   if (g.a_source != ASource::kFloat) scale = g.a_scale_per_row ? g.a_scale[m] : g.a_scale[0];
   if (g.a_source == ASource::kInt8) {
-    pack_a_int8((const int8_t*)g.a + m * K, K, kc, bstride, pk.a_tiled, dst);
+    pack_a_int8((const int8_t*)g.a + m * K, K, kc, bstride, tiled, dst);
   } else if (g.a_source == ASource::kPacked4 && pk.pack_a_int4) {
-    pk.pack_a_int4((const uint8_t*)g.a + m * (K / 2), K, kc, bstride, pk.a_tiled, dst);
+    pk.pack_a_int4((const uint8_t*)g.a + m * (K / 2), K, kc, bstride, tiled, dst);
   } else if (g.a_source == ASource::kPacked4) {
     tmp.resize((size_t)K);
     unpack_int4((const uint8_t*)g.a + m * (K / 2), K / 2, tmp.data());
-    pack_a_int8(tmp.data(), K, kc, bstride, pk.a_tiled, dst);
+    pack_a_int8(tmp.data(), K, kc, bstride, tiled, dst);
   } else {
     const void* x = (const char*)g.a + m * K * float_type_size(g.a_float_type);
     const int qmin = qmin_for_bits(g.a_bits), qmax = qmax_for_bits(g.a_bits);
     scale = g.a_scale ? g.a_scale[0] : per_token_scale_from_amax(ker.row_amax(x, g.a_float_type, K), qmax);
     if (pk.pack_a_float) {
-      pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc, bstride, pk.a_tiled, dst);
+      pk.pack_a_float(x, g.a_float_type, K, scale, qmin, qmax, kc, bstride, tiled, dst);
     } else {
       tmp.resize((size_t)K);
       ker.quantize_row(x, g.a_float_type, K, scale, qmin, qmax, tmp.data());
-      pack_a_int8(tmp.data(), K, kc, bstride, pk.a_tiled, dst);
+      pack_a_int8(tmp.data(), K, kc, bstride, tiled, dst);
     }
   }
   return scale;
@@ -228,7 +229,11 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   const int64_t a_row_bytes = g.a_source == ASource::kPacked4 ? K / 2
                               : g.a_source == ASource::kInt8  ? K
                                                               : K * float_type_size(g.a_float_type);
-  const int64_t rows_cap = fuse ? std::max<int64_t>(mr, sub_rows / 2 / mr * mr) : sub_rows;
+  // The slices' layout: the table's, or tiled where it asks for that here (PrefillKernels::m_split_tiled, which
+  // kernel_out then reads from PfOut::a_tiled); rows in whole 16-row groups where tiled.
+  const bool tiled = pk.a_tiled || (pk.m_split_tiled && pk.kernel_out && kc % 64 == 0);
+  const int64_t rmult = tiled ? std::max(mr, 16) : mr;
+  const int64_t rows_cap = fuse ? std::max<int64_t>(rmult, sub_rows / 2 / rmult * rmult) : std::max(rmult, sub_rows);
   int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(n_panels * w_panel));  // shared, the caller's
   std::vector<int32_t> colsum((size_t)(n_panels * nr), 0);
   parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
@@ -238,7 +243,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   });
   parallel_for(0, (M + mr - 1) / mr, 1, [&](int64_t ub, int64_t ue) {
     const int64_t rb = ub * mr, re = std::min(M, ue * mr);  // this thread's rows [rb, re)
-    const int64_t rows = balanced_block(re - rb, rows_cap, mr);  // a multiple of mr (of 16 where a_tiled)
+    const int64_t rows = balanced_block(re - rb, rows_cap, rmult);
     uint8_t* panel = thread_scratch<uint8_t>(kScratchPanel, (size_t)((fuse ? 2 : 1) * rows * kc));
     int32_t* cbuf = pk.kernel_out ? nullptr : thread_scratch<int32_t>(kScratchC, (size_t)(mr * nr));
     std::vector<float> rscale((size_t)rows);
@@ -246,7 +251,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
     auto build = [&](int64_t r0, int64_t r1, uint8_t* dst) {  // rows [r0, r1) -> dst, the slice's buffer
       for (int64_t r = r0; r < r1; ++r)
         rscale[r - r0] =
-            pack_prefill_row(g, ker, r, kc, rows * kc, dst + pf_a_offset(r - r0, 0, kc, pk.a_tiled), tmp);
+            pack_prefill_row(g, ker, r, kc, rows * kc, tiled, dst + pf_a_offset(r - r0, 0, kc, tiled), tmp);
     };
     for (int64_t r0 = rb, sl = 0; r0 < re; r0 += rows, ++sl) {
       const int64_t r1 = std::min(re, r0 + rows);  // this slice's rows [r0, r1)
@@ -260,7 +265,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
       const int64_t n1 = std::min(re, r1 + rows);  // the next slice's rows [r1, n1)
       if (fuse && r1 < re) {
         side = {(const char*)g.a + r1 * a_row_bytes, g.a_source, panel + ((sl + 1) % 2) * rows * kc, 0, 0, kc,
-                pk.a_tiled, (n1 - r1) * K / 32, g.a_scale[0], qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
+                tiled, (n1 - r1) * K / 32, g.a_scale[0], qmin_for_bits(g.a_bits), qmax_for_bits(g.a_bits)};
       }
       for (int64_t p = 0; p < n_panels; ++p) {
         const int64_t n0 = p * nr;
@@ -269,7 +274,8 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
           PfOut ep = {colsum.data() + n0, rscale.data() + (i0 - r0), g.w_scale + n0, g.bias ? g.bias + n0 : nullptr,
                       (char*)g.out + (i0 * N + n0) * float_type_size(g.out_type), N, g.out_type, nn};
           if (side.n32 > 0) ep.side = &side;
-          prefill_tile_out(pk, cur + pf_a_offset(i0 - r0, 0, kc, pk.a_tiled), kc, wbuf + p * w_panel, kq,
+          ep.a_tiled = tiled;
+          prefill_tile_out(pk, cur + pf_a_offset(i0 - r0, 0, kc, tiled), kc, wbuf + p * w_panel, kq,
                            (int)std::min<int64_t>(mr, r1 - i0), nn, cbuf, nr, false, ep);
         }
       }
@@ -346,7 +352,8 @@ void gemm_prefill(const GemmArgs& g, const IsaKernels& ker) {
       std::vector<int8_t> tmp;  // a row in natural int8 order, where it must be made first
       for (int64_t r = b; r < e; ++r)
         rscale[r] =
-            pack_prefill_row(g, ker, m0 + r, kc_max, bstride, panel + pf_a_offset(r, 0, kc_max, pk.a_tiled), tmp);
+            pack_prefill_row(g, ker, m0 + r, kc_max, bstride, pk.a_tiled, panel + pf_a_offset(r, 0, kc_max, pk.a_tiled),
+                             tmp);
     });
     // Threads split N in units of 16 columns (one zmm), each thread's range cut into micro panels of nr from its
     // start: N = 1024 on 2 threads is 10 2/3 micro panels each, not 11 and 10 1/3 (the kernel skips a partial

@@ -42,6 +42,8 @@ struct PfOut {
   FloatType t;
   int nn;
   PfSide* side = nullptr;  // a side job the kernel runs between its k-steps (PrefillKernels::side), or none
+  bool a_tiled = false;    // the A tile's layout (pf_a_offset): tiled, or row-major at the kernel's lda; read by a
+                           // table with m_split_tiled (the others' kernel_out reads their a_tiled layout only)
 };
 
 // A side job for the prefill micro-kernel (gemm.cpp's M split): the next A slice built into its panel, 32 elements
@@ -135,6 +137,11 @@ struct PrefillKernels {
   // The A panel's layout (pf_a_offset): false row-major, true AMX tiles (k_align a multiple of 64, mr of 16). The
   // kernels get the panel's first row of their tile and lda = kc either way.
   bool a_tiled = false;
+  // The M split (gemm.cpp) builds its slices tiled where K % 64 == 0, and says so to kernel_out (PfOut::a_tiled):
+  // row-major, a tile's 8 rows sit K bytes apart, at K = 4096 all in one L1 set beside the W stream; tiled, 64.
+  // Where A streams from L3 (the N split) the row-major panel stays: tiled, it ran 3-33 % slower there (docs/PERF.md
+  // step 36).
+  bool m_split_tiled = false;
   // The driver takes this table from M = 64 up (gemm.cpp, kPrefillMinM), from M = 32 (kSmallMAnyW) for a table with
   // small_m > 0, and from M = small_m where all of W unpacked is at most kSmallWBytes: its W unpack, once per call,
   // then costs less than the decode tiles' (once per 4 A rows), which grow linearly in M (docs/PERF.md step 31:

@@ -109,7 +109,7 @@ const PrefillKernels kPrefill = {kPfMr,       kPfNr,           kPfKc,          k
                                  /*w8=*/true, pf_pack_w,       pf_kernel,      nullptr,  pf_kernel_out,
                                  pf_pack_a_float, pf_pack_a_int8, pf_pack_a_int4, pf_side, /*l2_blocks=*/true,
                                  /*min_slice_rows=*/0, /*k_align=*/8, /*flush=*/nullptr, /*a_tiled=*/false,
-                                 /*small_m=*/8};
+                                 /*m_split_tiled=*/true, /*small_m=*/8};
 
 void tile_w4(const int8_t* a, int64_t kp, const int32_t* rs, int a_bits, const uint8_t* w, int64_t ws,
              int64_t K, int mr, int nr, int32_t* acc) {

@@ -153,43 +153,51 @@ void pf_side(PfSide& side) {
 // c[0:MR, 0:16 NJ] (row stride ldc) (+)= A[0:MR, 0:4 kq] . Wp (the first NJ zmm columns of one micro panel, kq
 // dwords deep). NJ < 3 serves the last micro panel of an N that is not a multiple of 48 (N = 1024: 21 panels and
 // 16 columns), which would otherwise spend a full panel's vpdpbusd on zero columns.
+// A: row-major (row i at a + i lda), or TILED (pf_a_offset: row i at a + 64 i, each 64-k piece 1 KB on). Both are
+// walked a piece of 16 k-steps at a time: A[i, 4q] at a + i rs + (q / 16) ps + 4 (q % 16).
 // ep != nullptr: instead of storing c, write ep's outputs (PrefillKernels::kernel_out).
-// ep->side (PfSide, kernels_internal.h): one block of 32 of the side job after every kPfSideEvery k-steps, until
-// it runs out; the 24 accumulators stay in registers (the quantize gets the registers left, its other constants
-// come from the stack: checked in the disassembly).
-template <int MR, int NJ>
+// ep->side (PfSide, kernels_internal.h): one block of 32 of the side job after every kPfSideEvery k-steps (one
+// piece), until it runs out; the 24 accumulators stay in registers: the side job's constants are made afresh per
+// block (pf_quant_consts; hoisted out of the loop they took the registers, and one accumulator went to the stack
+// and back every k-step: checked in the disassembly).
+template <int MR, int NJ, bool TILED>
 void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int32_t* c, int64_t ldc,
                  bool accumulate, const PfOut* ep) {
+  static_assert(kPfSideEvery == 16, "a side block per 64-k piece");
   __m512i s[MR][NJ];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j)
       s[i][j] = accumulate ? _mm512_loadu_si512((const void*)(c + i * ldc + 16 * j)) : _mm512_setzero_si512();
-  auto step = [&](int64_t q) __attribute__((always_inline)) {
+  const int64_t rs = TILED ? 64 : lda, ps = TILED ? 1024 : 64;
+  auto step = [&](const uint8_t* ap, int64_t q, int64_t e) __attribute__((always_inline)) {  // e = q % 16
     __m512i w[NJ];
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j) w[j] = _mm512_load_si512((const void*)(wp + q * 192 + 64 * j));
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t v;
-      memcpy(&v, a + i * lda + 4 * q, 4);
+      memcpy(&v, ap + i * rs + 4 * e, 4);
       const __m512i ab = _mm512_set1_epi32(v);
 #pragma GCC unroll 3
       for (int j = 0; j < NJ; ++j) s[i][j] = _mm512_dpbusd_epi32(s[i][j], ab, w[j]);
     }
   };
+  auto piece = [&](int64_t q0, int64_t n) __attribute__((always_inline)) {  // k-steps q0 .. q0 + n - 1, q0 % 16 == 0
+    const uint8_t* ap = a + (q0 >> 4) * ps;
+#pragma GCC unroll 2
+    for (int64_t e = 0; e < n; ++e) step(ap, q0 + e, e);
+  };
   int64_t q = 0;
   if (PfSide* side = ep ? ep->side : nullptr) {
-    const PfQuant qc = pf_quant_consts(side->scale, side->qmin, side->qmax);
-    while (side->n32 > 0 && q + kPfSideEvery <= kq) {
-#pragma GCC unroll 2
-      for (const int64_t e = q + kPfSideEvery; q < e; ++q) step(q);
-      pf_side_block(*side, qc);
+    for (; side->n32 > 0 && q + 16 <= kq; q += 16) {
+      piece(q, 16);
+      pf_side_block(*side, pf_quant_consts(side->scale, side->qmin, side->qmax));
     }
   }
-#pragma GCC unroll 2
-  for (; q < kq; ++q) step(q);
+  for (; q + 16 <= kq; q += 16) piece(q, 16);
+  if (q < kq) piece(q, kq - q);
   if (ep) {  // the last K block: the epilogue straight from the accumulators, c is not written
 #pragma GCC unroll 3
     for (int j = 0; j < NJ; ++j) {
@@ -206,36 +214,38 @@ void pf_kernel_t(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, in
     for (int j = 0; j < NJ; ++j) _mm512_storeu_si512((void*)(c + i * ldc + 16 * j), s[i][j]);
 }
 
-template <int MR>
+template <int MR, bool TILED>
 void pf_kernel_mr(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int nn, int32_t* c, int64_t ldc,
                   bool accumulate, const PfOut* ep) {
-  if (nn > 32) return pf_kernel_t<MR, 3>(a, lda, wp, kq, c, ldc, accumulate, ep);
-  if (nn > 16) return pf_kernel_t<MR, 2>(a, lda, wp, kq, c, ldc, accumulate, ep);
-  return pf_kernel_t<MR, 1>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  if (nn > 32) return pf_kernel_t<MR, 3, TILED>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  if (nn > 16) return pf_kernel_t<MR, 2, TILED>(a, lda, wp, kq, c, ldc, accumulate, ep);
+  return pf_kernel_t<MR, 1, TILED>(a, lda, wp, kq, c, ldc, accumulate, ep);
 }
 
+template <bool TILED>
 void pf_kernel_ep(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c,
                   int64_t ldc, bool accumulate, const PfOut* ep) {
   switch (mr) {
-    case 8: return pf_kernel_mr<8>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 7: return pf_kernel_mr<7>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 6: return pf_kernel_mr<6>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 5: return pf_kernel_mr<5>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 4: return pf_kernel_mr<4>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 3: return pf_kernel_mr<3>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    case 2: return pf_kernel_mr<2>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
-    default: return pf_kernel_mr<1>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 8: return pf_kernel_mr<8, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 7: return pf_kernel_mr<7, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 6: return pf_kernel_mr<6, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 5: return pf_kernel_mr<5, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 4: return pf_kernel_mr<4, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 3: return pf_kernel_mr<3, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    case 2: return pf_kernel_mr<2, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
+    default: return pf_kernel_mr<1, TILED>(a, lda, wp, kq, nn, c, ldc, accumulate, ep);
   }
 }
 
 void pf_kernel(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, int32_t* c, int64_t ldc,
                bool accumulate) {
-  pf_kernel_ep(a, lda, wp, kq, mr, nn, c, ldc, accumulate, nullptr);
+  pf_kernel_ep<false>(a, lda, wp, kq, mr, nn, c, ldc, accumulate, nullptr);  // the N split: row-major A
 }
 
 void pf_kernel_out(const uint8_t* a, int64_t lda, const int8_t* wp, int64_t kq, int mr, int nn, const int32_t* c,
                    int64_t ldc, bool accumulate, const PfOut& ep) {
-  pf_kernel_ep(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);  // c is only read
+  if (ep.a_tiled) return pf_kernel_ep<true>(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);
+  pf_kernel_ep<false>(a, lda, wp, kq, mr, nn, const_cast<int32_t*>(c), ldc, accumulate, &ep);  // c is only read
 }
 
 // ---- the A panel: one row of A straight into its K blocks as u8 (a + 128) ------------------------------------

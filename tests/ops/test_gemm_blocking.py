@@ -248,8 +248,11 @@ def test_prefill_m_split(backend, dtype, static, K, sub, a_bits, gen, monkeypatc
     every slice: a bf16 x with a static scale and K % 32 == 0 builds each next slice inside the micro-kernel (K = 64
     with 17 micro panels: the kernels finish it; K = 256 / 1056: PrefillKernels::side finishes what they leave);
     K = 80, per-token scales, fp16 and fp32 build every slice before its kernels. M = 203 leaves the threads ranges
-    and slices that are not multiples of 8 rows. Planted bugs: the side job writing the slice it reads (not the next
-    one), and the next slice's job one row short: 33 failures each (with the "side" case of the every-16-bit test)."""
+    and slices that are not multiples of 8 rows. K = 64 / 256 build the slices tiled on the zmm table
+    (PrefillKernels::m_split_tiled), K = 1056 / 80 / 96 row-major. Planted bugs: the side job writing the slice it
+    reads (not the next one), and the next slice's job one row short: 33 failures each (with the "side" case of the
+    every-16-bit test); the tiled kernel's 64-k pieces 512 bytes apart (not 1 KB), 89 failures in this file; the
+    side job writing a tiled slice row-major, 33."""
     _set_env(monkeypatch, (None, None, sub, None, "m"))
     M, N = 203, 800 if K == 64 else 101
     x = (torch.randn(M, K, generator=gen) * 3).to(dtype)

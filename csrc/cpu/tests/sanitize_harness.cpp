@@ -505,7 +505,8 @@ int main(int argc, char** argv) {
     // The prefill GEMM's M split with 8-row slices (PQK_PREFILL_SPLIT / _SUBROWS, read per call): each thread's
     // slices in turn, and for a bf16, int8 or packed int4 A with K % 32 == 0 each next slice built by the
     // micro-kernels' side job into the second of two slice buffers (x86_gemm_zmm.h PfSide), the rest by
-    // PrefillKernels::side.
+    // PrefillKernels::side. K = 64 / 256: the slices tiled (PrefillKernels::m_split_tiled, 16-row groups; planted:
+    // slice buffers of whole 8-row tiles, not 16-row groups, a heap-buffer-overflow); K = 1030 row-major.
     setenv("PQK_PREFILL_SPLIT", "m", 1);
     setenv("PQK_PREFILL_SUBROWS", "16", 1);
     const int64_t msplit_shapes[][3] = {{203, 800, 64}, {130, 60, 256}, {67, 101, 1030}};
