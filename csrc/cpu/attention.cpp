@@ -80,6 +80,11 @@ void softmax_block_portable(float* s, int64_t R, const int64_t* n, float* m, flo
 
 }  // namespace
 
+bool attention_blocks(Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  return ker.qk_block && ker.pv_block && ker.softmax_block;
+}
+
 void prefix_causal_attention(const void* q, const void* k, const void* v, FloatType t, int64_t B, int64_t Hq,
                              int64_t Hkv, int64_t T, int64_t P, int64_t D, float scale, void* out, Isa isa) {
   const IsaKernels& ker = kernels_for(isa);

@@ -120,6 +120,8 @@ void rms_norm_rows(const void* x, const void* w, FloatType t, int64_t rows, int6
 // softmax(q k^T scale) v with query t attending to keys 0 .. P + t. Hq a multiple of Hkv, T >= 1.
 void prefix_causal_attention(const void* q, const void* k, const void* v, FloatType t, int64_t B, int64_t Hq,
                              int64_t Hkv, int64_t T, int64_t P, int64_t D, float scale, void* out, Isa isa);
+// Whether isa's table has the attention blocks (else prefix_causal_attention runs portable ones, slower than SDPA).
+bool attention_blocks(Isa isa);
 
 // The new tokens' K and V quantized into a paged static cache (vLLM's: uint8 [blocks, H, block_size, 2 * row],
 // a token-head's K codes then its V codes, row = D / 2 (bits 4, packed as kv_quantize_static packs) or D (bits 8)):

@@ -761,6 +761,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hadamard_rows_", &pqk::cpu::hadamard_rows_);
   m.def("decode_layer_release", &pqk::cpu::decode_layer_release);
   m.def("cpu_isa_supported", [](int isa) { return pqk::cpu::isa_supported(static_cast<pqk::cpu::Isa>(isa)); });
+  // models/prefix_attention.py: whether the table pqk::prefix_causal_attention runs on has the attention blocks
+  // (IsaKernels::qk_block / pv_block / softmax_block); without them its portable blocks are slower than SDPA
+  m.def("cpu_attention_blocks", [] { return pqk::cpu::attention_blocks(pqk::cpu::Isa::kAuto); });
   // How many distinct threads ran the chunks of one kernels' parallel_for over `n` items (grain 1): equals
   // torch.get_num_threads() when the threading hook really is parallel (tests/cpu/test_threads.py; a build without
   // -fopenmp compiles at::parallel_for's pragma away and runs everything on one thread, silently).

@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 
 
-_BLOCK_ISAS = ("avx2", "avxvnni", "avx512vnni", "amx")   # tables with IsaKernels::qk_block / pv_block / softmax_block
-
-
 def _cpu_kernel(query, key, value) -> bool:
-    """Does pqk::prefix_causal_attention take this call (see the module doc)?"""
+    """Does pqk::prefix_causal_attention take this call (see the module doc)? Where the kernel table has the
+    attention blocks: the table says so (`cpu_attention_blocks`), not its name (an AVX2 CPU without FMA, as a VM can
+    report, gets no ymm blocks)."""
     from .. import _extension
     return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-            and _extension.cpu_available() and _extension._C.best_cpu_isa() in _BLOCK_ISAS)
+            and _extension.cpu_available() and _extension._C.cpu_attention_blocks())
 
 
 def prefix_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_len: int,

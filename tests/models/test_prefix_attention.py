@@ -173,3 +173,34 @@ def test_bf16_inputs_take_the_bf16_blocks(D, monkeypatch):
         for out in (dot, f32):
             torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2, msg=name)
         assert torch.equal(dot, f32) != (_cpu_has_avx512_bf16() and D % 16 == 0), name
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "auto"])
+def test_the_table_decides_who_runs(isa):
+    """The C++ loop takes a call where the kernel table has the attention blocks, as the table itself says
+    (`cpu_attention_blocks`): not on the scalar table (its portable blocks lose to SDPA), on AVX2 where the CPU has
+    FMA (x86_attention_ymm.h), on the AVX-512 tables. Each ISA in a fresh process (PQK_CPU_ISA is read once).
+    Planted: `_cpu_kernel` deciding by the table's name with "scalar" among the names: the scalar case fails."""
+    import os
+    import subprocess
+    import sys
+    from prefixquant_kernels import _extension
+    if not _extension.cpu_available():
+        pytest.skip("no C++ extension")
+    if isa == "avx2" and not _extension._C.cpu_isa_supported(1):
+        pytest.skip("no AVX2 on this CPU")
+    code = ("import torch; from prefixquant_kernels.models import prefix_attention as pa; "
+            "from prefixquant_kernels import _extension as e; "
+            "x = torch.ones(1, 1, 4, 16); print(pa._cpu_kernel(x, x, x), e._C.best_cpu_isa())")
+    env = dict(os.environ)
+    env.pop("PQK_CPU_ISA", None)
+    if isa != "auto":
+        env["PQK_CPU_ISA"] = isa
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    takes, table = r.stdout.split()
+    with open("/proc/cpuinfo") as f:
+        fma = " fma " in f.read()
+    expect = {"scalar": False, "avx2": fma}.get(table, True)
+    assert table == (isa if isa != "auto" else _extension._C.best_cpu_isa())
+    assert takes == str(expect)
