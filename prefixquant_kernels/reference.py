@@ -108,6 +108,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's apply_rotary_pos_emb (Llama; Qwen2/3 and Mistral alike) on one of q / k, op for op:
+    x cos + rotate_half(x) sin with cos / sin [B or 1, T, D] broadcast over the heads of x [B, H, T, D],
+    rotate_half(x) = [-x[..., D/2:], x[..., :D/2]]; each product and the sum rounded to x.dtype."""
+    h = x.shape[-1] // 2
+    return x * cos.unsqueeze(1) + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin.unsqueeze(1)
+
+
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (quantize_static(rmsnorm(x)) packed as quantize_static returns it, rmsnorm(x) rounded to x.dtype): the fp32

@@ -497,6 +497,40 @@ void rms_norm_row_t(const void* x, const void* w, int64_t n, float eps, void* ou
     store_from_f32(out, i, load_as_f32(w, i, t) * round_to_type(tmp[i] * inv, t), t);
 }
 
+// One head row of HF's RoPE (rope_rows' contract, float_ops.cpp): both halves 8 lanes at a time, each product and
+// the sum rounded to t as torch rounds them (no FMA in this region: the product is rounded before the add).
+template <FloatType t>
+void rope_row_t(const void* x, const void* c, const void* s, int64_t D, void* out) {
+  const int64_t h = D / 2;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t d = 0;
+  for (; d + 8 <= h; d += 8) {
+    const __m256 x1 = load8_f32(x, d, t), x2 = load8_f32(x, d + h, t);
+    const __m256 lo = _mm256_add_ps(round8_to(_mm256_mul_ps(x1, load8_f32(c, d, t)), t),
+                                    round8_to(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8_f32(s, d, t)), t));
+    const __m256 hi = _mm256_add_ps(round8_to(_mm256_mul_ps(x2, load8_f32(c, d + h, t)), t),
+                                    round8_to(_mm256_mul_ps(x1, load8_f32(s, d + h, t)), t));
+    store8(out, d, lo, t);  // store8 rounds the sum
+    store8(out, d + h, hi, t);
+  }
+  for (; d < h; ++d) {  // the same roundings in scalar code (store_from_f32 makes the last)
+    const float x1 = load_as_f32(x, d, t), x2 = load_as_f32(x, d + h, t);
+    store_from_f32(out, d, round_to_type(x1 * load_as_f32(c, d, t), t) + round_to_type(-x2 * load_as_f32(s, d, t), t),
+                   t);
+    store_from_f32(
+        out, d + h, round_to_type(x2 * load_as_f32(c, d + h, t), t) + round_to_type(x1 * load_as_f32(s, d + h, t), t),
+        t);
+  }
+}
+
+void rope_row(const void* x, const void* c, const void* s, FloatType t, int64_t D, void* out) {
+  switch (t) {
+    case FloatType::kBFloat16: return rope_row_t<FloatType::kBFloat16>(x, c, s, D, out);
+    case FloatType::kFloat16: return rope_row_t<FloatType::kFloat16>(x, c, s, D, out);
+    default: return rope_row_t<FloatType::kFloat32>(x, c, s, D, out);
+  }
+}
+
 void rms_norm_row(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out, float* tmp) {
   switch (t) {
     case FloatType::kBFloat16: return rms_norm_row_t<FloatType::kBFloat16>(x, w, n, eps, out, tmp);
@@ -545,6 +579,7 @@ const IsaKernels kAvx2 = [] {
       dot_rows, qk_rows_q4, axpy_rows, pv_rows_q4, exp_rows, tile_w4, tile_w8, &kPrefill,
   };
   k.rms_norm_row = rms_norm_row;
+  k.rope_row = rope_row;
   if (__builtin_cpu_supports("fma")) {  // x86_attention_ymm.h (the AVX-512 tables put their zmm blocks over these)
     k.qk_block = attn_qk_block8;
     k.pv_block = attn_pv_block8;

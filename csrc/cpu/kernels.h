@@ -114,6 +114,11 @@ float rms_inv(const float* x, int64_t n, float eps);
 // HF's RMSNorm over `rows` contiguous rows of n (float_ops.cpp): out = to_t(w * to_t(x * rms_inv(x))), the products
 // in fp32; x [rows, n], w [n] and out [rows, n] all of type t (rounded twice in a bf16 / fp16 model, as the module).
 void rms_norm_rows(const void* x, const void* w, FloatType t, int64_t rows, int64_t n, float eps, void* out, Isa isa);
+// HF's apply_rotary_pos_emb on one of q / k (float_ops.cpp; models/float_ops.py), with its roundings: out =
+// x cos + rotate_half(x) sin, each product and the sum rounded to type t. x [B, H, T, D] at element strides (xb, xh,
+// xt, 1); cos / sin [B or 1, T, D] contiguous (cb: their batch stride, T D or 0); out [B, H, T, D] contiguous; D even.
+void rope_rows(const void* x, int64_t xb, int64_t xh, int64_t xt, const void* cos, const void* sin, int64_t cb,
+               FloatType t, int64_t B, int64_t H, int64_t T, int64_t D, void* out, Isa isa);
 
 // Prefill attention over [prefix | prompt] (attention.cpp; models/prefix_attention.py): q [B, Hq, T, D], k / v
 // [B, Hkv, P + T, D] (the P prefix keys first), all of type t, contiguous; out [B, T, Hq, D] of type t =

@@ -256,6 +256,10 @@ struct IsaKernels {
   // and out [n] of type t (the module's two roundings in a bf16 / fp16 model); tmp fp32 [n]
   void (*rms_norm_row)(const void* x, const void* w, FloatType t, int64_t n, float eps, void* out,
                        float* tmp) = nullptr;
+  // One head row of HF's apply_rotary_pos_emb (float_ops.cpp; nullptr: its portable loop): out[d] =
+  // to_t(to_t(x[d] c[d]) + to_t(rotate_half(x)[d] s[d])), rotate_half(x) = [-x[D/2:], x[:D/2]]; x, c, s, out [D] of
+  // type t, D even (torch's three ops in a bf16 / fp16 model, each rounded)
+  void (*rope_row)(const void* x, const void* c, const void* s, FloatType t, int64_t D, void* out) = nullptr;
 };
 
 const IsaKernels& scalar_kernels();

@@ -383,6 +383,28 @@ at::Tensor prefix_causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
   return out;
 }
 
+// ---- rope: HF's apply_rotary_pos_emb on one of q / k (float_ops.cpp; ops/transform.py rope) ----------------------
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t cpu_isa) {
+  const char* op = "pqk.rope: ";
+  TORCH_CHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), op,
+              "x, cos and sin must be CPU tensors");
+  TORCH_CHECK(x.dim() == 4 && x.size(3) >= 2 && x.size(3) % 2 == 0, op, "x must be [B, H, T, D] with D even, got ",
+              x.sizes());
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == B || cos.size(0) == 1) &&
+                  cos.size(1) == T && cos.size(2) == D,
+              op, "cos and sin must be [", B, " or 1, ", T, ", ", D, "], got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), op,
+              "cos and sin must have x's dtype ", x.scalar_type(), ", got ", cos.scalar_type(), " and ",
+              sin.scalar_type());
+  const FloatType t = float_type(x, "x");
+  const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor out = at::empty({B, H, T, D}, x.options());
+  rope_rows(xc.data_ptr(), xc.stride(0), xc.stride(1), xc.stride(2), cc.data_ptr(), sc.data_ptr(),
+            cos.size(0) == 1 ? 0 : T * D, t, B, H, T, D, out.data_ptr(), to_isa(cpu_isa));
+  return out;
+}
+
 // ---- rms_norm: HF's RMSNorm (float_ops.cpp; ops/transform.py rms_norm) --------------------------------------------
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t cpu_isa) {
   const char* op = "pqk.rms_norm: ";
@@ -743,6 +765,7 @@ TORCH_LIBRARY_IMPL(pqk, CPU, m) {
   m.impl("decode_layer", &decode_layer_cpu);
   m.impl("prefix_causal_attention", &prefix_causal_attention_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rope", &rope_cpu);
 }
 
 }  // namespace cpu

@@ -56,6 +56,7 @@ def swap(model, replacements: dict[str, nn.Module], state: nn.Module | None = No
     for parent, child, new in targets:   # from here on nothing can fail
         setattr(parent, child, new)
     float_ops.use_cpp_norms(model)
+    float_ops.use_cpp_rope(model)
     if state is not None:
         model.pqk_state = state
     if rotates_qk:

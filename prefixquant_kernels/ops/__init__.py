@@ -6,7 +6,7 @@ from .backend import available_backends
 from .linear import (int4_matmul, int4_matmul_requant, int4_matmul_silu_mul_requant, quant_linear,
                      quant_linear_silu_mul_requant)
 from .quantize import pack_int4, quantize_per_token, quantize_static, unpack_int4
-from .transform import hadamard_transform, rms_norm, rmsnorm_quantize
+from .transform import hadamard_transform, rms_norm, rmsnorm_quantize, rope
 
 __all__ = [
     "available_backends",
@@ -21,5 +21,6 @@ __all__ = [
     "quantize_static",
     "rms_norm",
     "rmsnorm_quantize",
+    "rope",
     "unpack_int4",
 ]

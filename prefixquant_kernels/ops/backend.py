@@ -61,6 +61,8 @@ OPS: dict[str, Op] = {
         "quantize_per_token", "rmsnorm_quantize", "hadamard_transform")},
     "rms_norm": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": "rms_norm (no CUDA kernel: on a GPU the "
                                                                   "module's own formula is already few launches)"}),
+    "rope": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": "rope (no CUDA kernel: on a GPU the model's own "
+                                                          "formula is a few launches)"}),
     "pack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("pack_int4")}),
     "unpack_int4": Op(BACKENDS, frozenset({"reference", "cpu"}), {"cuda": _FORMAT.format("unpack_int4")}),
     "kv_quantize": Op(KV_BACKENDS, _KV),

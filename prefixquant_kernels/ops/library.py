@@ -98,6 +98,9 @@ LIB.define(
 # HF's RMSNorm with its roundings (ops/transform.py rms_norm; csrc/cpu/float_ops.cpp): x [..., N] float, weight [N]
 # of x's dtype -> x's shape and dtype.
 LIB.define("rms_norm(Tensor x, Tensor weight, float eps, int cpu_isa=-1) -> Tensor")
+# HF's apply_rotary_pos_emb on one of q / k (ops/transform.py rope; csrc/cpu/float_ops.cpp): x [B, H, T, D], cos /
+# sin [B or 1, T, D] of x's dtype -> [B, H, T, D] contiguous.
+LIB.define("rope(Tensor x, Tensor cos, Tensor sin, int cpu_isa=-1) -> Tensor")
 LIB.define(
     "decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor length, Tensor k_scale, Tensor v_scale, Tensor? prefix_k, Tensor? prefix_v, Tensor? key_rotation, "
@@ -218,6 +221,11 @@ def _prefix_causal_attention_fake(q, k, v, prefix_len, scale, cpu_isa=-1):
 
 @torch.library.register_fake("pqk::rms_norm")
 def _rms_norm_fake(x, weight, eps, cpu_isa=-1):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pqk::rope")
+def _rope_fake(x, cos, sin, cpu_isa=-1):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

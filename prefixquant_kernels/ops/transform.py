@@ -1,11 +1,13 @@
 """Public ops that transform an activation before a quantized GEMM: ``rmsnorm_quantize`` (the fused RMSNorm +
 static quantize that feeds a layer's q/k/v or gate/up GEMMs), ``rms_norm`` (Hugging Face's RMSNorm as one op, what a
-quantized model's norms run on the CPU: models/float_ops.py) and ``hadamard_transform`` (the online Walsh-Hadamard
+quantized model's norms run on the CPU: models/float_ops.py), ``rope`` (its rotary embedding of q / k, likewise)
+and ``hadamard_transform`` (the online Walsh-Hadamard
 rotation of the down_proj input). Validation -> backend choice (ops/backend.py) -> one ``torch.ops.pqk`` custom op
 (schemas and fakes in library.py). Kernels per device:
 
     pqk::rmsnorm_quantize    CPU: PyTorch (reference.rmsnorm_quantize)   CUDA: pqk_rmsnorm_quantize (ops/cuda_ops.py)
     pqk::rms_norm            CPU: C++ (csrc/cpu/float_ops.cpp)            CUDA: PyTorch (reference.rms_norm)
+    pqk::rope                CPU: C++ (csrc/cpu/float_ops.cpp)            CUDA: PyTorch (reference.rope)
     pqk::hadamard_transform  CPU: C++ (csrc/cpu/hadamard.cpp)            CUDA: pqk_hadamard (ops/cuda_ops.py)
 
 On CPU tensors backend "auto" / "cpu*" run the custom op (one node for torch.compile), "reference" the PyTorch
@@ -78,6 +80,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     if be.kind != "cpu" or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps)
     return torch.ops.pqk.rms_norm(x, weight, eps, be.cpu_isa)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Hugging Face's rotary embedding (apply_rotary_pos_emb of Llama, Qwen2/3, Mistral) on one of q / k:
+    x cos + rotate_half(x) sin, rotate_half(x) = [-x[..., D/2:], x[..., :D/2]], with torch's roundings (each
+    product and the sum rounded to x.dtype): bit-identical to the model's own formula.
+
+    Args:
+        x: float32/bfloat16/float16 [B, H, T, D], D even, any strides (the model's q / k are transposed views).
+        cos, sin: [B or 1, T, D] of x's dtype (the model's position embeddings; another dtype: the model's formula,
+            which promotes), on x's device.
+    Returns x's dtype, [B, H, T, D] (contiguous from the CPU kernel).
+    """
+    op = "rope"
+    checks.tensor(x, "x", op, checks.FLOAT_DTYPES, dim=4)
+    if x.shape[-1] == 0 or x.shape[-1] % 2:
+        checks.fail(op, f"x's last dim (D) must be even and > 0, got shape {tuple(x.shape)}")
+    b, _, t, d = x.shape
+    for name, c in (("cos", cos), ("sin", sin)):
+        checks.tensor(c, name, op, checks.FLOAT_DTYPES, dim=3)
+        if c.shape[0] not in (1, b) or tuple(c.shape[1:]) != (t, d):
+            checks.fail(op, f"{name} must be [{b} or 1, {t}, {d}] (x [B, H, T, D]), got {tuple(c.shape)}")
+        checks.same_device(op, x.device, **{name: c})
+    if cos.shape != sin.shape:
+        checks.fail(op, f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    be = resolve(backend, x.device, op)
+    if be.kind != "cpu" or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        return reference.rope(x, cos, sin)
+    return torch.ops.pqk.rope(x, cos, sin, be.cpu_isa)
 
 
 def hadamard_transform(x: torch.Tensor, *, inverse: bool = False, backend: str = "auto") -> torch.Tensor:

@@ -482,6 +482,44 @@ static void test_rms_norm(int64_t rows, int64_t n, FloatType t, Isa isa) {
   check(ok, half ? "rms_norm_rows bf16" : "rms_norm_rows", rows, n, 0, isa_name(isa));
 }
 
+// rope_rows: against x cos + rotate_half(x) sin in double (fp32: to a few fp32 roundings; bf16: the three
+// roundings, at most ~2 bf16 ulps of the larger product); x a transposed view (strides of [B, T, H, D]), cos / sin
+// per batch row; D / 2 past the vector width with a tail (planted: the tail's rotated half with the wrong sign,
+// caught on every table with the AVX2 row).
+static void test_rope(int64_t B, int64_t H, int64_t T, int64_t D, FloatType t, Isa isa) {
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  const bool half = t == FloatType::kBFloat16;
+  auto r = [&] { return half ? bf16_to_f32(f32_to_bf16(u(rng))) : u(rng); };
+  std::vector<float> x((size_t)(B * T * H * D)), c((size_t)(B * T * D)), s(c.size());
+  for (auto& e : x) e = r();
+  for (auto& e : c) e = r();
+  for (auto& e : s) e = r();
+  std::vector<float> out(x.size(), NAN);
+  std::vector<uint16_t> x16(half ? x.size() : 0), c16(half ? c.size() : 0), s16(half ? c.size() : 0),
+      o16(half ? x.size() : 0, 0x7FC0);
+  for (size_t i = 0; i < x16.size(); ++i) x16[i] = f32_to_bf16(x[i]);
+  for (size_t i = 0; i < c16.size(); ++i) c16[i] = f32_to_bf16(c[i]), s16[i] = f32_to_bf16(s[i]);
+  const int64_t xb = T * H * D, xh = D, xt = H * D;  // x stored [B, T, H, D], read as [B, H, T, D]
+  if (half)
+    rope_rows(x16.data(), xb, xh, xt, c16.data(), s16.data(), T * D, t, B, H, T, D, o16.data(), isa);
+  else
+    rope_rows(x.data(), xb, xh, xt, c.data(), s.data(), T * D, t, B, H, T, D, out.data(), isa);
+  for (size_t i = 0; i < o16.size(); ++i) out[i] = bf16_to_f32(o16[i]);
+  bool ok = true;
+  const int64_t h2 = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hh = 0; hh < H; ++hh)
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t d = 0; d < D; ++d) {
+          const float* xr = &x[b * xb + hh * xh + i * xt];
+          const double p = (double)xr[d] * c[(b * T + i) * D + d],
+                       q = (d < h2 ? -(double)xr[d + h2] : (double)xr[d - h2]) * s[(b * T + i) * D + d];
+          const double got = out[((b * H + hh) * T + i) * D + d];
+          ok = ok && std::isfinite(got) && fabs(got - (p + q)) <= (half ? 1.6e-2 : 1e-6) * (fabs(p) + fabs(q)) + 1e-30;
+        }
+  check(ok, half ? "rope_rows bf16" : "rope_rows", B * H * T, D, 0, isa_name(isa));
+}
+
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
   const Isa isas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAmx};
@@ -541,6 +579,8 @@ int main(int argc, char** argv) {
     test_rms_norm(37, 576, FloatType::kFloat32, isa);
     test_rms_norm(5, 19, FloatType::kBFloat16, isa);
     test_rms_norm(9, 4099, FloatType::kBFloat16, isa);
+    test_rope(2, 3, 5, 64, FloatType::kFloat32, isa);
+    test_rope(1, 2, 7, 42, FloatType::kBFloat16, isa);  // D / 2 = 21: two vectors of 8 and a tail of 5
     test_prefix_attention(2, 4, 2, 37, 3, 64, isa, FloatType::kBFloat16);
     test_prefix_attention(1, 6, 2, 131, 1, 80, isa, FloatType::kBFloat16);  // D = 64 + 16: a 1-wide column piece
     test_prefix_attention(1, 2, 1, 20, 2, 8, isa, FloatType::kBFloat16);    // D % 16 != 0: the fp32 blocks
