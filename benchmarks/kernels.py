@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import anchors, machine_info, machine_line, timeit_budget, write_outputs  # noqa: E402
 import prefixquant_kernels as pqk  # noqa: E402  (common.py put the repository root on sys.path)
+from prefixquant_kernels.ops.backend import CPU_ISAS  # noqa: E402
 
 DEFAULT_SHAPES = "2048x4096x4096,16x4096x4096,1x4096x14336"
 QUICK_SHAPES = "64x256x512,1x256x512"
@@ -197,9 +198,14 @@ def bench_kv(b: Bench, heads: int = 8, tokens=(2048, 8192), d: int = 128, prefix
                   lambda: pqk.kv_dequant_concat(pk, packed, s, 4, torch.float16, backend=be), nbytes=nbytes)
 
 
-def bench_attention(b: Bench, hq: int = 32, hkv: int = 8, tokens=(2048, 8192), d: int = 128, prefix: int = 4):
+# decode attention cases: (query heads, KV heads, body tokens, head dim, prefix); SmolLM2's step at ~560 positions
+ATTN_CASES = ((32, 8, 2048, 128, 4), (32, 8, 8192, 128, 4), (9, 3, 560, 64, 1))
+
+
+def bench_attention(b: Bench, cases=ATTN_CASES):
     """Decode attention over [prefix | 4-bit body]: the fused kernel (C++ on CPU, Triton on CUDA) vs dequant-concat
-    + SDPA (what an unfused cache does every step). fp32 on CPU (torch's fp16 SDPA is ~10x slower there)."""
+    + SDPA (what an unfused cache does every step). fp32 on CPU (torch's fp16 SDPA is ~10x slower there). On CPU
+    also each kernel table's passes (the ymm ones of cpu:avx2 beside the zmm ones of cpu:avx512vnni, ...)."""
     if b.dev == "cpu" and "cpu:scalar" not in pqk.available_backends():
         b.skip("attention", "decode", "kv_decode_attention [cpu]", "the C++ extension is not built")
         return
@@ -207,8 +213,9 @@ def bench_attention(b: Bench, hq: int = 32, hkv: int = 8, tokens=(2048, 8192), d
     fused = "cpu" if b.dev == "cpu" else "triton"
     dt = torch.float32 if b.dev == "cpu" else torch.float16
     g = torch.Generator().manual_seed(4)
-    s = torch.full((hkv,), 0.1, device=b.dev)
-    for t in tokens:
+    tables = [n for n in pqk.available_backends() if n.startswith("cpu:") and n != "cpu:scalar"] if b.dev == "cpu" else []
+    for hq, hkv, t, d, prefix in cases:
+        s = torch.full((hkv,), 0.1, device=b.dev)
         q = torch.randn(1, hq, d, generator=g).to(b.dev, dt)
         k, v = (torch.randn(1, hkv, t, d, generator=g).to(b.dev, dt) for _ in range(2))
         pk, pv = (torch.randn(1, hkv, prefix, d, generator=g).to(b.dev, dt) for _ in range(2))
@@ -217,6 +224,10 @@ def bench_attention(b: Bench, hq: int = 32, hkv: int = 8, tokens=(2048, 8192), d
         case = f"q [1, {hq}, {d}], KV [1, {hkv}, {prefix}+{t}, {d}] 4-bit"
         b.run("attention", case, f"kv_decode_attention [{fused}]",
               lambda: pqk.kv_decode_attention(q, pk, pv, kp, vp, s, s, 4, backend=fused), nbytes=nbytes)
+        for name in tables:  # the op itself, per table (no Python checks)
+            b.run("attention", case, f"kv_decode_static [{name}]",
+                  lambda isa=CPU_ISAS[name]: torch.ops.pqk.kv_decode_static(q, pk, pv, kp, vp, s, s, 4, d ** -0.5, isa),
+                  nbytes=nbytes)
 
         def unfused():
             kk = pqk.kv_dequant_concat(pk, kp, s, 4, dt)
@@ -287,7 +298,7 @@ def main(argv=None) -> dict:
     b = Bench(args, result["anchors"])
     quick = dict(ms=(1, 16), ns=(256,)) if args.quick else {}
     kv_quick = dict(tokens=(64,), heads=2, d=64) if args.quick else {}
-    att_quick = dict(hq=4, hkv=2, tokens=(64,), d=64) if args.quick else {}
+    att_quick = dict(cases=((4, 2, 64, 64, 4),)) if args.quick else {}
     jobs = {"gemm": lambda: bench_gemm(b, args.shapes), "quantize": lambda: bench_quantize(b, args.shapes),
             "hadamard": lambda: bench_hadamard(b, **quick), "kv": lambda: bench_kv(b, **kv_quick),
             "attention": lambda: bench_attention(b, **att_quick)}

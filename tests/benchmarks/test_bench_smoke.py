@@ -163,9 +163,10 @@ def test_kernels_quick(kernels, tmp_path, no_interpreter):
     for be in pqk.available_backends():   # every backend of the device is in the GEMM section
         assert f"pqk static W4A4 quant_linear [{be}]" in methods
     assert {"torch fp32 x @ W.T", "torch bf16 x @ W.T", "torch int8 quantize + _int_mm + scale"} <= methods
-    # decode attention on CPU: the C++ kernel and the unfused dequant-concat + SDPA, both timed
+    # decode attention on CPU: the C++ kernel, the op on each kernel table, and the unfused dequant-concat + SDPA
     att = {r["method"] for r in timed if r["section"] == "attention"}
-    assert att == {"kv_decode_attention [cpu]", "dequant-concat + SDPA"}
+    tables = {f"kv_decode_static [{n}]" for n in pqk.available_backends() if n.startswith("cpu:") and n != "cpu:scalar"}
+    assert tables and att == {"kv_decode_attention [cpu]", "dequant-concat + SDPA"} | tables
     assert (tmp_path / "k.md").read_text().startswith("Machine:")
 
 
