@@ -13,6 +13,12 @@
 // Included inside vnni_kernels.cpp's avx512vnni namespace, after its `#pragma GCC target` (avx512f,
 // avx512vnni, ...); needs kChunk and scalar_kernels() like x86_tile_w4.h.
 
+// The first n (1..63) bytes of a 64-byte line, as a byte mask: the K tail's load. A masked load never touches the
+// bytes it leaves out, so it neither reads past W nor needs the zero-padded copy the tails made before (a libc
+// memcpy and a store-to-load forwarding stall per row: at K = 576, 288 bytes a row, the tail was ~half of a decode
+// row's time; docs/PERF.md change 22).
+inline __mmask64 tail_mask(int64_t n) { return (__mmask64)((1ull << n) - 1); }
+
 // Decode (one A row, MR = 1): acc[0:NR] = A . W[0:NR], each W row read start to end before the next. The tile's
 // rows are adjacent in W (w_stride = K / 2), and the driver hands each thread a contiguous range of tiles, so W
 // streams as one sequential read per thread, which the hardware prefetcher follows across rows and tiles. Read
@@ -28,9 +34,9 @@ void tile_w4_zmm_rows(const int8_t* a, const int32_t* a_rowsum, const uint8_t* w
   for (int j = 0; j < NR; ++j) {
     const uint8_t* wr = w + j * w_stride;
     __m512i s1 = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
-    // 64 W bytes = chunks c and c + 1 (as `pair` below); two = false: only chunk c exists (the K tail)
-    auto line = [&](const uint8_t* src, int64_t c, bool two) __attribute__((always_inline)) {
-      const __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void*)src), x88);
+    // 64 W bytes = chunks c and c + 1 (as `pair` below), `raw` loaded; two = false: only chunk c exists (the K tail)
+    auto line = [&](__m512i raw, int64_t c, bool two) __attribute__((always_inline)) {
+      const __m512i b = _mm512_xor_si512(raw, x88);
       const __m512i lo = _mm512_and_si512(b, mask0f), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask0f);
       s1 = _mm512_dpbusd_epi32(s1, _mm512_shuffle_i64x2(lo, hi, 0x44),
                                _mm512_loadu_si512((const void*)(a + c * kChunk)));
@@ -39,13 +45,9 @@ void tile_w4_zmm_rows(const int8_t* a, const int32_t* a_rowsum, const uint8_t* w
                                  _mm512_loadu_si512((const void*)(a + (c + 1) * kChunk)));
     };
 #pragma GCC unroll 4
-    for (int64_t p = 0; p < n_pairs; ++p) line(wr + p * 64, 2 * p, true);
-    if (rem) {  // 1..63 bytes left: a zero-padded copy, as in tile_w4_zmm
-      alignas(64) uint8_t wtail[64];
-      memset(wtail, 0, sizeof(wtail));
-      memcpy(wtail, wr + n_pairs * 64, (size_t)rem);
-      line(wtail, 2 * n_pairs, rem > 32);
-    }
+    for (int64_t p = 0; p < n_pairs; ++p) line(_mm512_loadu_si512((const void*)(wr + p * 64)), 2 * p, true);
+    if (rem)  // 1..63 bytes left: loaded masked, zeros past them (as the panel's zero A, they add nothing)
+      line(_mm512_maskz_loadu_epi8(tail_mask(rem), wr + n_pairs * 64), 2 * n_pairs, rem > 32);
     acc[j] = _mm512_reduce_add_epi32(_mm512_add_epi32(s1, s2)) - 8 * a_rowsum[0];
   }
 }
@@ -65,11 +67,13 @@ void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uin
 
   // Chunks c, c+1 from 64 W bytes per row at wrow[j]; `two` = false: only chunk c exists (the K tail),
   // whose U1 still comes from the first 32 bytes and whose A load stays inside the panel's chunk c.
-  auto pair = [&](const uint8_t* const* wrow, int64_t c, bool two) __attribute__((always_inline)) {
+  // tail: each row's first `tail` bytes only (the K tail, loaded masked: zeros past them); 0 = the whole line.
+  auto pair = [&](const uint8_t* const* wrow, int64_t c, bool two, int64_t tail = 0) __attribute__((always_inline)) {
     __m512i u1[NR], u2[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      const __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void*)wrow[j]), x88);
+      const __m512i raw = tail ? _mm512_maskz_loadu_epi8(tail_mask(tail), wrow[j]) : _mm512_loadu_si512(wrow[j]);
+      const __m512i b = _mm512_xor_si512(raw, x88);
       const __m512i lo = _mm512_and_si512(b, mask0f), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask0f);
       u1[j] = _mm512_shuffle_i64x2(lo, hi, 0x44);  // lanes lo0 lo1 hi0 hi1 = [even c | odd c]
       u2[j] = _mm512_shuffle_i64x2(lo, hi, 0xEE);  // lanes lo2 lo3 hi2 hi3 = [even c+1 | odd c+1]
@@ -97,15 +101,10 @@ void tile_w4_zmm(const int8_t* a, int64_t kp, const int32_t* a_rowsum, const uin
     pair(wrow, 2 * p, true);
   }
   if (rem) {
-    // 1..63 bytes left (one or two chunks, the last maybe partial): zero-padded copies (a zero byte is w = 0 and
-    // the panel pads A with zeros, so padding adds nothing). A second chunk exists in the panel iff rem > 32.
-    alignas(64) uint8_t wtail[NR][64];
-    memset(wtail, 0, sizeof(wtail));
-    for (int j = 0; j < NR; ++j) {
-      memcpy(wtail[j], w + j * w_stride + n_pairs * 64, (size_t)rem);
-      wrow[j] = wtail[j];
-    }
-    pair(wrow, 2 * n_pairs, rem > 32);
+    // 1..63 bytes left (one or two chunks, the last maybe partial): loaded masked, zeros past them (a zero byte
+    // is w + 8 = 8 against the panel's zero A: it adds nothing). A second chunk exists in the panel iff rem > 32.
+    for (int j = 0; j < NR; ++j) wrow[j] = w + j * w_stride + n_pairs * 64;
+    pair(wrow, 2 * n_pairs, rem > 32, rem);
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i * NR + j] = _mm512_reduce_add_epi32(st[i][j]) - 8 * a_rowsum[i];
