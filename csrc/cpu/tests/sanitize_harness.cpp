@@ -566,8 +566,8 @@ int main(int argc, char** argv) {
     test_kv_decode(2, 2, 3, 2, 37, 64, 4, isa);
     test_kv_decode(1, 3, 1, 0, 9, 34, 8, isa);
     test_kv_decode(1, 1, 4, 1, 1, 6, 4, isa);
-    test_kv_decode(1, 2, 5, 1, 45, 96, 4, isa);  // zmm passes: 3 slabs of 32, heads 4 + 1
-    test_kv_decode(1, 2, 2, 1, 19, 48, 4, isa);  // D % 32 == 16: the zmm table hands it to the ymm passes
+    test_kv_decode(1, 2, 5, 1, 45, 96, 4, isa);  // 6 column slabs of 16, heads in groups of 4 + 1
+    test_kv_decode(1, 2, 2, 1, 19, 48, 4, isa);  // D % 32 == 16: an odd number of 16-column slabs
     test_kv_decode(2, 3, 3, 1, 300, 64, 4, isa, Layout::kMasked);   // several 128-position chunks, strided rows
     test_kv_decode(1, 2, 2, 0, 20, 34, 8, isa, Layout::kMasked);
     test_kv_decode(3, 3, 3, 2, 300, 64, 4, isa, Layout::kPaged);    // pages across chunks, shorter bodies
