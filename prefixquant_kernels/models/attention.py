@@ -3,7 +3,8 @@
 (models/patch.py) passes: ``pqk_query_rotation`` (rotate Q by the Hadamard the cache rotates K with, after RoPE),
 ``pqk_cache`` (a decode step under ``deferred_reads()``: attend over the packed cache in place) and
 ``pqk_prefix_len`` (an unpadded prefill after the prefix: one causal call, models/prefix_attention.py). Without
-them it is exactly the base attention. Why Q/K are rotated online, and where: docs/DESIGN.md ("The Q/K rotation").
+them it is exactly the base attention; its mask function is the base's (in a compiled CPU step, made once by an
+opaque op: ``_step_mask``). Why Q/K are rotated online, and where: docs/DESIGN.md ("The Q/K rotation").
 Supported families run ``RoPE -> past_key_values.update(k, v) -> attention_interface(q, k, v)`` (transformers 5.23;
 Mistral and Phi-3 also pass ``sliding_window``, which makes the pqk attention take its base path when set).
 """
@@ -93,12 +94,27 @@ def _rotated_attention(base: str):
     return attention
 
 
+def _step_mask(base_fn):
+    """The base implementation's mask function, its mask made by one opaque op (pqk::materialize) where a compiled
+    CPU step builds it in its graph (a step called without attention_mask, as benchmarks/e2e.py calls it; generate()
+    builds the mask outside the step and passes it in). Inductor otherwise recomputes the mask, a compare over the
+    preallocated cache's capacity, into every layer's input: one parallel kernel a layer, 30 a step for SmolLM2, their
+    cost growing with the capacity (docs/PERF.md, change 23). Eager calls and other devices get the base mask."""
+    def mask(*args, **kwargs):
+        m = base_fn(*args, **kwargs)
+        if isinstance(m, torch.Tensor) and m.device.type == "cpu" and torch.compiler.is_compiling():
+            m = torch.ops.pqk.materialize(m)
+        return m
+    mask.__name__ = f"{PREFIX}{getattr(base_fn, '__name__', 'mask')}"
+    return mask
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     for base in BASES:
         AttentionInterface.register(PREFIX + base, _rotated_attention(base))
-        AttentionMaskInterface.register(PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])  # the base's mask
+        AttentionMaskInterface.register(PREFIX + base, _step_mask(ALL_MASK_ATTENTION_FUNCTIONS[base]))
 
 
 _register()

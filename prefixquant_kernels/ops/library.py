@@ -106,6 +106,10 @@ LIB.define(
     "Tensor length, Tensor k_scale, Tensor v_scale, Tensor? prefix_k, Tensor? prefix_v, Tensor? key_rotation, "
     "Tensor? key_offset, int layer) -> Tensor"
 )
+# A contiguous copy that inductor cannot fuse into its readers: the compiled CPU decode step's attention mask, made
+# once per step (models/attention.py, _step_mask) and read by every layer's decode_layer. Without it inductor
+# recomputes the mask (a compare over the cache's capacity) into each layer's input: a parallel kernel per layer.
+LIB.define("materialize(Tensor x) -> Tensor")
 
 def _quantized_shape(x: torch.Tensor, bits: int) -> tuple[list[int], torch.dtype]:
     if bits == 4:
@@ -221,6 +225,16 @@ def _prefix_causal_attention_fake(q, k, v, prefix_len, scale, cpu_isa=-1):
 
 @torch.library.register_fake("pqk::rms_norm")
 def _rms_norm_fake(x, weight, eps, cpu_isa=-1):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.impl(LIB, "materialize", "CompositeExplicitAutograd")
+def _materialize(x):
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pqk::materialize")
+def _materialize_fake(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -152,6 +152,48 @@ def test_the_compiled_step_calls_it_once_per_layer(monkeypatch, dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
 
 
+def test_a_step_called_without_a_mask_makes_it_once(monkeypatch):
+    """The compiled step called as benchmarks/e2e.py calls it (no attention_mask: transformers builds the mask inside
+    the graph): one pqk::materialize of the mask (attention._step_mask), which every layer's op reads, where the
+    layers otherwise each read their own recomputed copy; the logits equal the eager step's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def config(device):
+        from transformers import CompileConfig
+        cfg = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None,
+                            options={"guard_filter_fn": compiled_step.step_guard_filter})
+        cfg._compile_all_devices = True
+        return cfg
+
+    monkeypatch.setattr(compiled_step, "compile_config", config)
+    torch._dynamo.reset()
+    model = _model("llama")
+    ids = torch.randint(3, 120, (1, 7), generator=torch.Generator().manual_seed(5))
+    caches = [model.pqk_state.make_cache(1, max_cache_len=32) for _ in range(2)]
+    step = model.get_compiled_call(compiled_step.compile_config(torch.device("cpu")))
+    with torch.no_grad():
+        for c in caches:
+            model(ids, past_key_values=c, use_cache=True)
+        tok = ids[:, -1:]
+        comp = step(tok, past_key_values=caches[0], use_cache=True, logits_to_keep=1).logits
+        eager = model(tok, past_key_values=caches[1], use_cache=True, logits_to_keep=1).logits
+    assert len(graphs) == 1
+    nodes = list(graphs[0].graph.nodes)
+    made = [n for n in nodes if str(n.target) == "pqk.materialize"]
+    layers = [n for n in nodes if str(n.target) == "pqk.decode_layer"]
+    assert len(made) == 1 and len(layers) == len(model.model.layers), [str(n.target) for n in nodes]
+    for n in layers:   # the op's mask: a view of the one materialized mask
+        src = n.args[3]
+        while src not in made and src.op == "call_function" and src.args:
+            src = src.args[0]
+        assert src is made[0], (n, n.args[3])
+    torch.testing.assert_close(comp, eager, rtol=0, atol=0.03 * float(eager.abs().max()))
+
+
 def test_layers_it_does_not_compute_keep_their_forward():
     model = _model("llama")
     layer = model.model.layers[0]

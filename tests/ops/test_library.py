@@ -22,6 +22,7 @@ def _samples():
         "quantize_per_token": (x, 8),
         "int4_matmul": (fmt.pack_int4(q), w, torch.rand(5) + 0.1, ws, torch.randn(7), torch.float16),
         "quant_linear": (x, w, ws, s, 4, None),
+        "materialize": (torch.rand(3, 1, 1, 9, generator=g) > 0.5,),
     }
 
 
@@ -46,3 +47,16 @@ def test_quant_linear_module_compiles_as_one_op():
     compiled = torch.compile(mod, backend=backend, fullgraph=True)
     assert torch.equal(compiled(x), mod(x))
     assert any("pqk.quant_linear" in t for t in seen), seen
+
+
+def test_materialize_is_a_contiguous_copy():
+    """pqk::materialize (the compiled decode step's mask, made once): the same values in new, contiguous storage,
+    for a strided input too; the input is not touched."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(4, 1, 6, 33, generator=g) > 0.5
+    for x in (base, base[:, :, -1:, 1:], base.transpose(0, 3)):
+        before = x.clone()
+        y = torch.ops.pqk.materialize(x)
+        assert torch.equal(y, x) and y.dtype == x.dtype and y.is_contiguous()
+        assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        assert torch.equal(x, before)
