@@ -13,6 +13,7 @@ from prefixquant_kernels.models import compiled_step, decode_layer, layer_region
 from prefixquant_kernels.models.rotated_linear import RotatedLinear
 
 from .test_compiled_step import _generate, _prompt
+from .test_layer_region import _capturing
 from .tiny import StubTokenizer, text, tiny_model
 
 _MODELS: dict = {}
@@ -122,21 +123,7 @@ def test_op_equals_the_layers_eager_forward(arch, a_bits, kv_bits, intermediate,
 def test_the_compiled_step_calls_it_once_per_layer(monkeypatch, dtype):
     """dynamo's graph of a step holds one pqk::decode_layer node per layer and no layer region, for a float32 and a
     bf16 model; generate's tokens equal the eager ones."""
-    from transformers import CompileConfig
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    def config(device):
-        cfg = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None,
-                            options={"guard_filter_fn": compiled_step.step_guard_filter})
-        cfg._compile_all_devices = True
-        return cfg
-
-    monkeypatch.setattr(compiled_step, "compile_config", config)
-    torch._dynamo.reset()
+    graphs = _capturing(monkeypatch, decode_layer_op=True)
     model = _model("qwen2", 4, 4, 96, dtype)
     ids, mask = _prompt()
     eager = _generate(model, ids, mask, compiled=False, new=4)
@@ -156,21 +143,7 @@ def test_a_step_called_without_a_mask_makes_it_once(monkeypatch):
     """The compiled step called as benchmarks/e2e.py calls it (no attention_mask: transformers builds the mask inside
     the graph): one pqk::materialize of the mask (attention._step_mask), which every layer's op reads, where the
     layers otherwise each read their own recomputed copy; the logits equal the eager step's."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    def config(device):
-        from transformers import CompileConfig
-        cfg = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None,
-                            options={"guard_filter_fn": compiled_step.step_guard_filter})
-        cfg._compile_all_devices = True
-        return cfg
-
-    monkeypatch.setattr(compiled_step, "compile_config", config)
-    torch._dynamo.reset()
+    graphs = _capturing(monkeypatch, decode_layer_op=True)
     model = _model("llama")
     ids = torch.randint(3, 120, (1, 7), generator=torch.Generator().manual_seed(5))
     caches = [model.pqk_state.make_cache(1, max_cache_len=32) for _ in range(2)]

@@ -20,9 +20,10 @@ def _model(arch):
     return quantize_model(tiny_model(arch, layers=LAYERS), StubTokenizer(), text(), cfg, progress=False)
 
 
-def _capturing(monkeypatch):
+def _capturing(monkeypatch, decode_layer_op: bool = False):
     """Compile the step with a backend that keeps dynamo's FX graph and runs it as it is (no inductor: the test
-    looks at what dynamo traced)."""
+    looks at what dynamo traced). decode_layer_op: whether a layer pqk::decode_layer computes is that one op node
+    (else its region)."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -36,8 +37,8 @@ def _capturing(monkeypatch):
         return cfg
 
     monkeypatch.setattr(compiled_step, "compile_config", config)
-    # the regions are what these tests look at: a layer pqk::decode_layer computes would be one op node instead
-    monkeypatch.setattr(compiled_step, "DECODE_LAYER_OP", False)
+    # the regions are what this module's tests look at: a layer pqk::decode_layer computes is one op node instead
+    monkeypatch.setattr(compiled_step, "DECODE_LAYER_OP", decode_layer_op)
     torch._dynamo.reset()
     return graphs
 
