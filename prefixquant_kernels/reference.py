@@ -95,14 +95,16 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scal
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x float [M, K], weight float [K] -> fp32 [M, K]: x / sqrt(mean(x^2) + eps) * weight, all in fp32."""
+    """x float [M, K], weight float [K] -> fp32 [M, K]: x / sqrt(mean(x^2) + eps) * weight, all in fp32, never
+    rounded: what the fused rmsnorm_quantize quantizes. (rms_norm below is the model's module, with its roundings.)"""
     xf = x.float()
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's LlamaRMSNorm (Qwen2/3, Mistral, Phi-3 alike), op for op: x in fp32 times
-    rsqrt(mean(x^2) + eps), rounded to x.dtype, times weight (rounded again in a bf16 / fp16 model)."""
+    rsqrt(mean(x^2) + eps), rounded to x.dtype, times weight (rounded again in a bf16 / fp16 model): what pqk::rms_norm
+    computes. (rmsnorm above is the all-fp32 form the fused rmsnorm_quantize takes.)"""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
