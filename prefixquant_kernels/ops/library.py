@@ -111,6 +111,7 @@ LIB.define(
 # recomputes the mask (a compare over the cache's capacity) into each layer's input: a parallel kernel per layer.
 LIB.define("materialize(Tensor x) -> Tensor")
 
+
 def _quantized_shape(x: torch.Tensor, bits: int) -> tuple[list[int], torch.dtype]:
     if bits == 4:
         return [*x.shape[:-1], x.shape[-1] // 2], torch.uint8
