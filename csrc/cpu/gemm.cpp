@@ -211,7 +211,9 @@ inline void prefill_tile_out(const PrefillKernels& pk, const uint8_t* a, int64_t
 // An int8 or packed int4 A, or a bf16 x with a static scale (and K a multiple of 32), is built inside the micro-kernel:
 // while the kernels run over slice s, they build slice s + 1 into a second buffer as their side job (PfSide,
 // kernels_internal.h), on the pipes the kernel leaves idle; what they leave undone is finished right after
-// (PrefillKernels::side). The two slices then share the L2 room of one. Otherwise each slice is built right before its
+// (PrefillKernels::side). Each slice takes the L2 room of one (the two together are more than L2): W streams from L3
+// once per slice, and on the Zen 5 slices of 144 rows at K = 4096 ran 1-5 % faster than two sharing that room
+// (64 rows) at every M-split shape measured (docs/PERF.md step 39). Otherwise each slice is built right before its
 // kernels.
 void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, int64_t sub_rows) {
   const PrefillKernels& pk = *ker.prefill;
@@ -233,7 +235,7 @@ void gemm_prefill_msplit(const GemmArgs& g, const IsaKernels& ker, int64_t kc, i
   // kernel_out then reads from PfOut::a_tiled); rows in whole 16-row groups where tiled.
   const bool tiled = pk.a_tiled || (pk.m_split_tiled && pk.kernel_out && kc % 64 == 0);
   const int64_t rmult = tiled ? std::max(mr, 16) : mr;
-  const int64_t rows_cap = fuse ? std::max<int64_t>(rmult, sub_rows / 2 / rmult * rmult) : std::max(rmult, sub_rows);
+  const int64_t rows_cap = fuse ? std::max<int64_t>(rmult, sub_rows / rmult * rmult) : std::max(rmult, sub_rows);
   int8_t* wbuf = thread_scratch<int8_t>(kScratchW, (size_t)(n_panels * w_panel));  // shared, the caller's
   std::vector<int32_t> colsum((size_t)(n_panels * nr), 0);
   parallel_for(0, n_panels, 1, [&](int64_t pb, int64_t pe) {
