@@ -88,9 +88,10 @@ void kv_write_paged_static(const void* k, int64_t ks_t, int64_t ks_h, const void
   });
 }
 
-// Flash-decoding on the CPU: the attended positions of each sequence are cut into chunks of kChunkRows, and a task
-// is one (sequence, KV head, chunk): its G query heads' scores over the chunk, their softmax numerators relative to
-// the chunk's own max, and the unnormalized P·V. A serial pass then merges the chunks of each (sequence, KV head):
+// Flash-decoding on the CPU: the attended positions of each sequence are cut into equal chunks of at most
+// kChunkRows (128; 64 / 192 / 256 were slower on the Zen 5, docs/PERF.md change 24), and a task is one (sequence,
+// KV head, chunk): its G query heads' scores over the chunk, their softmax numerators relative to the chunk's own
+// max, and the unnormalized P·V. A serial pass then merges the chunks of each (sequence, KV head):
 // out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c. Chunks keep both threads busy at batch 1
 // (SmolLM2 has 3 KV heads: one task per head left one of 2 threads idle half the time).
 // The body rows of a task are read packed, each unpacked into registers once per pass and used by all G heads
@@ -108,7 +109,7 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
   // A sequence whose attended positions are exactly 0..n-1 (no left padding: every row of a batch-1 step) is read
   // as an unmasked one (dense): its rows by offset, not through the index list.
   std::vector<std::vector<int64_t>> pos((size_t)(mask ? B : 0));
-  std::vector<int64_t> n_att((size_t)B, N), chunk0((size_t)B + 1, 0);
+  std::vector<int64_t> n_att((size_t)B, N), chunk0((size_t)B + 1, 0), crows((size_t)B, kChunkRows);
   std::vector<char> dense((size_t)B, 1);
   for (int64_t b = 0; b < B; ++b) {
     if (body_lens) n_att[(size_t)b] = P + body_lens[b];
@@ -118,20 +119,48 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
       n_att[(size_t)b] = (int64_t)pos[(size_t)b].size();
       dense[(size_t)b] = n_att[(size_t)b] == 0 || pos[(size_t)b].back() == n_att[(size_t)b] - 1;
     }
-    chunk0[(size_t)b + 1] = chunk0[(size_t)b] + (n_att[(size_t)b] + kChunkRows - 1) / kChunkRows;
+    // the fewest chunks of at most kChunkRows, of equal size (rounded up to 8 rows): 514 positions are 5 chunks of
+    // 104, not 4 of 128 and one of 2, whose 15 tasks gave one thread 8 full ones and the other 4 and 3 stubs
+    const int64_t nc = (n_att[(size_t)b] + kChunkRows - 1) / kChunkRows;
+    if (nc > 0) crows[(size_t)b] = round_up((n_att[(size_t)b] + nc - 1) / nc, 8);
+    chunk0[(size_t)b + 1] = chunk0[(size_t)b] + nc;
   }
   const int64_t n_chunks = chunk0[(size_t)B];   // per KV head
   // per (chunk, KV head): the G running maxima, numerator sums and unnormalized P·V [G, D]
   std::vector<float> part_m((size_t)(n_chunks * Hkv * G)), part_l(part_m.size()), part_acc(part_m.size() * D);
+  // task t = (chunk c, KV head h): its sequence b and the chunk's attended positions [j0, j0 + nj) of b's n_att
+  auto task = [&](int64_t t, int64_t& b, int64_t& h, int64_t& j0, int64_t& nj) {
+    const int64_t c = t / Hkv;
+    h = t % Hkv;
+    b = std::upper_bound(chunk0.begin(), chunk0.end(), c) - chunk0.begin() - 1;
+    j0 = (c - chunk0[(size_t)b]) * crows[(size_t)b];
+    nj = std::min(crows[(size_t)b], n_att[(size_t)b] - j0);
+  };
+  // The cache of a layer is cold when its decode attention starts (a decode step streams every layer's weights
+  // through L3 in between), and a task's rows (4 KB of K and of V at 128 rows, D = 64) were read on demand, at
+  // DRAM latency. Each task now asks for the next one's body rows before it starts (and a thread's first task for
+  // its own), so they arrive while it computes: ~3 % of SmolLM2's decode step with the equal chunks above
+  // (docs/PERF.md, change 25). Where the rows are consecutive (a dense sequence, a strided body) only.
+  auto prefetch_task = [&](int64_t t) {
+    int64_t b, h, j0, nj;
+    task(t, b, h, j0, nj);
+    const int64_t lo = std::max(j0, P);  // the chunk's body positions [lo, j0 + nj)
+    if ((mask && !dense[(size_t)b]) || body.table || lo >= j0 + nj) return;
+    const int64_t first = body.row(b, h, lo - P) * body.stride, end = body.row(b, h, j0 + nj - P) * body.stride;
+    for (int64_t o = first; o < end; o += 64) {
+      __builtin_prefetch(body.k + o);
+      __builtin_prefetch(body.v + o);
+    }
+  };
   parallel_for(0, n_chunks * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf((size_t)(G * D)), row((size_t)D), scores((size_t)(G * kChunkRows)), coef((size_t)G),
         dots((size_t)G);
     std::vector<int64_t> body_idx((size_t)(mask || body.table ? kChunkRows : 0));  // rows of an indexed chunk
+    prefetch_task(t0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t / Hkv, h = t % Hkv;
-      const int64_t b = std::upper_bound(chunk0.begin(), chunk0.end(), c) - chunk0.begin() - 1;
-      const int64_t j0 = (c - chunk0[(size_t)b]) * kChunkRows;
-      const int64_t nj = std::min(kChunkRows, n_att[(size_t)b] - j0);
+      if (t + 1 < t1) prefetch_task(t + 1);
+      int64_t b, h, j0, nj;
+      task(t, b, h, j0, nj);
       const bool masked = mask && !dense[(size_t)b];
       auto pos_at = [&](int64_t j) { return masked ? pos[(size_t)b][(size_t)j] : j; };
       const int64_t q0 = (b * Hq + h * G) * D;  // first element of query head h*G in q and out

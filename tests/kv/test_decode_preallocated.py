@@ -33,7 +33,8 @@ def _case(gen, B, Hkv, G, cap, n, D, P, bits):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("B,Hkv,G,cap,n,D,P", [(1, 3, 3, 64, 40, 64, 1), (3, 2, 2, 33, 7, 34, 2),
-                                               (2, 1, 5, 16, 16, 6, 0), (2, 2, 1, 20, 0, 64, 3)])
+                                               (2, 1, 5, 16, 16, 6, 0), (2, 2, 1, 20, 0, 64, 3),
+                                               (3, 3, 3, 600, 513, 64, 1)])
 def test_matches_reference_on_the_filled_rows(backend, bits, B, Hkv, G, cap, n, D, P, gen):
     q, pk, pv, kp, vp, ks, vs, mask = _case(gen, B, Hkv, G, cap, n, D, P, bits)
     sm = D ** -0.5

@@ -2,7 +2,8 @@
 materialized in float) against the reference (kv_format.decode_attention: dequantize, concatenate, fp32 softmax),
 for every instruction set, GQA group sizes (G = 6: the packed V pass's heads in groups of 4 + 2), prefix batch 1
 or B, P in {0, 1, 3}, odd D and T, D % 16 == 0 but not % 32 or % 64, SmolLM2's step (G = 3, D = 64, 561
-positions: chunks of 128 and a partial row block), bits 4 and 8."""
+positions: chunks of 128 and a partial row block; 514 positions: five equal chunks of 104 rows, the last 98; 130: two
+of 72 and 58), bits 4 and 8."""
 import math
 
 import pytest
@@ -32,7 +33,8 @@ def _case(gen, B, Hkv, G, T, D, P, bits, q_dtype, prefix_batch=1, prefix_dtype=t
 @pytest.mark.parametrize("B,Hkv,G,T,D,P,pb", [(1, 8, 4, 300, 128, 1, 1), (2, 3, 1, 37, 64, 3, 2),
                                               (2, 2, 3, 1, 34, 0, 1), (1, 1, 5, 129, 6, 1, 1),
                                               (3, 2, 2, 17, 40, 3, 1), (1, 2, 6, 200, 48, 1, 1),
-                                              (1, 3, 3, 561, 64, 1, 1), (2, 2, 5, 45, 96, 2, 2)])
+                                              (1, 3, 3, 561, 64, 1, 1), (2, 2, 5, 45, 96, 2, 2),
+                                              (1, 3, 3, 513, 64, 1, 1), (2, 2, 2, 130, 32, 0, 1)])
 def test_matches_reference(isa, bits, B, Hkv, G, T, D, P, pb, gen):
     q, pk, pv, kp, vp, ks, vs = _case(gen, B, Hkv, G, T, D, P, bits, torch.float32, pb)
     sm = D ** -0.5
