@@ -342,14 +342,9 @@ void axpy_rows(const float* coef, int64_t G, int64_t D, const float* row, float*
   }
 }
 
-// exp(x) for x <= 0 (softmax after the max shift): 2^(x log2 e) = 2^i * 2^f, i = round(x log2 e),
-// f in [-1/2, 1/2], e^(f ln 2) by its degree-6 Taylor polynomial (relative error < 2e-7); x is clamped at -87
-// (e^-87 ~ 1.6e-38, still normal); a NaN x stays NaN (vmaxps returns its second operand when one is NaN).
-inline __m256 exp8_nonpos(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, i), _mm256_set1_ps(0.69314718055994531f));  // ln 2 * frac
+// 2^i * e^f for an integer-valued i in [-126, 128] and a reduced f (|f| <= ln 2 / 2 or a little more): e^f by its
+// degree-6 Taylor polynomial (relative error < 2e-7), 2^i straight into the exponent field (i = 128: all ones, +inf).
+inline __m256 exp8_scaled(__m256 f, __m256 i) {
   __m256 p = _mm256_set1_ps(1.0f / 720.0f);
   p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f / 120.0f));
   p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f / 24.0f));
@@ -357,9 +352,53 @@ inline __m256 exp8_nonpos(__m256 x) {
   p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(0.5f));
   p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f));
   p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.0f));
-  // 2^i: i in [-126, 0] goes straight into the exponent field
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// exp(x) for x <= 0 (softmax after the max shift): 2^(x log2 e) = 2^i * e^f, i = round(x log2 e),
+// f = (x log2 e - i) ln 2; x is clamped at -87 (e^-87 ~ 1.6e-38, still normal); a NaN x stays NaN (vmaxps returns
+// its second operand when one is NaN). The same steps as x86_attention_zmm.h's attn_exp16_nonpos.
+inline __m256 exp8_nonpos(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return exp8_scaled(_mm256_mul_ps(_mm256_sub_ps(t, i), _mm256_set1_ps(0.69314718055994531f)), i);
+}
+
+// exp(x) for x in [-87, 89] (the caller clamps), ~2e-7 relative at every x: f = x - i ln 2 in two steps with
+// ln 2 = C1 + C2 (Cody and Waite; C1 = 355 / 512 has 9 bits, so i C1 is exact), where exp8_nonpos's f, from x log2 e
+// rounded, is off by up to |x| 6e-8 (4e-6 relative at x = 70: a softmax rarely reaches there, SiLU's e^-g does).
+// From x ~ 88.4, i = 128 gives +inf (e^88.72 is FLT_MAX).
+inline __m256 exp8(__m256 x) {
+  const __m256 i = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(i, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(i, _mm256_set1_ps(-2.12194440e-4f)));
+  return exp8_scaled(f, i);
+}
+
+// SiLU(x) * u on 8 lanes: x / (1 + e^-x) * u in the scalar loop's order, e^-x with -x clamped to [-87, 89] (below,
+// 1 + e^-x is 1 either way; above, +inf as expf's is). A NaN x stays NaN; x = -inf gives -inf / inf = NaN, as
+// torch's silu does.
+inline __m256 silu_mul8(__m256 x, __m256 u) {
+  const __m256 nx = _mm256_xor_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 e = exp8(_mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), nx)));
+  return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+// IsaKernels::silu_mul_row: ~0.3 us for SmolLM2's 1536 lanes against ~3 us of expf (docs/PERF.md, change 25); the
+// last n % 8 through the same vector code, padded.
+void silu_mul_row(float* g, const float* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(g + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(up + i)));
+  if (i < n) {
+    alignas(32) float tg[8] = {}, tu[8] = {};
+    std::copy(g + i, g + n, tg);
+    std::copy(up + i, up + n, tu);
+    _mm256_store_ps(tg, silu_mul8(_mm256_load_ps(tg), _mm256_load_ps(tu)));
+    std::copy(tg, tg + (n - i), g + i);
+  }
 }
 
 float exp_rows(float* x, int64_t n, float shift) {
@@ -580,6 +619,7 @@ const IsaKernels kAvx2 = [] {
   };
   k.rms_norm_row = rms_norm_row;
   k.rope_row = rope_row;
+  k.silu_mul_row = silu_mul_row;
   if (__builtin_cpu_supports("fma")) {  // x86_attention_ymm.h (the AVX-512 tables put their zmm blocks over these)
     k.qk_block = attn_qk_block8;
     k.pv_block = attn_pv_block8;

@@ -144,10 +144,7 @@ void decode_layer(const DecodeLayerArgs& a, Isa isa) {
   for (int64_t b = 0; b < B; ++b) rms_norm(h1.data() + b * H, a.norm2, H, a.eps2, t.data() + b * H);
   const GemmArgs gu[2] = {gemm_args(a.gate, B, t.data(), gt.data()), gemm_args(a.up, B, t.data(), up.data())};
   linears(gu, 2, isa);
-  for (int64_t i = 0; i < B * I; ++i) {
-    const float g = gt[i];
-    gt[i] = g / (1.0f + expf(-g)) * up[i];   // SiLU(gate) * up (torch's silu: x / (1 + e^-x))
-  }
+  silu_mul(gt.data(), up.data(), B * I, isa);  // SiLU(gate) * up (torch's silu: x / (1 + e^-x))
   if (a.down_signs) {
     for (int64_t b = 0; b < B; ++b) {
       float* x = gt.data() + b * I;

@@ -6,6 +6,7 @@
 //   rms_norm_rows  HF's LlamaRMSNorm (and Qwen2/3's, Mistral's, Phi-3's), with its roundings: in a bf16 / fp16 model
 //                  h = x rsqrt(mean(x^2) + eps) in fp32 is rounded to the model's type, and w * h is rounded again.
 //                  torch runs it as ~8 full-tensor passes (to fp32, pow, mean, add, rsqrt, mul, to bf16, mul).
+//   silu_mul       SiLU(gate) * up of one decode step's MLP rows (decode_layer.cpp), in place, fp32
 //   rope_rows      HF's apply_rotary_pos_emb on one of q / k: out = x cos + rotate_half(x) sin with torch's roundings
 //                  (each product, then the sum, rounded to the model's type); torch runs it as ~7 passes (two muls,
 //                  two slices, a negation, a cat, an add), and its output keeps x's transposed layout, which the
@@ -45,6 +46,10 @@ void rope_row_portable(const void* x, const void* c, const void* s, FloatType t,
   }
 }
 
+void silu_mul_portable(float* g, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * up[i];
+}
+
 // a task of at least ~32K elements: a decode step's single row stays on the calling thread
 int64_t rows_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)); }
 
@@ -60,6 +65,11 @@ void rms_norm_rows(const void* x, const void* w, FloatType t, int64_t rows, int6
     for (int64_t r = r0; r < r1; ++r)
       row((const char*)x + r * n * es, w, t, n, eps, (char*)out + r * n * es, tmp.data());
   });
+}
+
+void silu_mul(float* g, const float* up, int64_t n, Isa isa) {
+  const IsaKernels& ker = kernels_for(isa);
+  (ker.silu_mul_row ? ker.silu_mul_row : silu_mul_portable)(g, up, n);
 }
 
 void rope_rows(const void* x, int64_t xb, int64_t xh, int64_t xt, const void* cos, const void* sin, int64_t cb,

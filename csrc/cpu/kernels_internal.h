@@ -260,6 +260,8 @@ struct IsaKernels {
   // to_t(to_t(x[d] c[d]) + to_t(rotate_half(x)[d] s[d])), rotate_half(x) = [-x[D/2:], x[:D/2]]; x, c, s, out [D] of
   // type t, D even (torch's three ops in a bf16 / fp16 model, each rounded)
   void (*rope_row)(const void* x, const void* c, const void* s, FloatType t, int64_t D, void* out) = nullptr;
+  // silu_mul's vector loop (float_ops.cpp; nullptr: its expf loop): g[i] = g[i] / (1 + e^-g[i]) * up[i], fp32 [n]
+  void (*silu_mul_row)(float* g, const float* up, int64_t n) = nullptr;
 };
 
 const IsaKernels& scalar_kernels();

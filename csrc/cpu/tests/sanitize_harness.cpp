@@ -520,6 +520,31 @@ static void test_rope(int64_t B, int64_t H, int64_t T, int64_t D, FloatType t, I
   check(ok, half ? "rope_rows bf16" : "rope_rows", B * H * T, D, 0, isa_name(isa));
 }
 
+// silu_mul: against g / (1 + e^-g) * up in double, relative 1e-6 (the vector exp's 2e-7 and four roundings), over
+// [-100, 100] (the product below 1e-35 where g < -88: a float e^-g overflows there) with the edges planted: +-0, +-inf, NaN, +-87..90 (the clamps), a tail past the last 8 lanes.
+static void test_silu_mul(int64_t n, Isa isa) {
+  std::uniform_real_distribution<float> u(-100.0f, 100.0f);
+  std::vector<float> g((size_t)n), up((size_t)n);
+  for (int64_t i = 0; i < n; ++i) g[i] = u(rng), up[i] = u(rng) / 50.0f;
+  const float edge[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 87.5f, -87.5f, 88.6f, -88.6f, 89.5f, -89.5f, 1e-30f};
+  for (int64_t i = 0; i < n && i < 12; ++i) g[(size_t)(i * 7 % n)] = edge[i];
+  std::vector<float> out = g;
+  silu_mul(out.data(), up.data(), n, isa);
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = g[i], want = x / (1.0 + exp(-x)) * up[i];
+    const double got = out[i];
+    if (std::isnan(want) || std::isinf(want)) {
+      ok = ok && (std::isnan(want) ? std::isnan(got) : got == want);
+    } else {
+      // + 1e-35: where e^-g passes FLT_MAX (g < -88.72; the vector exp from -88.4) the float result is -0 and the
+      // exact one below 3e-37 * |up|
+      ok = ok && std::isfinite(got) && fabs(got - want) <= 1e-6 * fabs(want) + 1e-35;
+    }
+  }
+  check(ok, "silu_mul", n, 0, 0, isa_name(isa));
+}
+
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? (unsigned)atoi(argv[1]) : 1234u);
   const Isa isas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAmx};
@@ -581,6 +606,8 @@ int main(int argc, char** argv) {
     test_rms_norm(37, 576, FloatType::kFloat32, isa);
     test_rms_norm(5, 19, FloatType::kBFloat16, isa);
     test_rms_norm(9, 4099, FloatType::kBFloat16, isa);
+    test_silu_mul(1536, isa);
+    test_silu_mul(29, isa);
     test_rope(2, 3, 5, 64, FloatType::kFloat32, isa);
     test_rope(1, 2, 7, 42, FloatType::kBFloat16, isa);  // D / 2 = 21: two vectors of 8 and a tail of 5
     test_prefix_attention(2, 4, 2, 37, 3, 64, isa, FloatType::kBFloat16);
