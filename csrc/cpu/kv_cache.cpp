@@ -113,11 +113,19 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
   std::vector<char> dense((size_t)B, 1);
   for (int64_t b = 0; b < B; ++b) {
     if (body_lens) n_att[(size_t)b] = P + body_lens[b];
-    if (mask) {
-      for (int64_t n = 0; n < N; ++n)
-        if (mask[b * mask_stride + n]) pos[(size_t)b].push_back(n);
-      n_att[(size_t)b] = (int64_t)pos[(size_t)b].size();
-      dense[(size_t)b] = n_att[(size_t)b] == 0 || pos[(size_t)b].back() == n_att[(size_t)b] - 1;
+    if (mask) {  // dense: a run of allowed positions from 0, then none (found without building the list)
+      const bool* row = mask + b * mask_stride;
+      int64_t n = 0, e;
+      while (n < N && row[n]) ++n;
+      for (e = n; e < N && !row[e];) ++e;
+      dense[(size_t)b] = e == N;
+      if (dense[(size_t)b]) {
+        n_att[(size_t)b] = n;
+      } else {
+        for (int64_t i = 0; i < N; ++i)
+          if (row[i]) pos[(size_t)b].push_back(i);
+        n_att[(size_t)b] = (int64_t)pos[(size_t)b].size();
+      }
     }
     // the fewest chunks of at most kChunkRows, of equal size (rounded up to 8 rows): 514 positions are 5 chunks of
     // 104, not 4 of 128 and one of 2, whose 15 tasks gave one thread 8 full ones and the other 4 and 3 stubs
