@@ -521,7 +521,8 @@ static void test_rope(int64_t B, int64_t H, int64_t T, int64_t D, FloatType t, I
 }
 
 // silu_mul: against g / (1 + e^-g) * up in double, relative 1e-6 (the vector exp's 2e-7 and four roundings), over
-// [-100, 100] (the product below 1e-35 where g < -88: a float e^-g overflows there) with the edges planted: +-0, +-inf, NaN, +-87..90 (the clamps), a tail past the last 8 lanes.
+// [-100, 100] (absolute 1e-35 where g < -88: a float e^-g overflows there), with the edges planted: +-0, +-inf, NaN,
+// +-87.5 .. 89.5 (the clamps), and n = 29: a tail past the last 8 lanes.
 static void test_silu_mul(int64_t n, Isa isa) {
   std::uniform_real_distribution<float> u(-100.0f, 100.0f);
   std::vector<float> g((size_t)n), up((size_t)n);
