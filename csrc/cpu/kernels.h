@@ -114,6 +114,7 @@ float rms_inv(const float* x, int64_t n, float eps);
 // SiLU(g) * up in place, fp32 [n] (float_ops.cpp; the decode layer's MLP): g[i] = g[i] / (1 + e^-g[i]) * up[i],
 // torch's silu formula; with a vector exp on the x86 tables (within 2e-7 relative of expf's), else expf.
 void silu_mul(float* g, const float* up, int64_t n, Isa isa);
+
 // HF's RMSNorm over `rows` contiguous rows of n (float_ops.cpp): out = to_t(w * to_t(x * rms_inv(x))), the products
 // in fp32; x [rows, n], w [n] and out [rows, n] all of type t (rounded twice in a bf16 / fp16 model, as the module).
 void rms_norm_rows(const void* x, const void* w, FloatType t, int64_t rows, int64_t n, float eps, void* out, Isa isa);

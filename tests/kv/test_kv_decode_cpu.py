@@ -1,9 +1,9 @@
 """The C++ decode attention over a static PrefixQuant cache (csrc/cpu/kv_cache.cpp: K/V read packed, never
 materialized in float) against the reference (kv_format.decode_attention: dequantize, concatenate, fp32 softmax),
 for every instruction set, GQA group sizes (G = 6: the packed V pass's heads in groups of 4 + 2), prefix batch 1
-or B, P in {0, 1, 3}, odd D and T, D % 16 == 0 but not % 32 or % 64, SmolLM2's step (G = 3, D = 64, 561
-positions: chunks of 128 and a partial row block; 514 positions: five equal chunks of 104 rows, the last 98; 130: two
-of 72 and 58), bits 4 and 8."""
+or B, P in {0, 1, 3}, odd D and T, D % 16 == 0 but not % 32 or % 64, SmolLM2's step (G = 3, D = 64, 562
+positions: five chunks of 120 rows, the last 82, a partial 8-row block; 514 positions: five of 104, the last 98; 130:
+two of 72 and 58), bits 4 and 8."""
 import math
 
 import pytest
