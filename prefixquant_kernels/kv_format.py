@@ -166,7 +166,9 @@ def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
                      sm_scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference decode attention: dequantize the body, put the prefix in front, attend in fp32 (GQA by
     repeating each KV head for its H_q / H_kv query heads). q [B, H_q, D] -> q.dtype [B, H_q, D].
-    mask: bool [B, P + T] (True = attend) or None; a row that masks every position gives zeros."""
+    mask: bool [B, P + T] (True = attend) or None; a row that masks every position gives zeros. A masked
+    position takes no part at all (its V is not multiplied by 0, so an inf there stays out); NaN / inf scores
+    among the attended positions go through the softmax as they come (an all -inf row: NaN), as without a mask."""
     B, Hq, D = q.shape
     k = torch.cat([prefix_k.float().expand(B, -1, -1, -1), dequantize_static(k_packed, k_scale, bits).float()], 2)
     v = torch.cat([prefix_v.float().expand(B, -1, -1, -1), dequantize_static(v_packed, v_scale, bits).float()], 2)
@@ -175,9 +177,10 @@ def decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
     s = torch.einsum("bhd,bhnd->bhn", q.float() * sm_scale, k)
     if mask is not None:
         s = s.masked_fill(~mask[:, None, :], float("-inf"))
+        v = v.masked_fill(~mask[:, None, :, None], 0.0)
     p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = torch.nan_to_num(p, nan=0.0)   # softmax of an all -inf row is NaN: that row attends to nothing
+    if mask is not None:   # a row with no attended position: softmax gives NaN, the row attends to nothing
+        p = torch.where(mask.any(-1)[:, None, None], p, 0.0)
     return torch.einsum("bhn,bhnd->bhd", p, v).to(q.dtype)
 
 

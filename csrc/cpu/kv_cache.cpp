@@ -235,7 +235,12 @@ void kv_decode_attention_static(const void* q, FloatType qt, int64_t B, int64_t 
         for (; j < nj; ++j) mx[0] = sg[j] > mx[0] ? sg[j] : mx[0];
         for (int u = 1; u < 4; ++u) mx[0] = mx[u] > mx[0] ? mx[u] : mx[0];
         m[g] = mx[0];
-        l[g] = ker.exp_rows(sg, nj, mx[0]);
+        if (mx[0] == -INFINITY) {  // every score of the chunk is -inf: weight 0 for all (exp(s - mx) would be NaN,
+          std::fill(sg, sg + nj, 0.0f);  // which the merge's 0 * acc then spread to the other chunks' finite result)
+          l[g] = 0.0f;
+        } else {
+          l[g] = ker.exp_rows(sg, nj, mx[0]);
+        }
       }
       std::fill(acc, acc + G * D, 0.0f);
       for (int64_t j = 0; j < jb; ++j) {

@@ -171,11 +171,10 @@ at::Tensor int4_matmul_cpu(const at::Tensor& a, const at::Tensor& w, const at::T
   return out;
 }
 
-at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                            const c10::optional<at::Tensor>& a_scale, int64_t a_bits,
-                            const c10::optional<at::Tensor>& bias, int64_t cpu_isa) {
-  check_cpu_2d(x, "x");
-  TORCH_CHECK(a_bits == 4 || a_bits == 8, "pqk: a_bits must be 4 or 8, got ", a_bits);
+// The A side of a GEMM on a float x [M, K] (checked by the caller) quantized to a_bits inside the GEMM: with the
+// static scale a_scale (read into *static_scale, which g then points to), or per token where a_scale is absent.
+GemmArgs float_x_args(const at::Tensor& x, int64_t a_bits, const c10::optional<at::Tensor>& a_scale,
+                      float* static_scale) {
   GemmArgs g;
   g.a_source = ASource::kFloat;
   g.a_float_type = float_type(x, "x");
@@ -183,11 +182,20 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   g.M = x.size(0);
   g.K = x.size(1);
   g.a = x.data_ptr();
-  float static_scale = 0.0f;
   if (a_scale.has_value()) {
-    static_scale = scalar_scale(*a_scale);
-    g.a_scale = &static_scale;
+    *static_scale = scalar_scale(*a_scale);
+    g.a_scale = static_scale;
   }
+  return g;
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                            const c10::optional<at::Tensor>& a_scale, int64_t a_bits,
+                            const c10::optional<at::Tensor>& bias, int64_t cpu_isa) {
+  check_cpu_2d(x, "x");
+  TORCH_CHECK(a_bits == 4 || a_bits == 8, "pqk: a_bits must be 4 or 8, got ", a_bits);
+  float static_scale = 0.0f;
+  GemmArgs g = float_x_args(x, a_bits, a_scale, &static_scale);
   set_weight(g, w, w_scale, bias);
   at::Tensor out = empty_output(g.M, g.N, x.options());
   g.out = out.data_ptr();
@@ -213,17 +221,7 @@ std::vector<at::Tensor> quant_linear_multi_cpu(const at::Tensor& x, at::TensorLi
   outs.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     GemmArgs& g = gs[i];
-    g.a_source = ASource::kFloat;
-    g.a_float_type = float_type(x, "x");
-    g.a_bits = (int)a_bits;
-    g.M = x.size(0);
-    g.K = x.size(1);
-    g.a = x.data_ptr();
-    const c10::optional<at::Tensor> s = a_scale.get(i);
-    if (s.has_value()) {
-      static_scales[i] = scalar_scale(*s);
-      g.a_scale = &static_scales[i];
-    }
+    g = float_x_args(x, a_bits, a_scale.get(i), &static_scales[i]);
     set_weight(g, w[i], w_scale[i], bias.get(i));
     TORCH_CHECK(g.w_bits == gs[0].w_bits, "pqk: every w must have one dtype (w[0] ", w[0].scalar_type(), ", w[", i,
                 "] ", w[i].scalar_type(), ")");

@@ -5,6 +5,7 @@ reads device memory (value checks run on CPU tensors only)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -59,6 +60,8 @@ def nonempty_last_dim(t: torch.Tensor, name: str, op: str) -> None:
 
 def same_device(op: str, device: torch.device, **named) -> None:
     for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):  # checked here too: it may run before tensor()
+            fail(op, f"{name} must be a torch.Tensor or None, got {type(t).__name__}", TypeError)
         if t is not None and t.device != device:
             fail(op, f"{name} must be on {device} like the input, got {t.device}")
 
@@ -160,6 +163,17 @@ def eps(e, op: str) -> float:
     if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e) and e >= 0):
         fail(op, f"eps must be a finite float >= 0, got {e!r}")
     return float(e)
+
+
+def sm_scale(s, op: str, d: int) -> float:
+    """The attention's softmax scale: a finite real number (a Python or NumPy one), or None for 1 / sqrt(d)."""
+    if s is None:
+        return d ** -0.5
+    if isinstance(s, bool) or not isinstance(s, numbers.Real):
+        fail(op, f"sm_scale must be a real number or None, got {type(s).__name__}", TypeError)
+    if not math.isfinite(s):
+        fail(op, f"sm_scale must be finite, got {s!r}")
+    return float(s)
 
 
 def hadamard_size(x: torch.Tensor, op: str) -> int:

@@ -227,7 +227,16 @@ def _prefix(prefix_k, prefix_v, q: torch.Tensor, hkv: int, op: str) -> tuple[tor
         _kv_tensor(t, name, op)
         if t.shape[0] not in (1, B) or t.shape[1] != hkv or t.shape[3] != D or t.shape != prefix_k.shape:
             checks.fail(op, f"{name} must be [1 or {B}, {hkv}, P, {D}] (and match prefix_k), got {tuple(t.shape)}")
+    if prefix_v.dtype != prefix_k.dtype:
+        checks.fail(op, f"prefix_v must have prefix_k's dtype {prefix_k.dtype}, got {prefix_v.dtype}", TypeError)
     return prefix_k, prefix_v
+
+
+def _head_dim(q: torch.Tensor, op: str) -> int:
+    """q [B, H_q, D] -> D, which must be > 0."""
+    if q.shape[2] == 0:
+        checks.fail(op, f"q's head dim D must be > 0, got shape {tuple(q.shape)}")
+    return q.shape[2]
 
 
 def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
@@ -260,14 +269,15 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     _kv_tensor(k_packed, "k_packed", op, qt)
     _kv_tensor(v_packed, "v_packed", op, qt)
     B, Hq, D = q.shape
+    _head_dim(q, op)
     Bk, Hkv, T, Dp = k_packed.shape
     if v_packed.shape != k_packed.shape:
         checks.fail(op, f"v_packed must have k_packed's shape {tuple(k_packed.shape)}, got {tuple(v_packed.shape)}")
     if Bk != B or Dp * (2 if bits == 4 else 1) != D:
         checks.fail(op, f"k_packed must be [{B}, H_kv, T, {D // 2 if bits == 4 else D}] for q of shape {tuple(q.shape)}, "
                         f"got {tuple(k_packed.shape)}")
-    if Hq % Hkv:
-        checks.fail(op, f"q's head count {Hq} must be a multiple of the KV head count {Hkv}")
+    if Hkv == 0 or Hq % Hkv:
+        checks.fail(op, f"q's head count {Hq} must be a multiple of the KV head count {Hkv} (> 0)")
     dev = q.device
     checks.same_device(op, dev, k_packed=k_packed, v_packed=v_packed, prefix_k=prefix_k, prefix_v=prefix_v)
     ks = _head_scale(k_scale, Hkv, op, dev)
@@ -276,15 +286,22 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
     if prefix_k.shape[2] + T == 0:
         checks.fail(op, "the cache is empty (P + T == 0): nothing to attend to")
     if body_len is not None:
-        checks.tensor(body_len, "body_len", op, (torch.int64,))
+        checks.tensor(body_len, "body_len", op, (torch.int64,), min_dim=0)
         if body_len.numel() != 1:
             checks.fail(op, f"body_len must hold one element, got shape {tuple(body_len.shape)}")
+        # its value, where reading it costs no sync and no graph break (a CUDA one is checked by the reference only)
+        if body_len.device.type == "cpu" and not torch.compiler.is_compiling():
+            n = int(body_len)
+            if not 0 <= n <= T:
+                checks.fail(op, f"body_len must be in [0, T = {T}] (the body's capacity), got {n}")
+            if prefix_k.shape[2] + n == 0:
+                checks.fail(op, "the cache is empty (P + body_len == 0): nothing to attend to")
     if mask is not None:
         checks.tensor(mask, "mask", op, (torch.bool,), dim=2)
         if mask.shape[0] != B or mask.shape[1] < prefix_k.shape[2] + T:
             checks.fail(op, f"mask must be [{B}, >= P + T = {prefix_k.shape[2] + T}], got {tuple(mask.shape)}")
     checks.same_device(op, dev, body_len=body_len, mask=mask)
-    scale = float(sm_scale) if sm_scale is not None else D ** -0.5
+    scale = checks.sm_scale(sm_scale, op, D)
     be = resolve(backend, dev, op).kind
     return torch.ops.pqk.kv_decode_attention(q, prefix_k, prefix_v, k_packed, v_packed, ks, vs, bits, scale, be,
                                              body_len=body_len, mask=mask)
@@ -366,6 +383,7 @@ def kv_decode_paged(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: to
     checks.tensor(q, "q", op, FLOAT_DTYPES, dim=3)
     _bits(bits, op, STATIC_BITS)
     B, Hq, D = q.shape
+    _head_dim(q, op)
     checks.tensor(cache, "cache", op, (torch.uint8,), dim=4)
     Hkv = cache.shape[1]
     if Hkv == 0 or Hq % Hkv:
@@ -395,7 +413,7 @@ def kv_decode_paged(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: to
     if bool(wrong.any()):
         b, i = (int(x) for x in torch.nonzero(wrong)[0])
         checks.fail(op, f"block_table[{b}, {i}] = {int(block_table[b, i])} is not a block of the cache's {blocks}")
-    scale = float(sm_scale) if sm_scale is not None else D ** -0.5
+    scale = checks.sm_scale(sm_scale, op, D)
     be = resolve(backend, dev, op).kind
     return torch.ops.pqk.kv_decode_paged(q, prefix_k, prefix_v, cache, block_table, seq_lens, ks, vs, bits, scale,
                                          be)
@@ -450,6 +468,10 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """t itself when its rows are contiguous and its batch/head strides whole rows (e.g. the cache's [:, :, :T]
     view of a larger buffer: the C++ decode kernel reads it in place), else a contiguous copy."""
     row = t.shape[3]
+    # a size-1 dim's stride is never stepped, so any value is as good: one that passes the checks below (and the
+    # C++ op's: K's and V's strides equal), which .contiguous() leaves as it is (it sees nothing to copy)
+    t = t.as_strided(t.shape, [s if n > 1 else (1 if d == 3 else row) for d, (n, s) in enumerate(zip(t.shape,
+                                                                                                  t.stride()))])
     ok = t.stride(3) == 1 and t.stride(2) == row and t.stride(1) % row == 0 and t.stride(0) % row == 0
     return t if ok else t.contiguous()
 
@@ -473,6 +495,11 @@ def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale
                                 body_len=body_len, mask=mask, sms=cuda_ops.sm_count(q.device))
     if body_len is not None:   # the reference reads the length on the host (it is never in a CUDA graph)
         n = int(body_len)
+        if not 0 <= n <= k_packed.shape[2]:   # checked here too: the public op checks a CPU body_len only
+            checks.fail("kv_decode_attention", f"body_len must be in [0, T = {k_packed.shape[2]}] (the body's "
+                                               f"capacity), got {n}")
+        if prefix_k.shape[2] + n == 0:
+            checks.fail("kv_decode_attention", "the cache is empty (P + body_len == 0): nothing to attend to")
         k_packed, v_packed = k_packed[:, :, :n], v_packed[:, :, :n]
     if mask is not None:
         mask = mask[:, :prefix_k.shape[2] + k_packed.shape[2]]

@@ -92,8 +92,10 @@ def test_bad_body_len_and_mask(gen):
         op(q, pk, pv, kp, vp, ks, vs, 4, mask=mask[:1])
     with pytest.raises(ValueError, match="mask"):
         op(q, pk, pv, kp, vp, ks, vs, 4, mask=mask[:, :10])
-    with pytest.raises(RuntimeError, match="body_len"):   # past the capacity: the C++ kernel's check
+    with pytest.raises(ValueError, match=r"body_len must be in \[0, T = 16\]"):   # past the capacity
         op(q, pk, pv, kp, vp, ks, vs, 4, body_len=torch.tensor([17]), backend="cpu")
+    with pytest.raises(RuntimeError, match="body_len"):   # the C++ kernel's own check, for callers of the raw op
+        torch.ops.pqk.kv_decode_static(q, pk, pv, kp, vp, ks, vs, 4, 0.125, -1, torch.tensor([17]), None)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
