@@ -21,21 +21,57 @@ def quantize_weight(weight: torch.Tensor, bits: int, scale: torch.Tensor | None 
     return (fmt.pack_int4(q) if bits == 4 else q), s.contiguous()
 
 
-class QuantLinear(nn.Module):
+class Fp32Scales(nn.Module):
+    """A module whose scale / bias buffers (``_FP32``) the kernels read as float32: ``.half()``, ``.to(dtype)`` and
+    the like move them but keep their dtype (cast to fp16, a scale would lose bits, and a small one become 0), and
+    ``load_state_dict`` checks the incoming values (``_check_state``) before any is copied in."""
+
+    _FP32: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_pre_hook(self._check_incoming)
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: b for n in self._FP32 if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = self._buffers[n]
+            if new.dtype != old.dtype:   # a dtype cast: the fp32 values, on the device fn moved them to
+                self._buffers[n] = old.to(device=new.device)
+        return self
+
+    def _check_incoming(self, module, state_dict, prefix, *args):
+        self._check_state({n: state_dict[prefix + n] for n in self._FP32 if prefix + n in state_dict})
+
+    def _check_state(self, buffers: dict) -> None:
+        """Raises ValueError / TypeError for scale values forward() cannot trust (name -> tensor)."""
+
+
+class QuantLinear(Fp32Scales):
     """y = quant_linear(x): x is quantized to a_bits with a static per-tensor scale (``act_scale``) or
     per token (``act_scale=None``) inside the GEMM; weights are int4 (packed) or int8 per output channel.
 
     Buffers: ``weight`` uint8 [N, K/2] (w_bits 4) or int8 [N, K] (w_bits 8); ``w_scale`` fp32 [N];
-    ``act_scale`` fp32 0-dim (static) or absent; ``bias`` fp32 [N] or absent.
+    ``act_scale`` fp32 0-dim (static) or absent; ``bias`` fp32 [N] or absent; these three stay fp32 through a
+    module cast (``model.half()``: Fp32Scales), and a state_dict is checked before it is loaded.
     Input float32/bfloat16/float16 [..., K]; output the same dtype [..., N].
     """
+
+    _FP32 = ("w_scale", "act_scale", "bias")
 
     def __init__(self, in_features: int, out_features: int, *, w_bits: int = 4, a_bits: int = 4,
                  bias: bool = False, static: bool = True, backend: str = "auto"):
         super().__init__()
         op = "QuantLinear"
+        for name, v, least in (("in_features", in_features, 1), ("out_features", out_features, 0)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                checks.fail(op, f"{name} must be an int, got {type(v).__name__}", TypeError)
+            if v < least:
+                checks.fail(op, f"{name} must be >= {least}, got {v}")
         checks.bits(w_bits, "w_bits", op)
         checks.bits(a_bits, "a_bits", op)
+        checks.exact_k(in_features, a_bits, w_bits, op)
         if w_bits == 4 and in_features % 2:
             checks.fail(op, f"in_features must be even for w_bits=4 (two int4 per byte), got {in_features}")
         if backend not in BACKENDS:
@@ -47,14 +83,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._validate_buffers())
 
     def _validate_buffers(self) -> None:
-        """The scales forward() trusts: checked when built (from_float) and after load_state_dict."""
+        """The scales forward() trusts: checked when built (from_float) and before load_state_dict copies."""
+        self._check_state({"w_scale": self.w_scale, "act_scale": self.act_scale})
+
+    def _check_state(self, buffers: dict) -> None:
         op = "QuantLinear"
-        checks.channel_vector(self.w_scale, "w_scale", op, self.out_features, self.w_scale.device, positive=True)
-        if self.act_scale is not None:
-            checks.static_scale(self.act_scale, "act_scale", op, self.act_scale.device)
+        if (w_scale := buffers.get("w_scale")) is not None:
+            checks.channel_vector(w_scale, "w_scale", op, self.out_features, w_scale.device, positive=True)
+        if (act_scale := buffers.get("act_scale")) is not None:
+            checks.static_scale(act_scale, "act_scale", op, act_scale.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, act_scale=None, *,

@@ -20,13 +20,15 @@ from torch import nn
 from .. import format as fmt
 from ..ops import checks
 from ..ops.linear import int4_matmul, quant_linear_silu_mul_requant
-from .quant_linear import QuantLinear
+from .quant_linear import Fp32Scales, QuantLinear
 
 
-class QuantGatedMLP(nn.Module):
+class QuantGatedMLP(Fp32Scales):
     """Buffers: ``gate_up_weight`` uint8 [2I, K/2] (gate/up rows interleaved, ``format.interleave_rows``),
     ``gate_up_scale`` fp32 [2I], ``act_scale`` fp32 0-dim (the shared gate/up input scale), ``down_weight`` uint8
     [H, I/2], ``down_scale`` fp32 [H], ``down_act_scale`` fp32 0-dim. Input float [..., K] -> same dtype [..., H]."""
+
+    _FP32 = ("gate_up_scale", "act_scale", "down_scale", "down_act_scale")
 
     def __init__(self, hidden_size: int, intermediate_size: int, out_features: int | None = None, *,
                  backend: str = "auto"):
@@ -48,10 +50,14 @@ class QuantGatedMLP(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync_scales())
 
     def _sync_scales(self) -> None:
-        op = "QuantGatedMLP"
-        checks.static_scale(self.act_scale, "act_scale", op, self.act_scale.device)
-        checks.static_scale(self.down_act_scale, "down_act_scale", op, self.down_act_scale.device)
+        self._check_state({"act_scale": self.act_scale, "down_act_scale": self.down_act_scale})
         self._down_act_scale = float(self.down_act_scale)  # once, when built or loaded
+
+    def _check_state(self, buffers: dict) -> None:
+        op = "QuantGatedMLP"
+        for name in ("act_scale", "down_act_scale"):
+            if (s := buffers.get(name)) is not None:
+                checks.static_scale(s, name, op, s.device)
 
     @staticmethod
     def check_fusable(gate, up, down, op: str = "QuantGatedMLP.from_quant_linears") -> None:

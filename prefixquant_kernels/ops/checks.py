@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 
 import torch
 
@@ -83,14 +84,35 @@ def _positive_finite(values: torch.Tensor, name: str, op: str) -> None:
         fail(op, f"{name} must be finite and > 0, got {v[~ok].flatten()[:4].tolist()}")
 
 
+def as_float32(v) -> float:
+    """A real number as the kernels see it, rounded to float32 (a Python float of that value): 1e-50 -> 0.0, and
+    anything past float32's range (or an int past float's: 10**400) -> inf, never an OverflowError."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(v)))[0]
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def _short(v) -> str:
+    """repr(v), cut short (an int of 400 digits is a valid Python number)."""
+    r = repr(v)
+    return r if len(r) <= 24 else r[:20] + "..."
+
+
+def _real(v) -> bool:
+    """A real number (Python, NumPy), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def static_scale(scale, name: str, op: str, device: torch.device) -> torch.Tensor:
     """A Python number or a 1-element tensor -> float32 0-dim tensor on `device` (validated)."""
     if isinstance(scale, bool):
         fail(op, f"{name} must be a number or a 1-element tensor, got bool", TypeError)
-    if isinstance(scale, (int, float)):
-        if not math.isfinite(scale) or scale <= 0:
-            fail(op, f"{name} must be finite and > 0, got {scale}")
-        return torch.tensor(float(scale), dtype=torch.float32, device=device)
+    if _real(scale):
+        s32 = as_float32(scale)   # checked as the kernels get it: 1e-50 would be 0 there, 1e39 inf
+        if not (0.0 < s32 < math.inf):
+            fail(op, f"{name} must be finite and > 0 (in float32), got {_short(scale)}")
+        return torch.tensor(s32, dtype=torch.float32, device=device)
     if not isinstance(scale, torch.Tensor):
         fail(op, f"{name} must be a number or a 1-element tensor, got {type(scale).__name__}", TypeError)
     if scale.numel() != 1:
@@ -143,12 +165,23 @@ def packed_k(t: torch.Tensor) -> int:
     return t.shape[-1] * (2 if t.dtype == torch.uint8 else 1)
 
 
-def weight_k(w: torch.Tensor, k: int, op: str) -> None:
-    """w: uint8 [N, K // 2] (packed int4) or int8 [N, K] with the activations' K."""
+def weight_k(w: torch.Tensor, k: int, op: str, a_bits: int) -> None:
+    """w: uint8 [N, K // 2] (packed int4) or int8 [N, K] with the activations' K, short enough for every backend's
+    int32 accumulator to hold the sum exactly (exact_k)."""
     wk = packed_k(w)
     if wk != k:
         fail(op, f"w's in_features K must be {k} to match the activations, got w of shape {tuple(w.shape)} "
                  f"({w.dtype}: K = {wk})")
+    exact_k(k, a_bits, 4 if w.dtype == torch.uint8 else 8, op)
+
+
+def exact_k(k: int, a_bits: int, w_bits: int, op: str) -> None:
+    """Every backend sums K products a * w in int32 (vpdpbusd, mma, the reference's int32 matmul): exact while
+    K * max|a| * max|w| < 2^31, i.e. K <= 131071 for W8A8, 2^21 - 1 for W4A8 / W8A4, 2^25 - 1 for W4A4. Past that
+    the sum wraps (silently, and not alike on every backend)."""
+    k_max = (2**31 - 1) // ((8 if a_bits == 4 else 128) * (8 if w_bits == 4 else 128))
+    if k > k_max:
+        fail(op, f"K = {k} is too long for an exact int32 sum of W{w_bits}A{a_bits} products: at most {k_max}")
 
 
 def norm_weight(weight, op: str, k: int, device: torch.device, dtypes=FLOAT_DTYPES) -> None:
@@ -160,8 +193,8 @@ def norm_weight(weight, op: str, k: int, device: torch.device, dtypes=FLOAT_DTYP
 
 
 def eps(e, op: str) -> float:
-    if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e) and e >= 0):
-        fail(op, f"eps must be a finite float >= 0, got {e!r}")
+    if not _real(e) or not (0.0 <= as_float32(e) < math.inf):
+        fail(op, f"eps must be a finite float >= 0, got {_short(e)}")
     return float(e)
 
 
@@ -169,10 +202,10 @@ def sm_scale(s, op: str, d: int) -> float:
     """The attention's softmax scale: a finite real number (a Python or NumPy one), or None for 1 / sqrt(d)."""
     if s is None:
         return d ** -0.5
-    if isinstance(s, bool) or not isinstance(s, numbers.Real):
+    if not _real(s):
         fail(op, f"sm_scale must be a real number or None, got {type(s).__name__}", TypeError)
-    if not math.isfinite(s):
-        fail(op, f"sm_scale must be finite, got {s!r}")
+    if not math.isfinite(as_float32(s)):   # the kernels take it as float32
+        fail(op, f"sm_scale must be finite (in float32), got {_short(s)}")
     return float(s)
 
 
@@ -193,10 +226,10 @@ def out_scale(s, op: str) -> float:
     """The next layer's static scale as a Python float (the kernels take it by value: no device read, no sync)."""
     if isinstance(s, torch.Tensor) and s.numel() == 1 and s.device.type == "cpu":
         s = s.item()
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
+    if not _real(s):
         fail(op, f"out_scale must be a number (the next layer's static scale), got {type(s).__name__}", TypeError)
-    if not (0.0 < float(s) < float("inf")):
-        fail(op, f"out_scale must be finite and > 0, got {s!r}")
+    if not (0.0 < as_float32(s) < math.inf):   # as the epilogue takes it, a float32
+        fail(op, f"out_scale must be finite and > 0 (in float32), got {_short(s)}")
     return float(s)
 
 
@@ -220,5 +253,8 @@ def launch_sizes(op: str, **sizes: int) -> None:
 
 
 def int4_range(q: torch.Tensor, name: str, op: str) -> None:
-    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+    # reads the values: CPU tensors only, outside torch.compile (as _positive_finite)
+    if not q.numel() or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if int(q.min()) < -8 or int(q.max()) > 7:
         fail(op, f"{name} must hold int4 values in [-8, 7], got range [{int(q.min())}, {int(q.max())}]")

@@ -189,7 +189,7 @@ def check_gemm(op: str, a, w, a_scale, w_scale, bias, out_dtype) -> GemmArgs:
                         f"w {_dt(w.dtype)}; use backend='reference' (backend='auto' does) for int8 operands",
                     NotImplementedError)
     m, n, k = a.shape[0], w.shape[0], 2 * a.shape[1]
-    checks.weight_k(w, k, op)
+    checks.weight_k(w, k, op, 4)
     s = checks.row_scales(a_scale, "a_scale", op, m, dev)
     checks.channel_vector(w_scale, "w_scale", op, n, dev, positive=True)
     if bias is not None:
@@ -353,7 +353,7 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scal
                         f"a_bits {a_bits}; use backend='reference' (backend='auto' does)", NotImplementedError)
     if x.dim() != 2:
         checks.fail(op, f"x must be 2-D [M, K] (the public op flattens), got shape {tuple(x.shape)}")
-    checks.weight_k(w, cols, op)
+    checks.weight_k(w, cols, op, a_bits)
     if a_scale is not None:
         s = checks.static_scale(a_scale, "a_scale", op, x.device)
         return _quant_gemm_static(op, x, w, s, w_scale, bias, GEMM_EPILOGUES[x.dtype])
@@ -372,7 +372,7 @@ def quant_linear_silu_mul_requant(x: torch.Tensor, w: torch.Tensor, w_scale: tor
         checks.fail(op, f"x must be 2-D [M, K] (the public op flattens), got shape {tuple(x.shape)}")
     checks.tensor(w, "w", op, (torch.uint8,), dim=2)
     checks.same_device(op, x.device, w=w)
-    checks.weight_k(w, x.shape[1], op)
+    checks.weight_k(w, x.shape[1], op, 4)
     checks.requant_n(w.shape[0], 4, op)
     s = checks.static_scale(a_scale, "a_scale", op, x.device)
     return _quant_gemm_static(op, x, w, s, w_scale, bias, EPI_SILU_MUL_REQUANT, checks.out_scale(out_scale, op))

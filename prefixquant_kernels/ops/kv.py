@@ -254,10 +254,11 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
         prefix_k, prefix_v: float [B or 1, H_kv, P, D] (P may be 0), or None for no prefix.
         k_packed, v_packed: as kv_quantize returned them: uint8 [B, H_kv, T, D//2] (bits 4) or int8 [..., D].
         k_scale, v_scale: float [H_kv] static per-head scales.
-        sm_scale: softmax scale, default 1/sqrt(D).
-        body_len: int64 one-element tensor on q's device, or None: the body rows in use, T then being the
-            capacity of a preallocated cache (cache/modes/static.py). A tensor, not an int, so a compiled step
-            (and a CUDA graph) reads the length where it is, never on the host.
+        sm_scale: softmax scale (a finite real number), default 1/sqrt(D).
+        body_len: int64 one-element tensor on q's device, or None: the body rows in use, in [0, T] with
+            P + body_len > 0, T then being the capacity of a preallocated cache (cache/modes/static.py). A tensor,
+            not an int, so a compiled step (and a CUDA graph) reads the length where it is, never on the host
+            (its value is checked here where that is free: a CPU tensor, outside torch.compile).
         mask: bool [B, >= P + T] on q's device (True = attend), or None: which positions each sequence attends
             to (a left-padded batch); a row that masks every position gives zeros.
     Returns q.dtype [B, H_q, D] = softmax(q K^T * sm_scale) V over the P + T positions (or those allowed).

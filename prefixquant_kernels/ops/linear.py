@@ -22,9 +22,9 @@ from .backend import Backend, resolve
 _QTYPES = (torch.uint8, torch.int8)  # uint8 = packed int4, int8 = int8
 
 
-def _weight(op: str, w, w_scale, bias, k: int, device: torch.device):
+def _weight(op: str, w, w_scale, bias, k: int, device: torch.device, a_bits: int):
     checks.tensor(w, "w", op, _QTYPES, dim=2)
-    checks.weight_k(w, k, op)
+    checks.weight_k(w, k, op, a_bits)
     checks.same_device(op, device, w=w)
     n = w.shape[0]
     ws = checks.channel_vector(w_scale, "w_scale", op, n, device, positive=True)
@@ -40,7 +40,8 @@ def _quantized_operands(op: str, a_packed, w_packed, a_scale, w_scale, bias):
     dev = a_packed.device
     a2 = a_packed.reshape(-1, a_packed.shape[-1]).contiguous()
     a_s = checks.row_scales(a_scale, "a_scale", op, a2.shape[0], dev)
-    w, w_s, b = _weight(op, w_packed, w_scale, bias, checks.packed_k(a_packed), dev)
+    w, w_s, b = _weight(op, w_packed, w_scale, bias, checks.packed_k(a_packed), dev,
+                        4 if a_packed.dtype == torch.uint8 else 8)
     return a2, a_s, w, w_s, b
 
 
@@ -52,7 +53,8 @@ def _quantized_backend(op: str, backend: str, a2: torch.Tensor, w: torch.Tensor)
 def int4_matmul(a_packed: torch.Tensor, w_packed: torch.Tensor, a_scale, w_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16, *,
                 backend: str = "auto") -> torch.Tensor:
-    """y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k] (+ bias[n]), exact int32 accumulation.
+    """y[m, n] = a_scale(m) * w_scale[n] * sum_k A[m, k] * W[n, k] (+ bias[n]), exact int32 accumulation: K is at
+    most 2^25 - 1 (W4A4), 2^21 - 1 (W4A8, W8A4) or 131071 (W8A8), where a sum of K extreme products still fits.
 
     Args:
         a_packed: uint8 [..., K // 2] packed int4, or int8 [..., K] (W4A8 / W8A8).
@@ -85,7 +87,8 @@ def quant_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
         a_scale: static per-tensor scale (number or 1-element tensor), or None for dynamic per-token
             quantization (the baseline: a max-reduction over each row first).
         a_bits: 4 or 8, the bits x is quantized to.
-    Returns x.dtype [..., N], bit-exact with quantize_static/quantize_per_token followed by int4_matmul.
+    Returns x.dtype [..., N], bit-exact with quantize_static/quantize_per_token followed by int4_matmul (whose
+    limit on K applies). A number as a_scale is checked as the float32 the kernels take (1e-50 is 0 there).
     """
     op = "quant_linear"
     checks.float_tensor(x, "x", op)
@@ -93,7 +96,7 @@ def quant_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     checks.bits(a_bits, "a_bits", op)
     dev = x.device
     a_s = None if a_scale is None else checks.static_scale(a_scale, "a_scale", op, dev)
-    w, w_s, b = _weight(op, w_packed, w_scale, bias, x.shape[-1], dev)
+    w, w_s, b = _weight(op, w_packed, w_scale, bias, x.shape[-1], dev, a_bits)
     return quant_linear_prevalidated(x, w, w_s, a_s, a_bits, b, backend)
 
 
@@ -180,7 +183,7 @@ def quant_linear_silu_mul_requant(x: torch.Tensor, w_gate_up: torch.Tensor, w_sc
     dev = x.device
     a_s = checks.static_scale(a_scale, "a_scale", op, dev)
     checks.tensor(w_gate_up, "w_gate_up", op, (torch.uint8,), dim=2)
-    w, w_s, b = _weight(op, w_gate_up, w_scale, bias, x.shape[-1], dev)
+    w, w_s, b = _weight(op, w_gate_up, w_scale, bias, x.shape[-1], dev, 4)
     checks.requant_n(w.shape[0], 4, op)
     s_out = checks.out_scale(out_scale, op)
     be = resolve(backend, dev, op)

@@ -15,7 +15,8 @@ def pack_int4(q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """int8 [..., K] with values in [-8, 7], K even -> uint8 [..., K // 2].
 
     Element 2i goes to the low nibble of byte i, element 2i+1 to the high nibble (CUTLASS int4b_t order).
-    Raises ValueError for values outside [-8, 7] (they would be silently truncated otherwise).
+    Raises ValueError for values outside [-8, 7] (they would be silently truncated otherwise); the values are read
+    on CPU tensors only (no device read, no host sync: a GPU tensor's are the caller's to keep in range).
     """
     op = "pack_int4"
     checks.tensor(q, "q", op, (torch.int8,))

@@ -63,8 +63,23 @@ def test_state_dict_round_trip(gen):
     assert other._down_act_scale == pytest.approx(float(down.act_scale))
     bad = mlp.state_dict()
     bad["down_act_scale"] = torch.tensor(0.0)
+    bad["down_scale"] = torch.full_like(bad["down_scale"], 2.0)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="down_act_scale"):
         other.load_state_dict(bad)
+    # checked before any copy: nothing of `bad` got in, and the Python float still agrees
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    assert other._down_act_scale == pytest.approx(float(down.act_scale))
+
+
+def test_a_dtype_cast_keeps_the_scales_in_fp32(gen):
+    mlp = QuantGatedMLP.from_quant_linears(*_linears(gen))
+    x = torch.randn(4, 64, generator=gen).half()
+    want = mlp(x)
+    mlp.half()
+    for name in QuantGatedMLP._FP32:
+        assert getattr(mlp, name).dtype == torch.float32, name
+    assert torch.equal(mlp(x), want)
 
 
 def test_bad_input(gen):

@@ -79,6 +79,11 @@ def test_state_dict_roundtrip(gen):
     (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1, backend="tpu"), ValueError, "backend must be"),
     (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1)(torch.randn(2, 62)), ValueError, "last dim must be in_features=64"),
     (lambda: QuantLinear.from_float(torch.nn.Linear(64, 4), 4, 4, 0.1)(torch.ones(2, 64, dtype=torch.long)), TypeError, "x must have dtype"),
+    (lambda: QuantLinear.from_float(torch.nn.Linear(0, 4), 4, 4, 0.1), ValueError, "in_features must be >= 1, got 0"),
+    (lambda: QuantLinear("64", 4), TypeError, "in_features must be an int, got str"),
+    (lambda: QuantLinear(64, -2), ValueError, "out_features must be >= 0, got -2"),
+    (lambda: QuantLinear(64, 4.0), TypeError, "out_features must be an int, got float"),
+    (lambda: QuantLinear(131072, 4, w_bits=8, a_bits=8), ValueError, "K = 131072 is too long .* at most 131071"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -102,3 +107,30 @@ def test_load_state_dict_with_bad_scale_is_rejected():
     sd["act_scale"] = torch.tensor(float("nan"))
     with pytest.raises(ValueError, match="act_scale must be finite and > 0"):
         QuantLinear(64, 4, w_bits=4, a_bits=4).load_state_dict(sd)
+
+
+def test_failed_load_leaves_the_module_as_it_was():
+    """The incoming scales are checked before any is copied in: a rejected state_dict changes nothing."""
+    mod = QuantLinear.from_float(torch.nn.Linear(64, 4, bias=True), 4, 4, act_scale=0.1)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    bad = {**mod.state_dict(), "weight": torch.ones_like(mod.weight), "w_scale": torch.zeros(4),
+           "act_scale": torch.tensor(-1.0), "bias": torch.ones(4)}
+    with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+        mod.load_state_dict(bad)
+    after = mod.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.double(),
+                                  lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.bfloat16)])
+def test_a_dtype_cast_keeps_the_scales_in_fp32(cast, gen):
+    """model.half() after quantizing: the scale and bias buffers stay float32 with their values (cast to fp16 a
+    scale of 1e-6 would lose bits and one of 1e-8 become 0) and the module still runs, as it did before the cast."""
+    mod = QuantLinear.from_float(torch.nn.Linear(64, 8, bias=True), 4, 4, act_scale=1e-8)
+    x = torch.randn(3, 64, generator=gen).half() * 1e-7
+    want = mod(x)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    cast(mod)
+    for name in ("w_scale", "act_scale", "bias"):
+        assert getattr(mod, name).dtype == torch.float32 and torch.equal(getattr(mod, name), before[name]), name
+    assert torch.equal(mod(x), want)

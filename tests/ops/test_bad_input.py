@@ -47,6 +47,22 @@ X = torch.randn(3, 64)
     (lambda b: pqk.quant_linear(torch.randn(3, 62), W4, WS, 0.1, backend=b), ValueError, "w's in_features K must be 62"),
     (lambda b: pqk.quant_linear(X, W4, WS, -0.1, backend=b), ValueError, "a_scale must be finite and > 0"),
     (lambda b: pqk.quant_linear(X, W4, WS, 0.1, backend="gpu"), ValueError, "backend must be one of"),
+    # numbers that are positive and finite in Python but 0 or inf as the float32 the kernels take (a fuzzer's find)
+    (lambda b: pqk.quantize_static(X, 1e-50, backend=b), ValueError, r"scale must be finite and > 0 \(in float32\), got 1e-50"),
+    (lambda b: pqk.quantize_static(X, 1e39, backend=b), ValueError, r"scale must be finite and > 0 \(in float32\)"),
+    (lambda b: pqk.quantize_static(X, 10**400, backend=b), ValueError, r"scale must be finite and > 0 .*got 10{19}\.\.\.$"),
+    (lambda b: pqk.quant_linear(X, W4, WS, 1e39, backend=b), ValueError, "a_scale must be finite and > 0"),
+    (lambda b: pqk.int4_matmul(A4, W4, 1e-50, WS, backend=b), ValueError, "a_scale must be finite and > 0"),
+    (lambda b: pqk.int4_matmul_requant(A4, W4, 1.0, WS, 1e-50, backend=b), ValueError, "out_scale must be finite and > 0"),
+    (lambda b: pqk.int4_matmul_requant(A4, W4, 1.0, WS, torch.tensor(1e39, dtype=torch.float64), backend=b),
+     ValueError, "out_scale must be finite and > 0"),
+    (lambda b: pqk.rmsnorm_quantize(X, torch.ones(64), 1e-50, backend=b), ValueError, "scale must be finite and > 0"),
+    (lambda b: pqk.rmsnorm_quantize(X, torch.ones(64), 0.1, eps=10**400, backend=b), ValueError, "eps must be a finite float"),
+    # K past what an int32 sum holds exactly (every backend would wrap)
+    (lambda b: pqk.int4_matmul(torch.zeros(1, 131072, dtype=torch.int8), torch.zeros(1, 131072, dtype=torch.int8), 1.0,
+                               torch.ones(1), backend=b), ValueError, r"K = 131072 is too long .* W8A8 .* at most 131071"),
+    (lambda b: pqk.quant_linear(torch.zeros(1, 2**21), torch.zeros(1, 2**20, dtype=torch.uint8), torch.ones(1), 0.1,
+                                a_bits=8, backend=b), ValueError, r"K = 2097152 is too long .* W4A8 .* at most 2097151"),
 ])
 def test_bad_input_raises_clear_error(backend, call, exc, match):
     with pytest.raises(exc, match=match):
@@ -115,3 +131,25 @@ def test_unsupported_isa_is_a_clear_error(backend):
         pytest.skip(f"{backend} runs here (or no extension)")
     with pytest.raises(RuntimeError, match=f"backend='{backend}' is not supported by this CPU"):
         pqk.quantize_static(X, 0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_longest_exact_k_runs_exactly(backend):
+    """K = 131071, the longest W8A8 sum an int32 holds: every product +16384, the sum 2^31 - 16384, exact."""
+    a = torch.full((1, 131071), -128, dtype=torch.int8)
+    y = pqk.int4_matmul(a, a.clone(), 1.0, torch.ones(1), out_dtype=torch.float32, backend=backend)
+    assert y.item() == float(131071 * 16384)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_numbers(backend):
+    np = pytest.importorskip("numpy")
+    want = pqk.quantize_static(X, 0.5, backend=backend)
+    assert torch.equal(pqk.quantize_static(X, np.float32(0.5), backend=backend), want)
+    assert torch.equal(pqk.quantize_static(X, np.float64(0.5), backend=backend), want)
+
+
+def test_pack_int4_reads_no_values_off_the_cpu():
+    """The range check reads values on CPU tensors only (checks.py: no device read, no sync): a meta tensor packs."""
+    out = pqk.pack_int4(torch.zeros(2, 4, dtype=torch.int8, device="meta"), backend="reference")
+    assert out.shape == (2, 2) and out.device.type == "meta" and out.dtype == torch.uint8
