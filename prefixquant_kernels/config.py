@@ -112,9 +112,20 @@ class QuantConfig:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
+        for name in ("w_bits", "a_bits", "kv_bits"):   # ints: 4.0 == 4 would pass the choice checks below
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                _fail(f"{name} must be an int, got {v!r}", TypeError)
+        for name in ("prefix", "rotate", "act_clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"{name} must be True or False, got {getattr(self, name)!r}", TypeError)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            _fail(f"seed must be an int in [0, 2^63), got {self.seed!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            _fail(f"version must be an int, got {self.version!r}", TypeError)
         for name in ("w_bits", "a_bits"):
             v = getattr(self, name)
-            if isinstance(v, bool) or v not in LINEAR_BITS:
+            if v not in LINEAR_BITS:
                 _fail(f"{name} must be one of {LINEAR_BITS} (the kernels run int4 and int8), got {v!r}")
         if self.act_quant not in ACT_QUANT:
             _fail(f"act_quant must be one of {ACT_QUANT}, got {self.act_quant!r}")
@@ -157,11 +168,15 @@ class QuantConfig:
                 _fail(f"{name} must be a number in (0, 1), got {v!r}")
         if self.finetune and self.act_quant != "static":
             _fail("finetune=True learns static activation scales: it needs act_quant='static'")
-        if not (0 < self.gptq_damp < 1):
-            _fail(f"gptq_damp must be in (0, 1), got {self.gptq_damp!r}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not (
+                0 < self.gptq_damp < 1):
+            _fail(f"gptq_damp must be a number in (0, 1), got {self.gptq_damp!r}")
         if self.prefix_tokens is not None:
             if not self.prefix:
                 _fail("prefix_tokens given but prefix=False")
+            if not isinstance(self.prefix_tokens, (list, tuple)):
+                _fail(f"prefix_tokens must be a list of token ids, got {type(self.prefix_tokens).__name__}",
+                      TypeError)
             toks = list(self.prefix_tokens)
             if not toks or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in toks):
                 _fail(f"prefix_tokens must be a non-empty list of token ids (ints >= 0), got {self.prefix_tokens!r}")

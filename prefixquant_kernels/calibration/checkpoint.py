@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -57,6 +58,8 @@ def target_problem(path, overwrite: bool = False) -> tuple[type[Exception], str,
     (pqk_config.json): anything else (a file, a directory with other files, a parent that is a file or not
     writable) is refused. Cheap: the CLI asks before loading the model, the writers again before they write and
     just before they rename."""
+    if os.fspath(path) in ("", b""):
+        return ValueError, "path is empty (it would mean the working directory)", False
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path):
         if not os.path.isdir(path):
@@ -69,6 +72,11 @@ def target_problem(path, overwrite: bool = False) -> tuple[type[Exception], str,
             if not os.path.exists(os.path.join(path, _META)):
                 return FileExistsError, (f"{path} is not empty and holds no pqk checkpoint (no {_META}); refusing to "
                                          "replace it"), False
+            foreign = _foreign_entries(path, entries)
+            if foreign:
+                return FileExistsError, (f"{path} holds a pqk checkpoint and more ({', '.join(foreign[:3])}"
+                                         f"{', ...' if len(foreign) > 3 else ''}): refusing to replace files that are "
+                                         "not the checkpoint's"), False
         parent = os.path.dirname(path)
     else:
         parent = os.path.dirname(path)
@@ -79,6 +87,31 @@ def target_problem(path, overwrite: bool = False) -> tuple[type[Exception], str,
     if not os.access(parent, os.W_OK | os.X_OK):
         return PermissionError, f"{parent} is not writable", False
     return None
+
+
+# The files an older checkpoint (without the list in pqk_config.json) may hold: its own three, and what
+# config.save_pretrained / a tokenizer's save_pretrained write.
+_OLD_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|"
+                        r"preprocessor_config|chat_template)\.json|model\.safetensors|merges\.txt|vocab\.\w+|"
+                        r"tokenizer\.model|spiece\.model|chat_template\.jinja")
+
+
+def _foreign_entries(path: str, entries: list[str]) -> list[str]:
+    """The entries of the checkpoint directory ``path`` that are not its files, sorted: everything past the
+    ``files`` list its pqk_config.json holds (written since that list exists), else past _OLD_FILES and any
+    directory; all of them if pqk_config.json is not a pqk checkpoint's (a foreign file of that name)."""
+    try:
+        with open(os.path.join(path, _META)) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return sorted(entries)
+    files = meta.get("files")
+    if isinstance(files, list):
+        return sorted(e for e in entries if e not in files)
+    return sorted(e for e in entries if e != _META and (os.path.isdir(os.path.join(path, e)) or
+                                                       not _OLD_FILES.fullmatch(e)))
 
 
 def check_target(path, overwrite: bool, op: str) -> None:
@@ -120,8 +153,8 @@ def atomic_directory(path, *, overwrite: bool = False, op: str = "save_quantized
     (renameat2), else renamed aside first, and then removed). If the block raises anything (KeyboardInterrupt too)
     the temporary directory is removed and ``path`` is left exactly as it was. A process killed outright (SIGKILL,
     power loss) can leave the hidden temporary directory behind, never a half-written ``path``."""
+    check_target(path, overwrite, op)   # as given: "" is refused, not read as the working directory
     path = os.path.abspath(os.fspath(path))
-    check_target(path, overwrite, op)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.pqk-tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -256,11 +289,32 @@ def write_checkpoint(model, path, tokenizer, *, overwrite: bool, float_dtype, op
     ``finish(dir, meta)`` may add to the files before they are committed."""
     if getattr(model, "pqk_state", None) is None:
         _fail(op, "the model is not quantized (no pqk_state): run pqk.quantize_model first")
+    if not isinstance(overwrite, bool):
+        _fail(op, f"overwrite must be True or False, got {overwrite!r}", TypeError)
+    _runtime_transforms(model, op)
     _float_dtype(model, float_dtype, op)
     with atomic_directory(path, overwrite=overwrite, op=op) as d:
         meta = _write(model, d, tokenizer, float_dtype, op)
         if finish is not None:
             finish(d, meta)
+        # the list of the checkpoint's own files: what a later overwrite may replace, and nothing else
+        meta["files"] = sorted(os.listdir(d))
+        with open(os.path.join(d, _META), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+
+
+def _runtime_transforms(model, op: str) -> None:
+    """fuse_mlps and quantize_lm_head change a loaded model for speed; a checkpoint holds the model before them
+    (load_quantized rebuilds that layout, then they can be applied again). Saved after them, it would not load."""
+    from ..nn.quant_mlp import QuantGatedMLP
+
+    fused = [name for name, m in model.named_modules() if isinstance(m, QuantGatedMLP)]
+    if fused:
+        _fail(op, f"the model's MLPs were fused by pqk.fuse_mlps ({fused[0]}, ...): save it before fusing (or "
+                  "from a fresh load_quantized) and apply fuse_mlps after loading")
+    if isinstance(model.get_output_embeddings(), QuantLinear):
+        _fail(op, "the lm_head was quantized by pqk.quantize_lm_head: save the model before that and apply it "
+                  "after loading")
 
 
 def save_quantized(model, path, tokenizer=None, *, overwrite: bool = False, float_dtype="auto") -> None:

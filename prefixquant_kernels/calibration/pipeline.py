@@ -88,6 +88,9 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
     if getattr(model, "pqk_state", None) is not None:
         _fail("the model is already quantized (it has a pqk_state)")
     float_linears(model)
+    for name, p in model.named_parameters():   # NaN / inf weights would give NaN scales, and the model a broken state
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            _fail(f"the model's {name} holds NaN or inf values: nothing to calibrate from")
     kv_rotate = cfg.resolved_kv_rotate
     if kv_rotate:
         attention.check_attention(model)
@@ -97,8 +100,11 @@ def quantize_model(model, tokenizer, calib_texts, cfg: QuantConfig | None = None
     saved = None
     model.eval()
     try:
-        samples = pfx.tokenize_calibration(tokenizer, calib_texts, cfg.calib_samples, cfg.calib_seq_len)
+        vocab = model.get_input_embeddings().num_embeddings
+        samples = pfx.tokenize_calibration(tokenizer, calib_texts, cfg.calib_samples, cfg.calib_seq_len, vocab=vocab)
         end = pfx.prefix_end_token(model, tokenizer) if cfg.prefix else getattr(tokenizer, "bos_token_id", None)
+        if end is not None:
+            pfx.check_token_ids(torch.tensor([int(end)]), vocab, "the prefix's end token (BOS)", "quantize_model")
         n_layers = len(decoder_layers(model))
         static_kv = kv_mode(cfg.resolved_kv_mode).static_scales   # the mode takes calibrated per-head scales
 

@@ -35,9 +35,19 @@ def prefix_end_token(model, tokenizer, op: str = "quantize_model") -> int:
           "give prefix_tokens explicitly or set tokenizer.bos_token_id)", ValueError, op)
 
 
-def tokenize_calibration(tokenizer, texts, n_samples: int, seq_len: int, op: str = "quantize_model") -> torch.Tensor:
+def check_token_ids(ids: torch.Tensor, vocab: int, what: str, op: str) -> None:
+    """ValueError unless every id is one of the model's vocab embeddings (the embedding would raise an IndexError
+    deep in torch otherwise: a tokenizer of another model, say)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        _fail(f"{what} holds token ids outside the model's vocabulary [0, {vocab}): from {int(ids.min())} to "
+              f"{int(ids.max())} (a tokenizer of another model?)", ValueError, op)
+
+
+def tokenize_calibration(tokenizer, texts, n_samples: int, seq_len: int, op: str = "quantize_model",
+                         vocab: int | None = None) -> torch.Tensor:
     """Concatenate the texts' tokens (no special tokens) and cut n_samples chunks of seq_len -> int64 [S, seq_len].
-    Fewer samples when the text is short; ValueError when it holds less than one chunk."""
+    Fewer samples when the text is short; ValueError when it holds less than one chunk, or (vocab given) when the
+    tokenizer gave ids the model has no embedding for."""
     if isinstance(texts, str):
         texts = [texts]
     texts = [t for t in (texts or []) if isinstance(t, str) and t.strip()]
@@ -52,7 +62,10 @@ def tokenize_calibration(tokenizer, texts, n_samples: int, seq_len: int, op: str
     if n == 0:
         _fail(f"calibration text has {len(ids)} tokens, fewer than one sample of calib_seq_len={seq_len}",
               ValueError, op)
-    return torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    out = torch.tensor(ids[:n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    if vocab is not None:
+        check_token_ids(out, vocab, "the tokenized calibration text", op)
+    return out
 
 
 def select_prefix_tokens(token_ids: torch.Tensor, token_max: list[torch.Tensor], eta: float, end_token: int,
@@ -107,10 +120,15 @@ def find_prefix_tokens(model, tokenizer, calib_texts, threshold: float = 64.0, *
     """PrefixQuant's prefix tokens for a float model (module doc) -> list of ids (and an info dict if asked:
     o, the tokens as text, the per-layer mean outlier counts, seconds taken)."""
     t0 = time.perf_counter()
-    if not (isinstance(threshold, (int, float)) and threshold > 1):
+    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and threshold > 1):
         _fail(f"threshold must be a number > 1, got {threshold!r}")
+    for name, v in (("n_samples", n_samples), ("seq_len", seq_len), ("max_len", max_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _fail(f"{name} must be an int >= 1, got {v!r}")
+    vocab = model.get_input_embeddings().num_embeddings
     end = prefix_end_token(model, tokenizer, "find_prefix_tokens")
-    samples = tokenize_calibration(tokenizer, calib_texts, n_samples, seq_len, "find_prefix_tokens")
+    check_token_ids(torch.tensor([end]), vocab, "the prefix's end token (BOS)", "find_prefix_tokens")
+    samples = tokenize_calibration(tokenizer, calib_texts, n_samples, seq_len, "find_prefix_tokens", vocab)
     samples = torch.cat([torch.full((samples.shape[0], 1), end, dtype=torch.long), samples], 1)  # a natural start
     token_max = record_down_proj_max(model, samples)
     prefix, info = select_prefix_tokens(samples, token_max, float(threshold), end, max_len)

@@ -119,6 +119,66 @@ def test_a_directory_of_other_files_is_never_replaced(model, tmp_path):
         pqk.save_quantized(model, str(tmp_path), overwrite=True)
 
 
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_checkpoint_with_the_users_files_beside_it_is_never_replaced(model, other_model, tmp_path, writer):
+    """overwrite=True replaces a checkpoint, not the notes a user put in its directory (a fuzzer's find: they
+    were deleted with it), nor a directory whose pqk_config.json is not a pqk checkpoint's; the checkpoint lists its
+    own files, and an older one without the list is judged by the names its writers use."""
+    out = tmp_path / "q"
+    WRITERS[writer](model, str(out))
+    assert json.loads((out / "pqk_config.json").read_text())["files"] == sorted(os.listdir(out))
+    (out / "NOTES.txt").write_text("mine")
+    (out / "runs").mkdir()
+    before = _snapshot(out)
+    with pytest.raises(FileExistsError, match=r"holds a pqk checkpoint and more \(NOTES.txt, runs\)"):
+        WRITERS[writer](other_model, str(out), overwrite=True)
+    assert _snapshot(out) == before and (out / "runs").is_dir()
+    # an older checkpoint (no list): its own files are replaced, a foreign one is not
+    os.remove(out / "NOTES.txt")
+    os.rmdir(out / "runs")
+    meta = json.loads((out / "pqk_config.json").read_text())
+    del meta["files"]
+    (out / "pqk_config.json").write_text(json.dumps(meta))
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"and more \(thesis.tex\)"):
+        WRITERS[writer](other_model, str(out), overwrite=True)
+    os.remove(out / "thesis.tex")
+    WRITERS[writer](other_model, str(out), overwrite=True)
+    assert pqk.load_quantized(str(out)).pqk_state.cfg == other_model.pqk_state.cfg
+    # a pqk_config.json that is not a checkpoint's: nothing there is replaced
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pqk_config.json").write_text("{}")
+    (proj / "model.safetensors").write_text("not mine to delete")
+    with pytest.raises(FileExistsError, match="holds a pqk checkpoint and more"):
+        WRITERS[writer](model, str(proj), overwrite=True)
+    assert (proj / "model.safetensors").read_text() == "not mine to delete"
+
+
+def test_an_empty_path_and_a_non_bool_overwrite_are_refused(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path is empty .it would mean the working directory."):
+        pqk.save_quantized(model, "")
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+        pqk.save_quantized(model, str(tmp_path / "q"), overwrite="no")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_after_the_runtime_transforms_is_not_saved(tmp_path):
+    """fuse_mlps / quantize_lm_head change a loaded model for speed; saved after them the checkpoint would not
+    load (a fuzzer's find): refused, naming what to do, and nothing is written."""
+    cfg = pqk.QuantConfig(w_bits=4, a_bits=4, kv_bits=4, rotate=False, **CHEAP)
+    m = pqk.quantize_model(tiny_model("llama", layers=1), StubTokenizer(), text(), cfg, progress=False)
+    pqk.quantize_lm_head(m)
+    with pytest.raises(ValueError, match="lm_head was quantized by pqk.quantize_lm_head: save the model before"):
+        pqk.save_quantized(m, str(tmp_path / "a"))
+    m = pqk.quantize_model(tiny_model("llama", layers=1), StubTokenizer(), text(), cfg, progress=False)
+    pqk.fuse_mlps(m)
+    with pytest.raises(ValueError, match="MLPs were fused by pqk.fuse_mlps .*apply fuse_mlps after loading"):
+        pqk.export_hf(m, str(tmp_path / "b"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_targets(model, tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(NotADirectoryError, match="f.txt exists and is not a directory"):

@@ -7,7 +7,6 @@ import prefixquant_kernels as pqk
 @pytest.mark.parametrize("kw,match", [
     (dict(w_bits=3), r"w_bits must be one of \(4, 8\)"),
     (dict(a_bits=16), r"a_bits must be one of \(4, 8\)"),
-    (dict(w_bits=True), "w_bits must be one of"),
     (dict(kv_bits=3), "kv_bits must be one of"),
     (dict(kv_bits=2), r"kv_bits=2 is not supported by kv_mode='static'"),
     (dict(kv_bits=8, kv_mode="kivi"), r"kv_bits=8 is not supported by kv_mode='kivi'"),
@@ -26,6 +25,26 @@ import prefixquant_kernels as pqk
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=r"^pqk\.QuantConfig: .*" + match):
+        pqk.QuantConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,exc,match", [   # a fuzzer's finds: each was taken, then failed deep in quantize_model
+    (dict(w_bits=4.0), TypeError, "w_bits must be an int, got 4.0"),
+    (dict(w_bits=True), TypeError, "w_bits must be an int, got True"),
+    (dict(kv_bits=4.0), TypeError, "kv_bits must be an int, got 4.0"),
+    (dict(rotate="False"), TypeError, "rotate must be True or False, got 'False'"),
+    (dict(prefix=None), TypeError, "prefix must be True or False, got None"),
+    (dict(act_clip_search=1), TypeError, "act_clip_search must be True or False, got 1"),
+    (dict(seed="abc"), ValueError, r"seed must be an int in \[0, 2\^63\), got 'abc'"),
+    (dict(seed=2**70), ValueError, r"seed must be an int in \[0, 2\^63\)"),
+    (dict(gptq_damp="0.1"), ValueError, r"gptq_damp must be a number in \(0, 1\), got '0.1'"),
+    (dict(gptq_damp=None), ValueError, r"gptq_damp must be a number in \(0, 1\)"),
+    (dict(prefix_tokens=5), TypeError, "prefix_tokens must be a list of token ids, got int"),
+    (dict(prefix_tokens={1: 2}), TypeError, "prefix_tokens must be a list of token ids, got dict"),
+    (dict(version=True), TypeError, "version must be an int, got True"),
+])
+def test_bad_config_types(kw, exc, match):
+    with pytest.raises(exc, match=r"^pqk\.QuantConfig: " + match):
         pqk.QuantConfig(**kw)
 
 

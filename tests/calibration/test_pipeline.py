@@ -125,3 +125,33 @@ def test_bad_inputs_leave_the_model_untouched():
                            progress=False)
     assert not any(isinstance(m, pqk.nn.QuantLinear) for m in model.modules())
     assert getattr(model, "pqk_state", None) is None
+
+
+def test_a_nan_weight_or_a_foreign_tokenizer_is_refused_and_the_model_left_alone():
+    """A fuzzer's finds: a NaN weight gave NaN scales and a model that failed on every forward afterwards; token ids
+    past the vocabulary an IndexError from inside torch's embedding. Both are named before anything changes."""
+    cheap = pqk.QuantConfig(calib_samples=2, calib_seq_len=32, prefix_tokens=[BOS], act_clip_search=False,
+                            weight_method="rtn")
+    model = tiny_model("llama", layers=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight holds NaN or inf values"):
+        pqk.quantize_model(model, StubTokenizer(), text(), cheap, progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k].nan_to_num(), v.nan_to_num()) for k, v in before.items())
+    assert getattr(model, "pqk_state", None) is None
+
+    class Foreign(StubTokenizer):   # ids of a larger vocabulary
+        def encode(self, t, add_special_tokens=False):
+            return [i + 10**6 for i in super().encode(t, add_special_tokens=add_special_tokens)]
+
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(ValueError, match=r"calibration text holds token ids outside the model's vocabulary \[0, "):
+        pqk.quantize_model(model, Foreign(), text(), cheap, progress=False)
+    with pytest.raises(ValueError, match=r"^pqk.find_prefix_tokens: the tokenized calibration text holds token ids"):
+        pqk.find_prefix_tokens(model, Foreign(), text())
+    for kw, name in ((dict(seq_len=0), "seq_len"), (dict(n_samples=0), "n_samples"), (dict(max_len=-1), "max_len")):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            pqk.find_prefix_tokens(model, StubTokenizer(), text(), **kw)
