@@ -3,7 +3,8 @@
     config.json          the transformers model config (its ``dtype``: the dtype the model computes in)
     pqk_config.json      format + version, the QuantConfig, the prefix state's layout, every QuantLinear's shape,
                          the form of every RotatedLinear's rotation ("rotations": {name: "hadamard" | "dense"};
-                         a checkpoint without the key holds dense rotations)
+                         a checkpoint without the key holds dense rotations), and the directory's own files
+                         ("files": what overwrite=True may replace; absent in checkpoints written before it)
     model.safetensors    every tensor: packed int4 / int8 weights, fp32 scales and biases of the quantized
                          linears; the embedding, lm_head and norms in 16 bits (save_quantized's float_dtype;
                          checkpoints written before stored them in fp32 and still load); the 16-bit prefix
@@ -13,7 +14,8 @@
     tokenizer files      when a tokenizer is given to save_quantized
 
 Writes are atomic (atomic_directory): the files go to a temporary directory beside the target, which is renamed
-into place only when complete; an existing target is never written into, and replaced only with overwrite=True.
+into place only when complete; an existing target is never written into, and replaced only with overwrite=True
+when it holds a pqk checkpoint and nothing else (a user's file beside it keeps the whole directory as it is).
 
 load_quantized rebuilds the model from config.json (no float weights needed), puts empty QuantLinears and the
 prefix state in place, then loads every tensor strictly: a checkpoint of another shape or config is an error.
@@ -324,7 +326,8 @@ def save_quantized(model, path, tokenizer=None, *, overwrite: bool = False, floa
 
     path: must not exist (parents are created) or be an empty directory; with ``overwrite=True`` it may also hold
         a pqk checkpoint, which is replaced as a whole (FileExistsError otherwise; a directory holding anything but
-        a pqk checkpoint is never replaced).
+        a pqk checkpoint's files is never replaced). The model as quantize_model or load_quantized left it: after
+        fuse_mlps or quantize_lm_head (runtime transforms, applied again after loading) it is refused.
     float_dtype: the dtype of the tensors that stay float outside the quantized modules (embedding, lm_head, norms):
         "auto" (default) = the model config's ``dtype`` if it is 16-bit, else bfloat16; or "bfloat16", "float16",
         "float32" (exactly the fp32 values; the checkpoint is about twice as large for a small model). Packed
