@@ -256,7 +256,8 @@ def _tensors(model, float_dtype, op: str) -> tuple[dict, dict]:
 
 
 def _write(model, d: str, tokenizer, float_dtype, op: str) -> dict:
-    """Write the checkpoint's files into the directory ``d`` -> pqk_config.json's content."""
+    """Write the checkpoint's files into the directory ``d`` -> pqk_config.json's content, which write_checkpoint
+    writes last (with the list of the files)."""
     from safetensors import torch as st
 
     from ..models.rotated_linear import RotatedLinear
@@ -278,8 +279,6 @@ def _write(model, d: str, tokenizer, float_dtype, op: str) -> dict:
         config["dtype"] = str(emb.weight.dtype).removeprefix("torch.")
         with open(cfg_file, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(d, _META), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
     st.save_file(tensors, os.path.join(d, _WEIGHTS), metadata=metadata)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(d)
@@ -300,7 +299,7 @@ def write_checkpoint(model, path, tokenizer, *, overwrite: bool, float_dtype, op
         if finish is not None:
             finish(d, meta)
         # the list of the checkpoint's own files: what a later overwrite may replace, and nothing else
-        meta["files"] = sorted(os.listdir(d))
+        meta["files"] = sorted(os.listdir(d) + [_META])
         with open(os.path.join(d, _META), "w") as f:
             json.dump(meta, f, indent=1, default=str)
 

@@ -232,6 +232,15 @@ def _prefix(prefix_k, prefix_v, q: torch.Tensor, hkv: int, op: str) -> tuple[tor
     return prefix_k, prefix_v
 
 
+def _body_len_value(n: int, T: int, P: int) -> None:
+    """body_len's value (read on the host): in [0, T], and something left to attend to."""
+    op = "kv_decode_attention"
+    if not 0 <= n <= T:
+        checks.fail(op, f"body_len must be in [0, T = {T}] (the body's capacity), got {n}")
+    if P + n == 0:
+        checks.fail(op, "the cache is empty (P + body_len == 0): nothing to attend to")
+
+
 def _head_dim(q: torch.Tensor, op: str) -> int:
     """q [B, H_q, D] -> D, which must be > 0."""
     if q.shape[2] == 0:
@@ -292,11 +301,7 @@ def kv_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v
             checks.fail(op, f"body_len must hold one element, got shape {tuple(body_len.shape)}")
         # its value, where reading it costs no sync and no graph break (a CUDA one is checked by the reference only)
         if body_len.device.type == "cpu" and not torch.compiler.is_compiling():
-            n = int(body_len)
-            if not 0 <= n <= T:
-                checks.fail(op, f"body_len must be in [0, T = {T}] (the body's capacity), got {n}")
-            if prefix_k.shape[2] + n == 0:
-                checks.fail(op, "the cache is empty (P + body_len == 0): nothing to attend to")
+            _body_len_value(int(body_len), T, prefix_k.shape[2])
     if mask is not None:
         checks.tensor(mask, "mask", op, (torch.bool,), dim=2)
         if mask.shape[0] != B or mask.shape[1] < prefix_k.shape[2] + T:
@@ -471,8 +476,9 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     row = t.shape[3]
     # a size-1 dim's stride is never stepped, so any value is as good: one that passes the checks below (and the
     # C++ op's: K's and V's strides equal), which .contiguous() leaves as it is (it sees nothing to copy)
-    t = t.as_strided(t.shape, [s if n > 1 else (1 if d == 3 else row) for d, (n, s) in enumerate(zip(t.shape,
-                                                                                                  t.stride()))])
+    canon = [s if n > 1 else (1 if d == 3 else row) for d, (n, s) in enumerate(zip(t.shape, t.stride()))]
+    if canon != list(t.stride()):
+        t = t.as_strided(t.shape, canon)
     ok = t.stride(3) == 1 and t.stride(2) == row and t.stride(1) % row == 0 and t.stride(0) % row == 0
     return t if ok else t.contiguous()
 
@@ -496,11 +502,7 @@ def _kv_decode_attention_impl(q, prefix_k, prefix_v, k_packed, v_packed, k_scale
                                 body_len=body_len, mask=mask, sms=cuda_ops.sm_count(q.device))
     if body_len is not None:   # the reference reads the length on the host (it is never in a CUDA graph)
         n = int(body_len)
-        if not 0 <= n <= k_packed.shape[2]:   # checked here too: the public op checks a CPU body_len only
-            checks.fail("kv_decode_attention", f"body_len must be in [0, T = {k_packed.shape[2]}] (the body's "
-                                               f"capacity), got {n}")
-        if prefix_k.shape[2] + n == 0:
-            checks.fail("kv_decode_attention", "the cache is empty (P + body_len == 0): nothing to attend to")
+        _body_len_value(n, k_packed.shape[2], prefix_k.shape[2])   # here too: the public op checks a CPU one only
         k_packed, v_packed = k_packed[:, :, :n], v_packed[:, :, :n]
     if mask is not None:
         mask = mask[:, :prefix_k.shape[2] + k_packed.shape[2]]
